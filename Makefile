@@ -1,0 +1,45 @@
+# pg_secrets: `make run` and `make test` are all a fresh Debian 12 machine needs.
+# Each target installs what is missing first (scripts/setup.sh), quietly when nothing is.
+
+PG_CONFIG := /usr/lib/postgresql/15/bin/pg_config
+# cargo pgrx needs sudo to write into PostgreSQL's directories unless we are root.
+SUDO_FLAG := $(if $(filter 0,$(shell id -u)),,--sudo)
+PGRX_TEST_DATA := $(CURDIR)/target/pgrx-test-data
+
+.PHONY: setup install run stop test unit-test e2e-test bench lint clean-pg
+
+setup:
+	@scripts/setup.sh
+
+# The release build is what runs, is tested end to end, and is measured.
+install: setup
+	@cargo pgrx install --release --pg-config $(PG_CONFIG) $(SUDO_FLAG) --package pg_secrets >target/install.log 2>&1 \
+		|| { tail -50 target/install.log; exit 1; }
+	@echo "install: pg_secrets installed into PostgreSQL 15"
+
+run: install
+	@scripts/demo.sh start
+
+stop:
+	@scripts/demo.sh stop
+
+test: unit-test e2e-test
+
+# pgrx's own harness: #[test] and #[pg_test] functions in extension/src/tests.rs.
+unit-test: setup
+	@mkdir -p $(PGRX_TEST_DATA)
+	@if [ "$$(id -u)" -eq 0 ]; then chown postgres: $(PGRX_TEST_DATA); \
+		cargo pgrx test pg15 --package pg_secrets --runas postgres --pgdata $(PGRX_TEST_DATA); \
+	else cargo pgrx test pg15 --package pg_secrets; fi
+
+# Real clusters, real clients. Runs after unit-test has replaced the installed library with
+# its test build, so it installs the release build first.
+e2e-test: install
+	@cargo test --release --package pg_secrets_e2e -- --test-threads=2
+
+bench: install
+	@scripts/bench.sh
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings

@@ -1,0 +1,119 @@
+//! The one error type of the extension. Every variant has a deliberate SQLSTATE, names the
+//! secret it is about, and never carries a secret value: messages are built only from names,
+//! ids, limits and setting names.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("pg_secrets must be loaded via shared_preload_libraries")]
+    NotPreloaded,
+    #[error("argument {0} must not be NULL")]
+    NullArgument(&'static str),
+    #[error("{0}")]
+    InvalidParameter(String),
+    #[error("{0}")]
+    LimitExceeded(String),
+    #[error("secret \"{0}\" does not exist")]
+    NotFound(String),
+    #[error("secret \"{name}\" has no version {what}")]
+    VersionNotFound { name: String, what: String },
+    #[error("permission denied: {action} on secret \"{name}\"")]
+    AccessDenied { name: String, action: &'static str },
+    #[error("secret \"{0}\" already exists")]
+    AlreadyExists(String),
+    #[error("secret \"{name}\" is scheduled for deletion at {purge_at}")]
+    ScheduledForDeletion { name: String, purge_at: String },
+    #[error("secret \"{0}\" is not scheduled for deletion")]
+    NotDeleted(String),
+    #[error("client_request_token was already used for a different value of secret \"{0}\"")]
+    IdempotencyConflict(String),
+    #[error("secret \"{0}\" holds a binary value, not a string")]
+    NotString(String),
+    #[error("secret \"{0}\" holds a string value, not a binary one")]
+    NotBinary(String),
+    #[error(
+        "integrity check failed for secret \"{0}\": its stored ciphertext was altered or moved"
+    )]
+    Integrity(String),
+    #[error("no master key is loaded: {0}")]
+    NoMasterKey(String),
+    #[error("the configured master key \"{0}\" is not the one these secrets were encrypted with")]
+    WrongMasterKey(String),
+    #[error("master key \"{key_id}\" is not configured{}", for_secret(.name))]
+    UnknownMasterKey {
+        key_id: String,
+        name: Option<String>,
+    },
+    #[error("pg_secrets internal SPI failure: {0}")]
+    Spi(#[from] pgrx::spi::SpiError),
+}
+
+fn for_secret(name: &Option<String>) -> String {
+    name.as_ref()
+        .map(|n| format!(" (needed by secret \"{n}\")"))
+        .unwrap_or_default()
+}
+
+impl Error {
+    /// The SQLSTATE as PostgreSQL's code and as the five characters users see.
+    pub fn sqlstate(&self) -> (PgSqlErrorCode, &'static str) {
+        use PgSqlErrorCode::*;
+        match self {
+            Error::NotPreloaded | Error::ScheduledForDeletion { .. } | Error::NotDeleted(_) => {
+                (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "55000")
+            }
+            Error::NullArgument(_) => (ERRCODE_NULL_VALUE_NOT_ALLOWED, "22004"),
+            Error::InvalidParameter(_) => (ERRCODE_INVALID_PARAMETER_VALUE, "22023"),
+            Error::LimitExceeded(_) => (ERRCODE_PROGRAM_LIMIT_EXCEEDED, "54000"),
+            Error::NotFound(_) | Error::VersionNotFound { .. } => {
+                (ERRCODE_UNDEFINED_OBJECT, "42704")
+            }
+            Error::AccessDenied { .. } => (ERRCODE_INSUFFICIENT_PRIVILEGE, "42501"),
+            Error::AlreadyExists(_) => (ERRCODE_DUPLICATE_OBJECT, "42710"),
+            Error::IdempotencyConflict(_) => (ERRCODE_UNIQUE_VIOLATION, "23505"),
+            Error::NotString(_) | Error::NotBinary(_) => (ERRCODE_DATATYPE_MISMATCH, "42804"),
+            Error::Integrity(_) => (ERRCODE_DATA_CORRUPTED, "XX001"),
+            Error::NoMasterKey(_) | Error::WrongMasterKey(_) | Error::UnknownMasterKey { .. } => {
+                (ERRCODE_CONFIG_FILE_ERROR, "F0000")
+            }
+            Error::Spi(_) => (ERRCODE_INTERNAL_ERROR, "XX000"),
+        }
+    }
+
+    fn hint(&self) -> Option<&'static str> {
+        Some(match self {
+            Error::NotPreloaded => "Add pg_secrets to shared_preload_libraries in postgresql.conf and restart the server.",
+            Error::NoMasterKey(_) => "Set pg_secrets.key_file (a file of `<key-id>:<64 hex characters>` lines, mode 0600) or pg_secrets.key_command in postgresql.conf and restart the server.",
+            Error::WrongMasterKey(_) => "Configure the key file these secrets were written with and restart the server.",
+            Error::UnknownMasterKey { .. } => "Add the key to pg_secrets.key_file (or key_command's output) and restart the server.",
+            Error::ScheduledForDeletion { .. } => "Call secrets.restore_secret(name) to cancel the deletion.",
+            Error::NotString(_) => "Read it with secrets.get_secret_binary(name).",
+            Error::NotBinary(_) => "Read it with secrets.get_secret_value(name).",
+            Error::IdempotencyConflict(_) => "Use a new client_request_token for a new value.",
+            Error::Integrity(_) => "Restore the secret's rows from a backup; the stored data cannot be trusted.",
+            _ => return None,
+        })
+    }
+
+    /// Raise this error as a PostgreSQL ERROR. Never returns.
+    pub fn report(self) -> ! {
+        ErrorReport::from(self).report(PgLogLevel::ERROR);
+        unreachable!("an ERROR report does not return")
+    }
+}
+
+impl From<Error> for ErrorReport {
+    fn from(error: Error) -> Self {
+        let (code, _) = error.sqlstate();
+        let hint = error.hint();
+        let report = ErrorReport::new(code, error.to_string(), "pg_secrets");
+        match hint {
+            Some(hint) => report.set_hint(hint),
+            None => report,
+        }
+    }
+}

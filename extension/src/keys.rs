@@ -1,0 +1,220 @@
+//! Master keys. They are read once in the postmaster at server start and inherited by every
+//! backend through fork; SQL can never read them. Key material lives in `SecretBox`, which
+//! zeroizes it on drop and refuses to be printed.
+
+use crate::crypto;
+use crate::db;
+use crate::errors::{Error, Result};
+use crate::settings;
+use pgrx::prelude::*;
+use secrecy::{ExposeSecret, SecretBox};
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::OnceLock;
+use zeroize::Zeroizing;
+
+pub const KEY_LEN: usize = 32;
+
+pub struct MasterKey {
+    pub id: String,
+    material: SecretBox<[u8; KEY_LEN]>,
+}
+
+impl MasterKey {
+    pub fn material(&self) -> &[u8; KEY_LEN] {
+        self.material.expose_secret()
+    }
+}
+
+pub struct KeyRing {
+    keys: Vec<MasterKey>,
+    active: usize,
+}
+
+impl KeyRing {
+    pub fn get(&self, key_id: &str) -> Option<&MasterKey> {
+        self.keys.iter().find(|key| key.id == key_id)
+    }
+
+    pub fn active(&self) -> &MasterKey {
+        &self.keys[self.active]
+    }
+}
+
+/// Either the loaded keys or why there are none (a reason that never contains key material).
+static KEY_RING: OnceLock<std::result::Result<KeyRing, String>> = OnceLock::new();
+
+pub fn load_at_startup() {
+    let loaded = load();
+    if let Err(reason) = &loaded {
+        pgrx::warning!(
+            "pg_secrets: no master key loaded, secrets cannot be read or written: {reason}"
+        );
+    }
+    let _ = KEY_RING.set(loaded);
+}
+
+pub fn ring() -> Result<&'static KeyRing> {
+    match KEY_RING.get() {
+        Some(Ok(ring)) => Ok(ring),
+        Some(Err(reason)) => Err(Error::NoMasterKey(reason.clone())),
+        None => Err(Error::NoMasterKey(
+            "the library was not loaded at server start".into(),
+        )),
+    }
+}
+
+fn load() -> std::result::Result<KeyRing, String> {
+    let text = match (settings::key_file(), settings::key_command()) {
+        (Some(_), Some(_)) => {
+            return Err("set only one of pg_secrets.key_file and pg_secrets.key_command".into())
+        }
+        (Some(path), None) => read_key_file(&path)?,
+        (None, Some(command)) => run_key_command(&command)?,
+        (None, None) => {
+            return Err("neither pg_secrets.key_file nor pg_secrets.key_command is set".into())
+        }
+    };
+    parse_keys(&text, settings::active_key().as_deref())
+}
+
+fn read_key_file(path: &str) -> std::result::Result<Zeroizing<String>, String> {
+    let metadata = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read pg_secrets.key_file \"{path}\": {e}"))?;
+    if metadata.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "pg_secrets.key_file \"{path}\" is readable by group or others; chmod 600 it"
+        ));
+    }
+    std::fs::read_to_string(path)
+        .map(Zeroizing::new)
+        .map_err(|e| format!("cannot read pg_secrets.key_file \"{path}\": {e}"))
+}
+
+fn run_key_command(command: &str) -> std::result::Result<Zeroizing<String>, String> {
+    let output = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run pg_secrets.key_command: {e}"))?;
+    let stdout = Zeroizing::new(output.stdout);
+    if !output.status.success() {
+        return Err(format!("pg_secrets.key_command failed: {}", output.status));
+    }
+    String::from_utf8(stdout.to_vec())
+        .map(Zeroizing::new)
+        .map_err(|_| "pg_secrets.key_command printed something that is not UTF-8".into())
+}
+
+/// Parses `<key-id>:<64 hex>` lines (blank lines and `#` comments skipped), or one bare line of
+/// 64 hex characters, whose id is `default`. Errors name line numbers, never line contents.
+pub fn parse_keys(text: &str, active: Option<&str>) -> std::result::Result<KeyRing, String> {
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .map(|(n, line)| (n + 1, line.trim()))
+        .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
+        .collect();
+    let mut keys: Vec<MasterKey> = Vec::with_capacity(lines.len());
+    for &(number, line) in &lines {
+        let (id, hex_key) = match line.split_once(':') {
+            Some((id, hex_key)) => (id.trim(), hex_key.trim()),
+            None if lines.len() == 1 => ("default", line),
+            None => {
+                return Err(format!(
+                    "key line {number} is not `<key-id>:<64 hex characters>`"
+                ))
+            }
+        };
+        if id.is_empty()
+            || id.len() > 64
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        {
+            return Err(format!(
+                "key line {number}: a key id is 1 to 64 characters of A-Za-z0-9_.-"
+            ));
+        }
+        let mut material = Box::new([0u8; KEY_LEN]);
+        if hex_key.len() != 2 * KEY_LEN || hex::decode_to_slice(hex_key, &mut material[..]).is_err()
+        {
+            zeroize::Zeroize::zeroize(&mut material[..]);
+            return Err(format!(
+                "key line {number}: a key is exactly 64 hex characters"
+            ));
+        }
+        if keys.iter().any(|key| key.id == id) {
+            return Err(format!("key id \"{id}\" appears twice"));
+        }
+        keys.push(MasterKey {
+            id: id.to_string(),
+            material: SecretBox::new(material),
+        });
+    }
+    if keys.is_empty() {
+        return Err("the key source holds no key".into());
+    }
+    let active = match active {
+        None => 0,
+        Some(wanted) => keys
+            .iter()
+            .position(|key| key.id == wanted)
+            .ok_or_else(|| {
+                format!("pg_secrets.active_key \"{wanted}\" is not among the loaded keys")
+            })?,
+    };
+    Ok(KeyRing { keys, active })
+}
+
+thread_local! {
+    /// Key ids whose stored check value this backend has already verified.
+    static VERIFIED: RefCell<HashSet<String>> = RefCell::new(HashSet::new());
+}
+
+/// The configured key `key_id`, after proving (once per backend) that it is the key the
+/// stored data was written with. On first use of a key id its check value is stored.
+pub fn verified_key(key_id: &str, secret_name: Option<&str>) -> Result<&'static MasterKey> {
+    let key = ring()?.get(key_id).ok_or_else(|| Error::UnknownMasterKey {
+        key_id: key_id.to_string(),
+        name: secret_name.map(str::to_string),
+    })?;
+    if VERIFIED.with(|verified| verified.borrow().contains(key_id)) {
+        return Ok(key);
+    }
+    let stored: Option<Vec<u8>> = Spi::connect(|client| {
+        db::first_value(client.select(
+            "SELECT check_value FROM secrets.master_key WHERE key_id = $1",
+            Some(1),
+            &[key_id.into()],
+        )?)
+    })?;
+    match stored {
+        Some(check_value) if !crypto::verify_key_check(key, &check_value) => {
+            return Err(Error::WrongMasterKey(key_id.to_string()))
+        }
+        Some(_) => {}
+        // Only writers record a new key; a read-only transaction (a standby, say) just reads.
+        None if unsafe { pg_sys::XactReadOnly } => return Ok(key),
+        None => {
+            Spi::run_with_args(
+                "INSERT INTO secrets.master_key (key_id, check_value) VALUES ($1, $2) \
+                 ON CONFLICT (key_id) DO NOTHING",
+                &[key_id.into(), crypto::key_check_value(key).into()],
+            )?;
+        }
+    }
+    VERIFIED.with(|verified| verified.borrow_mut().insert(key_id.to_string()));
+    Ok(key)
+}
+
+/// The key new versions of a secret are wrapped with, verified.
+pub fn key_for_writing(requested: Option<&str>) -> Result<&'static MasterKey> {
+    match requested {
+        Some(key_id) => verified_key(key_id, None),
+        None => verified_key(&ring()?.active().id, None),
+    }
+}

@@ -1,0 +1,54 @@
+//! pg_secrets: encrypted, versioned secrets inside PostgreSQL.
+//!
+//! This file only declares modules and the load-time entry point; each concern lives in a
+//! module of its own.
+
+use pgrx::prelude::*;
+
+mod access;
+mod api;
+mod crypto;
+mod db;
+mod errors;
+mod keys;
+mod labels;
+mod password;
+mod settings;
+mod store;
+mod validate;
+
+#[cfg(any(test, feature = "pg_test"))]
+mod tests;
+
+pgrx::pg_module_magic!(name, version);
+
+pgrx::extension_sql_file!("../../sql/schema.sql", name = "schema", bootstrap);
+pgrx::extension_sql_file!("../../sql/privileges.sql", name = "privileges", finalize);
+
+/// Runs in the postmaster (the library must be in `shared_preload_libraries`): registers the
+/// settings and loads the master keys once, before any backend is forked, so every backend
+/// inherits them and no SQL ever sees them.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        errors::Error::NotPreloaded.report();
+    }
+    settings::init();
+    settings::hide_statement_parameters_if_asked();
+    keys::load_at_startup();
+}
+
+/// Required by `cargo pgrx test`: the settings its throwaway cluster starts with.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'pg_secrets'",
+            // Two keys, so tests can move a secret between them; `unit` writes by default.
+            "pg_secrets.key_command = 'printf \"unit:%064d\\nother:%064d\\n\" 1 2'",
+        ]
+    }
+}

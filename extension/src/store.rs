@@ -1,0 +1,768 @@
+//! The secret store: each public operation is one function here, run inside the caller's
+//! transaction through SPI. Values are sealed in Rust before any row exists.
+
+use crate::access::{self, Action};
+use crate::crypto::{self, Binding, ValueKind};
+use crate::db;
+use crate::errors::{Error, Result};
+use crate::keys;
+use crate::labels::{self, CURRENT};
+use crate::validate::{self, Value};
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::{JsonB, PgBuiltInOids, PgOid, Uuid};
+use rand::rngs::OsRng;
+use rand::RngCore;
+use std::cell::OnceCell;
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+fn new_uuid() -> Uuid {
+    let mut bytes = [0u8; 16];
+    OsRng.fill_bytes(&mut bytes);
+    bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
+    bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 4122 variant
+    Uuid::from_bytes(bytes)
+}
+
+fn read_only_transaction() -> bool {
+    unsafe { pg_sys::XactReadOnly || pg_sys::RecoveryInProgress() }
+}
+
+/// A secret's row, as far as the store needs it to decide and act.
+struct SecretRow {
+    id: Uuid,
+    name: String,
+    owner: pg_sys::Oid,
+    key_id: String,
+    purge_at: Option<String>,
+}
+
+/// Whether an operation may act on a secret that is scheduled for deletion.
+#[derive(PartialEq)]
+enum OnDeleted {
+    Refuse,
+    Allow,
+}
+
+/// Writers lock the row (FOR UPDATE), so label moves on one secret never interleave;
+/// describing does not, so it also works in a read-only transaction or on a standby.
+fn find_secret(client: &mut SpiClient<'_>, name: &str, lock: bool) -> Result<Option<SecretRow>> {
+    const FIND: &str =
+        "SELECT id, owner_role::oid, key_id, purge_at::text FROM secrets.secret WHERE name = $1";
+    const FIND_FOR_UPDATE: &str = "SELECT id, owner_role::oid, key_id, purge_at::text \
+         FROM secrets.secret WHERE name = $1 FOR UPDATE";
+    let mut rows = client.update(
+        if lock { FIND_FOR_UPDATE } else { FIND },
+        Some(1),
+        &[name.into()],
+    )?;
+    let Some(row) = rows.next() else {
+        return Ok(None);
+    };
+    Ok(Some(SecretRow {
+        id: row.get(1)?.expect("secret.id is NOT NULL"),
+        name: name.to_string(),
+        owner: row.get(2)?.expect("secret.owner_role is NOT NULL"),
+        key_id: row.get(3)?.expect("secret.key_id is NOT NULL"),
+        purge_at: row.get(4)?,
+    }))
+}
+
+/// The caller's right to `action` on secret `name`, decided before anything else is revealed:
+/// a secret the caller may not see is "permission denied" whether it exists or not.
+fn authorize(
+    client: &mut SpiClient<'_>,
+    name: &str,
+    action: Action,
+    on_deleted: OnDeleted,
+) -> Result<SecretRow> {
+    let caller = access::caller();
+    let row = find_secret(client, name, action != Action::Describe)?;
+    check_access(caller, name, action, row.as_ref().map(|row| row.owner))?;
+    let row = row.expect("check_access refuses a missing secret");
+    match (&row.purge_at, on_deleted) {
+        (Some(purge_at), OnDeleted::Refuse) => Err(Error::ScheduledForDeletion {
+            name: name.to_string(),
+            purge_at: purge_at.clone(),
+        }),
+        _ => Ok(row),
+    }
+}
+
+fn check_access(
+    caller: pg_sys::Oid,
+    name: &str,
+    action: Action,
+    owner: Option<pg_sys::Oid>,
+) -> Result<()> {
+    let denied = || Error::AccessDenied {
+        name: name.to_string(),
+        action: action.as_str(),
+    };
+    match owner {
+        None if access::may_on_any(caller, action) => Err(Error::NotFound(name.to_string())),
+        None => Err(denied()),
+        Some(owner) if !access::may(caller, action, owner) => Err(denied()),
+        Some(_) => Ok(()),
+    }
+}
+
+fn binding(secret_id: Uuid, version_id: Uuid, kind: ValueKind) -> Binding {
+    Binding {
+        secret_id: *secret_id.as_bytes(),
+        version_id: *version_id.as_bytes(),
+        kind,
+    }
+}
+
+fn value_kind(value: &Value) -> ValueKind {
+    match value {
+        Value::String(_) => ValueKind::String,
+        Value::Binary(_) => ValueKind::Binary,
+    }
+}
+
+fn insert_version(
+    client: &mut SpiClient<'_>,
+    secret: &SecretRow,
+    value: &Value,
+    token: Option<&str>,
+) -> Result<Uuid> {
+    let key = keys::verified_key(&secret.key_id, Some(&secret.name))?;
+    let version_id = new_uuid();
+    let kind = value_kind(value);
+    let sealed = crypto::seal(key, &binding(secret.id, version_id, kind), value.bytes());
+    client.update(
+        "INSERT INTO secrets.secret_version \
+           (id, secret_id, value_kind, key_id, wrapped_key, ciphertext, client_request_token) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        None,
+        &[
+            version_id.into(),
+            secret.id.into(),
+            kind.as_str().into(),
+            sealed.key_id.into(),
+            sealed.wrapped_key.into(),
+            sealed.ciphertext.into(),
+            token.into(),
+        ],
+    )?;
+    Ok(version_id)
+}
+
+/// A retried write: the version written with `token`, if the value is the same one.
+fn version_for_token(
+    client: &SpiClient<'_>,
+    secret: &SecretRow,
+    value: &Value,
+    token: Option<&str>,
+) -> Result<Option<Uuid>> {
+    let Some(token) = token else { return Ok(None) };
+    let mut rows = client.select(
+        "SELECT id, value_kind, key_id, wrapped_key, ciphertext FROM secrets.secret_version \
+         WHERE secret_id = $1 AND client_request_token = $2",
+        Some(1),
+        &[secret.id.into(), token.into()],
+    )?;
+    let Some(row) = rows.next() else {
+        return Ok(None);
+    };
+    let stored = StoredVersion {
+        id: row.get(1)?.expect("NOT NULL"),
+        kind: row.get::<String>(2)?.as_deref().and_then(ValueKind::parse),
+        key_id: row.get(3)?.expect("NOT NULL"),
+        wrapped_key: row.get(4)?.expect("NOT NULL"),
+        ciphertext: row.get(5)?.expect("NOT NULL"),
+    };
+    let plaintext = stored.open(secret.id, &secret.name)?;
+    let same = stored.kind == Some(value_kind(value))
+        && bool::from(plaintext.as_slice().ct_eq(value.bytes()));
+    if same {
+        Ok(Some(stored.id))
+    } else {
+        Err(Error::IdempotencyConflict(secret.name.clone()))
+    }
+}
+
+struct StoredVersion {
+    id: Uuid,
+    kind: Option<ValueKind>,
+    key_id: String,
+    wrapped_key: Vec<u8>,
+    ciphertext: Vec<u8>,
+}
+
+impl StoredVersion {
+    fn open(&self, secret_id: Uuid, secret_name: &str) -> Result<Zeroizing<Vec<u8>>> {
+        let kind = self
+            .kind
+            .ok_or_else(|| Error::Integrity(secret_name.to_string()))?;
+        let key = keys::verified_key(&self.key_id, Some(secret_name))?;
+        crypto::open(
+            key,
+            &binding(secret_id, self.id, kind),
+            &self.wrapped_key,
+            &self.ciphertext,
+        )
+        .map_err(|_| Error::Integrity(secret_name.to_string()))
+    }
+}
+
+fn touch_changed(client: &mut SpiClient<'_>, secret_id: Uuid) -> Result<()> {
+    client.update(
+        "UPDATE secrets.secret SET changed_at = pg_catalog.now() WHERE id = $1",
+        None,
+        &[secret_id.into()],
+    )?;
+    Ok(())
+}
+
+/// Removes secrets whose recovery window has ended, with their versions and wrapped keys.
+pub fn purge_expired() -> Result<i64> {
+    Spi::connect_mut(|client| {
+        let purged = client.update(
+            "DELETE FROM secrets.secret WHERE purge_at <= pg_catalog.now()",
+            None,
+            &[],
+        )?;
+        Ok(purged.len() as i64)
+    })
+}
+
+pub struct NewSecret<'a> {
+    pub name: &'a str,
+    pub value: Option<Value<'a>>,
+    pub description: Option<&'a str>,
+    pub tags: serde_json::Map<String, serde_json::Value>,
+    pub key_id: Option<&'a str>,
+    pub token: Option<&'a str>,
+}
+
+pub fn create_secret(new: NewSecret<'_>) -> Result<Option<Uuid>> {
+    let caller = access::caller();
+    if !access::may_on_any(caller, Action::Create) {
+        return Err(Error::AccessDenied {
+            name: new.name.to_string(),
+            action: "create",
+        });
+    }
+    let key = keys::key_for_writing(new.key_id)?;
+    purge_expired()?;
+    Spi::connect_mut(|client| {
+        if let Some(existing) = find_secret(client, new.name, true)? {
+            if let Some(purge_at) = existing.purge_at {
+                return Err(Error::ScheduledForDeletion {
+                    name: existing.name,
+                    purge_at,
+                });
+            }
+            // A retried create_secret returns what the first attempt made.
+            if let Some(value) = &new.value {
+                if access::may(caller, Action::Put, existing.owner) {
+                    if let Some(version) = version_for_token(client, &existing, value, new.token)? {
+                        return Ok(Some(version));
+                    }
+                }
+            }
+            return Err(Error::AlreadyExists(new.name.to_string()));
+        }
+        let secret = SecretRow {
+            id: new_uuid(),
+            name: new.name.to_string(),
+            owner: caller,
+            key_id: key.id.clone(),
+            purge_at: None,
+        };
+        client.update(
+            "INSERT INTO secrets.secret (id, name, description, tags, owner_role, key_id) \
+             VALUES ($1, $2, $3, $4, $5::oid::regrole, $6)",
+            None,
+            &[
+                secret.id.into(),
+                new.name.into(),
+                new.description.into(),
+                JsonB(serde_json::Value::Object(new.tags)).into(),
+                secret.owner.into(),
+                secret.key_id.clone().into(),
+            ],
+        )?;
+        let version = match &new.value {
+            Some(value) => {
+                let version = insert_version(client, &secret, value, new.token)?;
+                labels::move_label(client, new.name, secret.id, CURRENT, version)?;
+                Some(version)
+            }
+            None => None,
+        };
+        labels::notify_changed(client, "create", new.name, version)?;
+        Ok(version)
+    })
+}
+
+pub fn put_secret_value(
+    name: &str,
+    value: Value<'_>,
+    stages: Vec<String>,
+    token: Option<&str>,
+) -> Result<Uuid> {
+    Spi::connect_mut(|client| {
+        let secret = authorize(client, name, Action::Put, OnDeleted::Refuse)?;
+        if let Some(version) = version_for_token(client, &secret, &value, token)? {
+            return Ok(version);
+        }
+        let version = insert_version(client, &secret, &value, token)?;
+        for stage in &stages {
+            labels::move_label(client, name, secret.id, stage, version)?;
+        }
+        // The first version of a secret is what readers get, whatever else it is labelled.
+        if labels::holder(client, secret.id, CURRENT)?.is_none() {
+            labels::move_label(client, name, secret.id, CURRENT, version)?;
+        }
+        labels::prune_deprecated(client, secret.id)?;
+        touch_changed(client, secret.id)?;
+        labels::notify_changed(client, "put", name, Some(version))?;
+        Ok(version)
+    })
+}
+
+/// What `get_secret_value` and friends return: the version read and its plaintext.
+pub struct Fetched {
+    pub version_id: Uuid,
+    pub stages: Vec<String>,
+    pub kind: ValueKind,
+    pub plaintext: Zeroizing<Vec<u8>>,
+}
+
+const READ_SQL: &str = "\
+    SELECT s.id, s.owner_role::oid, s.purge_at::text, \
+           s.last_accessed_on IS DISTINCT FROM current_date, \
+           v.id, v.value_kind, v.key_id, v.wrapped_key, v.ciphertext, \
+           ARRAY(SELECT l.label FROM secrets.version_label l \
+                 WHERE l.version_id = v.id ORDER BY l.label) \
+    FROM secrets.secret s \
+    LEFT JOIN secrets.secret_version v \
+           ON v.secret_id = s.id \
+          AND v.id = COALESCE($2, (SELECT l.version_id FROM secrets.version_label l \
+                                   WHERE l.secret_id = s.id \
+                                     AND l.label = COALESCE($3, 'CURRENT'))) \
+    WHERE s.name = $1";
+
+thread_local! {
+    /// The read is the hot path: its plan is prepared once per backend and kept.
+    static READ_PLAN: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
+}
+
+fn with_read_plan<'conn, R>(
+    client: &SpiClient<'conn>,
+    run: impl FnOnce(&OwnedPreparedStatement) -> Result<R>,
+) -> Result<R> {
+    READ_PLAN.with(|cell| {
+        if cell.get().is_none() {
+            let text = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+            let uuid = PgOid::BuiltIn(PgBuiltInOids::UUIDOID);
+            let _ = cell.set(client.prepare(READ_SQL, &[text, uuid, text])?.keep());
+        }
+        run(cell.get().expect("prepared above"))
+    })
+}
+
+/// Reads one version: by id, by stage, or CURRENT. With `expect` set, a value of the other
+/// kind is refused before it is decrypted.
+pub fn get_secret(
+    name: &str,
+    version_id: Option<Uuid>,
+    stage: Option<&str>,
+    expect: Option<ValueKind>,
+) -> Result<Fetched> {
+    Spi::connect_mut(|client| {
+        let mut rows = with_read_plan(client, |plan| {
+            Ok(client.select(
+                plan,
+                Some(1),
+                &[name.into(), version_id.into(), stage.into()],
+            )?)
+        })?;
+        let row = rows.next();
+        let owner = match &row {
+            Some(row) => Some(row.get::<pg_sys::Oid>(2)?.expect("NOT NULL")),
+            None => None,
+        };
+        check_access(access::caller(), name, Action::Get, owner)?;
+        let row = row.expect("check_access refuses a missing secret");
+        let secret_id: Uuid = row.get(1)?.expect("NOT NULL");
+        if let Some(purge_at) = row.get::<String>(3)? {
+            return Err(Error::ScheduledForDeletion {
+                name: name.to_string(),
+                purge_at,
+            });
+        }
+        let access_is_stale = row.get::<bool>(4)?.unwrap_or(false);
+        let not_found = || Error::VersionNotFound {
+            name: name.to_string(),
+            what: match (version_id, stage) {
+                (Some(id), Some(stage)) => format!("{id} with stage {stage}"),
+                (Some(id), None) => id.to_string(),
+                (None, stage) => format!("with stage {}", stage.unwrap_or(CURRENT)),
+            },
+        };
+        let Some(found_version) = row.get::<Uuid>(5)? else {
+            return Err(not_found());
+        };
+        let stages: Vec<String> = row.get(10)?.unwrap_or_default();
+        if let Some(stage) = stage {
+            if !stages.iter().any(|s| s == stage) {
+                return Err(not_found());
+            }
+        }
+        let stored = StoredVersion {
+            id: found_version,
+            kind: row.get::<String>(6)?.as_deref().and_then(ValueKind::parse),
+            key_id: row.get(7)?.expect("NOT NULL"),
+            wrapped_key: row.get(8)?.expect("NOT NULL"),
+            ciphertext: row.get(9)?.expect("NOT NULL"),
+        };
+        match (expect, stored.kind) {
+            (Some(ValueKind::String), Some(ValueKind::Binary)) => {
+                return Err(Error::NotString(name.to_string()))
+            }
+            (Some(ValueKind::Binary), Some(ValueKind::String)) => {
+                return Err(Error::NotBinary(name.to_string()))
+            }
+            _ => {}
+        }
+        let plaintext = stored.open(secret_id, name)?;
+        if access_is_stale && !read_only_transaction() {
+            client.update(
+                "UPDATE secrets.secret SET last_accessed_on = current_date \
+                 WHERE id = $1",
+                None,
+                &[secret_id.into()],
+            )?;
+        }
+        Ok(Fetched {
+            version_id: stored.id,
+            stages,
+            kind: stored.kind.expect("checked by open"),
+            plaintext,
+        })
+    })
+}
+
+pub fn update_secret(name: &str, description: Option<&str>, key_id: Option<&str>) -> Result<()> {
+    Spi::connect_mut(|client| {
+        let secret = authorize(client, name, Action::Manage, OnDeleted::Refuse)?;
+        if let Some(description) = description {
+            client.update(
+                "UPDATE secrets.secret SET description = NULLIF($2, '') WHERE id = $1",
+                None,
+                &[secret.id.into(), description.into()],
+            )?;
+        }
+        if let Some(key_id) = key_id {
+            rewrap_secret(client, &secret, key_id)?;
+        }
+        touch_changed(client, secret.id)
+    })
+}
+
+/// Moves a secret to another master key: new versions use it, and every existing version's
+/// data key is re-wrapped under it. Values are never re-encrypted.
+fn rewrap_secret(client: &mut SpiClient<'_>, secret: &SecretRow, key_id: &str) -> Result<()> {
+    let to = keys::verified_key(key_id, Some(&secret.name))?;
+    let versions: Vec<(Uuid, Option<ValueKind>, String, Vec<u8>)> = client
+        .select(
+            "SELECT id, value_kind, key_id, wrapped_key FROM secrets.secret_version \
+             WHERE secret_id = $1",
+            None,
+            &[secret.id.into()],
+        )?
+        .map(|row| {
+            Ok((
+                row.get(1)?.expect("NOT NULL"),
+                row.get::<String>(2)?.as_deref().and_then(ValueKind::parse),
+                row.get(3)?.expect("NOT NULL"),
+                row.get(4)?.expect("NOT NULL"),
+            ))
+        })
+        .collect::<Result<_>>()?;
+    for (version_id, kind, from_key_id, wrapped_key) in versions {
+        let kind = kind.ok_or_else(|| Error::Integrity(secret.name.clone()))?;
+        let from = keys::verified_key(&from_key_id, Some(&secret.name))?;
+        let rewrapped = crypto::rewrap(
+            from,
+            to,
+            &binding(secret.id, version_id, kind),
+            &wrapped_key,
+        )
+        .map_err(|_| Error::Integrity(secret.name.clone()))?;
+        client.update(
+            "UPDATE secrets.secret_version SET key_id = $2, wrapped_key = $3 WHERE id = $1",
+            None,
+            &[version_id.into(), to.id.clone().into(), rewrapped.into()],
+        )?;
+    }
+    client.update(
+        "UPDATE secrets.secret SET key_id = $2 WHERE id = $1",
+        None,
+        &[secret.id.into(), to.id.clone().into()],
+    )?;
+    Ok(())
+}
+
+pub fn update_version_stage(
+    name: &str,
+    stage: &str,
+    move_to: Option<Uuid>,
+    remove_from: Option<Uuid>,
+) -> Result<()> {
+    if move_to.is_none() && remove_from.is_none() {
+        return Err(Error::InvalidParameter(
+            "give move_to_version_id, remove_from_version_id or both".into(),
+        ));
+    }
+    Spi::connect_mut(|client| {
+        let secret = authorize(client, name, Action::Put, OnDeleted::Refuse)?;
+        let holder = labels::holder(client, secret.id, stage)?;
+        if remove_from.is_some() && remove_from != holder {
+            return Err(Error::InvalidParameter(format!(
+                "stage {stage} of secret \"{name}\" is not on version {}",
+                remove_from.expect("checked")
+            )));
+        }
+        match move_to {
+            Some(target) => {
+                if !version_exists(client, secret.id, target)? {
+                    return Err(Error::VersionNotFound {
+                        name: name.to_string(),
+                        what: target.to_string(),
+                    });
+                }
+                if holder.is_some() && holder != Some(target) && remove_from.is_none() {
+                    return Err(Error::InvalidParameter(format!(
+                        "stage {stage} of secret \"{name}\" is on version {}; pass it as \
+                         remove_from_version_id to move the stage",
+                        holder.expect("checked")
+                    )));
+                }
+                labels::move_label(client, name, secret.id, stage, target)?;
+            }
+            None if stage == CURRENT => {
+                return Err(Error::InvalidParameter(
+                    "stage CURRENT can only be moved to another version, not removed".into(),
+                ))
+            }
+            None => labels::remove_label(client, secret.id, stage)?,
+        }
+        labels::prune_deprecated(client, secret.id)?;
+        touch_changed(client, secret.id)?;
+        labels::notify_changed(client, "stage", name, move_to.or(remove_from))
+    })
+}
+
+fn version_exists(client: &SpiClient<'_>, secret_id: Uuid, version_id: Uuid) -> Result<bool> {
+    Ok(!client
+        .select(
+            "SELECT FROM secrets.secret_version WHERE secret_id = $1 AND id = $2",
+            Some(1),
+            &[secret_id.into(), version_id.into()],
+        )?
+        .is_empty())
+}
+
+pub fn describe_secret(name: &str) -> Result<JsonB> {
+    Spi::connect_mut(|client| {
+        let secret = authorize(client, name, Action::Describe, OnDeleted::Allow)?;
+        let description = db::first_value::<JsonB>(client.select(
+                "SELECT pg_catalog.jsonb_build_object( \
+                   'id', s.id, 'name', s.name, 'description', s.description, 'tags', s.tags, \
+                   'owner', s.owner_role::text, 'key_id', s.key_id, \
+                   'created_at', s.created_at, 'last_changed_at', s.changed_at, \
+                   'last_accessed_on', s.last_accessed_on, \
+                   'deleted_at', s.deleted_at, 'purge_at', s.purge_at, \
+                   'versions', COALESCE((SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object( \
+                        'version_id', v.id, 'stages', st.stages, 'created_at', v.created_at) \
+                        ORDER BY v.created_at DESC) \
+                      FROM secrets.secret_version v \
+                      CROSS JOIN LATERAL (SELECT pg_catalog.array_agg(l.label ORDER BY l.label) \
+                                          AS stages FROM secrets.version_label l \
+                                          WHERE l.version_id = v.id) st \
+                      WHERE v.secret_id = s.id AND st.stages IS NOT NULL), '[]'), \
+                   'deprecated_versions', (SELECT pg_catalog.count(*) \
+                      FROM secrets.secret_version v WHERE v.secret_id = s.id \
+                      AND NOT EXISTS (SELECT FROM secrets.version_label l \
+                                      WHERE l.version_id = v.id))) \
+                 FROM secrets.secret s WHERE s.id = $1",
+                Some(1),
+                &[secret.id.into()],
+            )?)?;
+        Ok(description.expect("the secret row was just locked"))
+    })
+}
+
+pub struct Listed {
+    pub name: String,
+    pub id: Uuid,
+    pub description: Option<String>,
+    pub tags: JsonB,
+    pub owner: String,
+    pub created_at: TimestampWithTimeZone,
+    pub last_changed_at: TimestampWithTimeZone,
+    pub last_accessed_on: Option<pgrx::datum::Date>,
+    pub deleted_at: Option<TimestampWithTimeZone>,
+    pub purge_at: Option<TimestampWithTimeZone>,
+}
+
+pub fn list_secrets(
+    name_prefix: Option<&str>,
+    tag_key: Option<&str>,
+    tag_value: Option<&str>,
+    include_planned_deletion: bool,
+) -> Result<Vec<Listed>> {
+    let caller = access::caller();
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT name, id, description, tags, owner_role::text, created_at, changed_at, \
+                    last_accessed_on, deleted_at, purge_at, owner_role::oid \
+             FROM secrets.secret \
+             WHERE ($1::text IS NULL OR pg_catalog.left(name, pg_catalog.length($1)) = $1) \
+               AND ($2::text IS NULL OR tags ? $2) \
+               AND ($3::text IS NULL OR EXISTS (SELECT FROM pg_catalog.jsonb_each_text(tags) t \
+                                               WHERE t.value = $3 \
+                                                 AND ($2::text IS NULL OR t.key = $2))) \
+               AND ($4 OR deleted_at IS NULL) \
+             ORDER BY name",
+            None,
+            &[
+                name_prefix.into(),
+                tag_key.into(),
+                tag_value.into(),
+                include_planned_deletion.into(),
+            ],
+        )?;
+        let mut listed = Vec::new();
+        for row in rows {
+            let owner: pg_sys::Oid = row.get(11)?.expect("NOT NULL");
+            if !access::may(caller, Action::Describe, owner) {
+                continue;
+            }
+            listed.push(Listed {
+                name: row.get(1)?.expect("NOT NULL"),
+                id: row.get(2)?.expect("NOT NULL"),
+                description: row.get(3)?,
+                tags: row.get(4)?.expect("NOT NULL"),
+                owner: row.get(5)?.expect("NOT NULL"),
+                created_at: row.get(6)?.expect("NOT NULL"),
+                last_changed_at: row.get(7)?.expect("NOT NULL"),
+                last_accessed_on: row.get(8)?,
+                deleted_at: row.get(9)?,
+                purge_at: row.get(10)?,
+            });
+        }
+        Ok(listed)
+    })
+}
+
+pub fn list_version_ids(
+    name: &str,
+    include_deprecated: bool,
+) -> Result<Vec<(Uuid, Vec<String>, TimestampWithTimeZone)>> {
+    Spi::connect_mut(|client| {
+        let secret = authorize(client, name, Action::Describe, OnDeleted::Allow)?;
+        let rows = client.select(
+            "SELECT v.id, COALESCE(st.stages, '{}'), v.created_at \
+             FROM secrets.secret_version v \
+             CROSS JOIN LATERAL (SELECT pg_catalog.array_agg(l.label ORDER BY l.label) AS stages \
+                                 FROM secrets.version_label l WHERE l.version_id = v.id) st \
+             WHERE v.secret_id = $1 AND ($2 OR st.stages IS NOT NULL) \
+             ORDER BY v.created_at DESC",
+            None,
+            &[secret.id.into(), include_deprecated.into()],
+        )?;
+        rows.map(|row| {
+            Ok((
+                row.get(1)?.expect("NOT NULL"),
+                row.get(2)?.unwrap_or_default(),
+                row.get(3)?.expect("NOT NULL"),
+            ))
+        })
+        .collect()
+    })
+}
+
+pub fn tag_secret(name: &str, tags: serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    Spi::connect_mut(|client| {
+        let secret = authorize(client, name, Action::Manage, OnDeleted::Refuse)?;
+        let merged = db::first_value::<i64>(client.update(
+                "UPDATE secrets.secret SET tags = tags || $2, changed_at = pg_catalog.now() \
+                 WHERE id = $1 RETURNING (SELECT pg_catalog.count(*) FROM pg_catalog.jsonb_object_keys(tags))",
+                None,
+                &[secret.id.into(), JsonB(serde_json::Value::Object(tags)).into()],
+            )?)?
+            .unwrap_or(0);
+        validate::tag_count(merged as usize)
+    })
+}
+
+pub fn untag_secret(name: &str, keys: Vec<String>) -> Result<()> {
+    Spi::connect_mut(|client| {
+        let secret = authorize(client, name, Action::Manage, OnDeleted::Refuse)?;
+        client.update(
+            "UPDATE secrets.secret SET tags = tags - $2::text[], changed_at = pg_catalog.now() \
+             WHERE id = $1",
+            None,
+            &[secret.id.into(), keys.into()],
+        )?;
+        Ok(())
+    })
+}
+
+pub fn delete_secret(name: &str, window_days: i32, force: bool) -> Result<TimestampWithTimeZone> {
+    purge_expired()?;
+    Spi::connect_mut(|client| {
+        let secret = authorize(client, name, Action::Delete, OnDeleted::Allow)?;
+        let when = if force {
+            // Removing the rows removes the wrapped data keys: no copy of a ciphertext
+            // (a backup, a replica) can be decrypted with the master key alone any more.
+            db::first_value::<TimestampWithTimeZone>(client.update(
+                "DELETE FROM secrets.secret WHERE id = $1 RETURNING pg_catalog.now()",
+                None,
+                &[secret.id.into()],
+            )?)?
+        } else {
+            if let Some(purge_at) = secret.purge_at {
+                return Err(Error::ScheduledForDeletion {
+                    name: name.to_string(),
+                    purge_at,
+                });
+            }
+            db::first_value::<TimestampWithTimeZone>(client.update(
+                "UPDATE secrets.secret SET deleted_at = pg_catalog.now(), \
+                            purge_at = pg_catalog.now() + pg_catalog.make_interval(days => $2), \
+                            changed_at = pg_catalog.now() \
+                     WHERE id = $1 RETURNING purge_at",
+                None,
+                &[secret.id.into(), window_days.into()],
+            )?)?
+        };
+        labels::notify_changed(client, "delete", name, None)?;
+        Ok(when.expect("RETURNING gives one row"))
+    })
+}
+
+pub fn restore_secret(name: &str) -> Result<()> {
+    Spi::connect_mut(|client| {
+        let secret = authorize(client, name, Action::Delete, OnDeleted::Allow)?;
+        if secret.purge_at.is_none() {
+            return Err(Error::NotDeleted(name.to_string()));
+        }
+        client.update(
+            "UPDATE secrets.secret SET deleted_at = NULL, purge_at = NULL, \
+                    changed_at = pg_catalog.now() WHERE id = $1",
+            None,
+            &[secret.id.into()],
+        )?;
+        labels::notify_changed(client, "restore", name, None)
+    })
+}

@@ -1,0 +1,214 @@
+//! Unit tests. Plain `#[test]`s cover the pure parts (key parsing, sealing, validation,
+//! passwords); `#[pg_test]`s run inside the throwaway cluster of `cargo pgrx test`, whose
+//! settings come from `crate::pg_test::postgresql_conf_options`.
+
+#[pgrx::pg_schema]
+mod tests {
+    use crate::crypto::{self, Binding, ValueKind};
+    use crate::keys::parse_keys;
+    use crate::password::{random_password, PasswordRules};
+    use crate::validate;
+    use pgrx::prelude::*;
+
+    const KEY_A: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+    const KEY_B: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+    fn binding(kind: ValueKind) -> Binding {
+        Binding {
+            secret_id: [1; 16],
+            version_id: [2; 16],
+            kind,
+        }
+    }
+
+    #[test]
+    fn key_file_formats() {
+        let ring = parse_keys(&format!("# comment\n\nk1:{KEY_A}\nk2:{KEY_B}\n"), None).unwrap();
+        assert_eq!(ring.active().id, "k1");
+        assert!(ring.get("k2").is_some());
+        let ring = parse_keys(&format!("k1:{KEY_A}\nk2:{KEY_B}"), Some("k2")).unwrap();
+        assert_eq!(ring.active().id, "k2");
+        let ring = parse_keys(KEY_A, None).unwrap();
+        assert_eq!(ring.active().id, "default");
+    }
+
+    #[test]
+    fn key_file_errors_never_echo_the_key() {
+        let cases = [
+            format!("k1:{}", &KEY_A[..60]),
+            format!("k1:{KEY_A}\n{KEY_B}"),
+            format!("k1:{KEY_A}\nk1:{KEY_B}"),
+            format!("bad id:{KEY_A}"),
+            format!("k1:{}zz", &KEY_A[..62]),
+            "".to_string(),
+            format!("k1:{KEY_A}"),
+        ];
+        for (i, text) in cases.iter().enumerate() {
+            let active = if i == cases.len() - 1 {
+                Some("missing")
+            } else {
+                None
+            };
+            let error = parse_keys(text, active).err().expect("must be refused");
+            assert!(
+                !error.contains("1111") && !error.contains("2222"),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn sealing_round_trips_and_detects_every_change() {
+        let ring = parse_keys(&format!("k1:{KEY_A}\nk2:{KEY_B}"), None).unwrap();
+        let (k1, k2) = (ring.get("k1").unwrap(), ring.get("k2").unwrap());
+        let sealed = crypto::seal(k1, &binding(ValueKind::String), b"hunter2");
+        assert!(!sealed.ciphertext.windows(7).any(|w| w == b"hunter2"));
+        let open = |b: &Binding, wrapped: &[u8], ct: &[u8]| crypto::open(k1, b, wrapped, ct);
+        assert_eq!(
+            open(
+                &binding(ValueKind::String),
+                &sealed.wrapped_key,
+                &sealed.ciphertext
+            )
+            .unwrap()
+            .as_slice(),
+            b"hunter2"
+        );
+        let mut flipped = sealed.ciphertext.clone();
+        flipped[20] ^= 1;
+        assert!(open(&binding(ValueKind::String), &sealed.wrapped_key, &flipped).is_err());
+        assert!(open(
+            &binding(ValueKind::Binary),
+            &sealed.wrapped_key,
+            &sealed.ciphertext
+        )
+        .is_err());
+        let moved = Binding {
+            secret_id: [9; 16],
+            ..binding(ValueKind::String)
+        };
+        assert!(open(&moved, &sealed.wrapped_key, &sealed.ciphertext).is_err());
+        assert!(crypto::open(
+            k2,
+            &binding(ValueKind::String),
+            &sealed.wrapped_key,
+            &sealed.ciphertext
+        )
+        .is_err());
+        let rewrapped =
+            crypto::rewrap(k1, k2, &binding(ValueKind::String), &sealed.wrapped_key).unwrap();
+        assert_eq!(
+            crypto::open(
+                k2,
+                &binding(ValueKind::String),
+                &rewrapped,
+                &sealed.ciphertext
+            )
+            .unwrap()
+            .as_slice(),
+            b"hunter2"
+        );
+        assert!(crypto::verify_key_check(k1, &crypto::key_check_value(k1)));
+        assert!(!crypto::verify_key_check(k2, &crypto::key_check_value(k1)));
+    }
+
+    fn rules(length: i32) -> PasswordRules<'static> {
+        PasswordRules {
+            length,
+            exclude_characters: "",
+            exclude_numbers: false,
+            exclude_punctuation: false,
+            exclude_uppercase: false,
+            exclude_lowercase: false,
+            include_space: false,
+            require_each_included_type: true,
+        }
+    }
+
+    #[test]
+    fn passwords_follow_the_rules() {
+        for _ in 0..200 {
+            let password = random_password(&rules(4)).unwrap();
+            assert_eq!(password.chars().count(), 4);
+            assert!(password.chars().any(|c| c.is_ascii_lowercase()));
+            assert!(password.chars().any(|c| c.is_ascii_uppercase()));
+            assert!(password.chars().any(|c| c.is_ascii_digit()));
+            assert!(password.chars().any(|c| c.is_ascii_punctuation()));
+        }
+        let only_digits = PasswordRules {
+            exclude_punctuation: true,
+            exclude_uppercase: true,
+            exclude_lowercase: true,
+            exclude_characters: "0123",
+            ..rules(64)
+        };
+        let password = random_password(&only_digits).unwrap();
+        assert!(
+            password.chars().all(|c| ('4'..='9').contains(&c)),
+            "{password}"
+        );
+        assert!(random_password(&rules(0)).is_err());
+        assert!(random_password(&rules(4097)).is_err());
+        assert!(random_password(&rules(3)).is_err());
+        let nothing_left = PasswordRules {
+            exclude_characters: "0123456789",
+            ..only_digits
+        };
+        assert!(random_password(&nothing_left).is_err());
+    }
+
+    #[test]
+    fn names_and_limits() {
+        assert!(validate::secret_name("prod/db/main-1_a+b=c.d@e").is_ok());
+        assert!(validate::secret_name("").is_err());
+        assert!(validate::secret_name("a b").is_err());
+        assert!(validate::secret_name(&"a".repeat(512)).is_ok());
+        assert!(validate::secret_name(&"a".repeat(513)).is_err());
+        assert!(validate::recovery_window(Some(6), false).is_err());
+        assert!(validate::recovery_window(Some(31), false).is_err());
+        assert!(validate::recovery_window(Some(7), true).is_err());
+        assert_eq!(validate::recovery_window(None, false).unwrap(), 30);
+    }
+
+    #[pg_test]
+    fn store_round_trip_in_sql() {
+        let version = Spi::get_one::<pgrx::Uuid>(
+            "SELECT secrets.create_secret('unit/a', secret_string => 'v1')",
+        )
+        .unwrap()
+        .unwrap();
+        let value = Spi::get_one::<String>("SELECT secrets.get_secret_value('unit/a')").unwrap();
+        assert_eq!(value.as_deref(), Some("v1"));
+        Spi::run("SELECT secrets.put_secret_value('unit/a', 'v2')").unwrap();
+        let previous = Spi::get_one::<String>(
+            "SELECT secrets.get_secret_value('unit/a', version_stage => 'PREVIOUS')",
+        )
+        .unwrap();
+        assert_eq!(previous.as_deref(), Some("v1"));
+        let by_id = Spi::get_one::<String>(&format!(
+            "SELECT secrets.get_secret_value('unit/a', '{version}')"
+        ))
+        .unwrap();
+        assert_eq!(by_id.as_deref(), Some("v1"));
+    }
+
+    #[pg_test]
+    fn moving_a_secret_to_another_master_key() {
+        Spi::run("SELECT secrets.create_secret('unit/b', secret_binary => '\\x00ff')").unwrap();
+        Spi::run("SELECT secrets.update_secret('unit/b', key_id => 'other')").unwrap();
+        let key = Spi::get_one::<String>(
+            "SELECT DISTINCT key_id FROM secrets.secret_version v \
+             JOIN secrets.secret s ON s.id = v.secret_id WHERE s.name = 'unit/b'",
+        )
+        .unwrap();
+        assert_eq!(key.as_deref(), Some("other"));
+        let value = Spi::get_one::<Vec<u8>>("SELECT secrets.get_secret_binary('unit/b')").unwrap();
+        assert_eq!(value, Some(vec![0x00, 0xff]));
+    }
+
+    #[pg_test(error = "secret \"unit/c\" holds a binary value, not a string")]
+    fn binary_read_as_string_is_refused() {
+        Spi::run("SELECT secrets.create_secret('unit/c', secret_binary => '\\x01')").unwrap();
+        Spi::run("SELECT secrets.get_secret_value('unit/c')").unwrap();
+    }
+}

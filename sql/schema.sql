@@ -1,0 +1,85 @@
+-- pg_secrets storage. Every value column holds AES-256-GCM ciphertext; no plaintext is ever
+-- written here. The functions in schema `secrets` are the only way in: they are SECURITY
+-- DEFINER and owned by the extension owner, and nobody else has any privilege on these tables.
+
+-- Roles of the interim access model: `secrets_admin` may do everything, `secrets_reader` may
+-- get and describe every secret. The creator of a secret (its owner role) has every right on
+-- it. Roles are cluster-wide, so another database may already have created them.
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'secrets_admin') THEN
+        CREATE ROLE secrets_admin NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'secrets_reader') THEN
+        CREATE ROLE secrets_reader NOLOGIN;
+    END IF;
+END
+$roles$;
+
+-- One row per master key id ever used to write: an AES-GCM encryption of a fixed text under
+-- that key. Decrypting it proves the configured key is the one the data was written with, so
+-- a wrong key gives a clear error instead of a wall of integrity failures.
+CREATE TABLE secrets.master_key (
+    key_id      text PRIMARY KEY,
+    check_value bytea NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+CREATE TABLE secrets.secret (
+    id               uuid PRIMARY KEY,
+    name             text NOT NULL UNIQUE
+                     CHECK (name ~ '^[A-Za-z0-9/_+=.@-]+$' AND pg_catalog.length(name) <= 512),
+    description      text CHECK (pg_catalog.length(description) <= 2048),
+    tags             jsonb NOT NULL DEFAULT '{}' CHECK (pg_catalog.jsonb_typeof(tags) = 'object'),
+    -- regrole, not oid: pg_dump writes the role's name, so a restore into another cluster
+    -- keeps ownership.
+    owner_role       regrole NOT NULL,
+    -- the master key new versions are wrapped with
+    key_id           text NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    changed_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- day granularity, written at most once per day, so reads stay reads
+    last_accessed_on date,
+    deleted_at       timestamptz,
+    purge_at         timestamptz,
+    CHECK ((deleted_at IS NULL) = (purge_at IS NULL))
+);
+CREATE INDEX secret_purge_at ON secrets.secret (purge_at) WHERE purge_at IS NOT NULL;
+
+-- Immutable once written. The data key is wrapped by the master key `key_id`; the value is
+-- encrypted with the data key, bound (as AES-GCM associated data) to secret id, version id
+-- and value kind, so a row copied or moved elsewhere fails to decrypt.
+CREATE TABLE secrets.secret_version (
+    id                   uuid PRIMARY KEY,
+    secret_id            uuid NOT NULL REFERENCES secrets.secret (id) ON DELETE CASCADE,
+    value_kind           text NOT NULL CHECK (value_kind IN ('string', 'binary')),
+    key_id               text NOT NULL,
+    wrapped_key          bytea NOT NULL,
+    ciphertext           bytea NOT NULL,
+    client_request_token text,
+    created_at           timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    UNIQUE (secret_id, id),
+    UNIQUE (secret_id, client_request_token)
+);
+CREATE INDEX secret_version_by_age ON secrets.secret_version (secret_id, created_at DESC);
+
+-- Staging labels. The primary key is the rule "a label is on at most one version of a
+-- secret"; the foreign key keeps a label on a version of its own secret.
+CREATE TABLE secrets.version_label (
+    secret_id  uuid NOT NULL,
+    label      text NOT NULL
+               CHECK (label ~ '^[A-Za-z0-9_.-]+$' AND pg_catalog.length(label) <= 256),
+    version_id uuid NOT NULL,
+    PRIMARY KEY (secret_id, label),
+    FOREIGN KEY (secret_id, version_id)
+        REFERENCES secrets.secret_version (secret_id, id) ON DELETE CASCADE
+);
+CREATE INDEX version_label_by_version ON secrets.version_label (version_id);
+
+REVOKE ALL ON ALL TABLES IN SCHEMA secrets FROM PUBLIC;
+
+-- pg_dump of a database must carry the secrets along: extension tables are otherwise skipped.
+SELECT pg_catalog.pg_extension_config_dump('secrets.master_key', '');
+SELECT pg_catalog.pg_extension_config_dump('secrets.secret', '');
+SELECT pg_catalog.pg_extension_config_dump('secrets.secret_version', '');
+SELECT pg_catalog.pg_extension_config_dump('secrets.version_label', '');

@@ -1,0 +1,319 @@
+//! The end-to-end test harness: real PostgreSQL 15 clusters with pg_secrets preloaded, each in
+//! its own temporary directory on a free port, with scram-sha-256 authentication and a master
+//! key file. A cluster stops when its `Cluster` is dropped, also when a test fails.
+//!
+//! As root, every server program runs as the `postgres` system user (initdb refuses root);
+//! as anyone else, as that user. The proxy and rotation tests build on the same harness.
+
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub use postgres::{Client, NoTls};
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+pub const SUPERUSER: &str = "postgres";
+pub const SUPERUSER_PASSWORD: &str = "harness-superuser";
+/// The key every cluster starts with unless a test asks for another.
+pub const TEST_KEY: &str = "test:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// A command for a server program, run as `postgres` when we are root.
+fn server_command(program: &str) -> Command {
+    let path = format!("{PG_BIN}/{program}");
+    if running_as_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--", &path]);
+        command
+    } else {
+        Command::new(path)
+    }
+}
+
+fn give_to_server_user(path: &Path) {
+    if running_as_root() {
+        run(Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(path));
+    }
+}
+
+fn run(command: &mut Command) -> Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One initdb, kept under `target/` and reused by every test process of every run; each
+/// cluster starts from a copy, which takes a fraction of the time initdb does.
+fn template() -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
+        let template = root.join(format!("pg15-template-{}", SUPERUSER_PASSWORD.len()));
+        if template.join("data/PG_VERSION").exists() {
+            return template;
+        }
+        fs::create_dir_all(&root).unwrap();
+        // Built aside and renamed into place, so concurrent test processes never see half of it.
+        let building = tempfile::Builder::new()
+            .prefix("pg15-template-")
+            .tempdir_in(&root)
+            .unwrap();
+        let pwfile = building.path().join("pwfile");
+        fs::write(&pwfile, SUPERUSER_PASSWORD).unwrap();
+        give_to_server_user(building.path());
+        run(server_command("initdb")
+            .args([
+                "--auth=scram-sha-256",
+                "-U",
+                SUPERUSER,
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .arg("-D")
+            .arg(building.path().join("data")));
+        let building = building.keep();
+        if fs::rename(&building, &template).is_err() {
+            // Another process won the race; its template is as good as ours.
+            let _ = fs::remove_dir_all(&building);
+        }
+        template
+    })
+}
+
+/// How a cluster gets its master key.
+#[derive(Clone)]
+pub enum KeySource {
+    /// `pg_secrets.key_file` pointing at a 0600 file with these lines.
+    File(String),
+    /// No key setting at all.
+    None,
+}
+
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    running: bool,
+}
+
+impl Cluster {
+    /// A running cluster with the extension created in database `postgres`.
+    pub fn start() -> Cluster {
+        Cluster::start_with(KeySource::File(TEST_KEY.into()), &[])
+    }
+
+    pub fn start_with(key: KeySource, extra_settings: &[&str]) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("pg_secrets-e2e-")
+            .tempdir()
+            .unwrap();
+        run(Command::new("cp")
+            .arg("-a")
+            .arg(template().join("data"))
+            .arg(dir.path()));
+        fs::create_dir(dir.path().join("run")).unwrap();
+        let mut cluster = Cluster {
+            dir,
+            port: free_port(),
+            running: false,
+        };
+        let data = cluster.data_dir();
+        let mut conf = fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        use std::io::Write;
+        writeln!(
+            conf,
+            "port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             shared_preload_libraries = 'pg_secrets'\nshared_buffers = 32MB\n\
+             max_connections = 40\nfsync = off\nlogging_collector = on\n\
+             log_directory = 'log'\ninclude_if_exists = 'pg_secrets_test.conf'",
+            cluster.port,
+            cluster.socket_dir().display()
+        )
+        .unwrap();
+        cluster.configure(key, extra_settings);
+        cluster.start_server();
+        cluster
+            .superuser()
+            .batch_execute("CREATE EXTENSION pg_secrets")
+            .unwrap();
+        cluster
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// Rewrites the key and test settings; they take effect at the next (re)start.
+    pub fn configure(&self, key: KeySource, extra_settings: &[&str]) {
+        let mut settings: Vec<String> = extra_settings.iter().map(|s| s.to_string()).collect();
+        if let KeySource::File(lines) = key {
+            let key_file = self.dir.path().join("master.key");
+            fs::write(&key_file, lines).unwrap();
+            fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).unwrap();
+            settings.push(format!("pg_secrets.key_file = '{}'", key_file.display()));
+        }
+        fs::write(
+            self.data_dir().join("pg_secrets_test.conf"),
+            settings.join("\n") + "\n",
+        )
+        .unwrap();
+        give_to_server_user(self.dir.path());
+    }
+
+    fn start_server(&mut self) {
+        run(server_command("pg_ctl")
+            .args(["start", "-w", "-t", "60", "-s", "-D"])
+            .arg(self.data_dir())
+            .arg("-l")
+            .arg(self.dir.path().join("server.log")));
+        self.running = true;
+    }
+
+    pub fn stop(&mut self, mode: &str) {
+        if self.running {
+            run(server_command("pg_ctl")
+                .args(["stop", "-w", "-s", "-m", mode, "-D"])
+                .arg(self.data_dir()));
+            self.running = false;
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop("fast");
+        self.start_server();
+    }
+
+    pub fn connection_string(&self, user: &str, password: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname=postgres",
+            self.port
+        )
+    }
+
+    pub fn connect(&self, user: &str, password: &str) -> Client {
+        Client::connect(&self.connection_string(user, password), NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect as {user}: {e}"))
+    }
+
+    pub fn superuser(&self) -> Client {
+        self.connect(SUPERUSER, SUPERUSER_PASSWORD)
+    }
+
+    /// A login role with the given extra SQL (e.g. `IN ROLE secrets_admin`), connected.
+    pub fn login_role(&self, name: &str, options: &str) -> Client {
+        self.superuser()
+            .batch_execute(&format!(
+                "CREATE ROLE {name} LOGIN PASSWORD 'pw-{name}' {options}"
+            ))
+            .unwrap();
+        self.connect(name, &format!("pw-{name}"))
+    }
+
+    /// Runs a client program (psql, pg_dump, pgbench...) against this cluster as the superuser.
+    pub fn client_program(&self, program: &str) -> Command {
+        let mut command = Command::new(format!("{PG_BIN}/{program}"));
+        command
+            .env("PGHOST", "127.0.0.1")
+            .env("PGPORT", self.port.to_string())
+            .env("PGUSER", SUPERUSER)
+            .env("PGPASSWORD", SUPERUSER_PASSWORD)
+            .env("PGDATABASE", "postgres");
+        command
+    }
+
+    pub fn psql(&self, sql: &str) -> Output {
+        self.client_program("psql")
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .unwrap()
+    }
+
+    /// Everything the server wrote: the pg_ctl log and the collector's log files.
+    pub fn server_log(&self) -> String {
+        let mut log = fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+        if let Ok(entries) = fs::read_dir(self.data_dir().join("log")) {
+            for entry in entries.flatten() {
+                log += &fs::read_to_string(entry.path()).unwrap_or_default();
+            }
+        }
+        log
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = server_command("pg_ctl")
+                .args(["stop", "-w", "-s", "-m", "immediate", "-D"])
+                .arg(self.data_dir())
+                .output();
+        }
+    }
+}
+
+/// Asserts that a statement failed with this SQLSTATE and a message containing `words`.
+#[track_caller]
+pub fn assert_sql_error<T: std::fmt::Debug>(
+    result: Result<T, postgres::Error>,
+    sqlstate: &str,
+    words: &str,
+) -> postgres::error::DbError {
+    let error = result.expect_err("the statement should have failed");
+    let db = error
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a server error: {error}"))
+        .clone();
+    assert_eq!(
+        db.code().code(),
+        sqlstate,
+        "wrong SQLSTATE for: {}",
+        db.message()
+    );
+    assert!(
+        db.message().contains(words),
+        "message {:?} lacks {words:?}",
+        db.message()
+    );
+    db
+}
