@@ -133,6 +133,16 @@ impl Cluster {
     }
 
     pub fn start_with(key: KeySource, extra_settings: &[&str]) -> Cluster {
+        let cluster = Cluster::start_bare(key, extra_settings);
+        cluster
+            .superuser()
+            .batch_execute("CREATE EXTENSION pg_secrets")
+            .unwrap();
+        cluster
+    }
+
+    /// A running cluster without the extension created.
+    pub fn start_bare(key: KeySource, extra_settings: &[&str]) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("pg_secrets-e2e-")
             .tempdir()
@@ -165,10 +175,6 @@ impl Cluster {
         .unwrap();
         cluster.configure(key, extra_settings);
         cluster.start_server();
-        cluster
-            .superuser()
-            .batch_execute("CREATE EXTENSION pg_secrets")
-            .unwrap();
         cluster
     }
 
@@ -290,6 +296,25 @@ impl Drop for Cluster {
                 .output();
         }
     }
+}
+
+/// A fingerprint of everything the store holds, to show that a refused call changed nothing.
+pub fn store_state(client: &mut Client) -> String {
+    client
+        .query_one(
+            "SELECT concat_ws(' | ', \
+               (SELECT string_agg(concat_ws(',', name, description, tags, owner_role, key_id, \
+                                            changed_at, last_accessed_on, purge_at), ';' ORDER BY name) \
+                FROM secrets.secret), \
+               (SELECT string_agg(concat_ws(',', id, secret_id, key_id, md5(ciphertext), \
+                                            client_request_token), ';' ORDER BY id) \
+                FROM secrets.secret_version), \
+               (SELECT string_agg(concat_ws(',', secret_id, label, version_id), ';' \
+                                  ORDER BY secret_id, label) FROM secrets.version_label))",
+            &[],
+        )
+        .unwrap()
+        .get(0)
 }
 
 /// Asserts that a statement failed with this SQLSTATE and a message containing `words`.

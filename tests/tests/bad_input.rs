@@ -1,0 +1,534 @@
+//! Every rejected input: a clear error with a deliberate SQLSTATE, and nothing changed.
+
+use pg_secrets_e2e::{assert_sql_error, store_state, Cluster, KeySource};
+use postgres::types::ToSql;
+
+/// Runs `sql` with `params`, expects `sqlstate` and `words`, and checks the store is untouched.
+#[track_caller]
+fn refused(
+    db: &mut postgres::Client,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    sqlstate: &str,
+    words: &str,
+) {
+    let before = store_state(db);
+    assert_sql_error(db.query(sql, params), sqlstate, words);
+    assert_eq!(
+        store_state(db),
+        before,
+        "a refused call changed the store: {sql}"
+    );
+}
+
+fn fixture() -> (Cluster, postgres::Client) {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "SELECT secrets.create_secret('app/db', 'pw', tags => '{\"team\": \"a\"}');
+         SELECT secrets.create_secret('app/bin', secret_binary => '\\x00');
+         SELECT secrets.put_secret_value('app/db', 'pw2', client_request_token => 'tok');",
+    )
+    .unwrap();
+    (cluster, db)
+}
+
+#[test]
+fn values_names_descriptions_and_tags() {
+    let (_cluster, mut db) = fixture();
+    let just_fits = "x".repeat(65_536);
+    let too_big = "x".repeat(65_537);
+    db.execute("SELECT secrets.create_secret('big/ok', $1)", &[&just_fits])
+        .unwrap();
+    refused(
+        &mut db,
+        "SELECT secrets.create_secret('big/no', $1)",
+        &[&too_big],
+        "54000",
+        "at most 65536 bytes",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.put_secret_value('app/db', $1)",
+        &[&too_big],
+        "54000",
+        "at most 65536 bytes",
+    );
+    let too_big_binary = vec![0u8; 65_537];
+    refused(
+        &mut db,
+        "SELECT secrets.put_secret_value('app/db', secret_binary => $1)",
+        &[&too_big_binary],
+        "54000",
+        "65536",
+    );
+
+    refused(
+        &mut db,
+        "SELECT secrets.create_secret('both', 'a', '\\x00')",
+        &[],
+        "22023",
+        "not both",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.put_secret_value('app/db', 'a', '\\x00')",
+        &[],
+        "22023",
+        "not both",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.put_secret_value('app/db')",
+        &[],
+        "22023",
+        "give secret_string or secret_binary",
+    );
+
+    refused(
+        &mut db,
+        "SELECT secrets.create_secret('bad name', 'v')",
+        &[],
+        "22023",
+        "position 4",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.create_secret('bad;drop', 'v')",
+        &[],
+        "22023",
+        "allowed are",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.create_secret('', 'v')",
+        &[],
+        "22023",
+        "1 to 512 characters",
+    );
+    let long_name = "n".repeat(513);
+    refused(
+        &mut db,
+        "SELECT secrets.create_secret($1, 'v')",
+        &[&long_name],
+        "22023",
+        "1 to 512",
+    );
+    db.execute("SELECT secrets.create_secret($1, 'v')", &[&"n".repeat(512)])
+        .unwrap();
+    refused(
+        &mut db,
+        "SELECT secrets.get_secret_value('bad*name')",
+        &[],
+        "22023",
+        "allowed are",
+    );
+
+    let long_description = "d".repeat(2049);
+    refused(
+        &mut db,
+        "SELECT secrets.create_secret('d', 'v', description => $1)",
+        &[&long_description],
+        "22023",
+        "2048",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.update_secret('app/db', description => $1)",
+        &[&long_description],
+        "22023",
+        "2048",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.update_secret('app/db')",
+        &[],
+        "22023",
+        "give description, key_id or both",
+    );
+
+    let long_key = format!("{{\"{}\": \"v\"}}", "k".repeat(129));
+    let long_value = format!("{{\"k\": \"{}\"}}", "v".repeat(257));
+    refused(
+        &mut db,
+        "SELECT secrets.create_secret('t', 'v', tags => $1::text::jsonb)",
+        &[&long_key],
+        "22023",
+        "tag key",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.tag_secret('app/db', $1::text::jsonb)",
+        &[&long_value],
+        "22023",
+        "tag value",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.tag_secret('app/db', '[\"a\"]')",
+        &[],
+        "22023",
+        "JSON object",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.tag_secret('app/db', '{\"a\": 1}')",
+        &[],
+        "22023",
+        "string value",
+    );
+    let fifty_one: String = format!(
+        "{{{}}}",
+        (0..51)
+            .map(|i| format!("\"k{i}\": \"v\""))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.create_secret('t', 'v', tags => $1::text::jsonb)",
+        &[&fifty_one],
+        "54000",
+        "at most 50 tags",
+    );
+    // 49 new tags plus the one the secret has is 50: fine; two more is 52: refused.
+    let forty_nine: String = format!(
+        "{{{}}}",
+        (0..49)
+            .map(|i| format!("\"n{i}\": \"v\""))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    db.execute(
+        "SELECT secrets.tag_secret('app/db', $1::text::jsonb)",
+        &[&forty_nine],
+    )
+    .unwrap();
+    refused(
+        &mut db,
+        "SELECT secrets.tag_secret('app/db', '{\"x1\": \"v\", \"x2\": \"v\"}')",
+        &[],
+        "54000",
+        "at most 50 tags",
+    );
+}
+
+#[test]
+fn deletion_versions_labels_and_tokens() {
+    let (_cluster, mut db) = fixture();
+    for days in [6, 31, 0, -1] {
+        refused(
+            &mut db,
+            "SELECT secrets.delete_secret('app/db', $1)",
+            &[&days],
+            "22023",
+            "between 7 and 30",
+        );
+    }
+    refused(
+        &mut db,
+        "SELECT secrets.delete_secret('app/db', 7, true)",
+        &[],
+        "22023",
+        "not both",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.restore_secret('app/db')",
+        &[],
+        "55000",
+        "not scheduled for deletion",
+    );
+
+    refused(
+        &mut db,
+        "SELECT secrets.get_secret_value('app/db', '00000000-0000-4000-8000-000000000000')",
+        &[],
+        "42704",
+        "has no version",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.get_secret_value('app/db', version_stage => 'NOPE')",
+        &[],
+        "42704",
+        "with stage NOPE",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.get_secret_value('app/db', version_stage => 'bad stage')",
+        &[],
+        "22023",
+        "version stage",
+    );
+    refused(&mut db, "SELECT secrets.update_secret_version_stage('app/db', 'X', '00000000-0000-4000-8000-000000000000')", &[], "42704", "has no version");
+    refused(
+        &mut db,
+        "SELECT secrets.update_secret_version_stage('app/db', 'X')",
+        &[],
+        "22023",
+        "give move_to_version_id",
+    );
+    // A version id of one secret is unknown to another.
+    let other: String = db
+        .query_one(
+            "SELECT version_id::text FROM secrets.list_secret_version_ids('app/bin')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    refused(
+        &mut db,
+        "SELECT secrets.get_secret_value('app/db', $1::text::uuid)",
+        &[&other],
+        "42704",
+        "has no version",
+    );
+
+    // A version carries at most 20 labels.
+    let twenty: Vec<String> = (1..=20).map(|i| format!("L{i}")).collect();
+    let version: String = db
+        .query_one(
+            "SELECT secrets.put_secret_value('app/db', 'v', version_stages => $1)::text",
+            &[&twenty],
+        )
+        .unwrap()
+        .get(0);
+    refused(
+        &mut db,
+        "SELECT secrets.update_secret_version_stage('app/db', 'L21', $1::text::uuid)",
+        &[&version],
+        "54000",
+        "already carries 20 stages",
+    );
+    let twenty_one: Vec<String> = (1..=21).map(|i| format!("M{i}")).collect();
+    refused(
+        &mut db,
+        "SELECT secrets.put_secret_value('app/db', 'v', version_stages => $1)",
+        &[&twenty_one],
+        "54000",
+        "at most 20 stages",
+    );
+
+    refused(
+        &mut db,
+        "SELECT secrets.put_secret_value('app/db', 'different', client_request_token => 'tok')",
+        &[],
+        "23505",
+        "client_request_token",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.put_secret_value('app/db', 'pw2', client_request_token => '')",
+        &[],
+        "22023",
+        "client_request_token",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.put_secret_value('app/db', 'pw2', client_request_token => 'has space')",
+        &[],
+        "22023",
+        "printable",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.create_secret('app/db', 'x')",
+        &[],
+        "42710",
+        "already exists",
+    );
+
+    refused(
+        &mut db,
+        "SELECT secrets.get_secret_value('app/bin')",
+        &[],
+        "42804",
+        "binary value",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.get_secret_binary('app/db')",
+        &[],
+        "42804",
+        "string value",
+    );
+
+    db.execute("SELECT secrets.delete_secret('app/db', 7)", &[])
+        .unwrap();
+    refused(
+        &mut db,
+        "SELECT secrets.get_secret_value('app/db')",
+        &[],
+        "55000",
+        "scheduled for deletion",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.put_secret_value('app/db', 'x')",
+        &[],
+        "55000",
+        "scheduled for deletion",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.delete_secret('app/db', 7)",
+        &[],
+        "55000",
+        "scheduled for deletion",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.create_secret('app/db', 'x')",
+        &[],
+        "55000",
+        "scheduled for deletion",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.get_secret_value('nope')",
+        &[],
+        "42704",
+        "does not exist",
+    );
+}
+
+#[test]
+fn null_arguments_and_password_rules() {
+    let (_cluster, mut db) = fixture();
+    for (sql, argument) in [
+        ("SELECT secrets.create_secret(NULL, 'v')", "name"),
+        ("SELECT secrets.get_secret_value(NULL)", "name"),
+        ("SELECT secrets.get_secret_binary(NULL)", "name"),
+        (
+            "SELECT secrets.put_secret_value('app/db', 'v', version_stages => NULL)",
+            "version_stages",
+        ),
+        (
+            "SELECT secrets.put_secret_value('app/db', 'v', version_stages => '{NULL}')",
+            "version_stages element",
+        ),
+        ("SELECT secrets.batch_get_secret_value(NULL)", "names"),
+        (
+            "SELECT secrets.update_secret_version_stage('app/db', NULL, NULL)",
+            "version_stage",
+        ),
+        ("SELECT secrets.describe_secret(NULL)", "name"),
+        (
+            "SELECT * FROM secrets.list_secrets(include_planned_deletion => NULL)",
+            "include_planned_deletion",
+        ),
+        (
+            "SELECT * FROM secrets.list_secret_version_ids('app/db', NULL)",
+            "include_deprecated",
+        ),
+        ("SELECT secrets.tag_secret('app/db', NULL)", "tags"),
+        (
+            "SELECT secrets.untag_secret('app/db', '{NULL}')",
+            "tag_keys element",
+        ),
+        (
+            "SELECT secrets.delete_secret('app/db', force_delete_without_recovery => NULL)",
+            "force_delete_without_recovery",
+        ),
+        ("SELECT secrets.restore_secret(NULL)", "name"),
+        (
+            "SELECT secrets.get_random_password(NULL)",
+            "password_length",
+        ),
+        (
+            "SELECT secrets.get_random_password(exclude_numbers => NULL)",
+            "exclude_numbers",
+        ),
+    ] {
+        refused(
+            &mut db,
+            sql,
+            &[],
+            "22004",
+            &format!("argument {argument} must not be NULL"),
+        );
+    }
+    refused(
+        &mut db,
+        "SELECT secrets.get_random_password(0)",
+        &[],
+        "22023",
+        "between 1 and 4096",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.get_random_password(4097)",
+        &[],
+        "22023",
+        "between 1 and 4096",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.get_random_password(3)",
+        &[],
+        "22023",
+        "too short",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.get_random_password(8, exclude_numbers => true, exclude_punctuation => true, exclude_uppercase => true, exclude_lowercase => true)",
+        &[],
+        "22023",
+        "no character",
+    );
+    let too_many: Vec<String> = (0..101).map(|i| format!("n{i}")).collect();
+    refused(
+        &mut db,
+        "SELECT * FROM secrets.batch_get_secret_value($1)",
+        &[&too_many],
+        "54000",
+        "at most 100 names",
+    );
+    // A NULL element is one failed row, not a failed batch.
+    let rows = db
+        .query(
+            "SELECT error, sqlstate FROM secrets.batch_get_secret_value(ARRAY[NULL, 'app/db'])",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        rows[0].get::<_, Option<String>>(1).as_deref(),
+        Some("22004")
+    );
+    assert_eq!(rows[1].get::<_, Option<String>>(1), None);
+}
+
+#[test]
+fn unknown_master_key_id_and_missing_preload() {
+    let (_cluster, mut db) = fixture();
+    refused(
+        &mut db,
+        "SELECT secrets.create_secret('k', 'v', key_id => 'nope')",
+        &[],
+        "F0000",
+        "master key \"nope\" is not configured",
+    );
+    refused(
+        &mut db,
+        "SELECT secrets.update_secret('app/db', key_id => 'nope')",
+        &[],
+        "F0000",
+        "not configured",
+    );
+
+    let bare = Cluster::start_bare(
+        KeySource::File(pg_secrets_e2e::TEST_KEY.into()),
+        &["shared_preload_libraries = ''"],
+    );
+    let db_error = assert_sql_error(
+        bare.superuser()
+            .batch_execute("CREATE EXTENSION pg_secrets"),
+        "55000",
+        "must be loaded via shared_preload_libraries",
+    );
+    assert!(db_error
+        .hint()
+        .unwrap_or_default()
+        .contains("postgresql.conf"));
+}
