@@ -27,7 +27,7 @@ CREATE TABLE secrets.master_key (
 
 CREATE TABLE secrets.secret (
     id               uuid PRIMARY KEY,
-    name             text NOT NULL UNIQUE
+    name             text NOT NULL CONSTRAINT secret_name_key UNIQUE
                      CHECK (name ~ '^[A-Za-z0-9/_+=.@-]+$' AND pg_catalog.length(name) <= 512),
     description      text CHECK (pg_catalog.length(description) <= 2048),
     tags             jsonb NOT NULL DEFAULT '{}' CHECK (pg_catalog.jsonb_typeof(tags) = 'object'),
@@ -50,7 +50,7 @@ CREATE INDEX secret_purge_at ON secrets.secret (purge_at) WHERE purge_at IS NOT 
 -- encrypted with the data key, bound (as AES-GCM associated data) to secret id, version id
 -- and value kind, so a row copied or moved elsewhere fails to decrypt.
 CREATE TABLE secrets.secret_version (
-    id                   uuid PRIMARY KEY,
+    id                   uuid CONSTRAINT secret_version_pkey PRIMARY KEY,
     secret_id            uuid NOT NULL REFERENCES secrets.secret (id) ON DELETE CASCADE,
     value_kind           text NOT NULL CHECK (value_kind IN ('string', 'binary')),
     key_id               text NOT NULL,
@@ -70,7 +70,7 @@ CREATE TABLE secrets.version_label (
     label      text NOT NULL
                CHECK (label ~ '^[A-Za-z0-9_.-]+$' AND pg_catalog.length(label) <= 256),
     version_id uuid NOT NULL,
-    PRIMARY KEY (secret_id, label),
+    CONSTRAINT version_label_pkey PRIMARY KEY (secret_id, label),
     FOREIGN KEY (secret_id, version_id)
         REFERENCES secrets.secret_version (secret_id, id) ON DELETE CASCADE
 );

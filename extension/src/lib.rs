@@ -10,6 +10,7 @@ mod api;
 mod crypto;
 mod db;
 mod errors;
+mod index_read;
 mod keys;
 mod labels;
 mod password;

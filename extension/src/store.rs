@@ -5,16 +5,16 @@ use crate::access::{self, Action};
 use crate::crypto::{self, Binding, ValueKind};
 use crate::db;
 use crate::errors::{Error, Result};
+use crate::index_read::{self, Key};
 use crate::keys;
 use crate::labels::{self, CURRENT};
 use crate::validate::{self, Value};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
-use pgrx::spi::{OwnedPreparedStatement, SpiClient};
-use pgrx::{JsonB, PgBuiltInOids, PgOid, Uuid};
+use pgrx::spi::SpiClient;
+use pgrx::{JsonB, Uuid};
 use rand::rngs::OsRng;
 use rand::RngCore;
-use std::cell::OnceCell;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
@@ -330,124 +330,144 @@ pub fn put_secret_value(
 /// What `get_secret_value` and friends return: the version read and its plaintext.
 pub struct Fetched {
     pub version_id: Uuid,
-    pub stages: Vec<String>,
     pub kind: ValueKind,
     pub plaintext: Zeroizing<Vec<u8>>,
 }
 
-const READ_SQL: &str = "\
-    SELECT s.id, s.owner_role::oid, s.purge_at::text, \
-           s.last_accessed_on IS DISTINCT FROM current_date, \
-           v.id, v.value_kind, v.key_id, v.wrapped_key, v.ciphertext, \
-           ARRAY(SELECT l.label FROM secrets.version_label l \
-                 WHERE l.version_id = v.id ORDER BY l.label) \
-    FROM secrets.secret s \
-    LEFT JOIN secrets.secret_version v \
-           ON v.secret_id = s.id \
-          AND v.id = COALESCE($2, (SELECT l.version_id FROM secrets.version_label l \
-                                   WHERE l.secret_id = s.id \
-                                     AND l.label = COALESCE($3, 'CURRENT'))) \
-    WHERE s.name = $1";
-
-thread_local! {
-    /// The read is the hot path: its plan is prepared once per backend and kept.
-    static READ_PLAN: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
-}
-
-fn with_read_plan<'conn, R>(
-    client: &SpiClient<'conn>,
-    run: impl FnOnce(&OwnedPreparedStatement) -> Result<R>,
-) -> Result<R> {
-    READ_PLAN.with(|cell| {
-        if cell.get().is_none() {
-            let text = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
-            let uuid = PgOid::BuiltIn(PgBuiltInOids::UUIDOID);
-            let _ = cell.set(client.prepare(READ_SQL, &[text, uuid, text])?.keep());
-        }
-        run(cell.get().expect("prepared above"))
-    })
+/// The secret row as the read path needs it.
+struct ReadHead {
+    id: Uuid,
+    owner: pg_sys::Oid,
+    deleted: bool,
+    access_is_stale: bool,
 }
 
 /// Reads one version: by id, by stage, or CURRENT. With `expect` set, a value of the other
-/// kind is refused before it is decrypted.
+/// kind is refused before it is decrypted. Hot path: index probes, no SPI unless the day's
+/// first read records the access date.
 pub fn get_secret(
     name: &str,
     version_id: Option<Uuid>,
     stage: Option<&str>,
     expect: Option<ValueKind>,
 ) -> Result<Fetched> {
-    Spi::connect_mut(|client| {
-        let mut rows = with_read_plan(client, |plan| {
-            Ok(client.select(
-                plan,
-                Some(1),
-                &[name.into(), version_id.into(), stage.into()],
-            )?)
-        })?;
-        let row = rows.next();
-        let owner = match &row {
-            Some(row) => Some(row.get::<pg_sys::Oid>(2)?.expect("NOT NULL")),
-            None => None,
-        };
-        check_access(access::caller(), name, Action::Get, owner)?;
-        let row = row.expect("check_access refuses a missing secret");
-        let secret_id: Uuid = row.get(1)?.expect("NOT NULL");
-        if let Some(purge_at) = row.get::<String>(3)? {
-            return Err(Error::ScheduledForDeletion {
-                name: name.to_string(),
-                purge_at,
-            });
+    let snapshot = index_read::begin_read();
+    let today = unsafe { pg_sys::GetSQLCurrentDate() };
+    let head = index_read::probe(
+        &snapshot,
+        c"secret",
+        c"secret_name_key",
+        &[Key::Text(c"name", name)],
+        |row| ReadHead {
+            id: row.get(c"id").expect("NOT NULL"),
+            owner: row.get(c"owner_role").expect("NOT NULL"),
+            deleted: row
+                .get::<pgrx::datum::TimestampWithTimeZone>(c"purge_at")
+                .is_some(),
+            access_is_stale: row.get::<i32>(c"last_accessed_on") != Some(today),
+        },
+    );
+    check_access(
+        access::caller(),
+        name,
+        Action::Get,
+        head.as_ref().map(|h| h.owner),
+    )?;
+    let head = head.expect("check_access refuses a missing secret");
+    if head.deleted {
+        return Err(scheduled_for_deletion(name, head.id)?);
+    }
+    let not_found = || Error::VersionNotFound {
+        name: name.to_string(),
+        what: match (version_id, stage) {
+            (Some(id), Some(stage)) => format!("{id} with stage {stage}"),
+            (Some(id), None) => id.to_string(),
+            (None, stage) => format!("with stage {}", stage.unwrap_or(CURRENT)),
+        },
+    };
+    let staged = match (version_id, stage) {
+        (Some(_), None) => None,
+        (_, stage) => Some(
+            index_read::probe(
+                &snapshot,
+                c"version_label",
+                c"version_label_pkey",
+                &[
+                    Key::Uuid(c"secret_id", head.id),
+                    Key::Text(c"label", stage.unwrap_or(CURRENT)),
+                ],
+                |row| row.get::<Uuid>(c"version_id").expect("NOT NULL"),
+            )
+            .ok_or_else(not_found)?,
+        ),
+    };
+    let wanted = match (version_id, staged) {
+        (Some(id), Some(staged)) if id != staged => return Err(not_found()),
+        (Some(id), _) => id,
+        (None, staged) => staged.expect("a stage was looked up"),
+    };
+    let stored = index_read::probe(
+        &snapshot,
+        c"secret_version",
+        c"secret_version_pkey",
+        &[Key::Uuid(c"id", wanted)],
+        |row| {
+            (
+                row.get::<Uuid>(c"secret_id"),
+                StoredVersion {
+                    id: wanted,
+                    kind: row
+                        .get::<String>(c"value_kind")
+                        .as_deref()
+                        .and_then(ValueKind::parse),
+                    key_id: row.get(c"key_id").expect("NOT NULL"),
+                    wrapped_key: row.get(c"wrapped_key").expect("NOT NULL"),
+                    ciphertext: row.get(c"ciphertext").expect("NOT NULL"),
+                },
+            )
+        },
+    );
+    let stored = match stored {
+        Some((Some(owner_secret), stored)) if owner_secret == head.id => stored,
+        _ => return Err(not_found()),
+    };
+    match (expect, stored.kind) {
+        (Some(ValueKind::String), Some(ValueKind::Binary)) => {
+            return Err(Error::NotString(name.to_string()))
         }
-        let access_is_stale = row.get::<bool>(4)?.unwrap_or(false);
-        let not_found = || Error::VersionNotFound {
-            name: name.to_string(),
-            what: match (version_id, stage) {
-                (Some(id), Some(stage)) => format!("{id} with stage {stage}"),
-                (Some(id), None) => id.to_string(),
-                (None, stage) => format!("with stage {}", stage.unwrap_or(CURRENT)),
-            },
-        };
-        let Some(found_version) = row.get::<Uuid>(5)? else {
-            return Err(not_found());
-        };
-        let stages: Vec<String> = row.get(10)?.unwrap_or_default();
-        if let Some(stage) = stage {
-            if !stages.iter().any(|s| s == stage) {
-                return Err(not_found());
-            }
+        (Some(ValueKind::Binary), Some(ValueKind::String)) => {
+            return Err(Error::NotBinary(name.to_string()))
         }
-        let stored = StoredVersion {
-            id: found_version,
-            kind: row.get::<String>(6)?.as_deref().and_then(ValueKind::parse),
-            key_id: row.get(7)?.expect("NOT NULL"),
-            wrapped_key: row.get(8)?.expect("NOT NULL"),
-            ciphertext: row.get(9)?.expect("NOT NULL"),
-        };
-        match (expect, stored.kind) {
-            (Some(ValueKind::String), Some(ValueKind::Binary)) => {
-                return Err(Error::NotString(name.to_string()))
-            }
-            (Some(ValueKind::Binary), Some(ValueKind::String)) => {
-                return Err(Error::NotBinary(name.to_string()))
-            }
-            _ => {}
-        }
-        let plaintext = stored.open(secret_id, name)?;
-        if access_is_stale && !read_only_transaction() {
-            client.update(
-                "UPDATE secrets.secret SET last_accessed_on = current_date \
-                 WHERE id = $1",
-                None,
-                &[secret_id.into()],
-            )?;
-        }
-        Ok(Fetched {
-            version_id: stored.id,
-            stages,
-            kind: stored.kind.expect("checked by open"),
-            plaintext,
-        })
+        _ => {}
+    }
+    let plaintext = stored.open(head.id, name)?;
+    if head.access_is_stale && !read_only_transaction() {
+        Spi::run_with_args(
+            "UPDATE secrets.secret SET last_accessed_on = current_date WHERE id = $1",
+            &[head.id.into()],
+        )?;
+    }
+    Ok(Fetched {
+        version_id: stored.id,
+        kind: stored.kind.expect("checked by open"),
+        plaintext,
     })
+}
+
+fn scheduled_for_deletion(name: &str, secret_id: Uuid) -> Result<Error> {
+    let purge_at = Spi::get_one_with_args::<String>(
+        "SELECT purge_at::text FROM secrets.secret WHERE id = $1",
+        &[secret_id.into()],
+    )?;
+    Ok(Error::ScheduledForDeletion {
+        name: name.to_string(),
+        purge_at: purge_at.unwrap_or_default(),
+    })
+}
+
+/// The stages on a version, for batch reads.
+pub fn stages_of(version_id: Uuid) -> Result<Vec<String>> {
+    Spi::connect(|client| labels::labels_of(client, version_id))
 }
 
 pub fn update_secret(name: &str, description: Option<&str>, key_id: Option<&str>) -> Result<()> {
@@ -525,10 +545,9 @@ pub fn update_version_stage(
     Spi::connect_mut(|client| {
         let secret = authorize(client, name, Action::Put, OnDeleted::Refuse)?;
         let holder = labels::holder(client, secret.id, stage)?;
-        if remove_from.is_some() && remove_from != holder {
+        if let Some(remove_from) = remove_from.filter(|id| Some(*id) != holder) {
             return Err(Error::InvalidParameter(format!(
-                "stage {stage} of secret \"{name}\" is not on version {}",
-                remove_from.expect("checked")
+                "stage {stage} of secret \"{name}\" is not on version {remove_from}"
             )));
         }
         match move_to {
@@ -539,11 +558,10 @@ pub fn update_version_stage(
                         what: target.to_string(),
                     });
                 }
-                if holder.is_some() && holder != Some(target) && remove_from.is_none() {
+                if let Some(holder) = holder.filter(|id| *id != target && remove_from.is_none()) {
                     return Err(Error::InvalidParameter(format!(
-                        "stage {stage} of secret \"{name}\" is on version {}; pass it as \
-                         remove_from_version_id to move the stage",
-                        holder.expect("checked")
+                        "stage {stage} of secret \"{name}\" is on version {holder}; pass it as \
+                         remove_from_version_id to move the stage"
                     )));
                 }
                 labels::move_label(client, name, secret.id, stage, target)?;

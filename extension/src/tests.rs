@@ -197,7 +197,7 @@ mod tests {
         Spi::run("SELECT secrets.create_secret('unit/b', secret_binary => '\\x00ff')").unwrap();
         Spi::run("SELECT secrets.update_secret('unit/b', key_id => 'other')").unwrap();
         let key = Spi::get_one::<String>(
-            "SELECT DISTINCT key_id FROM secrets.secret_version v \
+            "SELECT DISTINCT v.key_id FROM secrets.secret_version v \
              JOIN secrets.secret s ON s.id = v.secret_id WHERE s.name = 'unit/b'",
         )
         .unwrap();

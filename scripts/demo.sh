@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# `make run` / `make stop`: a local PostgreSQL 15 cluster in .pg/ (git-ignored) with
+# pg_secrets preloaded, a master key, the extension, and a sample secret to play with.
+# Running it again reuses the cluster and the key.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PG_BIN=/usr/lib/postgresql/15/bin
+ROOT="$PWD/.pg"
+DATA="$ROOT/data"
+KEY_FILE="$ROOT/master.key"
+PORT="${PG_SECRETS_PORT:-54329}"
+
+# initdb refuses to run as root: then the server runs as the postgres system user.
+as_server_user() {
+    if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+psql_demo() {
+    as_server_user "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$ROOT" -p "$PORT" -U postgres -d postgres "$@"
+}
+
+stop() {
+    if [ -f "$DATA/postmaster.pid" ]; then
+        as_server_user "$PG_BIN/pg_ctl" stop -D "$DATA" -m fast -s -w
+        echo "stopped the pg_secrets demo cluster"
+    else
+        echo "the pg_secrets demo cluster is not running"
+    fi
+}
+
+start() {
+    mkdir -p "$ROOT"
+    if [ ! -f "$KEY_FILE" ]; then
+        (umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' | sed 's/^/demo:/' >"$KEY_FILE"; echo >>"$KEY_FILE")
+        echo "created a new master key in $KEY_FILE (mode 0600); back it up: without it the secrets are lost"
+    fi
+    if [ "$(id -u)" -eq 0 ]; then chown postgres: "$ROOT" "$KEY_FILE"; fi
+    if [ ! -f "$DATA/PG_VERSION" ]; then
+        as_server_user "$PG_BIN/initdb" -D "$DATA" -U postgres --auth-local=peer --auth-host=scram-sha-256 \
+            -E UTF8 >"$ROOT/initdb.log"
+        cat >>"$DATA/postgresql.conf" <<CONF
+port = $PORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$ROOT'
+unix_socket_permissions = 0700
+shared_preload_libraries = 'pg_secrets'
+pg_secrets.key_file = '$KEY_FILE'
+CONF
+        # The socket is reachable only by the cluster's owner (and root), so local logins
+        # as the database superuser need no password in the demo.
+        sed -i 's/^local\(\s\+\)all\(\s\+\)all\(\s\+\)peer/local\1all\2all\3trust/' "$DATA/pg_hba.conf"
+    fi
+    if ! as_server_user "$PG_BIN/pg_ctl" status -D "$DATA" >/dev/null 2>&1; then
+        as_server_user "$PG_BIN/pg_ctl" start -D "$DATA" -l "$ROOT/server.log" -s -w -t 60
+    fi
+    psql_demo -t -o /dev/null <<'SQL'
+SET client_min_messages = warning;
+CREATE EXTENSION IF NOT EXISTS pg_secrets;
+SELECT secrets.create_secret('demo/app/db',
+         json_build_object('engine', 'postgres', 'host', '', 'port', 5432, 'dbname', 'postgres',
+                           'username', 'app', 'password', secrets.get_random_password())::text,
+         description => 'Sample database credential created by make run')
+ WHERE NOT EXISTS (SELECT FROM secrets.list_secrets('demo/app/db'));
+SQL
+    local connect="psql -h $ROOT -p $PORT -U postgres postgres"
+    if [ "$(id -u)" -eq 0 ]; then connect="runuser -u postgres -- $connect"; fi
+    cat <<TXT
+
+pg_secrets is running: PostgreSQL 15 on 127.0.0.1:$PORT, data in .pg/, key in .pg/master.key.
+
+Connect:   $connect
+
+Try:
+  SELECT * FROM secrets.list_secrets();
+  SELECT secrets.describe_secret('demo/app/db');
+  SELECT secrets.get_secret_value('demo/app/db');
+  SELECT secrets.put_secret_value('demo/app/db', secrets.get_random_password());
+  SELECT * FROM secrets.list_secret_version_ids('demo/app/db', true);
+  SELECT secrets.get_secret_value('demo/app/db', version_stage => 'PREVIOUS');
+  SELECT secrets.delete_secret('demo/app/db', 7);  SELECT secrets.restore_secret('demo/app/db');
+
+From an application, pass values as bind parameters, never as literals in the SQL text.
+Stop it with: make stop
+TXT
+}
+
+case "${1:-}" in
+    start) start ;;
+    stop) stop ;;
+    *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac
