@@ -2,8 +2,10 @@
 //! on one private cluster, with pgbench custom scripts. Ratios are what to read: the machine
 //! is shared and noisy, absolute numbers are not comparable between runs.
 //!
-//! Environment: BENCH_SECONDS (per run, default 10), BENCH_CLIENTS (default 2),
-//! BENCH_ROUNDS (default 2; the best round of each row is reported).
+//! The rows run in turn, round after round; each round's ratios compare runs seconds apart,
+//! and the median over rounds is reported, which keeps a noisy neighbour from deciding the
+//! result. Environment: BENCH_SECONDS (per run, default 4), BENCH_CLIENTS (default 2),
+//! BENCH_ROUNDS (default 5).
 
 use pg_secrets_e2e::Cluster;
 use std::fs;
@@ -38,9 +40,9 @@ fn env_number(name: &str, default: u32) -> u32 {
 }
 
 fn main() {
-    let seconds = env_number("BENCH_SECONDS", 10);
+    let seconds = env_number("BENCH_SECONDS", 4);
     let clients = env_number("BENCH_CLIENTS", 2);
-    let rounds = env_number("BENCH_ROUNDS", 2);
+    let rounds = env_number("BENCH_ROUNDS", 5);
     let cluster = Cluster::start();
     let mut db = cluster.superuser();
     db.batch_execute(&format!(
@@ -56,7 +58,8 @@ fn main() {
 
     let scripts = cluster.dir().join("bench");
     fs::create_dir_all(&scripts).unwrap();
-    let mut best = vec![0f64; ROWS_UNDER_TEST.len()];
+    // tps[row][round]
+    let mut tps = vec![Vec::new(); ROWS_UNDER_TEST.len()];
     for round in 1..=rounds {
         for (index, row) in ROWS_UNDER_TEST.iter().enumerate() {
             let script = scripts.join(format!("{index}.sql"));
@@ -86,22 +89,32 @@ fn main() {
                 "pgbench failed: {stdout}{}",
                 String::from_utf8_lossy(&output.stderr)
             );
-            let tps = stdout
+            let measured = stdout
                 .lines()
                 .find(|line| line.starts_with("tps = "))
                 .and_then(|line| line.split_whitespace().nth(2))
                 .and_then(|tps| tps.parse::<f64>().ok())
                 .expect("pgbench printed no tps line");
-            eprintln!("round {round}: {:<45} {tps:>10.0} tps", row.name);
-            best[index] = best[index].max(tps);
+            eprintln!("round {round}: {:<45} {measured:>10.0} tps", row.name);
+            tps[index].push(measured);
         }
     }
 
     println!();
-    println!("Reading a 1 KB value: pgbench -M prepared, {clients} clients, {seconds} s per run, best of {rounds} rounds");
+    println!(
+        "Reading a 1 KB value: pgbench -M prepared, {clients} clients, {seconds} s per run, \
+         median of {rounds} rounds"
+    );
     println!("| what | reads/s | ratio to plain lookup |");
     println!("| --- | ---: | ---: |");
-    for (row, tps) in ROWS_UNDER_TEST.iter().zip(&best) {
-        println!("| {} | {tps:.0} | {:.2} |", row.name, tps / best[0]);
+    for (row, row_tps) in ROWS_UNDER_TEST.iter().zip(&tps) {
+        let ratios: Vec<f64> = row_tps.iter().zip(&tps[0]).map(|(tps, plain)| tps / plain).collect();
+        println!("| {} | {:.0} | {:.2} |", row.name, median(row_tps), median(&ratios));
     }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
 }
