@@ -108,8 +108,17 @@ fn main() {
     println!("| what | reads/s | ratio to plain lookup |");
     println!("| --- | ---: | ---: |");
     for (row, row_tps) in ROWS_UNDER_TEST.iter().zip(&tps) {
-        let ratios: Vec<f64> = row_tps.iter().zip(&tps[0]).map(|(tps, plain)| tps / plain).collect();
-        println!("| {} | {:.0} | {:.2} |", row.name, median(row_tps), median(&ratios));
+        let ratios: Vec<f64> = row_tps
+            .iter()
+            .zip(&tps[0])
+            .map(|(tps, plain)| tps / plain)
+            .collect();
+        println!(
+            "| {} | {:.0} | {:.2} |",
+            row.name,
+            median(row_tps),
+            median(&ratios)
+        );
     }
 }
 

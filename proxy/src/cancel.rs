@@ -1,0 +1,88 @@
+//! Cancel requests. Each client gets a key pair of the proxy's own; a CancelRequest bearing
+//! it is forwarded, with the server's real key, to the server that runs the client's session.
+//! Server keys never reach clients.
+
+use rand::Rng;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::io::AsyncWriteExt;
+
+#[derive(Clone, Copy)]
+struct ServerKey {
+    address: SocketAddr,
+    pid: i32,
+    secret: i32,
+}
+
+#[derive(Default)]
+pub struct CancelRegistry {
+    keys: Mutex<HashMap<(i32, i32), ServerKey>>,
+}
+
+/// Removes its key from the registry when the session ends.
+pub struct Registration {
+    registry: Arc<CancelRegistry>,
+    pub key: (i32, i32),
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry
+            .keys
+            .lock()
+            .expect("cancel registry poisoned")
+            .remove(&self.key);
+    }
+}
+
+impl CancelRegistry {
+    pub fn register(self: &Arc<Self>, address: SocketAddr, server_key: (i32, i32)) -> Registration {
+        let mut keys = self.keys.lock().expect("cancel registry poisoned");
+        let mut rng = rand::thread_rng();
+        let key = loop {
+            let candidate = (rng.gen_range(1..i32::MAX), rng.gen::<i32>());
+            if !keys.contains_key(&candidate) {
+                break candidate;
+            }
+        };
+        keys.insert(
+            key,
+            ServerKey {
+                address,
+                pid: server_key.0,
+                secret: server_key.1,
+            },
+        );
+        Registration {
+            registry: Arc::clone(self),
+            key,
+        }
+    }
+
+    /// Forwards a client's cancel request; unknown keys are ignored, as PostgreSQL does.
+    pub async fn forward(&self, pid: i32, secret: i32) {
+        let target = self
+            .keys
+            .lock()
+            .expect("cancel registry poisoned")
+            .get(&(pid, secret))
+            .copied();
+        let Some(target) = target else {
+            tracing::debug!("cancel request with an unknown key ignored");
+            return;
+        };
+        let mut packet = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::cancel_request(
+            target.pid,
+            target.secret,
+            &mut packet,
+        );
+        match tokio::net::TcpStream::connect(target.address).await {
+            Ok(mut stream) => {
+                let _ = stream.write_all(&packet).await;
+            }
+            Err(error) => tracing::warn!(%error, "could not forward a cancel request"),
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! `proxy.toml`: what the proxy listens on, how it reaches the secrets store, and the routes.
+//! Parsed with serde, unknown keys refused, then checked as a whole by `validate`.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: Listen,
+    pub store: Store,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// TCP address for clients, e.g. "127.0.0.1:6432".
+    pub tcp: Option<SocketAddr>,
+    /// Directory for the Unix socket `.s.PGSQL.<port>` (port of `tcp`, or `unix_port`).
+    pub unix_dir: Option<PathBuf>,
+    /// Port number in the Unix socket's name when there is no TCP listener.
+    pub unix_port: Option<u16>,
+    /// Allow `trust` routes for clients that are not on a loopback address.
+    #[serde(default)]
+    pub allow_trust_from_non_loopback: bool,
+    /// HTTP address for `/metrics` and `/health`.
+    pub admin: Option<SocketAddr>,
+}
+
+/// The PostgreSQL server where pg_secrets lives, and the role the proxy reads credentials as
+/// (it needs `get` on the route secrets).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default = "default_dbname")]
+    pub dbname: String,
+    pub user: String,
+    /// Password of `user`, if the store asks for one; prefer `password_file`.
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Total time a login may spend retrying through a rotation before the client is told.
+    pub login_retry_budget_ms: u64,
+    /// A cached credential is re-fetched after this long even without a notification.
+    pub credential_ttl_secs: u64,
+    pub backend_connect_timeout_ms: u64,
+    /// Clients served at once; more wait in the kernel's accept queue.
+    pub max_clients: usize,
+    /// How long SIGTERM waits for sessions to finish.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            login_retry_budget_ms: 10_000,
+            credential_ttl_secs: 300,
+            backend_connect_timeout_ms: 5_000,
+            max_clients: 10_000,
+            drain_timeout_secs: 30,
+        }
+    }
+}
+
+/// What a client asks for (database, optionally user) mapped to the secret with the
+/// credentials, and who may use it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub database: String,
+    pub user: Option<String>,
+    pub secret: String,
+    /// Identities allowed: "trust" (loopback TCP), "peer:<os user>" or "peer:*" (Unix socket).
+    pub allow: Vec<String>,
+    /// Overrides of the credential JSON's host, port and dbname.
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub dbname: Option<String>,
+}
+
+fn default_port() -> u16 {
+    5432
+}
+
+fn default_dbname() -> String {
+    "postgres".into()
+}
+
+impl Config {
+    pub fn from_file(path: &std::path::Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Config::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.listen.tcp.is_none() && self.listen.unix_dir.is_none() {
+            return Err("[listen] needs tcp, unix_dir or both".into());
+        }
+        if self.listen.unix_dir.is_some()
+            && self.listen.tcp.is_none()
+            && self.listen.unix_port.is_none()
+        {
+            return Err("[listen] unix_dir without tcp needs unix_port".into());
+        }
+        if self.store.password.is_some() && self.store.password_file.is_some() {
+            return Err("[store] give password or password_file, not both".into());
+        }
+        for (index, route) in self.routes.iter().enumerate() {
+            let place = format!("route {} (database {:?})", index + 1, route.database);
+            if route.allow.is_empty() {
+                return Err(format!("{place}: allow lists nobody"));
+            }
+            for entry in &route.allow {
+                let known =
+                    entry == "trust" || entry.strip_prefix("peer:").is_some_and(|u| !u.is_empty());
+                if !known {
+                    return Err(format!(
+                        "{place}: allow entry {entry:?} is not \"trust\", \"peer:<user>\" or \"peer:*\""
+                    ));
+                }
+            }
+            let duplicate = self.routes[..index]
+                .iter()
+                .any(|other| other.database == route.database && other.user == route.user);
+            if duplicate {
+                return Err(format!(
+                    "{place}: another route has the same database and user"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The route for what a client asked: an exact (database, user) route first, then the
+    /// database's route without a user.
+    pub fn route(&self, database: &str, user: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|r| r.database == database && r.user.as_deref() == Some(user))
+            .or_else(|| {
+                self.routes
+                    .iter()
+                    .find(|r| r.database == database && r.user.is_none())
+            })
+    }
+
+    pub fn store_password(&self) -> Result<Option<String>, String> {
+        match (&self.store.password, &self.store.password_file) {
+            (Some(password), _) => Ok(Some(password.clone())),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|text| Some(text.trim_end_matches('\n').to_string()))
+                .map_err(|e| format!("cannot read [store] password_file {}: {e}", path.display())),
+            (None, None) => Ok(None),
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! Database credentials from the secrets store, cached per (secret, stage).
+//!
+//! Entries are dropped when `pg_secrets_changed` names their secret, and re-fetched after a
+//! TTL in case a notification was missed. Concurrent fetches of one entry collapse into one
+//! query: waiters share a `OnceCell`.
+
+use crate::config::Store;
+use crate::error::ProxyError;
+use futures_util::StreamExt;
+use secrecy::SecretString;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::OnceCell;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+/// The staging labels a login tries, in order: during a rotation the database may already
+/// accept the pending password, or still the previous one.
+pub const STAGES: [&str; 3] = ["CURRENT", "PENDING", "PREVIOUS"];
+
+/// The credential JSON of DESIGN.md.
+#[derive(Deserialize)]
+struct CredentialJson {
+    host: Option<String>,
+    port: Option<u16>,
+    dbname: Option<String>,
+    username: String,
+    password: String,
+}
+
+pub struct Credential {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub dbname: Option<String>,
+    pub username: String,
+    pub password: SecretString,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `None`: the secret has no version with that stage (no rotation under way, say).
+type Fetched = Result<Option<Arc<Credential>>, String>;
+
+struct Entry {
+    cell: Arc<OnceCell<Fetched>>,
+    created: Instant,
+}
+
+pub struct CredentialCache {
+    store: Store,
+    store_password: Option<String>,
+    ttl: Duration,
+    entries: Mutex<HashMap<(String, &'static str), Entry>>,
+    client: tokio::sync::Mutex<Option<Client>>,
+}
+
+impl CredentialCache {
+    pub fn new(store: Store, store_password: Option<String>, ttl: Duration) -> Arc<Self> {
+        Arc::new(CredentialCache {
+            store,
+            store_password,
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+            client: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    fn store_config(&self) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&self.store.host)
+            .port(self.store.port)
+            .dbname(&self.store.dbname)
+            .user(&self.store.user)
+            .application_name("secrets-proxy")
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(password) = &self.store_password {
+            config.password(password);
+        }
+        config
+    }
+
+    /// The credential of `secret` at `stage`, from the cache or the store.
+    pub async fn get(
+        &self,
+        secret: &str,
+        stage: &'static str,
+    ) -> Result<Option<Arc<Credential>>, ProxyError> {
+        let cell = {
+            let mut entries = self.entries.lock().expect("cache lock poisoned");
+            let key = (secret.to_string(), stage);
+            let fresh = entries
+                .get(&key)
+                .is_some_and(|entry| entry.created.elapsed() < self.ttl);
+            if !fresh {
+                entries.insert(
+                    key.clone(),
+                    Entry {
+                        cell: Arc::new(OnceCell::new()),
+                        created: Instant::now(),
+                    },
+                );
+            }
+            entries[&key].cell.clone()
+        };
+        let fetched = cell.get_or_init(|| self.fetch(secret, stage)).await;
+        if fetched.is_err() {
+            // A failed fetch is not cached: the next login asks the store again.
+            self.forget_entry(secret, stage, &cell);
+        }
+        fetched.clone().map_err(|reason| ProxyError::Store {
+            secret: secret.to_string(),
+            reason,
+        })
+    }
+
+    fn forget_entry(&self, secret: &str, stage: &'static str, cell: &Arc<OnceCell<Fetched>>) {
+        let mut entries = self.entries.lock().expect("cache lock poisoned");
+        let key = (secret.to_string(), stage);
+        if entries
+            .get(&key)
+            .is_some_and(|entry| Arc::ptr_eq(&entry.cell, cell))
+        {
+            entries.remove(&key);
+        }
+    }
+
+    /// Drops what is cached for `secret`, so the next login fetches afresh. Logins that fail
+    /// together call this together; only the first drop matters, and the re-fetch that
+    /// follows is shared.
+    pub fn invalidate_if_used(&self, secret: &str, used: &Arc<Credential>) {
+        let mut entries = self.entries.lock().expect("cache lock poisoned");
+        let holds_used = entries.iter().any(|((name, _), entry)| {
+            name == secret
+                && entry
+                    .cell
+                    .get()
+                    .is_some_and(|f| matches!(f, Ok(Some(c)) if Arc::ptr_eq(c, used)))
+        });
+        if holds_used {
+            entries.retain(|(name, _), _| name != secret);
+        }
+    }
+
+    pub fn invalidate(&self, secret: &str) {
+        self.entries
+            .lock()
+            .expect("cache lock poisoned")
+            .retain(|(name, _), _| name != secret);
+    }
+
+    async fn fetch(&self, secret: &str, stage: &'static str) -> Fetched {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(|client| client.is_closed()) {
+            let (client, connection) = self
+                .store_config()
+                .connect(NoTls)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::warn!(%error, "connection to the secrets store ended");
+                }
+            });
+            *guard = Some(client);
+        }
+        let client = guard.as_ref().expect("connected above");
+        let result = client
+            .query_one(
+                "SELECT secrets.get_secret_value($1, version_stage => $2)",
+                &[&secret, &stage],
+            )
+            .await;
+        drop(guard);
+        match result {
+            Ok(row) => {
+                let text: String = row.get(0);
+                let json: CredentialJson = serde_json::from_str(&text)
+                    .map_err(|_| format!("secret \"{secret}\" is not credential JSON"))?;
+                Ok(Some(Arc::new(Credential {
+                    host: json.host.filter(|h| !h.is_empty()),
+                    port: json.port,
+                    dbname: json.dbname,
+                    username: json.username,
+                    password: SecretString::from(json.password),
+                })))
+            }
+            // The secret exists but no version carries this stage.
+            Err(e)
+                if e.as_db_error().is_some_and(|db| {
+                    db.code().code() == "42704" && db.message().contains("has no version")
+                }) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(match e.as_db_error() {
+                Some(db) => format!("{} ({})", db.message(), db.code().code()),
+                None => e.to_string(),
+            }),
+        }
+    }
+
+    /// Keeps a connection that listens to `pg_secrets_changed` and drops cached credentials
+    /// of every secret named there. Reconnects with backoff; the TTL covers the gaps.
+    pub fn spawn_listener(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let cache = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(100);
+            loop {
+                match cache.listen_once().await {
+                    Ok(()) => delay = Duration::from_millis(100),
+                    Err(error) => tracing::warn!(%error, "listening to pg_secrets_changed failed"),
+                }
+                // Whatever was cached may have changed while nobody listened.
+                cache.entries.lock().expect("cache lock poisoned").clear();
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        })
+    }
+
+    async fn listen_once(&self) -> Result<(), tokio_postgres::Error> {
+        let (client, mut connection) = self.store_config().connect(NoTls).await?;
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        let listen = client.batch_execute("LISTEN pg_secrets_changed");
+        // The LISTEN is answered through the connection, so drive both.
+        let mut listen = std::pin::pin!(listen);
+        let mut listening = false;
+        loop {
+            tokio::select! {
+                result = &mut listen, if !listening => {
+                    result?;
+                    listening = true;
+                }
+                message = messages.next() => match message {
+                    Some(Ok(AsyncMessage::Notification(notification))) => {
+                        self.on_notification(notification.payload());
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => return Err(error),
+                    None => return Ok(()),
+                }
+            }
+        }
+    }
+
+    fn on_notification(&self, payload: &str) {
+        match serde_json::from_str::<serde_json::Value>(payload) {
+            Ok(value) => match value.get("name").and_then(|n| n.as_str()) {
+                Some(name) => {
+                    tracing::debug!(secret = name, "credential changed; cache entry dropped");
+                    self.invalidate(name);
+                }
+                None => self.entries.lock().expect("cache lock poisoned").clear(),
+            },
+            Err(_) => self.entries.lock().expect("cache lock poisoned").clear(),
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! The proxy's one error type. Every variant knows the SQLSTATE the client sees and whether
+//! trying again (another credential, later) can help.
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("invalid startup packet: {0}")]
+    Protocol(String),
+    #[error("unsupported frontend protocol {major}.{minor}: the proxy speaks 3.0")]
+    UnsupportedProtocol { major: u16, minor: u16 },
+    #[error("no route for database \"{database}\" and user \"{user}\"")]
+    UnknownRoute { database: String, user: String },
+    #[error("{identity} may not use the route for database \"{database}\"")]
+    NotAllowed { identity: String, database: String },
+    #[error("the secrets store could not give the credential of \"{secret}\": {reason}")]
+    Store { secret: String, reason: String },
+    #[error("secret \"{0}\" does not hold database credentials (JSON with username and password)")]
+    BadCredential(String),
+    #[error("could not reach the database server {address}: {reason}")]
+    Unreachable { address: String, reason: String },
+    /// The database server refused the login; `sqlstate` and `message` are its own.
+    #[error("the database server refused the login for route \"{route}\": {message}")]
+    LoginRefused {
+        route: String,
+        sqlstate: String,
+        message: String,
+    },
+    #[error("the database server sent something unexpected during login: {0}")]
+    Backend(String),
+    #[error("the proxy is shutting down")]
+    ShuttingDown,
+}
+
+impl ProxyError {
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            ProxyError::Protocol(_) | ProxyError::UnsupportedProtocol { .. } => "08P01",
+            ProxyError::UnknownRoute { .. } => "3D000",
+            ProxyError::NotAllowed { .. } => "28000",
+            ProxyError::Store { .. } | ProxyError::BadCredential(_) => "08006",
+            ProxyError::Unreachable { .. } => "08001",
+            ProxyError::LoginRefused { sqlstate, .. } => sqlstate,
+            ProxyError::Backend(_) => "08P01",
+            ProxyError::ShuttingDown => "57P01",
+        }
+    }
+
+    /// A refused login during a rotation, or a store or server that is briefly away: another
+    /// credential or a later attempt can succeed.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ProxyError::LoginRefused { sqlstate, .. } => sqlstate == "28P01" || sqlstate == "28000",
+            ProxyError::Store { .. } | ProxyError::Unreachable { .. } => true,
+            _ => false,
+        }
+    }
+}

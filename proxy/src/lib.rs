@@ -1,0 +1,75 @@
+//! secrets-proxy: applications connect to it as to PostgreSQL, without a password; it logs in
+//! to the real server with the current credential from pg_secrets and relays the session,
+//! retrying through password rotations so the application never sees one.
+
+pub mod backend;
+pub mod cancel;
+pub mod config;
+pub mod credentials;
+pub mod error;
+pub mod frontend;
+pub mod login;
+pub mod metrics;
+pub mod server;
+
+pub use config::Config;
+pub use server::Proxy;
+
+/// A proxy serving on its own thread and runtime, for tests and benchmarks; dropping it shuts
+/// the proxy down.
+pub struct RunningProxy {
+    pub tcp_address: Option<std::net::SocketAddr>,
+    pub unix_path: Option<std::path::PathBuf>,
+    pub admin_address: Option<std::net::SocketAddr>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningProxy {
+    pub fn start(config: Config) -> Result<RunningProxy, String> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a tokio runtime");
+            runtime.block_on(async move {
+                match Proxy::bind(config, None).await {
+                    Ok(proxy) => {
+                        let addresses = (
+                            proxy.tcp_address(),
+                            proxy.unix_path(),
+                            proxy.admin_address(),
+                        );
+                        let _ = ready_tx.send(Ok(addresses));
+                        proxy.serve(shutdown_rx).await;
+                    }
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(error));
+                    }
+                }
+            });
+        });
+        let (tcp_address, unix_path, admin_address) = ready_rx
+            .recv()
+            .map_err(|_| "the proxy thread died".to_string())??;
+        Ok(RunningProxy {
+            tcp_address,
+            unix_path,
+            admin_address,
+            shutdown,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

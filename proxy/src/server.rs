@@ -1,0 +1,457 @@
+//! Listeners, client sessions, shutdown and reload.
+//!
+//! Each accepted client becomes a task: identify it, read its startup packet, find its
+//! route, log in to the server through `login`, show the client the server's greeting with
+//! the proxy's own cancel key, then relay bytes both ways until either side closes.
+//! A semaphore caps clients. On shutdown the listeners stop and sessions are given a drain
+//! timeout.
+
+use crate::backend::BackendSession;
+use crate::cancel::CancelRegistry;
+use crate::config::{Config, Route};
+use crate::credentials::CredentialCache;
+use crate::error::ProxyError;
+use crate::frontend::{self, Opening};
+use crate::login::{self, LoginSettings};
+use crate::metrics::Metrics;
+use bytes::BufMut;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, Semaphore};
+
+/// Who a client is, established without a password.
+#[derive(Debug, Clone)]
+pub enum Identity {
+    /// A TCP client on a loopback address (or anywhere, when explicitly allowed).
+    Trust(SocketAddr),
+    /// A Unix-socket client, by its OS user (SO_PEERCRED).
+    Peer(String),
+    /// A TCP client from elsewhere with no way to prove who it is.
+    Unknown(SocketAddr),
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Identity::Trust(address) => write!(f, "trusted client {address}"),
+            Identity::Peer(user) => write!(f, "peer user \"{user}\""),
+            Identity::Unknown(address) => write!(f, "unauthenticated client {address}"),
+        }
+    }
+}
+
+impl Identity {
+    fn allowed_on(&self, route: &Route) -> bool {
+        route.allow.iter().any(|entry| match self {
+            Identity::Trust(_) => entry == "trust",
+            Identity::Peer(user) => {
+                entry == "peer:*" || entry.strip_prefix("peer:") == Some(user.as_str())
+            }
+            Identity::Unknown(_) => false,
+        })
+    }
+}
+
+pub struct Shared {
+    config: RwLock<Arc<Config>>,
+    credentials: Arc<CredentialCache>,
+    cancels: Arc<CancelRegistry>,
+    pub metrics: Metrics,
+}
+
+impl Shared {
+    fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.config.read().expect("config lock poisoned"))
+    }
+}
+
+pub struct Proxy {
+    shared: Arc<Shared>,
+    tcp: Option<TcpListener>,
+    unix: Option<(UnixListener, PathBuf)>,
+    admin: Option<TcpListener>,
+    config_path: Option<PathBuf>,
+}
+
+impl Proxy {
+    /// Binds every listener the configuration names; nothing is served until `serve`.
+    pub async fn bind(config: Config, config_path: Option<PathBuf>) -> Result<Proxy, String> {
+        let store_password = config.store_password()?;
+        let credentials = CredentialCache::new(
+            config.store.clone(),
+            store_password,
+            Duration::from_secs(config.limits.credential_ttl_secs),
+        );
+        let tcp = match config.listen.tcp {
+            Some(address) => Some(
+                TcpListener::bind(address)
+                    .await
+                    .map_err(|e| format!("cannot listen on {address}: {e}"))?,
+            ),
+            None => None,
+        };
+        let unix = match &config.listen.unix_dir {
+            Some(dir) => {
+                let port = match &tcp {
+                    Some(listener) => listener.local_addr().map_err(|e| e.to_string())?.port(),
+                    None => config.listen.unix_port.expect("validated"),
+                };
+                let path = dir.join(format!(".s.PGSQL.{port}"));
+                let _ = std::fs::remove_file(&path);
+                let listener = UnixListener::bind(&path)
+                    .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+                Some((listener, path))
+            }
+            None => None,
+        };
+        let admin = match config.listen.admin {
+            Some(address) => Some(
+                TcpListener::bind(address)
+                    .await
+                    .map_err(|e| format!("cannot listen on {address}: {e}"))?,
+            ),
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            config: RwLock::new(Arc::new(config)),
+            credentials,
+            cancels: Arc::new(CancelRegistry::default()),
+            metrics: Metrics::default(),
+        });
+        Ok(Proxy {
+            shared,
+            tcp,
+            unix,
+            admin,
+            config_path,
+        })
+    }
+
+    pub fn tcp_address(&self) -> Option<SocketAddr> {
+        self.tcp
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
+    }
+
+    pub fn unix_path(&self) -> Option<PathBuf> {
+        self.unix.as_ref().map(|(_, path)| path.clone())
+    }
+
+    pub fn admin_address(&self) -> Option<SocketAddr> {
+        self.admin
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
+    }
+
+    /// Serves until `shutdown` turns true, then stops accepting and lets sessions finish
+    /// for up to the drain timeout.
+    pub async fn serve(self, mut shutdown: watch::Receiver<bool>) {
+        let config = self.shared.config();
+        let permits = Arc::new(Semaphore::new(config.limits.max_clients));
+        let listener_task = self.shared.credentials.spawn_listener();
+        let mut tasks = Vec::new();
+        if let Some(listener) = self.tcp {
+            tasks.push(tokio::spawn(accept_tcp(
+                listener,
+                Arc::clone(&self.shared),
+                Arc::clone(&permits),
+                shutdown.clone(),
+            )));
+        }
+        if let Some((listener, path)) = self.unix {
+            tasks.push(tokio::spawn(accept_unix(
+                listener,
+                Arc::clone(&self.shared),
+                Arc::clone(&permits),
+                shutdown.clone(),
+            )));
+            tasks.push(tokio::spawn(remove_on_shutdown(path, shutdown.clone())));
+        }
+        if let Some(listener) = self.admin {
+            tasks.push(tokio::spawn(serve_admin(
+                listener,
+                Arc::clone(&self.shared),
+                shutdown.clone(),
+            )));
+        }
+        if let Some(path) = self.config_path {
+            tasks.push(tokio::spawn(reload_on_sighup(
+                path,
+                Arc::clone(&self.shared),
+                shutdown.clone(),
+            )));
+        }
+        let _ = shutdown.wait_for(|stop| *stop).await;
+        for task in &tasks {
+            task.abort();
+        }
+        listener_task.abort();
+        let drain = Duration::from_secs(config.limits.drain_timeout_secs);
+        let all = config.limits.max_clients as u32;
+        if tokio::time::timeout(drain, permits.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain timeout reached; closing the remaining sessions");
+        }
+    }
+}
+
+async fn remove_on_shutdown(path: PathBuf, mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+    let _ = std::fs::remove_file(path);
+}
+
+async fn accept_tcp(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
+        let (stream, address) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        stream.set_nodelay(true).ok();
+        let config = shared.config();
+        let identity = if address.ip().is_loopback() || config.listen.allow_trust_from_non_loopback
+        {
+            Identity::Trust(address)
+        } else {
+            Identity::Unknown(address)
+        };
+        let shared = Arc::clone(&shared);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            serve_client(stream, identity, shared, shutdown).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn accept_unix(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let identity = match stream.peer_cred().ok().and_then(|cred| {
+            nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(cred.uid()))
+                .ok()
+                .flatten()
+        }) {
+            Some(user) => Identity::Peer(user.name),
+            None => Identity::Peer(String::from("?")),
+        };
+        let shared = Arc::clone(&shared);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            serve_client(stream, identity, shared, shutdown).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_client<S>(
+    mut client: S,
+    identity: Identity,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.active.fetch_add(1, Ordering::Relaxed);
+    let result = session(&mut client, &identity, &shared, shutdown).await;
+    shared.metrics.active.fetch_sub(1, Ordering::Relaxed);
+    if let Err(error) = result {
+        shared
+            .metrics
+            .rejected_clients
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%identity, %error, sqlstate = error.sqlstate(), "client refused");
+        frontend::send_error(&mut client, &error).await;
+    }
+}
+
+async fn session<S>(
+    client: &mut S,
+    identity: &Identity,
+    shared: &Shared,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ProxyError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let parameters = match frontend::read_opening(client).await? {
+        Opening::Cancel { pid, secret } => {
+            shared.cancels.forward(pid, secret).await;
+            return Ok(());
+        }
+        Opening::Startup(parameters) => parameters,
+    };
+    if *shutdown.borrow() {
+        return Err(ProxyError::ShuttingDown);
+    }
+    let user = parameters.get("user").cloned().unwrap_or_default();
+    let database = parameters
+        .get("database")
+        .cloned()
+        .unwrap_or_else(|| user.clone());
+    let config = shared.config();
+    let route = config
+        .route(&database, &user)
+        .ok_or_else(|| ProxyError::UnknownRoute {
+            database: database.clone(),
+            user: user.clone(),
+        })?;
+    if !identity.allowed_on(route) {
+        return Err(ProxyError::NotAllowed {
+            identity: identity.to_string(),
+            database,
+        });
+    }
+    let settings = LoginSettings {
+        budget: Duration::from_millis(config.limits.login_retry_budget_ms),
+        connect_timeout: Duration::from_millis(config.limits.backend_connect_timeout_ms),
+    };
+    let login = login::login_with_retry(
+        route,
+        &config.store,
+        &shared.credentials,
+        &parameters,
+        &database,
+        &settings,
+        &shared.metrics,
+    )
+    .await;
+    let mut server = match login {
+        Ok(server) => server,
+        Err(error) => {
+            shared
+                .metrics
+                .login_failures
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(error);
+        }
+    };
+    shared.metrics.logins.fetch_add(1, Ordering::Relaxed);
+    let _registration = greet(client, &mut server, shared).await?;
+    tracing::debug!(%identity, route = %route.database, "session started");
+    // A session ends when either side closes; SIGTERM's drain waits for that.
+    let _ = tokio::io::copy_bidirectional(client, &mut server.stream).await;
+    Ok(())
+}
+
+/// AuthenticationOk, then the server's greeting with BackendKeyData replaced by the proxy's
+/// own key, so a cancel request comes to the proxy.
+async fn greet<S>(
+    client: &mut S,
+    server: &mut BackendSession,
+    shared: &Shared,
+) -> Result<Option<crate::cancel::Registration>, ProxyError>
+where
+    S: AsyncWrite + Unpin,
+{
+    let mut out = frontend::authentication_ok();
+    let registration = server
+        .cancel_key
+        .map(|key| shared.cancels.register(server.address, key));
+    for message in &server.greeting {
+        match (message[0], &registration) {
+            (b'K', Some(registration)) => {
+                out.put_u8(b'K');
+                out.put_i32(12);
+                out.put_i32(registration.key.0);
+                out.put_i32(registration.key.1);
+            }
+            _ => out.extend_from_slice(message),
+        }
+    }
+    client
+        .write_all(&out)
+        .await
+        .map_err(|_| ProxyError::Protocol("client went away during login".into()))?;
+    Ok(registration)
+}
+
+async fn reload_on_sighup(path: PathBuf, shared: Arc<Shared>, _shutdown: watch::Receiver<bool>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match Config::from_file(&path) {
+            Ok(new) => {
+                let mut current = shared.config.write().expect("config lock poisoned");
+                // Listeners and the store connection stay as bound; routes and limits change.
+                let mut merged = new.clone();
+                merged.listen = current.listen.clone();
+                merged.store = current.store.clone();
+                *current = Arc::new(merged);
+                tracing::info!(routes = new.routes.len(), "configuration reloaded");
+            }
+            Err(error) => tracing::error!(%error, "configuration not reloaded"),
+        }
+    }
+}
+
+async fn serve_admin(listener: TcpListener, shared: Arc<Shared>, _shutdown: watch::Receiver<bool>) {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            // The request line is all that matters; read until the headers end (bounded).
+            let mut request = Vec::with_capacity(1024);
+            let mut chunk = [0u8; 1024];
+            while request.len() < 8192 && !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await {
+                    Ok(Ok(read)) if read > 0 => request.extend_from_slice(&chunk[..read]),
+                    _ => break,
+                }
+            }
+            let line = String::from_utf8_lossy(&request);
+            let (status, body) = if line.starts_with("GET /metrics") {
+                ("200 OK", shared.metrics.render())
+            } else if line.starts_with("GET /health") {
+                ("200 OK", "ok\n".to_string())
+            } else {
+                ("404 Not Found", "not found\n".to_string())
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}

@@ -1,0 +1,490 @@
+//! secrets-proxy end to end: a real cluster holds the application's credential in pg_secrets,
+//! the proxy runs in-process on its own runtime, and clients (the postgres crate, psql,
+//! pgbench, raw sockets) connect to it without a password.
+
+use pg_secrets_e2e::{Cluster, SUPERUSER, SUPERUSER_PASSWORD};
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, NoTls};
+use secrets_proxy::{Config, RunningProxy};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+struct Fixture {
+    cluster: Cluster,
+    proxy: RunningProxy,
+}
+
+fn credential_json(cluster: &Cluster, password: &str) -> String {
+    format!(
+        r#"{{"engine": "postgres", "host": "127.0.0.1", "port": {}, "dbname": "postgres", "username": "app", "password": "{password}"}}"#,
+        cluster.port
+    )
+}
+
+/// A cluster with login role `app` (password in secret `db/app`), a `proxy` role that may read
+/// secrets, and a proxy routing database `appdb` to that secret.
+fn fixture(allow: &str) -> Fixture {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE app LOGIN PASSWORD 'pw-0';
+         CREATE ROLE proxy LOGIN PASSWORD 'proxy-pw' IN ROLE secrets_reader;
+         GRANT CREATE ON SCHEMA public TO app;",
+    )
+    .unwrap();
+    db.execute(
+        "SELECT secrets.create_secret('db/app', $1)",
+        &[&credential_json(&cluster, "pw-0")],
+    )
+    .unwrap();
+    let config = Config::parse(&format!(
+        r#"
+        [listen]
+        tcp = "127.0.0.1:0"
+        unix_dir = "{dir}"
+        admin = "127.0.0.1:0"
+
+        [store]
+        host = "127.0.0.1"
+        port = {port}
+        user = "proxy"
+        password = "proxy-pw"
+
+        [limits]
+        login_retry_budget_ms = 5000
+
+        [[route]]
+        database = "appdb"
+        secret = "db/app"
+        allow = [{allow}]
+        "#,
+        dir = cluster.dir().display(),
+        port = cluster.port,
+    ))
+    .unwrap();
+    let proxy = RunningProxy::start(config).unwrap();
+    Fixture { cluster, proxy }
+}
+
+impl Fixture {
+    fn port(&self) -> u16 {
+        self.proxy.tcp_address.unwrap().port()
+    }
+
+    fn connect(&self) -> Client {
+        Client::connect(
+            &format!(
+                "host=127.0.0.1 port={} user=whoever dbname=appdb",
+                self.port()
+            ),
+            NoTls,
+        )
+        .unwrap_or_else(|e| panic!("cannot connect through the proxy: {e}"))
+    }
+
+    fn rotate(&self, password: &str) {
+        // The order a rotator uses: PENDING first, then the server, then CURRENT.
+        let mut db = self.cluster.superuser();
+        let pending: String = db
+            .query_one(
+                "SELECT secrets.put_secret_value('db/app', $1, version_stages => '{PENDING}')::text",
+                &[&credential_json(&self.cluster, password)],
+            )
+            .unwrap()
+            .get(0);
+        db.batch_execute(&format!("ALTER ROLE app PASSWORD '{password}'"))
+            .unwrap();
+        let current: String = db
+            .query_one("SELECT version_id::text FROM secrets.list_secret_version_ids('db/app') WHERE 'CURRENT' = ANY(version_stages)", &[])
+            .unwrap()
+            .get(0);
+        db.execute(
+            "SELECT secrets.update_secret_version_stage('db/app', 'CURRENT', $1::text::uuid, $2::text::uuid)",
+            &[&pending, &current],
+        )
+        .unwrap();
+        db.execute(
+            "SELECT secrets.update_secret_version_stage('db/app', 'PENDING', remove_from_version_id => $1::text::uuid)",
+            &[&pending],
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn clients_connect_without_a_password_and_everything_relays() {
+    let fixture = fixture(r#""trust""#);
+    let mut client = fixture.connect();
+    let user: String = client
+        .query_one("SELECT current_user::text", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(user, "app");
+
+    // Extended protocol with parameters, and a prepared statement reused.
+    let statement = client.prepare("SELECT $1::int + 1").unwrap();
+    for i in 0..3 {
+        let n: i32 = client.query_one(&statement, &[&i]).unwrap().get(0);
+        assert_eq!(n, i + 1);
+    }
+    // COPY both ways, and a large result.
+    client
+        .batch_execute("CREATE TABLE t (id int, note text)")
+        .unwrap();
+    let mut writer = client.copy_in("COPY t FROM STDIN").unwrap();
+    for i in 0..10_000 {
+        writeln!(writer, "{i}\tnote {i}").unwrap();
+    }
+    writer.finish().unwrap();
+    let mut out = String::new();
+    client
+        .copy_out("COPY t TO STDOUT")
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert_eq!(out.lines().count(), 10_000);
+    let big: i64 = client
+        .query_one("SELECT sum(length(repeat('x', 1000) || id)) FROM t", &[])
+        .unwrap()
+        .get(0);
+    assert!(big > 10_000_000);
+
+    // LISTEN/NOTIFY across two proxied sessions.
+    let mut listener = fixture.connect();
+    listener.batch_execute("LISTEN proxied").unwrap();
+    client.batch_execute("NOTIFY proxied, 'hello'").unwrap();
+    let notification = listener
+        .notifications()
+        .timeout_iter(Duration::from_secs(5))
+        .next()
+        .unwrap()
+        .expect("a notification");
+    assert_eq!(notification.payload(), "hello");
+
+    // psql, as a person would.
+    let output = std::process::Command::new("psql")
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &fixture.port().to_string(),
+            "-d",
+            "appdb",
+            "-c",
+            "SELECT 40 + 2",
+        ])
+        .env("PGUSER", "someone")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "42",
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let metrics = http_get(fixture.proxy.admin_address.unwrap(), "/metrics");
+    assert!(
+        metrics.contains("secrets_proxy_logins_total 3"),
+        "{metrics}"
+    );
+    assert!(http_get(fixture.proxy.admin_address.unwrap(), "/health").ends_with("ok\n"));
+}
+
+fn http_get(address: std::net::SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+#[test]
+fn cancel_requests_reach_the_right_server_session() {
+    let fixture = fixture(r#""trust""#);
+    let mut client = fixture.connect();
+    let token = client.cancel_token();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        token.cancel_query(NoTls).unwrap();
+    });
+    let started = Instant::now();
+    let error = client
+        .query("SELECT pg_sleep(30)", &[])
+        .expect_err("the query should be cancelled");
+    canceller.join().unwrap();
+    assert_eq!(error.as_db_error().unwrap().code().code(), "57014");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The session is still usable.
+    client.query_one("SELECT 1", &[]).unwrap();
+}
+
+#[test]
+fn logins_ride_through_rotation_and_old_sessions_stay() {
+    let fixture = fixture(r#""trust""#);
+    let mut before = fixture.connect();
+
+    // The server's password changes before the secret does (a rotator between "set" and
+    // "finish"): CURRENT is refused, PENDING logs in.
+    fixture.rotate("pw-1");
+    let mut db = fixture.cluster.superuser();
+    db.execute(
+        "SELECT secrets.put_secret_value('db/app', $1, version_stages => '{PENDING}')",
+        &[&credential_json(&fixture.cluster, "pw-2")],
+    )
+    .unwrap();
+    db.batch_execute("ALTER ROLE app PASSWORD 'pw-2'").unwrap();
+    let mut during = fixture.connect();
+    during.query_one("SELECT 1", &[]).unwrap();
+
+    // A password changed with no secret to match yet: the proxy backs off and retries until
+    // the secret catches up (within the 5 s budget).
+    db.batch_execute("ALTER ROLE app PASSWORD 'pw-3'").unwrap();
+    let catch_up = {
+        let json = credential_json(&fixture.cluster, "pw-3");
+        let port = fixture.cluster.port;
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(700));
+            let mut db = Client::connect(
+                &format!("host=127.0.0.1 port={port} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname=postgres"),
+                NoTls,
+            )
+            .unwrap();
+            db.execute("SELECT secrets.put_secret_value('db/app', $1)", &[&json])
+                .unwrap();
+        })
+    };
+    let started = Instant::now();
+    let mut after = fixture.connect();
+    catch_up.join().unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "the login waited for the new secret"
+    );
+    after.query_one("SELECT 1", &[]).unwrap();
+
+    // Sessions opened before the rotations are untouched.
+    before.query_one("SELECT 1", &[]).unwrap();
+    during.query_one("SELECT 1", &[]).unwrap();
+    let metrics = http_get(fixture.proxy.admin_address.unwrap(), "/metrics");
+    assert!(
+        !metrics.contains("login_retries_total{reason=\"refused\"} 0"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn pgbench_sees_no_failure_while_the_password_rotates_over_and_over() {
+    let fixture = fixture(r#""trust""#);
+    let script = fixture.cluster.dir().join("select.sql");
+    std::fs::write(&script, "SELECT 1;\n").unwrap();
+    let pgbench = std::process::Command::new("pgbench")
+        .args(["-n", "-C", "-c", "4", "-j", "2", "-T", "6", "-f"])
+        .arg(&script)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &fixture.port().to_string(),
+            "-U",
+            "app",
+            "appdb",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut rotations = 0;
+    while Instant::now() < deadline {
+        rotations += 1;
+        fixture.rotate(&format!("pw-rotated-{rotations}"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let output = pgbench.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(rotations >= 5, "only {rotations} rotations");
+    let processed: u64 = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("number of transactions actually processed: "))
+        .and_then(|n| n.split('/').next()?.trim().parse().ok())
+        .expect("pgbench summary");
+    assert!(processed > 100, "{stdout}");
+    assert!(
+        stdout.contains("number of failed transactions: 0"),
+        "{stdout}"
+    );
+}
+
+/// Sends raw bytes and returns what the proxy answered before closing.
+fn raw_exchange(fixture: &Fixture, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(fixture.proxy.tcp_address.unwrap()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(bytes).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    answer
+}
+
+fn error_code(answer: &[u8]) -> String {
+    assert_eq!(
+        answer.first(),
+        Some(&b'E'),
+        "expected an ErrorResponse, got {answer:?}"
+    );
+    let text = String::from_utf8_lossy(&answer[5..]).into_owned();
+    text.split('\0')
+        .find_map(|field| field.strip_prefix('C'))
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn startup_packet(version: i32, parameters: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
+    for (key, value) in parameters {
+        body.extend_from_slice(key.as_bytes());
+        body.push(0);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    packet
+}
+
+#[test]
+fn bad_clients_get_a_clear_error_and_everyone_else_is_served() {
+    let fixture = fixture(r#""peer:nobody-here""#);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "huge length",
+            1_000_000_000i32.to_be_bytes().to_vec(),
+            "08P01",
+        ),
+        ("negative length", (-5i32).to_be_bytes().to_vec(), "08P01"),
+        ("garbage", b"GET / HTTP/1.1\r\n\r\n".to_vec(), "08P01"),
+        (
+            "unknown protocol",
+            startup_packet(2 << 16, &[("user", "u")]),
+            "08P01",
+        ),
+        (
+            "no user",
+            startup_packet(3 << 16, &[("database", "appdb")]),
+            "08P01",
+        ),
+        (
+            "unknown route",
+            startup_packet(3 << 16, &[("user", "u"), ("database", "nope")]),
+            "3D000",
+        ),
+        (
+            "identity not allowed",
+            startup_packet(3 << 16, &[("user", "u"), ("database", "appdb")]),
+            "28000",
+        ),
+    ];
+    for (what, bytes, sqlstate) in cases {
+        let answer = raw_exchange(&fixture, &bytes);
+        assert_eq!(error_code(&answer), sqlstate, "{what}");
+        let message = String::from_utf8_lossy(&answer);
+        assert!(
+            !message.contains("pw-0") && !message.contains("proxy-pw"),
+            "{what}: {message}"
+        );
+    }
+    // A truncated packet: the proxy closes without hanging.
+    let mut truncated = 100i32.to_be_bytes().to_vec();
+    truncated.extend_from_slice(&[0, 3, 0, 0, b'u']);
+    let answer = raw_exchange(&fixture, &truncated);
+    assert_eq!(error_code(&answer), "08P01");
+    // An SSL request is declined with 'N', then the startup goes on in plaintext.
+    let mut ssl_then_route = 8i32.to_be_bytes().to_vec();
+    ssl_then_route.extend_from_slice(&80_877_103i32.to_be_bytes());
+    ssl_then_route.extend_from_slice(&startup_packet(
+        3 << 16,
+        &[("user", "u"), ("database", "nope")],
+    ));
+    let answer = raw_exchange(&fixture, &ssl_then_route);
+    assert_eq!(answer[0], b'N');
+    assert_eq!(error_code(&answer[1..]), "3D000");
+    // A client that requires TLS gives up on 'N' with a clear message of its own.
+    let error = Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=u dbname=appdb sslmode=require",
+            fixture.port()
+        ),
+        NoTls,
+    )
+    .err()
+    .expect("the connection should be refused");
+    assert!(
+        error.to_string().to_lowercase().contains("tls") || error.to_string().contains("ssl"),
+        "{error}"
+    );
+}
+
+#[test]
+fn peer_identity_on_the_unix_socket() {
+    let me = std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| {
+            String::from_utf8(
+                std::process::Command::new("id")
+                    .arg("-un")
+                    .output()
+                    .unwrap()
+                    .stdout,
+            )
+            .unwrap()
+            .trim()
+            .to_string()
+        });
+    let fixture = fixture(&format!("\"peer:{me}\""));
+    let dir = fixture
+        .proxy
+        .unix_path
+        .as_ref()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .display()
+        .to_string();
+    let mut client = Client::connect(
+        &format!(
+            "host={dir} port={} user=whoever dbname=appdb",
+            fixture.port()
+        ),
+        NoTls,
+    )
+    .unwrap();
+    let user: String = client
+        .query_one("SELECT current_user::text", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(user, "app");
+    // The same route over TCP: a trusted loopback client is not the allowed peer.
+    let error = Client::connect(
+        &format!("host=127.0.0.1 port={} user=u dbname=appdb", fixture.port()),
+        NoTls,
+    )
+    .err()
+    .expect("the connection should be refused");
+    assert_eq!(error.as_db_error().unwrap().code().code(), "28000");
+}
