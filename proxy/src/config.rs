@@ -60,6 +60,12 @@ pub struct Limits {
     pub max_clients: usize,
     /// How long SIGTERM waits for sessions to finish.
     pub drain_timeout_secs: u64,
+    /// Idle server connections kept per (server, database, user, client parameters) for the
+    /// next client; 0 turns session pooling off.
+    pub pool_max_idle: usize,
+    /// A server connection is not reused after this long, so sessions logged in with a
+    /// credential that has since rotated age out.
+    pub server_lifetime_secs: u64,
 }
 
 impl Default for Limits {
@@ -70,6 +76,8 @@ impl Default for Limits {
             backend_connect_timeout_ms: 5_000,
             max_clients: 10_000,
             drain_timeout_secs: 30,
+            pool_max_idle: 100,
+            server_lifetime_secs: 3600,
         }
     }
 }

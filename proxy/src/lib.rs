@@ -10,6 +10,8 @@ pub mod error;
 pub mod frontend;
 pub mod login;
 pub mod metrics;
+pub mod pool;
+pub mod relay;
 pub mod server;
 
 pub use config::Config;

@@ -7,7 +7,9 @@ use crate::config::{Route, Store};
 use crate::credentials::{Credential, CredentialCache, STAGES};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
+use crate::pool::Pool;
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 pub struct LoginSettings {
@@ -35,7 +37,64 @@ fn target(route: &Route, credential: &Credential, store: &Store, client_database
     }
 }
 
-pub async fn login_with_retry(
+/// Everything that shaped a server session, so a pooled one is only reused for an identical
+/// request.
+fn pool_key(
+    target: &Target,
+    credential: &Credential,
+    client_parameters: &BTreeMap<String, String>,
+) -> String {
+    let mut key = format!(
+        "{}\0{}\0{}\0{}",
+        target.host, target.port, target.dbname, credential.username
+    );
+    for (name, value) in client_parameters {
+        key.push('\0');
+        key.push_str(name);
+        key.push('=');
+        key.push_str(value);
+    }
+    key
+}
+
+/// A server session for the route: an idle pooled one when there is one for the current
+/// credential's target, otherwise a new login. Returns the session, its pool key and birth.
+#[allow(clippy::too_many_arguments)]
+pub async fn connect(
+    route: &Route,
+    store: &Store,
+    credentials: &CredentialCache,
+    pool: &Pool,
+    client_parameters: &BTreeMap<String, String>,
+    client_database: &str,
+    settings: &LoginSettings,
+    metrics: &Metrics,
+) -> Result<(BackendSession, String, Instant), ProxyError> {
+    if let Ok(Some(credential)) = credentials.get(&route.secret, STAGES[0]).await {
+        let key = pool_key(
+            &target(route, &credential, store, client_database),
+            &credential,
+            client_parameters,
+        );
+        if let Some((session, born)) = pool.checkout(&key) {
+            metrics.pool_reuses.fetch_add(1, Ordering::Relaxed);
+            return Ok((session, key, born));
+        }
+    }
+    let (session, key) = login_with_retry(
+        route,
+        store,
+        credentials,
+        client_parameters,
+        client_database,
+        settings,
+        metrics,
+    )
+    .await?;
+    Ok((session, key, Instant::now()))
+}
+
+async fn login_with_retry(
     route: &Route,
     store: &Store,
     credentials: &CredentialCache,
@@ -43,7 +102,7 @@ pub async fn login_with_retry(
     client_database: &str,
     settings: &LoginSettings,
     metrics: &Metrics,
-) -> Result<BackendSession, ProxyError> {
+) -> Result<(BackendSession, String), ProxyError> {
     let deadline = Instant::now() + settings.budget;
     let mut delay = Duration::from_millis(25);
     let mut last_error: Option<ProxyError> = None;
@@ -71,7 +130,7 @@ pub async fn login_with_retry(
                     if stage != STAGES[0] {
                         tracing::info!(route = %route.database, stage, "logged in with a non-CURRENT credential during a rotation");
                     }
-                    return Ok(session);
+                    return Ok((session, pool_key(&target, &credential, client_parameters)));
                 }
                 Err(error) if error.retryable() => {
                     metrics.retry(match error {

@@ -12,6 +12,7 @@ pub struct Metrics {
     pub unreachable_retries: AtomicU64,
     pub store_retries: AtomicU64,
     pub rejected_clients: AtomicU64,
+    pub pool_reuses: AtomicU64,
 }
 
 impl Metrics {
@@ -40,7 +41,9 @@ impl Metrics {
              secrets_proxy_login_retries_total{{reason=\"unreachable\"}} {}\n\
              secrets_proxy_login_retries_total{{reason=\"store\"}} {}\n\
              # TYPE secrets_proxy_rejected_clients_total counter\n\
-             secrets_proxy_rejected_clients_total {}\n",
+             secrets_proxy_rejected_clients_total {}\n\
+             # TYPE secrets_proxy_pool_reuses_total counter\n\
+             secrets_proxy_pool_reuses_total {}\n",
             get(&self.connections),
             get(&self.active),
             get(&self.logins),
@@ -49,6 +52,7 @@ impl Metrics {
             get(&self.unreachable_retries),
             get(&self.store_retries),
             get(&self.rejected_clients),
+            get(&self.pool_reuses),
         )
     }
 }

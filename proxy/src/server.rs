@@ -14,6 +14,8 @@ use crate::error::ProxyError;
 use crate::frontend::{self, Opening};
 use crate::login::{self, LoginSettings};
 use crate::metrics::Metrics;
+use crate::pool::Pool;
+use crate::relay::{self, Ended};
 use bytes::BufMut;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -61,6 +63,7 @@ pub struct Shared {
     config: RwLock<Arc<Config>>,
     credentials: Arc<CredentialCache>,
     cancels: Arc<CancelRegistry>,
+    pool: Pool,
     pub metrics: Metrics,
 }
 
@@ -117,7 +120,12 @@ impl Proxy {
             ),
             None => None,
         };
+        let pool = Pool::new(
+            Duration::from_secs(config.limits.server_lifetime_secs),
+            config.limits.pool_max_idle,
+        );
         let shared = Arc::new(Shared {
+            pool,
             config: RwLock::new(Arc::new(config)),
             credentials,
             cancels: Arc::new(CancelRegistry::default()),
@@ -341,18 +349,19 @@ where
         budget: Duration::from_millis(config.limits.login_retry_budget_ms),
         connect_timeout: Duration::from_millis(config.limits.backend_connect_timeout_ms),
     };
-    let login = login::login_with_retry(
+    let login = login::connect(
         route,
         &config.store,
         &shared.credentials,
+        &shared.pool,
         &parameters,
         &database,
         &settings,
         &shared.metrics,
     )
     .await;
-    let mut server = match login {
-        Ok(server) => server,
+    let (mut server, pool_key, born) = match login {
+        Ok(connected) => connected,
         Err(error) => {
             shared
                 .metrics
@@ -362,10 +371,14 @@ where
         }
     };
     shared.metrics.logins.fetch_add(1, Ordering::Relaxed);
-    let _registration = greet(client, &mut server, shared).await?;
+    let registration = greet(client, &mut server, shared).await?;
     tracing::debug!(%identity, route = %route.database, "session started");
     // A session ends when either side closes; SIGTERM's drain waits for that.
-    let _ = tokio::io::copy_bidirectional(client, &mut server.stream).await;
+    let ended = relay::relay(client, &mut server.stream).await;
+    drop(registration);
+    if ended == Ended::ServerReusable && relay::reset(&mut server.stream).await {
+        shared.pool.checkin(pool_key, server, born);
+    }
     Ok(())
 }
 

@@ -488,3 +488,57 @@ fn peer_identity_on_the_unix_socket() {
     .expect("the connection should be refused");
     assert_eq!(error.as_db_error().unwrap().code().code(), "28000");
 }
+
+#[test]
+fn server_connections_are_reused_clean_and_only_when_idle() {
+    let fixture = fixture(r#""trust""#);
+    let pid_of = |client: &mut Client| -> i32 {
+        client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .unwrap()
+            .get(0)
+    };
+    let mut first = fixture.connect();
+    let first_pid = pid_of(&mut first);
+    first
+        .batch_execute(
+            "CREATE TEMP TABLE leftover (x int); SET search_path = nowhere; PREPARE p AS SELECT 1;",
+        )
+        .unwrap();
+    drop(first);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // The next client gets the same server session, reset: nothing of the first one remains.
+    let mut second = fixture.connect();
+    assert_eq!(
+        pid_of(&mut second),
+        first_pid,
+        "the server connection was reused"
+    );
+    let search_path: String = second.query_one("SHOW search_path", &[]).unwrap().get(0);
+    assert!(!search_path.contains("nowhere"));
+    let temp_tables: i64 = second
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relname = 'leftover'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(temp_tables, 0);
+    assert!(
+        second.batch_execute("EXECUTE p").is_err(),
+        "prepared statements are gone"
+    );
+
+    // A client that leaves inside a transaction takes its server session with it.
+    second.batch_execute("BEGIN; SELECT 1").unwrap();
+    drop(second);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut third = fixture.connect();
+    assert_ne!(pid_of(&mut third), first_pid);
+    let metrics = http_get(fixture.proxy.admin_address.unwrap(), "/metrics");
+    assert!(
+        metrics.contains("secrets_proxy_pool_reuses_total 1"),
+        "{metrics}"
+    );
+}

@@ -1,36 +1,26 @@
-//! `make bench`: throughput of reading a 1 KB secret, side by side with its peers, in one run
-//! on one private cluster, with pgbench custom scripts. Ratios are what to read: the machine
-//! is shared and noisy, absolute numbers are not comparable between runs.
+//! `make bench`: side-by-side throughput against the peers the issues name, in one run on one
+//! private cluster, with pgbench. Ratios are what to read: the machine is shared and noisy,
+//! absolute numbers are not comparable between runs.
 //!
-//! The rows run in turn, round after round; each round's ratios compare runs seconds apart,
-//! and the median over rounds is reported, which keeps a noisy neighbour from deciding the
-//! result. Environment: BENCH_SECONDS (per run, default 4), BENCH_CLIENTS (default 2),
-//! BENCH_ROUNDS (default 5).
+//! 1. Reading a 1 KB secret: `secrets.get_secret_value` against a plain table lookup and
+//!    pgcrypto's `pgp_sym_decrypt`, with custom scripts.
+//! 2. Connecting through secrets-proxy against connecting directly and through PgBouncer in
+//!    session mode: `pgbench -S` with 10 and 50 clients, and with a new connection per
+//!    transaction (`-C`).
+//!
+//! The rows of a table run in turn, round after round; each round's ratios compare runs
+//! seconds apart, and the median over rounds is reported, which keeps a noisy neighbour
+//! from deciding the result. Environment: BENCH_SECONDS (per run, default 4), BENCH_ROUNDS
+//! (default 3).
 
 use pg_secrets_e2e::Cluster;
+use secrets_proxy::{Config, RunningProxy};
 use std::fs;
+use std::path::Path;
+use std::process::Command;
 
 const ROWS: i32 = 1000;
-
-struct Row {
-    name: &'static str,
-    script: &'static str,
-}
-
-const ROWS_UNDER_TEST: &[Row] = &[
-    Row {
-        name: "plain SELECT value FROM t WHERE name = $1",
-        script: "SELECT value FROM plain_values WHERE name = 'bench/' || :i;",
-    },
-    Row {
-        name: "secrets.get_secret_value(name)",
-        script: "SELECT secrets.get_secret_value('bench/' || :i);",
-    },
-    Row {
-        name: "pgcrypto pgp_sym_decrypt(value, key)",
-        script: "SELECT pgp_sym_decrypt(value, 'bench-passphrase') FROM pgcrypto_values WHERE name = 'bench/' || :i;",
-    },
-];
+const APP_PASSWORD: &str = "bench-app-password";
 
 fn env_number(name: &str, default: u32) -> u32 {
     std::env::var(name)
@@ -39,11 +29,74 @@ fn env_number(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
+/// One line of a table: a label and the pgbench command that measures it.
+struct Row {
+    label: String,
+    pgbench: Box<dyn Fn() -> Command>,
+}
+
+fn tps_of(mut pgbench: Command, label: &str) -> f64 {
+    let output = pgbench.output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "pgbench for {label} failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .find(|line| line.starts_with("tps = "))
+        .and_then(|line| line.split_whitespace().nth(2))
+        .and_then(|tps| tps.parse::<f64>().ok())
+        .expect("pgbench printed no tps line")
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+/// Runs every row once per round and prints the medians; `baseline[i]` is the row that row
+/// `i` is compared with.
+fn measure(title: &str, rows: &[Row], baseline: &[usize], rounds: u32) {
+    let mut tps: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
+    for round in 1..=rounds {
+        for (index, row) in rows.iter().enumerate() {
+            let measured = tps_of((row.pgbench)(), &row.label);
+            eprintln!("round {round}: {:<60} {measured:>10.0} tps", row.label);
+            tps[index].push(measured);
+        }
+    }
+    println!("\n{title}, median of {rounds} rounds");
+    println!("| what | tps | ratio |");
+    println!("| --- | ---: | ---: |");
+    for (index, row) in rows.iter().enumerate() {
+        let base = &tps[baseline[index]];
+        let ratios: Vec<f64> = tps[index].iter().zip(base).map(|(t, b)| t / b).collect();
+        println!(
+            "| {} | {:.0} | {:.2} |",
+            row.label,
+            median(&tps[index]),
+            median(&ratios)
+        );
+    }
+}
+
 fn main() {
-    let seconds = env_number("BENCH_SECONDS", 4);
-    let clients = env_number("BENCH_CLIENTS", 2);
-    let rounds = env_number("BENCH_ROUNDS", 5);
-    let cluster = Cluster::start();
+    let seconds = env_number("BENCH_SECONDS", 4).to_string();
+    let rounds = env_number("BENCH_ROUNDS", 3);
+    let cluster = Cluster::start_with(
+        pg_secrets_e2e::KeySource::File(pg_secrets_e2e::TEST_KEY.into()),
+        &["max_connections = 150"],
+    );
+    let scripts = cluster.dir().join("bench");
+    fs::create_dir_all(&scripts).unwrap();
+    read_benchmark(&cluster, &scripts, &seconds, rounds);
+    proxy_benchmark(&cluster, &seconds, rounds);
+}
+
+fn read_benchmark(cluster: &Cluster, scripts: &Path, seconds: &str, rounds: u32) {
     let mut db = cluster.superuser();
     db.batch_execute(&format!(
         "CREATE EXTENSION pgcrypto;
@@ -55,75 +108,218 @@ fn main() {
     ))
     .unwrap();
     db.batch_execute("VACUUM ANALYZE").unwrap();
-
-    let scripts = cluster.dir().join("bench");
-    fs::create_dir_all(&scripts).unwrap();
-    // tps[row][round]
-    let mut tps = vec![Vec::new(); ROWS_UNDER_TEST.len()];
-    for round in 1..=rounds {
-        for (index, row) in ROWS_UNDER_TEST.iter().enumerate() {
-            let script = scripts.join(format!("{index}.sql"));
-            fs::write(
-                &script,
-                format!("\\set i random(1, {ROWS})\n{}\n", row.script),
-            )
-            .unwrap();
-            let output = cluster
-                .client_program("pgbench")
-                .args([
-                    "-n",
-                    "-M",
-                    "prepared",
-                    "-c",
-                    &clients.to_string(),
-                    "-j",
-                    &clients.to_string(),
-                ])
-                .args(["-T", &seconds.to_string(), "-f"])
-                .arg(&script)
-                .output()
-                .unwrap();
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            assert!(
-                output.status.success(),
-                "pgbench failed: {stdout}{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            let measured = stdout
-                .lines()
-                .find(|line| line.starts_with("tps = "))
-                .and_then(|line| line.split_whitespace().nth(2))
-                .and_then(|tps| tps.parse::<f64>().ok())
-                .expect("pgbench printed no tps line");
-            eprintln!("round {round}: {:<45} {measured:>10.0} tps", row.name);
-            tps[index].push(measured);
-        }
-    }
-
-    println!();
-    println!(
-        "Reading a 1 KB value: pgbench -M prepared, {clients} clients, {seconds} s per run, \
-         median of {rounds} rounds"
+    let reads = [
+        ("plain SELECT value FROM t WHERE name = $1", "SELECT value FROM plain_values WHERE name = 'bench/' || :i;"),
+        ("secrets.get_secret_value(name)", "SELECT secrets.get_secret_value('bench/' || :i);"),
+        (
+            "pgcrypto pgp_sym_decrypt(value, key)",
+            "SELECT pgp_sym_decrypt(value, 'bench-passphrase') FROM pgcrypto_values WHERE name = 'bench/' || :i;",
+        ),
+    ];
+    let rows: Vec<Row> = reads
+        .iter()
+        .enumerate()
+        .map(|(index, (label, sql))| {
+            let script = scripts.join(format!("read-{index}.sql"));
+            fs::write(&script, format!("\\set i random(1, {ROWS})\n{sql}\n")).unwrap();
+            let (seconds, port) = (seconds.to_string(), cluster.port);
+            Row {
+                label: label.to_string(),
+                pgbench: Box::new(move || {
+                    let mut command = Command::new("pgbench");
+                    command
+                        .args([
+                            "-n", "-M", "prepared", "-c", "2", "-j", "2", "-T", &seconds, "-f",
+                        ])
+                        .arg(&script);
+                    with_superuser(command, port)
+                }),
+            }
+        })
+        .collect();
+    measure(
+        &format!("Reading a 1 KB value: pgbench -M prepared, 2 clients, {seconds} s per run"),
+        &rows,
+        &[0, 0, 0],
+        rounds,
     );
-    println!("| what | reads/s | ratio to plain lookup |");
-    println!("| --- | ---: | ---: |");
-    for (row, row_tps) in ROWS_UNDER_TEST.iter().zip(&tps) {
-        let ratios: Vec<f64> = row_tps
-            .iter()
-            .zip(&tps[0])
-            .map(|(tps, plain)| tps / plain)
-            .collect();
-        println!(
-            "| {} | {:.0} | {:.2} |",
-            row.name,
-            median(row_tps),
-            median(&ratios)
-        );
-    }
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
+fn with_superuser(mut command: Command, port: u16) -> Command {
+    command
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", port.to_string())
+        .env("PGUSER", pg_secrets_e2e::SUPERUSER)
+        .env("PGPASSWORD", pg_secrets_e2e::SUPERUSER_PASSWORD)
+        .env("PGDATABASE", "postgres");
+    command
+}
+
+/// PgBouncer from Debian, session mode, trusting loopback clients like the proxy does; as
+/// root it runs as the postgres system user, since it refuses to run as root.
+fn start_pgbouncer(cluster: &Cluster, port: u16) -> std::process::Child {
+    let dir = cluster.dir().join("pgbouncer");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("userlist.txt"), "\"app\" \"\"\n").unwrap();
+    fs::write(
+        dir.join("pgbouncer.ini"),
+        format!(
+            "[databases]\nappdb = host=127.0.0.1 port={} dbname=postgres user=app password={APP_PASSWORD}\n\
+             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+             auth_type = trust\nauth_file = {}/userlist.txt\npool_mode = session\n\
+             max_client_conn = 500\ndefault_pool_size = 60\nlogfile = {}/pgbouncer.log\n\
+             pidfile = {}/pgbouncer.pid\n",
+            cluster.port,
+            dir.display(),
+            dir.display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let as_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .unwrap()
+        .stdout
+        .starts_with(b"0");
+    if as_root {
+        Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+    }
+    let ini = dir.join("pgbouncer.ini");
+    let mut command = if as_root {
+        let mut command = Command::new("runuser");
+        command
+            .args(["-u", "postgres", "--", "/usr/sbin/pgbouncer"])
+            .arg(&ini);
+        command
+    } else {
+        let mut command = Command::new("/usr/sbin/pgbouncer");
+        command.arg("-q").arg(&ini);
+        command
+    };
+    let child = command
+        .spawn()
+        .expect("pgbouncer (Debian package pgbouncer)");
+    for _ in 0..50 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return child;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!(
+        "pgbouncer did not start; see {}",
+        dir.join("pgbouncer.log").display()
+    );
+}
+
+/// Through its pid file: as root the child is `runuser`, not pgbouncer itself.
+fn stop_pgbouncer(cluster: &Cluster, child: &mut std::process::Child) {
+    let pid_file = cluster.dir().join("pgbouncer/pgbouncer.pid");
+    if let Ok(pid) = fs::read_to_string(pid_file) {
+        let _ = Command::new("kill").arg(pid.trim()).status();
+    }
+    let _ = child.wait();
+}
+
+fn proxy_benchmark(cluster: &Cluster, seconds: &str, rounds: u32) {
+    let mut db = cluster.superuser();
+    db.batch_execute(&format!(
+        "CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}';
+         CREATE ROLE proxy LOGIN PASSWORD 'proxy-pw' IN ROLE secrets_reader;
+         GRANT CREATE ON SCHEMA public TO app;"
+    ))
+    .unwrap();
+    let credential = format!(
+        r#"{{"engine": "postgres", "host": "127.0.0.1", "port": {}, "dbname": "postgres", "username": "app", "password": "{APP_PASSWORD}"}}"#,
+        cluster.port
+    );
+    db.execute("SELECT secrets.create_secret('db/app', $1)", &[&credential])
+        .unwrap();
+    let init = Command::new("pgbench")
+        .args([
+            "-i",
+            "-q",
+            "-s",
+            "1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &cluster.port.to_string(),
+            "-U",
+            "app",
+            "postgres",
+        ])
+        .env("PGPASSWORD", APP_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+
+    let proxy = RunningProxy::start(
+        Config::parse(&format!(
+            "[listen]\ntcp = \"127.0.0.1:0\"\n[store]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"proxy\"\n\
+             password = \"proxy-pw\"\n[[route]]\ndatabase = \"appdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n",
+            cluster.port
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let bouncer_port = pg_secrets_e2e::free_port();
+    let mut bouncer = start_pgbouncer(cluster, bouncer_port);
+
+    let paths: [(&str, u16, &str); 3] = [
+        ("direct", cluster.port, "postgres"),
+        ("PgBouncer (session)", bouncer_port, "appdb"),
+        ("secrets-proxy", proxy.tcp_address.unwrap().port(), "appdb"),
+    ];
+    let modes: [(&str, &[&str]); 3] = [
+        ("-S -c 10", &["-c", "10"]),
+        ("-S -c 50", &["-c", "50"]),
+        ("-S -C -c 10", &["-C", "-c", "10"]),
+    ];
+    let mut rows = Vec::new();
+    let mut baseline = Vec::new();
+    for (mode, mode_args) in modes {
+        let first_of_mode = rows.len();
+        for (path, port, database) in paths {
+            let mode_args: Vec<String> = mode_args.iter().map(|a| a.to_string()).collect();
+            let seconds = seconds.to_string();
+            rows.push(Row {
+                label: format!("{mode} {path}"),
+                pgbench: Box::new(move || {
+                    let mut command = Command::new("pgbench");
+                    command
+                        .args(["-n", "-S", "-j", "2", "-T", &seconds])
+                        .args(&mode_args)
+                        .args([
+                            "-h",
+                            "127.0.0.1",
+                            "-p",
+                            &port.to_string(),
+                            "-U",
+                            "app",
+                            database,
+                        ])
+                        .env("PGPASSWORD", APP_PASSWORD);
+                    command
+                }),
+            });
+            baseline.push(first_of_mode);
+        }
+    }
+    measure(
+        &format!("pgbench -S (select only), {seconds} s per run; ratio to direct"),
+        &rows,
+        &baseline,
+        rounds,
+    );
+    stop_pgbouncer(cluster, &mut bouncer);
+    drop(proxy);
 }
