@@ -18,6 +18,7 @@ install: setup
 	@echo "install: pg_secrets installed into PostgreSQL 15"
 
 run: install
+	@cargo build --quiet --release --package secrets-proxy
 	@scripts/demo.sh start
 
 stop:

@@ -10,6 +10,8 @@ ROOT="$PWD/.pg"
 DATA="$ROOT/data"
 KEY_FILE="$ROOT/master.key"
 PORT="${PG_SECRETS_PORT:-54329}"
+PROXY_PORT="${SECRETS_PROXY_PORT:-6432}"
+PROXY_PID="$ROOT/proxy.pid"
 
 # initdb refuses to run as root: then the server runs as the postgres system user.
 as_server_user() {
@@ -20,13 +22,42 @@ psql_demo() {
     as_server_user "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$ROOT" -p "$PORT" -U postgres -d postgres "$@"
 }
 
+stop_proxy() {
+    if [ -f "$PROXY_PID" ] && kill "$(cat "$PROXY_PID")" 2>/dev/null; then
+        echo "stopped secrets-proxy"
+    fi
+    rm -f "$PROXY_PID"
+}
+
 stop() {
+    stop_proxy
     if [ -f "$DATA/postmaster.pid" ]; then
         as_server_user "$PG_BIN/pg_ctl" stop -D "$DATA" -m fast -s -w
         echo "stopped the pg_secrets demo cluster"
     else
         echo "the pg_secrets demo cluster is not running"
     fi
+}
+
+start_proxy() {
+    stop_proxy
+    cat >"$ROOT/proxy.toml" <<TOML
+[listen]
+tcp = "127.0.0.1:$PROXY_PORT"
+admin = "127.0.0.1:$((PROXY_PORT + 1))"
+
+[store]
+host = "$ROOT"
+port = $PORT
+user = "secrets_proxy"
+
+[[route]]
+database = "demo"
+secret = "demo/app/db"
+allow = ["trust"]
+TOML
+    target/release/secrets-proxy --config "$ROOT/proxy.toml" >"$ROOT/proxy.log" 2>&1 &
+    echo $! >"$PROXY_PID"
 }
 
 start() {
@@ -54,15 +85,31 @@ CONF
     if ! as_server_user "$PG_BIN/pg_ctl" status -D "$DATA" >/dev/null 2>&1; then
         as_server_user "$PG_BIN/pg_ctl" start -D "$DATA" -l "$ROOT/server.log" -s -w -t 60
     fi
-    psql_demo -t -o /dev/null <<'SQL'
+    # A login role `app` whose password only pg_secrets knows, and the role the proxy reads
+    # credentials as (over the Unix socket, no password).
+    psql_demo -t -o /dev/null -v port="$PORT" <<'SQL'
 SET client_min_messages = warning;
 CREATE EXTENSION IF NOT EXISTS pg_secrets;
 SELECT secrets.create_secret('demo/app/db',
-         json_build_object('engine', 'postgres', 'host', '', 'port', 5432, 'dbname', 'postgres',
+         json_build_object('engine', 'postgres', 'host', '127.0.0.1', 'port', :port, 'dbname', 'postgres',
                            'username', 'app', 'password', secrets.get_random_password())::text,
          description => 'Sample database credential created by make run')
  WHERE NOT EXISTS (SELECT FROM secrets.list_secrets('demo/app/db'));
+DO $demo$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app') THEN
+        CREATE ROLE app LOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'secrets_proxy') THEN
+        CREATE ROLE secrets_proxy LOGIN IN ROLE secrets_reader;
+    END IF;
+    -- Inside PL/pgSQL, so the statement with the password is never logged as text.
+    EXECUTE format('ALTER ROLE app PASSWORD %L',
+                   secrets.get_secret_value('demo/app/db')::json ->> 'password');
+END
+$demo$;
 SQL
+    start_proxy
     local connect="psql -h $ROOT -p $PORT -U postgres postgres"
     if [ "$(id -u)" -eq 0 ]; then connect="runuser -u postgres -- $connect"; fi
     cat <<TXT
@@ -70,6 +117,10 @@ SQL
 pg_secrets is running: PostgreSQL 15 on 127.0.0.1:$PORT, data in .pg/, key in .pg/master.key.
 
 Connect:   $connect
+
+secrets-proxy listens on 127.0.0.1:$PROXY_PORT; connect as the application would, with no password:
+           psql -h 127.0.0.1 -p $PROXY_PORT -d demo -c 'SELECT current_user'
+           (logs in as "app" with the password in secret demo/app/db; log: .pg/proxy.log)
 
 Try:
   SELECT * FROM secrets.list_secrets();
