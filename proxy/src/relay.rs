@@ -86,9 +86,8 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let mut from_client = Framing::default();
-    let mut from_server = Framing::default();
     // The greeting ended with ReadyForQuery(idle).
-    from_server.last = Some((b'Z', Some(b'I')));
+    let mut from_server = Framing { last: Some((b'Z', Some(b'I'))), ..Framing::default() };
     let mut client_buffer = vec![0u8; 64 * 1024];
     let mut server_buffer = vec![0u8; 64 * 1024];
     loop {

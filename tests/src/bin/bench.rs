@@ -88,7 +88,7 @@ fn main() {
     let rounds = env_number("BENCH_ROUNDS", 3);
     let cluster = Cluster::start_with(
         pg_secrets_e2e::KeySource::File(pg_secrets_e2e::TEST_KEY.into()),
-        &["max_connections = 150"],
+        &["max_connections = 300"],
     );
     let scripts = cluster.dir().join("bench");
     fs::create_dir_all(&scripts).unwrap();
@@ -157,7 +157,7 @@ fn with_superuser(mut command: Command, port: u16) -> Command {
 
 /// PgBouncer from Debian, session mode, trusting loopback clients like the proxy does; as
 /// root it runs as the postgres system user, since it refuses to run as root.
-fn start_pgbouncer(cluster: &Cluster, port: u16) -> std::process::Child {
+fn start_pgbouncer(cluster: &Cluster, port: u16) -> PgBouncer {
     let dir = cluster.dir().join("pgbouncer");
     fs::create_dir_all(&dir).unwrap();
     fs::write(dir.join("userlist.txt"), "\"app\" \"\"\n").unwrap();
@@ -204,9 +204,10 @@ fn start_pgbouncer(cluster: &Cluster, port: u16) -> std::process::Child {
     let child = command
         .spawn()
         .expect("pgbouncer (Debian package pgbouncer)");
+    let bouncer = PgBouncer { child, pid_file: dir.join("pgbouncer.pid") };
     for _ in 0..50 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return child;
+            return bouncer;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -216,13 +217,21 @@ fn start_pgbouncer(cluster: &Cluster, port: u16) -> std::process::Child {
     );
 }
 
-/// Through its pid file: as root the child is `runuser`, not pgbouncer itself.
-fn stop_pgbouncer(cluster: &Cluster, child: &mut std::process::Child) {
-    let pid_file = cluster.dir().join("pgbouncer/pgbouncer.pid");
-    if let Ok(pid) = fs::read_to_string(pid_file) {
-        let _ = Command::new("kill").arg(pid.trim()).status();
+/// A running PgBouncer, stopped when dropped (also when the bench panics).
+struct PgBouncer {
+    child: std::process::Child,
+    pid_file: std::path::PathBuf,
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        // Through its pid file: as root the child is `runuser`, not pgbouncer itself.
+        if let Ok(pid) = fs::read_to_string(&self.pid_file) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
-    let _ = child.wait();
 }
 
 fn proxy_benchmark(cluster: &Cluster, seconds: &str, rounds: u32) {
@@ -265,14 +274,14 @@ fn proxy_benchmark(cluster: &Cluster, seconds: &str, rounds: u32) {
     let proxy = RunningProxy::start(
         Config::parse(&format!(
             "[listen]\ntcp = \"127.0.0.1:0\"\n[store]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"proxy\"\n\
-             password = \"proxy-pw\"\n[[route]]\ndatabase = \"appdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n",
+             password = \"proxy-pw\"\n[limits]\npool_max_idle = 60\n[[route]]\ndatabase = \"appdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n",
             cluster.port
         ))
         .unwrap(),
     )
     .unwrap();
     let bouncer_port = pg_secrets_e2e::free_port();
-    let mut bouncer = start_pgbouncer(cluster, bouncer_port);
+    let bouncer = start_pgbouncer(cluster, bouncer_port);
 
     let paths: [(&str, u16, &str); 3] = [
         ("direct", cluster.port, "postgres"),
@@ -320,6 +329,6 @@ fn proxy_benchmark(cluster: &Cluster, seconds: &str, rounds: u32) {
         &baseline,
         rounds,
     );
-    stop_pgbouncer(cluster, &mut bouncer);
+    drop(bouncer);
     drop(proxy);
 }
