@@ -6,7 +6,7 @@ PG_CONFIG := /usr/lib/postgresql/15/bin/pg_config
 SUDO_FLAG := $(if $(filter 0,$(shell id -u)),,--sudo)
 PGRX_TEST_DATA := $(CURDIR)/target/pgrx-test-data
 
-.PHONY: setup install run stop test unit-test e2e-test bench lint clean-pg
+.PHONY: setup install run stop test unit-test e2e-test bench lint
 
 setup:
 	@scripts/setup.sh
@@ -33,9 +33,10 @@ unit-test: setup
 		cargo pgrx test pg15 --package pg_secrets --runas postgres --pgdata $(PGRX_TEST_DATA); \
 	else cargo pgrx test pg15 --package pg_secrets; fi
 
-# Real clusters, real clients. Runs after unit-test has replaced the installed library with
+# The proxy's own unit tests, then real clusters and real clients. Runs after unit-test has replaced the installed library with
 # its test build, so it installs the release build first.
 e2e-test: install
+	@cargo test --release --package secrets-proxy
 	@cargo test --release --package pg_secrets_e2e -- --test-threads=2
 
 bench: install

@@ -55,6 +55,9 @@ pub struct Limits {
     pub login_retry_budget_ms: u64,
     /// A cached credential is re-fetched after this long even without a notification.
     pub credential_ttl_secs: u64,
+    /// While the secrets store is unreachable, the last credential it gave keeps serving for
+    /// this long (with a warning and a metric); 0 turns that off.
+    pub stale_credential_secs: u64,
     pub backend_connect_timeout_ms: u64,
     /// Clients served at once; more wait in the kernel's accept queue.
     pub max_clients: usize,
@@ -73,6 +76,7 @@ impl Default for Limits {
         Limits {
             login_retry_budget_ms: 10_000,
             credential_ttl_secs: 300,
+            stale_credential_secs: 300,
             backend_connect_timeout_ms: 5_000,
             max_clients: 10_000,
             drain_timeout_secs: 30,
@@ -178,6 +182,89 @@ impl Config {
                 .map(|text| Some(text.trim_end_matches('\n').to_string()))
                 .map_err(|e| format!("cannot read [store] password_file {}: {e}", path.display())),
             (None, None) => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Config;
+
+    const BASE: &str = r#"
+        [listen]
+        tcp = "127.0.0.1:6432"
+        [store]
+        host = "127.0.0.1"
+        user = "proxy"
+    "#;
+
+    fn with(extra: &str) -> Result<Config, String> {
+        Config::parse(&format!("{BASE}\n{extra}"))
+    }
+
+    #[test]
+    fn defaults_and_route_matching() {
+        let config = with(
+            r#"
+            [[route]]
+            database = "app"
+            secret = "db/app"
+            allow = ["trust"]
+            [[route]]
+            database = "app"
+            user = "reporting"
+            secret = "db/app-ro"
+            allow = ["peer:*"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.store.port, 5432);
+        assert_eq!(config.limits.login_retry_budget_ms, 10_000);
+        assert_eq!(
+            config.route("app", "reporting").unwrap().secret,
+            "db/app-ro"
+        );
+        assert_eq!(config.route("app", "anyone").unwrap().secret, "db/app");
+        assert!(config.route("other", "anyone").is_none());
+    }
+
+    #[test]
+    fn every_rejected_configuration_says_why() {
+        let route = |allow: &str| {
+            format!("[[route]]\ndatabase = \"d\"\nsecret = \"s\"\nallow = [{allow}]\n")
+        };
+        let cases = [
+            (
+                "[listen]\n[store]\nhost = \"h\"\nuser = \"u\"".to_string(),
+                "needs tcp, unix_dir or both",
+            ),
+            (
+                "[listen]\nunix_dir = \"/tmp\"\n[store]\nhost = \"h\"\nuser = \"u\"".to_string(),
+                "needs unix_port",
+            ),
+            (
+                format!("{BASE}\npassword = \"a\"\npassword_file = \"/f\""),
+                "not both",
+            ),
+            (format!("{BASE}\n{}", route("")), "allow lists nobody"),
+            (format!("{BASE}\n{}", route("\"md5\"")), "is not \"trust\""),
+            (
+                format!("{BASE}\n{}", route("\"peer:\"")),
+                "is not \"trust\"",
+            ),
+            (
+                format!("{BASE}\n{}{}", route("\"trust\""), route("\"trust\"")),
+                "same database and user",
+            ),
+            (format!("{BASE}\nbogus = 1"), "unknown field"),
+            (
+                format!("{BASE}\n[[route]]\ndatabase = \"d\"\nallow = [\"trust\"]"),
+                "missing field `secret`",
+            ),
+        ];
+        for (text, words) in cases {
+            let error = Config::parse(&text).expect_err(&text);
+            assert!(error.contains(words), "{error:?} should say {words:?}");
         }
     }
 }

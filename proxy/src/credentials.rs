@@ -45,8 +45,16 @@ impl std::fmt::Debug for Credential {
     }
 }
 
+/// Why a fetch failed: the store could not be reached (then the last known credential may
+/// serve for a while), or it answered with an error (access revoked, say: then it may not).
+#[derive(Clone, Debug)]
+enum FetchError {
+    Unreachable(String),
+    Refused(String),
+}
+
 /// `None`: the secret has no version with that stage (no rotation under way, say).
-type Fetched = Result<Option<Arc<Credential>>, String>;
+type Fetched = Result<Option<Arc<Credential>>, FetchError>;
 
 struct Entry {
     cell: Arc<OnceCell<Fetched>>,
@@ -57,17 +65,29 @@ pub struct CredentialCache {
     store: Store,
     store_password: Option<String>,
     ttl: Duration,
+    stale_limit: Duration,
     entries: Mutex<HashMap<(String, &'static str), Entry>>,
+    /// The last credential the store gave for each (secret, stage), and when.
+    last_known: Mutex<HashMap<(String, &'static str), (Arc<Credential>, Instant)>>,
+    pub stale_served: std::sync::atomic::AtomicU64,
     client: tokio::sync::Mutex<Option<Client>>,
 }
 
 impl CredentialCache {
-    pub fn new(store: Store, store_password: Option<String>, ttl: Duration) -> Arc<Self> {
+    pub fn new(
+        store: Store,
+        store_password: Option<String>,
+        ttl: Duration,
+        stale_limit: Duration,
+    ) -> Arc<Self> {
         Arc::new(CredentialCache {
             store,
             store_password,
             ttl,
+            stale_limit,
             entries: Mutex::new(HashMap::new()),
+            last_known: Mutex::new(HashMap::new()),
+            stale_served: Default::default(),
             client: tokio::sync::Mutex::new(None),
         })
     }
@@ -110,15 +130,45 @@ impl CredentialCache {
             }
             entries[&key].cell.clone()
         };
-        let fetched = cell.get_or_init(|| self.fetch(secret, stage)).await;
-        if fetched.is_err() {
-            // A failed fetch is not cached: the next login asks the store again.
-            self.forget_entry(secret, stage, &cell);
+        let key = (secret.to_string(), stage);
+        match cell.get_or_init(|| self.fetch(secret, stage)).await.clone() {
+            Ok(Some(credential)) => {
+                let mut last_known = self.last_known.lock().expect("cache lock poisoned");
+                last_known.insert(key, (Arc::clone(&credential), Instant::now()));
+                Ok(Some(credential))
+            }
+            Ok(None) => Ok(None),
+            Err(error) => {
+                // A failed fetch is not cached: the next login asks the store again.
+                self.forget_entry(secret, stage, &cell);
+                let reason = match error {
+                    FetchError::Unreachable(reason) => {
+                        if let Some(credential) = self.stale(&key) {
+                            tracing::warn!(secret, stage, %reason, "secrets store unreachable; using the last known credential");
+                            return Ok(Some(credential));
+                        }
+                        reason
+                    }
+                    FetchError::Refused(reason) => reason,
+                };
+                Err(ProxyError::Store {
+                    secret: secret.to_string(),
+                    reason,
+                })
+            }
         }
-        fetched.clone().map_err(|reason| ProxyError::Store {
-            secret: secret.to_string(),
-            reason,
-        })
+    }
+
+    /// The last credential the store gave, if it is younger than the stale limit.
+    fn stale(&self, key: &(String, &'static str)) -> Option<Arc<Credential>> {
+        let last_known = self.last_known.lock().expect("cache lock poisoned");
+        let (credential, at) = last_known.get(key)?;
+        if at.elapsed() >= self.stale_limit {
+            return None;
+        }
+        self.stale_served
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(Arc::clone(credential))
     }
 
     fn forget_entry(&self, secret: &str, stage: &'static str, cell: &Arc<OnceCell<Fetched>>) {
@@ -163,7 +213,7 @@ impl CredentialCache {
                 .store_config()
                 .connect(NoTls)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| FetchError::Unreachable(e.to_string()))?;
             tokio::spawn(async move {
                 if let Err(error) = connection.await {
                     tracing::warn!(%error, "connection to the secrets store ended");
@@ -182,8 +232,9 @@ impl CredentialCache {
         match result {
             Ok(row) => {
                 let text: String = row.get(0);
-                let json: CredentialJson = serde_json::from_str(&text)
-                    .map_err(|_| format!("secret \"{secret}\" is not credential JSON"))?;
+                let json: CredentialJson = serde_json::from_str(&text).map_err(|_| {
+                    FetchError::Refused(format!("secret \"{secret}\" is not credential JSON"))
+                })?;
                 Ok(Some(Arc::new(Credential {
                     host: json.host.filter(|h| !h.is_empty()),
                     port: json.port,
@@ -201,8 +252,8 @@ impl CredentialCache {
                 Ok(None)
             }
             Err(e) => Err(match e.as_db_error() {
-                Some(db) => format!("{} ({})", db.message(), db.code().code()),
-                None => e.to_string(),
+                Some(db) => FetchError::Refused(format!("{} ({})", db.message(), db.code().code())),
+                None => FetchError::Unreachable(e.to_string()),
             }),
         }
     }

@@ -27,50 +27,76 @@ fn closed(what: &str) -> ProxyError {
     ProxyError::Protocol(format!("connection closed {what}"))
 }
 
+/// What one startup-phase packet asks for.
+#[derive(Debug, PartialEq)]
+pub enum Packet {
+    /// SSLRequest or GSSENCRequest: answer 'N' and read the next packet.
+    EncryptionRequest,
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
+    Startup(BTreeMap<String, String>),
+}
+
+/// Checks a packet's length word before anything is allocated for its body.
+pub fn check_length(length: i32) -> Result<usize, ProxyError> {
+    if (8..=MAX_STARTUP_PACKET as i32).contains(&length) {
+        Ok(length as usize)
+    } else {
+        Err(ProxyError::Protocol(format!(
+            "packet length {length} is outside 8..={MAX_STARTUP_PACKET}"
+        )))
+    }
+}
+
+/// Parses a startup-phase packet body (everything after the length word). Pure, so the fuzz
+/// target in `proxy/fuzz` can drive it with arbitrary bytes.
+pub fn parse_packet(body: &[u8]) -> Result<Packet, ProxyError> {
+    let length = check_length(body.len() as i32 + 4)?;
+    let word = |at: usize| i32::from_be_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]);
+    match (word(0), length) {
+        (SSL_REQUEST | GSSENC_REQUEST, 8) => Ok(Packet::EncryptionRequest),
+        (CANCEL_REQUEST, 16) => Ok(Packet::Cancel {
+            pid: word(4),
+            secret: word(8),
+        }),
+        _ => parse_startup(length as i32, body).map(Packet::Startup),
+    }
+}
+
 pub async fn read_opening<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
 ) -> Result<Opening, ProxyError> {
     for _ in 0..=MAX_NEGOTIATIONS {
-        let length = stream
-            .read_i32()
-            .await
-            .map_err(|_| closed("before the startup packet"))?;
-        if !(8..=MAX_STARTUP_PACKET as i32).contains(&length) {
-            return Err(ProxyError::Protocol(format!(
-                "packet length {length} is outside 8..={MAX_STARTUP_PACKET}"
-            )));
-        }
-        let mut body = vec![0u8; length as usize - 4];
+        let length = check_length(
+            stream
+                .read_i32()
+                .await
+                .map_err(|_| closed("before the startup packet"))?,
+        )?;
+        let mut body = vec![0u8; length - 4];
         stream
             .read_exact(&mut body)
             .await
             .map_err(|_| closed("in the middle of a packet"))?;
-        let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-        match (code, length) {
-            (SSL_REQUEST | GSSENC_REQUEST, 8) => {
-                // No encryption on this listener: 'N' tells the client to go on in plaintext
-                // (or to give up, if it requires encryption).
+        match parse_packet(&body)? {
+            // No encryption on this listener: 'N' tells the client to go on in plaintext (or
+            // to give up, if it requires encryption).
+            Packet::EncryptionRequest => {
                 stream
                     .write_all(b"N")
                     .await
                     .map_err(|_| closed("during negotiation"))?;
             }
-            (CANCEL_REQUEST, 16) => {
-                let word = |at: usize| {
-                    i32::from_be_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]])
-                };
-                return Ok(Opening::Cancel {
-                    pid: word(4),
-                    secret: word(8),
-                });
-            }
-            _ => return parse_startup(length, body).map(Opening::Startup),
+            Packet::Cancel { pid, secret } => return Ok(Opening::Cancel { pid, secret }),
+            Packet::Startup(parameters) => return Ok(Opening::Startup(parameters)),
         }
     }
     Err(ProxyError::Protocol("too many encryption requests".into()))
 }
 
-fn parse_startup(length: i32, body: Vec<u8>) -> Result<BTreeMap<String, String>, ProxyError> {
+fn parse_startup(length: i32, body: &[u8]) -> Result<BTreeMap<String, String>, ProxyError> {
     let (major, minor) = (
         u16::from_be_bytes([body[0], body[1]]),
         u16::from_be_bytes([body[2], body[3]]),
@@ -80,7 +106,7 @@ fn parse_startup(length: i32, body: Vec<u8>) -> Result<BTreeMap<String, String>,
     }
     let mut packet = BytesMut::with_capacity(length as usize);
     packet.put_i32(length);
-    packet.extend_from_slice(&body);
+    packet.extend_from_slice(body);
     let startup = Startup::decode(&mut packet, &DecodeContext::default())
         .map_err(|e| ProxyError::Protocol(e.to_string()))?
         .ok_or_else(|| ProxyError::Protocol("incomplete startup packet".into()))?;
@@ -116,4 +142,79 @@ pub fn authentication_ok() -> BytesMut {
         .encode(&mut buffer)
         .expect("AuthenticationOk always encodes");
     buffer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn startup(version: i32, pairs: &[(&str, &str)]) -> Vec<u8> {
+        let mut body = version.to_be_bytes().to_vec();
+        for (key, value) in pairs {
+            body.extend_from_slice(key.as_bytes());
+            body.push(0);
+            body.extend_from_slice(value.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        body
+    }
+
+    #[test]
+    fn packets_of_every_kind() {
+        assert_eq!(
+            parse_packet(&80_877_103i32.to_be_bytes()).unwrap(),
+            Packet::EncryptionRequest
+        );
+        assert_eq!(
+            parse_packet(&80_877_104i32.to_be_bytes()).unwrap(),
+            Packet::EncryptionRequest
+        );
+        let mut cancel = 80_877_102i32.to_be_bytes().to_vec();
+        cancel.extend_from_slice(&7i32.to_be_bytes());
+        cancel.extend_from_slice(&(-9i32).to_be_bytes());
+        assert_eq!(
+            parse_packet(&cancel).unwrap(),
+            Packet::Cancel { pid: 7, secret: -9 }
+        );
+        let Packet::Startup(parameters) =
+            parse_packet(&startup(3 << 16, &[("user", "u"), ("database", "d")])).unwrap()
+        else {
+            panic!("not a startup packet")
+        };
+        assert_eq!(parameters["database"], "d");
+    }
+
+    #[test]
+    fn refusals_have_protocol_sqlstates() {
+        for body in [
+            startup(2 << 16, &[("user", "u")]),
+            startup(3 << 16, &[("database", "d")]),
+            startup(3 << 16, &[("user", "u"), ("replication", "true")]),
+            vec![0, 3, 0],
+            vec![0u8; MAX_STARTUP_PACKET],
+        ] {
+            let error = parse_packet(&body).unwrap_err();
+            assert_eq!(error.sqlstate(), "08P01", "{error}");
+        }
+        assert!(
+            check_length(-1).is_err() && check_length(7).is_err() && check_length(10_001).is_err()
+        );
+        assert_eq!(check_length(10_000).unwrap(), 10_000);
+    }
+
+    /// The fuzz target's property, run on a fixed seed in every `make test`: no input panics.
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5ec2e75);
+        for _ in 0..20_000 {
+            let length = rng.gen_range(0..64);
+            let mut body: Vec<u8> = (0..length).map(|_| rng.gen()).collect();
+            if rng.gen_bool(0.5) && body.len() >= 4 {
+                body[..4].copy_from_slice(&(3i32 << 16).to_be_bytes());
+            }
+            let _ = parse_packet(&body);
+        }
+    }
 }

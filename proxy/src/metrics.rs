@@ -25,7 +25,8 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn render(&self) -> String {
+    /// `stale_served`: logins that used a last known credential while the store was away.
+    pub fn render(&self, stale_served: u64) -> String {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         format!(
             "# TYPE secrets_proxy_connections_total counter\n\
@@ -43,7 +44,9 @@ impl Metrics {
              # TYPE secrets_proxy_rejected_clients_total counter\n\
              secrets_proxy_rejected_clients_total {}\n\
              # TYPE secrets_proxy_pool_reuses_total counter\n\
-             secrets_proxy_pool_reuses_total {}\n",
+             secrets_proxy_pool_reuses_total {}\n\
+             # TYPE secrets_proxy_stale_credentials_served_total counter\n\
+             secrets_proxy_stale_credentials_served_total {}\n",
             get(&self.connections),
             get(&self.active),
             get(&self.logins),
@@ -53,6 +56,7 @@ impl Metrics {
             get(&self.store_retries),
             get(&self.rejected_clients),
             get(&self.pool_reuses),
+            stale_served,
         )
     }
 }

@@ -87,7 +87,10 @@ where
 {
     let mut from_client = Framing::default();
     // The greeting ended with ReadyForQuery(idle).
-    let mut from_server = Framing { last: Some((b'Z', Some(b'I'))), ..Framing::default() };
+    let mut from_server = Framing {
+        last: Some((b'Z', Some(b'I'))),
+        ..Framing::default()
+    };
     let mut client_buffer = vec![0u8; 64 * 1024];
     let mut server_buffer = vec![0u8; 64 * 1024];
     loop {

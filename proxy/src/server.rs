@@ -89,6 +89,7 @@ impl Proxy {
             config.store.clone(),
             store_password,
             Duration::from_secs(config.limits.credential_ttl_secs),
+            Duration::from_secs(config.limits.stale_credential_secs),
         );
         let tcp = match config.listen.tcp {
             Some(address) => Some(
@@ -454,7 +455,8 @@ async fn serve_admin(listener: TcpListener, shared: Arc<Shared>, _shutdown: watc
             }
             let line = String::from_utf8_lossy(&request);
             let (status, body) = if line.starts_with("GET /metrics") {
-                ("200 OK", shared.metrics.render())
+                let stale = shared.credentials.stale_served.load(Ordering::Relaxed);
+                ("200 OK", shared.metrics.render(stale))
             } else if line.starts_with("GET /health") {
                 ("200 OK", "ok\n".to_string())
             } else {

@@ -542,3 +542,64 @@ fn server_connections_are_reused_clean_and_only_when_idle() {
         "{metrics}"
     );
 }
+
+#[test]
+fn the_last_known_credential_serves_for_a_while_when_the_store_is_down() {
+    // The application's database and the secrets store are two clusters here, so the store
+    // can go away while the database stays.
+    let database = Cluster::start();
+    database
+        .superuser()
+        .batch_execute("CREATE ROLE app LOGIN PASSWORD 'pw-0'")
+        .unwrap();
+    let mut store = Cluster::start();
+    let mut db = store.superuser();
+    db.batch_execute("CREATE ROLE proxy LOGIN PASSWORD 'proxy-pw' IN ROLE secrets_reader")
+        .unwrap();
+    db.execute(
+        "SELECT secrets.create_secret('db/app', $1)",
+        &[&credential_json(&database, "pw-0")],
+    )
+    .unwrap();
+    drop(db);
+    let proxy = RunningProxy::start(
+        Config::parse(&format!(
+            "[listen]\ntcp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+             [store]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"proxy\"\npassword = \"proxy-pw\"\n\
+             [limits]\nstale_credential_secs = 3\nlogin_retry_budget_ms = 500\npool_max_idle = 0\n\
+             [[route]]\ndatabase = \"appdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n",
+            store.port
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let connect = || {
+        Client::connect(
+            &format!(
+                "host=127.0.0.1 port={} user=u dbname=appdb",
+                proxy.tcp_address.unwrap().port()
+            ),
+            NoTls,
+        )
+    };
+    connect().unwrap().query_one("SELECT 1", &[]).unwrap();
+
+    store.stop("immediate");
+    std::thread::sleep(Duration::from_millis(500));
+    let mut during = connect().expect("the last known credential still logs in");
+    during.query_one("SELECT 1", &[]).unwrap();
+    let metrics = http_get(proxy.admin_address.unwrap(), "/metrics");
+    assert!(
+        !metrics.contains("secrets_proxy_stale_credentials_served_total 0"),
+        "{metrics}"
+    );
+
+    // Past the bound, the client is told the store is unreachable.
+    std::thread::sleep(Duration::from_secs(3));
+    let error = connect().err().expect("no credential past the stale bound");
+    assert_eq!(
+        error.as_db_error().unwrap().code().code(),
+        "08006",
+        "{error}"
+    );
+}

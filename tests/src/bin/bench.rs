@@ -204,7 +204,10 @@ fn start_pgbouncer(cluster: &Cluster, port: u16) -> PgBouncer {
     let child = command
         .spawn()
         .expect("pgbouncer (Debian package pgbouncer)");
-    let bouncer = PgBouncer { child, pid_file: dir.join("pgbouncer.pid") };
+    let bouncer = PgBouncer {
+        child,
+        pid_file: dir.join("pgbouncer.pid"),
+    };
     for _ in 0..50 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return bouncer;
