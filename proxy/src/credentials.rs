@@ -53,6 +53,9 @@ enum FetchError {
     Refused(String),
 }
 
+/// A cache key: secret name and staging label.
+type Key = (String, &'static str);
+
 /// `None`: the secret has no version with that stage (no rotation under way, say).
 type Fetched = Result<Option<Arc<Credential>>, FetchError>;
 
@@ -66,9 +69,9 @@ pub struct CredentialCache {
     store_password: Option<String>,
     ttl: Duration,
     stale_limit: Duration,
-    entries: Mutex<HashMap<(String, &'static str), Entry>>,
+    entries: Mutex<HashMap<Key, Entry>>,
     /// The last credential the store gave for each (secret, stage), and when.
-    last_known: Mutex<HashMap<(String, &'static str), (Arc<Credential>, Instant)>>,
+    last_known: Mutex<HashMap<Key, (Arc<Credential>, Instant)>>,
     pub stale_served: std::sync::atomic::AtomicU64,
     client: tokio::sync::Mutex<Option<Client>>,
 }
@@ -160,7 +163,7 @@ impl CredentialCache {
     }
 
     /// The last credential the store gave, if it is younger than the stale limit.
-    fn stale(&self, key: &(String, &'static str)) -> Option<Arc<Credential>> {
+    fn stale(&self, key: &Key) -> Option<Arc<Credential>> {
         let last_known = self.last_known.lock().expect("cache lock poisoned");
         let (credential, at) = last_known.get(key)?;
         if at.elapsed() >= self.stale_limit {
