@@ -47,6 +47,16 @@ async fn read_message(stream: &mut TcpStream) -> Result<(u8, BytesMut), ProxyErr
     Ok((tag, body))
 }
 
+/// The server's ErrorResponse during login, with its own SQLSTATE and message.
+fn refused(target: &Target, body: BytesMut) -> ProxyError {
+    let (sqlstate, message) = error_fields(body);
+    ProxyError::LoginRefused {
+        route: target.route.clone(),
+        sqlstate,
+        message,
+    }
+}
+
 fn error_fields(mut body: BytesMut) -> (String, String) {
     let (mut sqlstate, mut message) = (String::from("08006"), String::new());
     while body.has_remaining() {
@@ -161,14 +171,7 @@ pub async fn login(
                 .map_err(|e| ProxyError::Backend(e.to_string()))?;
                 send(&mut stream, &mut out).await?;
             }
-            b'E' => {
-                let (sqlstate, message) = error_fields(body);
-                return Err(ProxyError::LoginRefused {
-                    route: target.route.clone(),
-                    sqlstate,
-                    message,
-                });
-            }
+            b'E' => return Err(refused(target, body)),
             b'N' | b'v' => {}
             other => {
                 return Err(ProxyError::Backend(format!(
@@ -184,14 +187,7 @@ pub async fn login(
     loop {
         let (tag, body) = read_message(&mut stream).await?;
         match tag {
-            b'E' => {
-                let (sqlstate, message) = error_fields(body);
-                return Err(ProxyError::LoginRefused {
-                    route: target.route.clone(),
-                    sqlstate,
-                    message,
-                });
-            }
+            b'E' => return Err(refused(target, body)),
             b'K' if body.len() == 8 => {
                 let mut key = body.clone();
                 cancel_key = Some((key.get_i32(), key.get_i32()));

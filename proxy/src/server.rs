@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
 
@@ -165,16 +165,16 @@ impl Proxy {
         let listener_task = self.shared.credentials.spawn_listener();
         let mut tasks = Vec::new();
         if let Some(listener) = self.tcp {
-            tasks.push(tokio::spawn(accept_tcp(
-                listener,
+            tasks.push(tokio::spawn(accept_clients(
+                ClientListener::Tcp(listener),
                 Arc::clone(&self.shared),
                 Arc::clone(&permits),
                 shutdown.clone(),
             )));
         }
         if let Some((listener, path)) = self.unix {
-            tasks.push(tokio::spawn(accept_unix(
-                listener,
+            tasks.push(tokio::spawn(accept_clients(
+                ClientListener::Unix(listener),
                 Arc::clone(&self.shared),
                 Arc::clone(&permits),
                 shutdown.clone(),
@@ -216,8 +216,48 @@ async fn remove_on_shutdown(path: PathBuf, mut shutdown: watch::Receiver<bool>) 
     let _ = std::fs::remove_file(path);
 }
 
-async fn accept_tcp(
-    listener: TcpListener,
+/// What a client connection is read and written through, whichever listener took it.
+trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}
+
+enum ClientListener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl ClientListener {
+    /// The next client and who it is.
+    async fn accept(&self, shared: &Shared) -> std::io::Result<(Box<dyn ClientStream>, Identity)> {
+        match self {
+            ClientListener::Tcp(listener) => {
+                let (stream, address) = listener.accept().await?;
+                stream.set_nodelay(true).ok();
+                let trusted = address.ip().is_loopback()
+                    || shared.config().listen.allow_trust_from_non_loopback;
+                let identity = if trusted {
+                    Identity::Trust(address)
+                } else {
+                    Identity::Unknown(address)
+                };
+                Ok((Box::new(stream), identity))
+            }
+            ClientListener::Unix(listener) => {
+                let (stream, _) = listener.accept().await?;
+                let user = stream.peer_cred().ok().and_then(|cred| {
+                    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(cred.uid()))
+                        .ok()
+                        .flatten()
+                });
+                let identity =
+                    Identity::Peer(user.map(|user| user.name).unwrap_or_else(|| "?".into()));
+                Ok((Box::new(stream), identity))
+            }
+        }
+    }
+}
+
+async fn accept_clients(
+    listener: ClientListener,
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
@@ -226,7 +266,7 @@ async fn accept_tcp(
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             return;
         };
-        let (stream, address) = match listener.accept().await {
+        let (stream, identity) = match listener.accept(&shared).await {
             Ok(accepted) => accepted,
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -234,49 +274,6 @@ async fn accept_tcp(
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
-        };
-        stream.set_nodelay(true).ok();
-        let config = shared.config();
-        let identity = if address.ip().is_loopback() || config.listen.allow_trust_from_non_loopback
-        {
-            Identity::Trust(address)
-        } else {
-            Identity::Unknown(address)
-        };
-        let shared = Arc::clone(&shared);
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            serve_client(stream, identity, shared, shutdown).await;
-            drop(permit);
-        });
-    }
-}
-
-async fn accept_unix(
-    listener: UnixListener,
-    shared: Arc<Shared>,
-    permits: Arc<Semaphore>,
-    shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let identity = match stream.peer_cred().ok().and_then(|cred| {
-            nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(cred.uid()))
-                .ok()
-                .flatten()
-        }) {
-            Some(user) => Identity::Peer(user.name),
-            None => Identity::Peer(String::from("?")),
         };
         let shared = Arc::clone(&shared);
         let shutdown = shutdown.clone();
@@ -306,6 +303,13 @@ async fn serve_client<S>(
             .fetch_add(1, Ordering::Relaxed);
         tracing::info!(%identity, %error, sqlstate = error.sqlstate(), "client refused");
         frontend::send_error(&mut client, &error).await;
+        // Closing with unread bytes from the client would reset the connection, and a reset
+        // can destroy the error message before the client reads it: say goodbye first, then
+        // drain briefly.
+        let _ = client.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let drain = async { while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {} };
+        let _ = tokio::time::timeout(Duration::from_millis(200), drain).await;
     }
 }
 
@@ -437,7 +441,6 @@ async fn reload_on_sighup(path: PathBuf, shared: Arc<Shared>, _shutdown: watch::
 }
 
 async fn serve_admin(listener: TcpListener, shared: Arc<Shared>, _shutdown: watch::Receiver<bool>) {
-    use tokio::io::AsyncReadExt;
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;
