@@ -12,8 +12,22 @@ pub struct Config {
     pub store: Store,
     #[serde(default)]
     pub limits: Limits,
+    pub tls: Option<Tls>,
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
+}
+
+/// TLS for clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// CA for client certificates; a verified certificate's common name is `cert:<name>`.
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse TCP clients that do not encrypt (Unix-socket clients are local).
+    #[serde(default)]
+    pub require: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,7 +108,8 @@ pub struct Route {
     pub database: String,
     pub user: Option<String>,
     pub secret: String,
-    /// Identities allowed: "trust" (loopback TCP), "peer:<os user>" or "peer:*" (Unix socket).
+    /// Identities allowed: "trust" (loopback TCP), "peer:<os user>" / "peer:*" (Unix socket),
+    /// "cert:<common name>" / "cert:*" (verified TLS client certificate).
     pub allow: Vec<String>,
     /// Overrides of the credential JSON's host, port and dbname.
     pub host: Option<String>,
@@ -142,11 +157,15 @@ impl Config {
                 return Err(format!("{place}: allow lists nobody"));
             }
             for entry in &route.allow {
-                let known =
-                    entry == "trust" || entry.strip_prefix("peer:").is_some_and(|u| !u.is_empty());
+                let known = entry == "trust"
+                    || ["peer:", "cert:"].iter().any(|prefix| {
+                        entry
+                            .strip_prefix(prefix)
+                            .is_some_and(|name| !name.is_empty())
+                    });
                 if !known {
                     return Err(format!(
-                        "{place}: allow entry {entry:?} is not \"trust\", \"peer:<user>\" or \"peer:*\""
+                        "{place}: allow entry {entry:?} is not \"trust\", \"peer:<user>\", \"cert:<name>\" or a * form"
                     ));
                 }
             }

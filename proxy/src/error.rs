@@ -28,6 +28,8 @@ pub enum ProxyError {
     Backend(String),
     #[error("the proxy is shutting down")]
     ShuttingDown,
+    #[error("this proxy requires TLS: connect with sslmode=require or stronger")]
+    TlsRequired,
 }
 
 impl ProxyError {
@@ -35,7 +37,7 @@ impl ProxyError {
         match self {
             ProxyError::Protocol(_) | ProxyError::UnsupportedProtocol { .. } => "08P01",
             ProxyError::UnknownRoute { .. } => "3D000",
-            ProxyError::NotAllowed { .. } => "28000",
+            ProxyError::NotAllowed { .. } | ProxyError::TlsRequired => "28000",
             ProxyError::Store { .. } | ProxyError::BadCredential(_) => "08006",
             ProxyError::Unreachable { .. } => "08001",
             ProxyError::LoginRefused { sqlstate, .. } => sqlstate,

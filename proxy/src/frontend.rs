@@ -9,6 +9,11 @@ use pgwire::messages::startup::{Authentication, Startup};
 use pgwire::messages::{DecodeContext, Message};
 use std::collections::BTreeMap;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::TlsAcceptor;
+
+/// What a client connection is read and written through: TCP, Unix socket, or TLS over TCP.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}
 
 /// Startup-phase packets are small; PostgreSQL itself caps them at 10,000 bytes.
 pub const MAX_STARTUP_PACKET: usize = 10_000;
@@ -30,8 +35,10 @@ fn closed(what: &str) -> ProxyError {
 /// What one startup-phase packet asks for.
 #[derive(Debug, PartialEq)]
 pub enum Packet {
-    /// SSLRequest or GSSENCRequest: answer 'N' and read the next packet.
-    EncryptionRequest,
+    /// SSLRequest: 'S' and a TLS handshake when TLS is configured, otherwise 'N'.
+    SslRequest,
+    /// GSSENCRequest: always 'N' (no GSSAPI here); the client goes on.
+    GssEncRequest,
     Cancel {
         pid: i32,
         secret: i32,
@@ -56,7 +63,8 @@ pub fn parse_packet(body: &[u8]) -> Result<Packet, ProxyError> {
     let length = check_length(body.len() as i32 + 4)?;
     let word = |at: usize| i32::from_be_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]);
     match (word(0), length) {
-        (SSL_REQUEST | GSSENC_REQUEST, 8) => Ok(Packet::EncryptionRequest),
+        (SSL_REQUEST, 8) => Ok(Packet::SslRequest),
+        (GSSENC_REQUEST, 8) => Ok(Packet::GssEncRequest),
         (CANCEL_REQUEST, 16) => Ok(Packet::Cancel {
             pid: word(4),
             secret: word(8),
@@ -65,9 +73,21 @@ pub fn parse_packet(body: &[u8]) -> Result<Packet, ProxyError> {
     }
 }
 
-pub async fn read_opening<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-) -> Result<Opening, ProxyError> {
+/// How the client's connection ended up: encrypted or not, and the common name of a verified
+/// client certificate.
+#[derive(Default)]
+pub struct Transport {
+    pub encrypted: bool,
+    pub certificate_name: Option<String>,
+}
+
+/// Reads the client's opening, answering encryption requests on the way: with `tls`, an
+/// SSLRequest upgrades `stream` in place to TLS.
+pub async fn read_opening(
+    stream: &mut Box<dyn ClientStream>,
+    tls: Option<&TlsAcceptor>,
+) -> Result<(Opening, Transport), ProxyError> {
+    let mut transport = Transport::default();
     for _ in 0..=MAX_NEGOTIATIONS {
         let length = check_length(
             stream
@@ -80,17 +100,40 @@ pub async fn read_opening<S: AsyncRead + AsyncWrite + Unpin>(
             .read_exact(&mut body)
             .await
             .map_err(|_| closed("in the middle of a packet"))?;
-        match parse_packet(&body)? {
-            // No encryption on this listener: 'N' tells the client to go on in plaintext (or
+        match (parse_packet(&body)?, tls) {
+            (Packet::SslRequest, Some(acceptor)) if !transport.encrypted => {
+                stream
+                    .write_all(b"S")
+                    .await
+                    .map_err(|_| closed("during negotiation"))?;
+                let plain = std::mem::replace(stream, Box::new(tokio::io::empty()));
+                let encrypted = acceptor
+                    .accept(plain)
+                    .await
+                    .map_err(|e| ProxyError::Protocol(format!("TLS handshake failed: {e}")))?;
+                transport.encrypted = true;
+                transport.certificate_name = encrypted
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(crate::tls::common_name);
+                *stream = Box::new(encrypted);
+            }
+            // No encryption of that kind here: 'N' tells the client to go on in plaintext (or
             // to give up, if it requires encryption).
-            Packet::EncryptionRequest => {
+            (Packet::SslRequest | Packet::GssEncRequest, _) => {
                 stream
                     .write_all(b"N")
                     .await
                     .map_err(|_| closed("during negotiation"))?;
             }
-            Packet::Cancel { pid, secret } => return Ok(Opening::Cancel { pid, secret }),
-            Packet::Startup(parameters) => return Ok(Opening::Startup(parameters)),
+            (Packet::Cancel { pid, secret }, _) => {
+                return Ok((Opening::Cancel { pid, secret }, transport))
+            }
+            (Packet::Startup(parameters), _) => {
+                return Ok((Opening::Startup(parameters), transport))
+            }
         }
     }
     Err(ProxyError::Protocol("too many encryption requests".into()))
@@ -165,11 +208,11 @@ mod tests {
     fn packets_of_every_kind() {
         assert_eq!(
             parse_packet(&80_877_103i32.to_be_bytes()).unwrap(),
-            Packet::EncryptionRequest
+            Packet::SslRequest
         );
         assert_eq!(
             parse_packet(&80_877_104i32.to_be_bytes()).unwrap(),
-            Packet::EncryptionRequest
+            Packet::GssEncRequest
         );
         let mut cancel = 80_877_102i32.to_be_bytes().to_vec();
         cancel.extend_from_slice(&7i32.to_be_bytes());

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod pool;
 pub mod relay;
 pub mod server;
+pub mod tls;
 
 pub use config::Config;
 pub use server::Proxy;

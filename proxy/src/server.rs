@@ -11,7 +11,7 @@ use crate::cancel::CancelRegistry;
 use crate::config::{Config, Route};
 use crate::credentials::CredentialCache;
 use crate::error::ProxyError;
-use crate::frontend::{self, Opening};
+use crate::frontend::{self, ClientStream, Opening};
 use crate::login::{self, LoginSettings};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
@@ -22,9 +22,10 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
 
 /// Who a client is, established without a password.
 #[derive(Debug, Clone)]
@@ -48,19 +49,27 @@ impl std::fmt::Display for Identity {
 }
 
 impl Identity {
-    fn allowed_on(&self, route: &Route) -> bool {
-        route.allow.iter().any(|entry| match self {
-            Identity::Trust(_) => entry == "trust",
-            Identity::Peer(user) => {
-                entry == "peer:*" || entry.strip_prefix("peer:") == Some(user.as_str())
-            }
-            Identity::Unknown(_) => false,
+    /// Whether the route lets this client in, by its transport identity or by the common name
+    /// of the TLS client certificate it presented.
+    fn allowed_on(&self, certificate: Option<&str>, route: &Route) -> bool {
+        route.allow.iter().any(|entry| {
+            let by_transport = match self {
+                Identity::Trust(_) => entry == "trust",
+                Identity::Peer(user) => {
+                    entry == "peer:*" || entry.strip_prefix("peer:") == Some(user.as_str())
+                }
+                Identity::Unknown(_) => false,
+            };
+            let by_certificate = certificate
+                .is_some_and(|name| entry == "cert:*" || entry.strip_prefix("cert:") == Some(name));
+            by_transport || by_certificate
         })
     }
 }
 
 pub struct Shared {
     config: RwLock<Arc<Config>>,
+    tls: RwLock<Option<TlsAcceptor>>,
     credentials: Arc<CredentialCache>,
     cancels: Arc<CancelRegistry>,
     pool: Pool,
@@ -125,7 +134,9 @@ impl Proxy {
             Duration::from_secs(config.limits.server_lifetime_secs),
             config.limits.pool_max_idle,
         );
+        let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
         let shared = Arc::new(Shared {
+            tls: RwLock::new(tls),
             pool,
             config: RwLock::new(Arc::new(config)),
             credentials,
@@ -216,10 +227,6 @@ async fn remove_on_shutdown(path: PathBuf, mut shutdown: watch::Receiver<bool>) 
     let _ = std::fs::remove_file(path);
 }
 
-/// What a client connection is read and written through, whichever listener took it.
-trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}
-
 enum ClientListener {
     Tcp(TcpListener),
     Unix(UnixListener),
@@ -284,14 +291,12 @@ async fn accept_clients(
     }
 }
 
-async fn serve_client<S>(
-    mut client: S,
+async fn serve_client(
+    mut client: Box<dyn ClientStream>,
     identity: Identity,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) {
     shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
     shared.metrics.active.fetch_add(1, Ordering::Relaxed);
     let result = session(&mut client, &identity, &shared, shutdown).await;
@@ -313,16 +318,15 @@ async fn serve_client<S>(
     }
 }
 
-async fn session<S>(
-    client: &mut S,
+async fn session(
+    client: &mut Box<dyn ClientStream>,
     identity: &Identity,
     shared: &Shared,
     shutdown: watch::Receiver<bool>,
-) -> Result<(), ProxyError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let parameters = match frontend::read_opening(client).await? {
+) -> Result<(), ProxyError> {
+    let tls = shared.tls.read().expect("tls lock poisoned").clone();
+    let (opening, transport) = frontend::read_opening(client, tls.as_ref()).await?;
+    let parameters = match opening {
         Opening::Cancel { pid, secret } => {
             shared.cancels.forward(pid, secret).await;
             return Ok(());
@@ -338,17 +342,23 @@ where
         .cloned()
         .unwrap_or_else(|| user.clone());
     let config = shared.config();
+    let local = matches!(identity, Identity::Peer(_));
+    if config.tls.as_ref().is_some_and(|tls| tls.require) && !transport.encrypted && !local {
+        return Err(ProxyError::TlsRequired);
+    }
     let route = config
         .route(&database, &user)
         .ok_or_else(|| ProxyError::UnknownRoute {
             database: database.clone(),
             user: user.clone(),
         })?;
-    if !identity.allowed_on(route) {
-        return Err(ProxyError::NotAllowed {
-            identity: identity.to_string(),
-            database,
-        });
+    let certificate = transport.certificate_name.as_deref();
+    if !identity.allowed_on(certificate, route) {
+        let identity = match certificate {
+            Some(name) => format!("{identity} with certificate \"{name}\""),
+            None => identity.to_string(),
+        };
+        return Err(ProxyError::NotAllowed { identity, database });
     }
     let settings = LoginSettings {
         budget: Duration::from_millis(config.limits.login_retry_budget_ms),
@@ -427,6 +437,13 @@ async fn reload_on_sighup(path: PathBuf, shared: Arc<Shared>, _shutdown: watch::
     while hangups.recv().await.is_some() {
         match Config::from_file(&path) {
             Ok(new) => {
+                match new.tls.as_ref().map(crate::tls::acceptor).transpose() {
+                    Ok(acceptor) => *shared.tls.write().expect("tls lock poisoned") = acceptor,
+                    Err(error) => {
+                        tracing::error!(%error, "configuration not reloaded");
+                        continue;
+                    }
+                }
                 let mut current = shared.config.write().expect("config lock poisoned");
                 // Listeners and the store connection stay as bound; routes and limits change.
                 let mut merged = new.clone();

@@ -1,0 +1,152 @@
+//! secrets-proxy with TLS for clients: psql with sslmode verify-full against the proxy's
+//! certificate, client certificates as identities, and plaintext refused when TLS is required.
+
+use pg_secrets_e2e::Cluster;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use secrets_proxy::{Config, RunningProxy};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+fn write_private(path: &Path, text: &str) {
+    fs::write(path, text).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// A CA, a server certificate for localhost, and a client certificate for "payments-service".
+fn make_pki(dir: &Path) -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "pg_secrets test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    client_params
+        .distinguished_name
+        .push(DnType::CommonName, "payments-service");
+    let client_cert = client_params.signed_by(&client_key, &issuer).unwrap();
+
+    let pki = Pki {
+        ca: dir.join("ca.pem"),
+        server_cert: dir.join("server.pem"),
+        server_key: dir.join("server.key"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+    };
+    fs::write(&pki.ca, ca_cert.pem()).unwrap();
+    fs::write(&pki.server_cert, server_cert.pem()).unwrap();
+    write_private(&pki.server_key, &server_key.serialize_pem());
+    fs::write(&pki.client_cert, client_cert.pem()).unwrap();
+    write_private(&pki.client_key, &client_key.serialize_pem());
+    pki
+}
+
+fn psql(port: u16, connection: &str) -> (bool, String) {
+    let output = Command::new("psql")
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-c",
+            "SELECT current_user || ' ' || ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        ])
+        .arg(format!(
+            "host=localhost port={port} dbname=appdb user=someone {connection}"
+        ))
+        .env("PGSSLCERT", "/nonexistent")
+        .env("PGSSLKEY", "/nonexistent")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[test]
+fn tls_clients_certificates_and_required_encryption() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE app LOGIN PASSWORD 'pw-0';
+         CREATE ROLE proxy LOGIN PASSWORD 'proxy-pw' IN ROLE secrets_reader;",
+    )
+    .unwrap();
+    let credential = format!(
+        r#"{{"engine": "postgres", "host": "127.0.0.1", "port": {}, "dbname": "postgres", "username": "app", "password": "pw-0"}}"#,
+        cluster.port
+    );
+    db.execute("SELECT secrets.create_secret('db/app', $1)", &[&credential])
+        .unwrap();
+    let pki = make_pki(cluster.dir());
+    let proxy = RunningProxy::start(
+        Config::parse(&format!(
+            "[listen]\ntcp = \"127.0.0.1:0\"\n\
+             [store]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"proxy\"\npassword = \"proxy-pw\"\n\
+             [tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\nrequire = true\n\
+             [[route]]\ndatabase = \"appdb\"\nsecret = \"db/app\"\nallow = [\"cert:payments-service\"]\n",
+            cluster.port,
+            pki.server_cert.display(),
+            pki.server_key.display(),
+            pki.ca.display()
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let port = proxy.tcp_address.unwrap().port();
+    let ca = pki.ca.display();
+
+    // The payments service, verifying the proxy and presenting its certificate, gets in.
+    let (ok, text) = psql(
+        port,
+        &format!(
+            "sslmode=verify-full sslrootcert={ca} sslcert={} sslkey={}",
+            pki.client_cert.display(),
+            pki.client_key.display()
+        ),
+    );
+    assert!(ok, "{text}");
+    // The proxy speaks plaintext to this server; what matters is who logged in.
+    assert!(text.starts_with("app"), "{text}");
+
+    // Encrypted but without a certificate: not the allowed identity.
+    let (ok, text) = psql(port, &format!("sslmode=verify-full sslrootcert={ca}"));
+    assert!(!ok && text.contains("may not use the route"), "{text}");
+
+    // Plaintext where TLS is required: a clear refusal.
+    let (ok, text) = psql(port, "sslmode=disable");
+    assert!(!ok && text.contains("requires TLS"), "{text}");
+
+    // A client that checks the proxy's certificate against another CA refuses to go on.
+    let other = tempfile::tempdir().unwrap();
+    let other_pki = make_pki(other.path());
+    let (ok, text) = psql(
+        port,
+        &format!("sslmode=verify-full sslrootcert={}", other_pki.ca.display()),
+    );
+    assert!(
+        !ok && (text.contains("certificate") || text.contains("SSL error")),
+        "{text}"
+    );
+}
