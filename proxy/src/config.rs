@@ -48,7 +48,7 @@ pub struct Listen {
 
 /// The PostgreSQL server where pg_secrets lives, and the role the proxy reads credentials as
 /// (it needs `get` on the route secrets).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Store {
     pub host: String,
@@ -60,6 +60,20 @@ pub struct Store {
     /// Password of `user`, if the store asks for one; prefer `password_file`.
     pub password: Option<String>,
     pub password_file: Option<PathBuf>,
+}
+
+/// The password never reaches a log line, even through `{:?}`.
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("dbname", &self.dbname)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_file", &self.password_file)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -219,6 +233,12 @@ mod tests {
 
     fn with(extra: &str) -> Result<Config, String> {
         Config::parse(&format!("{BASE}\n{extra}"))
+    }
+
+    #[test]
+    fn debug_output_hides_the_store_password() {
+        let config = with("password = \"hunter2\"").unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
     }
 
     #[test]
