@@ -58,6 +58,12 @@ allow = ["trust"]
 TOML
     target/release/secrets-proxy --config "$ROOT/proxy.toml" >"$ROOT/proxy.log" 2>&1 &
     echo $! >"$PROXY_PID"
+    sleep 0.5
+    if ! kill -0 "$(cat "$PROXY_PID")" 2>/dev/null; then
+        echo "secrets-proxy did not start (set SECRETS_PROXY_PORT to use another port than $PROXY_PORT):" >&2
+        tail -5 "$ROOT/proxy.log" >&2
+        rm -f "$PROXY_PID"
+    fi
 }
 
 start() {
