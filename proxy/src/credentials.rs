@@ -6,6 +6,7 @@
 
 use crate::config::Store;
 use crate::error::ProxyError;
+use crate::metrics::Metrics;
 use futures_util::StreamExt;
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -72,7 +73,7 @@ pub struct CredentialCache {
     entries: Mutex<HashMap<Key, Entry>>,
     /// The last credential the store gave for each (secret, stage), and when.
     last_known: Mutex<HashMap<Key, (Arc<Credential>, Instant)>>,
-    pub stale_served: std::sync::atomic::AtomicU64,
+    metrics: Arc<Metrics>,
     client: tokio::sync::Mutex<Option<Client>>,
 }
 
@@ -82,6 +83,7 @@ impl CredentialCache {
         store_password: Option<String>,
         ttl: Duration,
         stale_limit: Duration,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(CredentialCache {
             store,
@@ -90,7 +92,7 @@ impl CredentialCache {
             stale_limit,
             entries: Mutex::new(HashMap::new()),
             last_known: Mutex::new(HashMap::new()),
-            stale_served: Default::default(),
+            metrics,
             client: tokio::sync::Mutex::new(None),
         })
     }
@@ -122,6 +124,12 @@ impl CredentialCache {
             let fresh = entries
                 .get(&key)
                 .is_some_and(|entry| entry.created.elapsed() < self.ttl);
+            let counter = if fresh {
+                &self.metrics.cache_hits
+            } else {
+                &self.metrics.cache_misses
+            };
+            Metrics::count(counter, 1);
             if !fresh {
                 entries.insert(
                     key.clone(),
@@ -135,12 +143,7 @@ impl CredentialCache {
         };
         let key = (secret.to_string(), stage);
         match cell.get_or_init(|| self.fetch(secret, stage)).await.clone() {
-            Ok(Some(credential)) => {
-                let mut last_known = self.last_known.lock().expect("cache lock poisoned");
-                last_known.insert(key, (Arc::clone(&credential), Instant::now()));
-                Ok(Some(credential))
-            }
-            Ok(None) => Ok(None),
+            Ok(found) => Ok(found),
             Err(error) => {
                 // A failed fetch is not cached: the next login asks the store again.
                 self.forget_entry(secret, stage, &cell);
@@ -169,8 +172,7 @@ impl CredentialCache {
         if at.elapsed() >= self.stale_limit {
             return None;
         }
-        self.stale_served
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Metrics::count(&self.metrics.stale_credentials, 1);
         Some(Arc::clone(credential))
     }
 
@@ -238,13 +240,20 @@ impl CredentialCache {
                 let json: CredentialJson = serde_json::from_str(&text).map_err(|_| {
                     FetchError::Refused(format!("secret \"{secret}\" is not credential JSON"))
                 })?;
-                Ok(Some(Arc::new(Credential {
+                let credential = Arc::new(Credential {
                     host: json.host.filter(|h| !h.is_empty()),
                     port: json.port,
                     dbname: json.dbname,
                     username: json.username,
                     password: SecretString::from(json.password),
-                })))
+                });
+                // What the store last confirmed; serves while the store is unreachable.
+                let mut last_known = self.last_known.lock().expect("cache lock poisoned");
+                last_known.insert(
+                    (secret.to_string(), stage),
+                    (Arc::clone(&credential), Instant::now()),
+                );
+                Ok(Some(credential))
             }
             // The secret exists but no version carries this stage.
             Err(e)

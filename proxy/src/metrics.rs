@@ -13,6 +13,12 @@ pub struct Metrics {
     pub store_retries: AtomicU64,
     pub rejected_clients: AtomicU64,
     pub pool_reuses: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    /// Logins that used a last known credential while the secrets store was away.
+    pub stale_credentials: AtomicU64,
+    pub bytes_to_server: AtomicU64,
+    pub bytes_to_client: AtomicU64,
 }
 
 impl Metrics {
@@ -25,8 +31,11 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// `stale_served`: logins that used a last known credential while the store was away.
-    pub fn render(&self, stale_served: u64) -> String {
+    pub fn count(counter: &AtomicU64, amount: u64) {
+        counter.fetch_add(amount, Ordering::Relaxed);
+    }
+
+    pub fn render(&self) -> String {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         format!(
             "# TYPE secrets_proxy_connections_total counter\n\
@@ -46,7 +55,13 @@ impl Metrics {
              # TYPE secrets_proxy_pool_reuses_total counter\n\
              secrets_proxy_pool_reuses_total {}\n\
              # TYPE secrets_proxy_stale_credentials_served_total counter\n\
-             secrets_proxy_stale_credentials_served_total {}\n",
+             secrets_proxy_stale_credentials_served_total {}\n\
+             # TYPE secrets_proxy_credential_cache_total counter\n\
+             secrets_proxy_credential_cache_total{{result=\"hit\"}} {}\n\
+             secrets_proxy_credential_cache_total{{result=\"miss\"}} {}\n\
+             # TYPE secrets_proxy_relay_bytes_total counter\n\
+             secrets_proxy_relay_bytes_total{{direction=\"to_server\"}} {}\n\
+             secrets_proxy_relay_bytes_total{{direction=\"to_client\"}} {}\n",
             get(&self.connections),
             get(&self.active),
             get(&self.logins),
@@ -56,7 +71,11 @@ impl Metrics {
             get(&self.store_retries),
             get(&self.rejected_clients),
             get(&self.pool_reuses),
-            stale_served,
+            get(&self.stale_credentials),
+            get(&self.cache_hits),
+            get(&self.cache_misses),
+            get(&self.bytes_to_server),
+            get(&self.bytes_to_client),
         )
     }
 }

@@ -2,6 +2,7 @@
 //! so the proxy knows when the client says goodbye (Terminate) and whether the server is idle
 //! at that moment. An idle server connection is reset and kept for the next client.
 
+use crate::metrics::Metrics;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -81,7 +82,7 @@ pub enum Ended {
     Closed,
 }
 
-pub async fn relay<C>(client: &mut C, server: &mut TcpStream) -> Ended
+pub async fn relay<C>(client: &mut C, server: &mut TcpStream, metrics: &Metrics) -> Ended
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
@@ -120,6 +121,7 @@ where
                 if server.write_all(chunk).await.is_err() {
                     return Ended::Closed;
                 }
+                Metrics::count(&metrics.bytes_to_server, read as u64);
             }
             read = server.read(&mut server_buffer) => {
                 let Ok(read) = read else { return Ended::Closed };
@@ -130,6 +132,7 @@ where
                 if client.write_all(&server_buffer[..read]).await.is_err() {
                     return Ended::Closed;
                 }
+                Metrics::count(&metrics.bytes_to_client, read as u64);
             }
         }
     }

@@ -73,7 +73,7 @@ pub struct Shared {
     credentials: Arc<CredentialCache>,
     cancels: Arc<CancelRegistry>,
     pool: Pool,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Shared {
@@ -94,11 +94,13 @@ impl Proxy {
     /// Binds every listener the configuration names; nothing is served until `serve`.
     pub async fn bind(config: Config, config_path: Option<PathBuf>) -> Result<Proxy, String> {
         let store_password = config.store_password()?;
+        let metrics = Arc::new(Metrics::default());
         let credentials = CredentialCache::new(
             config.store.clone(),
             store_password,
             Duration::from_secs(config.limits.credential_ttl_secs),
             Duration::from_secs(config.limits.stale_credential_secs),
+            Arc::clone(&metrics),
         );
         let tcp = match config.listen.tcp {
             Some(address) => Some(
@@ -141,7 +143,7 @@ impl Proxy {
             config: RwLock::new(Arc::new(config)),
             credentials,
             cancels: Arc::new(CancelRegistry::default()),
-            metrics: Metrics::default(),
+            metrics,
         });
         Ok(Proxy {
             shared,
@@ -389,7 +391,7 @@ async fn session(
     let registration = greet(client, &mut server, shared).await?;
     tracing::debug!(%identity, route = %route.database, "session started");
     // A session ends when either side closes; SIGTERM's drain waits for that.
-    let ended = relay::relay(client, &mut server.stream).await;
+    let ended = relay::relay(client, &mut server.stream, &shared.metrics).await;
     drop(registration);
     if ended == Ended::ServerReusable && relay::reset(&mut server.stream).await {
         shared.pool.checkin(pool_key, server, born);
@@ -475,8 +477,7 @@ async fn serve_admin(listener: TcpListener, shared: Arc<Shared>, _shutdown: watc
             }
             let line = String::from_utf8_lossy(&request);
             let (status, body) = if line.starts_with("GET /metrics") {
-                let stale = shared.credentials.stale_served.load(Ordering::Relaxed);
-                ("200 OK", shared.metrics.render(stale))
+                ("200 OK", shared.metrics.render())
             } else if line.starts_with("GET /health") {
                 ("200 OK", "ok\n".to_string())
             } else {

@@ -192,6 +192,13 @@ fn clients_connect_without_a_password_and_everything_relays() {
         metrics.contains("secrets_proxy_logins_total 3"),
         "{metrics}"
     );
+    for counter in [
+        "secrets_proxy_credential_cache_total{result=\"hit\"} 0",
+        "secrets_proxy_relay_bytes_total{direction=\"to_server\"} 0",
+        "secrets_proxy_relay_bytes_total{direction=\"to_client\"} 0",
+    ] {
+        assert!(!metrics.contains(counter), "{metrics}");
+    }
     assert!(http_get(fixture.proxy.admin_address.unwrap(), "/health").ends_with("ok\n"));
 }
 
