@@ -74,7 +74,8 @@ pub struct CredentialCache {
     /// The last credential the store gave for each (secret, stage), and when.
     last_known: Mutex<HashMap<Key, (Arc<Credential>, Instant)>>,
     metrics: Arc<Metrics>,
-    client: tokio::sync::Mutex<Option<Client>>,
+    /// The store connection, shared by all fetches; the lock is held only to (re)connect.
+    client: tokio::sync::Mutex<Option<Arc<Client>>>,
 }
 
 impl CredentialCache {
@@ -224,16 +225,17 @@ impl CredentialCache {
                     tracing::warn!(%error, "connection to the secrets store ended");
                 }
             });
-            *guard = Some(client);
+            *guard = Some(Arc::new(client));
         }
-        let client = guard.as_ref().expect("connected above");
+        let client = Arc::clone(guard.as_ref().expect("connected above"));
+        // Queries are pipelined on one connection; no lock is held while one runs.
+        drop(guard);
         let result = client
             .query_one(
                 "SELECT secrets.get_secret_value($1, version_stage => $2)",
                 &[&secret, &stage],
             )
             .await;
-        drop(guard);
         match result {
             Ok(row) => {
                 let text: String = row.get(0);

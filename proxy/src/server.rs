@@ -185,27 +185,25 @@ impl Proxy {
                 shutdown.clone(),
             )));
         }
-        if let Some((listener, path)) = self.unix {
+        let unix_path = self.unix.as_ref().map(|(_, path)| path.clone());
+        if let Some((listener, _)) = self.unix {
             tasks.push(tokio::spawn(accept_clients(
                 ClientListener::Unix(listener),
                 Arc::clone(&self.shared),
                 Arc::clone(&permits),
                 shutdown.clone(),
             )));
-            tasks.push(tokio::spawn(remove_on_shutdown(path, shutdown.clone())));
         }
         if let Some(listener) = self.admin {
             tasks.push(tokio::spawn(serve_admin(
                 listener,
                 Arc::clone(&self.shared),
-                shutdown.clone(),
             )));
         }
         if let Some(path) = self.config_path {
             tasks.push(tokio::spawn(reload_on_sighup(
                 path,
                 Arc::clone(&self.shared),
-                shutdown.clone(),
             )));
         }
         let _ = shutdown.wait_for(|stop| *stop).await;
@@ -213,6 +211,9 @@ impl Proxy {
             task.abort();
         }
         listener_task.abort();
+        if let Some(path) = unix_path {
+            let _ = std::fs::remove_file(path);
+        }
         let drain = Duration::from_secs(config.limits.drain_timeout_secs);
         let all = config.limits.max_clients as u32;
         if tokio::time::timeout(drain, permits.acquire_many(all))
@@ -222,11 +223,6 @@ impl Proxy {
             tracing::warn!("drain timeout reached; closing the remaining sessions");
         }
     }
-}
-
-async fn remove_on_shutdown(path: PathBuf, mut shutdown: watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
-    let _ = std::fs::remove_file(path);
 }
 
 enum ClientListener {
@@ -431,7 +427,7 @@ where
     Ok(registration)
 }
 
-async fn reload_on_sighup(path: PathBuf, shared: Arc<Shared>, _shutdown: watch::Receiver<bool>) {
+async fn reload_on_sighup(path: PathBuf, shared: Arc<Shared>) {
     let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
     else {
         return;
@@ -459,7 +455,7 @@ async fn reload_on_sighup(path: PathBuf, shared: Arc<Shared>, _shutdown: watch::
     }
 }
 
-async fn serve_admin(listener: TcpListener, shared: Arc<Shared>, _shutdown: watch::Receiver<bool>) {
+async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;
