@@ -205,6 +205,12 @@ pub fn verified_key(key_id: &str, secret_name: Option<&str>) -> Result<&'static 
                  ON CONFLICT (key_id) DO NOTHING",
                 &[key_id.into(), crypto::key_check_value(key).into()],
             )?;
+            // If this transaction rolls back, so does the row: forget that it was verified,
+            // so the next write in this backend stores it again.
+            let forgotten = key_id.to_string();
+            pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, move || {
+                VERIFIED.with(|verified| verified.borrow_mut().remove(&forgotten));
+            });
         }
     }
     VERIFIED.with(|verified| verified.borrow_mut().insert(key_id.to_string()));

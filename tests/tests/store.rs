@@ -559,3 +559,21 @@ fn interim_roles_and_owners() {
         "permission denied",
     );
 }
+
+#[test]
+fn the_key_check_value_survives_a_rolled_back_first_write() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute("BEGIN; SELECT secrets.create_secret('gone', 'v'); ROLLBACK;")
+        .unwrap();
+    db.execute("SELECT secrets.create_secret('kept', 'v')", &[])
+        .unwrap();
+    let checks: i64 = db
+        .query_one("SELECT count(*) FROM secrets.master_key", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        checks, 1,
+        "the second write in this backend stored the check value"
+    );
+}
