@@ -42,7 +42,16 @@ CREATE TABLE secrets.secret (
     last_accessed_on date,
     deleted_at       timestamptz,
     purge_at         timestamptz,
-    CHECK ((deleted_at IS NULL) = (purge_at IS NULL))
+    -- rotation settings: `postgres-single-user`, `postgres-alternating-users` or
+    -- `command:<program>`; a schedule `rate(...)`/`cron(...)`; the window start times spread in
+    rotator          text,
+    rotation_schedule text,
+    rotation_window  interval,
+    rotation_enabled boolean NOT NULL DEFAULT false,
+    next_rotation_at timestamptz,
+    last_rotated_at  timestamptz,
+    CHECK ((deleted_at IS NULL) = (purge_at IS NULL)),
+    CHECK (NOT rotation_enabled OR (rotator IS NOT NULL AND rotation_schedule IS NOT NULL))
 );
 CREATE INDEX secret_purge_at ON secrets.secret (purge_at) WHERE purge_at IS NOT NULL;
 
@@ -75,6 +84,29 @@ CREATE TABLE secrets.version_label (
         REFERENCES secrets.secret_version (secret_id, id) ON DELETE CASCADE
 );
 CREATE INDEX version_label_by_version ON secrets.version_label (version_id);
+CREATE INDEX secret_rotation_due ON secrets.secret (next_rotation_at) WHERE rotation_enabled;
+
+-- One row per rotation: the four steps create -> set -> test -> finish, with `step` the next
+-- one to run. Each step commits its own progress here, so a crash resumes where it stopped.
+-- The partial unique index is the rule "one rotation per secret at a time".
+CREATE TABLE secrets.rotation (
+    id                 uuid PRIMARY KEY,
+    secret_id          uuid NOT NULL REFERENCES secrets.secret (id) ON DELETE CASCADE,
+    rotator            text NOT NULL,
+    pending_version_id uuid,
+    step               text NOT NULL CHECK (step IN ('create', 'set', 'test', 'finish', 'done')),
+    state              text NOT NULL
+                       CHECK (state IN ('running', 'succeeded', 'failed', 'abandoned', 'cancelled')),
+    attempts           integer NOT NULL DEFAULT 0,
+    last_error         text,
+    note               text,
+    next_attempt_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    started_at         timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    finished_at        timestamptz,
+    CHECK ((state = 'running') = (finished_at IS NULL))
+);
+CREATE UNIQUE INDEX rotation_one_running ON secrets.rotation (secret_id) WHERE state = 'running';
+CREATE INDEX rotation_by_secret ON secrets.rotation (secret_id, started_at DESC);
 
 REVOKE ALL ON ALL TABLES IN SCHEMA secrets FROM PUBLIC;
 
@@ -83,3 +115,4 @@ SELECT pg_catalog.pg_extension_config_dump('secrets.master_key', '');
 SELECT pg_catalog.pg_extension_config_dump('secrets.secret', '');
 SELECT pg_catalog.pg_extension_config_dump('secrets.secret_version', '');
 SELECT pg_catalog.pg_extension_config_dump('secrets.version_label', '');
+SELECT pg_catalog.pg_extension_config_dump('secrets.rotation', '');

@@ -11,6 +11,7 @@ pub enum Action {
     Get,
     Describe,
     Put,
+    Rotate,
     Delete,
     Manage,
 }
@@ -22,6 +23,7 @@ impl Action {
             Action::Get => "get",
             Action::Describe => "describe",
             Action::Put => "put",
+            Action::Rotate => "rotate",
             Action::Delete => "delete",
             Action::Manage => "manage",
         }

@@ -22,11 +22,11 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{JsonB, Uuid};
 
-fn sql<T>(result: StoreResult<T>) -> Result<T, ErrorReport> {
+pub fn sql<T>(result: StoreResult<T>) -> Result<T, ErrorReport> {
     result.map_err(ErrorReport::from)
 }
 
-fn valid_name(name: Option<&str>) -> StoreResult<&str> {
+pub fn valid_name(name: Option<&str>) -> StoreResult<&str> {
     let name = required(name, "name")?;
     validate::secret_name(name)?;
     Ok(name)

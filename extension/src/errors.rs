@@ -48,6 +48,17 @@ pub enum Error {
         key_id: String,
         name: Option<String>,
     },
+    #[error("rotation of secret \"{name}\" failed at step {step}: {reason}")]
+    RotationFailed {
+        name: String,
+        step: &'static str,
+        reason: String,
+    },
+    #[error("{0}")]
+    NotSupported(String),
+    /// A PostgreSQL error caught in a subtransaction, kept as its message to be recorded.
+    #[error("{0}")]
+    Caught(String),
     #[error("pg_secrets internal SPI failure: {0}")]
     Spi(#[from] pgrx::spi::SpiError),
 }
@@ -80,7 +91,9 @@ impl Error {
             Error::NoMasterKey(_) | Error::WrongMasterKey(_) | Error::UnknownMasterKey { .. } => {
                 (ERRCODE_CONFIG_FILE_ERROR, "F0000")
             }
-            Error::Spi(_) => (ERRCODE_INTERNAL_ERROR, "XX000"),
+            Error::RotationFailed { .. } => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "55000"),
+            Error::NotSupported(_) => (ERRCODE_FEATURE_NOT_SUPPORTED, "0A000"),
+            Error::Spi(_) | Error::Caught(_) => (ERRCODE_INTERNAL_ERROR, "XX000"),
         }
     }
 
@@ -94,6 +107,7 @@ impl Error {
             Error::NotString(_) => "Read it with secrets.get_secret_binary(name).",
             Error::NotBinary(_) => "Read it with secrets.get_secret_value(name).",
             Error::IdempotencyConflict(_) => "Use a new client_request_token for a new value.",
+            Error::RotationFailed { .. } => "Nothing changed: the CURRENT version is the one before the rotation.",
             Error::Integrity(_) => "Restore the secret's rows from a backup; the stored data cannot be trusted.",
             _ => return None,
         })

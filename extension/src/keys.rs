@@ -40,6 +40,10 @@ impl KeyRing {
     pub fn active(&self) -> &MasterKey {
         &self.keys[self.active]
     }
+
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|key| key.id.as_str())
+    }
 }
 
 /// Either the loaded keys or why there are none (a reason that never contains key material).

@@ -73,14 +73,19 @@ pub fn remove_label(client: &mut SpiClient<'_>, secret_id: Uuid, label: &str) ->
     Ok(())
 }
 
-/// Deletes deprecated versions beyond the newest 100, never one younger than 24 hours.
-pub fn prune_deprecated(client: &mut SpiClient<'_>, secret_id: Uuid) -> Result<()> {
+/// Deletes deprecated versions beyond the newest 100 of a secret (of every secret when
+/// `secret_id` is `None`), never one younger than 24 hours.
+pub fn prune_deprecated(client: &mut SpiClient<'_>, secret_id: Option<Uuid>) -> Result<()> {
     client.update(
         "DELETE FROM secrets.secret_version WHERE id IN ( \
-             SELECT v.id FROM secrets.secret_version v \
-             WHERE v.secret_id = $1 \
-               AND NOT EXISTS (SELECT FROM secrets.version_label l WHERE l.version_id = v.id) \
-             ORDER BY v.created_at DESC OFFSET $2) \
+             SELECT id FROM ( \
+                 SELECT v.id, pg_catalog.row_number() OVER ( \
+                            PARTITION BY v.secret_id ORDER BY v.created_at DESC) AS newest \
+                 FROM secrets.secret_version v \
+                 WHERE ($1::uuid IS NULL OR v.secret_id = $1) \
+                   AND NOT EXISTS (SELECT FROM secrets.version_label l \
+                                   WHERE l.version_id = v.id)) deprecated \
+             WHERE newest > $2) \
          AND created_at < pg_catalog.now() - interval '24 hours'",
         None,
         &[secret_id.into(), KEEP_DEPRECATED.into()],

@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 
 mod access;
 mod api;
+mod api_rotation;
 mod crypto;
 mod db;
 mod errors;
@@ -14,9 +15,15 @@ mod index_read;
 mod keys;
 mod labels;
 mod password;
+mod regrole;
+mod rewrap;
+mod rotation;
+mod rotators;
+mod schedule;
 mod settings;
 mod store;
 mod validate;
+mod worker;
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;
@@ -37,6 +44,7 @@ pub extern "C-unwind" fn _PG_init() {
     settings::init();
     settings::hide_statement_parameters_if_asked();
     keys::load_at_startup();
+    worker::register();
 }
 
 /// Required by `cargo pgrx test`: the settings its throwaway cluster starts with.

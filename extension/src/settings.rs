@@ -8,6 +8,13 @@ static KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::ne
 static KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static ACTIVE_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static HIDE_STATEMENT_PARAMETERS: GucSetting<bool> = GucSetting::<bool>::new(true);
+static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static WORKER_NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(5);
+static MIN_ROTATION_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(3600);
+static ROTATION_RETRY_DELAY: GucSetting<i32> = GucSetting::<i32>::new(60);
+static ROTATOR_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static ROTATOR_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(30);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -42,6 +49,62 @@ pub fn init() {
         GucContext::Postmaster,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"pg_secrets.database",
+        c"Database in which the background worker rotates, purges and prunes.",
+        c"The extension must be created in this database for scheduled work to happen.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_secrets.worker_naptime",
+        c"Seconds between two rounds of the background worker.",
+        c"",
+        &WORKER_NAPTIME,
+        1,
+        3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_secrets.min_rotation_interval",
+        c"Shortest interval a rotation schedule may ask for.",
+        c"",
+        &MIN_ROTATION_INTERVAL,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_secrets.rotation_retry_delay",
+        c"Wait before retrying a failed rotation step; doubles with each failure, up to an hour.",
+        c"",
+        &ROTATION_RETRY_DELAY,
+        1,
+        3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_string_guc(
+        c"pg_secrets.rotator_dir",
+        c"Directory holding the programs of `command:<program>` rotators.",
+        c"Unset: command rotators are refused. Only programs directly inside it can run.",
+        &ROTATOR_DIR,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_secrets.rotator_timeout",
+        c"Time a rotator program or a connection to a rotation target may take.",
+        c"",
+        &ROTATOR_TIMEOUT,
+        1,
+        3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     unsafe { pg_sys::MarkGUCPrefixReserved(c"pg_secrets".as_ptr()) };
 }
 
@@ -62,6 +125,30 @@ pub fn key_command() -> Option<String> {
 
 pub fn active_key() -> Option<String> {
     string_setting(&ACTIVE_KEY)
+}
+
+pub fn database() -> String {
+    string_setting(&DATABASE).unwrap_or_else(|| "postgres".into())
+}
+
+pub fn worker_naptime() -> std::time::Duration {
+    std::time::Duration::from_secs(WORKER_NAPTIME.get() as u64)
+}
+
+pub fn min_rotation_interval() -> i64 {
+    MIN_ROTATION_INTERVAL.get().into()
+}
+
+pub fn rotation_retry_delay() -> i64 {
+    ROTATION_RETRY_DELAY.get().into()
+}
+
+pub fn rotator_dir() -> Option<String> {
+    string_setting(&ROTATOR_DIR)
+}
+
+pub fn rotator_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(ROTATOR_TIMEOUT.get() as u64)
 }
 
 /// With `log_statement = all`, PostgreSQL logs each bind parameter of an extended-protocol

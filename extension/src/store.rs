@@ -8,6 +8,7 @@ use crate::errors::{Error, Result};
 use crate::index_read::{self, Key};
 use crate::keys;
 use crate::labels::{self, CURRENT};
+use crate::rotation;
 use crate::validate::{self, Value};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
@@ -18,7 +19,7 @@ use rand::RngCore;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-fn new_uuid() -> Uuid {
+pub fn new_uuid() -> Uuid {
     let mut bytes = [0u8; 16];
     OsRng.fill_bytes(&mut bytes);
     bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
@@ -31,17 +32,17 @@ fn read_only_transaction() -> bool {
 }
 
 /// A secret's row, as far as the store needs it to decide and act.
-struct SecretRow {
-    id: Uuid,
-    name: String,
-    owner: pg_sys::Oid,
-    key_id: String,
-    purge_at: Option<String>,
+pub struct SecretRow {
+    pub id: Uuid,
+    pub name: String,
+    pub owner: pg_sys::Oid,
+    pub key_id: String,
+    pub purge_at: Option<String>,
 }
 
 /// Whether an operation may act on a secret that is scheduled for deletion.
 #[derive(PartialEq)]
-enum OnDeleted {
+pub enum OnDeleted {
     Refuse,
     Allow,
 }
@@ -70,9 +71,28 @@ fn find_secret(client: &mut SpiClient<'_>, name: &str, lock: bool) -> Result<Opt
     }))
 }
 
+/// A secret's row by id, for work that was authorized when it began (a rotation's steps).
+pub fn secret_by_id(client: &SpiClient<'_>, id: Uuid) -> Result<SecretRow> {
+    let row = client
+        .select(
+            "SELECT name, owner_role::oid, key_id, purge_at::text FROM secrets.secret \
+             WHERE id = $1",
+            Some(1),
+            &[id.into()],
+        )?
+        .first();
+    Ok(SecretRow {
+        id,
+        name: row.get(1)?.ok_or_else(|| Error::NotFound(id.to_string()))?,
+        owner: row.get(2)?.expect("NOT NULL"),
+        key_id: row.get(3)?.expect("NOT NULL"),
+        purge_at: row.get(4)?,
+    })
+}
+
 /// The caller's right to `action` on secret `name`, decided before anything else is revealed:
 /// a secret the caller may not see is "permission denied" whether it exists or not.
-fn authorize(
+pub fn authorize(
     client: &mut SpiClient<'_>,
     name: &str,
     action: Action,
@@ -109,7 +129,7 @@ fn check_access(
     }
 }
 
-fn binding(secret_id: Uuid, version_id: Uuid, kind: ValueKind) -> Binding {
+pub fn binding(secret_id: Uuid, version_id: Uuid, kind: ValueKind) -> Binding {
     Binding {
         secret_id: *secret_id.as_bytes(),
         version_id: *version_id.as_bytes(),
@@ -124,14 +144,14 @@ fn value_kind(value: &Value) -> ValueKind {
     }
 }
 
-fn insert_version(
+pub fn insert_version(
     client: &mut SpiClient<'_>,
     secret: &SecretRow,
     value: &Value,
     token: Option<&str>,
+    version_id: Uuid,
 ) -> Result<Uuid> {
     let key = keys::verified_key(&secret.key_id, Some(&secret.name))?;
-    let version_id = new_uuid();
     let kind = value_kind(value);
     let sealed = crypto::seal(key, &binding(secret.id, version_id, kind), value.bytes());
     client.update(
@@ -160,22 +180,15 @@ fn version_for_token(
     token: Option<&str>,
 ) -> Result<Option<Uuid>> {
     let Some(token) = token else { return Ok(None) };
-    let mut rows = client.select(
-        "SELECT id, value_kind, key_id, wrapped_key, ciphertext FROM secrets.secret_version \
-         WHERE secret_id = $1 AND client_request_token = $2",
+    let Some(version_id) = db::first_value::<Uuid>(client.select(
+        "SELECT id FROM secrets.secret_version WHERE secret_id = $1 AND client_request_token = $2",
         Some(1),
         &[secret.id.into(), token.into()],
-    )?;
-    let Some(row) = rows.next() else {
+    )?)?
+    else {
         return Ok(None);
     };
-    let stored = StoredVersion {
-        id: row.get(1)?.expect("NOT NULL"),
-        kind: row.get::<String>(2)?.as_deref().and_then(ValueKind::parse),
-        key_id: row.get(3)?.expect("NOT NULL"),
-        wrapped_key: row.get(4)?.expect("NOT NULL"),
-        ciphertext: row.get(5)?.expect("NOT NULL"),
-    };
+    let stored = stored_version(client, version_id)?.expect("the version was just found");
     let plaintext = stored.open(secret.id, &secret.name)?;
     let same = stored.kind == Some(value_kind(value))
         && bool::from(plaintext.as_slice().ct_eq(value.bytes()));
@@ -208,6 +221,65 @@ impl StoredVersion {
         )
         .map_err(|_| Error::Integrity(secret_name.to_string()))
     }
+}
+
+fn stored_version(client: &SpiClient<'_>, version_id: Uuid) -> Result<Option<StoredVersion>> {
+    let mut rows = client.select(
+        "SELECT value_kind, key_id, wrapped_key, ciphertext FROM secrets.secret_version \
+         WHERE id = $1",
+        Some(1),
+        &[version_id.into()],
+    )?;
+    let Some(row) = rows.next() else {
+        return Ok(None);
+    };
+    Ok(Some(StoredVersion {
+        id: version_id,
+        kind: row.get::<String>(1)?.as_deref().and_then(ValueKind::parse),
+        key_id: row.get(2)?.expect("NOT NULL"),
+        wrapped_key: row.get(3)?.expect("NOT NULL"),
+        ciphertext: row.get(4)?.expect("NOT NULL"),
+    }))
+}
+
+/// The plaintext of one version of `secret`, for the rotation engine.
+pub fn version_value(
+    client: &SpiClient<'_>,
+    secret: &SecretRow,
+    version_id: Uuid,
+) -> Result<Zeroizing<Vec<u8>>> {
+    stored_version(client, version_id)?
+        .ok_or_else(|| Error::VersionNotFound {
+            name: secret.name.clone(),
+            what: version_id.to_string(),
+        })?
+        .open(secret.id, &secret.name)
+}
+
+/// The plaintext of the version carrying `label`, if any.
+pub fn labelled_value(
+    client: &SpiClient<'_>,
+    secret: &SecretRow,
+    label: &str,
+) -> Result<Option<Zeroizing<Vec<u8>>>> {
+    labels::holder(client, secret.id, label)?
+        .map(|version_id| version_value(client, secret, version_id))
+        .transpose()
+}
+
+/// The CURRENT value of secret `name` on behalf of `role` (not the caller): a rotation reads
+/// the admin credential named by `master_secret` with the rights of the rotated secret's
+/// owner, so naming someone else's admin secret gains nothing.
+pub fn read_current_as(role: pg_sys::Oid, name: &str) -> Result<Zeroizing<Vec<u8>>> {
+    Spi::connect_mut(|client| {
+        let secret = find_secret(client, name, false)?;
+        check_access(role, name, Action::Get, secret.as_ref().map(|s| s.owner))?;
+        let secret = secret.expect("check_access refuses a missing secret");
+        labelled_value(client, &secret, CURRENT)?.ok_or_else(|| Error::VersionNotFound {
+            name: name.to_string(),
+            what: format!("with stage {CURRENT}"),
+        })
+    })
 }
 
 fn touch_changed(client: &mut SpiClient<'_>, secret_id: Uuid) -> Result<()> {
@@ -290,7 +362,7 @@ pub fn create_secret(new: NewSecret<'_>) -> Result<Option<Uuid>> {
         )?;
         let version = match &new.value {
             Some(value) => {
-                let version = insert_version(client, &secret, value, new.token)?;
+                let version = insert_version(client, &secret, value, new.token, new_uuid())?;
                 labels::move_label(client, new.name, secret.id, CURRENT, version)?;
                 Some(version)
             }
@@ -312,7 +384,8 @@ pub fn put_secret_value(
         if let Some(version) = version_for_token(client, &secret, &value, token)? {
             return Ok(version);
         }
-        let version = insert_version(client, &secret, &value, token)?;
+        let version = insert_version(client, &secret, &value, token, new_uuid())?;
+        rotation::abandon_for_put(client, secret.id, version)?;
         for stage in &stages {
             labels::move_label(client, name, secret.id, stage, version)?;
         }
@@ -320,7 +393,7 @@ pub fn put_secret_value(
         if labels::holder(client, secret.id, CURRENT)?.is_none() {
             labels::move_label(client, name, secret.id, CURRENT, version)?;
         }
-        labels::prune_deprecated(client, secret.id)?;
+        labels::prune_deprecated(client, Some(secret.id))?;
         touch_changed(client, secret.id)?;
         labels::notify_changed(client, "put", name, Some(version))?;
         Ok(version)
@@ -481,54 +554,10 @@ pub fn update_secret(name: &str, description: Option<&str>, key_id: Option<&str>
             )?;
         }
         if let Some(key_id) = key_id {
-            rewrap_secret(client, &secret, key_id)?;
+            crate::rewrap::rewrap_secret(client, &secret, key_id)?;
         }
         touch_changed(client, secret.id)
     })
-}
-
-/// Moves a secret to another master key: new versions use it, and every existing version's
-/// data key is re-wrapped under it. Values are never re-encrypted.
-fn rewrap_secret(client: &mut SpiClient<'_>, secret: &SecretRow, key_id: &str) -> Result<()> {
-    let to = keys::verified_key(key_id, Some(&secret.name))?;
-    let versions: Vec<(Uuid, Option<ValueKind>, String, Vec<u8>)> = client
-        .select(
-            "SELECT id, value_kind, key_id, wrapped_key FROM secrets.secret_version \
-             WHERE secret_id = $1",
-            None,
-            &[secret.id.into()],
-        )?
-        .map(|row| {
-            Ok((
-                row.get(1)?.expect("NOT NULL"),
-                row.get::<String>(2)?.as_deref().and_then(ValueKind::parse),
-                row.get(3)?.expect("NOT NULL"),
-                row.get(4)?.expect("NOT NULL"),
-            ))
-        })
-        .collect::<Result<_>>()?;
-    for (version_id, kind, from_key_id, wrapped_key) in versions {
-        let kind = kind.ok_or_else(|| Error::Integrity(secret.name.clone()))?;
-        let from = keys::verified_key(&from_key_id, Some(&secret.name))?;
-        let rewrapped = crypto::rewrap(
-            from,
-            to,
-            &binding(secret.id, version_id, kind),
-            &wrapped_key,
-        )
-        .map_err(|_| Error::Integrity(secret.name.clone()))?;
-        client.update(
-            "UPDATE secrets.secret_version SET key_id = $2, wrapped_key = $3 WHERE id = $1",
-            None,
-            &[version_id.into(), to.id.clone().into(), rewrapped.into()],
-        )?;
-    }
-    client.update(
-        "UPDATE secrets.secret SET key_id = $2 WHERE id = $1",
-        None,
-        &[secret.id.into(), to.id.clone().into()],
-    )?;
-    Ok(())
 }
 
 pub fn update_version_stage(
@@ -573,7 +602,7 @@ pub fn update_version_stage(
             }
             None => labels::remove_label(client, secret.id, stage)?,
         }
-        labels::prune_deprecated(client, secret.id)?;
+        labels::prune_deprecated(client, Some(secret.id))?;
         touch_changed(client, secret.id)?;
         labels::notify_changed(client, "stage", name, move_to.or(remove_from))
     })
@@ -615,7 +644,11 @@ pub fn describe_secret(name: &str) -> Result<JsonB> {
                 Some(1),
                 &[secret.id.into()],
             )?)?;
-        Ok(description.expect("the secret row was just locked"))
+        let mut description = description.expect("the secret row exists");
+        if let serde_json::Value::Object(fields) = &mut description.0 {
+            fields.insert("rotation".into(), rotation::describe(client, secret.id)?.0);
+        }
+        Ok(description)
     })
 }
 

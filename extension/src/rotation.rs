@@ -1,0 +1,649 @@
+//! The rotation engine: rotation settings (`rotate_secret`, `cancel_rotate_secret`), the record
+//! of each rotation in `secrets.rotation`, and running its steps.
+//!
+//! A rotation runs create -> set -> test -> finish. Each step commits its own progress, so a
+//! crash resumes at the recorded step; steps are idempotent. The exception is a role of this
+//! very cluster (`postgres-single-user` with no host): there all four steps run in one
+//! transaction, so the password and CURRENT can never disagree.
+//!
+//! Locks: a step holds its rotation row; create and finish, which move labels, also take the
+//! secret row, and give way (SKIP LOCKED) when a writer holds it, so a worker never deadlocks
+//! with `put_secret_value`, which takes the secret row first.
+
+use crate::access::{self, Action};
+use crate::errors::{Error, Result};
+use crate::labels::{self, CURRENT};
+use crate::rotators::{self, Rotator, Step, StepContext};
+use crate::schedule::{self, Schedule};
+use crate::settings;
+use crate::store::{self, OnDeleted, SecretRow};
+use crate::validate::Value;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::{JsonB, Uuid};
+use zeroize::Zeroizing;
+
+pub const PENDING: &str = "PENDING";
+/// Failures after which each further failure also raises `pg_secrets_alarm`.
+const ALARM_AFTER_FAILURES: i32 = 3;
+/// Failures after which a rotation is given up; the schedule tries again next time.
+const MAX_FAILURES: i32 = 8;
+/// The retry delay doubles with each failure up to this.
+const MAX_RETRY_DELAY_SECONDS: i64 = 3600;
+
+fn now_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// What `rotate_secret` was asked to change and do.
+pub struct Request<'a> {
+    pub rotator: Option<&'a str>,
+    pub schedule: Option<&'a str>,
+    pub window_seconds: Option<i64>,
+    pub immediately: bool,
+}
+
+/// A secret's rotation settings as stored.
+struct Settings {
+    rotator: Option<String>,
+    schedule: Option<String>,
+    window_seconds: Option<i64>,
+    last_rotated: Option<i64>,
+}
+
+fn load_settings(client: &SpiClient<'_>, secret_id: Uuid) -> Result<Settings> {
+    let row = client
+        .select(
+            "SELECT rotator, rotation_schedule, \
+                    pg_catalog.date_part('epoch', rotation_window)::bigint, \
+                    pg_catalog.date_part('epoch', last_rotated_at)::bigint \
+             FROM secrets.secret WHERE id = $1",
+            Some(1),
+            &[secret_id.into()],
+        )?
+        .first();
+    Ok(Settings {
+        rotator: row.get(1)?,
+        schedule: row.get(2)?,
+        window_seconds: row.get(3)?,
+        last_rotated: row.get(4)?,
+    })
+}
+
+/// When a schedule next rotates a secret, window offset included.
+fn next_rotation(
+    secret: &SecretRow,
+    schedule: &Schedule,
+    window_seconds: Option<i64>,
+    last_rotated: Option<i64>,
+) -> Result<i64> {
+    let now = now_seconds();
+    let window = window_seconds
+        .unwrap_or_else(|| schedule::default_window(schedule.shortest_interval(now).unwrap_or(0)));
+    let offset = schedule::window_offset(secret.id.as_bytes(), window);
+    schedule.next_after(now, last_rotated, offset)
+}
+
+fn check_schedule(text: &str, window_seconds: Option<i64>) -> Result<Schedule> {
+    let schedule = Schedule::parse(text)?;
+    let shortest = schedule.shortest_interval(now_seconds())?;
+    let minimum = settings::min_rotation_interval();
+    if shortest < minimum {
+        return Err(Error::InvalidParameter(format!(
+            "schedule \"{text}\" rotates every {shortest} s, more often than \
+             pg_secrets.min_rotation_interval ({minimum} s) allows"
+        )));
+    }
+    if let Some(window) = window_seconds {
+        if !(0..=schedule::MAX_WINDOW_SECONDS).contains(&window) || window >= shortest {
+            return Err(Error::InvalidParameter(format!(
+                "rotation_window must be between 0 and 24 hours and shorter than the \
+                 schedule's interval ({shortest} s)"
+            )));
+        }
+    }
+    Ok(schedule)
+}
+
+/// `rotate_secret`: stores what changed, re-enables a configured schedule, and with
+/// `immediately` starts a rotation, returning its pending version. A concurrent call that
+/// finds a rotation already started returns that rotation's version instead of a second one.
+pub fn rotate_secret(name: &str, request: Request) -> Result<Option<Uuid>> {
+    Spi::connect_mut(|client| {
+        let secret = store::authorize(client, name, Action::Rotate, OnDeleted::Refuse)?;
+        let configures = request.rotator.is_some()
+            || request.schedule.is_some()
+            || request.window_seconds.is_some();
+        if configures && !access::may(access::caller(), Action::Manage, secret.owner) {
+            return Err(Error::AccessDenied {
+                name: name.to_string(),
+                action: Action::Manage.as_str(),
+            });
+        }
+        let stored = load_settings(client, secret.id)?;
+        let rotator = match request.rotator.or(stored.rotator.as_deref()) {
+            Some(text) => Rotator::parse(text)?,
+            None => {
+                return Err(Error::InvalidParameter(format!(
+                    "secret \"{name}\" has no rotator; pass rotator => 'postgres-single-user', \
+                     'postgres-alternating-users' or 'command:<program>'"
+                )))
+            }
+        };
+        let schedule_text = request.schedule.or(stored.schedule.as_deref());
+        let window_seconds = request.window_seconds.or(stored.window_seconds);
+        let schedule = schedule_text
+            .map(|text| check_schedule(text, window_seconds))
+            .transpose()?;
+        let last_rotated = if request.immediately {
+            Some(now_seconds())
+        } else {
+            stored.last_rotated
+        };
+        let next_rotation_at = schedule
+            .as_ref()
+            .map(|schedule| next_rotation(&secret, schedule, window_seconds, last_rotated))
+            .transpose()?;
+        client.update(
+            "UPDATE secrets.secret SET rotator = $2, rotation_schedule = $3, \
+                    rotation_window = pg_catalog.make_interval(secs => $4), \
+                    rotation_enabled = $3 IS NOT NULL, \
+                    next_rotation_at = pg_catalog.to_timestamp($5) \
+             WHERE id = $1",
+            None,
+            &[
+                secret.id.into(),
+                rotator.name().into(),
+                schedule_text.into(),
+                window_seconds.map(|seconds| seconds as f64).into(),
+                next_rotation_at.map(|seconds| seconds as f64).into(),
+            ],
+        )?;
+        if !request.immediately {
+            return Ok(None);
+        }
+        if let Some(version) = concurrent_rotation(client, secret.id)? {
+            return Ok(Some(version));
+        }
+        let mut run = start(client, &secret, &rotator.name())?;
+        run_steps(client, &mut run)?;
+        Ok(Some(run.pending_version))
+    })
+}
+
+/// A rotation of this secret that is running, or that finished while this statement waited
+/// for the secret's lock: two concurrent requests make one rotation.
+fn concurrent_rotation(client: &SpiClient<'_>, secret_id: Uuid) -> Result<Option<Uuid>> {
+    crate::db::first_value(client.select(
+        "SELECT pending_version_id FROM secrets.rotation \
+         WHERE secret_id = $1 \
+           AND (state = 'running' \
+                OR (state = 'succeeded' AND finished_at >= pg_catalog.statement_timestamp())) \
+         ORDER BY started_at DESC LIMIT 1",
+        None,
+        &[secret_id.into()],
+    )?)
+}
+
+/// `cancel_rotate_secret`: turns the schedule off (settings are kept, so `rotate_secret` turns
+/// it back on) and cancels a rotation that has not reached the target yet. One that has
+/// changed the target is left to finish: stopping it would leave CURRENT stale.
+pub fn cancel_rotate_secret(name: &str) -> Result<()> {
+    Spi::connect_mut(|client| {
+        let secret = store::authorize(client, name, Action::Manage, OnDeleted::Allow)?;
+        client.update(
+            "UPDATE secrets.secret SET rotation_enabled = false, next_rotation_at = NULL \
+             WHERE id = $1",
+            None,
+            &[secret.id.into()],
+        )?;
+        let left_running = client.update(
+            "WITH cancelled AS ( \
+                 UPDATE secrets.rotation SET state = 'cancelled', \
+                        finished_at = pg_catalog.clock_timestamp(), \
+                        note = 'cancelled by ' || current_user \
+                 WHERE secret_id = $1 AND state = 'running' AND step IN ('create', 'set') \
+                 RETURNING 1) \
+             SELECT pg_catalog.count(*) FROM secrets.rotation \
+             WHERE secret_id = $1 AND state = 'running' \
+               AND NOT EXISTS (SELECT FROM cancelled)",
+            None,
+            &[secret.id.into()],
+        )?;
+        if crate::db::first_value::<i64>(left_running)?.unwrap_or(0) > 0 {
+            pgrx::notice!(
+                "the rotation of secret \"{name}\" in progress has already changed its target \
+                 and will finish; the schedule is off"
+            );
+        }
+        Ok(())
+    })
+}
+
+/// `put_secret_value` during a rotation wins: the rotation stops and its record says why.
+pub fn abandon_for_put(client: &mut SpiClient<'_>, secret_id: Uuid, version: Uuid) -> Result<()> {
+    client.update(
+        "UPDATE secrets.rotation SET state = 'abandoned', \
+                finished_at = pg_catalog.clock_timestamp(), \
+                note = pg_catalog.format('abandoned: put_secret_value by %s wrote version %s', \
+                                         current_user, $2::text) \
+         WHERE secret_id = $1 AND state = 'running'",
+        None,
+        &[secret_id.into(), version.to_string().into()],
+    )?;
+    Ok(())
+}
+
+struct Run {
+    id: Uuid,
+    secret_id: Uuid,
+    /// As stored; parsed at each step, so a rotator that became unusable (its program was
+    /// removed) fails in the run, recorded and alarmed, instead of silently not rotating.
+    rotator: String,
+    step: Step,
+    pending_version: Uuid,
+}
+
+fn start(client: &mut SpiClient<'_>, secret: &SecretRow, rotator: &str) -> Result<Run> {
+    let run = Run {
+        id: store::new_uuid(),
+        secret_id: secret.id,
+        rotator: rotator.to_string(),
+        step: Step::Create,
+        pending_version: store::new_uuid(),
+    };
+    client.update(
+        "INSERT INTO secrets.rotation (id, secret_id, rotator, pending_version_id, step, state) \
+         VALUES ($1, $2, $3, $4, 'create', 'running')",
+        None,
+        &[
+            run.id.into(),
+            run.secret_id.into(),
+            rotator.into(),
+            run.pending_version.into(),
+        ],
+    )?;
+    Ok(run)
+}
+
+enum Progress {
+    Advanced,
+    Finished,
+    /// A writer holds the secret; try again next round.
+    Busy,
+}
+
+/// Runs steps: one, or all of them when the rotation is transactional.
+fn run_steps(client: &mut SpiClient<'_>, run: &mut Run) -> Result<Progress> {
+    loop {
+        let secret = store::secret_by_id(client, run.secret_id)?;
+        let current = store::labelled_value(client, &secret, CURRENT)?;
+        let rotator = Rotator::parse(&run.rotator)?;
+        let transactional =
+            rotators::is_transactional(&rotator, current.as_ref().map(|v| v.as_slice()));
+        match perform_step(client, run, &rotator, &secret, current)? {
+            Progress::Advanced if transactional => continue,
+            progress => return Ok(progress),
+        }
+    }
+}
+
+fn lock_secret(client: &mut SpiClient<'_>, secret_id: Uuid) -> Result<bool> {
+    Ok(!client
+        .update(
+            "SELECT FROM secrets.secret WHERE id = $1 FOR UPDATE SKIP LOCKED",
+            Some(1),
+            &[secret_id.into()],
+        )?
+        .is_empty())
+}
+
+fn perform_step(
+    client: &mut SpiClient<'_>,
+    run: &mut Run,
+    rotator: &Rotator,
+    secret: &SecretRow,
+    current: Option<Zeroizing<Vec<u8>>>,
+) -> Result<Progress> {
+    let pending = match run.step {
+        Step::Create => None,
+        _ => Some(store::version_value(client, secret, run.pending_version)?),
+    };
+    let context = StepContext {
+        secret_name: &secret.name,
+        owner: secret.owner,
+        pending_version: Some(run.pending_version),
+        current: current.as_ref().map(|value| value.as_slice()),
+        pending: pending.as_ref().map(|value| value.as_slice()),
+    };
+    match run.step {
+        Step::Create => {
+            if !lock_secret(client, secret.id)? {
+                return Ok(Progress::Busy);
+            }
+            let value = rotators::create(rotator, &context)?;
+            let text = std::str::from_utf8(&value)
+                .map_err(|_| context.failed(Step::Create, "the new value is not UTF-8 text"))?;
+            store::insert_version(
+                client,
+                secret,
+                &Value::String(text),
+                None,
+                run.pending_version,
+            )?;
+            labels::move_label(
+                client,
+                &secret.name,
+                secret.id,
+                PENDING,
+                run.pending_version,
+            )?;
+        }
+        Step::Set | Step::Test => rotators::act(rotator, run.step, &context)?,
+        Step::Finish => {
+            if !lock_secret(client, secret.id)? {
+                return Ok(Progress::Busy);
+            }
+            labels::move_label(
+                client,
+                &secret.name,
+                secret.id,
+                CURRENT,
+                run.pending_version,
+            )?;
+            if labels::holder(client, secret.id, PENDING)? == Some(run.pending_version) {
+                labels::remove_label(client, secret.id, PENDING)?;
+            }
+            rotators::act(rotator, Step::Finish, &context)?;
+            client.update(
+                "UPDATE secrets.secret SET last_rotated_at = pg_catalog.now(), \
+                        changed_at = pg_catalog.now() WHERE id = $1",
+                None,
+                &[secret.id.into()],
+            )?;
+            labels::prune_deprecated(client, Some(secret.id))?;
+            labels::notify_changed(client, "rotate", &secret.name, Some(run.pending_version))?;
+        }
+    }
+    let next = run.step.next();
+    client.update(
+        "UPDATE secrets.rotation SET step = $2, \
+                state = CASE WHEN $2 = 'done' THEN 'succeeded' ELSE state END, \
+                finished_at = CASE WHEN $2 = 'done' THEN pg_catalog.clock_timestamp() END \
+         WHERE id = $1",
+        None,
+        &[run.id.into(), next.map_or("done", Step::as_str).into()],
+    )?;
+    match next {
+        Some(step) => {
+            run.step = step;
+            Ok(Progress::Advanced)
+        }
+        None => Ok(Progress::Finished),
+    }
+}
+
+/// What the worker does with one rotation in one transaction.
+pub enum Outcome {
+    /// A step committed; run the next one.
+    Progressed,
+    /// Finished, failed, busy or claimed elsewhere: nothing more this round.
+    Stopped,
+}
+
+/// The worker: starts rotations whose schedule is due. Returns how many started.
+pub fn start_due_rotations() -> Result<usize> {
+    Spi::connect_mut(|client| {
+        let due: Vec<(Uuid, String)> = client
+            .update(
+                "SELECT s.id, s.rotator FROM secrets.secret s \
+                 WHERE s.rotation_enabled AND s.next_rotation_at <= pg_catalog.now() \
+                   AND s.purge_at IS NULL \
+                   AND NOT EXISTS (SELECT FROM secrets.rotation r \
+                                   WHERE r.secret_id = s.id AND r.state = 'running') \
+                 ORDER BY s.next_rotation_at LIMIT 100 \
+                 FOR UPDATE OF s SKIP LOCKED",
+                None,
+                &[],
+            )?
+            .map(|row| {
+                Ok((
+                    row.get(1)?.expect("NOT NULL"),
+                    row.get(2)?.expect("NOT NULL"),
+                ))
+            })
+            .collect::<Result<_>>()?;
+        for (secret_id, rotator) in &due {
+            let secret = store::secret_by_id(client, *secret_id)?;
+            let stored = load_settings(client, *secret_id)?;
+            let next = stored
+                .schedule
+                .as_deref()
+                .map(Schedule::parse)
+                .transpose()?
+                .map(|schedule| {
+                    next_rotation(
+                        &secret,
+                        &schedule,
+                        stored.window_seconds,
+                        Some(now_seconds()),
+                    )
+                })
+                .transpose()?;
+            client.update(
+                "UPDATE secrets.secret SET next_rotation_at = pg_catalog.to_timestamp($2) \
+                 WHERE id = $1",
+                None,
+                &[
+                    (*secret_id).into(),
+                    next.map(|seconds| seconds as f64).into(),
+                ],
+            )?;
+            start(client, &secret, rotator)?;
+        }
+        Ok(due.len())
+    })
+}
+
+/// The worker: running rotations whose next attempt is due.
+pub fn runnable() -> Result<Vec<Uuid>> {
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT id FROM secrets.rotation \
+                 WHERE state = 'running' AND next_attempt_at <= pg_catalog.now() \
+                 ORDER BY next_attempt_at LIMIT 100",
+                None,
+                &[],
+            )?
+            .map(|row| Ok(row.get(1)?.expect("NOT NULL")))
+            .collect()
+    })
+}
+
+/// The worker: one step (or all, if transactional) of rotation `id`, with failures recorded.
+pub fn work_on(id: Uuid) -> Result<Outcome> {
+    Spi::connect_mut(|client| {
+        let claimed = client
+            .update(
+                "SELECT secret_id, rotator, step, pending_version_id FROM secrets.rotation \
+                 WHERE id = $1 AND state = 'running' FOR UPDATE SKIP LOCKED",
+                Some(1),
+                &[id.into()],
+            )?
+            .next()
+            .map(|row| -> Result<_> {
+                Ok((
+                    row.get::<Uuid>(1)?.expect("NOT NULL"),
+                    row.get::<String>(2)?.expect("NOT NULL"),
+                    row.get::<String>(3)?.expect("NOT NULL"),
+                    row.get::<Uuid>(4)?,
+                ))
+            })
+            .transpose()?;
+        let Some((secret_id, rotator, step, pending_version)) = claimed else {
+            return Ok(Outcome::Stopped);
+        };
+        let attempt = crate::db::in_subtransaction(|| {
+            let mut run = Run {
+                id,
+                secret_id,
+                rotator,
+                step: Step::parse(&step).expect("CHECK constraint"),
+                pending_version: pending_version.expect("set at start"),
+            };
+            Spi::connect_mut(|client| run_steps(client, &mut run))
+        });
+        match attempt {
+            Ok(Progress::Advanced) => Ok(Outcome::Progressed),
+            Ok(Progress::Finished | Progress::Busy) => Ok(Outcome::Stopped),
+            Err(error) => {
+                record_failure(client, id, &error)?;
+                Ok(Outcome::Stopped)
+            }
+        }
+    })
+}
+
+/// Counts a failure, schedules the retry with a doubling delay, gives up after
+/// `MAX_FAILURES`, and from `ALARM_AFTER_FAILURES` on raises `pg_secrets_alarm`.
+fn record_failure(client: &mut SpiClient<'_>, id: Uuid, error: &Error) -> Result<()> {
+    let message = error.to_string();
+    let row = client
+        .update(
+            "UPDATE secrets.rotation r SET attempts = r.attempts + 1, last_error = $2, \
+                    next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => \
+                        LEAST($3 * 2 ^ r.attempts, $4)), \
+                    state = CASE WHEN r.attempts + 1 >= $5 THEN 'failed' ELSE 'running' END, \
+                    finished_at = CASE WHEN r.attempts + 1 >= $5 \
+                                       THEN pg_catalog.clock_timestamp() END \
+             FROM secrets.secret s WHERE r.id = $1 AND s.id = r.secret_id \
+             RETURNING r.attempts, r.state, r.step, s.name",
+            Some(1),
+            &[
+                id.into(),
+                message.clone().into(),
+                (settings::rotation_retry_delay() as f64).into(),
+                (MAX_RETRY_DELAY_SECONDS as f64).into(),
+                MAX_FAILURES.into(),
+            ],
+        )?
+        .first();
+    let attempts: i32 = row.get(1)?.unwrap_or(0);
+    let state: String = row.get(2)?.unwrap_or_default();
+    let name: String = row.get(4)?.unwrap_or_default();
+    pgrx::warning!("pg_secrets: {message}");
+    if attempts >= ALARM_AFTER_FAILURES {
+        let payload = serde_json::json!({
+            "alarm": "rotation_failing",
+            "secret": name,
+            "rotation_id": id.to_string(),
+            "step": row.get::<String>(3)?,
+            "failures": attempts,
+            "gave_up": state == "failed",
+            "error": message,
+        });
+        client.select(
+            "SELECT pg_catalog.pg_notify('pg_secrets_alarm', $1)",
+            None,
+            &[payload.to_string().into()],
+        )?;
+    }
+    Ok(())
+}
+
+/// The `rotation` part of `describe_secret`.
+pub fn describe(client: &SpiClient<'_>, secret_id: Uuid) -> Result<JsonB> {
+    Ok(crate::db::first_value::<JsonB>(client.select(
+        "SELECT pg_catalog.jsonb_build_object( \
+           'enabled', s.rotation_enabled, 'rotator', s.rotator, \
+           'schedule', s.rotation_schedule, 'window', s.rotation_window, \
+           'next_rotation_at', s.next_rotation_at, 'last_rotated_at', s.last_rotated_at, \
+           'in_progress', (SELECT pg_catalog.jsonb_build_object('id', r.id, 'step', r.step, \
+                               'pending_version_id', r.pending_version_id, \
+                               'started_at', r.started_at, 'failures', r.attempts, \
+                               'last_error', r.last_error, 'next_attempt_at', r.next_attempt_at) \
+                           FROM secrets.rotation r \
+                           WHERE r.secret_id = s.id AND r.state = 'running'), \
+           'last', (SELECT pg_catalog.jsonb_build_object('id', r.id, 'state', r.state, \
+                               'step', r.step, 'pending_version_id', r.pending_version_id, \
+                               'started_at', r.started_at, 'finished_at', r.finished_at, \
+                               'failures', r.attempts, 'last_error', r.last_error, 'note', r.note) \
+                    FROM secrets.rotation r WHERE r.secret_id = s.id AND r.state <> 'running' \
+                    ORDER BY r.started_at DESC LIMIT 1)) \
+         FROM secrets.secret s WHERE s.id = $1",
+        Some(1),
+        &[secret_id.into()],
+    )?)?
+    .expect("the secret exists"))
+}
+
+/// `rotate_secrets_accessible_by`: every secret `role` can read, with what happened to it.
+/// Each one is rotated in its own subtransaction, so one failure does not stop the others.
+pub fn rotate_accessible_by(
+    role: pg_sys::Oid,
+    only_accessed: bool,
+) -> Result<Vec<(String, String)>> {
+    if only_accessed {
+        return Err(Error::NotSupported(
+            "only_accessed needs the audit trail, which this version does not keep yet; \
+             call with only_accessed => false to rotate everything the role can read"
+                .into(),
+        ));
+    }
+    let readable: Vec<(String, pg_sys::Oid, bool)> = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT name, owner_role::oid, rotator IS NOT NULL FROM secrets.secret \
+                 WHERE purge_at IS NULL ORDER BY name",
+                None,
+                &[],
+            )?
+            .map(|row| {
+                Ok((
+                    row.get(1)?.expect("NOT NULL"),
+                    row.get(2)?.expect("NOT NULL"),
+                    row.get(3)?.expect("NOT NULL"),
+                ))
+            })
+            .collect::<Result<_>>()
+    })?;
+    let mut statuses = Vec::new();
+    for (name, owner, has_rotator) in readable {
+        if !access::may(role, Action::Get, owner) {
+            continue;
+        }
+        let status = if !has_rotator {
+            "needs manual rotation: no rotator is configured".to_string()
+        } else {
+            let request = Request {
+                rotator: None,
+                schedule: None,
+                window_seconds: None,
+                immediately: true,
+            };
+            match crate::db::in_subtransaction(|| rotate_secret(&name, request)) {
+                Ok(_) => rotation_status(&name)?,
+                Err(error) => format!("failed: {error}"),
+            }
+        };
+        statuses.push((name, status));
+    }
+    Ok(statuses)
+}
+
+fn rotation_status(name: &str) -> Result<String> {
+    let state = Spi::get_one_with_args::<String>(
+        "SELECT r.state FROM secrets.rotation r JOIN secrets.secret s ON s.id = r.secret_id \
+         WHERE s.name = $1 ORDER BY r.started_at DESC LIMIT 1",
+        &[name.into()],
+    )?;
+    Ok(match state.as_deref() {
+        Some("succeeded") => "rotated".into(),
+        Some("running") => "rotation started".into(),
+        other => format!("rotation {}", other.unwrap_or("unknown")),
+    })
+}

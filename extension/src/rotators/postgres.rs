@@ -1,0 +1,311 @@
+//! The PostgreSQL rotators, on the credential JSON.
+//!
+//! - `postgres-single-user` changes the user's own password. For a role of this cluster the
+//!   change runs through SPI inside the rotation's one transaction; for another server it logs
+//!   in with CURRENT and changes its own password.
+//! - `postgres-alternating-users` logs in with the admin credential of `master_secret` and
+//!   alternates between `<user>` and `<user>_clone`; the login not being rotated keeps working.
+//!
+//! Passwords travel only as SCRAM-SHA-256 verifiers computed here, so no SQL text, log line
+//! or statistics view ever holds the plaintext.
+
+use super::{Credential, Step, StepContext};
+use crate::errors::Result;
+use crate::password::{self, PasswordRules};
+use crate::settings;
+use pgrx::prelude::*;
+use postgres::error::SqlState;
+use zeroize::Zeroizing;
+
+/// 32 letters and digits: about 190 bits, and safe in any connection string.
+fn new_password() -> Result<Zeroizing<String>> {
+    password::random_password(&PasswordRules {
+        length: 32,
+        exclude_characters: "",
+        exclude_numbers: false,
+        exclude_punctuation: true,
+        exclude_uppercase: false,
+        exclude_lowercase: false,
+        include_space: false,
+        require_each_included_type: true,
+    })
+    .map(Zeroizing::new)
+}
+
+fn scram_verifier(password: &str) -> String {
+    postgres_protocol::password::scram_sha_256(password.as_bytes())
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+const CLONE_SUFFIX: &str = "_clone";
+
+/// The role objects belong to: `app` for both `app` and `app_clone`.
+fn main_user(login: &str) -> &str {
+    login.strip_suffix(CLONE_SUFFIX).unwrap_or(login)
+}
+
+fn other_login(login: &str) -> String {
+    match login.strip_suffix(CLONE_SUFFIX) {
+        Some(main) => main.to_string(),
+        None => format!("{login}{CLONE_SUFFIX}"),
+    }
+}
+
+pub fn create_single_user(context: &StepContext) -> Result<Zeroizing<Vec<u8>>> {
+    let current = context.current_credential(Step::Create)?;
+    Ok(current.with_login(current.username(), &new_password()?))
+}
+
+pub fn create_alternating(context: &StepContext) -> Result<Zeroizing<Vec<u8>>> {
+    let current = context.current_credential(Step::Create)?;
+    if current.master_secret().is_none() {
+        return Err(context.failed(
+            Step::Create,
+            "postgres-alternating-users needs \"master_secret\" in the credential: the name of \
+             a secret with admin credentials for the server",
+        ));
+    }
+    Ok(current.with_login(&other_login(current.username()), &new_password()?))
+}
+
+pub fn set_single_user(context: &StepContext) -> Result<()> {
+    let current = context.current_credential(Step::Set)?;
+    let pending = context.pending_credential(Step::Set)?;
+    let verifier = scram_verifier(pending.password());
+    if current.is_local() {
+        return alter_local_password(context, pending.username(), &verifier);
+    }
+    let statement = format!(
+        "ALTER ROLE CURRENT_USER PASSWORD {}",
+        quote_literal(&verifier)
+    );
+    match connect(&current) {
+        Ok(mut client) => client
+            .batch_execute(&statement)
+            .map_err(|error| context.failed(Step::Set, describe(&error))),
+        // A run that crashed after changing the password but before recording it: CURRENT no
+        // longer logs in, PENDING does, and the step is already done.
+        Err(error) if is_login_refused(&error) && connect(&pending).is_ok() => Ok(()),
+        Err(error) => Err(context.failed(Step::Set, describe(&error))),
+    }
+}
+
+/// A role of this cluster: the secret's owner must be allowed to change that role's password
+/// (superuser, CREATEROLE, or member of the role), and superusers are never rotated from a
+/// secret, so holding `rotate` on a secret is never a way to take over a more powerful role.
+fn alter_local_password(context: &StepContext, username: &str, verifier: &str) -> Result<()> {
+    Spi::connect_mut(|client| {
+        let rows = client.select(
+            "SELECT r.rolsuper, \
+                    o.rolsuper OR o.rolcreaterole OR pg_catalog.pg_has_role(o.oid, r.oid, 'USAGE') \
+             FROM pg_catalog.pg_roles r, pg_catalog.pg_roles o \
+             WHERE r.rolname = $1 AND o.oid = $2",
+            Some(1),
+            &[username.into(), context.owner.into()],
+        )?;
+        let Some(row) = rows.into_iter().next() else {
+            return Err(context.failed(
+                Step::Set,
+                format!("role \"{username}\" does not exist in this cluster"),
+            ));
+        };
+        if row.get::<bool>(1)? == Some(true) {
+            return Err(context.failed(
+                Step::Set,
+                format!(
+                    "role \"{username}\" is a superuser; its password is not rotated from a secret"
+                ),
+            ));
+        }
+        if row.get::<bool>(2)? != Some(true) {
+            return Err(context.failed(
+                Step::Set,
+                format!(
+                    "the secret's owner may not change the password of role \"{username}\": it \
+                     needs CREATEROLE or membership in that role"
+                ),
+            ));
+        }
+        client.update(
+            &format!(
+                "ALTER ROLE {} PASSWORD {}",
+                quote_ident(username),
+                quote_literal(verifier)
+            ),
+            None,
+            &[],
+        )?;
+        Ok(())
+    })
+}
+
+pub fn set_alternating(context: &StepContext) -> Result<()> {
+    let pending = context.pending_credential(Step::Set)?;
+    let master_name = pending.master_secret().unwrap_or_default().to_string();
+    let admin_value = crate::store::read_current_as(context.owner, &master_name)
+        .map_err(|error| context.failed(Step::Set, format!("master_secret: {error}")))?;
+    let admin = Credential::parse(&admin_value)
+        .map_err(|why| context.failed(Step::Set, format!("master_secret: {why}")))?;
+    let mut client = connect_to(&admin, &pending)
+        .map_err(|error| context.failed(Step::Set, describe(&error)))?;
+    let login = pending.username();
+    let main = main_user(login);
+    let run = |client: &mut postgres::Client, statement: String| {
+        client
+            .batch_execute(&statement)
+            .map_err(|error| context.failed(Step::Set, describe(&error)))
+    };
+    if login != main {
+        let exists = client
+            .query_opt(
+                "SELECT FROM pg_catalog.pg_roles WHERE rolname = $1",
+                &[&login],
+            )
+            .map_err(|error| context.failed(Step::Set, describe(&error)))?
+            .is_some();
+        if !exists {
+            // A member of the main role that becomes it at login: whatever either login
+            // creates belongs to the main role, so alternating never splits ownership.
+            run(
+                &mut client,
+                format!(
+                    "CREATE ROLE {} LOGIN IN ROLE {}",
+                    quote_ident(login),
+                    quote_ident(main)
+                ),
+            )?;
+            run(
+                &mut client,
+                format!(
+                    "ALTER ROLE {} SET role = {}",
+                    quote_ident(login),
+                    quote_literal(main)
+                ),
+            )?;
+        }
+    }
+    run(
+        &mut client,
+        format!(
+            "ALTER ROLE {} PASSWORD {}",
+            quote_ident(login),
+            quote_literal(&scram_verifier(pending.password()))
+        ),
+    )
+}
+
+/// For a role of this cluster the new password commits together with the label move, so
+/// there is nothing to log in with before that; elsewhere, PENDING must log in.
+pub fn test_single_user(context: &StepContext) -> Result<()> {
+    if context.pending_credential(Step::Test)?.is_local() {
+        return Ok(());
+    }
+    test_login(context)
+}
+
+/// Logs in with PENDING and runs a query.
+pub fn test_login(context: &StepContext) -> Result<()> {
+    let pending = context.pending_credential(Step::Test)?;
+    connect(&pending)
+        .and_then(|mut client| client.simple_query("SELECT 1").map(drop))
+        .map_err(|error| context.failed(Step::Test, describe(&error)))
+}
+
+fn connect(credential: &Credential) -> std::result::Result<postgres::Client, postgres::Error> {
+    connect_to(credential, credential)
+}
+
+/// Connects with `login`'s user and password to the server `target` names; an empty host is
+/// this cluster, reached through its own Unix socket.
+fn connect_to(
+    login: &Credential,
+    target: &Credential,
+) -> std::result::Result<postgres::Client, postgres::Error> {
+    let timeout = settings::rotator_timeout();
+    let mut config = postgres::Config::new();
+    config
+        .user(login.username())
+        .password(login.password())
+        .dbname(target.dbname())
+        .application_name("pg_secrets rotation")
+        .connect_timeout(timeout)
+        .options(&format!("-c statement_timeout={}", timeout.as_millis()));
+    match target.host() {
+        Some(host) => {
+            config
+                .host(host)
+                .port(target.port().expect("checked by parse"));
+        }
+        None => {
+            let (socket_dir, port) = own_socket();
+            config.host(&socket_dir).port(port);
+        }
+    }
+    config.connect(postgres::NoTls)
+}
+
+fn own_socket() -> (String, u16) {
+    let directories =
+        Spi::get_one::<String>("SELECT pg_catalog.current_setting('unix_socket_directories')")
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+    let socket_dir = directories
+        .split(',')
+        .map(str::trim)
+        .find(|dir| !dir.is_empty())
+        .unwrap_or("/var/run/postgresql")
+        .to_string();
+    let port = unsafe { pg_sys::PostPortNumber } as u16;
+    (socket_dir, port)
+}
+
+fn is_login_refused(error: &postgres::Error) -> bool {
+    matches!(
+        error.code(),
+        Some(code) if *code == SqlState::INVALID_PASSWORD
+            || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+    )
+}
+
+/// The server's message or the connection failure; neither ever holds the password.
+fn describe(error: &postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logins_alternate() {
+        assert_eq!(other_login("app"), "app_clone");
+        assert_eq!(other_login("app_clone"), "app");
+        assert_eq!(main_user("app_clone"), "app");
+        assert_eq!(main_user("app"), "app");
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident(r#"we"ird"#), r#""we""ird""#);
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn verifiers_never_hold_the_password() {
+        let verifier = scram_verifier("correct horse");
+        assert!(verifier.starts_with("SCRAM-SHA-256$4096:"));
+        assert!(!verifier.contains("correct horse"));
+        assert_eq!(quote_literal(&verifier), format!("'{verifier}'"));
+    }
+}

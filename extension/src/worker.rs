@@ -1,0 +1,98 @@
+//! The background worker, registered when the library is preloaded. It runs on the primary
+//! only (it starts when recovery has finished), in the database `pg_secrets.database`, and
+//! every `pg_secrets.worker_naptime` it starts due rotations, advances running ones (resuming
+//! any a crash interrupted), purges secrets past their deletion date and prunes deprecated
+//! versions. Each unit of work is its own transaction and its errors are logged, so one bad
+//! secret never stops the others. Every wait is bounded, so it never holds up shutdown.
+
+use crate::db::in_subtransaction;
+use crate::errors::Result;
+use crate::rotation::{self, Outcome};
+use crate::settings;
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
+use pgrx::prelude::*;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("pg_secrets worker")
+        .set_type("pg_secrets worker")
+        .set_library("pg_secrets")
+        .set_function("pg_secrets_worker_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(10)))
+        .load();
+}
+
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process is the worker and has been asked to stop. Long waits (rotator
+/// programs) poll it; in ordinary backends a cancel arrives as an interrupt instead.
+pub fn stop_requested() -> bool {
+    if unsafe { pg_sys::MyBgworkerEntry.is_null() } {
+        return false;
+    }
+    // pgrx's flag resets when read; keep it.
+    if BackgroundWorker::sigterm_received() {
+        STOPPING.store(true, Ordering::SeqCst);
+    }
+    STOPPING.load(Ordering::SeqCst)
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn pg_secrets_worker_main(_argument: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = settings::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    log!("pg_secrets worker started in database \"{database}\"");
+    while !stop_requested() {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        run_round();
+        if !BackgroundWorker::wait_latch(Some(settings::worker_naptime())) {
+            break;
+        }
+    }
+}
+
+/// One transaction with errors caught, logged and rolled back.
+fn in_transaction<T>(what: &str, body: impl FnOnce() -> Result<T>) -> Option<T> {
+    BackgroundWorker::transaction(AssertUnwindSafe(|| match in_subtransaction(body) {
+        Ok(value) => Some(value),
+        Err(error) => {
+            warning!("pg_secrets worker: {what}: {error}");
+            None
+        }
+    }))
+}
+
+fn run_round() {
+    let installed = in_transaction("checking for the extension", || {
+        Ok(Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_secrets')",
+        )?
+        .unwrap_or(false))
+    });
+    if installed != Some(true) {
+        return;
+    }
+    in_transaction("starting due rotations", rotation::start_due_rotations);
+    for id in in_transaction("listing rotations", rotation::runnable).unwrap_or_default() {
+        while !stop_requested() {
+            match in_transaction("running a rotation", || rotation::work_on(id)) {
+                Some(Outcome::Progressed) => continue,
+                _ => break,
+            }
+        }
+    }
+    in_transaction("purging deleted secrets", crate::store::purge_expired);
+    in_transaction("pruning deprecated versions", || {
+        Spi::connect_mut(|client| crate::labels::prune_deprecated(client, None))
+    });
+}

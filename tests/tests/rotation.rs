@@ -1,0 +1,966 @@
+//! Rotation end to end: each rotator against real clusters (the store's own, and a second
+//! private cluster as a remote target), the background worker, crashes, failures, schedules,
+//! offboarding and master-key rotation.
+
+use pg_secrets_e2e::{assert_sql_error, free_port, store_state, Client, Cluster, KeySource, NoTls};
+use postgres::fallible_iterator::FallibleIterator;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The store's settings in these tests: a worker that wakes every second, retries quickly.
+const FAST_WORKER: &[&str] = &[
+    "pg_secrets.worker_naptime = 1",
+    "pg_secrets.rotation_retry_delay = 1",
+];
+
+fn store_cluster(extra: &[&str]) -> Cluster {
+    let mut settings = FAST_WORKER.to_vec();
+    settings.extend_from_slice(extra);
+    Cluster::start_with(KeySource::File(pg_secrets_e2e::TEST_KEY.into()), &settings)
+}
+
+/// A second cluster, without pg_secrets in use, standing for a database server elsewhere.
+fn target_cluster() -> Cluster {
+    Cluster::start_bare(KeySource::None, &["log_statement = 'all'"])
+}
+
+fn credential(host: &str, port: u16, username: &str, password: &str, extra: &str) -> String {
+    format!(
+        r#"{{"engine":"postgres","host":"{host}","port":{port},"dbname":"postgres","username":"{username}","password":"{password}"{extra}}}"#
+    )
+}
+
+fn create_secret(db: &mut Client, name: &str, value: &str) {
+    db.execute("SELECT secrets.create_secret($1, $2)", &[&name, &value])
+        .unwrap();
+}
+
+fn current(db: &mut Client, name: &str) -> String {
+    stage(db, name, "CURRENT")
+}
+
+fn stage(db: &mut Client, name: &str, stage: &str) -> String {
+    db.query_one(
+        "SELECT secrets.get_secret_value($1, version_stage => $2)",
+        &[&name, &stage],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// A field of the secret's `describe_secret(...)->'rotation'`, as text.
+fn rotation_field(db: &mut Client, name: &str, path: &[&str]) -> Option<String> {
+    let path: Vec<String> = path.iter().map(|p| p.to_string()).collect();
+    db.query_one(
+        "SELECT secrets.describe_secret($1)->'rotation' #>> $2",
+        &[&name, &path],
+    )
+    .unwrap()
+    .get(0)
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn wait_for_rotation(db: &mut Client, name: &str) {
+    wait_for("the rotation to succeed", Duration::from_secs(60), || {
+        rotation_field(db, name, &["in_progress"]).is_none()
+            && rotation_field(db, name, &["last", "state"]).as_deref() == Some("succeeded")
+    });
+}
+
+/// Logs in to `cluster` with the user and password of a credential JSON.
+fn login(cluster: &Cluster, credential_json: &str) -> Result<Client, postgres::Error> {
+    let field = |name: &str| -> String {
+        let start = credential_json.find(&format!("\"{name}\":\"")).unwrap() + name.len() + 4;
+        let end = start + credential_json[start..].find('"').unwrap();
+        credential_json[start..end].to_string()
+    };
+    Client::connect(
+        &cluster.connection_string(&field("username"), &field("password")),
+        NoTls,
+    )
+}
+
+fn password_of(credential_json: &str) -> String {
+    let start = credential_json.find("\"password\":\"").unwrap() + 12;
+    let end = start + credential_json[start..].find('"').unwrap();
+    credential_json[start..end].to_string()
+}
+
+#[test]
+fn a_role_of_this_cluster_rotates_in_one_transaction_and_the_password_is_never_logged() {
+    let cluster = store_cluster(&[
+        "log_statement = 'all'",
+        "shared_preload_libraries = 'pg_secrets,pg_stat_statements'",
+    ]);
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE EXTENSION pg_stat_statements; \
+         CREATE ROLE app LOGIN PASSWORD 'first-password'",
+    )
+    .unwrap();
+    let first = r#"{"engine":"postgres","host":"","username":"app","password":"first-password"}"#;
+    create_secret(&mut db, "db/app", first);
+
+    let pending: String = db
+        .query_one(
+            "SELECT secrets.rotate_secret('db/app', rotator => 'postgres-single-user')::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    // Done when the call returns: CURRENT is the new version and logs in; the old one does not.
+    let now = current(&mut db, "db/app");
+    let version: String = db
+        .query_one(
+            "SELECT version_id::text FROM secrets.list_secret_version_ids('db/app') \
+             WHERE 'CURRENT' = ANY(version_stages)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(version, pending);
+    assert_eq!(stage(&mut db, "db/app", "PREVIOUS"), first);
+    let new_password = password_of(&now);
+    assert_ne!(new_password, "first-password");
+    assert_eq!(new_password.len(), 32);
+    login(&cluster, &now).expect("CURRENT logs in");
+    assert!(login(&cluster, first).is_err(), "the old password is gone");
+    assert_eq!(
+        rotation_field(&mut db, "db/app", &["last", "state"]).as_deref(),
+        Some("succeeded")
+    );
+    assert_eq!(
+        rotation_field(&mut db, "db/app", &["enabled"]).as_deref(),
+        Some("false")
+    );
+    let pending_label: i64 = db
+        .query_one(
+            "SELECT count(*) FROM secrets.list_secret_version_ids('db/app') \
+             WHERE 'PENDING' = ANY(version_stages)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(pending_label, 0, "finish takes PENDING off");
+
+    // The password reached the server only as a verifier: not in the log, not in statistics.
+    let statements: String = db
+        .query_one(
+            "SELECT coalesce(string_agg(query, ' '), '') FROM pg_stat_statements",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(!statements.contains(&new_password));
+    let log = cluster.server_log();
+    assert!(log.contains("rotate_secret"), "log_statement=all is on");
+    assert!(
+        !log.contains(&new_password),
+        "the new password is in the server log"
+    );
+    let stored: String = db
+        .query_one(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(stored.starts_with("SCRAM-SHA-256$4096:"));
+}
+
+#[test]
+fn refused_local_rotations_change_nothing() {
+    let cluster = store_cluster(&[]);
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE boss SUPERUSER LOGIN PASSWORD 'boss-pw'; \
+         CREATE ROLE victim LOGIN PASSWORD 'victim-pw'; \
+         CREATE ROLE team LOGIN PASSWORD 'team-pw'",
+    )
+    .unwrap();
+    create_secret(
+        &mut db,
+        "db/boss",
+        r#"{"username":"boss","password":"boss-pw"}"#,
+    );
+    create_secret(
+        &mut db,
+        "db/ghost",
+        r#"{"username":"ghost","password":"x"}"#,
+    );
+    create_secret(&mut db, "api/not-json", "plain-api-key");
+    let before = store_state(&mut db);
+    for (name, rotator, sqlstate, words) in [
+        ("db/boss", "postgres-single-user", "55000", "is a superuser"),
+        (
+            "db/ghost",
+            "postgres-single-user",
+            "55000",
+            "does not exist",
+        ),
+        (
+            "api/not-json",
+            "postgres-single-user",
+            "55000",
+            "not a credential JSON",
+        ),
+        ("db/boss", "lambda", "22023", "unknown rotator"),
+        (
+            "db/boss",
+            "command:anything",
+            "22023",
+            "pg_secrets.rotator_dir is not set",
+        ),
+    ] {
+        assert_sql_error(
+            db.execute(
+                "SELECT secrets.rotate_secret($1, rotator => $2)",
+                &[&name, &rotator],
+            ),
+            sqlstate,
+            words,
+        );
+    }
+    assert_sql_error(
+        db.execute("SELECT secrets.rotate_secret('db/boss')", &[]),
+        "22023",
+        "has no rotator",
+    );
+    assert_eq!(store_state(&mut db), before);
+
+    // A role's secret may rotate only roles that role could change itself.
+    let mut team = cluster.login_role("team_app", "IN ROLE secrets_admin");
+    team.execute(
+        "SELECT secrets.create_secret('db/victim', $1)",
+        &[&r#"{"username":"victim","password":"victim-pw"}"#],
+    )
+    .unwrap();
+    let before = store_state(&mut db);
+    assert_sql_error(
+        team.execute(
+            "SELECT secrets.rotate_secret('db/victim', rotator => 'postgres-single-user')",
+            &[],
+        ),
+        "55000",
+        "may not change the password of role \"victim\"",
+    );
+    assert_eq!(store_state(&mut db), before);
+    Client::connect(&cluster.connection_string("victim", "victim-pw"), NoTls).unwrap();
+}
+
+#[test]
+fn schedules_are_checked_and_a_rate_rotates_on_its_own() {
+    let cluster = store_cluster(&[]);
+    let mut db = cluster.superuser();
+    db.batch_execute("CREATE ROLE app LOGIN PASSWORD 'first-password'")
+        .unwrap();
+    create_secret(
+        &mut db,
+        "db/app",
+        r#"{"username":"app","password":"first-password"}"#,
+    );
+    let before = store_state(&mut db);
+    // pg_secrets.min_rotation_interval is an hour by default.
+    for (schedule, window, words) in [
+        (
+            "rate(30 seconds)",
+            None,
+            "unit must be minutes, hours or days",
+        ),
+        (
+            "rate(59 minutes)",
+            None,
+            "more often than pg_secrets.min_rotation_interval",
+        ),
+        (
+            "cron(*/5 * * * *)",
+            None,
+            "more often than pg_secrets.min_rotation_interval",
+        ),
+        ("rate(2 hours)", Some("3 hours"), "rotation_window must be"),
+        ("rate(2 hours)", Some("-1 hours"), "rotation_window must be"),
+        (
+            "rate(2 hours)",
+            Some("1 month"),
+            "days, hours, minutes or seconds",
+        ),
+        ("cron(not a cron)", None, "is not valid"),
+        ("weekly", None, "is not valid"),
+    ] {
+        assert_sql_error(
+            db.execute(
+                "SELECT secrets.rotate_secret('db/app', 'postgres-single-user', $1, $2::text::interval)",
+                &[&schedule, &window],
+            ),
+            "22023",
+            words,
+        );
+    }
+    assert_eq!(store_state(&mut db), before);
+
+    // A cron schedule is accepted and gives a next rotation inside the coming day.
+    db.execute(
+        "SELECT secrets.rotate_secret('db/app', 'postgres-single-user', 'cron(0 3 * * *)', \
+                rotate_immediately => false)",
+        &[],
+    )
+    .unwrap();
+    let hours: f64 = db
+        .query_one(
+            "SELECT extract(epoch FROM ((secrets.describe_secret('db/app')->'rotation'->>'next_rotation_at')::timestamptz - now()))::float8 / 3600",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!((0.0..=25.0).contains(&hours), "next rotation in {hours} h");
+
+    // With the minimum lowered, rate(1 minutes) and no window: the worker rotates within
+    // about a minute, unasked.
+    db.batch_execute("ALTER SYSTEM SET pg_secrets.min_rotation_interval = 60")
+        .unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    db.execute(
+        "SELECT secrets.rotate_secret('db/app', 'postgres-single-user', 'rate(1 minutes)', \
+                '0 seconds', rotate_immediately => false)",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        rotation_field(&mut db, "db/app", &["enabled"]).as_deref(),
+        Some("true")
+    );
+    wait_for("the scheduled rotation", Duration::from_secs(120), || {
+        rotation_field(&mut db, "db/app", &["last", "state"]).as_deref() == Some("succeeded")
+    });
+    login(&cluster, &current(&mut db, "db/app")).expect("the rotated CURRENT logs in");
+    let next_in: f64 = db
+        .query_one(
+            "SELECT extract(epoch FROM ((secrets.describe_secret('db/app')->'rotation'->>'next_rotation_at')::timestamptz - now()))::float8",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!((0.0..=61.0).contains(&next_in), "next in {next_in} s");
+
+    // Cancelling turns the schedule off and keeps the settings.
+    db.execute("SELECT secrets.cancel_rotate_secret('db/app')", &[])
+        .unwrap();
+    assert_eq!(
+        rotation_field(&mut db, "db/app", &["enabled"]).as_deref(),
+        Some("false")
+    );
+    assert_eq!(
+        rotation_field(&mut db, "db/app", &["schedule"]).as_deref(),
+        Some("rate(1 minutes)")
+    );
+}
+
+#[test]
+fn a_remote_single_user_rotates_through_the_worker() {
+    let store = store_cluster(&[]);
+    let target = target_cluster();
+    target
+        .superuser()
+        .batch_execute("CREATE ROLE app LOGIN PASSWORD 'first-password'")
+        .unwrap();
+    let mut db = store.superuser();
+    let first = credential("127.0.0.1", target.port, "app", "first-password", "");
+    create_secret(&mut db, "db/remote", &first);
+    db.execute(
+        "SELECT secrets.rotate_secret('db/remote', rotator => 'postgres-single-user')",
+        &[],
+    )
+    .unwrap();
+    wait_for_rotation(&mut db, "db/remote");
+    let now = current(&mut db, "db/remote");
+    login(&target, &now).expect("CURRENT logs in to the target");
+    assert!(login(&target, &first).is_err());
+    assert_eq!(stage(&mut db, "db/remote", "PREVIOUS"), first);
+    // The target saw a verifier, never the password.
+    let log = target.server_log();
+    assert!(log.contains("ALTER ROLE CURRENT_USER PASSWORD 'SCRAM-SHA-256$4096:"));
+    assert!(!log.contains(&password_of(&now)));
+    assert!(!store.server_log().contains(&password_of(&now)));
+}
+
+#[test]
+fn alternating_users_keep_the_old_login_and_object_ownership() {
+    let store = store_cluster(&[]);
+    let target = target_cluster();
+    target
+        .superuser()
+        .batch_execute(
+            "CREATE ROLE app LOGIN PASSWORD 'first-password'; GRANT CREATE ON SCHEMA public TO app",
+        )
+        .unwrap();
+    let mut db = store.superuser();
+    create_secret(
+        &mut db,
+        "db/admin",
+        &credential(
+            "127.0.0.1",
+            target.port,
+            pg_secrets_e2e::SUPERUSER,
+            pg_secrets_e2e::SUPERUSER_PASSWORD,
+            "",
+        ),
+    );
+    let first = credential(
+        "127.0.0.1",
+        target.port,
+        "app",
+        "first-password",
+        r#","master_secret":"db/admin""#,
+    );
+    create_secret(&mut db, "db/alt", &first);
+
+    db.execute(
+        "SELECT secrets.rotate_secret('db/alt', rotator => 'postgres-alternating-users')",
+        &[],
+    )
+    .unwrap();
+    wait_for_rotation(&mut db, "db/alt");
+    let second = current(&mut db, "db/alt");
+    assert!(second.contains(r#""username":"app_clone""#));
+    assert!(second.contains(r#""master_secret":"db/admin""#));
+    let mut clone = login(&target, &second).expect("the clone logs in");
+    login(&target, &first).expect("the previous login stays valid");
+    // Whatever the clone creates belongs to the main role.
+    clone
+        .batch_execute("CREATE TABLE made_by_clone (id int)")
+        .unwrap();
+    let owner: String = target
+        .superuser()
+        .query_one(
+            "SELECT tableowner::text FROM pg_tables WHERE tablename = 'made_by_clone'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, "app");
+
+    // The next rotation goes back to the main user; the clone keeps its password until then.
+    db.execute("SELECT secrets.rotate_secret('db/alt')", &[])
+        .unwrap();
+    wait_for("the second rotation", Duration::from_secs(60), || {
+        current(&mut db, "db/alt").contains(r#""username":"app""#)
+    });
+    let third = current(&mut db, "db/alt");
+    login(&target, &third).expect("the main user logs in with its new password");
+    login(&target, &second).expect("the clone still logs in");
+    assert!(login(&target, &first).is_err());
+}
+
+/// A stand-in for a payment provider's key API: issues, checks and revokes keys over a line
+/// protocol on TCP, and remembers what it was asked.
+struct FakeKeyService {
+    port: u16,
+    events: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeKeyService {
+    fn start(first_key: &str) -> FakeKeyService {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let valid = Arc::new(Mutex::new(vec![first_key.to_string()]));
+        let log = events.clone();
+        std::thread::spawn(move || {
+            for (issued, stream) in listener.incoming().enumerate() {
+                let Ok(mut stream) = stream else { continue };
+                let mut line = String::new();
+                if BufReader::new(&stream).read_line(&mut line).is_err() {
+                    continue;
+                }
+                let request = line.trim().to_string();
+                let mut valid = valid.lock().unwrap();
+                let reply = match request.split_once(' ') {
+                    None if request == "ISSUE" => {
+                        let key = format!("key-{issued}-{}", free_port());
+                        valid.push(key.clone());
+                        key
+                    }
+                    Some(("CHECK", key)) => if valid.iter().any(|k| k == key) {
+                        "valid"
+                    } else {
+                        "invalid"
+                    }
+                    .to_string(),
+                    Some(("REVOKE", key)) => {
+                        valid.retain(|k| k != key);
+                        "ok".to_string()
+                    }
+                    _ => "error".to_string(),
+                };
+                log.lock().unwrap().push(format!("{request} -> {reply}"));
+                let _ = writeln!(stream, "{reply}");
+            }
+        });
+        FakeKeyService { port, events }
+    }
+
+    fn ask(&self, request: &str) -> String {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        writeln!(stream, "{request}").unwrap();
+        let mut reply = String::new();
+        BufReader::new(stream).read_line(&mut reply).unwrap();
+        reply.trim().to_string()
+    }
+}
+
+/// The rotator program: issue at create, check the new key at set and test (and that the old
+/// one still works at test), revoke the old key at finish.
+fn write_rotator(dir: &std::path::Path, port: u16) {
+    let script = format!(
+        r#"#!/bin/bash
+set -euo pipefail
+input=$(cat)
+field() {{ printf '%s' "$input" | sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p"; }}
+call() {{
+    exec 3<>/dev/tcp/127.0.0.1/{port}
+    echo "$1" >&3
+    read -r reply <&3
+    exec 3>&-
+    echo "$reply"
+}}
+case "$1" in
+    create) call ISSUE ;;
+    set) [ "$(call "CHECK $(field pending)")" = valid ] ;;
+    test) [ "$(call "CHECK $(field pending)")" = valid ] && [ "$(call "CHECK $(field current)")" = valid ] ;;
+    finish) [ "$(call "REVOKE $(field current)")" = ok ] ;;
+esac
+"#
+    );
+    let path = dir.join("payments-key");
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(dir.join("not-executable"), "#!/bin/sh\n").unwrap();
+    std::os::unix::fs::symlink("/bin/true", dir.join("escape")).unwrap();
+}
+
+fn rotator_dir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("rotators-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+#[test]
+fn a_command_rotator_rotates_an_api_key_and_the_old_key_works_until_finish() {
+    let service = FakeKeyService::start("key-original");
+    let dir = rotator_dir();
+    write_rotator(dir.path(), service.port);
+    let setting = format!("pg_secrets.rotator_dir = '{}'", dir.path().display());
+    let store = store_cluster(&[&setting]);
+    let mut db = store.superuser();
+    create_secret(&mut db, "api/payments", "key-original");
+
+    let before = store_state(&mut db);
+    for (program, words) in [
+        ("../payments-key", "a program is named by a file name"),
+        ("missing", "no such program"),
+        ("not-executable", "not an executable file"),
+        ("escape", "outside pg_secrets.rotator_dir"),
+        ("", "a program is named by a file name"),
+    ] {
+        assert_sql_error(
+            db.execute(
+                "SELECT secrets.rotate_secret('api/payments', rotator => $1)",
+                &[&format!("command:{program}")],
+            ),
+            "22023",
+            words,
+        );
+    }
+    assert_eq!(store_state(&mut db), before);
+
+    db.execute(
+        "SELECT secrets.rotate_secret('api/payments', rotator => 'command:payments-key')",
+        &[],
+    )
+    .unwrap();
+    wait_for_rotation(&mut db, "api/payments");
+    let new_key = current(&mut db, "api/payments");
+    assert!(new_key.starts_with("key-"), "{new_key}");
+    assert_eq!(stage(&mut db, "api/payments", "PREVIOUS"), "key-original");
+    let events = service.events.lock().unwrap().clone();
+    assert_eq!(service.ask(&format!("CHECK {new_key}")), "valid");
+    assert_eq!(
+        service.ask("CHECK key-original"),
+        "invalid",
+        "revoked at finish"
+    );
+    let revoked_at = events
+        .iter()
+        .position(|e| e.starts_with("REVOKE key-original"))
+        .expect("the old key was revoked");
+    let last_old_check = events
+        .iter()
+        .rposition(|e| e == "CHECK key-original -> valid")
+        .expect("the test step saw the old key working");
+    assert!(last_old_check < revoked_at, "{events:?}");
+    assert!(!store.server_log().contains(&new_key));
+}
+
+#[test]
+fn a_target_that_is_down_fails_cleanly_alarms_and_recovers() {
+    let store = store_cluster(&[]);
+    let mut target = target_cluster();
+    target
+        .superuser()
+        .batch_execute("CREATE ROLE app LOGIN PASSWORD 'first-password'")
+        .unwrap();
+    let mut db = store.superuser();
+    let first = credential("127.0.0.1", target.port, "app", "first-password", "");
+    create_secret(&mut db, "db/down", &first);
+    let mut listener = store.superuser();
+    listener.batch_execute("LISTEN pg_secrets_alarm").unwrap();
+    target.stop("fast");
+
+    db.execute(
+        "SELECT secrets.rotate_secret('db/down', rotator => 'postgres-single-user')",
+        &[],
+    )
+    .unwrap();
+    // Repeated failures raise an alarm with a JSON payload.
+    let mut notifications = listener.notifications();
+    let alarm = notifications
+        .timeout_iter(Duration::from_secs(60))
+        .next()
+        .unwrap()
+        .expect("an alarm after repeated failures");
+    assert!(alarm.payload().contains(r#""alarm":"rotation_failing""#));
+    assert!(alarm.payload().contains(r#""secret":"db/down""#));
+    let error = rotation_field(&mut db, "db/down", &["in_progress", "last_error"]).unwrap();
+    assert!(error.contains("failed at step set"), "{error}");
+    assert_eq!(
+        rotation_field(&mut db, "db/down", &["in_progress", "step"]).as_deref(),
+        Some("set")
+    );
+    // CURRENT is untouched.
+    assert_eq!(current(&mut db, "db/down"), first);
+
+    // A manual put during the rotation wins, and the record says so.
+    db.execute("SELECT secrets.put_secret_value('db/down', $1)", &[&first])
+        .unwrap();
+    assert_eq!(
+        rotation_field(&mut db, "db/down", &["last", "state"]).as_deref(),
+        Some("abandoned")
+    );
+    assert!(rotation_field(&mut db, "db/down", &["last", "note"])
+        .unwrap()
+        .contains("put_secret_value"));
+    assert!(rotation_field(&mut db, "db/down", &["in_progress"]).is_none());
+
+    // With the target back, CURRENT logs in as before and a new rotation succeeds.
+    target.restart();
+    login(&target, &first).expect("CURRENT still logs in once the target is back");
+    db.execute("SELECT secrets.rotate_secret('db/down')", &[])
+        .unwrap();
+    wait_for_rotation(&mut db, "db/down");
+    login(&target, &current(&mut db, "db/down")).expect("the rotated CURRENT logs in");
+}
+
+#[test]
+fn an_immediate_stop_between_set_and_finish_resumes_after_restart() {
+    let mut store = store_cluster(&[]);
+    let target = target_cluster();
+    target
+        .superuser()
+        .batch_execute("CREATE ROLE app LOGIN PASSWORD 'first-password'")
+        .unwrap();
+    let mut db = store.superuser();
+    let first = credential("127.0.0.1", target.port, "app", "first-password", "");
+    create_secret(&mut db, "db/crash", &first);
+    // Read once, so today's access date is written now and not while the worker holds the row.
+    assert_eq!(current(&mut db, "db/crash"), first);
+
+    // Hold the CURRENT label row: set and test go through, finish cannot move CURRENT.
+    let mut holder = store.superuser();
+    let mut hold = holder.transaction().unwrap();
+    hold.execute(
+        "SELECT FROM secrets.version_label l JOIN secrets.secret s ON s.id = l.secret_id \
+         WHERE s.name = 'db/crash' AND l.label = 'CURRENT' FOR UPDATE OF l",
+        &[],
+    )
+    .unwrap();
+    db.execute(
+        "SELECT secrets.rotate_secret('db/crash', rotator => 'postgres-single-user')",
+        &[],
+    )
+    .unwrap();
+    wait_for(
+        "set and test to be recorded",
+        Duration::from_secs(60),
+        || {
+            rotation_field(&mut db, "db/crash", &["in_progress", "step"]).as_deref()
+                == Some("finish")
+        },
+    );
+    // The target already has the new password: CURRENT no longer logs in, PENDING does.
+    let pending = stage(&mut db, "db/crash", "PENDING");
+    login(&target, &pending).expect("PENDING logs in between set and finish");
+    drop(hold);
+    drop(holder);
+    drop(db);
+    store.stop("immediate");
+    store.restart();
+
+    let mut db = store.superuser();
+    wait_for_rotation(&mut db, "db/crash");
+    assert_eq!(current(&mut db, "db/crash"), pending, "no version was lost");
+    assert_eq!(stage(&mut db, "db/crash", "PREVIOUS"), first);
+    login(&target, &current(&mut db, "db/crash")).expect("CURRENT logs in after the restart");
+    let rotations: i64 = db
+        .query_one("SELECT count(*) FROM secrets.rotation", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(rotations, 1);
+}
+
+#[test]
+fn two_concurrent_rotate_calls_make_one_rotation() {
+    let cluster = store_cluster(&[]);
+    let mut db = cluster.superuser();
+    db.batch_execute("CREATE ROLE app LOGIN PASSWORD 'first-password'")
+        .unwrap();
+    create_secret(
+        &mut db,
+        "db/app",
+        r#"{"username":"app","password":"first-password"}"#,
+    );
+    db.execute(
+        "SELECT secrets.rotate_secret('db/app', rotator => 'postgres-single-user', \
+                rotate_immediately => false)",
+        &[],
+    )
+    .unwrap();
+    // Both calls queue behind one lock, then race.
+    let mut holder = cluster.superuser();
+    let mut hold = holder.transaction().unwrap();
+    hold.execute(
+        "SELECT FROM secrets.secret WHERE name = 'db/app' FOR UPDATE",
+        &[],
+    )
+    .unwrap();
+    let callers: Vec<_> = (0..2)
+        .map(|_| {
+            let mut client = cluster.superuser();
+            std::thread::spawn(move || -> String {
+                client
+                    .query_one("SELECT secrets.rotate_secret('db/app')::text", &[])
+                    .unwrap()
+                    .get(0)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    hold.commit().unwrap();
+    let versions: Vec<String> = callers.into_iter().map(|c| c.join().unwrap()).collect();
+    assert_eq!(versions[0], versions[1]);
+    let (rotations, stored_versions): (i64, i64) = {
+        let row = db
+            .query_one(
+                "SELECT (SELECT count(*) FROM secrets.rotation), \
+                        (SELECT count(*) FROM secrets.secret_version)",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((rotations, stored_versions), (1, 2));
+    login(&cluster, &current(&mut db, "db/app")).expect("CURRENT logs in");
+}
+
+#[test]
+fn offboarding_rotates_what_the_role_could_read() {
+    let cluster = store_cluster(&[]);
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE app LOGIN PASSWORD 'first-password'; \
+         CREATE ROLE leaver LOGIN PASSWORD 'leaver-pw' IN ROLE secrets_reader",
+    )
+    .unwrap();
+    create_secret(
+        &mut db,
+        "db/app",
+        r#"{"username":"app","password":"first-password"}"#,
+    );
+    db.execute(
+        "SELECT secrets.rotate_secret('db/app', rotator => 'postgres-single-user', \
+                rotate_immediately => false)",
+        &[],
+    )
+    .unwrap();
+    create_secret(&mut db, "api/manual", "typed-by-hand");
+    let rows: Vec<(String, String)> = db
+        .query(
+            "SELECT name, status FROM secrets.rotate_secrets_accessible_by('leaver')",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (
+                "api/manual".to_string(),
+                "needs manual rotation: no rotator is configured".to_string()
+            ),
+            ("db/app".to_string(), "rotated".to_string()),
+        ]
+    );
+    login(&cluster, &current(&mut db, "db/app")).expect("rotated");
+    assert_sql_error(
+        db.query(
+            "SELECT * FROM secrets.rotate_secrets_accessible_by('leaver', only_accessed => true)",
+            &[],
+        ),
+        "0A000",
+        "audit trail",
+    );
+    assert_sql_error(
+        db.query(
+            "SELECT * FROM secrets.rotate_secrets_accessible_by('nobody_by_that_name')",
+            &[],
+        ),
+        "42704",
+        "does not exist",
+    );
+    // A role that can read nothing gets nothing rotated.
+    db.batch_execute("CREATE ROLE stranger").unwrap();
+    let none: i64 = db
+        .query_one(
+            "SELECT count(*) FROM secrets.rotate_secrets_accessible_by('stranger')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(none, 0);
+}
+
+#[test]
+fn the_worker_purges_secrets_whose_recovery_window_ended() {
+    let cluster = store_cluster(&[]);
+    let mut db = cluster.superuser();
+    create_secret(&mut db, "old/key", "v");
+    db.batch_execute(
+        "SELECT secrets.delete_secret('old/key', 7); \
+         UPDATE secrets.secret SET purge_at = now() WHERE name = 'old/key'",
+    )
+    .unwrap();
+    wait_for("the purge", Duration::from_secs(30), || {
+        db.query_one("SELECT count(*) FROM secrets.secret_version", &[])
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+    });
+}
+
+#[test]
+fn rewrapping_ten_thousand_versions_keeps_every_value_readable() {
+    const OLD: &str = "old:1111111111111111111111111111111111111111111111111111111111111111";
+    const NEW: &str = "new:2222222222222222222222222222222222222222222222222222222222222222";
+    let mut cluster = Cluster::start_with(KeySource::File(OLD.into()), &[]);
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "DO $$ BEGIN \
+           FOR s IN 1..1000 LOOP \
+             PERFORM secrets.create_secret('bulk/' || s, 'value-' || s || '-1'); \
+             FOR v IN 2..10 LOOP \
+               PERFORM secrets.put_secret_value('bulk/' || s, 'value-' || s || '-' || v, version_stages => '{}'); \
+             END LOOP; \
+           END LOOP; END $$",
+    )
+    .unwrap();
+    drop(db);
+
+    // Step 1: add the new key, make it active, restart.
+    cluster.configure(
+        KeySource::File(format!("{NEW}\n{OLD}\n")),
+        &["pg_secrets.active_key = 'new'"],
+    );
+    cluster.restart();
+    let mut db = cluster.superuser();
+    let status = |db: &mut Client| -> Vec<(String, bool, i64)> {
+        db.query(
+            "SELECT key_id, active, versions FROM secrets.key_status() ORDER BY key_id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect()
+    };
+    assert_eq!(
+        status(&mut db),
+        vec![("new".into(), true, 0), ("old".into(), false, 10_000)]
+    );
+    // Step 2: rewrap in batches until nothing remains.
+    let mut batches = 0;
+    loop {
+        let row = db
+            .query_one(
+                "SELECT rewrapped, remaining FROM secrets.rewrap_keys(3000)",
+                &[],
+            )
+            .unwrap();
+        let (rewrapped, remaining): (i64, i64) = (row.get(0), row.get(1));
+        batches += 1;
+        assert!(rewrapped <= 3000);
+        if remaining == 0 {
+            break;
+        }
+        assert!(batches < 10, "rewrap makes no progress");
+    }
+    assert_eq!(batches, 4);
+    assert_eq!(
+        status(&mut db),
+        vec![("new".into(), true, 10_000), ("old".into(), false, 0)]
+    );
+    assert_sql_error(
+        db.query("SELECT * FROM secrets.rewrap_keys(0)", &[]),
+        "22023",
+        "batch_size",
+    );
+    drop(db);
+
+    // Step 4: the old key is gone; every version still reads back.
+    cluster.configure(KeySource::File(format!("{NEW}\n")), &[]);
+    cluster.restart();
+    let mut db = cluster.superuser();
+    let wrong: i64 = db
+        .query_one(
+            "SELECT count(*) FROM secrets.secret s \
+             CROSS JOIN LATERAL secrets.list_secret_version_ids(s.name, true) v \
+             WHERE secrets.get_secret_value(s.name, v.version_id) \
+                   NOT LIKE 'value-' || split_part(s.name, '/', 2) || '-%'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let total: i64 = db
+        .query_one(
+            "SELECT count(*) FROM secrets.secret s \
+             CROSS JOIN LATERAL secrets.list_secret_version_ids(s.name, true) v",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!((wrong, total), (0, 10_000));
+}
