@@ -114,6 +114,10 @@ BEGIN
                    secrets.get_secret_value('demo/app/db')::json ->> 'password');
 END
 $demo$;
+-- The background worker rotates app's password every day from now on.
+SELECT secrets.rotate_secret('demo/app/db', 'postgres-single-user', 'rate(1 days)',
+                             rotate_immediately => false)
+ WHERE secrets.describe_secret('demo/app/db') -> 'rotation' ->> 'rotator' IS NULL;
 SQL
     start_proxy
     local connect="psql -h $ROOT -p $PORT -U postgres postgres"
@@ -132,7 +136,9 @@ Try:
   SELECT * FROM secrets.list_secrets();
   SELECT secrets.describe_secret('demo/app/db');
   SELECT secrets.get_secret_value('demo/app/db');
-  SELECT secrets.put_secret_value('demo/app/db', secrets.get_random_password());
+  SELECT secrets.rotate_secret('demo/app/db');   -- app's password changes now; the proxy keeps working
+  SELECT secrets.describe_secret('demo/app/db') -> 'rotation';
+  SELECT secrets.create_secret('demo/api/key', secrets.get_random_password(), description => 'an API key');
   SELECT * FROM secrets.list_secret_version_ids('demo/app/db', true);
   SELECT secrets.get_secret_value('demo/app/db', version_stage => 'PREVIOUS');
   SELECT secrets.delete_secret('demo/app/db', 7);  SELECT secrets.restore_secret('demo/app/db');

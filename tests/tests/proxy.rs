@@ -2,7 +2,7 @@
 //! the proxy runs in-process on its own runtime, and clients (the postgres crate, psql,
 //! pgbench, raw sockets) connect to it without a password.
 
-use pg_secrets_e2e::{Cluster, SUPERUSER, SUPERUSER_PASSWORD};
+use pg_secrets_e2e::{Cluster, KeySource, SUPERUSER, SUPERUSER_PASSWORD, TEST_KEY};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 use secrets_proxy::{Config, RunningProxy};
@@ -25,7 +25,11 @@ fn credential_json(cluster: &Cluster, password: &str) -> String {
 /// A cluster with login role `app` (password in secret `db/app`), a `proxy` role that may read
 /// secrets, and a proxy routing database `appdb` to that secret.
 fn fixture(allow: &str) -> Fixture {
-    let cluster = Cluster::start();
+    fixture_with(allow, &[])
+}
+
+fn fixture_with(allow: &str, settings: &[&str]) -> Fixture {
+    let cluster = Cluster::start_with(KeySource::File(TEST_KEY.into()), settings);
     let mut db = cluster.superuser();
     db.batch_execute(
         "CREATE ROLE app LOGIN PASSWORD 'pw-0';
@@ -286,13 +290,24 @@ fn logins_ride_through_rotation_and_old_sessions_stay() {
     );
 }
 
-#[test]
-fn pgbench_sees_no_failure_while_the_password_rotates_over_and_over() {
-    let fixture = fixture(r#""trust""#);
+/// Runs pgbench (a new connection per transaction) through the proxy for `seconds` while
+/// `rotate` runs over and over; returns how many rotations happened. Fails on any failed
+/// transaction.
+fn pgbench_while(fixture: &Fixture, seconds: u64, mut rotate: impl FnMut()) -> u32 {
     let script = fixture.cluster.dir().join("select.sql");
     std::fs::write(&script, "SELECT 1;\n").unwrap();
     let pgbench = std::process::Command::new("pgbench")
-        .args(["-n", "-C", "-c", "4", "-j", "2", "-T", "6", "-f"])
+        .args([
+            "-n",
+            "-C",
+            "-c",
+            "4",
+            "-j",
+            "2",
+            "-T",
+            &(seconds + 1).to_string(),
+            "-f",
+        ])
         .arg(&script)
         .args([
             "-h",
@@ -307,12 +322,11 @@ fn pgbench_sees_no_failure_while_the_password_rotates_over_and_over() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut rotations = 0;
     while Instant::now() < deadline {
         rotations += 1;
-        fixture.rotate(&format!("pw-rotated-{rotations}"));
-        std::thread::sleep(Duration::from_millis(100));
+        rotate();
     }
     let output = pgbench.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -321,7 +335,6 @@ fn pgbench_sees_no_failure_while_the_password_rotates_over_and_over() {
         "{stdout}{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(rotations >= 5, "only {rotations} rotations");
     let processed: u64 = stdout
         .lines()
         .find_map(|line| line.strip_prefix("number of transactions actually processed: "))
@@ -332,6 +345,67 @@ fn pgbench_sees_no_failure_while_the_password_rotates_over_and_over() {
         stdout.contains("number of failed transactions: 0"),
         "{stdout}"
     );
+    rotations
+}
+
+#[test]
+fn pgbench_sees_no_failure_while_the_password_rotates_over_and_over() {
+    let fixture = fixture(r#""trust""#);
+    let mut count = 0;
+    let rotations = pgbench_while(&fixture, 5, || {
+        count += 1;
+        fixture.rotate(&format!("pw-rotated-{count}"));
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    assert!(rotations >= 5, "only {rotations} rotations");
+}
+
+/// The product path: the background worker rotates with `postgres-single-user` (create, set,
+/// test, finish, each committed on its own), and between set and finish, when CURRENT is
+/// already refused, the proxy logs in with PENDING.
+#[test]
+fn pgbench_sees_no_failure_while_the_worker_rotates_the_password() {
+    let fixture = fixture_with(
+        r#""trust""#,
+        &[
+            "pg_secrets.worker_naptime = 1",
+            "pg_secrets.rotation_retry_delay = 1",
+        ],
+    );
+    let mut db = fixture.cluster.superuser();
+    let rotated = |db: &mut Client| -> i64 {
+        db.query_one(
+            "SELECT count(*) FROM secrets.rotation WHERE state = 'succeeded'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let rotations = pgbench_while(&fixture, 8, || {
+        let before = rotated(&mut db);
+        db.execute(
+            "SELECT secrets.rotate_secret('db/app', rotator => 'postgres-single-user')",
+            &[],
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while rotated(&mut db) == before {
+            assert!(
+                Instant::now() < deadline,
+                "the worker did not finish the rotation"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    assert!(rotations >= 3, "only {rotations} rotations");
+    let failures: i64 = db
+        .query_one(
+            "SELECT coalesce(sum(attempts), 0) FROM secrets.rotation",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(failures, 0, "no rotation step failed");
 }
 
 /// Sends raw bytes and returns what the proxy answered before closing.
