@@ -1,5 +1,40 @@
--- Runs after every function exists. Functions are reachable only through the interim roles;
--- each function still checks the caller's right on the secret it touches.
+-- Runs after every function exists.
+
+-- Row-level security: a role reading the metadata sees exactly the secrets it may describe,
+-- decided by the same predicate as the functions. Forced, so even the tables' owner is
+-- subject to it unless it is a superuser (the extension's functions run as one and check
+-- access themselves). The other tables have no policy: nobody but a superuser reads them.
+ALTER TABLE secrets.secret ENABLE ROW LEVEL SECURITY;
+ALTER TABLE secrets.secret FORCE ROW LEVEL SECURITY;
+CREATE POLICY describable ON secrets.secret FOR SELECT
+    USING (secrets.may_describe(id, name, owner_role));
+DO $rls$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['secret_version', 'version_label', 'master_key', 'rotation',
+                             'access_grant', 'resource_policy', 'access_request'] LOOP
+        EXECUTE pg_catalog.format('ALTER TABLE secrets.%I ENABLE ROW LEVEL SECURITY', t);
+        EXECUTE pg_catalog.format('ALTER TABLE secrets.%I FORCE ROW LEVEL SECURITY', t);
+    END LOOP;
+END
+$rls$;
+
+-- The list view: metadata only (values live in secret_version, which no one may read), rows
+-- filtered by the policy above for whoever runs the query.
+CREATE VIEW secrets.secret_list WITH (security_invoker = true, security_barrier = true) AS
+    SELECT id, name, description, tags, owner_role AS owner, key_id, created_at,
+           changed_at AS last_changed_at, last_accessed_on, deleted_at, purge_at,
+           rotation_enabled, rotator, rotation_schedule, next_rotation_at, last_rotated_at
+    FROM secrets.secret;
+GRANT SELECT (id, name, description, tags, owner_role, key_id, created_at, changed_at,
+              last_accessed_on, deleted_at, purge_at, rotation_enabled, rotator,
+              rotation_schedule, next_rotation_at, last_rotated_at)
+    ON secrets.secret TO secrets_user;
+GRANT SELECT ON secrets.secret_list TO secrets_user;
+
+-- Functions are reachable through secrets_user; each still decides per secret.
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA secrets FROM PUBLIC;
-GRANT USAGE ON SCHEMA secrets TO secrets_admin, secrets_reader;
-GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA secrets TO secrets_admin, secrets_reader;
+GRANT USAGE ON SCHEMA secrets TO secrets_user;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA secrets TO secrets_user;
+GRANT secrets_user TO secrets_admin, secrets_reader;

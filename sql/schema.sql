@@ -2,9 +2,9 @@
 -- written here. The functions in schema `secrets` are the only way in: they are SECURITY
 -- DEFINER and owned by the extension owner, and nobody else has any privilege on these tables.
 
--- Roles of the interim access model: `secrets_admin` may do everything, `secrets_reader` may
--- get and describe every secret. The creator of a secret (its owner role) has every right on
--- it. Roles are cluster-wide, so another database may already have created them.
+-- Roles: `secrets_admin` may do everything, `secrets_reader` may get and describe every
+-- secret, `secrets_user` may call the functions (grants, policies and ownership decide the
+-- rest). Roles are cluster-wide, so another database may already have created them.
 DO $roles$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'secrets_admin') THEN
@@ -12,6 +12,10 @@ BEGIN
     END IF;
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'secrets_reader') THEN
         CREATE ROLE secrets_reader NOLOGIN;
+    END IF;
+    -- May call the functions; what it may do with each secret is decided per secret.
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'secrets_user') THEN
+        CREATE ROLE secrets_user NOLOGIN;
     END IF;
 END
 $roles$;
@@ -108,6 +112,53 @@ CREATE TABLE secrets.rotation (
 CREATE UNIQUE INDEX rotation_one_running ON secrets.rotation (secret_id) WHERE state = 'running';
 CREATE INDEX rotation_by_secret ON secrets.rotation (secret_id, started_at DESC);
 
+-- Identity-based grants: `grantee` (and its members) may do `actions` on every secret whose
+-- name matches `name_pattern` (`*` any run of characters, `?` one) until `valid_until`.
+-- A standing grant is one per (pattern, grantee); grants made by approving a request stand
+-- on their own and expire with it.
+CREATE TABLE secrets.access_grant (
+    id           uuid PRIMARY KEY,
+    name_pattern text NOT NULL
+                 CHECK (name_pattern ~ '^[A-Za-z0-9/_+=.@*?-]+$' AND pg_catalog.length(name_pattern) <= 512),
+    grantee      regrole NOT NULL,
+    actions      text[] NOT NULL
+                 CHECK (pg_catalog.cardinality(actions) > 0
+                        AND actions <@ '{get,describe,put,rotate,delete,manage}'::text[]),
+    valid_until  timestamptz,
+    granted_by   regrole NOT NULL,
+    granted_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    request_id   uuid
+);
+CREATE UNIQUE INDEX access_grant_standing ON secrets.access_grant (name_pattern, grantee)
+    WHERE request_id IS NULL;
+
+-- A secret's resource policy, validated when it is put.
+CREATE TABLE secrets.resource_policy (
+    secret_id  uuid PRIMARY KEY REFERENCES secrets.secret (id) ON DELETE CASCADE,
+    policy     jsonb NOT NULL,
+    changed_by regrole NOT NULL,
+    changed_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+-- Time-bound access with approval. Kept by name, so requesting reveals nothing about whether
+-- a secret exists.
+CREATE TABLE secrets.access_request (
+    id           uuid PRIMARY KEY,
+    secret_name  text NOT NULL,
+    requester    regrole NOT NULL,
+    actions      text[] NOT NULL
+                 CHECK (pg_catalog.cardinality(actions) > 0
+                        AND actions <@ '{get,describe,put,rotate,delete,manage}'::text[]),
+    duration     interval NOT NULL,
+    reason       text NOT NULL CHECK (pg_catalog.length(reason) BETWEEN 1 AND 2048),
+    state        text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'approved', 'denied')),
+    requested_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    decided_by   regrole,
+    decided_at   timestamptz,
+    grant_id     uuid
+);
+CREATE INDEX access_request_pending ON secrets.access_request (secret_name) WHERE state = 'pending';
+
 REVOKE ALL ON ALL TABLES IN SCHEMA secrets FROM PUBLIC;
 
 -- pg_dump of a database must carry the secrets along: extension tables are otherwise skipped.
@@ -116,3 +167,6 @@ SELECT pg_catalog.pg_extension_config_dump('secrets.secret', '');
 SELECT pg_catalog.pg_extension_config_dump('secrets.secret_version', '');
 SELECT pg_catalog.pg_extension_config_dump('secrets.version_label', '');
 SELECT pg_catalog.pg_extension_config_dump('secrets.rotation', '');
+SELECT pg_catalog.pg_extension_config_dump('secrets.access_grant', '');
+SELECT pg_catalog.pg_extension_config_dump('secrets.resource_policy', '');
+SELECT pg_catalog.pg_extension_config_dump('secrets.access_request', '');

@@ -386,7 +386,7 @@ fn restore_secret(name: Option<&str>) -> Result<(), ErrorReport> {
 #[search_path(pg_catalog, pg_temp)]
 fn purge_deleted_secrets() -> Result<i64, ErrorReport> {
     sql((|| {
-        if !crate::access::may_on_any(crate::access::caller(), crate::access::Action::Delete) {
+        if !crate::access::may_on_any(crate::access::caller(), crate::access::Action::Delete)? {
             return Err(Error::AccessDenied {
                 name: "*".into(),
                 action: "delete",

@@ -56,6 +56,8 @@ pub enum Error {
     },
     #[error("{0}")]
     NotSupported(String),
+    #[error("access request {id} is already {state}")]
+    RequestDecided { id: String, state: String },
     /// A PostgreSQL error caught in a subtransaction, kept as its message to be recorded.
     #[error("{0}")]
     Caught(String),
@@ -74,9 +76,10 @@ impl Error {
     pub fn sqlstate(&self) -> (PgSqlErrorCode, &'static str) {
         use PgSqlErrorCode::*;
         match self {
-            Error::NotPreloaded | Error::ScheduledForDeletion { .. } | Error::NotDeleted(_) => {
-                (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "55000")
-            }
+            Error::NotPreloaded
+            | Error::ScheduledForDeletion { .. }
+            | Error::NotDeleted(_)
+            | Error::RequestDecided { .. } => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "55000"),
             Error::NullArgument(_) => (ERRCODE_NULL_VALUE_NOT_ALLOWED, "22004"),
             Error::InvalidParameter(_) => (ERRCODE_INVALID_PARAMETER_VALUE, "22023"),
             Error::LimitExceeded(_) => (ERRCODE_PROGRAM_LIMIT_EXCEEDED, "54000"),

@@ -7,10 +7,12 @@ use pgrx::prelude::*;
 
 mod access;
 mod api;
+mod api_access;
 mod api_rotation;
 mod crypto;
 mod db;
 mod errors;
+mod grants;
 mod index_read;
 mod keys;
 mod labels;
@@ -44,6 +46,7 @@ pub extern "C-unwind" fn _PG_init() {
     settings::init();
     settings::hide_statement_parameters_if_asked();
     keys::load_at_startup();
+    access::register_invalidation_callbacks();
     worker::register();
 }
 

@@ -94,7 +94,7 @@ pub fn rewrap_secret(client: &mut SpiClient<'_>, secret: &SecretRow, key_id: &st
 
 /// Master-key work spans every secret, so it needs the right on all of them.
 fn require_on_every_secret(action: Action) -> Result<()> {
-    if access::may_on_any(access::caller(), action) {
+    if access::may_on_any(access::caller(), action)? {
         Ok(())
     } else {
         Err(Error::AccessDenied {

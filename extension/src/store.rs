@@ -1,7 +1,7 @@
 //! The secret store: each public operation is one function here, run inside the caller's
 //! transaction through SPI. Values are sealed in Rust before any row exists.
 
-use crate::access::{self, Action};
+use crate::access::{self, Action, Context};
 use crate::crypto::{self, Binding, ValueKind};
 use crate::db;
 use crate::errors::{Error, Result};
@@ -40,6 +40,15 @@ pub struct SecretRow {
     pub purge_at: Option<String>,
 }
 
+impl SecretRow {
+    pub fn subject(&self) -> access::Secret {
+        access::Secret {
+            id: self.id,
+            owner: self.owner,
+        }
+    }
+}
+
 /// Whether an operation may act on a secret that is scheduled for deletion.
 #[derive(PartialEq)]
 pub enum OnDeleted {
@@ -49,7 +58,11 @@ pub enum OnDeleted {
 
 /// Writers lock the row (FOR UPDATE), so label moves on one secret never interleave;
 /// describing does not, so it also works in a read-only transaction or on a standby.
-fn find_secret(client: &mut SpiClient<'_>, name: &str, lock: bool) -> Result<Option<SecretRow>> {
+pub fn find_secret(
+    client: &mut SpiClient<'_>,
+    name: &str,
+    lock: bool,
+) -> Result<Option<SecretRow>> {
     const FIND: &str =
         "SELECT id, owner_role::oid, key_id, purge_at::text FROM secrets.secret WHERE name = $1";
     const FIND_FOR_UPDATE: &str = "SELECT id, owner_role::oid, key_id, purge_at::text \
@@ -100,7 +113,7 @@ pub fn authorize(
 ) -> Result<SecretRow> {
     let caller = access::caller();
     let row = find_secret(client, name, action != Action::Describe)?;
-    check_access(caller, name, action, row.as_ref().map(|row| row.owner))?;
+    check_access(caller, name, action, row.as_ref().map(SecretRow::subject))?;
     let row = row.expect("check_access refuses a missing secret");
     match (&row.purge_at, on_deleted) {
         (Some(purge_at), OnDeleted::Refuse) => Err(Error::ScheduledForDeletion {
@@ -111,21 +124,38 @@ pub fn authorize(
     }
 }
 
+/// Whether the caller may do `action` on secret `name` (false for a missing one), without
+/// locking anything: for listings.
+pub fn may(client: &mut SpiClient<'_>, name: &str, action: Action) -> Result<bool> {
+    Ok(match find_secret(client, name, false)? {
+        Some(secret) => access::decide(
+            access::caller(),
+            action,
+            name,
+            Some(secret.subject()),
+            Context::Session,
+        )?
+        .allows(),
+        None => false,
+    })
+}
+
+/// Allowed, or the error for it: `42501` both for a secret the caller may not act on and for
+/// a missing one, unless the caller would be allowed on a secret of that name.
 fn check_access(
     caller: pg_sys::Oid,
     name: &str,
     action: Action,
-    owner: Option<pg_sys::Oid>,
+    secret: Option<access::Secret>,
 ) -> Result<()> {
-    let denied = || Error::AccessDenied {
-        name: name.to_string(),
-        action: action.as_str(),
-    };
-    match owner {
-        None if access::may_on_any(caller, action) => Err(Error::NotFound(name.to_string())),
-        None => Err(denied()),
-        Some(owner) if !access::may(caller, action, owner) => Err(denied()),
-        Some(_) => Ok(()),
+    let allowed = access::decide(caller, action, name, secret, Context::Session)?.allows();
+    match (secret, allowed) {
+        (_, false) => Err(Error::AccessDenied {
+            name: name.to_string(),
+            action: action.as_str(),
+        }),
+        (None, true) => Err(Error::NotFound(name.to_string())),
+        (Some(_), true) => Ok(()),
     }
 }
 
@@ -273,7 +303,12 @@ pub fn labelled_value(
 pub fn read_current_as(role: pg_sys::Oid, name: &str) -> Result<Zeroizing<Vec<u8>>> {
     Spi::connect_mut(|client| {
         let secret = find_secret(client, name, false)?;
-        check_access(role, name, Action::Get, secret.as_ref().map(|s| s.owner))?;
+        check_access(
+            role,
+            name,
+            Action::Get,
+            secret.as_ref().map(SecretRow::subject),
+        )?;
         let secret = secret.expect("check_access refuses a missing secret");
         labelled_value(client, &secret, CURRENT)?.ok_or_else(|| Error::VersionNotFound {
             name: name.to_string(),
@@ -314,7 +349,7 @@ pub struct NewSecret<'a> {
 
 pub fn create_secret(new: NewSecret<'_>) -> Result<Option<Uuid>> {
     let caller = access::caller();
-    if !access::may_on_any(caller, Action::Create) {
+    if !access::decide(caller, Action::Create, new.name, None, Context::Session)?.allows() {
         return Err(Error::AccessDenied {
             name: new.name.to_string(),
             action: "create",
@@ -332,7 +367,14 @@ pub fn create_secret(new: NewSecret<'_>) -> Result<Option<Uuid>> {
             }
             // A retried create_secret returns what the first attempt made.
             if let Some(value) = &new.value {
-                if access::may(caller, Action::Put, existing.owner) {
+                let may_put = access::decide(
+                    caller,
+                    Action::Put,
+                    new.name,
+                    Some(existing.subject()),
+                    Context::Session,
+                )?;
+                if may_put.allows() {
                     if let Some(version) = version_for_token(client, &existing, value, new.token)? {
                         return Ok(Some(version));
                     }
@@ -444,7 +486,10 @@ pub fn get_secret(
         access::caller(),
         name,
         Action::Get,
-        head.as_ref().map(|h| h.owner),
+        head.as_ref().map(|h| access::Secret {
+            id: h.id,
+            owner: h.owner,
+        }),
     )?;
     let head = head.expect("check_access refuses a missing secret");
     if head.deleted {
@@ -694,13 +739,24 @@ pub fn list_secrets(
         )?;
         let mut listed = Vec::new();
         for row in rows {
+            let name: String = row.get(1)?.expect("NOT NULL");
+            let id: Uuid = row.get(2)?.expect("NOT NULL");
             let owner: pg_sys::Oid = row.get(11)?.expect("NOT NULL");
-            if !access::may(caller, Action::Describe, owner) {
+            let secret = access::Secret { id, owner };
+            if !access::decide(
+                caller,
+                Action::Describe,
+                &name,
+                Some(secret),
+                Context::Session,
+            )?
+            .allows()
+            {
                 continue;
             }
             listed.push(Listed {
-                name: row.get(1)?.expect("NOT NULL"),
-                id: row.get(2)?.expect("NOT NULL"),
+                name,
+                id,
                 description: row.get(3)?,
                 tags: row.get(4)?.expect("NOT NULL"),
                 owner: row.get(5)?.expect("NOT NULL"),

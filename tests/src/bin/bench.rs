@@ -3,7 +3,9 @@
 //! absolute numbers are not comparable between runs.
 //!
 //! 1. Reading a 1 KB secret: `secrets.get_secret_value` against a plain table lookup and
-//!    pgcrypto's `pgp_sym_decrypt`, with custom scripts.
+//!    pgcrypto's `pgp_sym_decrypt`, with custom scripts; and, for access control, a read by a
+//!    member of a group holding a grant (among 1,000 other grants and 100 policies) against
+//!    the same read by the secret's owner.
 //! 2. Connecting through secrets-proxy against connecting directly and through PgBouncer in
 //!    session mode: `pgbench -S` with 10 and 50 clients, and with a new connection per
 //!    transaction (`-C`).
@@ -107,22 +109,52 @@ fn read_benchmark(cluster: &Cluster, scripts: &Path, seconds: &str, rounds: u32)
          SELECT secrets.create_secret(name, value) FROM plain_values;"
     ))
     .unwrap();
+    // Access control at scale: secrets acl/* owned by a plain role, read by the owner and by a
+    // member of a group granted `get` on acl/*, while 1,000 other grants (to 100 other roles)
+    // and 100 resource policies (on acl/1..100) exist.
+    db.batch_execute(&format!(
+        "CREATE ROLE bench_owner LOGIN PASSWORD '{APP_PASSWORD}' IN ROLE secrets_user;
+         CREATE ROLE bench_team;
+         CREATE ROLE bench_member LOGIN PASSWORD '{APP_PASSWORD}' IN ROLE bench_team;
+         SELECT secrets.create_secret('acl/' || i, value)
+           FROM plain_values, LATERAL (SELECT split_part(name, '/', 2)::int AS i) n;
+         UPDATE secrets.secret SET owner_role = 'bench_owner' WHERE name LIKE 'acl/%';
+         SELECT secrets.grant_access('acl/*', 'bench_team', '{{get}}');
+         DO $$ BEGIN FOR k IN 1..100 LOOP EXECUTE format('CREATE ROLE noise_%s', k); END LOOP; END $$;
+         SELECT secrets.grant_access('noise/' || i || '/*', ('noise_' || (i % 100 + 1))::regrole,
+                                     '{{get,describe}}') FROM generate_series(1, 1000) i;
+         SELECT secrets.put_resource_policy('acl/' || i, pg_catalog.jsonb_build_object('statements',
+                  pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
+                    'effect', 'allow', 'principals', pg_catalog.jsonb_build_array('noise_' || i),
+                    'actions', pg_catalog.jsonb_build_array('describe'),
+                    'conditions', pg_catalog.jsonb_build_object('source_cidr', '10.0.0.0/8')))))
+           FROM generate_series(1, 100) i;"
+    ))
+    .unwrap();
     db.batch_execute("VACUUM ANALYZE").unwrap();
+    let get_acl = "SELECT secrets.get_secret_value('acl/' || :i);";
     let reads = [
-        ("plain SELECT value FROM t WHERE name = $1", "SELECT value FROM plain_values WHERE name = 'bench/' || :i;"),
-        ("secrets.get_secret_value(name)", "SELECT secrets.get_secret_value('bench/' || :i);"),
+        ("plain SELECT value FROM t WHERE name = $1", "SELECT value FROM plain_values WHERE name = 'bench/' || :i;", None),
+        ("secrets.get_secret_value(name), as superuser", "SELECT secrets.get_secret_value('bench/' || :i);", None),
         (
             "pgcrypto pgp_sym_decrypt(value, key)",
             "SELECT pgp_sym_decrypt(value, 'bench-passphrase') FROM pgcrypto_values WHERE name = 'bench/' || :i;",
+            None,
+        ),
+        ("get_secret_value by the owner role", get_acl, Some("bench_owner")),
+        (
+            "get_secret_value via a group grant; 1,000 other grants, 100 policies (ratio: vs owner)",
+            get_acl,
+            Some("bench_member"),
         ),
     ];
     let rows: Vec<Row> = reads
         .iter()
         .enumerate()
-        .map(|(index, (label, sql))| {
+        .map(|(index, (label, sql, user))| {
             let script = scripts.join(format!("read-{index}.sql"));
             fs::write(&script, format!("\\set i random(1, {ROWS})\n{sql}\n")).unwrap();
-            let (seconds, port) = (seconds.to_string(), cluster.port);
+            let (seconds, port, user) = (seconds.to_string(), cluster.port, *user);
             Row {
                 label: label.to_string(),
                 pgbench: Box::new(move || {
@@ -132,7 +164,11 @@ fn read_benchmark(cluster: &Cluster, scripts: &Path, seconds: &str, rounds: u32)
                             "-n", "-M", "prepared", "-c", "2", "-j", "2", "-T", &seconds, "-f",
                         ])
                         .arg(&script);
-                    with_superuser(command, port)
+                    let mut command = with_superuser(command, port);
+                    if let Some(user) = user {
+                        command.env("PGUSER", user).env("PGPASSWORD", APP_PASSWORD);
+                    }
+                    command
                 }),
             }
         })
@@ -140,7 +176,7 @@ fn read_benchmark(cluster: &Cluster, scripts: &Path, seconds: &str, rounds: u32)
     measure(
         &format!("Reading a 1 KB value: pgbench -M prepared, 2 clients, {seconds} s per run"),
         &rows,
-        &[0, 0, 0],
+        &[0, 0, 0, 0, 3],
         rounds,
     );
 }

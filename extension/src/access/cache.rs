@@ -1,0 +1,279 @@
+//! Per-backend caches of what the access predicate reads: grants (by grantee), resource
+//! policies (by secret), and each role's memberships. They are dropped through PostgreSQL's
+//! invalidation machinery, the way its own catalog caches are:
+//!
+//! - writers of grants and policies call `CacheInvalidateRelcacheByRelid` on the table, which
+//!   PostgreSQL delivers to every backend when (and only if) the transaction commits, and to
+//!   this backend at the end of the command;
+//! - changes to roles and role memberships arrive as syscache invalidations of `pg_authid`
+//!   and `pg_auth_members`.
+
+use super::policy::{self, Policy, Source};
+use super::Actions;
+use crate::errors::Result;
+use pgrx::pg_sys::{self, Oid};
+use pgrx::prelude::*;
+use pgrx::Uuid;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// One row of `secrets.access_grant`.
+pub struct Grant {
+    pub id: Uuid,
+    pub pattern: String,
+    pub grantee: Oid,
+    pub actions: Actions,
+    /// Unix microseconds.
+    pub valid_until: Option<i64>,
+}
+
+impl Grant {
+    pub fn describe(&self) -> String {
+        let until = match self.valid_until {
+            Some(until) => chrono::DateTime::from_timestamp_micros(until)
+                .map(|t| format!(" until {}", t.format("%Y-%m-%d %H:%M:%S UTC")))
+                .unwrap_or_default(),
+            None => String::new(),
+        };
+        format!(
+            "grant {} of {} on \"{}\" to {}{until}",
+            self.id,
+            self.actions.names().join(", "),
+            self.pattern,
+            super::role_name(self.grantee)
+        )
+    }
+}
+
+#[derive(Default)]
+pub struct GrantIndex {
+    by_grantee: HashMap<Oid, Vec<Rc<Grant>>>,
+}
+
+impl GrantIndex {
+    pub fn for_grantee(&self, grantee: Oid) -> &[Rc<Grant>] {
+        self.by_grantee.get(&grantee).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// The roles whose privileges a role has (itself included), as `pg_has_role(.., 'USAGE')`
+/// says, and whether `secrets_admin` or `secrets_reader` is among them.
+pub struct Membership {
+    pub roles: Vec<Oid>,
+    pub admin: bool,
+    pub reader: bool,
+}
+
+pub struct SessionInfo {
+    pub source: Option<Source>,
+}
+
+type Policies = HashMap<Uuid, Rc<Policy<Oid>>>;
+
+thread_local! {
+    static GRANTS: RefCell<Option<Rc<GrantIndex>>> = const { RefCell::new(None) };
+    static POLICIES: RefCell<Option<Rc<Policies>>> = const { RefCell::new(None) };
+    static MEMBERSHIP: RefCell<HashMap<Oid, Rc<Membership>>> = RefCell::new(HashMap::new());
+    static SESSION: RefCell<Option<Rc<SessionInfo>>> = const { RefCell::new(None) };
+    /// The tables the caches were loaded from, so invalidation callbacks need no catalog access.
+    static GRANT_TABLE: Cell<Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    static POLICY_TABLE: Cell<Oid> = const { Cell::new(pg_sys::InvalidOid) };
+}
+
+fn table_oid(name: &std::ffi::CStr) -> Oid {
+    // SAFETY: syscache lookups by name; InvalidOid when the extension is not installed.
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"secrets".as_ptr(), true);
+        if namespace == pg_sys::InvalidOid {
+            return pg_sys::InvalidOid;
+        }
+        pg_sys::get_relname_relid(name.as_ptr(), namespace)
+    }
+}
+
+pub fn grants() -> Result<Rc<GrantIndex>> {
+    if let Some(cached) = GRANTS.with(|grants| grants.borrow().clone()) {
+        return Ok(cached);
+    }
+    GRANT_TABLE.with(|table| table.set(table_oid(c"access_grant")));
+    let mut index = GrantIndex::default();
+    Spi::connect(|client| -> Result<()> {
+        let rows = client.select(
+            "SELECT id, name_pattern, grantee::oid, actions, \
+                    (pg_catalog.date_part('epoch', valid_until) * 1000000)::int8 \
+             FROM secrets.access_grant",
+            None,
+            &[],
+        )?;
+        for row in rows {
+            let actions: Vec<String> = row.get(4)?.unwrap_or_default();
+            let grant = Grant {
+                id: row.get(1)?.expect("NOT NULL"),
+                pattern: row.get(2)?.expect("NOT NULL"),
+                grantee: row.get(3)?.expect("NOT NULL"),
+                actions: Actions::parse(&actions).unwrap_or_default(),
+                valid_until: row.get(5)?,
+            };
+            index
+                .by_grantee
+                .entry(grant.grantee)
+                .or_default()
+                .push(Rc::new(grant));
+        }
+        Ok(())
+    })?;
+    let index = Rc::new(index);
+    GRANTS.with(|grants| *grants.borrow_mut() = Some(index.clone()));
+    Ok(index)
+}
+
+fn all_policies() -> Result<Rc<Policies>> {
+    if let Some(cached) = POLICIES.with(|policies| policies.borrow().clone()) {
+        return Ok(cached);
+    }
+    POLICY_TABLE.with(|table| table.set(table_oid(c"resource_policy")));
+    let mut policies = Policies::new();
+    Spi::connect(|client| -> Result<()> {
+        for row in client.select(
+            "SELECT secret_id, policy FROM secrets.resource_policy",
+            None,
+            &[],
+        )? {
+            let id: Uuid = row.get(1)?.expect("NOT NULL");
+            let document: pgrx::JsonB = row.get(2)?.expect("NOT NULL");
+            // Stored policies were validated; a role dropped since then simply matches no one.
+            if let Ok(policy) = policy::parse(&document.0, &mut resolve_role, &mut Vec::new()) {
+                policies.insert(id, Rc::new(policy));
+            }
+        }
+        Ok(())
+    })?;
+    let policies = Rc::new(policies);
+    POLICIES.with(|cache| *cache.borrow_mut() = Some(policies.clone()));
+    Ok(policies)
+}
+
+pub fn policy_of(secret_id: Uuid) -> Result<Option<Rc<Policy<Oid>>>> {
+    Ok(all_policies()?.get(&secret_id).cloned())
+}
+
+pub fn resolve_role(name: &str) -> Option<Oid> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let oid = unsafe { pg_sys::get_role_oid(name.as_ptr(), true) };
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}
+
+pub fn membership(role: Oid) -> Result<Rc<Membership>> {
+    if let Some(cached) = MEMBERSHIP.with(|cache| cache.borrow().get(&role).cloned()) {
+        return Ok(cached);
+    }
+    let roles: Vec<Oid> = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT oid FROM pg_catalog.pg_roles \
+                 WHERE pg_catalog.pg_has_role($1, oid, 'USAGE')",
+                None,
+                &[role.into()],
+            )?
+            .map(|row| Ok(row.get(1)?.expect("NOT NULL")))
+            .collect::<Result<_>>()
+    })?;
+    let member_of = |name: &str| resolve_role(name).is_some_and(|oid| roles.contains(&oid));
+    let membership = Rc::new(Membership {
+        admin: member_of("secrets_admin"),
+        reader: member_of("secrets_reader"),
+        roles,
+    });
+    MEMBERSHIP.with(|cache| cache.borrow_mut().insert(role, membership.clone()));
+    Ok(membership)
+}
+
+/// The client's address: `None` in a background worker, `Local` on a Unix socket.
+pub fn session() -> Result<Rc<SessionInfo>> {
+    if let Some(cached) = SESSION.with(|session| session.borrow().clone()) {
+        return Ok(cached);
+    }
+    let source = if unsafe { pg_sys::MyProcPort.is_null() } {
+        None
+    } else {
+        let address =
+            Spi::get_one::<String>("SELECT pg_catalog.host(pg_catalog.inet_client_addr())")?;
+        match address {
+            None => Some(Source::Local),
+            Some(text) => text.parse().ok().map(Source::Ip),
+        }
+    };
+    let info = Rc::new(SessionInfo { source });
+    SESSION.with(|session| *session.borrow_mut() = Some(info.clone()));
+    Ok(info)
+}
+
+pub fn application_name() -> String {
+    // SAFETY: the GUC's storage, always a valid string once the backend is up.
+    let name = unsafe { pg_sys::application_name };
+    if name.is_null() {
+        String::new()
+    } else {
+        unsafe { std::ffi::CStr::from_ptr(name) }
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// Now, in Unix microseconds.
+pub fn now_micros() -> i64 {
+    const POSTGRES_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    now + POSTGRES_EPOCH_OFFSET_MICROS
+}
+
+/// After writing `secrets.access_grant`: every backend drops its grant cache at commit.
+pub fn invalidate_grants() {
+    invalidate(c"access_grant");
+}
+
+/// After writing `secrets.resource_policy`.
+pub fn invalidate_policies() {
+    invalidate(c"resource_policy");
+}
+
+fn invalidate(table: &std::ffi::CStr) {
+    let oid = table_oid(table);
+    if oid != pg_sys::InvalidOid {
+        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oid) };
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn relcache_changed(_argument: pg_sys::Datum, relation: Oid) {
+    let all = relation == pg_sys::InvalidOid;
+    if all || GRANT_TABLE.with(Cell::get) == relation {
+        GRANTS.with(|grants| grants.borrow_mut().take());
+    }
+    if all || POLICY_TABLE.with(Cell::get) == relation {
+        POLICIES.with(|policies| policies.borrow_mut().take());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn roles_changed(_argument: pg_sys::Datum, _cache: i32, _hash: u32) {
+    MEMBERSHIP.with(|cache| cache.borrow_mut().clear());
+}
+
+/// Called from `_PG_init`, so every backend inherits the callbacks.
+pub fn register_invalidation_callbacks() {
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(Some(relcache_changed), pg_sys::Datum::from(0));
+        for cache in [
+            pg_sys::SysCacheIdentifier::AUTHMEMMEMROLE,
+            pg_sys::SysCacheIdentifier::AUTHOID,
+        ] {
+            pg_sys::CacheRegisterSyscacheCallback(
+                cache as i32,
+                Some(roles_changed),
+                pg_sys::Datum::from(0),
+            );
+        }
+    }
+}

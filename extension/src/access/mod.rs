@@ -1,0 +1,291 @@
+//! Who may do what with which secret: the one predicate every SQL function and the row-level
+//! security policies use.
+//!
+//! In order, the first that applies decides:
+//! 1. superusers pass;
+//! 2. a `deny` statement of the secret's resource policy that covers the role, the action and
+//!    the session (conditions) refuses, whatever else would allow;
+//! 3. members of the secret's owner role (its creator) have every action;
+//! 4. an unexpired grant whose pattern matches the name, to the role or a role it is a member
+//!    of, allows its actions;
+//! 5. an `allow` statement of the resource policy allows;
+//! 6. members of `secrets_admin` may do everything, members of `secrets_reader` get and
+//!    describe;
+//! 7. nothing else does.
+//!
+//! Grants, policies and role memberships are cached per backend and invalidated through
+//! PostgreSQL's own cache invalidation, so a read costs a few hash lookups (`cache.rs`).
+
+mod cache;
+pub mod pattern;
+pub mod policy;
+
+pub use cache::{invalidate_grants, invalidate_policies, register_invalidation_callbacks};
+
+use crate::errors::Result;
+use pgrx::pg_sys::{self, Oid};
+use pgrx::Uuid;
+use std::rc::Rc;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Action {
+    /// Creating a secret of a name: `manage` on that name.
+    Create,
+    Get,
+    Describe,
+    Put,
+    Rotate,
+    Delete,
+    Manage,
+}
+
+pub const ALL_ACTIONS: [Action; 6] = [
+    Action::Get,
+    Action::Describe,
+    Action::Put,
+    Action::Rotate,
+    Action::Delete,
+    Action::Manage,
+];
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Get => "get",
+            Action::Describe => "describe",
+            Action::Put => "put",
+            Action::Rotate => "rotate",
+            Action::Delete => "delete",
+            Action::Manage => "manage",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Action> {
+        ALL_ACTIONS
+            .into_iter()
+            .find(|action| action.as_str() == text)
+    }
+
+    fn bit(self) -> u8 {
+        match self {
+            Action::Get => 1,
+            Action::Describe => 2,
+            Action::Put => 4,
+            Action::Rotate => 8,
+            Action::Delete => 16,
+            Action::Manage | Action::Create => 32,
+        }
+    }
+}
+
+/// A set of actions, as grants and policy statements hold them.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Actions(u8);
+
+impl Actions {
+    pub fn parse<S: AsRef<str>>(names: &[S]) -> std::result::Result<Actions, String> {
+        names.iter().try_fold(Actions(0), |set, name| {
+            let name = name.as_ref();
+            Action::parse(name)
+                .map(|action| Actions(set.0 | action.bit()))
+                .ok_or_else(|| {
+                    format!(
+                        "unknown action \"{name}\"; actions are get, describe, put, rotate, \
+                         delete and manage"
+                    )
+                })
+        })
+    }
+
+    pub fn contains(self, action: Action) -> bool {
+        self.0 & action.bit() != 0
+    }
+
+    pub fn names(self) -> Vec<&'static str> {
+        ALL_ACTIONS
+            .into_iter()
+            .filter(|action| self.contains(*action))
+            .map(Action::as_str)
+            .collect()
+    }
+}
+
+/// The role on whose behalf a function runs. The functions are SECURITY DEFINER, so
+/// `GetUserId()` is the extension owner; the outer user id is the caller's current_user
+/// (including `SET ROLE`), which a SECURITY DEFINER call does not change.
+pub fn caller() -> Oid {
+    unsafe { pg_sys::GetOuterUserId() }
+}
+
+/// How policy conditions are judged.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Context {
+    /// Against this session: its client address, application_name and the time.
+    Session,
+    /// "Could the role do it from somewhere?": conditional allows count as met and
+    /// conditional denies as not applying. Offboarding uses this.
+    Anywhere,
+}
+
+/// A secret as the predicate needs it: `None` for a name no secret has.
+#[derive(Clone, Copy)]
+pub struct Secret {
+    pub id: Uuid,
+    pub owner: Oid,
+}
+
+/// What decided.
+pub enum Basis {
+    Superuser,
+    PolicyDeny(usize),
+    Owner(Oid),
+    Grant(Rc<cache::Grant>),
+    PolicyAllow(usize),
+    Role(&'static str),
+    Nothing,
+}
+
+impl Basis {
+    pub fn allows(&self) -> bool {
+        !matches!(self, Basis::PolicyDeny(_) | Basis::Nothing)
+    }
+
+    /// For `check_access`: which grant, statement or ownership decided.
+    pub fn describe(&self) -> String {
+        match self {
+            Basis::Superuser => "superuser".into(),
+            Basis::PolicyDeny(n) => format!("denied by statement {n} of the resource policy"),
+            Basis::Owner(owner) => format!("member of the owner role {}", role_name(*owner)),
+            Basis::Grant(grant) => grant.describe(),
+            Basis::PolicyAllow(n) => format!("allowed by statement {n} of the resource policy"),
+            Basis::Role(role) => format!("member of {role}"),
+            Basis::Nothing => "no grant, resource policy statement or ownership allows it".into(),
+        }
+    }
+}
+
+pub fn role_name(role: Oid) -> String {
+    // SAFETY: a syscache lookup; NULL (noerr) for a dropped role.
+    let name = unsafe { pg_sys::GetUserNameFromId(role, true) };
+    if name.is_null() {
+        format!("role {}", role.to_u32())
+    } else {
+        unsafe { std::ffi::CStr::from_ptr(name) }
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// The predicate.
+pub fn decide(
+    role: Oid,
+    action: Action,
+    name: &str,
+    secret: Option<Secret>,
+    context: Context,
+) -> Result<Basis> {
+    if unsafe { pg_sys::superuser_arg(role) } {
+        return Ok(Basis::Superuser);
+    }
+    let membership = cache::membership(role)?;
+    let policy = match secret {
+        Some(secret) => cache::policy_of(secret.id)?,
+        None => None,
+    };
+    let mut session = None;
+    let mut applies = |statement: &policy::Statement<Oid>,
+                       effect: policy::Effect|
+     -> Result<bool> {
+        let covers_role = match &statement.principals {
+            policy::Principals::Everyone => true,
+            policy::Principals::Roles(roles) => roles.iter().any(|r| membership.roles.contains(r)),
+        };
+        if statement.effect != effect || !statement.actions.contains(action) || !covers_role {
+            return Ok(false);
+        }
+        if statement.conditions.is_empty() {
+            return Ok(true);
+        }
+        Ok(match context {
+            Context::Anywhere => effect == policy::Effect::Allow,
+            Context::Session => {
+                if session.is_none() {
+                    session = Some(cache::session()?);
+                }
+                let session = session.as_ref().expect("just set");
+                statement.conditions.met_by(&policy::Session {
+                    source: session.source,
+                    application_name: &cache::application_name(),
+                    now_micros: cache::now_micros(),
+                })
+            }
+        })
+    };
+    if let Some(policy) = &policy {
+        for (index, statement) in policy.statements.iter().enumerate() {
+            if applies(statement, policy::Effect::Deny)? {
+                return Ok(Basis::PolicyDeny(index + 1));
+            }
+        }
+    }
+    if let Some(secret) = secret {
+        if membership.roles.contains(&secret.owner) {
+            return Ok(Basis::Owner(secret.owner));
+        }
+    }
+    let grants = cache::grants()?;
+    let now = cache::now_micros();
+    for member_of in &membership.roles {
+        for grant in grants.for_grantee(*member_of) {
+            if grant.actions.contains(action)
+                && grant.valid_until.is_none_or(|until| now < until)
+                && pattern::matches(&grant.pattern, name)
+            {
+                return Ok(Basis::Grant(grant.clone()));
+            }
+        }
+    }
+    if let Some(policy) = &policy {
+        for (index, statement) in policy.statements.iter().enumerate() {
+            if applies(statement, policy::Effect::Allow)? {
+                return Ok(Basis::PolicyAllow(index + 1));
+            }
+        }
+    }
+    if membership.admin {
+        return Ok(Basis::Role("secrets_admin"));
+    }
+    if membership.reader && matches!(action, Action::Get | Action::Describe) {
+        return Ok(Basis::Role("secrets_reader"));
+    }
+    Ok(Basis::Nothing)
+}
+
+/// Rights on every secret, whoever owns it: superusers, `secrets_admin`, and `secrets_reader`
+/// for get and describe. Work that spans all secrets (purging, master-key rotation) needs it.
+pub fn may_on_any(role: Oid, action: Action) -> Result<bool> {
+    if unsafe { pg_sys::superuser_arg(role) } {
+        return Ok(true);
+    }
+    let membership = cache::membership(role)?;
+    Ok(membership.admin || (membership.reader && matches!(action, Action::Get | Action::Describe)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn action_sets() {
+        let set = Actions::parse(&["get", "manage"]).unwrap();
+        assert!(set.contains(Action::Get));
+        assert!(set.contains(Action::Manage));
+        assert!(set.contains(Action::Create), "create is manage on the name");
+        assert!(!set.contains(Action::Put));
+        assert_eq!(set.names(), ["get", "manage"]);
+        assert!(Actions::parse(&["get", "write"])
+            .unwrap_err()
+            .contains("unknown action \"write\""));
+    }
+}

@@ -1,0 +1,532 @@
+//! Managing access: identity-based grants, resource policies, requests with approval, and the
+//! policy simulator. Deciding access is `access`; this module writes what it reads.
+
+use crate::access::{self, policy, Action, Actions, Context, Secret};
+use crate::db;
+use crate::errors::{Error, Result};
+use crate::store::{self, OnDeleted};
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::{JsonB, Uuid};
+
+pub const MAX_PATTERN_CHARS: usize = 512;
+pub const MAX_REASON_CHARS: usize = 2048;
+/// Longest time an approved request grants access for.
+pub const MAX_REQUEST_DAYS: i64 = 30;
+
+pub fn validate_pattern(pattern: &str) -> Result<()> {
+    let chars = pattern.chars().count();
+    if chars == 0 || chars > MAX_PATTERN_CHARS {
+        return Err(Error::InvalidParameter(format!(
+            "name_pattern must be 1 to {MAX_PATTERN_CHARS} characters, not {chars}"
+        )));
+    }
+    if let Some((position, c)) = pattern
+        .chars()
+        .enumerate()
+        .find(|(_, c)| !(c.is_ascii_alphanumeric() || "/_+=.@-*?".contains(*c)))
+    {
+        return Err(Error::InvalidParameter(format!(
+            "name_pattern has {c:?} at position {}; allowed are A-Za-z0-9/_+=.@- and the \
+             wildcards * and ?",
+            position + 1
+        )));
+    }
+    Ok(())
+}
+
+pub fn validate_actions(actions: &[Option<String>]) -> Result<Vec<String>> {
+    let names = actions
+        .iter()
+        .map(|name| crate::validate::required(name.clone(), "actions element"))
+        .collect::<Result<Vec<String>>>()?;
+    if names.is_empty() {
+        return Err(Error::InvalidParameter(
+            "actions must name at least one action".into(),
+        ));
+    }
+    let set = Actions::parse(&names).map_err(Error::InvalidParameter)?;
+    Ok(set.names().into_iter().map(str::to_string).collect())
+}
+
+/// Who may grant on a pattern: a superuser or `secrets_admin` on any pattern; anyone else only
+/// on the exact name of a secret they may `manage`.
+fn authorize_grant(client: &mut SpiClient<'_>, pattern: &str) -> Result<()> {
+    let caller = access::caller();
+    if access::may_on_any(caller, Action::Manage)? {
+        return Ok(());
+    }
+    if access::pattern::has_wildcard(pattern) {
+        return Err(Error::AccessDenied {
+            name: pattern.to_string(),
+            action: "grant on a wildcard pattern (needs secrets_admin)",
+        });
+    }
+    store::authorize(client, pattern, Action::Manage, OnDeleted::Allow).map(drop)
+}
+
+/// A grantee must be able to call the functions to use a grant.
+fn ensure_function_access(client: &mut SpiClient<'_>, grantee: pg_sys::Oid) -> Result<()> {
+    let member = db::first_value::<bool>(client.select(
+        "SELECT pg_catalog.pg_has_role($1, 'secrets_user', 'USAGE')",
+        None,
+        &[grantee.into()],
+    )?)?;
+    if member != Some(true) {
+        let role = access::role_name(grantee);
+        client.update(
+            &format!("GRANT secrets_user TO {}", quote_ident(&role)),
+            None,
+            &[],
+        )?;
+        pgrx::notice!(
+            "role \"{role}\" was made a member of secrets_user to call pg_secrets functions"
+        );
+    }
+    Ok(())
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+pub fn grant_access(
+    pattern: &str,
+    grantee: pg_sys::Oid,
+    actions: Vec<String>,
+    valid_until: Option<TimestampWithTimeZone>,
+) -> Result<Uuid> {
+    Spi::connect_mut(|client| {
+        authorize_grant(client, pattern)?;
+        let expired = db::first_value::<bool>(client.select(
+            "SELECT $1 <= pg_catalog.now()",
+            None,
+            &[valid_until.into()],
+        )?)?;
+        if expired == Some(true) {
+            return Err(Error::InvalidParameter("valid_until is in the past".into()));
+        }
+        let id = db::first_value::<Uuid>(client.update(
+            "INSERT INTO secrets.access_grant \
+                    (id, name_pattern, grantee, actions, valid_until, granted_by) \
+             VALUES ($1, $2, $3::oid::regrole, $4, $5, $6::oid::regrole) \
+             ON CONFLICT (name_pattern, grantee) WHERE request_id IS NULL DO UPDATE \
+               SET actions = ARRAY(SELECT DISTINCT a FROM pg_catalog.unnest( \
+                                 secrets.access_grant.actions || EXCLUDED.actions) a ORDER BY a), \
+                   valid_until = EXCLUDED.valid_until, granted_by = EXCLUDED.granted_by, \
+                   granted_at = pg_catalog.now() \
+             RETURNING id",
+            None,
+            &[
+                store::new_uuid().into(),
+                pattern.into(),
+                grantee.into(),
+                actions.into(),
+                valid_until.into(),
+                access::caller().into(),
+            ],
+        )?)?
+        .expect("RETURNING gives a row");
+        ensure_function_access(client, grantee)?;
+        access::invalidate_grants();
+        Ok(id)
+    })
+}
+
+/// Takes `actions` (all when `None`) away from every grant of `pattern` to `grantee`,
+/// including those made by approved requests; a grant left with none is removed.
+pub fn revoke_access(
+    pattern: &str,
+    grantee: pg_sys::Oid,
+    actions: Option<Vec<String>>,
+) -> Result<()> {
+    Spi::connect_mut(|client| {
+        authorize_grant(client, pattern)?;
+        let matched = db::first_value::<i64>(client.update(
+            "WITH matched AS ( \
+                 SELECT id, ARRAY(SELECT a FROM pg_catalog.unnest(actions) a \
+                                  WHERE $3::text[] IS NOT NULL AND NOT a = ANY($3) \
+                                  ORDER BY a) AS kept \
+                 FROM secrets.access_grant \
+                 WHERE name_pattern = $1 AND grantee = $2::oid::regrole), \
+             removed AS ( \
+                 DELETE FROM secrets.access_grant g USING matched m \
+                 WHERE g.id = m.id AND pg_catalog.cardinality(m.kept) = 0), \
+             kept AS ( \
+                 UPDATE secrets.access_grant g SET actions = m.kept FROM matched m \
+                 WHERE g.id = m.id AND pg_catalog.cardinality(m.kept) > 0) \
+             SELECT pg_catalog.count(*) FROM matched",
+            None,
+            &[pattern.into(), grantee.into(), actions.into()],
+        )?)?;
+        if matched.unwrap_or(0) == 0 {
+            return Err(Error::InvalidParameter(format!(
+                "there is no grant on \"{pattern}\" to {}",
+                access::role_name(grantee)
+            )));
+        }
+        access::invalidate_grants();
+        Ok(())
+    })
+}
+
+/// The grants the caller may see: all for `secrets_admin`; otherwise those to roles it belongs
+/// to and those on the exact names of secrets it may manage.
+pub type GrantRow = (
+    Uuid,
+    String,
+    String,
+    Vec<String>,
+    Option<TimestampWithTimeZone>,
+    String,
+    TimestampWithTimeZone,
+    Option<Uuid>,
+);
+
+pub fn list_grants() -> Result<Vec<GrantRow>> {
+    let caller = access::caller();
+    let everything = access::may_on_any(caller, Action::Manage)?;
+    Spi::connect_mut(|client| {
+        let rows: Vec<(GrantRow, pg_sys::Oid)> = client
+            .select(
+                "SELECT id, name_pattern, grantee::text, actions, valid_until, granted_by::text, \
+                        granted_at, request_id, grantee::oid \
+                 FROM secrets.access_grant ORDER BY name_pattern, grantee::text",
+                None,
+                &[],
+            )?
+            .map(|row| {
+                Ok((
+                    (
+                        row.get(1)?.expect("NOT NULL"),
+                        row.get(2)?.expect("NOT NULL"),
+                        row.get(3)?.expect("NOT NULL"),
+                        row.get(4)?.expect("NOT NULL"),
+                        row.get(5)?,
+                        row.get(6)?.expect("NOT NULL"),
+                        row.get(7)?.expect("NOT NULL"),
+                        row.get(8)?,
+                    ),
+                    row.get(9)?.expect("NOT NULL"),
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let mut visible = Vec::new();
+        for (row, grantee) in rows {
+            let shown = everything
+                || unsafe { pg_sys::has_privs_of_role(caller, grantee) }
+                || (!access::pattern::has_wildcard(&row.1)
+                    && store::may(client, &row.1, Action::Manage)?);
+            if shown {
+                visible.push(row);
+            }
+        }
+        Ok(visible)
+    })
+}
+
+fn resolve(name: &str) -> Option<pg_sys::Oid> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let oid = unsafe { pg_sys::get_role_oid(name.as_ptr(), true) };
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}
+
+/// `validate_resource_policy`: everything wrong with a policy, as (statement, problem) rows;
+/// statement 0 is the document itself.
+pub fn validate_policy(document: &serde_json::Value) -> Vec<(i32, String)> {
+    let mut findings = Vec::new();
+    if let Err(fatal) = policy::parse(document, &mut resolve, &mut findings) {
+        findings.push(fatal);
+    }
+    findings
+        .into_iter()
+        .map(|finding| (finding.statement, finding.problem))
+        .collect()
+}
+
+pub fn put_policy(name: &str, document: JsonB, block_public_policy: bool) -> Result<()> {
+    let findings: Vec<(i32, String)> = validate_policy(&document.0)
+        .into_iter()
+        .filter(|(_, problem)| {
+            block_public_policy || !problem.starts_with("grants get to everyone")
+        })
+        .collect();
+    if let Some((statement, problem)) = findings.first() {
+        let hint = if problem.starts_with("grants get to everyone") {
+            "; pass block_public_policy => false to allow it"
+        } else {
+            ""
+        };
+        return Err(Error::InvalidParameter(format!(
+            "resource policy for secret \"{name}\" refused: statement {statement}: {problem}{hint}"
+        )));
+    }
+    Spi::connect_mut(|client| {
+        let secret = store::authorize(client, name, Action::Manage, OnDeleted::Refuse)?;
+        client.update(
+            "INSERT INTO secrets.resource_policy (secret_id, policy, changed_by) \
+             VALUES ($1, $2, $3::oid::regrole) \
+             ON CONFLICT (secret_id) DO UPDATE SET policy = EXCLUDED.policy, \
+                 changed_by = EXCLUDED.changed_by, changed_at = pg_catalog.now()",
+            None,
+            &[secret.id.into(), document.into(), access::caller().into()],
+        )?;
+        access::invalidate_policies();
+        Ok(())
+    })
+}
+
+pub fn get_policy(name: &str) -> Result<Option<JsonB>> {
+    Spi::connect_mut(|client| {
+        let secret = store::authorize(client, name, Action::Describe, OnDeleted::Allow)?;
+        db::first_value(client.select(
+            "SELECT policy FROM secrets.resource_policy WHERE secret_id = $1",
+            None,
+            &[secret.id.into()],
+        )?)
+    })
+}
+
+pub fn delete_policy(name: &str) -> Result<()> {
+    Spi::connect_mut(|client| {
+        let secret = store::authorize(client, name, Action::Manage, OnDeleted::Allow)?;
+        client.update(
+            "DELETE FROM secrets.resource_policy WHERE secret_id = $1",
+            None,
+            &[secret.id.into()],
+        )?;
+        access::invalidate_policies();
+        Ok(())
+    })
+}
+
+/// `check_access`: what the predicate says for `role`, and why. Anyone may ask about
+/// themselves; about another role, only who may manage the secret.
+pub fn check(role: pg_sys::Oid, action: Action, name: &str) -> Result<(bool, String)> {
+    let caller = access::caller();
+    Spi::connect_mut(|client| {
+        let asks_about_self = unsafe { pg_sys::has_privs_of_role(caller, role) };
+        let secret = if asks_about_self {
+            store::find_secret(client, name, false)?
+        } else {
+            Some(store::authorize(
+                client,
+                name,
+                Action::Manage,
+                OnDeleted::Allow,
+            )?)
+        };
+        let basis = access::decide(
+            role,
+            action,
+            name,
+            secret.map(|s| Secret {
+                id: s.id,
+                owner: s.owner,
+            }),
+            Context::Session,
+        )?;
+        Ok((basis.allows(), basis.describe()))
+    })
+}
+
+fn interval_seconds(duration: &pgrx::datum::Interval) -> Result<i64> {
+    if duration.months() != 0 {
+        return Err(Error::InvalidParameter(
+            "duration must be given in days, hours, minutes or seconds".into(),
+        ));
+    }
+    Ok(i64::from(duration.days()) * 86_400 + duration.micros() / 1_000_000)
+}
+
+pub fn request_access(
+    name: &str,
+    actions: Vec<String>,
+    duration: pgrx::datum::Interval,
+    reason: &str,
+) -> Result<Uuid> {
+    let seconds = interval_seconds(&duration)?;
+    if !(60..=MAX_REQUEST_DAYS * 86_400).contains(&seconds) {
+        return Err(Error::InvalidParameter(format!(
+            "duration must be between 1 minute and {MAX_REQUEST_DAYS} days"
+        )));
+    }
+    let reason_chars = reason.trim().chars().count();
+    if reason_chars == 0 || reason.chars().count() > MAX_REASON_CHARS {
+        return Err(Error::InvalidParameter(format!(
+            "reason must be 1 to {MAX_REASON_CHARS} characters"
+        )));
+    }
+    Spi::connect_mut(|client| {
+        let id = store::new_uuid();
+        client.update(
+            "INSERT INTO secrets.access_request \
+                    (id, secret_name, requester, actions, duration, reason) \
+             VALUES ($1, $2, $3::oid::regrole, $4, pg_catalog.make_interval(secs => $5), $6)",
+            None,
+            &[
+                id.into(),
+                name.into(),
+                access::caller().into(),
+                actions.into(),
+                (seconds as f64).into(),
+                reason.into(),
+            ],
+        )?;
+        Ok(id)
+    })
+}
+
+/// Approves (`approve`) or denies a pending request. The decider needs `manage` on the secret
+/// and can never be the requester.
+pub fn decide_request(id: Uuid, approve: bool) -> Result<Option<Uuid>> {
+    let caller = access::caller();
+    Spi::connect_mut(|client| {
+        let request = client
+            .update(
+                "SELECT secret_name, requester::oid, actions, state, \
+                        pg_catalog.date_part('epoch', duration)::float8 \
+                 FROM secrets.access_request WHERE id = $1 FOR UPDATE",
+                Some(1),
+                &[id.into()],
+            )?
+            .next()
+            .map(|row| -> Result<_> {
+                Ok((
+                    row.get::<String>(1)?.expect("NOT NULL"),
+                    row.get::<pg_sys::Oid>(2)?.expect("NOT NULL"),
+                    row.get::<Vec<String>>(3)?.expect("NOT NULL"),
+                    row.get::<String>(4)?.expect("NOT NULL"),
+                    row.get::<f64>(5)?.expect("NOT NULL"),
+                ))
+            })
+            .transpose()?;
+        let Some((name, requester, actions, state, seconds)) = request else {
+            return Err(Error::InvalidParameter(format!(
+                "there is no access request {id}"
+            )));
+        };
+        store::authorize(client, &name, Action::Manage, OnDeleted::Refuse)?;
+        if caller == requester || unsafe { pg_sys::has_privs_of_role(caller, requester) } {
+            return Err(Error::AccessDenied {
+                name,
+                action: "decide on your own access request",
+            });
+        }
+        if state != "pending" {
+            return Err(Error::RequestDecided {
+                id: id.to_string(),
+                state,
+            });
+        }
+        let grant_id = if approve {
+            let grant_id = store::new_uuid();
+            client.update(
+                "INSERT INTO secrets.access_grant \
+                        (id, name_pattern, grantee, actions, valid_until, granted_by, request_id) \
+                 VALUES ($1, $2, $3::oid::regrole, $4, \
+                         pg_catalog.now() + pg_catalog.make_interval(secs => $5), \
+                         $6::oid::regrole, $7)",
+                None,
+                &[
+                    grant_id.into(),
+                    name.clone().into(),
+                    requester.into(),
+                    actions.into(),
+                    seconds.into(),
+                    caller.into(),
+                    id.into(),
+                ],
+            )?;
+            ensure_function_access(client, requester)?;
+            access::invalidate_grants();
+            Some(grant_id)
+        } else {
+            None
+        };
+        client.update(
+            "UPDATE secrets.access_request SET state = $2, decided_by = $3::oid::regrole, \
+                    decided_at = pg_catalog.now(), grant_id = $4 WHERE id = $1",
+            None,
+            &[
+                id.into(),
+                if approve { "approved" } else { "denied" }.into(),
+                caller.into(),
+                grant_id.into(),
+            ],
+        )?;
+        Ok(grant_id)
+    })
+}
+
+pub type RequestRow = (
+    Uuid,
+    String,
+    String,
+    Vec<String>,
+    pgrx::datum::Interval,
+    String,
+    String,
+    TimestampWithTimeZone,
+    Option<String>,
+    Option<TimestampWithTimeZone>,
+    Option<Uuid>,
+);
+
+/// The requests the caller made (or a role it belongs to made), and those on secrets it may
+/// manage.
+pub fn list_requests(state: Option<&str>) -> Result<Vec<RequestRow>> {
+    let caller = access::caller();
+    Spi::connect_mut(|client| {
+        let rows: Vec<(RequestRow, pg_sys::Oid)> = client
+            .select(
+                "SELECT id, secret_name, requester::text, actions, duration, reason, state, \
+                        requested_at, decided_by::text, decided_at, grant_id, requester::oid \
+                 FROM secrets.access_request WHERE $1::text IS NULL OR state = $1 \
+                 ORDER BY requested_at",
+                None,
+                &[state.into()],
+            )?
+            .map(|row| {
+                Ok((
+                    (
+                        row.get(1)?.expect("NOT NULL"),
+                        row.get(2)?.expect("NOT NULL"),
+                        row.get(3)?.expect("NOT NULL"),
+                        row.get(4)?.expect("NOT NULL"),
+                        row.get(5)?.expect("NOT NULL"),
+                        row.get(6)?.expect("NOT NULL"),
+                        row.get(7)?.expect("NOT NULL"),
+                        row.get(8)?.expect("NOT NULL"),
+                        row.get(9)?,
+                        row.get(10)?,
+                        row.get(11)?,
+                    ),
+                    row.get(12)?.expect("NOT NULL"),
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let mut visible = Vec::new();
+        for (row, requester) in rows {
+            if unsafe { pg_sys::has_privs_of_role(caller, requester) }
+                || store::may(client, &row.1, Action::Manage)?
+            {
+                visible.push(row);
+            }
+        }
+        Ok(visible)
+    })
+}
+
+/// For the row-level security policy: may the caller describe this secret?
+pub fn may_describe(id: Uuid, name: &str, owner: pg_sys::Oid) -> Result<bool> {
+    Ok(access::decide(
+        access::caller(),
+        Action::Describe,
+        name,
+        Some(Secret { id, owner }),
+        Context::Session,
+    )?
+    .allows())
+}

@@ -1,0 +1,764 @@
+//! Access control end to end: the matrix of every action against every way of holding (or not
+//! holding) access, `check_access` agreeing with what happened, row-level security on the list
+//! view, the approval flow, policy validation and security-definer hygiene.
+
+use pg_secrets_e2e::{assert_sql_error, store_state, Client, Cluster};
+
+const ACTIONS: [&str; 6] = ["get", "describe", "put", "rotate", "delete", "manage"];
+
+/// The statement that exercises each action on secret `$1`.
+fn statement(action: &str) -> &'static str {
+    match action {
+        "get" => "SELECT secrets.get_secret_value($1)",
+        "describe" => "SELECT secrets.describe_secret($1)::text",
+        "put" => {
+            "SELECT secrets.put_secret_value($1, '{\"username\":\"x\",\"password\":\"y\"}')::text"
+        }
+        "rotate" => "SELECT secrets.rotate_secret($1)::text",
+        "delete" => "SELECT secrets.delete_secret($1, 7)::text",
+        "manage" => "SELECT secrets.tag_secret($1, '{\"checked\": \"yes\"}')::text",
+        _ => unreachable!(),
+    }
+}
+
+/// Runs `action` on `secret` as `role` in a transaction that is rolled back, so every cell of
+/// the matrix starts from the same state. Returns the SQLSTATE of the failure, if any.
+fn attempt(db: &mut Client, role: &str, action: &str, secret: &str) -> Option<String> {
+    let mut tx = db.transaction().unwrap();
+    tx.batch_execute(&format!("SET LOCAL ROLE {role}")).unwrap();
+    let outcome = tx
+        .query_one(statement(action), &[&secret])
+        .err()
+        .map(|error| {
+            error
+                .as_db_error()
+                .map(|db| db.code().code().to_string())
+                .unwrap_or_else(|| error.to_string())
+        });
+    tx.rollback().unwrap();
+    outcome
+}
+
+fn check_access(db: &mut Client, role: &str, action: &str, secret: &str) -> (bool, String) {
+    let row = db
+        .query_one(
+            "SELECT allowed, reason FROM secrets.check_access($1::text::regrole, $2, $3)",
+            &[&role, &action, &secret],
+        )
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+struct Scenario {
+    name: &'static str,
+    role: &'static str,
+    allowed: bool,
+    reason: &'static str,
+}
+
+const SCENARIOS: [Scenario; 12] = [
+    Scenario {
+        name: "owner",
+        role: "m_owner",
+        allowed: true,
+        reason: "owner role",
+    },
+    Scenario {
+        name: "direct",
+        role: "r_direct",
+        allowed: true,
+        reason: "grant",
+    },
+    Scenario {
+        name: "group",
+        role: "r_group",
+        allowed: true,
+        reason: "to g_team",
+    },
+    Scenario {
+        name: "policy_allow",
+        role: "r_policy",
+        allowed: true,
+        reason: "allowed by statement 1",
+    },
+    Scenario {
+        name: "policy_deny",
+        role: "r_deny",
+        allowed: false,
+        reason: "denied by statement 1",
+    },
+    Scenario {
+        name: "expired",
+        role: "r_expired",
+        allowed: false,
+        reason: "no grant",
+    },
+    Scenario {
+        name: "condition_met",
+        role: "r_cond_met",
+        allowed: true,
+        reason: "allowed by statement 1",
+    },
+    Scenario {
+        name: "condition_not_met",
+        role: "r_cond_not",
+        allowed: false,
+        reason: "no grant",
+    },
+    Scenario {
+        name: "approved",
+        role: "r_approved",
+        allowed: true,
+        reason: "grant",
+    },
+    Scenario {
+        name: "denied_request",
+        role: "r_refused",
+        allowed: false,
+        reason: "no grant",
+    },
+    Scenario {
+        name: "superuser",
+        role: "postgres",
+        allowed: true,
+        reason: "superuser",
+    },
+    Scenario {
+        name: "stranger",
+        role: "r_stranger",
+        allowed: false,
+        reason: "no grant",
+    },
+];
+
+/// One secret per scenario, `m/<scenario>`, owned by `m_owner`, holding the credential of a
+/// role of its own so that `rotate` really rotates; and each scenario's role set up.
+fn matrix_cluster() -> Cluster {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE m_owner LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         CREATE ROLE g_team;
+         CREATE ROLE r_direct IN ROLE secrets_user; CREATE ROLE r_group IN ROLE g_team;
+         CREATE ROLE r_policy IN ROLE secrets_user; CREATE ROLE r_deny IN ROLE secrets_user;
+         CREATE ROLE r_expired IN ROLE secrets_user; CREATE ROLE r_cond_met IN ROLE secrets_user;
+         CREATE ROLE r_cond_not IN ROLE secrets_user; CREATE ROLE r_approved IN ROLE secrets_user;
+         CREATE ROLE r_refused IN ROLE secrets_user; CREATE ROLE r_stranger IN ROLE secrets_user;
+         SELECT secrets.grant_access('m/*', 'm_owner', '{manage}')",
+    )
+    .unwrap();
+    for scenario in &SCENARIOS {
+        let app = format!("m_app_{}", scenario.name);
+        db.batch_execute(&format!(
+            "CREATE ROLE {app} LOGIN PASSWORD 'pw-{app}'; GRANT {app} TO m_owner"
+        ))
+        .unwrap();
+        let mut owner = cluster.connect("m_owner", "pw");
+        let name = format!("m/{}", scenario.name);
+        owner
+            .execute(
+                "SELECT secrets.create_secret($1, $2)",
+                &[
+                    &name,
+                    &format!(r#"{{"username":"{app}","password":"pw-{app}"}}"#),
+                ],
+            )
+            .unwrap();
+        owner
+            .execute(
+                "SELECT secrets.rotate_secret($1, 'postgres-single-user', rotate_immediately => false)",
+                &[&name],
+            )
+            .unwrap();
+    }
+    let all = "'{get,describe,put,rotate,delete,manage}'";
+    let policy = |role: &str, effect: &str, conditions: &str| {
+        format!(
+            r#"{{"statements": [{{"effect": "{effect}", "principals": ["{role}"], "actions": ["get", "describe", "put", "rotate", "delete", "manage"]{conditions}}}]}}"#
+        )
+    };
+    let mut owner = cluster.connect("m_owner", "pw");
+    owner
+        .batch_execute(&format!(
+            "SELECT secrets.grant_access('m/direct', 'r_direct', {all});
+             SELECT secrets.grant_access('m/policy_deny', 'r_deny', {all});
+             SELECT secrets.grant_access('m/expired', 'r_expired', {all}, now() + interval '1 second');"
+        ))
+        .unwrap();
+    // Wildcard patterns need secrets_admin: the superuser grants the group.
+    db.batch_execute(&format!(
+        "SELECT secrets.grant_access('m/gro?p*', 'g_team', {all})"
+    ))
+    .unwrap();
+    for (secret, document) in [
+        ("m/policy_allow", policy("r_policy", "allow", "")),
+        ("m/policy_deny", policy("r_deny", "deny", "")),
+        (
+            "m/condition_met",
+            policy(
+                "r_cond_met",
+                "allow",
+                r#", "conditions": {"source_cidr": ["127.0.0.0/8", "local"]}"#,
+            ),
+        ),
+        (
+            "m/condition_not_met",
+            policy(
+                "r_cond_not",
+                "allow",
+                r#", "conditions": {"source_cidr": "10.0.0.0/8"}"#,
+            ),
+        ),
+    ] {
+        owner
+            .execute(
+                "SELECT secrets.put_resource_policy($1, $2::text::jsonb)",
+                &[&secret, &document],
+            )
+            .unwrap();
+    }
+    // Requests: one approved by the owner, one denied.
+    for (role, secret) in [
+        ("r_approved", "m/approved"),
+        ("r_refused", "m/denied_request"),
+    ] {
+        db.batch_execute(&format!("SET ROLE {role}")).unwrap();
+        let id: String = db
+            .query_one(
+                &format!("SELECT secrets.request_access($1, {all}, '1 hour', 'incident 42')::text"),
+                &[&secret],
+            )
+            .unwrap()
+            .get(0);
+        db.batch_execute("RESET ROLE").unwrap();
+        let decision = if role == "r_approved" {
+            "approve"
+        } else {
+            "deny"
+        };
+        owner
+            .execute(
+                &format!("SELECT secrets.{decision}_access_request($1::text::uuid)"),
+                &[&id],
+            )
+            .unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    cluster
+}
+
+#[test]
+fn every_action_against_every_way_of_holding_access() {
+    let cluster = matrix_cluster();
+    let mut db = cluster.superuser();
+    let mut failures = Vec::new();
+    for scenario in &SCENARIOS {
+        let secret = format!("m/{}", scenario.name);
+        for action in ACTIONS {
+            let outcome = attempt(&mut db, scenario.role, action, &secret);
+            let expected = if scenario.allowed {
+                None
+            } else {
+                Some("42501".to_string())
+            };
+            if outcome != expected {
+                failures.push(format!(
+                    "{} {action}: expected {expected:?}, got {outcome:?}",
+                    scenario.name
+                ));
+            }
+            let (allowed, reason) = check_access(&mut db, scenario.role, action, &secret);
+            if allowed != outcome.is_none() || !reason.contains(scenario.reason) {
+                failures.push(format!(
+                    "{} {action}: check_access said ({allowed}, {reason:?}) but the call gave {outcome:?}",
+                    scenario.name
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // A missing secret: the same 42501 as a forbidden one, for everyone but those who would be
+    // allowed on that name.
+    assert_eq!(
+        attempt(&mut db, "r_stranger", "get", "m/does-not-exist"),
+        Some("42501".into())
+    );
+    assert_eq!(
+        attempt(&mut db, "m_owner", "manage", "m/does-not-exist"),
+        Some("42704".into()),
+        "m_owner may manage m/*, so it may know"
+    );
+}
+
+#[test]
+fn the_list_view_shows_exactly_what_a_role_may_describe() {
+    let cluster = matrix_cluster();
+    let mut db = cluster.superuser();
+    let visible = |db: &mut Client, role: &str, query: &str| -> Vec<String> {
+        let mut tx = db.transaction().unwrap();
+        tx.batch_execute(&format!("SET LOCAL ROLE {role}")).unwrap();
+        let names = tx
+            .query(query, &[])
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        tx.rollback().unwrap();
+        names
+    };
+    let view = "SELECT name FROM secrets.secret_list ORDER BY name";
+    // Every role that may describe sees its one secret, and the others nothing.
+    for scenario in SCENARIOS
+        .iter()
+        .filter(|s| s.role != "postgres" && s.role != "m_owner")
+    {
+        let expected: Vec<String> = if scenario.allowed {
+            vec![format!("m/{}", scenario.name)]
+        } else {
+            vec![]
+        };
+        assert_eq!(
+            visible(&mut db, scenario.role, view),
+            expected,
+            "{}",
+            scenario.role
+        );
+        let functions = "SELECT name FROM secrets.list_secrets() ORDER BY name";
+        assert_eq!(
+            visible(&mut db, scenario.role, functions),
+            expected,
+            "{}",
+            scenario.role
+        );
+    }
+    assert_eq!(visible(&mut db, "m_owner", view).len(), SCENARIOS.len());
+    // The table itself is filtered the same way, and values are out of reach.
+    assert_eq!(
+        visible(&mut db, "r_direct", "SELECT name FROM secrets.secret"),
+        vec!["m/direct".to_string()]
+    );
+    let mut tx = db.transaction().unwrap();
+    tx.batch_execute("SET LOCAL ROLE r_direct").unwrap();
+    assert_sql_error(
+        tx.query("SELECT ciphertext FROM secrets.secret_version", &[]),
+        "42501",
+        "permission denied",
+    );
+}
+
+#[test]
+fn grants_patterns_expiry_and_their_refusals() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE payments LOGIN PASSWORD 'pw'; CREATE ROLE team_lead LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         SELECT secrets.create_secret('prod/stripe/key', 'sk_live');
+         SELECT secrets.create_secret('prod/stripe/eu/key', 'sk_eu');
+         SELECT secrets.create_secret('prod/db', 'pw');",
+    )
+    .unwrap();
+    let id: String = db
+        .query_one(
+            "SELECT secrets.grant_access('prod/stripe/*', 'payments', '{get}')::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    // The grantee was made a member of secrets_user so it can call the functions.
+    let mut payments = cluster.connect("payments", "pw");
+    assert_eq!(
+        payments
+            .query_one("SELECT secrets.get_secret_value('prod/stripe/eu/key')", &[])
+            .unwrap()
+            .get::<_, String>(0),
+        "sk_eu"
+    );
+    assert_sql_error(
+        payments.query("SELECT secrets.get_secret_value('prod/db')", &[]),
+        "42501",
+        "permission denied: get on secret \"prod/db\"",
+    );
+    assert_sql_error(
+        payments.query("SELECT secrets.describe_secret('prod/stripe/key')", &[]),
+        "42501",
+        "describe",
+    );
+    // Granting again adds actions to the same grant.
+    let again: String = db
+        .query_one(
+            "SELECT secrets.grant_access('prod/stripe/*', 'payments', '{describe}')::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(again, id);
+    payments
+        .query_one("SELECT secrets.describe_secret('prod/stripe/key')", &[])
+        .unwrap();
+    let listed: Vec<String> = payments
+        .query("SELECT name_pattern || ' ' || array_to_string(actions, ',') FROM secrets.list_access_grants()", &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(listed, vec!["prod/stripe/* describe,get".to_string()]);
+    // Revoking one action keeps the other; revoking the rest removes the grant.
+    db.execute(
+        "SELECT secrets.revoke_access('prod/stripe/*', 'payments', '{get}')",
+        &[],
+    )
+    .unwrap();
+    assert_sql_error(
+        payments.query("SELECT secrets.get_secret_value('prod/stripe/key')", &[]),
+        "42501",
+        "get",
+    );
+    db.execute(
+        "SELECT secrets.revoke_access('prod/stripe/*', 'payments')",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        payments
+            .query("SELECT * FROM secrets.list_access_grants()", &[])
+            .unwrap()
+            .len(),
+        0
+    );
+
+    let before = store_state(&mut db);
+    for (sql, sqlstate, words) in [
+        (
+            "SELECT secrets.grant_access('prod/$tripe', 'payments', '{get}')",
+            "22023",
+            "name_pattern has '$'",
+        ),
+        (
+            "SELECT secrets.grant_access('', 'payments', '{get}')",
+            "22023",
+            "1 to 512",
+        ),
+        (
+            "SELECT secrets.grant_access('x'' OR ''1''=''1', 'payments', '{get}')",
+            "22023",
+            "name_pattern has '\\''",
+        ),
+        (
+            "SELECT secrets.grant_access('prod/*', 'payments', '{read}')",
+            "22023",
+            "unknown action \"read\"",
+        ),
+        (
+            "SELECT secrets.grant_access('prod/*', 'payments', '{}')",
+            "22023",
+            "at least one action",
+        ),
+        (
+            "SELECT secrets.grant_access('prod/*', 'payments', '{get}', now() - interval '1 hour')",
+            "22023",
+            "in the past",
+        ),
+        (
+            "SELECT secrets.grant_access('prod/*', 'nobody', '{get}')",
+            "42704",
+            "role \"nobody\" does not exist",
+        ),
+        (
+            "SELECT secrets.grant_access(NULL, 'payments', '{get}')",
+            "22004",
+            "name_pattern",
+        ),
+        (
+            "SELECT secrets.revoke_access('prod/none', 'payments')",
+            "22023",
+            "there is no grant",
+        ),
+        (
+            "SELECT * FROM secrets.check_access('payments', 'read', 'prod/db')",
+            "22023",
+            "unknown action",
+        ),
+    ] {
+        assert_sql_error(db.query(sql, &[]), sqlstate, words);
+    }
+    assert_eq!(store_state(&mut db), before);
+    // Only secrets_admin grants wildcards; others grant exact names of secrets they manage.
+    let mut lead = cluster.connect("team_lead", "pw");
+    assert_sql_error(
+        lead.query(
+            "SELECT secrets.grant_access('prod/*', 'team_lead', '{get}')",
+            &[],
+        ),
+        "42501",
+        "wildcard",
+    );
+    assert_sql_error(
+        lead.query(
+            "SELECT secrets.grant_access('prod/db', 'team_lead', '{get}')",
+            &[],
+        ),
+        "42501",
+        "manage on secret \"prod/db\"",
+    );
+}
+
+#[test]
+fn requests_are_decided_by_managers_never_by_the_requester() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE owner_team LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         CREATE ROLE other_team LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         SELECT secrets.grant_access('team/*', 'owner_team', '{manage}');",
+    )
+    .unwrap();
+    let mut owner = cluster.connect("owner_team", "pw");
+    owner
+        .execute("SELECT secrets.create_secret('team/db', 'pw-1')", &[])
+        .unwrap();
+    let mut other = cluster.connect("other_team", "pw");
+    let request = |client: &mut Client, name: &str| -> String {
+        client
+            .query_one(
+                "SELECT secrets.request_access($1, '{get}', '2 hours', 'on call for INC-7')::text",
+                &[&name],
+            )
+            .unwrap()
+            .get(0)
+    };
+    // Requesting reveals nothing: a name that does not exist is accepted the same way.
+    request(&mut other, "team/ghost");
+    let id = request(&mut other, "team/db");
+    assert_sql_error(
+        other.query("SELECT secrets.get_secret_value('team/db')", &[]),
+        "42501",
+        "get",
+    );
+    assert_sql_error(
+        other.query(
+            "SELECT secrets.approve_access_request($1::text::uuid)",
+            &[&id],
+        ),
+        "42501",
+        "manage",
+    );
+    // The owner approves; the requester reads until the grant expires.
+    owner
+        .execute(
+            "SELECT secrets.approve_access_request($1::text::uuid)",
+            &[&id],
+        )
+        .unwrap();
+    assert_eq!(
+        other
+            .query_one("SELECT secrets.get_secret_value('team/db')", &[])
+            .unwrap()
+            .get::<_, String>(0),
+        "pw-1"
+    );
+    let expires_in: f64 = other
+        .query_one(
+            "SELECT extract(epoch FROM valid_until - now())::float8 FROM secrets.list_access_grants()",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!((7000.0..=7200.0).contains(&expires_in), "{expires_in}");
+    assert_sql_error(
+        owner.query("SELECT secrets.deny_access_request($1::text::uuid)", &[&id]),
+        "55000",
+        "already approved",
+    );
+    // A manager cannot approve their own request.
+    let own = request(&mut owner, "team/db");
+    assert_sql_error(
+        owner.query(
+            "SELECT secrets.approve_access_request($1::text::uuid)",
+            &[&own],
+        ),
+        "42501",
+        "your own access request",
+    );
+    // Both sides see the requests and decisions.
+    let states = |client: &mut Client| -> Vec<String> {
+        client
+            .query(
+                "SELECT secret_name || ':' || state || ':' || requester FROM secrets.list_access_requests() ORDER BY requested_at",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    };
+    assert_eq!(
+        states(&mut other),
+        vec![
+            "team/ghost:pending:other_team",
+            "team/db:approved:other_team"
+        ]
+    );
+    assert_eq!(
+        states(&mut owner),
+        vec!["team/db:approved:other_team", "team/db:pending:owner_team"]
+    );
+    for (sql, words) in [
+        (
+            "SELECT secrets.request_access('team/db', '{get}', '10 seconds', 'x')",
+            "between 1 minute",
+        ),
+        (
+            "SELECT secrets.request_access('team/db', '{get}', '31 days', 'x')",
+            "between 1 minute",
+        ),
+        (
+            "SELECT secrets.request_access('team/db', '{get}', '1 month', 'x')",
+            "days, hours",
+        ),
+        (
+            "SELECT secrets.request_access('team/db', '{get}', '1 hour', '  ')",
+            "reason",
+        ),
+        (
+            "SELECT secrets.request_access('team/db', '{steal}', '1 hour', 'x')",
+            "unknown action",
+        ),
+    ] {
+        assert_sql_error(other.query(sql, &[]), "22023", words);
+    }
+}
+
+#[test]
+fn resource_policies_are_validated_and_deny_beats_every_allow() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE app LOGIN PASSWORD 'pw' IN ROLE secrets_admin;
+         SELECT secrets.create_secret('svc/key', 'k');",
+    )
+    .unwrap();
+    let findings: Vec<(i32, String)> = db
+        .query(
+            r#"SELECT statement, problem FROM secrets.validate_resource_policy('{"statements": [
+                 {"effect": "allow", "principals": ["app", "ghost"], "actions": ["get"]},
+                 {"effect": "allow", "principals": "*", "actions": ["get", "describe"]}]}')"#,
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        findings,
+        vec![
+            (1, "unknown role \"ghost\"".to_string()),
+            (
+                2,
+                "grants get to everyone (\"principals\": \"*\")".to_string()
+            ),
+        ]
+    );
+    let bad_action: Vec<String> = db
+        .query(
+            r#"SELECT problem FROM secrets.validate_resource_policy('{"statements": [{"effect": "allow", "principals": "*", "actions": ["read"]}]}')"#,
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(bad_action[0].contains("unknown action \"read\""));
+    let public = r#"{"statements": [{"effect": "allow", "principals": "*", "actions": ["get"]}]}"#;
+    assert_sql_error(
+        db.query(
+            "SELECT secrets.put_resource_policy('svc/key', $1::text::jsonb)",
+            &[&public],
+        ),
+        "22023",
+        "block_public_policy => false",
+    );
+    db.execute(
+        "SELECT secrets.put_resource_policy('svc/key', $1::text::jsonb, block_public_policy => false)",
+        &[&public],
+    )
+    .unwrap();
+    // An explicit deny beats secrets_admin membership and every allow.
+    let deny = r#"{"statements": [{"effect": "deny", "principals": ["app"], "actions": ["get"]},
+                                  {"effect": "allow", "principals": ["app"], "actions": ["get"]}]}"#;
+    db.execute(
+        "SELECT secrets.put_resource_policy('svc/key', $1::text::jsonb)",
+        &[&deny],
+    )
+    .unwrap();
+    let mut app = cluster.connect("app", "pw");
+    assert_sql_error(
+        app.query("SELECT secrets.get_secret_value('svc/key')", &[]),
+        "42501",
+        "get",
+    );
+    app.query_one("SELECT secrets.describe_secret('svc/key')", &[])
+        .unwrap();
+    let stored: String = db
+        .query_one("SELECT secrets.get_resource_policy('svc/key')::text", &[])
+        .unwrap()
+        .get(0);
+    assert!(stored.contains("deny"));
+    db.execute("SELECT secrets.delete_resource_policy('svc/key')", &[])
+        .unwrap();
+    app.query_one("SELECT secrets.get_secret_value('svc/key')", &[])
+        .unwrap();
+}
+
+/// Whatever the caller does to its own search_path, schemas, operators and temporary objects,
+/// the functions do the same thing.
+#[test]
+fn a_callers_search_path_and_objects_change_nothing() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE tricky LOGIN PASSWORD 'pw' IN ROLE secrets_admin;
+         GRANT CREATE ON SCHEMA public TO tricky;",
+    )
+    .unwrap();
+    let mut tricky = cluster.connect("tricky", "pw");
+    tricky
+        .batch_execute(
+            "CREATE FUNCTION public.evil_eq(text, text) RETURNS boolean
+                 LANGUAGE sql AS 'SELECT 1/0 = 1';
+             CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = public.evil_eq);
+             CREATE FUNCTION public.length(text) RETURNS integer LANGUAGE sql AS 'SELECT 1/0';
+             CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE sql
+                 AS 'SELECT pg_catalog.now() + (1/0) * interval ''1 second''';
+             CREATE FUNCTION public.pg_notify(text, text) RETURNS void LANGUAGE sql AS 'SELECT 1/0';
+             CREATE TEMP TABLE secret (id uuid, name text);
+             CREATE TEMP TABLE version_label (secret_id uuid, label text, version_id uuid);
+             SET search_path = public, pg_temp, pg_catalog;",
+        )
+        .unwrap();
+    // The caller's own queries do see the evil operator...
+    assert!(tricky.query("SELECT 'a'::text = 'a'::text", &[]).is_err());
+    // ...the extension's functions do not.
+    tricky
+        .batch_execute(
+            "SELECT secrets.create_secret('t/one', 'v1', tags => '{\"a\": \"b\"}');
+             SELECT secrets.put_secret_value('t/one', 'v2');
+             SELECT secrets.tag_secret('t/one', '{\"c\": \"d\"}');
+             SELECT secrets.grant_access('t/*', 'tricky', '{get}');
+             SELECT secrets.put_resource_policy('t/one', '{\"statements\": []}');
+             SELECT secrets.delete_secret('t/one', 7);
+             SELECT secrets.restore_secret('t/one');",
+        )
+        .unwrap();
+    let value: String = tricky
+        .query_one("SELECT secrets.get_secret_value('t/one')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(value, "v2");
+    let listed: i64 = tricky
+        .query_one("SELECT count(*) FROM secrets.list_secrets('t/')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(listed, 1);
+    let (allowed, _) = check_access(&mut tricky, "tricky", "get", "t/one");
+    assert!(allowed);
+}
