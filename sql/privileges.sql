@@ -13,7 +13,8 @@ DECLARE
     t text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['secret_version', 'version_label', 'master_key', 'rotation',
-                             'access_grant', 'resource_policy', 'access_request'] LOOP
+                             'access_grant', 'resource_policy', 'access_request',
+                             'audit_anchor'] LOOP
         EXECUTE pg_catalog.format('ALTER TABLE secrets.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE pg_catalog.format('ALTER TABLE secrets.%I FORCE ROW LEVEL SECURITY', t);
     END LOOP;
@@ -33,8 +34,25 @@ GRANT SELECT (id, name, description, tags, owner_role, key_id, created_at, chang
     ON secrets.secret TO secrets_user;
 GRANT SELECT ON secrets.secret_list TO secrets_user;
 
+-- The audit trail: secrets_auditor sees every record, anyone else the records of secrets it
+-- may manage. Never a value: records hold none.
+ALTER TABLE secrets.audit_record ENABLE ROW LEVEL SECURITY;
+ALTER TABLE secrets.audit_record FORCE ROW LEVEL SECURITY;
+CREATE POLICY auditable ON secrets.audit_record FOR SELECT
+    USING (secrets.may_read_audit(secret_id, secret_name));
+CREATE VIEW secrets.audit_log WITH (security_invoker = true, security_barrier = true) AS
+    SELECT id, at, "session_user", "current_user", action, secret_name, secret_id, version_id,
+           version_stage, outcome, sqlstate, client_addr::inet AS client_addr, client_port,
+           application_name, backend_pid, details::jsonb AS details
+    FROM secrets.audit_record;
+GRANT SELECT (id, at, "session_user", "current_user", action, secret_name, secret_id, version_id,
+              version_stage, outcome, sqlstate, client_addr, client_port, application_name,
+              backend_pid, details)
+    ON secrets.audit_record TO secrets_user;
+GRANT SELECT ON secrets.audit_log TO secrets_user;
+
 -- Functions are reachable through secrets_user; each still decides per secret.
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA secrets FROM PUBLIC;
 GRANT USAGE ON SCHEMA secrets TO secrets_user;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA secrets TO secrets_user;
-GRANT secrets_user TO secrets_admin, secrets_reader;
+GRANT secrets_user TO secrets_admin, secrets_reader, secrets_auditor;

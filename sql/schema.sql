@@ -3,7 +3,7 @@
 -- DEFINER and owned by the extension owner, and nobody else has any privilege on these tables.
 
 -- Roles: `secrets_admin` may do everything, `secrets_reader` may get and describe every
--- secret, `secrets_user` may call the functions (grants, policies and ownership decide the
+-- secret, `secrets_auditor` reads the whole audit trail, `secrets_user` may call the functions (grants, policies and ownership decide the
 -- rest). Roles are cluster-wide, so another database may already have created them.
 DO $roles$
 BEGIN
@@ -16,6 +16,10 @@ BEGIN
     -- May call the functions; what it may do with each secret is decided per secret.
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'secrets_user') THEN
         CREATE ROLE secrets_user NOLOGIN;
+    END IF;
+    -- Reads the whole audit trail.
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'secrets_auditor') THEN
+        CREATE ROLE secrets_auditor NOLOGIN;
     END IF;
 END
 $roles$;
@@ -159,6 +163,61 @@ CREATE TABLE secrets.access_request (
 );
 CREATE INDEX access_request_pending ON secrets.access_request (secret_name) WHERE state = 'pending';
 
+-- The audit trail. Only the background worker inserts (ids without gaps, each row chained
+-- to the previous by SHA-256); nobody updates or deletes, the owner included: the triggers
+-- below fire even with session_replication_role = replica. Retention removes whole prefixes
+-- and leaves an anchor with the hash of the last row it removed.
+CREATE TABLE secrets.audit_record (
+    id               bigint PRIMARY KEY,
+    at               timestamptz NOT NULL,
+    "session_user"   text NOT NULL,
+    "current_user"   text NOT NULL,
+    action           text NOT NULL,
+    secret_name      text,
+    secret_id        uuid,
+    version_id       uuid,
+    version_stage    text,
+    outcome          text NOT NULL CHECK (outcome IN ('allowed', 'denied', 'error')),
+    sqlstate         text,
+    client_addr      text,
+    client_port      integer,
+    application_name text,
+    backend_pid      integer NOT NULL,
+    -- json, not jsonb: the hash covers the text exactly as written
+    details          json NOT NULL,
+    prev_hash        bytea NOT NULL,
+    hash             bytea NOT NULL
+);
+CREATE INDEX audit_record_at ON secrets.audit_record (at);
+CREATE INDEX audit_record_secret ON secrets.audit_record (secret_id, at);
+
+CREATE TABLE secrets.audit_anchor (
+    removed_through bigint PRIMARY KEY,
+    anchor_hash     bytea NOT NULL,
+    removed_count   bigint NOT NULL,
+    removed_by      regrole NOT NULL,
+    removed_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+CREATE FUNCTION secrets.audit_is_append_only() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $append_only$
+BEGIN
+    IF TG_OP = 'DELETE' AND secrets.audit_retention_running() THEN
+        RETURN OLD;
+    END IF;
+    RAISE EXCEPTION 'the audit trail is append-only: % on secrets.audit_record is not allowed', TG_OP
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'Old records are removed with secrets.purge_audit_log(older_than).';
+END
+$append_only$;
+CREATE TRIGGER audit_record_no_change BEFORE UPDATE OR DELETE ON secrets.audit_record
+    FOR EACH ROW EXECUTE FUNCTION secrets.audit_is_append_only();
+CREATE TRIGGER audit_record_no_truncate BEFORE TRUNCATE ON secrets.audit_record
+    FOR EACH STATEMENT EXECUTE FUNCTION secrets.audit_is_append_only();
+ALTER TABLE secrets.audit_record ENABLE ALWAYS TRIGGER audit_record_no_change;
+ALTER TABLE secrets.audit_record ENABLE ALWAYS TRIGGER audit_record_no_truncate;
+REVOKE EXECUTE ON FUNCTION secrets.audit_is_append_only() FROM PUBLIC;
+
 REVOKE ALL ON ALL TABLES IN SCHEMA secrets FROM PUBLIC;
 
 -- pg_dump of a database must carry the secrets along: extension tables are otherwise skipped.
@@ -170,3 +229,5 @@ SELECT pg_catalog.pg_extension_config_dump('secrets.rotation', '');
 SELECT pg_catalog.pg_extension_config_dump('secrets.access_grant', '');
 SELECT pg_catalog.pg_extension_config_dump('secrets.resource_policy', '');
 SELECT pg_catalog.pg_extension_config_dump('secrets.access_request', '');
+SELECT pg_catalog.pg_extension_config_dump('secrets.audit_record', '');
+SELECT pg_catalog.pg_extension_config_dump('secrets.audit_anchor', '');

@@ -12,6 +12,7 @@
 // them; a type alias would hide them from the SQL generator.
 #![allow(clippy::type_complexity)]
 
+use crate::audit;
 use crate::crypto::ValueKind;
 use crate::errors::{Error, Result as StoreResult};
 use crate::password::{self, PasswordRules};
@@ -43,7 +44,7 @@ fn create_secret(
     key_id: default!(Option<&str>, "NULL"),
     client_request_token: default!(Option<&str>, "NULL"),
 ) -> Result<Option<Uuid>, ErrorReport> {
-    sql((|| {
+    sql(audit::audited("create", "create_secret", name, || {
         let name = valid_name(name)?;
         let value = validate::value(secret_string, secret_binary, false)?;
         validate::description(description)?;
@@ -61,7 +62,7 @@ fn create_secret(
             key_id,
             token: client_request_token,
         })
-    })())
+    }))
 }
 
 #[pg_extern(security_definer)]
@@ -73,13 +74,13 @@ fn put_secret_value(
     version_stages: default!(Option<Vec<Option<String>>>, "'{CURRENT}'"),
     client_request_token: default!(Option<&str>, "NULL"),
 ) -> Result<Uuid, ErrorReport> {
-    sql((|| {
+    sql(audit::audited("put", "put_secret_value", name, || {
         let name = valid_name(name)?;
         let value = validate::value(secret_string, secret_binary, true)?.expect("required");
         let stages = validate::stages(&required(version_stages, "version_stages")?)?;
         validate::client_request_token(client_request_token)?;
         store::put_secret_value(name, value, stages, client_request_token)
-    })())
+    }))
 }
 
 fn fetch(
@@ -102,10 +103,10 @@ fn get_secret_value(
     version_id: default!(Option<Uuid>, "NULL"),
     version_stage: default!(Option<&str>, "NULL"),
 ) -> Result<String, ErrorReport> {
-    sql((|| {
+    sql(audit::audited("get", "get_secret_value", name, || {
         let fetched = fetch(name, version_id, version_stage, Some(ValueKind::String))?;
         as_string(fetched.plaintext.to_vec(), name.unwrap_or_default())
-    })())
+    }))
 }
 
 /// Strings are stored from `text`, so they are UTF-8 unless the row was tampered with.
@@ -120,10 +121,10 @@ fn get_secret_binary(
     version_id: default!(Option<Uuid>, "NULL"),
     version_stage: default!(Option<&str>, "NULL"),
 ) -> Result<Vec<u8>, ErrorReport> {
-    sql(
+    sql(audit::audited("get", "get_secret_binary", name, || {
         fetch(name, version_id, version_stage, Some(ValueKind::Binary))
-            .map(|fetched| fetched.plaintext.to_vec()),
-    )
+            .map(|fetched| fetched.plaintext.to_vec())
+    }))
 }
 
 type BatchRow = (
@@ -170,7 +171,8 @@ fn batch_get_secret_value(
 }
 
 fn batch_row(name: Option<String>) -> BatchRow {
-    let fetched = fetch(name.as_deref(), None, None, None).and_then(|fetched| {
+    let fetched = audit::audited("get", "batch_get_secret_value", name.as_deref(), || {
+        let fetched = fetch(name.as_deref(), None, None, None)?;
         let (string, binary) = match fetched.kind {
             ValueKind::String => (
                 Some(as_string(
@@ -220,7 +222,7 @@ fn update_secret(
     description: default!(Option<&str>, "NULL"),
     key_id: default!(Option<&str>, "NULL"),
 ) -> Result<(), ErrorReport> {
-    sql((|| {
+    sql(audit::audited("manage", "update_secret", name, || {
         let name = valid_name(name)?;
         if description.is_none() && key_id.is_none() {
             return Err(Error::InvalidParameter(
@@ -230,7 +232,7 @@ fn update_secret(
         validate::description(description)?;
         validate::key_id(key_id)?;
         store::update_secret(name, description, key_id)
-    })())
+    }))
 }
 
 #[pg_extern(security_definer)]
@@ -241,18 +243,25 @@ fn update_secret_version_stage(
     move_to_version_id: default!(Option<Uuid>, "NULL"),
     remove_from_version_id: default!(Option<Uuid>, "NULL"),
 ) -> Result<(), ErrorReport> {
-    sql((|| {
-        let name = valid_name(name)?;
-        let stage = required(version_stage, "version_stage")?;
-        validate::label(stage)?;
-        store::update_version_stage(name, stage, move_to_version_id, remove_from_version_id)
-    })())
+    sql(audit::audited(
+        "put",
+        "update_secret_version_stage",
+        name,
+        || {
+            let name = valid_name(name)?;
+            let stage = required(version_stage, "version_stage")?;
+            validate::label(stage)?;
+            store::update_version_stage(name, stage, move_to_version_id, remove_from_version_id)
+        },
+    ))
 }
 
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn describe_secret(name: Option<&str>) -> Result<JsonB, ErrorReport> {
-    sql(valid_name(name).and_then(store::describe_secret))
+    sql(audit::audited("describe", "describe_secret", name, || {
+        valid_name(name).and_then(store::describe_secret)
+    }))
 }
 
 #[pg_extern(security_definer)]
@@ -284,12 +293,9 @@ fn list_secrets(
         include_planned_deletion,
         "include_planned_deletion",
     ))?;
-    let listed = sql(store::list_secrets(
-        name_prefix,
-        tag_key,
-        tag_value,
-        include,
-    ))?;
+    let listed = sql(audit::audited("describe", "list_secrets", None, || {
+        store::list_secrets(name_prefix, tag_key, tag_value, include)
+    }))?;
     Ok(TableIterator::new(listed.into_iter().map(|s| {
         (
             s.name,
@@ -322,21 +328,26 @@ fn list_secret_version_ids(
     >,
     ErrorReport,
 > {
-    let versions = sql((|| {
-        let name = valid_name(name)?;
-        store::list_version_ids(name, required(include_deprecated, "include_deprecated")?)
-    })())?;
+    let versions = sql(audit::audited(
+        "describe",
+        "list_secret_version_ids",
+        name,
+        || {
+            let name = valid_name(name)?;
+            store::list_version_ids(name, required(include_deprecated, "include_deprecated")?)
+        },
+    ))?;
     Ok(TableIterator::new(versions))
 }
 
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn tag_secret(name: Option<&str>, tags: Option<JsonB>) -> Result<(), ErrorReport> {
-    sql((|| {
+    sql(audit::audited("manage", "tag_secret", name, || {
         let name = valid_name(name)?;
         let tags = validate::tags(&required(tags, "tags")?)?;
         store::tag_secret(name, tags)
-    })())
+    }))
 }
 
 #[pg_extern(security_definer)]
@@ -345,14 +356,14 @@ fn untag_secret(
     name: Option<&str>,
     tag_keys: Option<Vec<Option<String>>>,
 ) -> Result<(), ErrorReport> {
-    sql((|| {
+    sql(audit::audited("manage", "untag_secret", name, || {
         let name = valid_name(name)?;
         let keys = required(tag_keys, "tag_keys")?
             .into_iter()
             .map(|key| required(key, "tag_keys element"))
             .collect::<StoreResult<Vec<String>>>()?;
         store::untag_secret(name, keys)
-    })())
+    }))
 }
 
 /// `recovery_window_days` NULL means the default of 30 days; giving it together with
@@ -364,7 +375,7 @@ fn delete_secret(
     recovery_window_days: default!(Option<i32>, "NULL"),
     force_delete_without_recovery: default!(Option<bool>, "false"),
 ) -> Result<TimestampWithTimeZone, ErrorReport> {
-    sql((|| {
+    sql(audit::audited("delete", "delete_secret", name, || {
         let name = valid_name(name)?;
         let force = required(
             force_delete_without_recovery,
@@ -372,28 +383,35 @@ fn delete_secret(
         )?;
         let window = validate::recovery_window(recovery_window_days, force)?;
         store::delete_secret(name, window, force)
-    })())
+    }))
 }
 
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn restore_secret(name: Option<&str>) -> Result<(), ErrorReport> {
-    sql(valid_name(name).and_then(store::restore_secret))
+    sql(audit::audited("delete", "restore_secret", name, || {
+        valid_name(name).and_then(store::restore_secret)
+    }))
 }
 
 /// Removes the secrets whose recovery window has ended; returns how many.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn purge_deleted_secrets() -> Result<i64, ErrorReport> {
-    sql((|| {
-        if !crate::access::may_on_any(crate::access::caller(), crate::access::Action::Delete)? {
-            return Err(Error::AccessDenied {
-                name: "*".into(),
-                action: "delete",
-            });
-        }
-        store::purge_expired()
-    })())
+    sql(audit::audited(
+        "delete",
+        "purge_deleted_secrets",
+        None,
+        || {
+            if !crate::access::may_on_any(crate::access::caller(), crate::access::Action::Delete)? {
+                return Err(Error::AccessDenied {
+                    name: "*".into(),
+                    action: "delete",
+                });
+            }
+            store::purge_expired()
+        },
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -8,6 +8,7 @@
 
 use crate::access::Action;
 use crate::api::{sql, valid_name};
+use crate::audit;
 use crate::errors::Error;
 use crate::grants;
 use crate::regrole::RegRole;
@@ -27,13 +28,18 @@ fn grant_access(
     actions: Option<Vec<Option<String>>>,
     valid_until: default!(Option<TimestampWithTimeZone>, "NULL"),
 ) -> Result<Uuid, ErrorReport> {
-    sql((|| {
-        let pattern = required(name_pattern, "name_pattern")?;
-        grants::validate_pattern(pattern)?;
-        let grantee = required(grantee, "grantee")?;
-        let actions = grants::validate_actions(&required(actions, "actions")?)?;
-        grants::grant_access(pattern, grantee.0, actions, valid_until)
-    })())
+    sql(audit::audited(
+        "manage",
+        "grant_access",
+        name_pattern,
+        || {
+            let pattern = required(name_pattern, "name_pattern")?;
+            grants::validate_pattern(pattern)?;
+            let grantee = required(grantee, "grantee")?;
+            let actions = grants::validate_actions(&required(actions, "actions")?)?;
+            grants::grant_access(pattern, grantee.0, actions, valid_until)
+        },
+    ))
 }
 
 /// Takes `actions` (all of them when NULL) away from the grants of `name_pattern` to `grantee`.
@@ -44,15 +50,20 @@ fn revoke_access(
     grantee: Option<RegRole>,
     actions: default!(Option<Vec<Option<String>>>, "NULL"),
 ) -> Result<(), ErrorReport> {
-    sql((|| {
-        let pattern = required(name_pattern, "name_pattern")?;
-        grants::validate_pattern(pattern)?;
-        let grantee = required(grantee, "grantee")?;
-        let actions = actions
-            .map(|actions| grants::validate_actions(&actions))
-            .transpose()?;
-        grants::revoke_access(pattern, grantee.0, actions)
-    })())
+    sql(audit::audited(
+        "manage",
+        "revoke_access",
+        name_pattern,
+        || {
+            let pattern = required(name_pattern, "name_pattern")?;
+            grants::validate_pattern(pattern)?;
+            let grantee = required(grantee, "grantee")?;
+            let actions = actions
+                .map(|actions| grants::validate_actions(&actions))
+                .transpose()?;
+            grants::revoke_access(pattern, grantee.0, actions)
+        },
+    ))
 }
 
 #[pg_extern(security_definer)]
@@ -73,7 +84,12 @@ fn list_access_grants() -> Result<
     >,
     ErrorReport,
 > {
-    Ok(TableIterator::new(sql(grants::list_grants())?))
+    Ok(TableIterator::new(sql(audit::audited(
+        "describe",
+        "list_access_grants",
+        None,
+        grants::list_grants,
+    ))?))
 }
 
 /// Puts (replaces) a secret's resource policy. Refused when it names unknown roles or actions,
@@ -85,26 +101,41 @@ fn put_resource_policy(
     policy: Option<JsonB>,
     block_public_policy: default!(Option<bool>, "true"),
 ) -> Result<(), ErrorReport> {
-    sql((|| {
-        let name = valid_name(name)?;
-        grants::put_policy(
-            name,
-            required(policy, "policy")?,
-            required(block_public_policy, "block_public_policy")?,
-        )
-    })())
+    sql(audit::audited(
+        "manage",
+        "put_resource_policy",
+        name,
+        || {
+            let name = valid_name(name)?;
+            grants::put_policy(
+                name,
+                required(policy, "policy")?,
+                required(block_public_policy, "block_public_policy")?,
+            )
+        },
+    ))
 }
 
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn get_resource_policy(name: Option<&str>) -> Result<Option<JsonB>, ErrorReport> {
-    sql(valid_name(name).and_then(grants::get_policy))
+    sql(audit::audited(
+        "describe",
+        "get_resource_policy",
+        name,
+        || valid_name(name).and_then(grants::get_policy),
+    ))
 }
 
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn delete_resource_policy(name: Option<&str>) -> Result<(), ErrorReport> {
-    sql(valid_name(name).and_then(grants::delete_policy))
+    sql(audit::audited(
+        "manage",
+        "delete_resource_policy",
+        name,
+        || valid_name(name).and_then(grants::delete_policy),
+    ))
 }
 
 /// Every problem of a policy: unknown roles and actions, malformed statements, and
@@ -126,7 +157,7 @@ fn check_access(
     action: Option<&str>,
     name: Option<&str>,
 ) -> Result<TableIterator<'static, (name!(allowed, bool), name!(reason, String))>, ErrorReport> {
-    let answer = sql((|| {
+    let answer = sql(audit::audited("describe", "check_access", name, || {
         let role = required(role, "role")?;
         let action = required(action, "action")?;
         let action = Action::parse(action).ok_or_else(|| {
@@ -136,7 +167,7 @@ fn check_access(
             ))
         })?;
         grants::check(role.0, action, valid_name(name)?)
-    })())?;
+    }))?;
     Ok(TableIterator::once(answer))
 }
 
@@ -149,7 +180,7 @@ fn request_access(
     duration: Option<Interval>,
     reason: Option<&str>,
 ) -> Result<Uuid, ErrorReport> {
-    sql((|| {
+    sql(audit::audited("request", "request_access", name, || {
         let name = valid_name(name)?;
         let actions = grants::validate_actions(&required(actions, "actions")?)?;
         grants::request_access(
@@ -158,7 +189,7 @@ fn request_access(
             required(duration, "duration")?,
             required(reason, "reason")?,
         )
-    })())
+    }))
 }
 
 /// Approves a pending request: a grant of its actions on the secret, expiring after its
@@ -166,13 +197,23 @@ fn request_access(
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn approve_access_request(id: Option<Uuid>) -> Result<Option<Uuid>, ErrorReport> {
-    sql(required(id, "id").and_then(|id| grants::decide_request(id, true)))
+    sql(audit::audited(
+        "manage",
+        "approve_access_request",
+        None,
+        || required(id, "id").and_then(|id| grants::decide_request(id, true)),
+    ))
 }
 
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn deny_access_request(id: Option<Uuid>) -> Result<(), ErrorReport> {
-    sql(required(id, "id").and_then(|id| grants::decide_request(id, false).map(drop)))
+    sql(audit::audited(
+        "manage",
+        "deny_access_request",
+        None,
+        || required(id, "id").and_then(|id| grants::decide_request(id, false).map(drop)),
+    ))
 }
 
 #[pg_extern(security_definer)]
@@ -198,7 +239,12 @@ fn list_access_requests(
     >,
     ErrorReport,
 > {
-    Ok(TableIterator::new(sql(grants::list_requests(state))?))
+    Ok(TableIterator::new(sql(audit::audited(
+        "describe",
+        "list_access_requests",
+        None,
+        || grants::list_requests(state),
+    ))?))
 }
 
 /// The row-level security predicate of `secrets.secret`: may the caller describe this secret.

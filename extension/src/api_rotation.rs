@@ -6,6 +6,7 @@
 #![allow(clippy::type_complexity)]
 
 use crate::api::{sql, valid_name};
+use crate::audit;
 use crate::errors::{Error, Result as StoreResult};
 use crate::regrole::RegRole;
 use crate::rewrap;
@@ -40,7 +41,7 @@ fn rotate_secret(
     rotation_window: default!(Option<Interval>, "NULL"),
     rotate_immediately: default!(Option<bool>, "true"),
 ) -> Result<Option<Uuid>, ErrorReport> {
-    sql((|| {
+    sql(audit::audited("rotate", "rotate_secret", name, || {
         let name = valid_name(name)?;
         rotation::rotate_secret(
             name,
@@ -51,14 +52,19 @@ fn rotate_secret(
                 immediately: required(rotate_immediately, "rotate_immediately")?,
             },
         )
-    })())
+    }))
 }
 
 /// Turns scheduled rotation off and cancels a rotation that has not changed its target yet.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn cancel_rotate_secret(name: Option<&str>) -> Result<(), ErrorReport> {
-    sql(valid_name(name).and_then(rotation::cancel_rotate_secret))
+    sql(audit::audited(
+        "manage",
+        "cancel_rotate_secret",
+        name,
+        || valid_name(name).and_then(rotation::cancel_rotate_secret),
+    ))
 }
 
 /// Offboarding: rotates every secret `role` can read; one row per secret with its status.
@@ -68,10 +74,15 @@ fn rotate_secrets_accessible_by(
     role: Option<RegRole>,
     only_accessed: default!(Option<bool>, "false"),
 ) -> Result<TableIterator<'static, (name!(name, String), name!(status, String))>, ErrorReport> {
-    let rows = sql((|| {
-        let role = required(role, "role")?;
-        rotation::rotate_accessible_by(role.0, required(only_accessed, "only_accessed")?)
-    })())?;
+    let rows = sql(audit::audited(
+        "rotate",
+        "rotate_secrets_accessible_by",
+        None,
+        || {
+            let role = required(role, "role")?;
+            rotation::rotate_accessible_by(role.0, required(only_accessed, "only_accessed")?)
+        },
+    ))?;
     Ok(TableIterator::new(rows))
 }
 
@@ -82,7 +93,7 @@ fn rotate_secrets_accessible_by(
 fn rewrap_keys(
     batch_size: default!(Option<i32>, 1000),
 ) -> Result<TableIterator<'static, (name!(rewrapped, i64), name!(remaining, i64))>, ErrorReport> {
-    let counts = sql((|| {
+    let counts = sql(audit::audited("manage", "rewrap_keys", None, || {
         let batch_size = required(batch_size, "batch_size")?;
         if !(1..=100_000).contains(&batch_size) {
             return Err(Error::InvalidParameter(format!(
@@ -90,7 +101,7 @@ fn rewrap_keys(
             )));
         }
         rewrap::rewrap_keys(batch_size)
-    })())?;
+    }))?;
     Ok(TableIterator::once(counts))
 }
 
@@ -110,7 +121,12 @@ fn key_status() -> Result<
     >,
     ErrorReport,
 > {
-    let keys = sql(rewrap::key_status())?;
+    let keys = sql(audit::audited(
+        "describe",
+        "key_status",
+        None,
+        rewrap::key_status,
+    ))?;
     Ok(TableIterator::new(keys.into_iter().map(|key| {
         (
             key.key_id,

@@ -8,7 +8,9 @@ use pgrx::prelude::*;
 mod access;
 mod api;
 mod api_access;
+mod api_audit;
 mod api_rotation;
+mod audit;
 mod crypto;
 mod db;
 mod errors;
@@ -47,6 +49,7 @@ pub extern "C-unwind" fn _PG_init() {
     settings::hide_statement_parameters_if_asked();
     keys::load_at_startup();
     access::register_invalidation_callbacks();
+    audit::queue::register();
     worker::register();
 }
 
@@ -61,6 +64,8 @@ pub mod pg_test {
             "shared_preload_libraries = 'pg_secrets'",
             // Two keys, so tests can move a secret between them; `unit` writes by default.
             "pg_secrets.key_command = 'printf \"unit:%064d\\nother:%064d\\n\" 1 2'",
+            // The worker drains the audit queue into the database the tests run in.
+            "pg_secrets.database = 'pgrx_tests'",
         ]
     }
 }

@@ -178,6 +178,7 @@ pub fn rotate_secret(name: &str, request: Request) -> Result<Option<Uuid>> {
             return Ok(Some(version));
         }
         let mut run = start(client, &secret, &rotator.name())?;
+        crate::audit::touched(secret.id, Some(run.pending_version), Some(PENDING));
         run_steps(client, &mut run)?;
         Ok(Some(run.pending_version))
     })
@@ -506,11 +507,39 @@ pub fn work_on(id: Uuid) -> Result<Outcome> {
             };
             Spi::connect_mut(|client| run_steps(client, &mut run))
         });
+        // The worker's own changes are audited like anyone's: a finished rotation (CURRENT
+        // moved) and every failed step.
+        let name = store::secret_by_id(client, secret_id)?.name;
+        let audit = |outcome: &str, error: Option<&Error>| -> Result<()> {
+            let mut details =
+                serde_json::json!({"function": "worker", "rotation_id": id.to_string()});
+            if let Some(error) = error {
+                details["error"] = error.to_string().into();
+            }
+            crate::audit::record(
+                "rotate",
+                Some(&name),
+                crate::audit::Touched {
+                    secret_id: Some(secret_id),
+                    version_id: pending_version,
+                    version_stage: Some(CURRENT.to_string()).filter(|_| error.is_none()),
+                    notes: Default::default(),
+                },
+                outcome,
+                error.map(|error| error.sqlstate().1),
+                details,
+            )
+        };
         match attempt {
             Ok(Progress::Advanced) => Ok(Outcome::Progressed),
-            Ok(Progress::Finished | Progress::Busy) => Ok(Outcome::Stopped),
+            Ok(Progress::Finished) => {
+                audit("allowed", None)?;
+                Ok(Outcome::Stopped)
+            }
+            Ok(Progress::Busy) => Ok(Outcome::Stopped),
             Err(error) => {
                 record_failure(client, id, &error)?;
+                audit("error", Some(&error))?;
                 Ok(Outcome::Stopped)
             }
         }
@@ -590,19 +619,21 @@ pub fn describe(client: &SpiClient<'_>, secret_id: Uuid) -> Result<JsonB> {
     .expect("the secret exists"))
 }
 
-/// `rotate_secrets_accessible_by`: every secret `role` can read, with what happened to it.
+/// `rotate_secrets_accessible_by`: every secret `role` can read (with `only_accessed`, only
+/// those it did read according to the audit trail), with what happened to it.
 /// Each one is rotated in its own subtransaction, so one failure does not stop the others.
 pub fn rotate_accessible_by(
     role: pg_sys::Oid,
     only_accessed: bool,
 ) -> Result<Vec<(String, String)>> {
-    if only_accessed {
-        return Err(Error::NotSupported(
-            "only_accessed needs the audit trail, which this version does not keep yet; \
-             call with only_accessed => false to rotate everything the role can read"
-                .into(),
-        ));
-    }
+    // Read according to the audit trail; records still queued are drained first by the
+    // worker, so a read a moment ago may not be there yet: offboarding after the fact is
+    // the intended use.
+    let read_by_role = if only_accessed {
+        Some(crate::audit::trail::secrets_read_by(role)?)
+    } else {
+        None
+    };
     let readable: Vec<(String, Uuid, pg_sys::Oid, bool)> = Spi::connect(|client| {
         client
             .select(
@@ -623,6 +654,12 @@ pub fn rotate_accessible_by(
     })?;
     let mut statuses = Vec::new();
     for (name, id, owner, has_rotator) in readable {
+        if read_by_role
+            .as_ref()
+            .is_some_and(|read| !read.contains(&id))
+        {
+            continue;
+        }
         // Could the role read it from anywhere: conditions of the policy count as met.
         let could_read = access::decide(
             role,

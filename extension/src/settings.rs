@@ -15,6 +15,9 @@ static MIN_ROTATION_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(3600);
 static ROTATION_RETRY_DELAY: GucSetting<i32> = GucSetting::<i32>::new(60);
 static ROTATOR_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static ROTATOR_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(30);
+static AUDIT: GucSetting<bool> = GucSetting::<bool>::new(true);
+static AUDIT_SERVER_LOG: GucSetting<bool> = GucSetting::<bool>::new(true);
+static AUDIT_QUEUE_WAIT: GucSetting<i32> = GucSetting::<i32>::new(5000);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -105,6 +108,32 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
+    GucRegistry::define_bool_guc(
+        c"pg_secrets.audit",
+        c"Record every call of a function that touches a secret in the audit trail.",
+        c"Settable only in the server configuration, so no session can turn it off.",
+        &AUDIT,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_secrets.audit_server_log",
+        c"Also write each audit record to the server log as one JSON line.",
+        c"Covers the records a crash takes from the shared-memory queue before they reach the table.",
+        &AUDIT_SERVER_LOG,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_secrets.audit_queue_wait",
+        c"How long a call waits for room in a full audit queue before it fails.",
+        c"",
+        &AUDIT_QUEUE_WAIT,
+        0,
+        600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
     unsafe { pg_sys::MarkGUCPrefixReserved(c"pg_secrets".as_ptr()) };
 }
 
@@ -145,6 +174,18 @@ pub fn rotation_retry_delay() -> i64 {
 
 pub fn rotator_dir() -> Option<String> {
     string_setting(&ROTATOR_DIR)
+}
+
+pub fn audit() -> bool {
+    AUDIT.get()
+}
+
+pub fn audit_server_log() -> bool {
+    AUDIT_SERVER_LOG.get()
+}
+
+pub fn audit_queue_wait() -> std::time::Duration {
+    std::time::Duration::from_millis(AUDIT_QUEUE_WAIT.get() as u64)
 }
 
 pub fn rotator_timeout() -> std::time::Duration {

@@ -2,6 +2,7 @@
 //! transaction through SPI. Values are sealed in Rust before any row exists.
 
 use crate::access::{self, Action, Context};
+use crate::audit;
 use crate::crypto::{self, Binding, ValueKind};
 use crate::db;
 use crate::errors::{Error, Result};
@@ -115,6 +116,7 @@ pub fn authorize(
     let row = find_secret(client, name, action != Action::Describe)?;
     check_access(caller, name, action, row.as_ref().map(SecretRow::subject))?;
     let row = row.expect("check_access refuses a missing secret");
+    audit::touched(row.id, None, None);
     match (&row.purge_at, on_deleted) {
         (Some(purge_at), OnDeleted::Refuse) => Err(Error::ScheduledForDeletion {
             name: name.to_string(),
@@ -410,6 +412,7 @@ pub fn create_secret(new: NewSecret<'_>) -> Result<Option<Uuid>> {
             }
             None => None,
         };
+        audit::touched(secret.id, version, version.map(|_| CURRENT));
         labels::notify_changed(client, "create", new.name, version)?;
         Ok(version)
     })
@@ -427,6 +430,7 @@ pub fn put_secret_value(
             return Ok(version);
         }
         let version = insert_version(client, &secret, &value, token, new_uuid())?;
+        audit::touched(secret.id, Some(version), stages.first().map(String::as_str));
         rotation::abandon_for_put(client, secret.id, version)?;
         for stage in &stages {
             labels::move_label(client, name, secret.id, stage, version)?;
@@ -558,6 +562,11 @@ pub fn get_secret(
         }
         _ => {}
     }
+    audit::touched(
+        head.id,
+        Some(stored.id),
+        staged.and(Some(stage.unwrap_or(CURRENT))),
+    );
     let plaintext = stored.open(head.id, name)?;
     if head.access_is_stale && !read_only_transaction() {
         Spi::run_with_args(

@@ -1,10 +1,12 @@
 //! The background worker, registered when the library is preloaded. It runs on the primary
-//! only (it starts when recovery has finished), in the database `pg_secrets.database`, and
+//! only (it starts when recovery has finished), in the database `pg_secrets.database`. It
+//! moves audit records from the shared-memory queue into the audit table as they arrive, and
 //! every `pg_secrets.worker_naptime` it starts due rotations, advances running ones (resuming
 //! any a crash interrupted), purges secrets past their deletion date and prunes deprecated
 //! versions. Each unit of work is its own transaction and its errors are logged, so one bad
 //! secret never stops the others. Every wait is bounded, so it never holds up shutdown.
 
+use crate::audit::{queue, trail};
 use crate::db::in_subtransaction;
 use crate::errors::Result;
 use crate::rotation::{self, Outcome};
@@ -15,7 +17,7 @@ use pgrx::bgworkers::{
 use pgrx::prelude::*;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_secrets worker")
@@ -49,16 +51,59 @@ pub extern "C-unwind" fn pg_secrets_worker_main(_argument: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = settings::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    if let Err(error) = queue::set_worker_latch() {
+        warning!("pg_secrets worker: {error}");
+    }
     log!("pg_secrets worker started in database \"{database}\"");
+    let mut next_round = Instant::now();
     while !stop_requested() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        run_round();
-        if !BackgroundWorker::wait_latch(Some(settings::worker_naptime())) {
+        drain_audit_queue();
+        if Instant::now() >= next_round {
+            run_round();
+            next_round = Instant::now() + settings::worker_naptime();
+        }
+        // Audit records wake the worker through its latch; rounds come on time regardless.
+        let until_round = next_round.saturating_duration_since(Instant::now());
+        if !BackgroundWorker::wait_latch(Some(until_round.clamp(MIN_WAIT, MAX_WAIT))) {
             break;
         }
     }
+    // What is queued at a clean shutdown still reaches the table.
+    drain_audit_queue();
+}
+
+const MIN_WAIT: Duration = Duration::from_millis(10);
+const MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// Moves queued audit records into the table, a batch per transaction, until none is left.
+fn drain_audit_queue() {
+    while queue::waiting().unwrap_or(0) > 0 {
+        if extension_installed() != Some(true) {
+            return;
+        }
+        match in_transaction("recording audit records", trail::drain_batch) {
+            // Freed only now that the transaction holding them has committed.
+            Some(drained) if drained > 0 => {
+                if let Err(error) = queue::release(drained) {
+                    warning!("pg_secrets worker: {error}");
+                    return;
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+fn extension_installed() -> Option<bool> {
+    in_transaction("checking for the extension", || {
+        Ok(Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_secrets')",
+        )?
+        .unwrap_or(false))
+    })
 }
 
 /// One transaction with errors caught, logged and rolled back.
@@ -73,13 +118,7 @@ fn in_transaction<T>(what: &str, body: impl FnOnce() -> Result<T>) -> Option<T> 
 }
 
 fn run_round() {
-    let installed = in_transaction("checking for the extension", || {
-        Ok(Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_secrets')",
-        )?
-        .unwrap_or(false))
-    });
-    if installed != Some(true) {
+    if extension_installed() != Some(true) {
         return;
     }
     in_transaction("starting due rotations", rotation::start_due_rotations);

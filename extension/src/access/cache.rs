@@ -67,6 +67,9 @@ pub struct Membership {
 
 pub struct SessionInfo {
     pub source: Option<Source>,
+    /// As the audit trail records them: NULL for Unix sockets and background workers.
+    pub address: Option<String>,
+    pub port: Option<i32>,
 }
 
 type Policies = HashMap<Uuid, Rc<Policy<Oid>>>;
@@ -194,17 +197,34 @@ pub fn session() -> Result<Rc<SessionInfo>> {
     if let Some(cached) = SESSION.with(|session| session.borrow().clone()) {
         return Ok(cached);
     }
-    let source = if unsafe { pg_sys::MyProcPort.is_null() } {
-        None
+    let info = if unsafe { pg_sys::MyProcPort.is_null() } {
+        SessionInfo {
+            source: None,
+            address: None,
+            port: None,
+        }
     } else {
-        let address =
-            Spi::get_one::<String>("SELECT pg_catalog.host(pg_catalog.inet_client_addr())")?;
-        match address {
-            None => Some(Source::Local),
-            Some(text) => text.parse().ok().map(Source::Ip),
+        let (address, port) = Spi::connect(|client| -> Result<_> {
+            let row = client
+                .select(
+                    "SELECT pg_catalog.host(pg_catalog.inet_client_addr()), \
+                            pg_catalog.inet_client_port()",
+                    Some(1),
+                    &[],
+                )?
+                .first();
+            Ok((row.get::<String>(1)?, row.get::<i32>(2)?))
+        })?;
+        SessionInfo {
+            source: match &address {
+                None => Some(Source::Local),
+                Some(text) => text.parse().ok().map(Source::Ip),
+            },
+            address,
+            port,
         }
     };
-    let info = Rc::new(SessionInfo { source });
+    let info = Rc::new(info);
     SESSION.with(|session| *session.borrow_mut() = Some(info.clone()));
     Ok(info)
 }

@@ -20,7 +20,10 @@ mod cache;
 pub mod pattern;
 pub mod policy;
 
-pub use cache::{invalidate_grants, invalidate_policies, register_invalidation_callbacks};
+pub use cache::{
+    application_name, invalidate_grants, invalidate_policies, now_micros,
+    register_invalidation_callbacks, session,
+};
 
 use crate::errors::Result;
 use pgrx::pg_sys::{self, Oid};
@@ -260,6 +263,17 @@ pub fn decide(
         return Ok(Basis::Role("secrets_reader"));
     }
     Ok(Basis::Nothing)
+}
+
+/// Whether `role` has the privileges of the role named `group`.
+pub fn is_member(role: Oid, group: &str) -> Result<bool> {
+    if unsafe { pg_sys::superuser_arg(role) } {
+        return Ok(true);
+    }
+    let Some(group) = cache::resolve_role(group) else {
+        return Ok(false);
+    };
+    Ok(cache::membership(role)?.roles.contains(&group))
 }
 
 /// Rights on every secret, whoever owns it: superusers, `secrets_admin`, and `secrets_reader`

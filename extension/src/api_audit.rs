@@ -1,0 +1,68 @@
+//! The SQL functions of the audit trail. Reading it is a view, `secrets.audit_log`; these
+//! verify it, remove old prefixes, and serve its row-level security and append-only trigger.
+
+#![allow(clippy::result_large_err)]
+#![allow(clippy::type_complexity)]
+
+use crate::api::sql;
+use crate::audit::{self, trail};
+use crate::validate::required;
+use pgrx::datum::Interval;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::Uuid;
+
+/// Walks the hash chain: `ok` is false at the first record that was changed, removed or
+/// reordered, and `first_bad_id` names it.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn verify_audit_log() -> Result<
+    TableIterator<
+        'static,
+        (
+            name!(ok, bool),
+            name!(rows_checked, i64),
+            name!(first_bad_id, Option<i64>),
+        ),
+    >,
+    ErrorReport,
+> {
+    let verdict = sql(audit::audited(
+        "describe",
+        "verify_audit_log",
+        None,
+        trail::verify,
+    ))?;
+    Ok(TableIterator::once(verdict))
+}
+
+/// Removes every record older than `older_than` (a whole prefix of the chain), keeps an
+/// anchor so the rest still verifies, and records that it did. Needs `secrets_admin`.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn purge_audit_log(older_than: Option<Interval>) -> Result<i64, ErrorReport> {
+    sql(audit::audited("manage", "purge_audit_log", None, || {
+        let older_than = required(older_than, "older_than")?;
+        if older_than.months() != 0 || older_than.days() < 0 || older_than.micros() < 0 {
+            return Err(crate::errors::Error::InvalidParameter(
+                "older_than must be a positive interval of days, hours, minutes or seconds".into(),
+            ));
+        }
+        let seconds = f64::from(older_than.days()) * 86_400.0 + older_than.micros() as f64 / 1e6;
+        trail::purge(seconds)
+    }))
+}
+
+/// For the append-only trigger: true only while `purge_audit_log` deletes its prefix.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn audit_retention_running() -> bool {
+    trail::retention_running()
+}
+
+/// The row-level security predicate of `secrets.audit_record`.
+#[pg_extern(security_definer, stable, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
+fn may_read_audit(secret_id: Option<Uuid>, secret_name: Option<&str>) -> Result<bool, ErrorReport> {
+    sql(trail::may_read(secret_id, secret_name))
+}

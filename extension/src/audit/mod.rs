@@ -1,0 +1,171 @@
+//! The audit trail. Every call of a function that touches a secret leaves a record of who,
+//! what, which secret and version, from where, and how it ended (`allowed`, `denied`,
+//! `error` with its SQLSTATE). Never a value, nor anything derived from one.
+//!
+//! A record is captured when the call ends and appended to a queue in shared memory
+//! (`queue.rs`), outside the caller's transaction: a rollback, or the error of a denied call,
+//! cannot take it back. The background worker drains the queue into `secrets.audit_record`,
+//! chaining each record to the previous one with SHA-256 (`trail.rs`). Records still in the
+//! queue when the server crashes are lost from the table, so each is also written to the
+//! server log as one structured line (`pg_secrets.audit_server_log`, on by default).
+
+pub mod queue;
+pub mod trail;
+
+use crate::access;
+use crate::errors::{Error, Result};
+use crate::settings;
+use pgrx::pg_sys;
+use pgrx::Uuid;
+use serde::{Deserialize, Serialize};
+use std::cell::{Cell, RefCell};
+
+/// One audit record as queued, stored and hashed. Field order is the canonical order of the
+/// hash chain: change it and old records stop verifying.
+#[derive(Serialize, Deserialize, Debug, Default, Clone, PartialEq)]
+pub struct Record {
+    pub at_micros: i64,
+    pub session_user: String,
+    pub current_user: String,
+    pub action: String,
+    pub secret_name: Option<String>,
+    pub secret_id: Option<String>,
+    pub version_id: Option<String>,
+    pub version_stage: Option<String>,
+    pub outcome: String,
+    pub sqlstate: Option<String>,
+    pub client_addr: Option<String>,
+    pub client_port: Option<i32>,
+    pub application_name: Option<String>,
+    pub backend_pid: i32,
+    /// A JSON object: the function called, the error message, what else the action concerns.
+    pub details: String,
+}
+
+/// What the store learned about the secret while serving the call.
+#[derive(Default)]
+pub struct Touched {
+    pub secret_id: Option<Uuid>,
+    pub version_id: Option<Uuid>,
+    pub version_stage: Option<String>,
+    /// More for the record's details (never a value).
+    pub notes: serde_json::Map<String, serde_json::Value>,
+}
+
+thread_local! {
+    static TOUCHED: RefCell<Touched> = RefCell::new(Touched::default());
+    static WARNED_OTHER_DATABASE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called by the store: the secret (and version) the current call is about.
+pub fn touched(secret_id: Uuid, version_id: Option<Uuid>, version_stage: Option<&str>) {
+    TOUCHED.with(|touched| {
+        let mut touched = touched.borrow_mut();
+        touched.secret_id = Some(secret_id);
+        if version_id.is_some() {
+            touched.version_id = version_id;
+            touched.version_stage = version_stage.map(str::to_string);
+        }
+    });
+}
+
+/// Called while serving a call: something the record's details should say.
+pub fn note(key: &str, value: serde_json::Value) {
+    TOUCHED.with(|touched| touched.borrow_mut().notes.insert(key.to_string(), value));
+}
+
+/// Runs one call of a SQL function and records it. A call whose record cannot be queued
+/// fails, so nothing happens unaudited.
+pub fn audited<T>(
+    action: &str,
+    function: &str,
+    secret_name: Option<&str>,
+    body: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    TOUCHED.with(|touched| touched.take());
+    let outcome = body();
+    let mut touched = TOUCHED.with(|touched| touched.take());
+    let (result, sqlstate, error) = match &outcome {
+        Ok(_) => ("allowed", None, None),
+        Err(error @ Error::AccessDenied { .. }) => {
+            ("denied", Some("42501"), Some(error.to_string()))
+        }
+        Err(error) => ("error", Some(error.sqlstate().1), Some(error.to_string())),
+    };
+    let mut details = std::mem::take(&mut touched.notes);
+    details.insert("function".into(), function.into());
+    if let Some(error) = error {
+        details.insert("error".into(), error.into());
+    }
+    let recorded = record(
+        action,
+        secret_name,
+        touched,
+        result,
+        sqlstate,
+        serde_json::Value::Object(details),
+    );
+    match (outcome, recorded) {
+        (Err(error), _) => Err(error),
+        (Ok(_), Err(error)) => Err(error),
+        (Ok(value), Ok(())) => Ok(value),
+    }
+}
+
+fn role_name(role: pg_sys::Oid) -> String {
+    access::role_name(role)
+}
+
+/// Captures a record with this session's particulars and queues it.
+pub fn record(
+    action: &str,
+    secret_name: Option<&str>,
+    touched: Touched,
+    outcome: &str,
+    sqlstate: Option<&str>,
+    details: serde_json::Value,
+) -> Result<()> {
+    if !settings::audit() {
+        return Ok(());
+    }
+    let session = access::session()?;
+    let record = Record {
+        at_micros: access::now_micros(),
+        session_user: role_name(unsafe { pg_sys::GetSessionUserId() }),
+        current_user: role_name(access::caller()),
+        action: action.to_string(),
+        secret_name: secret_name.map(str::to_string),
+        secret_id: touched.secret_id.map(|id| id.to_string()),
+        version_id: touched.version_id.map(|id| id.to_string()),
+        version_stage: touched.version_stage,
+        outcome: outcome.to_string(),
+        sqlstate: sqlstate.map(str::to_string),
+        client_addr: session.address.clone(),
+        client_port: session.port,
+        application_name: Some(access::application_name()).filter(|name| !name.is_empty()),
+        backend_pid: unsafe { pg_sys::MyProcPid },
+        details: details.to_string(),
+    };
+    let serialized = serde_json::to_vec(&record).expect("plain data serializes");
+    if settings::audit_server_log() {
+        pgrx::log!("pg_secrets audit: {}", String::from_utf8_lossy(&serialized));
+    }
+    if !in_audit_database() {
+        if !WARNED_OTHER_DATABASE.with(|warned| warned.replace(true)) {
+            pgrx::warning!(
+                "pg_secrets: this database is not pg_secrets.database (\"{}\"), so its audit \
+                 records go to the server log only",
+                settings::database()
+            );
+        }
+        return Ok(());
+    }
+    queue::push(&serialized, settings::audit_queue_wait())
+}
+
+/// Whether the worker drains this database's queue into a table: it works in one database.
+fn in_audit_database() -> bool {
+    let name = unsafe { pg_sys::get_database_name(pg_sys::MyDatabaseId) };
+    !name.is_null()
+        && unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy() == settings::database()
+}

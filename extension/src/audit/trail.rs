@@ -1,0 +1,386 @@
+//! The stored trail: `secrets.audit_record`, append-only (a trigger refuses UPDATE, DELETE and
+//! TRUNCATE, for the owner too), each row chained to the one before by
+//! `hash = SHA-256(prev_hash || canonical JSON of (id, record))`. Only the worker appends, so
+//! ids have no gaps; retention removes a whole prefix and leaves an anchor with the hash of
+//! the last removed row, so verification still starts from a known hash.
+
+use super::{queue, Record};
+use crate::access::{self, Action, Context, Secret};
+use crate::errors::{Error, Result};
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::Uuid;
+use sha2::{Digest, Sha256};
+use std::cell::Cell;
+
+/// Records moved from the queue to the table per transaction.
+const DRAIN_BATCH: usize = 1000;
+const GENESIS: [u8; 32] = [0; 32];
+
+pub fn chain_hash(previous: &[u8], id: i64, record: &Record) -> Vec<u8> {
+    let canonical = serde_json::to_vec(&(id, record)).expect("plain data serializes");
+    let mut hasher = Sha256::new();
+    hasher.update(previous);
+    hasher.update(&canonical);
+    hasher.finalize().to_vec()
+}
+
+/// The last stored id and hash: the newest row, else the newest retention anchor, else the
+/// start of the chain.
+fn chain_end(client: &SpiClient<'_>) -> Result<(i64, Vec<u8>)> {
+    let newest = client
+        .select(
+            "SELECT id, hash FROM secrets.audit_record ORDER BY id DESC LIMIT 1",
+            None,
+            &[],
+        )?
+        .next()
+        .map(|row| -> Result<_> {
+            Ok((
+                row.get(1)?.expect("NOT NULL"),
+                row.get(2)?.expect("NOT NULL"),
+            ))
+        })
+        .transpose()?;
+    if let Some(end) = newest {
+        return Ok(end);
+    }
+    Ok(latest_anchor(client)?.unwrap_or((0, GENESIS.to_vec())))
+}
+
+fn latest_anchor(client: &SpiClient<'_>) -> Result<Option<(i64, Vec<u8>)>> {
+    client
+        .select(
+            "SELECT removed_through, anchor_hash FROM secrets.audit_anchor \
+             ORDER BY removed_through DESC LIMIT 1",
+            None,
+            &[],
+        )?
+        .next()
+        .map(|row| {
+            Ok((
+                row.get(1)?.expect("NOT NULL"),
+                row.get(2)?.expect("NOT NULL"),
+            ))
+        })
+        .transpose()
+}
+
+/// The worker: moves up to one batch from the queue to the table, in the current transaction.
+/// The queue is released by `release_drained` after the commit. Returns how many.
+pub fn drain_batch() -> Result<usize> {
+    let queued = queue::peek(DRAIN_BATCH)?;
+    if queued.is_empty() {
+        return Ok(0);
+    }
+    Spi::connect_mut(|client| {
+        let (mut id, mut previous) = chain_end(client)?;
+        let mut columns = Columns::default();
+        for bytes in &queued {
+            // A record that does not parse (truncated at the slot size) is still recorded.
+            let record: Record = serde_json::from_slice(bytes).unwrap_or_else(|_| Record {
+                action: "unreadable".into(),
+                outcome: "error".into(),
+                details: serde_json::json!({"error": "the queued record was truncated"})
+                    .to_string(),
+                ..Record::default()
+            });
+            id += 1;
+            let hash = chain_hash(&previous, id, &record);
+            columns.push(id, record, previous, hash.clone());
+            previous = hash;
+        }
+        columns.insert(client)?;
+        Ok(queued.len())
+    })
+}
+
+#[derive(Default)]
+struct Columns {
+    id: Vec<i64>,
+    at: Vec<i64>,
+    session_user: Vec<String>,
+    current_user: Vec<String>,
+    action: Vec<String>,
+    secret_name: Vec<Option<String>>,
+    secret_id: Vec<Option<String>>,
+    version_id: Vec<Option<String>>,
+    version_stage: Vec<Option<String>>,
+    outcome: Vec<String>,
+    sqlstate: Vec<Option<String>>,
+    client_addr: Vec<Option<String>>,
+    client_port: Vec<Option<i32>>,
+    application_name: Vec<Option<String>>,
+    backend_pid: Vec<i32>,
+    details: Vec<String>,
+    prev_hash: Vec<Vec<u8>>,
+    hash: Vec<Vec<u8>>,
+}
+
+impl Columns {
+    fn push(&mut self, id: i64, record: Record, prev_hash: Vec<u8>, hash: Vec<u8>) {
+        self.id.push(id);
+        self.at.push(record.at_micros);
+        self.session_user.push(record.session_user);
+        self.current_user.push(record.current_user);
+        self.action.push(record.action);
+        self.secret_name.push(record.secret_name);
+        self.secret_id.push(record.secret_id);
+        self.version_id.push(record.version_id);
+        self.version_stage.push(record.version_stage);
+        self.outcome.push(record.outcome);
+        self.sqlstate.push(record.sqlstate);
+        self.client_addr.push(record.client_addr);
+        self.client_port.push(record.client_port);
+        self.application_name.push(record.application_name);
+        self.backend_pid.push(record.backend_pid);
+        self.details.push(record.details);
+        self.prev_hash.push(prev_hash);
+        self.hash.push(hash);
+    }
+
+    fn insert(self, client: &mut SpiClient<'_>) -> Result<()> {
+        client.update(
+            "INSERT INTO secrets.audit_record \
+               (id, at, \"session_user\", \"current_user\", action, secret_name, secret_id, version_id, \
+                version_stage, outcome, sqlstate, client_addr, client_port, application_name, \
+                backend_pid, details, prev_hash, hash) \
+             SELECT id, TIMESTAMPTZ 'epoch' + at_us * INTERVAL '1 microsecond', su, cu, action, \
+                    secret_name, secret_id::uuid, version_id::uuid, version_stage, outcome, \
+                    sqlstate, client_addr, client_port, application_name, backend_pid, \
+                    details::json, prev_hash, hash \
+             FROM ROWS FROM ( \
+                    pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::int8[]), \
+                    pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]), \
+                    pg_catalog.unnest($5::text[]), pg_catalog.unnest($6::text[]), \
+                    pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::text[]), \
+                    pg_catalog.unnest($9::text[]), pg_catalog.unnest($10::text[]), \
+                    pg_catalog.unnest($11::text[]), pg_catalog.unnest($12::text[]), \
+                    pg_catalog.unnest($13::int4[]), pg_catalog.unnest($14::text[]), \
+                    pg_catalog.unnest($15::int4[]), pg_catalog.unnest($16::text[]), \
+                    pg_catalog.unnest($17::bytea[]), pg_catalog.unnest($18::bytea[])) \
+                  AS r(id, at_us, su, cu, action, secret_name, secret_id, version_id, \
+                       version_stage, outcome, sqlstate, client_addr, client_port, \
+                       application_name, backend_pid, details, prev_hash, hash)",
+            None,
+            &[
+                self.id.into(),
+                self.at.into(),
+                self.session_user.into(),
+                self.current_user.into(),
+                self.action.into(),
+                self.secret_name.into(),
+                self.secret_id.into(),
+                self.version_id.into(),
+                self.version_stage.into(),
+                self.outcome.into(),
+                self.sqlstate.into(),
+                self.client_addr.into(),
+                self.client_port.into(),
+                self.application_name.into(),
+                self.backend_pid.into(),
+                self.details.into(),
+                self.prev_hash.into(),
+                self.hash.into(),
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+/// `verify_audit_log()`: walks the chain; returns (ok, rows checked, first bad id).
+pub fn verify() -> Result<(bool, i64, Option<i64>)> {
+    require_auditor("verify the audit log")?;
+    Spi::connect(|client| {
+        let anchor = latest_anchor(client)?;
+        let (mut expected_id, mut expected_prev) = match &anchor {
+            Some((through, hash)) => (through + 1, hash.clone()),
+            None => (1, GENESIS.to_vec()),
+        };
+        let mut checked = 0i64;
+        let mut after = expected_id - 1;
+        loop {
+            let rows = client.select(
+                "SELECT id, (EXTRACT(epoch FROM at) * 1000000)::int8, \"session_user\", \
+                        \"current_user\", action, secret_name, secret_id::text, version_id::text, \
+                        version_stage, outcome, sqlstate, client_addr, client_port, \
+                        application_name, backend_pid, details::text, prev_hash, hash \
+                 FROM secrets.audit_record WHERE id > $1 ORDER BY id LIMIT 10000",
+                None,
+                &[after.into()],
+            )?;
+            if rows.is_empty() {
+                return Ok((true, checked, None));
+            }
+            for row in rows {
+                let id: i64 = row.get(1)?.expect("NOT NULL");
+                let record = Record {
+                    at_micros: row.get(2)?.unwrap_or_default(),
+                    session_user: row.get(3)?.unwrap_or_default(),
+                    current_user: row.get(4)?.unwrap_or_default(),
+                    action: row.get(5)?.unwrap_or_default(),
+                    secret_name: row.get(6)?,
+                    secret_id: row.get(7)?,
+                    version_id: row.get(8)?,
+                    version_stage: row.get(9)?,
+                    outcome: row.get(10)?.unwrap_or_default(),
+                    sqlstate: row.get(11)?,
+                    client_addr: row.get(12)?,
+                    client_port: row.get(13)?,
+                    application_name: row.get(14)?,
+                    backend_pid: row.get(15)?.unwrap_or_default(),
+                    details: row.get(16)?.unwrap_or_default(),
+                };
+                let prev_hash: Vec<u8> = row.get(17)?.unwrap_or_default();
+                let hash: Vec<u8> = row.get(18)?.unwrap_or_default();
+                checked += 1;
+                // A gap (removed rows), a different predecessor (removed or reordered), or a
+                // hash that does not match the content (changed).
+                if id != expected_id
+                    || prev_hash != expected_prev
+                    || chain_hash(&prev_hash, id, &record) != hash
+                {
+                    let first_bad = if id != expected_id { expected_id } else { id };
+                    return Ok((false, checked, Some(first_bad)));
+                }
+                expected_id = id + 1;
+                expected_prev = hash;
+                after = id;
+            }
+        }
+    })
+}
+
+thread_local! {
+    /// Set only while `purge_audit_log` deletes its prefix: the append-only trigger lets
+    /// exactly that through.
+    static RETENTION_RUNNING: Cell<bool> = const { Cell::new(false) };
+}
+
+pub fn retention_running() -> bool {
+    RETENTION_RUNNING.with(Cell::get)
+}
+
+/// Lowers the flag however the deletion ends, an error included.
+struct RetentionRunning;
+
+impl RetentionRunning {
+    fn start() -> RetentionRunning {
+        RETENTION_RUNNING.with(|running| running.set(true));
+        RetentionRunning
+    }
+}
+
+impl Drop for RetentionRunning {
+    fn drop(&mut self) {
+        RETENTION_RUNNING.with(|running| running.set(false));
+    }
+}
+
+/// `purge_audit_log(older_than)`: removes the whole prefix of records older than that, keeps
+/// an anchor so the rest still verifies, and returns how many it removed.
+pub fn purge(older_than_seconds: f64) -> Result<i64> {
+    if !access::may_on_any(access::caller(), Action::Manage)? {
+        return Err(Error::AccessDenied {
+            name: "*".into(),
+            action: "purge the audit log",
+        });
+    }
+    Spi::connect_mut(|client| {
+        let through = crate::db::first_value::<i64>(client.select(
+            "SELECT max(id) FROM secrets.audit_record \
+             WHERE at < pg_catalog.now() - pg_catalog.make_interval(secs => $1)",
+            None,
+            &[older_than_seconds.into()],
+        )?)?;
+        let Some(through) = through else {
+            return Ok(0);
+        };
+        let anchor_hash = crate::db::first_value::<Vec<u8>>(client.select(
+            "SELECT hash FROM secrets.audit_record WHERE id = $1",
+            None,
+            &[through.into()],
+        )?)?
+        .expect("the row was just found");
+        let removed = {
+            let _running = RetentionRunning::start();
+            client
+                .update(
+                    "DELETE FROM secrets.audit_record WHERE id <= $1",
+                    None,
+                    &[through.into()],
+                )?
+                .len() as i64
+        };
+        client.update(
+            "INSERT INTO secrets.audit_anchor (removed_through, anchor_hash, removed_count, removed_by) \
+             VALUES ($1, $2, $3, $4::oid::regrole)",
+            None,
+            &[through.into(), anchor_hash.into(), removed.into(), access::caller().into()],
+        )?;
+        super::note("removed_through_id", through.into());
+        super::note("removed_count", removed.into());
+        Ok(removed)
+    })
+}
+
+/// Work on the whole trail: `secrets_auditor` or `secrets_admin` (superusers are both).
+fn require_auditor(what: &'static str) -> Result<()> {
+    let caller = access::caller();
+    if access::is_member(caller, "secrets_auditor")? || access::may_on_any(caller, Action::Manage)?
+    {
+        Ok(())
+    } else {
+        Err(Error::AccessDenied {
+            name: "*".into(),
+            action: what,
+        })
+    }
+}
+
+/// Secrets `role` read (a `get` that was allowed), according to the trail: for offboarding.
+pub fn secrets_read_by(role: pg_sys::Oid) -> Result<Vec<Uuid>> {
+    let name = access::role_name(role);
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT DISTINCT secret_id FROM secrets.audit_record \
+                 WHERE action = 'get' AND outcome = 'allowed' AND secret_id IS NOT NULL \
+                   AND ($1 IN (\"session_user\", \"current_user\"))",
+                None,
+                &[name.into()],
+            )?
+            .map(|row| Ok(row.get(1)?.expect("NOT NULL")))
+            .collect()
+    })
+}
+
+/// The row-level security predicate of the audit table: `secrets_auditor` sees everything;
+/// anyone else the records of secrets it may manage.
+pub fn may_read(secret_id: Option<Uuid>, secret_name: Option<&str>) -> Result<bool> {
+    let caller = access::caller();
+    if access::is_member(caller, "secrets_auditor")? {
+        return Ok(true);
+    }
+    let (Some(secret_id), Some(name)) = (secret_id, secret_name) else {
+        return Ok(false);
+    };
+    let owner = Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT owner_role::oid FROM secrets.secret WHERE id = $1",
+        &[secret_id.into()],
+    )?;
+    let Some(owner) = owner else {
+        return Ok(false);
+    };
+    Ok(access::decide(
+        caller,
+        Action::Manage,
+        name,
+        Some(Secret {
+            id: secret_id,
+            owner,
+        }),
+        Context::Session,
+    )?
+    .allows())
+}

@@ -1,0 +1,402 @@
+//! The audit trail end to end: every call recorded (rolled back and denied ones too), never a
+//! value, nothing dropped under load, append-only for everyone, tampering detected, retention
+//! of whole prefixes, visibility per role, and what survives an immediate-mode stop.
+
+use pg_secrets_e2e::{assert_sql_error, Client, Cluster};
+use std::time::{Duration, Instant};
+
+const SECRET_VALUE: &str = "audit-marker-value-0f3a9c";
+
+/// Waits until the worker has moved every queued record into the table (`count` rows match).
+fn wait_for_records(db: &mut Client, filter: &str, count: i64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let found: i64 = db
+            .query_one(
+                &format!("SELECT count(*) FROM secrets.audit_log WHERE {filter}"),
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if found >= count {
+            assert_eq!(found, count, "more records than calls for {filter}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {found} of {count} records for {filter}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn verify(db: &mut Client) -> (bool, i64, Option<i64>) {
+    let row = db
+        .query_one(
+            "SELECT ok, rows_checked, first_bad_id FROM secrets.verify_audit_log()",
+            &[],
+        )
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+#[test]
+fn rolled_back_and_denied_calls_are_recorded_and_no_value_is() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.execute(
+        "SELECT secrets.create_secret('prod/db', $1)",
+        &[&SECRET_VALUE],
+    )
+    .unwrap();
+    db.batch_execute(
+        "CREATE ROLE reader LOGIN PASSWORD 'pw';
+         SELECT secrets.grant_access('prod/*', 'reader', '{get}');
+         CREATE ROLE stranger LOGIN PASSWORD 'pw' IN ROLE secrets_user;",
+    )
+    .unwrap();
+    let mut reader = Client::connect(
+        &format!(
+            "{} application_name=billing",
+            cluster.connection_string("reader", "pw")
+        ),
+        pg_secrets_e2e::NoTls,
+    )
+    .unwrap();
+    let mut tx = reader.transaction().unwrap();
+    let value: String = tx
+        .query_one("SELECT secrets.get_secret_value('prod/db')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(value, SECRET_VALUE);
+    tx.rollback().unwrap();
+    let mut stranger = cluster.connect("stranger", "pw");
+    let mut tx = stranger.transaction().unwrap();
+    assert_sql_error(
+        tx.query("SELECT secrets.get_secret_value('prod/db')", &[]),
+        "42501",
+        "permission denied",
+    );
+    tx.rollback().unwrap();
+
+    wait_for_records(&mut db, "secret_name = 'prod/db'", 3);
+    let rows: Vec<(
+        String,
+        String,
+        String,
+        Option<String>,
+        String,
+        Option<String>,
+        bool,
+    )> = db
+        .query(
+            "SELECT action, \"current_user\", outcome, sqlstate, details->>'function', \
+                    application_name, version_id IS NOT NULL AND version_stage = 'CURRENT' \
+             FROM secrets.audit_log WHERE secret_name = 'prod/db' ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| {
+            (
+                row.get(0),
+                row.get(1),
+                row.get(2),
+                row.get(3),
+                row.get(4),
+                row.get(5),
+                row.get(6),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (
+                "create".into(),
+                "postgres".into(),
+                "allowed".into(),
+                None,
+                "create_secret".into(),
+                None,
+                true
+            ),
+            (
+                "get".into(),
+                "reader".into(),
+                "allowed".into(),
+                None,
+                "get_secret_value".into(),
+                Some("billing".into()),
+                true
+            ),
+            (
+                "get".into(),
+                "stranger".into(),
+                "denied".into(),
+                Some("42501".into()),
+                "get_secret_value".into(),
+                None,
+                false
+            ),
+        ]
+    );
+    let (client_addr, port, pid): (String, i32, i32) = {
+        let row = db
+            .query_one(
+                "SELECT host(client_addr), client_port, backend_pid FROM secrets.audit_log \
+                 WHERE \"current_user\" = 'reader'",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!(client_addr, "127.0.0.1");
+    assert!(port > 0 && pid > 0);
+    // Never the value, in any column.
+    let leaks: i64 = db
+        .query_one(
+            "SELECT count(*) FROM secrets.audit_record r WHERE row_to_json(r)::text LIKE $1",
+            &[&format!("%{SECRET_VALUE}%")],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(leaks, 0);
+    assert_eq!(verify(&mut db), (true, 4, None));
+}
+
+#[test]
+fn nothing_is_dropped_under_load() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "SELECT secrets.create_secret('load/' || i, 'v' || i) FROM generate_series(1, 100) i",
+    )
+    .unwrap();
+    let script = cluster.dir().join("get.sql");
+    std::fs::write(
+        &script,
+        "\\set i random(1, 100)\nSELECT secrets.get_secret_value('load/' || :i);\n",
+    )
+    .unwrap();
+    let output = cluster
+        .client_program("pgbench")
+        .args([
+            "-n", "-M", "prepared", "-c", "8", "-j", "2", "-t", "2500", "-f",
+        ])
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    wait_for_records(
+        &mut db,
+        "action = 'get' AND secret_name LIKE 'load/%'",
+        20_000,
+    );
+    let (ok, checked, _) = verify(&mut db);
+    assert!(ok);
+    assert!(checked >= 20_100, "{checked}");
+}
+
+#[test]
+fn the_trail_is_append_only_and_tampering_is_found() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "SELECT secrets.create_secret('t/' || i, 'v') FROM generate_series(1, 3) i;
+         SELECT secrets.get_secret_value('t/' || i) FROM generate_series(1, 3) i, generate_series(1, 3) n;",
+    )
+    .unwrap();
+    wait_for_records(&mut db, "secret_name LIKE 't/%'", 12);
+    assert_eq!(verify(&mut db), (true, 12, None));
+    // Nobody changes it, not even a superuser replaying as a replica.
+    for sql in [
+        "UPDATE secrets.audit_record SET outcome = 'denied' WHERE id = 3",
+        "DELETE FROM secrets.audit_record WHERE id = 3",
+        "TRUNCATE secrets.audit_record",
+    ] {
+        assert_sql_error(db.execute(sql, &[]), "42501", "append-only");
+    }
+    db.batch_execute("SET session_replication_role = replica")
+        .unwrap();
+    assert_sql_error(
+        db.execute("DELETE FROM secrets.audit_record WHERE id = 3", &[]),
+        "42501",
+        "append-only",
+    );
+    db.batch_execute("RESET session_replication_role").unwrap();
+
+    // A superuser who disables the triggers can tamper; verification finds the first bad row.
+    db.batch_execute("ALTER TABLE secrets.audit_record DISABLE TRIGGER ALL")
+        .unwrap();
+    db.execute(
+        "UPDATE secrets.audit_record SET \"current_user\" = 'someone_else' WHERE id = 4",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(verify(&mut db), (false, 4, Some(4)), "a changed record");
+    db.execute(
+        "UPDATE secrets.audit_record SET \"current_user\" = 'postgres' WHERE id = 4",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(verify(&mut db).0, true);
+    db.batch_execute(
+        "UPDATE secrets.audit_record SET id = -6 WHERE id = 6;
+         UPDATE secrets.audit_record SET id = 6 WHERE id = 7;
+         UPDATE secrets.audit_record SET id = 7 WHERE id = -6;",
+    )
+    .unwrap();
+    assert_eq!(verify(&mut db), (false, 6, Some(6)), "two records swapped");
+    db.batch_execute(
+        "UPDATE secrets.audit_record SET id = -6 WHERE id = 6;
+         UPDATE secrets.audit_record SET id = 6 WHERE id = 7;
+         UPDATE secrets.audit_record SET id = 7 WHERE id = -6;",
+    )
+    .unwrap();
+    assert_eq!(verify(&mut db).0, true);
+    db.execute("DELETE FROM secrets.audit_record WHERE id = 9", &[])
+        .unwrap();
+    assert_eq!(verify(&mut db), (false, 9, Some(9)), "a removed record");
+}
+
+#[test]
+fn retention_removes_a_prefix_and_the_rest_still_verifies() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "SELECT secrets.create_secret('r/' || i, 'v') FROM generate_series(1, 5) i;
+         CREATE ROLE clerk LOGIN PASSWORD 'pw' IN ROLE secrets_user;",
+    )
+    .unwrap();
+    wait_for_records(&mut db, "secret_name LIKE 'r/%'", 5);
+    let mut clerk = cluster.connect("clerk", "pw");
+    assert_sql_error(
+        clerk.query("SELECT secrets.purge_audit_log('0 seconds')", &[]),
+        "42501",
+        "purge the audit log",
+    );
+    assert_sql_error(
+        db.query("SELECT secrets.purge_audit_log('-1 day')", &[]),
+        "22023",
+        "older_than",
+    );
+    let removed: i64 = db
+        .query_one("SELECT secrets.purge_audit_log('0 seconds')", &[])
+        .unwrap()
+        .get(0);
+    assert!(removed >= 5, "{removed}");
+    // The purge is recorded, after the prefix it removed, and the chain verifies from the anchor.
+    let purged = "details->>'function' = 'purge_audit_log' AND outcome = 'allowed'";
+    wait_for_records(&mut db, purged, 1);
+    db.batch_execute("SELECT secrets.create_secret('r/after', 'v')")
+        .unwrap();
+    wait_for_records(&mut db, "secret_name = 'r/after'", 1);
+    let (ok, checked, bad) = verify(&mut db);
+    assert!(ok, "first bad: {bad:?}");
+    assert!(checked >= 2);
+    let details: String = db
+        .query_one(
+            &format!("SELECT details::text FROM secrets.audit_log WHERE {purged}"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(details.contains("removed_count"), "{details}");
+}
+
+#[test]
+fn a_role_sees_the_records_of_what_it_manages_and_auditors_see_all() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE team_a LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         CREATE ROLE team_b LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         CREATE ROLE auditor LOGIN PASSWORD 'pw' IN ROLE secrets_auditor;
+         SELECT secrets.grant_access('a/*', 'team_a', '{manage}');
+         SELECT secrets.grant_access('b/*', 'team_b', '{manage,get}');",
+    )
+    .unwrap();
+    let mut team_a = cluster.connect("team_a", "pw");
+    team_a
+        .batch_execute("SELECT secrets.create_secret('a/key', 'v')")
+        .unwrap();
+    let mut team_b = cluster.connect("team_b", "pw");
+    team_b
+        .batch_execute(
+            "SELECT secrets.create_secret('b/key', 'v'); SELECT secrets.get_secret_value('b/key')",
+        )
+        .unwrap();
+    wait_for_records(&mut db, "secret_name IN ('a/key', 'b/key')", 3);
+    let names = |client: &mut Client| -> Vec<String> {
+        client
+            .query(
+                "SELECT DISTINCT secret_name FROM secrets.audit_log WHERE secret_id IS NOT NULL ORDER BY 1",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    };
+    assert_eq!(names(&mut team_a), vec!["a/key"]);
+    assert_eq!(names(&mut team_b), vec!["b/key"]);
+    let mut auditor = cluster.connect("auditor", "pw");
+    assert_eq!(names(&mut auditor), vec!["a/key", "b/key"]);
+    assert_eq!(verify(&mut auditor).0, true);
+    assert_sql_error(
+        team_a.query("SELECT * FROM secrets.verify_audit_log()", &[]),
+        "42501",
+        "verify the audit log",
+    );
+}
+
+#[test]
+fn an_immediate_stop_loses_no_record_from_the_server_log() {
+    let mut cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute("SELECT secrets.create_secret('crash/key', 'v')")
+        .unwrap();
+    let mut app = Client::connect(
+        &format!(
+            "{} application_name=crash-test",
+            cluster.connection_string(
+                pg_secrets_e2e::SUPERUSER,
+                pg_secrets_e2e::SUPERUSER_PASSWORD
+            )
+        ),
+        pg_secrets_e2e::NoTls,
+    )
+    .unwrap();
+    for _ in 0..200 {
+        app.query_one("SELECT secrets.get_secret_value('crash/key')", &[])
+            .unwrap();
+    }
+    drop(app);
+    drop(db);
+    cluster.stop("immediate");
+    let logged = cluster
+        .server_log()
+        .lines()
+        .filter(|line| {
+            line.contains("pg_secrets audit: ")
+                && line.contains("\"application_name\":\"crash-test\"")
+        })
+        .count();
+    assert_eq!(logged, 200, "every record is in the server log");
+    cluster.restart();
+    let mut db = cluster.superuser();
+    let stored: i64 = db
+        .query_one(
+            "SELECT count(*) FROM secrets.audit_log WHERE application_name = 'crash-test'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(stored <= 200);
+    assert_eq!(verify(&mut db).0, true, "what reached the table is intact");
+}
