@@ -80,7 +80,7 @@ fn rolled_back_and_denied_calls_are_recorded_and_no_value_is() {
     tx.rollback().unwrap();
 
     wait_for_records(&mut db, "secret_name = 'prod/db'", 3);
-    let rows: Vec<(
+    type Row = (
         String,
         String,
         String,
@@ -88,7 +88,8 @@ fn rolled_back_and_denied_calls_are_recorded_and_no_value_is() {
         String,
         Option<String>,
         bool,
-    )> = db
+    );
+    let rows: Vec<Row> = db
         .query(
             "SELECT action, \"current_user\", outcome, sqlstate, details->>'function', \
                     application_name, version_id IS NOT NULL AND version_stage = 'CURRENT' \
@@ -244,7 +245,7 @@ fn the_trail_is_append_only_and_tampering_is_found() {
         &[],
     )
     .unwrap();
-    assert_eq!(verify(&mut db).0, true);
+    assert!(verify(&mut db).0);
     db.batch_execute(
         "UPDATE secrets.audit_record SET id = -6 WHERE id = 6;
          UPDATE secrets.audit_record SET id = 6 WHERE id = 7;
@@ -258,7 +259,7 @@ fn the_trail_is_append_only_and_tampering_is_found() {
          UPDATE secrets.audit_record SET id = 7 WHERE id = -6;",
     )
     .unwrap();
-    assert_eq!(verify(&mut db).0, true);
+    assert!(verify(&mut db).0);
     db.execute("DELETE FROM secrets.audit_record WHERE id = 9", &[])
         .unwrap();
     assert_eq!(verify(&mut db), (false, 9, Some(9)), "a removed record");
@@ -347,7 +348,7 @@ fn a_role_sees_the_records_of_what_it_manages_and_auditors_see_all() {
     assert_eq!(names(&mut team_b), vec!["b/key"]);
     let mut auditor = cluster.connect("auditor", "pw");
     assert_eq!(names(&mut auditor), vec!["a/key", "b/key"]);
-    assert_eq!(verify(&mut auditor).0, true);
+    assert!(verify(&mut auditor).0);
     assert_sql_error(
         team_a.query("SELECT * FROM secrets.verify_audit_log()", &[]),
         "42501",
@@ -398,5 +399,5 @@ fn an_immediate_stop_loses_no_record_from_the_server_log() {
         .unwrap()
         .get(0);
     assert!(stored <= 200);
-    assert_eq!(verify(&mut db).0, true, "what reached the table is intact");
+    assert!(verify(&mut db).0, "what reached the table is intact");
 }
