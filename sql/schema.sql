@@ -218,6 +218,32 @@ ALTER TABLE secrets.audit_record ENABLE ALWAYS TRIGGER audit_record_no_change;
 ALTER TABLE secrets.audit_record ENABLE ALWAYS TRIGGER audit_record_no_truncate;
 REVOKE EXECUTE ON FUNCTION secrets.audit_is_append_only() FROM PUBLIC;
 
+-- Alarm rules, evaluated by the worker over records newer than `checked_through`, and what
+-- they raised (also sent as NOTIFY pg_secrets_alarm). Rotation failures land here too.
+CREATE TABLE secrets.alarm_rule (
+    id              uuid PRIMARY KEY,
+    name            text NOT NULL UNIQUE,
+    kind            text NOT NULL CHECK (kind IN ('first_read', 'rate', 'denials', 'off_hours')),
+    params          jsonb NOT NULL,
+    enabled         boolean NOT NULL DEFAULT true,
+    checked_through bigint NOT NULL DEFAULT 0,
+    created_by      regrole NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+CREATE TABLE secrets.alarm_event (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at          timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    rule_id     uuid,
+    rule_name   text NOT NULL,
+    kind        text NOT NULL,
+    role        text,
+    address     text,
+    secret_name text,
+    details     jsonb NOT NULL
+);
+CREATE INDEX alarm_event_at ON secrets.alarm_event (at);
+CREATE INDEX alarm_event_rule ON secrets.alarm_event (rule_id, at);
+
 REVOKE ALL ON ALL TABLES IN SCHEMA secrets FROM PUBLIC;
 
 -- pg_dump of a database must carry the secrets along: extension tables are otherwise skipped.
@@ -231,3 +257,6 @@ SELECT pg_catalog.pg_extension_config_dump('secrets.resource_policy', '');
 SELECT pg_catalog.pg_extension_config_dump('secrets.access_request', '');
 SELECT pg_catalog.pg_extension_config_dump('secrets.audit_record', '');
 SELECT pg_catalog.pg_extension_config_dump('secrets.audit_anchor', '');
+SELECT pg_catalog.pg_extension_config_dump('secrets.alarm_rule', '');
+SELECT pg_catalog.pg_extension_config_dump('secrets.alarm_event', '');
+SELECT pg_catalog.pg_extension_config_dump('secrets.alarm_event_id_seq', '');

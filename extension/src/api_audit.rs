@@ -5,9 +5,9 @@
 #![allow(clippy::type_complexity)]
 
 use crate::api::sql;
-use crate::audit::{self, trail};
+use crate::audit::{self, alarms, trail};
 use crate::validate::required;
-use pgrx::datum::Interval;
+use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::Uuid;
@@ -65,4 +65,59 @@ fn audit_retention_running() -> bool {
 #[search_path(pg_catalog, pg_temp)]
 fn may_read_audit(secret_id: Option<Uuid>, secret_name: Option<&str>) -> Result<bool, ErrorReport> {
     sql(trail::may_read(secret_id, secret_name))
+}
+
+/// Adds an alarm rule: `kind` is `first_read`, `rate`, `denials` or `off_hours`, with its
+/// parameters (defaults filled in). For `secrets_auditor` and `secrets_admin`.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn create_alarm_rule(
+    name: Option<&str>,
+    kind: Option<&str>,
+    params: default!(Option<pgrx::JsonB>, "'{}'"),
+) -> Result<Uuid, ErrorReport> {
+    sql(audit::audited("manage", "create_alarm_rule", None, || {
+        alarms::create_rule(
+            required(name, "name")?,
+            required(kind, "kind")?,
+            &required(params, "params")?.0,
+        )
+    }))
+}
+
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn drop_alarm_rule(name: Option<&str>) -> Result<(), ErrorReport> {
+    sql(audit::audited("manage", "drop_alarm_rule", None, || {
+        alarms::drop_rule(required(name, "name")?)
+    }))
+}
+
+/// What the alarm rules (and failing rotations) raised since `since`.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn access_anomalies(
+    since: default!(
+        Option<TimestampWithTimeZone>,
+        "pg_catalog.now() - interval '1 day'"
+    ),
+) -> Result<
+    TableIterator<
+        'static,
+        (
+            name!(at, TimestampWithTimeZone),
+            name!(rule, String),
+            name!(kind, String),
+            name!(role, Option<String>),
+            name!(address, Option<String>),
+            name!(secret_name, Option<String>),
+            name!(details, pgrx::JsonB),
+        ),
+    >,
+    ErrorReport,
+> {
+    let rows = sql(audit::audited("describe", "access_anomalies", None, || {
+        alarms::anomalies(required(since, "since")?)
+    }))?;
+    Ok(TableIterator::new(rows))
 }

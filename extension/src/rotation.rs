@@ -584,6 +584,12 @@ fn record_failure(client: &mut SpiClient<'_>, id: Uuid, error: &Error) -> Result
             "gave_up": state == "failed",
             "error": message,
         });
+        client.update(
+            "INSERT INTO secrets.alarm_event (rule_name, kind, secret_name, details) \
+             VALUES ('rotation_failing', 'rotation', $1, $2)",
+            None,
+            &[name.into(), JsonB(payload.clone()).into()],
+        )?;
         client.select(
             "SELECT pg_catalog.pg_notify('pg_secrets_alarm', $1)",
             None,

@@ -18,6 +18,7 @@ static ROTATOR_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(30);
 static AUDIT: GucSetting<bool> = GucSetting::<bool>::new(true);
 static AUDIT_SERVER_LOG: GucSetting<bool> = GucSetting::<bool>::new(true);
 static AUDIT_QUEUE_WAIT: GucSetting<i32> = GucSetting::<i32>::new(5000);
+static ALARM_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(10);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -134,6 +135,16 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
+    GucRegistry::define_int_guc(
+        c"pg_secrets.alarm_interval",
+        c"Time between two evaluations of the alarm rules by the worker.",
+        c"",
+        &ALARM_INTERVAL,
+        1,
+        3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     unsafe { pg_sys::MarkGUCPrefixReserved(c"pg_secrets".as_ptr()) };
 }
 
@@ -186,6 +197,10 @@ pub fn audit_server_log() -> bool {
 
 pub fn audit_queue_wait() -> std::time::Duration {
     std::time::Duration::from_millis(AUDIT_QUEUE_WAIT.get() as u64)
+}
+
+pub fn alarm_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(ALARM_INTERVAL.get() as u64)
 }
 
 pub fn rotator_timeout() -> std::time::Duration {

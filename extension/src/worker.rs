@@ -1,12 +1,13 @@
 //! The background worker, registered when the library is preloaded. It runs on the primary
 //! only (it starts when recovery has finished), in the database `pg_secrets.database`. It
-//! moves audit records from the shared-memory queue into the audit table as they arrive, and
-//! every `pg_secrets.worker_naptime` it starts due rotations, advances running ones (resuming
+//! moves audit records from the shared-memory queue into the audit table as they arrive,
+//! evaluates the alarm rules every `pg_secrets.alarm_interval`, and every
+//! `pg_secrets.worker_naptime` it starts due rotations, advances running ones (resuming
 //! any a crash interrupted), purges secrets past their deletion date and prunes deprecated
 //! versions. Each unit of work is its own transaction and its errors are logged, so one bad
 //! secret never stops the others. Every wait is bounded, so it never holds up shutdown.
 
-use crate::audit::{queue, trail};
+use crate::audit::{alarms, queue, trail};
 use crate::db::in_subtransaction;
 use crate::errors::Result;
 use crate::rotation::{self, Outcome};
@@ -56,6 +57,7 @@ pub extern "C-unwind" fn pg_secrets_worker_main(_argument: pg_sys::Datum) {
     }
     log!("pg_secrets worker started in database \"{database}\"");
     let mut next_round = Instant::now();
+    let mut next_alarms = Instant::now();
     while !stop_requested() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
@@ -65,8 +67,16 @@ pub extern "C-unwind" fn pg_secrets_worker_main(_argument: pg_sys::Datum) {
             run_round();
             next_round = Instant::now() + settings::worker_naptime();
         }
+        if Instant::now() >= next_alarms {
+            if extension_installed() == Some(true) {
+                in_transaction("evaluating alarm rules", alarms::evaluate);
+            }
+            next_alarms = Instant::now() + settings::alarm_interval();
+        }
         // Audit records wake the worker through its latch; rounds come on time regardless.
-        let until_round = next_round.saturating_duration_since(Instant::now());
+        let until_round = next_round
+            .min(next_alarms)
+            .saturating_duration_since(Instant::now());
         if !BackgroundWorker::wait_latch(Some(until_round.clamp(MIN_WAIT, MAX_WAIT))) {
             break;
         }

@@ -401,3 +401,128 @@ fn an_immediate_stop_loses_no_record_from_the_server_log() {
     assert!(stored <= 200);
     assert!(verify(&mut db).0, "what reached the table is intact");
 }
+
+#[test]
+fn alarm_rules_raise_notifications_and_anomalies() {
+    let cluster = Cluster::start_with(
+        pg_secrets_e2e::KeySource::File(pg_secrets_e2e::TEST_KEY.into()),
+        &["pg_secrets.alarm_interval = 1"],
+    );
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE reader LOGIN PASSWORD 'pw';
+         CREATE ROLE stranger LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         SELECT secrets.create_secret('s/' || i, 'v') FROM generate_series(1, 2) i;
+         SELECT secrets.grant_access('s/*', 'reader', '{get}');",
+    )
+    .unwrap();
+    // Business hours that exclude now, so every access now is off hours.
+    let hour: i32 = db
+        .query_one(
+            "SELECT extract(hour FROM now() AT TIME ZONE 'UTC')::int",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let (from, to) = if hour <= 20 {
+        (format!("{:02}:00", hour + 2), format!("{:02}:00", hour + 3))
+    } else {
+        ("01:00".to_string(), "02:00".to_string())
+    };
+    for (name, kind, params) in [
+        ("new reader", "first_read", "{}".to_string()),
+        (
+            "brute force",
+            "denials",
+            r#"{"count": 3, "window": 60}"#.to_string(),
+        ),
+        (
+            "burst",
+            "rate",
+            r#"{"factor": 2, "window": 10, "baseline": 60, "min_count": 5}"#.to_string(),
+        ),
+        (
+            "night",
+            "off_hours",
+            format!(r#"{{"from": "{from}", "to": "{to}", "timezone": "UTC"}}"#),
+        ),
+    ] {
+        db.execute(
+            "SELECT secrets.create_alarm_rule($1, $2, $3::text::jsonb)",
+            &[&name, &kind, &params],
+        )
+        .unwrap();
+    }
+    for (sql, sqlstate, words) in [
+        ("SELECT secrets.create_alarm_rule('x', 'sometimes')", "22023", "unknown alarm kind"),
+        ("SELECT secrets.create_alarm_rule('x', 'rate', '{\"factor\": 0}')", "22023", "between 1 and 1000"),
+        ("SELECT secrets.create_alarm_rule('burst', 'first_read')", "22023", "already exists"),
+        ("SELECT secrets.create_alarm_rule('x', 'off_hours', '{\"timezone\": \"Mars/Olympus\"}')", "22023", "time zone"),
+        ("SELECT secrets.drop_alarm_rule('nope')", "22023", "no alarm rule"),
+    ] {
+        assert_sql_error(db.query(sql, &[]), sqlstate, words);
+    }
+    let mut listener = cluster.superuser();
+    listener.batch_execute("LISTEN pg_secrets_alarm").unwrap();
+
+    let mut reader = cluster.connect("reader", "pw");
+    for _ in 0..10 {
+        reader
+            .query_one("SELECT secrets.get_secret_value('s/1')", &[])
+            .unwrap();
+    }
+    let mut stranger = cluster.connect("stranger", "pw");
+    for _ in 0..3 {
+        assert!(stranger
+            .query("SELECT secrets.get_secret_value('s/2')", &[])
+            .is_err());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < 4 {
+        assert!(Instant::now() < deadline, "alarms seen: {seen:?}");
+        let mut notifications = listener.notifications();
+        let mut iter = notifications.timeout_iter(Duration::from_secs(5));
+        use postgres::fallible_iterator::FallibleIterator;
+        while let Some(notification) = iter.next().unwrap() {
+            let payload = notification.payload().to_string();
+            for kind in ["first_read", "denials", "rate", "off_hours"] {
+                if payload.contains(&format!("\"alarm\":\"{kind}\"")) {
+                    seen.insert(kind);
+                }
+            }
+        }
+    }
+    let anomalies: Vec<(String, Option<String>, Option<String>)> = db
+        .query(
+            "SELECT kind, role, secret_name FROM secrets.access_anomalies(now() - interval '1 hour') \
+             ORDER BY kind, role",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert!(anomalies.contains(&(
+        "first_read".into(),
+        Some("reader".into()),
+        Some("s/1".into())
+    )));
+    assert!(anomalies.contains(&("denials".into(), Some("stranger".into()), None)));
+    assert!(anomalies.contains(&("rate".into(), Some("reader".into()), None)));
+    assert!(anomalies.contains(&(
+        "off_hours".into(),
+        Some("reader".into()),
+        Some("s/1".into())
+    )));
+    let first_reads = anomalies.iter().filter(|a| a.0 == "first_read").count();
+    assert_eq!(
+        first_reads, 1,
+        "ten reads of one secret are one first read: {anomalies:?}"
+    );
+    assert_sql_error(
+        stranger.query("SELECT * FROM secrets.access_anomalies()", &[]),
+        "42501",
+        "manage alarm rules",
+    );
+}

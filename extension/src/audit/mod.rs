@@ -8,7 +8,9 @@
 //! chaining each record to the previous one with SHA-256 (`trail.rs`). Records still in the
 //! queue when the server crashes are lost from the table, so each is also written to the
 //! server log as one structured line (`pg_secrets.audit_server_log`, on by default).
+//! Alarm rules over the trail are `alarms.rs`.
 
+pub mod alarms;
 pub mod queue;
 pub mod trail;
 

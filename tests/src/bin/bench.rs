@@ -5,7 +5,8 @@
 //! 1. Reading a 1 KB secret: `secrets.get_secret_value` against a plain table lookup and
 //!    pgcrypto's `pgp_sym_decrypt`, with custom scripts; and, for access control, a read by a
 //!    member of a group holding a grant (among 1,000 other grants and 100 policies) against
-//!    the same read by the secret's owner.
+//!    the same read by the secret's owner; and the same read with the audit trail off and on.
+//!    Then how many audit records per second the worker drains to the table under load.
 //! 2. Connecting through secrets-proxy against connecting directly and through PgBouncer in
 //!    session mode: `pgbench -S` with 10 and 50 clients, and with a new connection per
 //!    transaction (`-C`).
@@ -95,6 +96,7 @@ fn main() {
     let scripts = cluster.dir().join("bench");
     fs::create_dir_all(&scripts).unwrap();
     read_benchmark(&cluster, &scripts, &seconds, rounds);
+    audit_drain_benchmark(&cluster, &scripts, &seconds);
     proxy_benchmark(&cluster, &seconds, rounds);
 }
 
@@ -133,9 +135,10 @@ fn read_benchmark(cluster: &Cluster, scripts: &Path, seconds: &str, rounds: u32)
     .unwrap();
     db.batch_execute("VACUUM ANALYZE").unwrap();
     let get_acl = "SELECT secrets.get_secret_value('acl/' || :i);";
+    let get_bench = "SELECT secrets.get_secret_value('bench/' || :i);";
     let reads = [
         ("plain SELECT value FROM t WHERE name = $1", "SELECT value FROM plain_values WHERE name = 'bench/' || :i;", None),
-        ("secrets.get_secret_value(name), as superuser", "SELECT secrets.get_secret_value('bench/' || :i);", None),
+        ("secrets.get_secret_value(name), as superuser", get_bench, None),
         (
             "pgcrypto pgp_sym_decrypt(value, key)",
             "SELECT pgp_sym_decrypt(value, 'bench-passphrase') FROM pgcrypto_values WHERE name = 'bench/' || :i;",
@@ -147,7 +150,11 @@ fn read_benchmark(cluster: &Cluster, scripts: &Path, seconds: &str, rounds: u32)
             get_acl,
             Some("bench_member"),
         ),
+        ("get_secret_value, as superuser, audit off", get_bench, None),
+        ("get_secret_value, as superuser, audit on (ratio: vs audit off)", get_bench, None),
     ];
+    // Every row runs with the audit trail on, but the one measuring it off.
+    let audit_on = [true, true, true, true, true, false, true];
     let rows: Vec<Row> = reads
         .iter()
         .enumerate()
@@ -155,9 +162,11 @@ fn read_benchmark(cluster: &Cluster, scripts: &Path, seconds: &str, rounds: u32)
             let script = scripts.join(format!("read-{index}.sql"));
             fs::write(&script, format!("\\set i random(1, {ROWS})\n{sql}\n")).unwrap();
             let (seconds, port, user) = (seconds.to_string(), cluster.port, *user);
+            let audit = audit_on[index];
             Row {
                 label: label.to_string(),
                 pgbench: Box::new(move || {
+                    set_audit(port, audit);
                     let mut command = Command::new("pgbench");
                     command
                         .args([
@@ -176,8 +185,82 @@ fn read_benchmark(cluster: &Cluster, scripts: &Path, seconds: &str, rounds: u32)
     measure(
         &format!("Reading a 1 KB value: pgbench -M prepared, 2 clients, {seconds} s per run"),
         &rows,
-        &[0, 0, 0, 0, 3],
+        &[0, 0, 0, 0, 3, 0, 5],
         rounds,
+    );
+}
+
+/// Turns the audit trail on or off for new sessions (it is a reload-time setting).
+fn set_audit(port: u16, on: bool) {
+    for sql in [
+        format!("ALTER SYSTEM SET pg_secrets.audit = {on}"),
+        "SELECT pg_reload_conf()".to_string(),
+    ] {
+        let mut psql = Command::new("psql");
+        psql.args(["-X", "-q", "-c", &sql]);
+        let output = with_superuser(psql, port).output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+}
+
+/// How fast the worker moves audit records from the queue to the table under load: 4
+/// clients each reading 100 secrets per call (100 records per call) for `seconds`, then the
+/// time until the last record is in the table.
+fn audit_drain_benchmark(cluster: &Cluster, scripts: &Path, seconds: &str) {
+    set_audit(cluster.port, true);
+    let mut db = cluster.superuser();
+    let count = |db: &mut postgres::Client| -> i64 {
+        db.query_one("SELECT count(*) FROM secrets.audit_record", &[])
+            .unwrap()
+            .get(0)
+    };
+    let before = count(&mut db);
+    let names: Vec<String> = (1..=100).map(|i| format!("'bench/{i}'")).collect();
+    let script = scripts.join("batch.sql");
+    fs::write(
+        &script,
+        format!(
+            "SELECT count(*) FROM secrets.batch_get_secret_value(ARRAY[{}]);\n",
+            names.join(",")
+        ),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut command = Command::new("pgbench");
+    command
+        .args([
+            "-n", "-M", "prepared", "-c", "4", "-j", "2", "-T", seconds, "-f",
+        ])
+        .arg(&script);
+    let output = with_superuser(command, cluster.port).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let calls: i64 = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("number of transactions actually processed: "))
+        .and_then(|n| n.split('/').next()?.trim().parse().ok())
+        .expect("pgbench summary");
+    let expected = calls * 100;
+    while count(&mut db) - before < expected {
+        assert!(
+            started.elapsed().as_secs() < 600,
+            "the audit queue does not drain"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!("\nAudit trail under load: 4 clients, 100 reads per call, {seconds} s");
+    println!("| what | value |");
+    println!("| --- | ---: |");
+    println!("| records written (one per secret read) | {expected} |");
+    println!("| from the first call to the last record in the table | {elapsed:.1} s |");
+    println!(
+        "| records drained to the table per second | {:.0} |",
+        expected as f64 / elapsed
     );
 }
 
