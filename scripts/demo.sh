@@ -142,6 +142,10 @@ Try:
   SELECT * FROM secrets.list_secret_version_ids('demo/app/db', true);
   SELECT secrets.get_secret_value('demo/app/db', version_stage => 'PREVIOUS');
   SELECT secrets.delete_secret('demo/app/db', 7);  SELECT secrets.restore_secret('demo/app/db');
+  SELECT secrets.grant_access('demo/*', 'app', '{describe}');
+  SELECT * FROM secrets.check_access('app', 'get', 'demo/app/db');
+  SELECT at, "current_user", action, secret_name, outcome FROM secrets.audit_log ORDER BY id DESC LIMIT 10;
+  SELECT * FROM secrets.verify_audit_log();
 
 From an application, pass values as bind parameters, never as literals in the SQL text.
 Stop it with: make stop

@@ -58,42 +58,64 @@ pub extern "C-unwind" fn pg_secrets_worker_main(_argument: pg_sys::Datum) {
     log!("pg_secrets worker started in database \"{database}\"");
     let mut next_round = Instant::now();
     let mut next_alarms = Instant::now();
+    let mut installed = false;
+    let mut last_drain = Instant::now();
     while !stop_requested() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        drain_audit_queue();
+        // Audit records are moved in batches: at once when many wait, otherwise at most
+        // DRAIN_PAUSE after the first one arrived. One transaction per record would cost more
+        // than the reads being audited.
+        let waiting = queue::waiting().unwrap_or(0);
+        if !installed && waiting > 0 && last_drain.elapsed() >= DRAIN_PAUSE {
+            // Records arrive: the extension may have been created since the last round.
+            installed = extension_installed() == Some(true);
+            last_drain = Instant::now();
+        }
+        if installed
+            && waiting > 0
+            && (waiting >= DRAIN_AT_ONCE || last_drain.elapsed() >= DRAIN_PAUSE)
+        {
+            drain_audit_queue();
+            last_drain = Instant::now();
+        }
         if Instant::now() >= next_round {
-            run_round();
+            installed = extension_installed() == Some(true);
+            if installed {
+                run_round();
+            }
             next_round = Instant::now() + settings::worker_naptime();
         }
-        if Instant::now() >= next_alarms {
-            if extension_installed() == Some(true) {
-                in_transaction("evaluating alarm rules", alarms::evaluate);
-            }
+        if installed && Instant::now() >= next_alarms {
+            in_transaction("evaluating alarm rules", alarms::evaluate);
             next_alarms = Instant::now() + settings::alarm_interval();
         }
         // Audit records wake the worker through its latch; rounds come on time regardless.
-        let until_round = next_round
-            .min(next_alarms)
-            .saturating_duration_since(Instant::now());
-        if !BackgroundWorker::wait_latch(Some(until_round.clamp(MIN_WAIT, MAX_WAIT))) {
+        let mut wake_at = next_round.min(next_alarms);
+        if queue::waiting().unwrap_or(0) > 0 {
+            wake_at = wake_at.min(last_drain + DRAIN_PAUSE);
+        }
+        let wait = wake_at.saturating_duration_since(Instant::now());
+        if !BackgroundWorker::wait_latch(Some(wait.clamp(MIN_WAIT, MAX_WAIT))) {
             break;
         }
     }
     // What is queued at a clean shutdown still reaches the table.
-    drain_audit_queue();
+    if installed {
+        drain_audit_queue();
+    }
 }
 
-const MIN_WAIT: Duration = Duration::from_millis(10);
+const MIN_WAIT: Duration = Duration::from_millis(5);
 const MAX_WAIT: Duration = Duration::from_secs(1);
+/// Queued records that are moved at once, and the longest a record waits otherwise.
+const DRAIN_AT_ONCE: u64 = 1000;
+const DRAIN_PAUSE: Duration = Duration::from_millis(100);
 
 /// Moves queued audit records into the table, a batch per transaction, until none is left.
 fn drain_audit_queue() {
     while queue::waiting().unwrap_or(0) > 0 {
-        if extension_installed() != Some(true) {
-            return;
-        }
         match in_transaction("recording audit records", trail::drain_batch) {
             // Freed only now that the transaction holding them has committed.
             Some(drained) if drained > 0 => {
@@ -128,9 +150,6 @@ fn in_transaction<T>(what: &str, body: impl FnOnce() -> Result<T>) -> Option<T> 
 }
 
 fn run_round() {
-    if extension_installed() != Some(true) {
-        return;
-    }
     in_transaction("starting due rotations", rotation::start_due_rotations);
     for id in in_transaction("listing rotations", rotation::runnable).unwrap_or_default() {
         while !stop_requested() {

@@ -1,7 +1,7 @@
 //! Alarms on unusual access, evaluated by the worker over the audit trail. Four kinds of rule,
 //! each configured in SQL with JSON parameters:
 //!
-//! - `first_read`: a role reads a secret it has never read before;
+//! - `first_read`: a role reads a secret it has never read before (`secrets.audit_reader`);
 //! - `rate`: a role's reads in the last `window` seconds exceed `factor` times its average
 //!   over the trailing `baseline` (and at least `min_count`);
 //! - `denials`: `count` denied attempts from one role (or one address, `"by": "address"`)
@@ -245,16 +245,9 @@ fn find_trips(
 ) -> Result<Vec<Trip>> {
     let rows = match kind {
         "first_read" => client.select(
-            "SELECT r.\"current_user\", NULL::text, r.secret_name, \
-                    pg_catalog.json_build_object('first_read_at', min(r.at), 'audit_id', min(r.id)) \
-             FROM secrets.audit_record r \
-             WHERE r.id > $1 AND r.id <= $2 AND r.action = 'get' AND r.outcome = 'allowed' \
-               AND r.secret_id IS NOT NULL \
-               AND NOT EXISTS (SELECT FROM secrets.audit_record p \
-                               WHERE p.id <= $1 AND p.secret_id = r.secret_id \
-                                 AND p.\"current_user\" = r.\"current_user\" \
-                                 AND p.action = 'get' AND p.outcome = 'allowed') \
-             GROUP BY r.\"current_user\", r.secret_name",
+            "SELECT role, NULL::text, secret_name, \
+                    pg_catalog.json_build_object('first_read_at', first_at, 'audit_id', first_audit_id) \
+             FROM secrets.audit_reader WHERE first_audit_id > $1 AND first_audit_id <= $2",
             None,
             &[after.into(), upto.into()],
         )?,
@@ -350,6 +343,16 @@ fn find_trips(
 /// how many alarms it raised.
 pub fn evaluate() -> Result<usize> {
     Spi::connect_mut(|client| {
+        // Who-read-what is kept up to date only when a rule needs it (offboarding by actual
+        // reads updates it itself).
+        let first_read_rules = crate::db::first_value::<bool>(client.select(
+            "SELECT EXISTS (SELECT FROM secrets.alarm_rule WHERE enabled AND kind = 'first_read')",
+            None,
+            &[],
+        )?)?;
+        if first_read_rules == Some(true) {
+            super::trail::update_readers(client)?;
+        }
         let upto = crate::db::first_value::<i64>(client.select(
             "SELECT coalesce(max(id), 0) FROM secrets.audit_record",
             None,

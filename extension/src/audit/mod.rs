@@ -166,8 +166,17 @@ pub fn record(
 }
 
 /// Whether the worker drains this database's queue into a table: it works in one database.
+/// A backend's database never changes, and the setting is postmaster-only: asked once.
 fn in_audit_database() -> bool {
-    let name = unsafe { pg_sys::get_database_name(pg_sys::MyDatabaseId) };
-    !name.is_null()
-        && unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy() == settings::database()
+    thread_local! {
+        static ANSWER: std::cell::OnceCell<bool> = const { std::cell::OnceCell::new() };
+    }
+    ANSWER.with(|answer| {
+        *answer.get_or_init(|| {
+            let name = unsafe { pg_sys::get_database_name(pg_sys::MyDatabaseId) };
+            !name.is_null()
+                && unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy()
+                    == settings::database()
+        })
+    })
 }

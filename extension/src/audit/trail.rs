@@ -14,8 +14,15 @@ use sha2::{Digest, Sha256};
 use std::cell::Cell;
 
 /// Records moved from the queue to the table per transaction.
-const DRAIN_BATCH: usize = 1000;
+const DRAIN_BATCH: usize = 4000;
 const GENESIS: [u8; 32] = [0; 32];
+
+/// The 16 bytes of a textual uuid, as the store writes them.
+fn parse_uuid(text: &str) -> Option<[u8; 16]> {
+    let hex: String = text.chars().filter(|c| *c != '-').collect();
+    let bytes = hex::decode(hex).ok()?;
+    bytes.try_into().ok()
+}
 
 pub fn chain_hash(previous: &[u8], id: i64, record: &Record) -> Vec<u8> {
     let canonical = serde_json::to_vec(&(id, record)).expect("plain data serializes");
@@ -74,6 +81,9 @@ pub fn drain_batch() -> Result<usize> {
         return Ok(0);
     }
     Spi::connect_mut(|client| {
+        // A crash loses what the queue held anyway (the server log has it); waiting for the
+        // WAL flush of every batch would only slow the trail down.
+        client.update("SET LOCAL synchronous_commit TO off", None, &[])?;
         let (mut id, mut previous) = chain_end(client)?;
         let mut columns = Columns::default();
         for bytes in &queued {
@@ -103,8 +113,8 @@ struct Columns {
     current_user: Vec<String>,
     action: Vec<String>,
     secret_name: Vec<Option<String>>,
-    secret_id: Vec<Option<String>>,
-    version_id: Vec<Option<String>>,
+    secret_id: Vec<Option<Uuid>>,
+    version_id: Vec<Option<Uuid>>,
     version_stage: Vec<Option<String>>,
     outcome: Vec<String>,
     sqlstate: Vec<Option<String>>,
@@ -125,8 +135,10 @@ impl Columns {
         self.current_user.push(record.current_user);
         self.action.push(record.action);
         self.secret_name.push(record.secret_name);
-        self.secret_id.push(record.secret_id);
-        self.version_id.push(record.version_id);
+        let uuid =
+            |text: Option<String>| text.and_then(|text| parse_uuid(&text).map(Uuid::from_bytes));
+        self.secret_id.push(uuid(record.secret_id));
+        self.version_id.push(uuid(record.version_id));
         self.version_stage.push(record.version_stage);
         self.outcome.push(record.outcome);
         self.sqlstate.push(record.sqlstate);
@@ -146,14 +158,14 @@ impl Columns {
                 version_stage, outcome, sqlstate, client_addr, client_port, application_name, \
                 backend_pid, details, prev_hash, hash) \
              SELECT id, TIMESTAMPTZ 'epoch' + at_us * INTERVAL '1 microsecond', su, cu, action, \
-                    secret_name, secret_id::uuid, version_id::uuid, version_stage, outcome, \
+                    secret_name, secret_id, version_id, version_stage, outcome, \
                     sqlstate, client_addr, client_port, application_name, backend_pid, \
-                    details::json, prev_hash, hash \
+                    details, prev_hash, hash \
              FROM ROWS FROM ( \
                     pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::int8[]), \
                     pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]), \
                     pg_catalog.unnest($5::text[]), pg_catalog.unnest($6::text[]), \
-                    pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::text[]), \
+                    pg_catalog.unnest($7::uuid[]), pg_catalog.unnest($8::uuid[]), \
                     pg_catalog.unnest($9::text[]), pg_catalog.unnest($10::text[]), \
                     pg_catalog.unnest($11::text[]), pg_catalog.unnest($12::text[]), \
                     pg_catalog.unnest($13::int4[]), pg_catalog.unnest($14::text[]), \
@@ -339,20 +351,51 @@ fn require_auditor(what: &'static str) -> Result<()> {
 }
 
 /// Secrets `role` read (a `get` that was allowed), according to the trail: for offboarding.
+/// Brings the readers table up to date first, so reads already in the trail count.
 pub fn secrets_read_by(role: pg_sys::Oid) -> Result<Vec<Uuid>> {
     let name = access::role_name(role);
-    Spi::connect(|client| {
+    Spi::connect_mut(|client| {
+        update_readers(client)?;
         client
             .select(
-                "SELECT DISTINCT secret_id FROM secrets.audit_record \
-                 WHERE action = 'get' AND outcome = 'allowed' AND secret_id IS NOT NULL \
-                   AND ($1 IN (\"session_user\", \"current_user\"))",
+                "SELECT secret_id FROM secrets.audit_reader WHERE role = $1",
                 None,
                 &[name.into()],
             )?
             .map(|row| Ok(row.get(1)?.expect("NOT NULL")))
             .collect()
     })
+}
+
+/// Adds to `secrets.audit_reader` the (role, secret) pairs of allowed reads stored since the
+/// last update. Returns the range of record ids examined, `(after, upto]`.
+pub fn update_readers(client: &mut SpiClient<'_>) -> Result<(i64, i64)> {
+    let range = client
+        .update(
+            "UPDATE secrets.audit_reader_progress p \
+             SET through_id = (SELECT coalesce(max(id), 0) FROM secrets.audit_record) \
+             FROM (SELECT through_id AS before FROM secrets.audit_reader_progress FOR UPDATE) b \
+             RETURNING b.before, p.through_id",
+            None,
+            &[],
+        )?
+        .first();
+    let (after, upto): (i64, i64) = (range.get(1)?.unwrap_or(0), range.get(2)?.unwrap_or(0));
+    if upto > after {
+        client.update(
+            "INSERT INTO secrets.audit_reader (role, secret_id, secret_name, first_at, first_audit_id) \
+             SELECT u.role, a.secret_id, min(a.secret_name), min(a.at), min(a.id) \
+             FROM secrets.audit_record a \
+             CROSS JOIN LATERAL (VALUES (a.\"current_user\"), (a.\"session_user\")) AS u(role) \
+             WHERE a.id > $1 AND a.id <= $2 AND a.action = 'get' AND a.outcome = 'allowed' \
+               AND a.secret_id IS NOT NULL \
+             GROUP BY u.role, a.secret_id \
+             ON CONFLICT (role, secret_id) DO NOTHING",
+            None,
+            &[after.into(), upto.into()],
+        )?;
+    }
+    Ok((after, upto))
 }
 
 /// The row-level security predicate of the audit table: `secrets_auditor` sees everything;
