@@ -975,3 +975,33 @@ fn rewrapping_ten_thousand_versions_keeps_every_value_readable() {
         .get(0);
     assert_eq!((wrong, total), (0, 10_000));
 }
+
+/// A target that accepts connections and never answers: the worker waits on it in a step, and
+/// a fast shutdown still completes at once instead of after `pg_secrets.rotator_timeout`.
+#[test]
+fn a_hanging_target_does_not_hold_up_shutdown() {
+    let mut store = store_cluster(&["pg_secrets.rotator_timeout = 600"]);
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let mut db = store.superuser();
+    create_secret(
+        &mut db,
+        "db/silent",
+        &credential("127.0.0.1", port, "app", "pw", ""),
+    );
+    db.execute(
+        "SELECT secrets.rotate_secret('db/silent', rotator => 'postgres-single-user')",
+        &[],
+    )
+    .unwrap();
+    // The worker is now connecting to a server that never speaks.
+    let (_connection, _) = silent.accept().unwrap();
+    drop(db);
+    let started = Instant::now();
+    store.stop("fast");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "shutdown waited {:?} for the rotation's connection",
+        started.elapsed()
+    );
+}

@@ -86,15 +86,20 @@ pub fn set_single_user(context: &StepContext) -> Result<()> {
         "ALTER ROLE CURRENT_USER PASSWORD {}",
         quote_literal(&verifier)
     );
-    match connect(&current) {
-        Ok(mut client) => client
-            .batch_execute(&statement)
-            .map_err(|error| context.failed(Step::Set, describe(&error))),
+    let (as_current, as_pending) = (
+        config_for(&current, &current),
+        config_for(&pending, &pending),
+    );
+    off_thread(move || match as_current.connect(postgres::NoTls) {
+        Ok(mut client) => client.batch_execute(&statement).map_err(|e| describe(&e)),
         // A run that crashed after changing the password but before recording it: CURRENT no
         // longer logs in, PENDING does, and the step is already done.
-        Err(error) if is_login_refused(&error) && connect(&pending).is_ok() => Ok(()),
-        Err(error) => Err(context.failed(Step::Set, describe(&error))),
-    }
+        Err(error) if is_login_refused(&error) && as_pending.connect(postgres::NoTls).is_ok() => {
+            Ok(())
+        }
+        Err(error) => Err(describe(&error)),
+    })
+    .map_err(|why| context.failed(Step::Set, why))
 }
 
 /// A role of this cluster: the secret's owner must be allowed to change that role's password
@@ -153,52 +158,51 @@ pub fn set_alternating(context: &StepContext) -> Result<()> {
         .map_err(|error| context.failed(Step::Set, format!("master_secret: {error}")))?;
     let admin = Credential::parse(&admin_value)
         .map_err(|why| context.failed(Step::Set, format!("master_secret: {why}")))?;
-    let mut client = connect_to(&admin, &pending)
-        .map_err(|error| context.failed(Step::Set, describe(&error)))?;
-    let login = pending.username();
-    let main = main_user(login);
-    let run = |client: &mut postgres::Client, statement: String| {
-        client
-            .batch_execute(&statement)
-            .map_err(|error| context.failed(Step::Set, describe(&error)))
-    };
-    if login != main {
-        let exists = client
-            .query_opt(
-                "SELECT FROM pg_catalog.pg_roles WHERE rolname = $1",
-                &[&login],
-            )
-            .map_err(|error| context.failed(Step::Set, describe(&error)))?
-            .is_some();
-        if !exists {
-            // A member of the main role that becomes it at login: whatever either login
-            // creates belongs to the main role, so alternating never splits ownership.
-            run(
-                &mut client,
-                format!(
-                    "CREATE ROLE {} LOGIN IN ROLE {}",
-                    quote_ident(login),
-                    quote_ident(main)
-                ),
-            )?;
-            run(
-                &mut client,
-                format!(
-                    "ALTER ROLE {} SET role = {}",
-                    quote_ident(login),
-                    quote_literal(main)
-                ),
-            )?;
-        }
-    }
-    run(
-        &mut client,
+    let as_admin = config_for(&admin, &pending);
+    let login = pending.username().to_string();
+    let main = main_user(&login).to_string();
+    // A member of the main role that becomes it at login: whatever either login creates
+    // belongs to the main role, so alternating never splits ownership.
+    let create_clone = [
         format!(
-            "ALTER ROLE {} PASSWORD {}",
-            quote_ident(login),
-            quote_literal(&scram_verifier(pending.password()))
+            "CREATE ROLE {} LOGIN IN ROLE {}",
+            quote_ident(&login),
+            quote_ident(&main)
         ),
-    )
+        format!(
+            "ALTER ROLE {} SET role = {}",
+            quote_ident(&login),
+            quote_literal(&main)
+        ),
+    ];
+    let set_password = format!(
+        "ALTER ROLE {} PASSWORD {}",
+        quote_ident(&login),
+        quote_literal(&scram_verifier(pending.password()))
+    );
+    off_thread(move || {
+        let mut client = as_admin
+            .connect(postgres::NoTls)
+            .map_err(|e| describe(&e))?;
+        if login != main {
+            let exists = client
+                .query_opt(
+                    "SELECT FROM pg_catalog.pg_roles WHERE rolname = $1",
+                    &[&login],
+                )
+                .map_err(|e| describe(&e))?
+                .is_some();
+            if !exists {
+                for statement in &create_clone {
+                    client.batch_execute(statement).map_err(|e| describe(&e))?;
+                }
+            }
+        }
+        client
+            .batch_execute(&set_password)
+            .map_err(|e| describe(&e))
+    })
+    .map_err(|why| context.failed(Step::Set, why))
 }
 
 /// For a role of this cluster the new password commits together with the label move, so
@@ -213,21 +217,46 @@ pub fn test_single_user(context: &StepContext) -> Result<()> {
 /// Logs in with PENDING and runs a query.
 pub fn test_login(context: &StepContext) -> Result<()> {
     let pending = context.pending_credential(Step::Test)?;
-    connect(&pending)
-        .and_then(|mut client| client.simple_query("SELECT 1").map(drop))
-        .map_err(|error| context.failed(Step::Test, describe(&error)))
+    let as_pending = config_for(&pending, &pending);
+    off_thread(move || {
+        as_pending
+            .connect(postgres::NoTls)
+            .and_then(|mut client| client.simple_query("SELECT 1").map(drop))
+            .map_err(|e| describe(&e))
+    })
+    .map_err(|why| context.failed(Step::Test, why))
 }
 
-fn connect(credential: &Credential) -> std::result::Result<postgres::Client, postgres::Error> {
-    connect_to(credential, credential)
+/// Network work on a thread of its own, so the backend can give up on it: at shutdown (the
+/// worker must never hold it up) or on a query cancel. The thread touches no PostgreSQL
+/// state; an abandoned one ends at its own connect or statement timeout.
+fn off_thread<T: Send + 'static>(
+    work: impl FnOnce() -> std::result::Result<T, String> + Send + 'static,
+) -> std::result::Result<T, String> {
+    let (done, outcome) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(work());
+    });
+    loop {
+        match outcome.recv_timeout(std::time::Duration::from_millis(50)) {
+            Ok(result) => return result,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if crate::worker::stop_requested() {
+                    return Err("stopped: the server is shutting down".into());
+                }
+                pgrx::check_for_interrupts!();
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err("the connection thread ended without an answer".into())
+            }
+        }
+    }
 }
 
-/// Connects with `login`'s user and password to the server `target` names; an empty host is
-/// this cluster, reached through its own Unix socket.
-fn connect_to(
-    login: &Credential,
-    target: &Credential,
-) -> std::result::Result<postgres::Client, postgres::Error> {
+/// How to reach the server `target` names with `login`'s user and password; an empty host is
+/// this cluster, reached through its own Unix socket. Built here, where settings and SPI may
+/// be read, and used on the connection thread.
+fn config_for(login: &Credential, target: &Credential) -> postgres::Config {
     let timeout = settings::rotator_timeout();
     let mut config = postgres::Config::new();
     config
@@ -248,7 +277,7 @@ fn connect_to(
             config.host(&socket_dir).port(port);
         }
     }
-    config.connect(postgres::NoTls)
+    config
 }
 
 fn own_socket() -> (String, u16) {
