@@ -274,8 +274,7 @@ SELECT pg_catalog.pg_extension_config_dump('secrets.resource_policy', '');
 SELECT pg_catalog.pg_extension_config_dump('secrets.access_request', '');
 SELECT pg_catalog.pg_extension_config_dump('secrets.audit_record', '');
 SELECT pg_catalog.pg_extension_config_dump('secrets.audit_anchor', '');
-SELECT pg_catalog.pg_extension_config_dump('secrets.audit_reader', '');
-SELECT pg_catalog.pg_extension_config_dump('secrets.audit_reader_progress', '');
+-- audit_reader and its progress row are derived from the trail and rebuilt after a restore.
 SELECT pg_catalog.pg_extension_config_dump('secrets.alarm_rule', '');
 SELECT pg_catalog.pg_extension_config_dump('secrets.alarm_event', '');
 SELECT pg_catalog.pg_extension_config_dump('secrets.alarm_event_id_seq', '');

@@ -11,7 +11,7 @@
 //! A rule looks at records newer than the last ones it examined, so each access is judged once.
 //! A tripped rule becomes a row of `secrets.alarm_event` and a `NOTIFY pg_secrets_alarm`.
 
-use crate::access::{self, Action};
+use crate::access;
 use crate::errors::{Error, Result};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -111,22 +111,9 @@ pub fn normalize(kind: &str, params: &Value) -> Result<Value> {
     })
 }
 
-fn require_alarm_admin() -> Result<()> {
-    let caller = access::caller();
-    if access::is_member(caller, "secrets_auditor")? || access::may_on_any(caller, Action::Manage)?
-    {
-        Ok(())
-    } else {
-        Err(Error::AccessDenied {
-            name: "*".into(),
-            action: "manage alarm rules",
-        })
-    }
-}
-
 /// `create_alarm_rule`: starts watching from the newest record, so only new accesses trip it.
 pub fn create_rule(name: &str, kind: &str, params: &Value) -> Result<Uuid> {
-    require_alarm_admin()?;
+    super::trail::require_auditor("manage alarm rules")?;
     if name.is_empty() || name.chars().count() > 128 {
         return Err(invalid(
             "an alarm rule's name is 1 to 128 characters".into(),
@@ -173,7 +160,7 @@ pub fn create_rule(name: &str, kind: &str, params: &Value) -> Result<Uuid> {
 }
 
 pub fn drop_rule(name: &str) -> Result<()> {
-    require_alarm_admin()?;
+    super::trail::require_auditor("manage alarm rules")?;
     Spi::connect_mut(|client| {
         if client
             .update(
@@ -201,7 +188,7 @@ pub type AnomalyRow = (
 
 /// `access_anomalies(since)`: what tripped, newest last.
 pub fn anomalies(since: pgrx::datum::TimestampWithTimeZone) -> Result<Vec<AnomalyRow>> {
-    require_alarm_admin()?;
+    super::trail::require_auditor("manage alarm rules")?;
     Spi::connect(|client| {
         client
             .select(

@@ -337,7 +337,7 @@ pub fn purge(older_than_seconds: f64) -> Result<i64> {
 }
 
 /// Work on the whole trail: `secrets_auditor` or `secrets_admin` (superusers are both).
-fn require_auditor(what: &'static str) -> Result<()> {
+pub fn require_auditor(what: &'static str) -> Result<()> {
     let caller = access::caller();
     if access::is_member(caller, "secrets_auditor")? || access::may_on_any(caller, Action::Manage)?
     {
