@@ -1,6 +1,52 @@
-//! Counters for Prometheus, served as text on the admin port with `/health`.
+//! Counters and a latency histogram for Prometheus, served as text on the admin port with
+//! `/health`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds of the login latency buckets, in seconds (Prometheus `le`).
+const LOGIN_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// A Prometheus histogram of durations: cumulative bucket counts, the sum and the count.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LOGIN_BUCKETS.len()],
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        for (bound, bucket) in LOGIN_BUCKETS.iter().zip(&self.buckets) {
+            if seconds <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, name: &str) -> String {
+        let mut text = format!("# TYPE {name} histogram\n");
+        for (bound, bucket) in LOGIN_BUCKETS.iter().zip(&self.buckets) {
+            text += &format!(
+                "{name}_bucket{{le=\"{bound}\"}} {}\n",
+                bucket.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        text += &format!("{name}_bucket{{le=\"+Inf\"}} {count}\n");
+        text += &format!(
+            "{name}_sum {}\n{name}_count {count}\n",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        text
+    }
+}
 
 #[derive(Default)]
 pub struct Metrics {
@@ -19,6 +65,9 @@ pub struct Metrics {
     pub stale_credentials: AtomicU64,
     pub bytes_to_server: AtomicU64,
     pub bytes_to_client: AtomicU64,
+    /// From a client's startup to a server connection ready for it (pool or new login,
+    /// retries through rotation included).
+    pub login_seconds: Histogram,
 }
 
 impl Metrics {
@@ -76,6 +125,26 @@ impl Metrics {
             get(&self.cache_misses),
             get(&self.bytes_to_server),
             get(&self.bytes_to_client),
-        )
+        ) + &self.login_seconds.render("secrets_proxy_login_seconds")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let histogram = Histogram::default();
+        histogram.observe(Duration::from_micros(500));
+        histogram.observe(Duration::from_millis(30));
+        histogram.observe(Duration::from_secs(20));
+        let text = histogram.render("x");
+        assert!(text.contains("x_bucket{le=\"0.001\"} 1\n"), "{text}");
+        assert!(text.contains("x_bucket{le=\"0.05\"} 2\n"), "{text}");
+        assert!(text.contains("x_bucket{le=\"10\"} 2\n"), "{text}");
+        assert!(text.contains("x_bucket{le=\"+Inf\"} 3\n"), "{text}");
+        assert!(text.contains("x_count 3\n"), "{text}");
+        assert!(text.contains("x_sum 20.0305\n"), "{text}");
     }
 }

@@ -362,6 +362,7 @@ async fn session(
         budget: Duration::from_millis(config.limits.login_retry_budget_ms),
         connect_timeout: Duration::from_millis(config.limits.backend_connect_timeout_ms),
     };
+    let login_started = std::time::Instant::now();
     let login = login::connect(
         route,
         &config.store,
@@ -384,6 +385,10 @@ async fn session(
         }
     };
     shared.metrics.logins.fetch_add(1, Ordering::Relaxed);
+    shared
+        .metrics
+        .login_seconds
+        .observe(login_started.elapsed());
     let registration = greet(client, &mut server, shared).await?;
     tracing::debug!(%identity, route = %route.database, "session started");
     // A session ends when either side closes; SIGTERM's drain waits for that.

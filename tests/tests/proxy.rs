@@ -196,6 +196,14 @@ fn clients_connect_without_a_password_and_everything_relays() {
         metrics.contains("secrets_proxy_logins_total 3"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("secrets_proxy_login_seconds_count 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("secrets_proxy_login_seconds_bucket{le=\"+Inf\"} 3"),
+        "{metrics}"
+    );
     for counter in [
         "secrets_proxy_credential_cache_total{result=\"hit\"} 0",
         "secrets_proxy_relay_bytes_total{direction=\"to_server\"} 0",

@@ -174,7 +174,11 @@ fn write_server_log_line(record: &Record, serialized: &[u8]) {
         .map(|at| at.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string())
         .unwrap_or_default();
     let mut line = Vec::with_capacity(serialized.len() + 64);
-    let _ = write!(line, "{at} [{}] LOG:  pg_secrets audit: ", record.backend_pid);
+    let _ = write!(
+        line,
+        "{at} [{}] LOG:  pg_secrets audit: ",
+        record.backend_pid
+    );
     line.extend_from_slice(serialized);
     line.push(b'\n');
     let _ = std::io::stderr().lock().write_all(&line);
