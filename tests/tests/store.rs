@@ -484,7 +484,7 @@ fn random_passwords_from_sql() {
 }
 
 #[test]
-fn interim_roles_and_owners() {
+fn admin_and_reader_roles_and_owners() {
     let cluster = Cluster::start();
     let mut admin = cluster.login_role("alice", "IN ROLE secrets_admin");
     let mut reader = cluster.login_role("rita", "IN ROLE secrets_reader");
