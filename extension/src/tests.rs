@@ -3,6 +3,9 @@
 //! settings come from `crate::pg_test::postgresql_conf_options`.
 
 #[pgrx::pg_schema]
+// `cargo pgrx test` also builds the library with the `pg_test` feature but without
+// `cfg(test)`: the plain `#[test]`s are left out there, and their helpers would warn.
+#[cfg_attr(not(test), allow(unused_imports, dead_code))]
 mod tests {
     use crate::crypto::{self, Binding, ValueKind};
     use crate::keys::parse_keys;
