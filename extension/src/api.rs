@@ -403,12 +403,7 @@ fn purge_deleted_secrets() -> Result<i64, ErrorReport> {
         "purge_deleted_secrets",
         None,
         || {
-            if !crate::access::may_on_any(crate::access::caller(), crate::access::Action::Delete)? {
-                return Err(Error::AccessDenied {
-                    name: "*".into(),
-                    action: "delete",
-                });
-            }
+            crate::access::require_on_every_secret(crate::access::Action::Delete, "delete")?;
             store::purge_expired()
         },
     ))

@@ -92,23 +92,12 @@ pub fn rewrap_secret(client: &mut SpiClient<'_>, secret: &SecretRow, key_id: &st
     Ok(())
 }
 
-/// Master-key work spans every secret, so it needs the right on all of them.
-fn require_on_every_secret(action: Action) -> Result<()> {
-    if access::may_on_any(access::caller(), action)? {
-        Ok(())
-    } else {
-        Err(Error::AccessDenied {
-            name: "*".into(),
-            action: action.as_str(),
-        })
-    }
-}
-
 /// `rewrap_keys`: re-wraps up to `batch_size` versions that are not under the active key and
 /// moves secrets to the active key for their new versions. Rows locked by a concurrent writer
 /// are skipped and picked up by the next call; returns (re-wrapped now, still to do).
 pub fn rewrap_keys(batch_size: i32) -> Result<(i64, i64)> {
-    require_on_every_secret(Action::Manage)?;
+    // Master-key work spans every secret, so it needs the right on all of them.
+    access::require_on_every_secret(Action::Manage, Action::Manage.as_str())?;
     let active = keys::key_for_writing(None)?;
     Spi::connect_mut(|client| {
         let versions = wrapped_versions(
@@ -148,7 +137,7 @@ pub struct KeyStatus {
 /// versions it wraps and how many secrets write new versions with it. A key may be removed
 /// from the key file once both counts are zero.
 pub fn key_status() -> Result<Vec<KeyStatus>> {
-    require_on_every_secret(Action::Describe)?;
+    access::require_on_every_secret(Action::Describe, Action::Describe.as_str())?;
     let ring = keys::ring()?;
     let configured: Vec<String> = ring.ids().map(str::to_string).collect();
     Spi::connect(|client| {

@@ -143,6 +143,11 @@ pub fn rotate_secret(name: &str, request: Request) -> Result<Option<Uuid>> {
             }
         };
         let schedule_text = request.schedule.or(stored.schedule.as_deref());
+        if schedule_text.is_none() && request.window_seconds.is_some() {
+            return Err(Error::InvalidParameter(
+                "rotation_window spreads a schedule's start times; give a schedule with it".into(),
+            ));
+        }
         let window_seconds = request.window_seconds.or(stored.window_seconds);
         let schedule = schedule_text
             .map(|text| check_schedule(text, window_seconds))
@@ -210,20 +215,22 @@ pub fn cancel_rotate_secret(name: &str) -> Result<()> {
             None,
             &[secret.id.into()],
         )?;
-        let left_running = client.update(
-            "WITH cancelled AS ( \
-                 UPDATE secrets.rotation SET state = 'cancelled', \
-                        finished_at = pg_catalog.clock_timestamp(), \
-                        note = 'cancelled by ' || current_user \
-                 WHERE secret_id = $1 AND state = 'running' AND step IN ('create', 'set') \
-                 RETURNING 1) \
-             SELECT pg_catalog.count(*) FROM secrets.rotation \
-             WHERE secret_id = $1 AND state = 'running' \
-               AND NOT EXISTS (SELECT FROM cancelled)",
+        client.update(
+            "UPDATE secrets.rotation SET state = 'cancelled', \
+                    finished_at = pg_catalog.clock_timestamp(), \
+                    note = 'cancelled by ' || current_user \
+             WHERE secret_id = $1 AND state = 'running' AND step IN ('create', 'set')",
             None,
             &[secret.id.into()],
         )?;
-        if crate::db::first_value::<i64>(left_running)?.unwrap_or(0) > 0 {
+        let still_running = !client
+            .select(
+                "SELECT FROM secrets.rotation WHERE secret_id = $1 AND state = 'running'",
+                Some(1),
+                &[secret.id.into()],
+            )?
+            .is_empty();
+        if still_running {
             pgrx::notice!(
                 "the rotation of secret \"{name}\" in progress has already changed its target \
                  and will finish; the schedule is off"

@@ -33,6 +33,17 @@ fn credential(host: &str, port: u16, username: &str, password: &str, extra: &str
     )
 }
 
+/// Role `app` of the store's own cluster, and secret `db/app` holding its credential.
+fn local_app_secret(db: &mut Client) {
+    db.batch_execute("CREATE ROLE app LOGIN PASSWORD 'first-password'")
+        .unwrap();
+    create_secret(
+        db,
+        "db/app",
+        r#"{"username":"app","password":"first-password"}"#,
+    );
+}
+
 fn create_secret(db: &mut Client, name: &str, value: &str) {
     db.execute("SELECT secrets.create_secret($1, $2)", &[&name, &value])
         .unwrap();
@@ -262,13 +273,7 @@ fn refused_local_rotations_change_nothing() {
 fn schedules_are_checked_and_a_rate_rotates_on_its_own() {
     let cluster = store_cluster(&[]);
     let mut db = cluster.superuser();
-    db.batch_execute("CREATE ROLE app LOGIN PASSWORD 'first-password'")
-        .unwrap();
-    create_secret(
-        &mut db,
-        "db/app",
-        r#"{"username":"app","password":"first-password"}"#,
-    );
+    local_app_secret(&mut db);
     let before = store_state(&mut db);
     // pg_secrets.min_rotation_interval is an hour by default.
     for (schedule, window, words) in [
@@ -306,6 +311,14 @@ fn schedules_are_checked_and_a_rate_rotates_on_its_own() {
             words,
         );
     }
+    assert_sql_error(
+        db.execute(
+            "SELECT secrets.rotate_secret('db/app', 'postgres-single-user', NULL, '1 hour', false)",
+            &[],
+        ),
+        "22023",
+        "give a schedule with it",
+    );
     assert_eq!(store_state(&mut db), before);
 
     // A cron schedule is accepted and gives a next rotation inside the coming day.
@@ -735,13 +748,7 @@ fn an_immediate_stop_between_set_and_finish_resumes_after_restart() {
 fn two_concurrent_rotate_calls_make_one_rotation() {
     let cluster = store_cluster(&[]);
     let mut db = cluster.superuser();
-    db.batch_execute("CREATE ROLE app LOGIN PASSWORD 'first-password'")
-        .unwrap();
-    create_secret(
-        &mut db,
-        "db/app",
-        r#"{"username":"app","password":"first-password"}"#,
-    );
+    local_app_secret(&mut db);
     db.execute(
         "SELECT secrets.rotate_secret('db/app', rotator => 'postgres-single-user', \
                 rotate_immediately => false)",
@@ -789,16 +796,9 @@ fn two_concurrent_rotate_calls_make_one_rotation() {
 fn offboarding_rotates_what_the_role_could_read() {
     let cluster = store_cluster(&[]);
     let mut db = cluster.superuser();
-    db.batch_execute(
-        "CREATE ROLE app LOGIN PASSWORD 'first-password'; \
-         CREATE ROLE leaver LOGIN PASSWORD 'leaver-pw' IN ROLE secrets_reader",
-    )
-    .unwrap();
-    create_secret(
-        &mut db,
-        "db/app",
-        r#"{"username":"app","password":"first-password"}"#,
-    );
+    db.batch_execute("CREATE ROLE leaver LOGIN PASSWORD 'leaver-pw' IN ROLE secrets_reader")
+        .unwrap();
+    local_app_secret(&mut db);
     db.execute(
         "SELECT secrets.rotate_secret('db/app', rotator => 'postgres-single-user', \
                 rotate_immediately => false)",

@@ -276,6 +276,18 @@ pub fn is_member(role: Oid, group: &str) -> Result<bool> {
     Ok(cache::membership(role)?.roles.contains(&group))
 }
 
+/// `may_on_any` for the caller, or the permission error naming `what` was refused.
+pub fn require_on_every_secret(action: Action, what: &'static str) -> Result<()> {
+    if may_on_any(caller(), action)? {
+        Ok(())
+    } else {
+        Err(crate::errors::Error::AccessDenied {
+            name: "*".into(),
+            action: what,
+        })
+    }
+}
+
 /// Rights on every secret, whoever owns it: superusers, `secrets_admin`, and `secrets_reader`
 /// for get and describe. Work that spans all secrets (purging, master-key rotation) needs it.
 pub fn may_on_any(role: Oid, action: Action) -> Result<bool> {

@@ -292,12 +292,7 @@ impl Drop for RetentionRunning {
 /// `purge_audit_log(older_than)`: removes the whole prefix of records older than that, keeps
 /// an anchor so the rest still verifies, and returns how many it removed.
 pub fn purge(older_than_seconds: f64) -> Result<i64> {
-    if !access::may_on_any(access::caller(), Action::Manage)? {
-        return Err(Error::AccessDenied {
-            name: "*".into(),
-            action: "purge the audit log",
-        });
-    }
+    access::require_on_every_secret(Action::Manage, "purge the audit log")?;
     Spi::connect_mut(|client| {
         let through = crate::db::first_value::<i64>(client.select(
             "SELECT max(id) FROM secrets.audit_record \
