@@ -1,18 +1,24 @@
-//! The server's side: connect, start up as the credential's user, answer the authentication
-//! the server asks for (SCRAM-SHA-256, md5 or cleartext), and collect the greeting the client
-//! will be shown (ParameterStatus, BackendKeyData, ReadyForQuery).
+//! The server's side: connect, negotiate TLS when configured, start up as the credential's
+//! user, answer the authentication the server asks for (SCRAM-SHA-256, md5 or cleartext),
+//! and collect the greeting the client will be shown (ParameterStatus, BackendKeyData,
+//! ReadyForQuery).
 
 use crate::credentials::Credential;
 use crate::error::ProxyError;
+use crate::scram::{ScramCache, ScramExchange};
 use bytes::{Buf, BufMut, BytesMut};
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::SCRAM_SHA_256;
 use postgres_protocol::message::frontend;
+use rustls::pki_types::ServerName;
 use secrecy::ExposeSecret;
 use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 /// Login-phase messages from the server are small; anything bigger is not PostgreSQL.
 const MAX_LOGIN_MESSAGE: usize = 1 << 20;
@@ -25,8 +31,72 @@ pub struct Target {
     pub route: String,
 }
 
+/// How every login reaches its server.
+pub struct ConnectSettings<'a> {
+    pub timeout: Duration,
+    /// TLS to servers (`[server_tls]`); `None` connects in plaintext.
+    pub tls: Option<TlsConnector>,
+    pub scram: &'a ScramCache,
+}
+
+/// A server connection, in plaintext or TLS.
+pub enum ServerStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl ServerStream {
+    /// The socket underneath, to see whether an idle connection is still open.
+    pub fn socket(&self) -> &TcpStream {
+        match self {
+            ServerStream::Plain(stream) => stream,
+            ServerStream::Tls(stream) => stream.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for ServerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            ServerStream::Tls(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ServerStream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            ServerStream::Tls(stream) => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            ServerStream::Tls(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            ServerStream::Tls(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+}
+
 pub struct BackendSession {
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     /// The messages after AuthenticationOk, up to and including ReadyForQuery, as sent.
     pub greeting: Vec<BytesMut>,
     /// The server's cancel key, from BackendKeyData.
@@ -35,7 +105,7 @@ pub struct BackendSession {
 }
 
 /// One message: type byte, then the body without the length word.
-async fn read_message(stream: &mut TcpStream) -> Result<(u8, BytesMut), ProxyError> {
+async fn read_message(stream: &mut ServerStream) -> Result<(u8, BytesMut), ProxyError> {
     let gone = |e: std::io::Error| ProxyError::Backend(format!("connection lost: {e}"));
     let tag = stream.read_u8().await.map_err(gone)?;
     let length = stream.read_i32().await.map_err(gone)?;
@@ -76,23 +146,62 @@ fn error_fields(mut body: BytesMut) -> (String, String) {
     (sqlstate, message)
 }
 
+/// SSLRequest, then the handshake. The server's certificate is checked as `[server_tls]`
+/// says, against the host name the connection was made to.
+async fn start_tls(
+    mut socket: TcpStream,
+    connector: &TlsConnector,
+    target: &Target,
+) -> Result<ServerStream, ProxyError> {
+    let failed = |reason: String| ProxyError::ServerTls {
+        address: format!("{}:{}", target.host, target.port),
+        reason,
+    };
+    let mut request = BytesMut::new();
+    frontend::ssl_request(&mut request);
+    socket
+        .write_all(&request)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    match socket.read_u8().await.map_err(|e| failed(e.to_string()))? {
+        b'S' => {}
+        b'N' => return Err(failed("the server does not accept TLS (ssl = off)".into())),
+        other => {
+            return Err(failed(format!(
+                "unexpected answer {other:#04x} to SSLRequest"
+            )))
+        }
+    }
+    let name = ServerName::try_from(target.host.clone())
+        .map_err(|_| failed(format!("{:?} is not a host name", target.host)))?;
+    let stream = connector
+        .connect(name, socket)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    Ok(ServerStream::Tls(Box::new(stream)))
+}
+
 pub async fn login(
     target: &Target,
     credential: &Credential,
     client_parameters: &BTreeMap<String, String>,
-    connect_timeout: Duration,
+    settings: &ConnectSettings<'_>,
 ) -> Result<BackendSession, ProxyError> {
     let address = format!("{}:{}", target.host, target.port);
     let unreachable = |reason: String| ProxyError::Unreachable {
         address: address.clone(),
         reason,
     };
-    let mut stream = tokio::time::timeout(connect_timeout, TcpStream::connect(&address))
+    let socket = tokio::time::timeout(settings.timeout, TcpStream::connect(&address))
         .await
         .map_err(|_| unreachable("connect timed out".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
-    stream.set_nodelay(true).ok();
-    let peer = stream.peer_addr().map_err(|e| unreachable(e.to_string()))?;
+    socket.set_nodelay(true).ok();
+    let peer = socket.peer_addr().map_err(|e| unreachable(e.to_string()))?;
+    let mut stream = match &settings.tls {
+        Some(connector) => start_tls(socket, connector, target).await?,
+        None => ServerStream::Plain(socket),
+    };
 
     // The client's session settings go along; who and where come from the route.
     let mut parameters: Vec<(&str, &str)> =
@@ -109,7 +218,7 @@ pub async fn login(
     send(&mut stream, &mut out).await?;
 
     let password = credential.password.expose_secret().as_bytes();
-    let mut scram: Option<ScramSha256> = None;
+    let mut scram: Option<ScramExchange> = None;
     loop {
         let (tag, mut body) = read_message(&mut stream).await?;
         match tag {
@@ -134,10 +243,10 @@ pub async fn login(
                                 "the server offers no SCRAM-SHA-256".into(),
                             ));
                         }
-                        let exchange = ScramSha256::new(password, ChannelBinding::unsupported());
+                        let exchange = ScramExchange::start();
                         let result = frontend::sasl_initial_response(
                             SCRAM_SHA_256,
-                            exchange.message(),
+                            &exchange.client_first(),
                             &mut out,
                         );
                         scram = Some(exchange);
@@ -147,10 +256,10 @@ pub async fn login(
                         let exchange = scram.as_mut().ok_or_else(|| {
                             ProxyError::Backend("SASL continue without a start".into())
                         })?;
-                        exchange
-                            .update(&body)
-                            .map_err(|e| ProxyError::Backend(e.to_string()))?;
-                        frontend::sasl_response(exchange.message(), &mut out)
+                        let client_final = exchange
+                            .client_final(&body, password, settings.scram)
+                            .map_err(ProxyError::Backend)?;
+                        frontend::sasl_response(&client_final, &mut out)
                     }
                     12 => {
                         let exchange = scram.as_mut().ok_or_else(|| {
@@ -158,8 +267,8 @@ pub async fn login(
                         })?;
                         // Proves the server knew the password too.
                         exchange
-                            .finish(&body)
-                            .map_err(|e| ProxyError::Backend(e.to_string()))?;
+                            .verify_server_final(&body)
+                            .map_err(ProxyError::Backend)?;
                         continue;
                     }
                     code => {
@@ -210,11 +319,10 @@ pub async fn login(
     }
 }
 
-async fn send(stream: &mut TcpStream, out: &mut BytesMut) -> Result<(), ProxyError> {
-    stream
-        .write_all(out)
-        .await
-        .map_err(|e| ProxyError::Backend(format!("connection lost: {e}")))?;
+async fn send(stream: &mut ServerStream, out: &mut BytesMut) -> Result<(), ProxyError> {
+    let lost = |e: std::io::Error| ProxyError::Backend(format!("connection lost: {e}"));
+    stream.write_all(out).await.map_err(lost)?;
+    stream.flush().await.map_err(lost)?;
     out.clear();
     Ok(())
 }

@@ -13,6 +13,8 @@ pub struct Config {
     #[serde(default)]
     pub limits: Limits,
     pub tls: Option<Tls>,
+    #[serde(default)]
+    pub server_tls: ServerTls,
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
 }
@@ -28,6 +30,28 @@ pub struct Tls {
     /// Refuse TCP clients that do not encrypt (Unix-socket clients are local).
     #[serde(default)]
     pub require: bool,
+}
+
+/// TLS to PostgreSQL servers (route backends; the secrets store connection is separate).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    #[serde(default)]
+    pub sslmode: ServerSslMode,
+    /// The CA the servers' certificates must chain to; required by `verify-full`.
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerSslMode {
+    /// Plaintext.
+    #[default]
+    Disable,
+    /// Encrypted, the certificate not checked (as libpq's `require`).
+    Require,
+    /// Encrypted, the certificate chains to `ca_file` and names the host connected to.
+    VerifyFull,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -60,6 +84,9 @@ pub struct Store {
     /// Password of `user`, if the store asks for one; prefer `password_file`.
     pub password: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// Connections kept open for credential fetches (the notification listener has its own).
+    #[serde(default = "default_store_pool_size")]
+    pub pool_size: usize,
 }
 
 /// The password never reaches a log line, even through `{:?}`.
@@ -72,6 +99,7 @@ impl std::fmt::Debug for Store {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("password_file", &self.password_file)
+            .field("pool_size", &self.pool_size)
             .finish()
     }
 }
@@ -135,6 +163,10 @@ fn default_port() -> u16 {
     5432
 }
 
+fn default_store_pool_size() -> usize {
+    4
+}
+
 fn default_dbname() -> String {
     "postgres".into()
 }
@@ -161,6 +193,13 @@ impl Config {
             && self.listen.unix_port.is_none()
         {
             return Err("[listen] unix_dir without tcp needs unix_port".into());
+        }
+        if self.server_tls.sslmode == ServerSslMode::VerifyFull && self.server_tls.ca_file.is_none()
+        {
+            return Err("[server_tls] sslmode = \"verify-full\" needs ca_file".into());
+        }
+        if self.store.pool_size == 0 {
+            return Err("[store] pool_size must be at least 1".into());
         }
         if self.store.password.is_some() && self.store.password_file.is_some() {
             return Err("[store] give password or password_file, not both".into());
@@ -296,6 +335,18 @@ mod tests {
                 "same database and user",
             ),
             (format!("{BASE}\nbogus = 1"), "unknown field"),
+            (
+                format!("{BASE}\npool_size = 0"),
+                "pool_size must be at least 1",
+            ),
+            (
+                format!("{BASE}\n[server_tls]\nsslmode = \"verify-full\""),
+                "needs ca_file",
+            ),
+            (
+                format!("{BASE}\n[server_tls]\nsslmode = \"prefer\""),
+                "unknown variant `prefer`",
+            ),
             (
                 format!("{BASE}\n[[route]]\ndatabase = \"d\"\nallow = [\"trust\"]"),
                 "missing field `secret`",

@@ -2,7 +2,8 @@
 //!
 //! Entries are dropped when `pg_secrets_changed` names their secret, and re-fetched after a
 //! TTL in case a notification was missed. Concurrent fetches of one entry collapse into one
-//! query: waiters share a `OnceCell`.
+//! query: waiters share a `OnceCell`. Fetches run on a small deadpool-postgres pool of store
+//! connections; notifications arrive on one dedicated connection outside the pool.
 
 use crate::config::Store;
 use crate::error::ProxyError;
@@ -14,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, NoTls};
 
 /// The staging labels a login tries, in order: during a rotation the database may already
 /// accept the pending password, or still the previous one.
@@ -74,8 +75,7 @@ pub struct CredentialCache {
     /// The last credential the store gave for each (secret, stage), and when.
     last_known: Mutex<HashMap<Key, (Arc<Credential>, Instant)>>,
     metrics: Arc<Metrics>,
-    /// The store connection, shared by all fetches; the lock is held only to (re)connect.
-    client: tokio::sync::Mutex<Option<Arc<Client>>>,
+    connections: deadpool_postgres::Pool,
 }
 
 impl CredentialCache {
@@ -85,8 +85,20 @@ impl CredentialCache {
         ttl: Duration,
         stale_limit: Duration,
         metrics: Arc<Metrics>,
-    ) -> Arc<Self> {
-        Arc::new(CredentialCache {
+    ) -> Result<Arc<Self>, String> {
+        let manager = deadpool_postgres::Manager::from_config(
+            store_config(&store, store_password.as_deref()),
+            NoTls,
+            deadpool_postgres::ManagerConfig {
+                // A closed connection is dropped; a live one needs no round trip to reuse.
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let connections = deadpool_postgres::Pool::builder(manager)
+            .max_size(store.pool_size)
+            .build()
+            .map_err(|e| format!("[store] connection pool: {e}"))?;
+        Ok(Arc::new(CredentialCache {
             store,
             store_password,
             ttl,
@@ -94,23 +106,8 @@ impl CredentialCache {
             entries: Mutex::new(HashMap::new()),
             last_known: Mutex::new(HashMap::new()),
             metrics,
-            client: tokio::sync::Mutex::new(None),
-        })
-    }
-
-    fn store_config(&self) -> tokio_postgres::Config {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host(&self.store.host)
-            .port(self.store.port)
-            .dbname(&self.store.dbname)
-            .user(&self.store.user)
-            .application_name("secrets-proxy")
-            .connect_timeout(Duration::from_secs(5));
-        if let Some(password) = &self.store_password {
-            config.password(password);
-        }
-        config
+            connections,
+        }))
     }
 
     /// The credential of `secret` at `stage`, from the cache or the store.
@@ -213,23 +210,10 @@ impl CredentialCache {
     }
 
     async fn fetch(&self, secret: &str, stage: &'static str) -> Fetched {
-        let mut guard = self.client.lock().await;
-        if guard.as_ref().is_none_or(|client| client.is_closed()) {
-            let (client, connection) = self
-                .store_config()
-                .connect(NoTls)
-                .await
-                .map_err(|e| FetchError::Unreachable(e.to_string()))?;
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::warn!(%error, "connection to the secrets store ended");
-                }
-            });
-            *guard = Some(Arc::new(client));
-        }
-        let client = Arc::clone(guard.as_ref().expect("connected above"));
-        // Queries are pipelined on one connection; no lock is held while one runs.
-        drop(guard);
+        let client = self.connections.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => FetchError::Unreachable(e.to_string()),
+            other => FetchError::Unreachable(other.to_string()),
+        })?;
         let result = client
             .query_one(
                 "SELECT secrets.get_secret_value($1, version_stage => $2)",
@@ -292,7 +276,9 @@ impl CredentialCache {
     }
 
     async fn listen_once(&self) -> Result<(), tokio_postgres::Error> {
-        let (client, mut connection) = self.store_config().connect(NoTls).await?;
+        let (client, mut connection) = store_config(&self.store, self.store_password.as_deref())
+            .connect(NoTls)
+            .await?;
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         let listen = client.batch_execute("LISTEN pg_secrets_changed");
         // The LISTEN is answered through the connection, so drive both.
@@ -328,4 +314,19 @@ impl CredentialCache {
             Err(_) => self.entries.lock().expect("cache lock poisoned").clear(),
         }
     }
+}
+
+fn store_config(store: &Store, password: Option<&str>) -> tokio_postgres::Config {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&store.host)
+        .port(store.port)
+        .dbname(&store.dbname)
+        .user(&store.user)
+        .application_name("secrets-proxy")
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(password) = password {
+        config.password(password);
+    }
+    config
 }

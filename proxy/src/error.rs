@@ -24,6 +24,9 @@ pub enum ProxyError {
         sqlstate: String,
         message: String,
     },
+    /// `[server_tls]` asked for TLS and the server could not give it as asked.
+    #[error("TLS to the database server {address} failed: {reason}")]
+    ServerTls { address: String, reason: String },
     #[error("the database server sent something unexpected during login: {0}")]
     Backend(String),
     #[error("the proxy is shutting down")]
@@ -39,7 +42,7 @@ impl ProxyError {
             ProxyError::UnknownRoute { .. } => "3D000",
             ProxyError::NotAllowed { .. } | ProxyError::TlsRequired => "28000",
             ProxyError::Store { .. } | ProxyError::BadCredential(_) => "08006",
-            ProxyError::Unreachable { .. } => "08001",
+            ProxyError::Unreachable { .. } | ProxyError::ServerTls { .. } => "08001",
             ProxyError::LoginRefused { sqlstate, .. } => sqlstate,
             ProxyError::Backend(_) => "08P01",
             ProxyError::ShuttingDown => "57P01",

@@ -12,6 +12,7 @@ pub mod login;
 pub mod metrics;
 pub mod pool;
 pub mod relay;
+pub mod scram;
 pub mod server;
 pub mod tls;
 

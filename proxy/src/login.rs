@@ -2,7 +2,7 @@
 //! client is not the client's problem yet: the proxy drops the cached credential, tries
 //! CURRENT, PENDING and PREVIOUS, and backs off within a budget before giving up.
 
-use crate::backend::{self, BackendSession, Target};
+use crate::backend::{self, BackendSession, ConnectSettings, Target};
 use crate::config::{Route, Store};
 use crate::credentials::{Credential, CredentialCache, STAGES};
 use crate::error::ProxyError;
@@ -12,9 +12,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-pub struct LoginSettings {
+pub struct LoginSettings<'a> {
     pub budget: Duration,
-    pub connect_timeout: Duration,
+    pub connect: ConnectSettings<'a>,
 }
 
 /// Route overrides first, then the credential; a credential without a host means the
@@ -67,7 +67,7 @@ pub async fn connect(
     pool: &Pool,
     client_parameters: &BTreeMap<String, String>,
     client_database: &str,
-    settings: &LoginSettings,
+    settings: &LoginSettings<'_>,
     metrics: &Metrics,
 ) -> Result<(BackendSession, String, Instant), ProxyError> {
     if let Ok(Some(credential)) = credentials.get(&route.secret, STAGES[0]).await {
@@ -100,7 +100,7 @@ async fn login_with_retry(
     credentials: &CredentialCache,
     client_parameters: &BTreeMap<String, String>,
     client_database: &str,
-    settings: &LoginSettings,
+    settings: &LoginSettings<'_>,
     metrics: &Metrics,
 ) -> Result<(BackendSession, String), ProxyError> {
     let deadline = Instant::now() + settings.budget;
@@ -118,14 +118,7 @@ async fn login_with_retry(
                 }
             };
             let target = target(route, &credential, store, client_database);
-            match backend::login(
-                &target,
-                &credential,
-                client_parameters,
-                settings.connect_timeout,
-            )
-            .await
-            {
+            match backend::login(&target, &credential, client_parameters, &settings.connect).await {
                 Ok(session) => {
                     if stage != STAGES[0] {
                         tracing::info!(route = %route.database, stage, "logged in with a non-CURRENT credential during a rotation");

@@ -63,6 +63,9 @@ pub struct Metrics {
     pub cache_misses: AtomicU64,
     /// Logins that used a last known credential while the secrets store was away.
     pub stale_credentials: AtomicU64,
+    /// SCRAM logins to servers that derived keys with PBKDF2, and those that found them cached.
+    pub scram_derivations: AtomicU64,
+    pub scram_cache_hits: AtomicU64,
     pub bytes_to_server: AtomicU64,
     pub bytes_to_client: AtomicU64,
     /// From a client's startup to a server connection ready for it (pool or new login,
@@ -108,6 +111,9 @@ impl Metrics {
              # TYPE secrets_proxy_credential_cache_total counter\n\
              secrets_proxy_credential_cache_total{{result=\"hit\"}} {}\n\
              secrets_proxy_credential_cache_total{{result=\"miss\"}} {}\n\
+             # TYPE secrets_proxy_scram_keys_total counter\n\
+             secrets_proxy_scram_keys_total{{result=\"derived\"}} {}\n\
+             secrets_proxy_scram_keys_total{{result=\"cached\"}} {}\n\
              # TYPE secrets_proxy_relay_bytes_total counter\n\
              secrets_proxy_relay_bytes_total{{direction=\"to_server\"}} {}\n\
              secrets_proxy_relay_bytes_total{{direction=\"to_client\"}} {}\n",
@@ -123,6 +129,8 @@ impl Metrics {
             get(&self.stale_credentials),
             get(&self.cache_hits),
             get(&self.cache_misses),
+            get(&self.scram_derivations),
+            get(&self.scram_cache_hits),
             get(&self.bytes_to_server),
             get(&self.bytes_to_client),
         ) + &self.login_seconds.render("secrets_proxy_login_seconds")

@@ -56,5 +56,6 @@ impl Pool {
 /// (server restart, idle timeout) or is in some unexpected state.
 fn is_idle_and_open(session: &BackendSession) -> bool {
     let mut probe = [0u8; 1];
-    matches!(session.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    // Bytes read here (TLS records included) are lost, but such a connection is dropped anyway.
+    matches!(session.stream.socket().try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }

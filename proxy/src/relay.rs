@@ -2,10 +2,10 @@
 //! so the proxy knows when the client says goodbye (Terminate) and whether the server is idle
 //! at that moment. An idle server connection is reset and kept for the next client.
 
+use crate::backend::ServerStream;
 use crate::metrics::Metrics;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Follows message boundaries in a byte stream of `tag, length, body` messages without
 /// buffering whole messages: a COPY of gigabytes passes through in chunks.
@@ -82,7 +82,7 @@ pub enum Ended {
     Closed,
 }
 
-pub async fn relay<C>(client: &mut C, server: &mut TcpStream, metrics: &Metrics) -> Ended
+pub async fn relay<C>(client: &mut C, server: &mut ServerStream, metrics: &Metrics) -> Ended
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
@@ -109,7 +109,7 @@ where
                 }
                 let chunk = &client_buffer[..read];
                 if let Some(terminate_at) = from_client.feed(chunk, 0) {
-                    if server.write_all(&chunk[..terminate_at]).await.is_err() {
+                    if !write_out(server, &chunk[..terminate_at]).await {
                         return Ended::Closed;
                     }
                     return if terminate_at == read - 5 && from_server.server_idle() {
@@ -118,7 +118,7 @@ where
                         Ended::Closed
                     };
                 }
-                if server.write_all(chunk).await.is_err() {
+                if !write_out(server, chunk).await {
                     return Ended::Closed;
                 }
                 Metrics::count(&metrics.bytes_to_server, read as u64);
@@ -129,7 +129,7 @@ where
                     return Ended::Closed;
                 }
                 from_server.feed(&server_buffer[..read], 0);
-                if client.write_all(&server_buffer[..read]).await.is_err() {
+                if !write_out(client, &server_buffer[..read]).await {
                     return Ended::Closed;
                 }
                 Metrics::count(&metrics.bytes_to_client, read as u64);
@@ -138,12 +138,17 @@ where
     }
 }
 
+/// Writes and flushes: over TLS, written bytes may wait in the session until flushed.
+async fn write_out<W: AsyncWrite + Unpin>(stream: &mut W, bytes: &[u8]) -> bool {
+    stream.write_all(bytes).await.is_ok() && stream.flush().await.is_ok()
+}
+
 /// `DISCARD ALL`, so the next client starts with a clean session: no temporary tables,
 /// prepared statements, settings, advisory locks or LISTENs of the previous one.
-pub async fn reset(server: &mut TcpStream) -> bool {
+pub async fn reset(server: &mut ServerStream) -> bool {
     let mut query = BytesMut::new();
     if postgres_protocol::message::frontend::query("DISCARD ALL", &mut query).is_err()
-        || server.write_all(&query).await.is_err()
+        || !write_out(server, &query).await
     {
         return false;
     }

@@ -6,7 +6,7 @@
 //! A semaphore caps clients. On shutdown the listeners stop and sessions are given a drain
 //! timeout.
 
-use crate::backend::BackendSession;
+use crate::backend::{BackendSession, ConnectSettings};
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, Route};
 use crate::credentials::CredentialCache;
@@ -16,6 +16,7 @@ use crate::login::{self, LoginSettings};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::relay::{self, Ended};
+use crate::scram::ScramCache;
 use bytes::BufMut;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,7 +26,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// Who a client is, established without a password.
 #[derive(Debug, Clone)]
@@ -70,6 +71,9 @@ impl Identity {
 pub struct Shared {
     config: RwLock<Arc<Config>>,
     tls: RwLock<Option<TlsAcceptor>>,
+    /// TLS to servers, from `[server_tls]`; `None` for plaintext.
+    server_tls: RwLock<Option<TlsConnector>>,
+    scram: ScramCache,
     credentials: Arc<CredentialCache>,
     cancels: Arc<CancelRegistry>,
     pool: Pool,
@@ -101,7 +105,7 @@ impl Proxy {
             Duration::from_secs(config.limits.credential_ttl_secs),
             Duration::from_secs(config.limits.stale_credential_secs),
             Arc::clone(&metrics),
-        );
+        )?;
         let tcp = match config.listen.tcp {
             Some(address) => Some(
                 TcpListener::bind(address)
@@ -137,8 +141,11 @@ impl Proxy {
             config.limits.pool_max_idle,
         );
         let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
+        let server_tls = crate::tls::server_connector(&config.server_tls)?;
         let shared = Arc::new(Shared {
             tls: RwLock::new(tls),
+            server_tls: RwLock::new(server_tls),
+            scram: ScramCache::new(Arc::clone(&metrics)),
             pool,
             config: RwLock::new(Arc::new(config)),
             credentials,
@@ -360,7 +367,15 @@ async fn session(
     }
     let settings = LoginSettings {
         budget: Duration::from_millis(config.limits.login_retry_budget_ms),
-        connect_timeout: Duration::from_millis(config.limits.backend_connect_timeout_ms),
+        connect: ConnectSettings {
+            timeout: Duration::from_millis(config.limits.backend_connect_timeout_ms),
+            tls: shared
+                .server_tls
+                .read()
+                .expect("server tls lock poisoned")
+                .clone(),
+            scram: &shared.scram,
+        },
     };
     let login_started = std::time::Instant::now();
     let login = login::connect(
@@ -425,10 +440,9 @@ where
             _ => out.extend_from_slice(message),
         }
     }
-    client
-        .write_all(&out)
-        .await
-        .map_err(|_| ProxyError::Protocol("client went away during login".into()))?;
+    let gone = |_| ProxyError::Protocol("client went away during login".into());
+    client.write_all(&out).await.map_err(gone)?;
+    client.flush().await.map_err(gone)?;
     Ok(registration)
 }
 
@@ -440,8 +454,19 @@ async fn reload_on_sighup(path: PathBuf, shared: Arc<Shared>) {
     while hangups.recv().await.is_some() {
         match Config::from_file(&path) {
             Ok(new) => {
-                match new.tls.as_ref().map(crate::tls::acceptor).transpose() {
-                    Ok(acceptor) => *shared.tls.write().expect("tls lock poisoned") = acceptor,
+                let certificates = new
+                    .tls
+                    .as_ref()
+                    .map(crate::tls::acceptor)
+                    .transpose()
+                    .and_then(|acceptor| {
+                        Ok((acceptor, crate::tls::server_connector(&new.server_tls)?))
+                    });
+                match certificates {
+                    Ok((acceptor, connector)) => {
+                        *shared.tls.write().expect("tls lock poisoned") = acceptor;
+                        *shared.server_tls.write().expect("server tls lock poisoned") = connector;
+                    }
                     Err(error) => {
                         tracing::error!(%error, "configuration not reloaded");
                         continue;

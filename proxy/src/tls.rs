@@ -1,14 +1,22 @@
-//! TLS for clients (rustls, ring). A client that sends SSLRequest gets 'S' and a handshake;
-//! with `client_ca_file`, a certificate it presents is verified against that CA and its
-//! subject's common name becomes a `cert:<name>` identity.
+//! TLS with rustls (ring), both ways.
+//!
+//! For clients: a client that sends SSLRequest gets 'S' and a handshake; with
+//! `client_ca_file`, a certificate it presents is verified against that CA and its subject's
+//! common name becomes a `cert:<name>` identity.
+//!
+//! To servers: `[server_tls]` chooses plaintext, encryption alone, or encryption with the
+//! server's certificate verified against a CA and the host name.
 
-use crate::config::Tls;
+use crate::config::{ServerSslMode, ServerTls, Tls};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use std::path::Path;
 use std::sync::Arc;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 pub fn acceptor(tls: &Tls) -> Result<TlsAcceptor, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -22,16 +30,7 @@ pub fn acceptor(tls: &Tls) -> Result<TlsAcceptor, String> {
         .map_err(|e| e.to_string())?;
     let builder = match &tls.client_ca_file {
         Some(path) => {
-            let mut roots = RootCertStore::empty();
-            for certificate in CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("[tls] client_ca_file {}: {e}", path.display()))?
-            {
-                let certificate = certificate
-                    .map_err(|e| format!("[tls] client_ca_file {}: {e}", path.display()))?;
-                roots
-                    .add(certificate)
-                    .map_err(|e| format!("[tls] client_ca_file {}: {e}", path.display()))?;
-            }
+            let roots = load_roots(path, "[tls] client_ca_file")?;
             // Certificates are optional: a client without one keeps its other identities.
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .allow_unauthenticated()
@@ -45,6 +44,95 @@ pub fn acceptor(tls: &Tls) -> Result<TlsAcceptor, String> {
         .with_single_cert(certificates, key)
         .map_err(|e| format!("[tls] cert_file/key_file: {e}"))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+fn load_roots(path: &Path, setting: &str) -> Result<RootCertStore, String> {
+    let failed = |e: &dyn std::fmt::Display| format!("{setting} {}: {e}", path.display());
+    let mut roots = RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(path).map_err(|e| failed(&e))? {
+        roots
+            .add(certificate.map_err(|e| failed(&e))?)
+            .map_err(|e| failed(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(failed(&"no certificate in the file"));
+    }
+    Ok(roots)
+}
+
+/// The connector for `[server_tls]`; `None` when it says plaintext.
+pub fn server_connector(tls: &ServerTls) -> Result<Option<TlsConnector>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let config = match tls.sslmode {
+        ServerSslMode::Disable => return Ok(None),
+        ServerSslMode::Require => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(EncryptionOnly(provider)))
+            .with_no_client_auth(),
+        ServerSslMode::VerifyFull => {
+            let path = tls
+                .ca_file
+                .as_deref()
+                .expect("validated: verify-full has a CA");
+            builder
+                .with_root_certificates(load_roots(path, "[server_tls] ca_file")?)
+                .with_no_client_auth()
+        }
+    };
+    Ok(Some(TlsConnector::from(Arc::new(config))))
+}
+
+/// `sslmode = "require"`: any certificate is accepted, as libpq's `require` does, but the
+/// handshake's own signatures are still checked so the session keys are the server's.
+#[derive(Debug)]
+struct EncryptionOnly(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for EncryptionOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        certificate: &CertificateDer<'_>,
+        signature: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            certificate,
+            signature,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        certificate: &CertificateDer<'_>,
+        signature: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            certificate,
+            signature,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// The common name of a verified client certificate's subject.

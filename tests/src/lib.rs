@@ -342,3 +342,15 @@ pub fn assert_sql_error<T: std::fmt::Debug>(
     );
     db
 }
+
+/// The body and headers of a plain HTTP GET (the proxy's admin port).
+pub fn http_get(address: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}

@@ -2,7 +2,7 @@
 //! the proxy runs in-process on its own runtime, and clients (the postgres crate, psql,
 //! pgbench, raw sockets) connect to it without a password.
 
-use pg_secrets_e2e::{Cluster, KeySource, SUPERUSER, SUPERUSER_PASSWORD, TEST_KEY};
+use pg_secrets_e2e::{http_get, Cluster, KeySource, SUPERUSER, SUPERUSER_PASSWORD, TEST_KEY};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 use secrets_proxy::{Config, RunningProxy};
@@ -212,16 +212,6 @@ fn clients_connect_without_a_password_and_everything_relays() {
         assert!(!metrics.contains(counter), "{metrics}");
     }
     assert!(http_get(fixture.proxy.admin_address.unwrap(), "/health").ends_with("ok\n"));
-}
-
-fn http_get(address: std::net::SocketAddr, path: &str) -> String {
-    let mut stream = TcpStream::connect(address).unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
 }
 
 #[test]

@@ -1,7 +1,9 @@
-//! secrets-proxy with TLS for clients: psql with sslmode verify-full against the proxy's
-//! certificate, client certificates as identities, and plaintext refused when TLS is required.
+//! secrets-proxy with TLS: for clients, psql with sslmode verify-full against the proxy's
+//! certificate, client certificates as identities, and plaintext refused when TLS is required;
+//! to servers, each `[server_tls]` mode against a server with TLS, one with another CA's
+//! certificate, one without TLS; and the SCRAM keys derived once per password.
 
-use pg_secrets_e2e::Cluster;
+use pg_secrets_e2e::{http_get, Cluster, KeySource, TEST_KEY};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use secrets_proxy::{Config, RunningProxy};
 use std::fs;
@@ -149,4 +151,160 @@ fn tls_clients_certificates_and_required_encryption() {
         !ok && (text.contains("certificate") || text.contains("SSL error")),
         "{text}"
     );
+}
+
+/// A proxy for route `appdb` → secret `db/app` with `[server_tls]` as given, no session
+/// pooling (every client is a new server login), and an admin port.
+fn proxy_with_server_tls(cluster: &Cluster, server_tls: &str) -> RunningProxy {
+    RunningProxy::start(
+        Config::parse(&format!(
+            "[listen]\ntcp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+             [store]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"proxy\"\npassword = \"proxy-pw\"\n\
+             [limits]\npool_max_idle = 0\n\
+             [server_tls]\n{server_tls}\n\
+             [[route]]\ndatabase = \"appdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n",
+            cluster.port
+        ))
+        .unwrap(),
+    )
+    .unwrap()
+}
+
+fn set_server_host(cluster: &Cluster, host: &str, port: u16) {
+    let credential = format!(
+        r#"{{"engine": "postgres", "host": "{host}", "port": {port}, "dbname": "postgres", "username": "app", "password": "pw-0"}}"#
+    );
+    cluster
+        .superuser()
+        .execute(
+            "SELECT secrets.put_secret_value('db/app', $1)",
+            &[&credential],
+        )
+        .unwrap();
+}
+
+#[test]
+fn tls_to_servers_verified_against_the_configured_ca() {
+    let cluster = Cluster::start();
+    let pki = make_pki(cluster.dir());
+    cluster.configure(
+        KeySource::File(TEST_KEY.into()),
+        &[
+            "ssl = on",
+            &format!("ssl_cert_file = '{}'", pki.server_cert.display()),
+            &format!("ssl_key_file = '{}'", pki.server_key.display()),
+        ],
+    );
+    let mut cluster = cluster;
+    cluster.restart();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE app LOGIN PASSWORD 'pw-0';
+         CREATE ROLE proxy LOGIN PASSWORD 'proxy-pw' IN ROLE secrets_reader;",
+    )
+    .unwrap();
+    db.execute(
+        "SELECT secrets.create_secret('db/app', $1)",
+        &[&"{\"username\": \"app\", \"password\": \"pw-0\"}"],
+    )
+    .unwrap();
+    set_server_host(&cluster, "localhost", cluster.port);
+    let ca = pki.ca.display().to_string();
+    let verify_full = format!("sslmode = \"verify-full\"\nca_file = \"{ca}\"");
+
+    // verify-full: the server's certificate names localhost and chains to the CA. Every
+    // client is a new SCRAM login; the keys are derived once and then come from the cache.
+    let proxy = proxy_with_server_tls(&cluster, &verify_full);
+    let port = proxy.tcp_address.unwrap().port();
+    for _ in 0..3 {
+        let (ok, text) = psql(port, "sslmode=disable");
+        assert!(ok && text.trim() == "app true", "{text}");
+    }
+    let metrics = http_get(proxy.admin_address.unwrap(), "/metrics");
+    assert!(
+        metrics.contains("secrets_proxy_scram_keys_total{result=\"derived\"} 1\n")
+            && metrics.contains("secrets_proxy_scram_keys_total{result=\"cached\"} 2\n"),
+        "{metrics}"
+    );
+    // A new password is a new derivation, once.
+    db.batch_execute("ALTER ROLE app PASSWORD 'pw-1'").unwrap();
+    db.execute(
+        "SELECT secrets.put_secret_value('db/app', $1)",
+        &[&format!(
+            r#"{{"host": "localhost", "port": {}, "dbname": "postgres", "username": "app", "password": "pw-1"}}"#,
+            cluster.port
+        )],
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let (ok, text) = psql(port, "sslmode=disable");
+        assert!(ok && text.trim() == "app true", "{text}");
+    }
+    let metrics = http_get(proxy.admin_address.unwrap(), "/metrics");
+    assert!(
+        metrics.contains("secrets_proxy_scram_keys_total{result=\"derived\"} 2\n"),
+        "{metrics}"
+    );
+    db.batch_execute("ALTER ROLE app PASSWORD 'pw-0'").unwrap();
+    set_server_host(&cluster, "localhost", cluster.port);
+    drop(proxy);
+
+    // The certificate does not name 127.0.0.1: verify-full refuses, with a clear error.
+    set_server_host(&cluster, "127.0.0.1", cluster.port);
+    let proxy = proxy_with_server_tls(&cluster, &verify_full);
+    let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
+    assert!(
+        !ok && text.contains("TLS to the database server 127.0.0.1")
+            && text.contains("certificate"),
+        "{text}"
+    );
+    drop(proxy);
+
+    // require: encrypted, the certificate not checked, so the address form is fine.
+    let proxy = proxy_with_server_tls(&cluster, "sslmode = \"require\"");
+    let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
+    assert!(ok && text.trim() == "app true", "{text}");
+    drop(proxy);
+
+    // disable (the default): plaintext.
+    let proxy = proxy_with_server_tls(&cluster, "");
+    let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
+    assert!(ok && text.trim() == "app false", "{text}");
+    drop(proxy);
+
+    // A CA that did not sign the server's certificate.
+    set_server_host(&cluster, "localhost", cluster.port);
+    let other = tempfile::tempdir().unwrap();
+    let other_pki = make_pki(other.path());
+    let proxy = proxy_with_server_tls(
+        &cluster,
+        &format!(
+            "sslmode = \"verify-full\"\nca_file = \"{}\"",
+            other_pki.ca.display()
+        ),
+    );
+    let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
+    assert!(
+        !ok && text.contains("TLS to the database server localhost")
+            && text.contains("certificate"),
+        "{text}"
+    );
+    drop(proxy);
+
+    // A server that declines SSLRequest ('N'), as PostgreSQL with ssl = off does.
+    let declining = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let declining_port = declining.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut stream in declining.incoming().flatten() {
+            let mut request = [0u8; 8];
+            if stream.read_exact(&mut request).is_ok() {
+                let _ = stream.write_all(b"N");
+            }
+        }
+    });
+    set_server_host(&cluster, "localhost", declining_port);
+    let proxy = proxy_with_server_tls(&cluster, "sslmode = \"require\"");
+    let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
+    assert!(!ok && text.contains("does not accept TLS"), "{text}");
 }
