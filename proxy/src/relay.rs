@@ -75,6 +75,11 @@ impl Framing {
     }
 }
 
+/// Bytes read at once in each direction. What a session once touched stays resident while it
+/// lives, so this bounds an idle client's memory; large results and COPY stream through in
+/// chunks of this size at no measurable cost.
+const RELAY_BUFFER: usize = 16 * 1024;
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ended {
     /// The client terminated while the server was idle: the connection can serve another.
@@ -92,8 +97,8 @@ where
         last: Some((b'Z', Some(b'I'))),
         ..Framing::default()
     };
-    let mut client_buffer = vec![0u8; 64 * 1024];
-    let mut server_buffer = vec![0u8; 64 * 1024];
+    let mut client_buffer = vec![0u8; RELAY_BUFFER];
+    let mut server_buffer = vec![0u8; RELAY_BUFFER];
     loop {
         tokio::select! {
             read = client.read(&mut client_buffer) => {

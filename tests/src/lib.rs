@@ -354,3 +354,18 @@ pub fn http_get(address: std::net::SocketAddr, path: &str) -> String {
     stream.read_to_string(&mut response).unwrap();
     response
 }
+
+/// A StartupMessage (or, with another version code, what a client sends first).
+pub fn startup_packet(version: i32, parameters: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
+    for (key, value) in parameters {
+        body.extend_from_slice(key.as_bytes());
+        body.push(0);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    packet
+}

@@ -2,7 +2,9 @@
 //! the proxy runs in-process on its own runtime, and clients (the postgres crate, psql,
 //! pgbench, raw sockets) connect to it without a password.
 
-use pg_secrets_e2e::{http_get, Cluster, KeySource, SUPERUSER, SUPERUSER_PASSWORD, TEST_KEY};
+use pg_secrets_e2e::{
+    http_get, startup_packet, Cluster, KeySource, SUPERUSER, SUPERUSER_PASSWORD, TEST_KEY,
+};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 use secrets_proxy::{Config, RunningProxy};
@@ -431,20 +433,6 @@ fn error_code(answer: &[u8]) -> String {
         .find_map(|field| field.strip_prefix('C'))
         .unwrap_or_default()
         .to_string()
-}
-
-fn startup_packet(version: i32, parameters: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = version.to_be_bytes().to_vec();
-    for (key, value) in parameters {
-        body.extend_from_slice(key.as_bytes());
-        body.push(0);
-        body.extend_from_slice(value.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    packet
 }
 
 #[test]

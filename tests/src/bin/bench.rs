@@ -10,17 +10,21 @@
 //! 2. Connecting through secrets-proxy against connecting directly and through PgBouncer in
 //!    session mode: `pgbench -S` with 10 and 50 clients, and with a new connection per
 //!    transaction (`-C`).
+//! 3. The memory of 2,000 idle clients: secrets-proxy as its own process against PgBouncer.
 //!
 //! The rows of a table run in turn, round after round; each round's ratios compare runs
 //! seconds apart, and the median over rounds is reported, which keeps a noisy neighbour
 //! from deciding the result. Environment: BENCH_SECONDS (per run, default 4), BENCH_ROUNDS
-//! (default 3).
+//! (default 3), BENCH_ONLY (comma-separated parts: read, audit, proxy, idle; default all).
 
-use pg_secrets_e2e::Cluster;
+use pg_secrets_e2e::{free_port, startup_packet, Cluster, KeySource, TEST_KEY};
 use secrets_proxy::{Config, RunningProxy};
 use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 const ROWS: i32 = 1000;
 const APP_PASSWORD: &str = "bench-app-password";
@@ -89,15 +93,27 @@ fn measure(title: &str, rows: &[Row], baseline: &[usize], rounds: u32) {
 fn main() {
     let seconds = env_number("BENCH_SECONDS", 4).to_string();
     let rounds = env_number("BENCH_ROUNDS", 3);
-    let cluster = Cluster::start_with(
-        pg_secrets_e2e::KeySource::File(pg_secrets_e2e::TEST_KEY.into()),
-        &["max_connections = 300"],
-    );
+    let mut cluster =
+        Cluster::start_with(KeySource::File(TEST_KEY.into()), &["max_connections = 300"]);
     let scripts = cluster.dir().join("bench");
     fs::create_dir_all(&scripts).unwrap();
-    read_benchmark(&cluster, &scripts, &seconds, rounds);
-    audit_drain_benchmark(&cluster, &scripts, &seconds);
-    proxy_benchmark(&cluster, &seconds, rounds);
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let wanted = |part: &str| only.is_empty() || only.split(',').any(|p| p == part);
+    if wanted("read") {
+        read_benchmark(&cluster, &scripts, &seconds, rounds);
+    }
+    if wanted("audit") {
+        audit_drain_benchmark(&cluster, &scripts, &seconds);
+    }
+    if wanted("proxy") || wanted("idle") {
+        proxy_setup(&cluster);
+    }
+    if wanted("proxy") {
+        proxy_benchmark(&cluster, &seconds, rounds);
+    }
+    if wanted("idle") {
+        idle_clients_benchmark(&mut cluster);
+    }
 }
 
 fn read_benchmark(cluster: &Cluster, scripts: &Path, seconds: &str, rounds: u32) {
@@ -286,7 +302,7 @@ fn start_pgbouncer(cluster: &Cluster, port: u16) -> PgBouncer {
             "[databases]\nappdb = host=127.0.0.1 port={} dbname=postgres user=app password={APP_PASSWORD}\n\
              [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
              auth_type = trust\nauth_file = {}/userlist.txt\npool_mode = session\n\
-             max_client_conn = 500\ndefault_pool_size = 60\nlogfile = {}/pgbouncer.log\n\
+             max_client_conn = 2500\ndefault_pool_size = 60\nlogfile = {}/pgbouncer.log\n\
              pidfile = {}/pgbouncer.pid\n",
             cluster.port,
             dir.display(),
@@ -310,9 +326,11 @@ fn start_pgbouncer(cluster: &Cluster, port: u16) -> PgBouncer {
     }
     let ini = dir.join("pgbouncer.ini");
     let mut command = if as_root {
+        // runuser's login limits leave 1,024 open files; the idle-clients run needs more.
         let mut command = Command::new("runuser");
         command
-            .args(["-u", "postgres", "--", "/usr/sbin/pgbouncer"])
+            .args(["-u", "postgres", "--", "sh", "-c"])
+            .arg("ulimit -n \"$(ulimit -Hn)\" && exec /usr/sbin/pgbouncer \"$0\"")
             .arg(&ini);
         command
     } else {
@@ -327,22 +345,36 @@ fn start_pgbouncer(cluster: &Cluster, port: u16) -> PgBouncer {
         child,
         pid_file: dir.join("pgbouncer.pid"),
     };
-    for _ in 0..50 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return bouncer;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    panic!(
-        "pgbouncer did not start; see {}",
-        dir.join("pgbouncer.log").display()
+    wait_for_port(
+        port,
+        &format!("pgbouncer (see {})", dir.join("pgbouncer.log").display()),
     );
+    bouncer
+}
+
+fn wait_for_port(port: u16, what: &str) {
+    for _ in 0..100 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what} did not start listening on port {port}");
 }
 
 /// A running PgBouncer, stopped when dropped (also when the bench panics).
 struct PgBouncer {
     child: std::process::Child,
     pid_file: std::path::PathBuf,
+}
+
+impl PgBouncer {
+    fn pid(&self) -> u32 {
+        fs::read_to_string(&self.pid_file)
+            .ok()
+            .and_then(|pid| pid.trim().parse().ok())
+            .expect("pgbouncer's pid file")
+    }
 }
 
 impl Drop for PgBouncer {
@@ -356,7 +388,9 @@ impl Drop for PgBouncer {
     }
 }
 
-fn proxy_benchmark(cluster: &Cluster, seconds: &str, rounds: u32) {
+/// Login role `app` (its password in secret `db/app`), role `proxy` that reads it, and
+/// pgbench's tables.
+fn proxy_setup(cluster: &Cluster) {
     let mut db = cluster.superuser();
     db.batch_execute(&format!(
         "CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}';
@@ -392,7 +426,9 @@ fn proxy_benchmark(cluster: &Cluster, seconds: &str, rounds: u32) {
         "{}",
         String::from_utf8_lossy(&init.stderr)
     );
+}
 
+fn proxy_benchmark(cluster: &Cluster, seconds: &str, rounds: u32) {
     let proxy = RunningProxy::start(
         Config::parse(&format!(
             "[listen]\ntcp = \"127.0.0.1:0\"\n[store]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"proxy\"\n\
@@ -402,7 +438,7 @@ fn proxy_benchmark(cluster: &Cluster, seconds: &str, rounds: u32) {
         .unwrap(),
     )
     .unwrap();
-    let bouncer_port = pg_secrets_e2e::free_port();
+    let bouncer_port = free_port();
     let bouncer = start_pgbouncer(cluster, bouncer_port);
 
     let paths: [(&str, u16, &str); 3] = [
@@ -453,4 +489,119 @@ fn proxy_benchmark(cluster: &Cluster, seconds: &str, rounds: u32) {
     );
     drop(bouncer);
     drop(proxy);
+}
+
+const IDLE_CLIENTS: usize = 2000;
+
+/// 2,000 clients that log in and stay idle, through secrets-proxy running as its own process
+/// (the binary `make bench` builds) and through PgBouncer; the growth of each one's resident
+/// memory. Each proxy client holds its own server session, since it is shown the server's own
+/// greeting; a PgBouncer client in session mode gets a server only when it sends a query.
+fn idle_clients_benchmark(cluster: &mut Cluster) {
+    cluster.configure(
+        KeySource::File(TEST_KEY.into()),
+        &[&format!("max_connections = {}", IDLE_CLIENTS + 100)],
+    );
+    cluster.restart();
+    let proxy_port = free_port();
+    let config = cluster.dir().join("proxy-idle.toml");
+    fs::write(
+        &config,
+        format!(
+            "[listen]\ntcp = \"127.0.0.1:{proxy_port}\"\n[store]\nhost = \"127.0.0.1\"\nport = {}\n\
+             user = \"proxy\"\npassword = \"proxy-pw\"\n[[route]]\ndatabase = \"appdb\"\n\
+             secret = \"db/app\"\nallow = [\"trust\"]\n",
+            cluster.port
+        ),
+    )
+    .unwrap();
+    let binary = std::env::current_exe()
+        .unwrap()
+        .with_file_name("secrets-proxy");
+    let log = fs::File::create(cluster.dir().join("proxy-idle.log")).unwrap();
+    let mut proxy = Command::new(&binary)
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{} (scripts/bench.sh builds it): {e}", binary.display()));
+    wait_for_port(proxy_port, "secrets-proxy");
+    let bouncer_port = free_port();
+    let bouncer = start_pgbouncer(cluster, bouncer_port);
+
+    println!(
+        "\n{IDLE_CLIENTS} idle clients (logged in, then silent): resident memory of the pooler"
+    );
+    println!("| what | before | with the clients | per client |");
+    println!("| --- | ---: | ---: | ---: |");
+    for (name, pid, port) in [
+        ("secrets-proxy", proxy.id(), proxy_port),
+        ("PgBouncer (session)", bouncer.pid(), bouncer_port),
+    ] {
+        // One client first, so the route's credential and the pooler's warm-up are in `before`.
+        let warm_up = idle_clients(port, 1);
+        let before = resident_kib(pid);
+        let clients = idle_clients(port, IDLE_CLIENTS);
+        std::thread::sleep(Duration::from_secs(1));
+        let after = resident_kib(pid);
+        println!(
+            "| {name} | {:.1} MB | {:.1} MB | {:.1} KB |",
+            before as f64 / 1024.0,
+            after as f64 / 1024.0,
+            after.saturating_sub(before) as f64 / IDLE_CLIENTS as f64
+        );
+        drop(clients);
+        drop(warm_up);
+    }
+    drop(bouncer);
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+}
+
+/// VmRSS of a process, in KiB.
+fn resident_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// `count` connections that log in as `app` to `appdb` and wait for ReadyForQuery, opened
+/// from four threads.
+fn idle_clients(port: u16, count: usize) -> Vec<TcpStream> {
+    let threads: Vec<_> = (0..4)
+        .map(|thread| {
+            let share = count / 4 + usize::from(thread < count % 4);
+            std::thread::spawn(move || (0..share).map(|_| idle_client(port)).collect::<Vec<_>>())
+        })
+        .collect();
+    threads
+        .into_iter()
+        .flat_map(|thread| thread.join().unwrap())
+        .collect()
+}
+
+fn idle_client(port: u16) -> TcpStream {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(&startup_packet(
+            3 << 16,
+            &[("user", "app"), ("database", "appdb")],
+        ))
+        .unwrap();
+    loop {
+        let mut header = [0u8; 5];
+        stream.read_exact(&mut header).unwrap();
+        let length = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        let mut body = vec![0u8; (length - 4) as usize];
+        stream.read_exact(&mut body).unwrap();
+        match header[0] {
+            b'Z' => return stream,
+            b'E' => panic!("login refused: {}", String::from_utf8_lossy(&body)),
+            _ => {}
+        }
+    }
 }
