@@ -113,14 +113,19 @@ const MAX_WAIT: Duration = Duration::from_secs(1);
 const DRAIN_AT_ONCE: u64 = 1000;
 const DRAIN_PAUSE: Duration = Duration::from_millis(100);
 
-/// Moves queued audit records into the table, a batch per transaction, until none is left.
+/// Moves queued audit records into the table, a batch per transaction, until a batch is not
+/// full. Going on while anything at all is queued would, under a steady stream of reads,
+/// commit a transaction for every handful of records that arrived during the last one.
 fn drain_audit_queue() {
-    while queue::waiting().unwrap_or(0) > 0 {
+    loop {
         match in_transaction("recording audit records", trail::drain_batch) {
             // Freed only now that the transaction holding them has committed.
             Some(drained) if drained > 0 => {
                 if let Err(error) = queue::release(drained) {
                     warning!("pg_secrets worker: {error}");
+                    return;
+                }
+                if drained < trail::DRAIN_BATCH {
                     return;
                 }
             }

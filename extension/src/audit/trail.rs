@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use std::cell::Cell;
 
 /// Records moved from the queue to the table per transaction.
-const DRAIN_BATCH: usize = 4000;
+pub const DRAIN_BATCH: usize = 4000;
 const GENESIS: [u8; 32] = [0; 32];
 
 /// The 16 bytes of a textual uuid, as the store writes them.
