@@ -13,11 +13,12 @@ use postgres_protocol::message::frontend;
 use rustls::pki_types::ServerName;
 use secrecy::ExposeSecret;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsConnector;
 
 /// Login-phase messages from the server are small; anything bigger is not PostgreSQL.
@@ -39,20 +40,33 @@ pub struct ConnectSettings<'a> {
     pub scram: &'a ScramCache,
 }
 
-/// A server connection, in plaintext or TLS.
+/// A server connection: TCP in plaintext or TLS, or a Unix socket.
 pub enum ServerStream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Unix(UnixStream),
 }
 
 impl ServerStream {
-    /// The socket underneath, to see whether an idle connection is still open.
-    pub fn socket(&self) -> &TcpStream {
-        match self {
-            ServerStream::Plain(stream) => stream,
-            ServerStream::Tls(stream) => stream.get_ref().0,
-        }
+    /// An idle server sends nothing; readable data or end-of-stream on the socket underneath
+    /// means it was terminated (server restart, idle timeout) or is in an unexpected state.
+    /// Bytes read here (TLS records included) are lost, but such a connection is dropped.
+    pub fn is_idle_and_open(&self) -> bool {
+        let mut probe = [0u8; 1];
+        let read = match self {
+            ServerStream::Plain(stream) => stream.try_read(&mut probe),
+            ServerStream::Tls(stream) => stream.get_ref().0.try_read(&mut probe),
+            ServerStream::Unix(stream) => stream.try_read(&mut probe),
+        };
+        matches!(read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
+}
+
+/// Where a server session runs, for forwarding cancel requests to it.
+#[derive(Clone, Debug)]
+pub enum ServerAddress {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
 }
 
 impl AsyncRead for ServerStream {
@@ -64,6 +78,7 @@ impl AsyncRead for ServerStream {
         match self.get_mut() {
             ServerStream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
             ServerStream::Tls(stream) => Pin::new(stream).poll_read(cx, buf),
+            ServerStream::Unix(stream) => Pin::new(stream).poll_read(cx, buf),
         }
     }
 }
@@ -77,6 +92,7 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
             ServerStream::Tls(stream) => Pin::new(stream).poll_write(cx, buf),
+            ServerStream::Unix(stream) => Pin::new(stream).poll_write(cx, buf),
         }
     }
 
@@ -84,6 +100,7 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Plain(stream) => Pin::new(stream).poll_flush(cx),
             ServerStream::Tls(stream) => Pin::new(stream).poll_flush(cx),
+            ServerStream::Unix(stream) => Pin::new(stream).poll_flush(cx),
         }
     }
 
@@ -91,6 +108,7 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
             ServerStream::Tls(stream) => Pin::new(stream).poll_shutdown(cx),
+            ServerStream::Unix(stream) => Pin::new(stream).poll_shutdown(cx),
         }
     }
 }
@@ -101,7 +119,7 @@ pub struct BackendSession {
     pub greeting: Vec<BytesMut>,
     /// The server's cancel key, from BackendKeyData.
     pub cancel_key: Option<(i32, i32)>,
-    pub address: std::net::SocketAddr,
+    pub address: ServerAddress,
 }
 
 /// One message: type byte, then the body without the length word.
@@ -181,27 +199,46 @@ async fn start_tls(
     Ok(ServerStream::Tls(Box::new(stream)))
 }
 
+/// A host that starts with '/' is a directory holding the server's Unix socket, as in libpq;
+/// TLS does not apply there (PostgreSQL declines it on Unix sockets, and libpq does not ask).
+async fn connect(
+    target: &Target,
+    settings: &ConnectSettings<'_>,
+) -> Result<(ServerStream, ServerAddress), ProxyError> {
+    let unreachable = |address: String, reason: String| ProxyError::Unreachable { address, reason };
+    let timed_out = |address: &str| unreachable(address.to_string(), "connect timed out".into());
+    if target.host.starts_with('/') {
+        let path = PathBuf::from(&target.host).join(format!(".s.PGSQL.{}", target.port));
+        let shown = path.display().to_string();
+        let socket = tokio::time::timeout(settings.timeout, UnixStream::connect(&path))
+            .await
+            .map_err(|_| timed_out(&shown))?
+            .map_err(|e| unreachable(shown.clone(), e.to_string()))?;
+        return Ok((ServerStream::Unix(socket), ServerAddress::Unix(path)));
+    }
+    let address = format!("{}:{}", target.host, target.port);
+    let socket = tokio::time::timeout(settings.timeout, TcpStream::connect(&address))
+        .await
+        .map_err(|_| timed_out(&address))?
+        .map_err(|e| unreachable(address.clone(), e.to_string()))?;
+    socket.set_nodelay(true).ok();
+    let peer = socket
+        .peer_addr()
+        .map_err(|e| unreachable(address.clone(), e.to_string()))?;
+    let stream = match &settings.tls {
+        Some(connector) => start_tls(socket, connector, target).await?,
+        None => ServerStream::Plain(socket),
+    };
+    Ok((stream, ServerAddress::Tcp(peer)))
+}
+
 pub async fn login(
     target: &Target,
     credential: &Credential,
     client_parameters: &BTreeMap<String, String>,
     settings: &ConnectSettings<'_>,
 ) -> Result<BackendSession, ProxyError> {
-    let address = format!("{}:{}", target.host, target.port);
-    let unreachable = |reason: String| ProxyError::Unreachable {
-        address: address.clone(),
-        reason,
-    };
-    let socket = tokio::time::timeout(settings.timeout, TcpStream::connect(&address))
-        .await
-        .map_err(|_| unreachable("connect timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
-    socket.set_nodelay(true).ok();
-    let peer = socket.peer_addr().map_err(|e| unreachable(e.to_string()))?;
-    let mut stream = match &settings.tls {
-        Some(connector) => start_tls(socket, connector, target).await?,
-        None => ServerStream::Plain(socket),
-    };
+    let (mut stream, address) = connect(target, settings).await?;
 
     // The client's session settings go along; who and where come from the route.
     let mut parameters: Vec<(&str, &str)> =
@@ -313,7 +350,7 @@ pub async fn login(
                 stream,
                 greeting,
                 cancel_key,
-                address: peer,
+                address,
             });
         }
     }

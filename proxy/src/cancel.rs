@@ -2,15 +2,15 @@
 //! it is forwarded, with the server's real key, to the server that runs the client's session.
 //! Server keys never reach clients.
 
+use crate::backend::ServerAddress;
 use rand::Rng;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::io::AsyncWriteExt;
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct ServerKey {
-    address: SocketAddr,
+    address: ServerAddress,
     pid: i32,
     secret: i32,
 }
@@ -37,7 +37,11 @@ impl Drop for Registration {
 }
 
 impl CancelRegistry {
-    pub fn register(self: &Arc<Self>, address: SocketAddr, server_key: (i32, i32)) -> Registration {
+    pub fn register(
+        self: &Arc<Self>,
+        address: ServerAddress,
+        server_key: (i32, i32),
+    ) -> Registration {
         let mut keys = self.keys.lock().expect("cancel registry poisoned");
         let mut rng = rand::thread_rng();
         let key = loop {
@@ -67,7 +71,7 @@ impl CancelRegistry {
             .lock()
             .expect("cancel registry poisoned")
             .get(&(pid, secret))
-            .copied();
+            .cloned();
         let Some(target) = target else {
             tracing::debug!("cancel request with an unknown key ignored");
             return;
@@ -78,11 +82,18 @@ impl CancelRegistry {
             target.secret,
             &mut packet,
         );
-        match tokio::net::TcpStream::connect(target.address).await {
-            Ok(mut stream) => {
-                let _ = stream.write_all(&packet).await;
-            }
-            Err(error) => tracing::warn!(%error, "could not forward a cancel request"),
+        let sent = match &target.address {
+            ServerAddress::Tcp(address) => match tokio::net::TcpStream::connect(address).await {
+                Ok(mut stream) => stream.write_all(&packet).await,
+                Err(error) => Err(error),
+            },
+            ServerAddress::Unix(path) => match tokio::net::UnixStream::connect(path).await {
+                Ok(mut stream) => stream.write_all(&packet).await,
+                Err(error) => Err(error),
+            },
+        };
+        if let Err(error) = sent {
+            tracing::warn!(%error, "could not forward a cancel request");
         }
     }
 }

@@ -33,7 +33,7 @@ impl Pool {
         let mut idle = self.idle.lock().expect("pool lock poisoned");
         let connections = idle.get_mut(key)?;
         while let Some(pooled) = connections.pop() {
-            if pooled.born.elapsed() < self.lifetime && is_idle_and_open(&pooled.session) {
+            if pooled.born.elapsed() < self.lifetime && pooled.session.stream.is_idle_and_open() {
                 return Some((pooled.session, pooled.born));
             }
         }
@@ -50,12 +50,4 @@ impl Pool {
             connections.push(Pooled { session, born });
         }
     }
-}
-
-/// An idle server sends nothing; readable data or end-of-stream means it was terminated
-/// (server restart, idle timeout) or is in some unexpected state.
-fn is_idle_and_open(session: &BackendSession) -> bool {
-    let mut probe = [0u8; 1];
-    // Bytes read here (TLS records included) are lost, but such a connection is dropped anyway.
-    matches!(session.stream.socket().try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }

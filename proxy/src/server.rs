@@ -428,7 +428,7 @@ where
     let mut out = frontend::authentication_ok();
     let registration = server
         .cancel_key
-        .map(|key| shared.cancels.register(server.address, key));
+        .map(|key| shared.cancels.register(server.address.clone(), key));
     for message in &server.greeting {
         match (message[0], &registration) {
             (b'K', Some(registration)) => {

@@ -219,7 +219,11 @@ fn clients_connect_without_a_password_and_everything_relays() {
 #[test]
 fn cancel_requests_reach_the_right_server_session() {
     let fixture = fixture(r#""trust""#);
-    let mut client = fixture.connect();
+    cancel_a_sleep(&mut fixture.connect());
+}
+
+/// A long query cancelled through the proxy stops with 57014 and the session goes on.
+fn cancel_a_sleep(client: &mut Client) {
     let token = client.cancel_token();
     let canceller = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(500));
@@ -232,8 +236,53 @@ fn cancel_requests_reach_the_right_server_session() {
     canceller.join().unwrap();
     assert_eq!(error.as_db_error().unwrap().code().code(), "57014");
     assert!(started.elapsed() < Duration::from_secs(10));
-    // The session is still usable.
     client.query_one("SELECT 1", &[]).unwrap();
+}
+
+/// The store reached over its Unix socket, and a credential without a host: the route's
+/// server is the store's, over the same socket, cancel requests included.
+#[test]
+fn servers_on_a_unix_socket() {
+    let fixture = fixture(r#""trust""#);
+    fixture
+        .cluster
+        .superuser()
+        .execute(
+            "SELECT secrets.put_secret_value('db/app', $1)",
+            &[&r#"{"engine": "postgres", "dbname": "postgres", "username": "app", "password": "pw-0"}"#],
+        )
+        .unwrap();
+    let proxy = RunningProxy::start(
+        Config::parse(&format!(
+            "[listen]\ntcp = \"127.0.0.1:0\"\n\
+             [store]\nhost = \"{}\"\nport = {}\nuser = \"proxy\"\npassword = \"proxy-pw\"\n\
+             [[route]]\ndatabase = \"appdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n",
+            fixture.cluster.socket_dir().display(),
+            fixture.cluster.port
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut client = Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=whoever dbname=appdb",
+            proxy.tcp_address.unwrap().port()
+        ),
+        NoTls,
+    )
+    .unwrap();
+    let row = client
+        .query_one(
+            "SELECT current_user::text, inet_server_addr() IS NULL AS over_unix_socket",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "app");
+    assert!(
+        row.get::<_, bool>(1),
+        "the session should run over the Unix socket"
+    );
+    cancel_a_sleep(&mut client);
 }
 
 #[test]

@@ -236,6 +236,14 @@ fn audit_drain_benchmark(cluster: &Cluster, scripts: &Path, seconds: &str) {
             .get(0)
     };
     let before = count(&mut db);
+    let worker: i32 = db
+        .query_one(
+            "SELECT pid FROM pg_catalog.pg_stat_activity WHERE backend_type = 'pg_secrets worker'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let worker_cpu_before = cpu_seconds(worker as u32);
     let names: Vec<String> = (1..=100).map(|i| format!("'bench/{i}'")).collect();
     let script = scripts.join("batch.sql");
     fs::write(
@@ -269,6 +277,7 @@ fn audit_drain_benchmark(cluster: &Cluster, scripts: &Path, seconds: &str) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let worker_cpu = cpu_seconds(worker as u32) - worker_cpu_before;
     println!("\nAudit trail under load: 4 clients, 100 reads per call, {seconds} s");
     println!("| what | value |");
     println!("| --- | ---: |");
@@ -278,6 +287,21 @@ fn audit_drain_benchmark(cluster: &Cluster, scripts: &Path, seconds: &str) {
         "| records drained to the table per second | {:.0} |",
         expected as f64 / elapsed
     );
+    println!("| CPU time the worker spent | {worker_cpu:.2} s |");
+    println!(
+        "| records drained per second of the worker's CPU (its capacity with a core to itself) | {:.0} |",
+        expected as f64 / worker_cpu
+    );
+}
+
+/// User plus system CPU time of a process so far, from /proc/<pid>/stat.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
 }
 
 fn with_superuser(mut command: Command, port: u16) -> Command {
