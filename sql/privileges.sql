@@ -14,7 +14,7 @@ DECLARE
 BEGIN
     FOREACH t IN ARRAY ARRAY['secret_version', 'version_label', 'master_key', 'rotation',
                              'access_grant', 'resource_policy', 'access_request',
-                             'audit_anchor', 'audit_reader', 'audit_reader_progress',
+                             'audit_anchor', 'audit_reader', 'audit_reader_progress', 'audit_queue_progress',
                              'alarm_rule', 'alarm_event'] LOOP
         EXECUTE pg_catalog.format('ALTER TABLE secrets.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE pg_catalog.format('ALTER TABLE secrets.%I FORCE ROW LEVEL SECURITY', t);

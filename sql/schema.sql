@@ -208,6 +208,14 @@ CREATE TABLE secrets.audit_reader_progress (
 );
 INSERT INTO secrets.audit_reader_progress (through_id) VALUES (0);
 
+-- How far the worker has drained each audit queue file (queue.rs), committed with the records
+-- themselves: after a crash between that commit and freeing the slots, the worker skips what
+-- the table already holds. Not dumped: it describes this cluster's queue file.
+CREATE TABLE secrets.audit_queue_progress (
+    ring_id         uuid PRIMARY KEY,
+    through         bigint NOT NULL
+);
+
 CREATE TABLE secrets.audit_anchor (
     removed_through bigint PRIMARY KEY,
     anchor_hash     bytea NOT NULL,

@@ -56,6 +56,8 @@ pub enum Error {
     },
     #[error("the audit queue is full and the background worker is not draining it; the call was refused so that nothing happens unaudited")]
     AuditQueueFull,
+    #[error("the audit queue file pg_secrets_audit.queue in the data directory could not be opened at server start; the call was refused so that nothing happens unaudited")]
+    AuditQueueUnavailable,
     #[error("access request {id} is already {state}")]
     RequestDecided { id: String, state: String },
     /// A PostgreSQL error caught in a subtransaction, kept as its message to be recorded.
@@ -96,6 +98,7 @@ impl Error {
             }
             Error::RotationFailed { .. } => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "55000"),
             Error::AuditQueueFull => (ERRCODE_CONFIGURATION_LIMIT_EXCEEDED, "53400"),
+            Error::AuditQueueUnavailable => (ERRCODE_IO_ERROR, "58030"),
             Error::Spi(_) | Error::Caught(_) => (ERRCODE_INTERNAL_ERROR, "XX000"),
         }
     }
@@ -110,6 +113,7 @@ impl Error {
             Error::NotString(_) => "Read it with secrets.get_secret_binary(name).",
             Error::NotBinary(_) => "Read it with secrets.get_secret_value(name).",
             Error::IdempotencyConflict(_) => "Use a new client_request_token for a new value.",
+            Error::AuditQueueUnavailable => "The server log says why (permissions, disk space); fix it and restart the server.",
             Error::AuditQueueFull => "Check that the pg_secrets worker runs (pg_stat_activity) in the database named by pg_secrets.database.",
             Error::RotationFailed { .. } => "Nothing changed: the CURRENT version is the one before the rotation.",
             Error::Integrity(_) => "Restore the secret's rows from a backup; the stored data cannot be trusted.",

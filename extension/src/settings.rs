@@ -120,7 +120,7 @@ pub fn init() {
     GucRegistry::define_bool_guc(
         c"pg_secrets.audit_server_log",
         c"Also write each audit record to the server log as one JSON line.",
-        c"Covers the records a crash takes from the shared-memory queue before they reach the table.",
+        c"The worker writes the lines as it stores the records, for log shippers; records of calls in other databases than pg_secrets.database are written at once.",
         &AUDIT_SERVER_LOG,
         GucContext::Sighup,
         GucFlags::default(),

@@ -7,7 +7,7 @@
 //! versions. Each unit of work is its own transaction and its errors are logged, so one bad
 //! secret never stops the others. Every wait is bounded, so it never holds up shutdown.
 
-use crate::audit::{alarms, queue, trail};
+use crate::audit::{self, alarms, queue, trail};
 use crate::db::in_subtransaction;
 use crate::errors::Result;
 use crate::rotation::{self, Outcome};
@@ -118,18 +118,20 @@ const DRAIN_PAUSE: Duration = Duration::from_millis(100);
 /// commit a transaction for every handful of records that arrived during the last one.
 fn drain_audit_queue() {
     loop {
-        match in_transaction("recording audit records", trail::drain_batch) {
-            // Freed only now that the transaction holding them has committed.
-            Some(drained) if drained > 0 => {
-                if let Err(error) = queue::release(drained) {
-                    warning!("pg_secrets worker: {error}");
-                    return;
-                }
-                if drained < trail::DRAIN_BATCH {
-                    return;
-                }
-            }
-            _ => return,
+        let Some(drained) = in_transaction("recording audit records", trail::drain_batch) else {
+            return;
+        };
+        if drained.count == 0 {
+            return;
+        }
+        // Freed only now that the transaction holding them has committed.
+        if let Err(error) = queue::release(drained.count) {
+            warning!("pg_secrets worker: {error}");
+            return;
+        }
+        audit::write_to_server_log(&drained.log_lines);
+        if drained.count < trail::DRAIN_BATCH {
+            return;
         }
     }
 }

@@ -2,13 +2,14 @@
 //! what, which secret and version, from where, and how it ended (`allowed`, `denied`,
 //! `error` with its SQLSTATE). Never a value, nor anything derived from one.
 //!
-//! A record is captured when the call ends and appended to a queue in shared memory
-//! (`queue.rs`), outside the caller's transaction: a rollback, or the error of a denied call,
-//! cannot take it back. The background worker drains the queue into `secrets.audit_record`,
-//! chaining each record to the previous one with SHA-256 (`trail.rs`). Records still in the
-//! queue when the server crashes are lost from the table, so each is also written to the
-//! server log as one structured line (`pg_secrets.audit_server_log`, on by default).
-//! Alarm rules over the trail are `alarms.rs`.
+//! A record is captured when the call ends and appended to a queue shared by all backends
+//! (`queue.rs`, a file mapped into memory, so it outlives a crash), outside the caller's
+//! transaction: a rollback, or the error of a denied call, cannot take it back. The background
+//! worker drains the queue into `secrets.audit_record`, chaining each record to the previous
+//! one with SHA-256 (`trail.rs`), and then writes each record to the server log as one
+//! structured line (`pg_secrets.audit_server_log`, on by default) for log shippers. Records
+//! of calls in another database than `pg_secrets.database` have no table to go to and are
+//! written to the server log at once. Alarm rules over the trail are `alarms.rs`.
 
 pub mod alarms;
 pub mod queue;
@@ -149,10 +150,10 @@ pub fn record(
         details: details.to_string(),
     };
     let serialized = serde_json::to_vec(&record).expect("plain data serializes");
-    if settings::audit_server_log() {
-        write_server_log_line(&record, &serialized);
-    }
     if !in_audit_database() {
+        if settings::audit_server_log() {
+            write_to_server_log(&[server_log_line(&record, &serialized)]);
+        }
         if !WARNED_OTHER_DATABASE.with(|warned| warned.replace(true)) {
             pgrx::warning!(
                 "pg_secrets: this database is not pg_secrets.database (\"{}\"), so its audit \
@@ -165,10 +166,8 @@ pub fn record(
     queue::push(&serialized, settings::audit_queue_wait())
 }
 
-/// One line on the server's log stream (stderr, which the logging collector reads when it
-/// runs), written with a single write(2): a line under PIPE_BUF reaches the log whole, and it
-/// costs a fraction of an `ereport`, which matters on every audited call.
-fn write_server_log_line(record: &Record, serialized: &[u8]) {
+/// A record as one line of the server log: the server's own line prefix, then the JSON.
+pub fn server_log_line(record: &Record, serialized: &[u8]) -> Vec<u8> {
     use std::io::Write;
     let at = chrono::DateTime::from_timestamp_micros(record.at_micros)
         .map(|at| at.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string())
@@ -181,7 +180,28 @@ fn write_server_log_line(record: &Record, serialized: &[u8]) {
     );
     line.extend_from_slice(serialized);
     line.push(b'\n');
-    let _ = std::io::stderr().lock().write_all(&line);
+    line
+}
+
+/// Writes lines to the server's log stream (stderr, which the logging collector reads when it
+/// runs) in as few write(2) calls as can be whole: a write of at most PIPE_BUF bytes reaches
+/// the collector's pipe without other processes' output inside it, and every line fits (a
+/// queued record is at most 2,040 bytes).
+pub fn write_to_server_log(lines: &[Vec<u8>]) {
+    use std::io::Write;
+    const PIPE_BUF: usize = 4096;
+    let mut chunk = Vec::with_capacity(PIPE_BUF);
+    let mut stderr = std::io::stderr().lock();
+    for line in lines {
+        if !chunk.is_empty() && chunk.len() + line.len() > PIPE_BUF {
+            let _ = stderr.write_all(&chunk);
+            chunk.clear();
+        }
+        chunk.extend_from_slice(line);
+    }
+    if !chunk.is_empty() {
+        let _ = stderr.write_all(&chunk);
+    }
 }
 
 /// Whether the worker drains this database's queue into a table: it works in one database.

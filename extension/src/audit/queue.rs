@@ -1,9 +1,16 @@
-//! The audit queue: a ring of fixed-size slots in shared memory. Any backend appends a record
-//! (outside its own transaction, so a rollback or an error cannot take the record back); the
-//! background worker copies records into `secrets.audit_record` and only then frees them. When
-//! the ring is full a caller waits for the worker rather than dropping a record, and gives up
-//! with an error (so the audited operation does not happen unaudited) after
+//! The audit queue: a ring of fixed-size slots that every backend shares. Any backend appends a
+//! record (outside its own transaction, so a rollback or an error cannot take the record back);
+//! the background worker copies records into `secrets.audit_record` and only then frees them.
+//! When the ring is full a caller waits for the worker rather than dropping a record, and gives
+//! up with an error (so the audited operation does not happen unaudited) after
 //! `pg_secrets.audit_queue_wait`.
+//!
+//! The ring lives in a file of the data directory, `pg_secrets_audit.queue`, mapped shared
+//! into every process, not in PostgreSQL's shared memory: a crash or an immediate stop kills
+//! the processes but not the operating system's copy of the file, so what was queued is still
+//! there when the server starts again, and the worker drains it. Only the lock and the worker's
+//! latch live in shared memory. An operating-system crash can lose the pages the kernel had not
+//! yet written back (as `synchronous_commit = off` can lose the last commits).
 
 use crate::errors::{Error, Result};
 use pgrx::pg_sys;
@@ -14,30 +21,48 @@ use std::time::{Duration, Instant};
 pub const CAPACITY: usize = 4096;
 pub const SLOT_BYTES: usize = 2040;
 
+const FILE_NAME: &str = "pg_secrets_audit.queue";
+/// Format marker at the start of the file; a file without it is started afresh.
+const MAGIC: u64 = u64::from_le_bytes(*b"PGSAUDQ1");
+
 #[repr(C)]
 struct Slot {
     len: u32,
     bytes: [u8; SLOT_BYTES],
 }
 
+/// The file's layout.
 #[repr(C)]
 struct Ring {
-    lock: *mut pg_sys::LWLock,
-    /// The worker's latch, set when a record arrives in an empty ring or the ring fills.
-    worker_latch: *mut pg_sys::Latch,
+    magic: u64,
+    /// Chosen when the file is created: the worker's progress in the table is kept per ring,
+    /// so a new file (a restored backup, a cluster built anew) never inherits another's.
+    ring_id: [u8; 16],
     /// Sequence numbers: the next slot to write, and the next to hand to the worker.
     head: u64,
     tail: u64,
     slots: [Slot; CAPACITY],
 }
 
-const RING_NAME: &std::ffi::CStr = c"pg_secrets audit queue";
+/// In PostgreSQL's shared memory: what only means something while the server runs.
+#[repr(C)]
+struct Control {
+    lock: *mut pg_sys::LWLock,
+    /// The worker's latch, set when a record arrives in an empty ring or the ring fills.
+    worker_latch: *mut pg_sys::Latch,
+}
 
+const CONTROL_NAME: &std::ffi::CStr = c"pg_secrets audit queue";
+
+static mut CONTROL: *mut Control = std::ptr::null_mut();
 static mut RING: *mut Ring = std::ptr::null_mut();
+/// The mapping behind RING; replaced (and the old one unmapped) when the postmaster
+/// reinitializes shared memory after a crash.
+static mut MAPPING: Option<memmap2::MmapRaw> = None;
 static mut PREVIOUS_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
 static mut PREVIOUS_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
 
-/// Called from `_PG_init` in the postmaster: asks for the ring's memory and lock.
+/// Called from `_PG_init` in the postmaster: asks for the control block and lock.
 pub fn register() {
     unsafe {
         PREVIOUS_REQUEST_HOOK = pg_sys::shmem_request_hook;
@@ -53,11 +78,12 @@ unsafe extern "C-unwind" fn request_memory() {
         if let Some(previous) = PREVIOUS_REQUEST_HOOK {
             previous();
         }
-        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Ring>());
-        pg_sys::RequestNamedLWLockTranche(RING_NAME.as_ptr(), 1);
+        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Control>());
+        pg_sys::RequestNamedLWLockTranche(CONTROL_NAME.as_ptr(), 1);
     }
 }
 
+/// Runs in the postmaster at start and after each crash; children inherit the mapping.
 #[pg_guard]
 unsafe extern "C-unwind" fn attach_memory() {
     unsafe {
@@ -68,23 +94,72 @@ unsafe extern "C-unwind" fn attach_memory() {
         let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
         pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let mut found = false;
-        let ring =
-            pg_sys::ShmemInitStruct(RING_NAME.as_ptr(), std::mem::size_of::<Ring>(), &mut found)
-                .cast::<Ring>();
+        let control = pg_sys::ShmemInitStruct(
+            CONTROL_NAME.as_ptr(),
+            std::mem::size_of::<Control>(),
+            &mut found,
+        )
+        .cast::<Control>();
         if !found {
-            // Zeroed in place: the ring is megabytes, far too big for a stack temporary.
-            std::ptr::write_bytes(ring.cast::<u8>(), 0, std::mem::size_of::<Ring>());
-            (*ring).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(RING_NAME.as_ptr())).lock;
+            (*control).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(CONTROL_NAME.as_ptr())).lock;
+            (*control).worker_latch = std::ptr::null_mut();
         }
-        RING = ring;
+        CONTROL = control;
         pg_sys::LWLockRelease(init_lock);
+        match map_ring_file() {
+            Ok((mapping, ring)) => {
+                RING = ring;
+                MAPPING = Some(mapping);
+            }
+            // Without the file there is no queue: audited calls fail with the error below
+            // rather than run unaudited.
+            Err(error) => {
+                RING = std::ptr::null_mut();
+                pgrx::log!("pg_secrets: cannot map the audit queue file {FILE_NAME}: {error}");
+            }
+        }
     }
 }
 
+/// Opens (or creates) the ring file in the data directory, the postmaster's working
+/// directory, and maps it shared. A file of another size or without the marker starts empty.
+fn map_ring_file() -> std::io::Result<(memmap2::MmapRaw, *mut Ring)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let size = std::mem::size_of::<Ring>() as u64;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(FILE_NAME)?;
+    let reuse = file.metadata()?.len() == size;
+    if !reuse {
+        file.set_len(0)?;
+        file.set_len(size)?;
+    }
+    let mapping = memmap2::MmapOptions::new()
+        .len(size as usize)
+        .map_raw(&file)?;
+    let ring = mapping.as_mut_ptr().cast::<Ring>();
+    // SAFETY: the mapping is `size` bytes, the size of a Ring, and no other process runs yet.
+    unsafe {
+        if !reuse || (*ring).magic != MAGIC || (*ring).head < (*ring).tail {
+            std::ptr::write_bytes(ring.cast::<u8>(), 0, size as usize);
+            (*ring).ring_id = rand::random();
+            (*ring).magic = MAGIC;
+        }
+    }
+    Ok((mapping, ring))
+}
+
 fn ring() -> Result<*mut Ring> {
-    let ring = unsafe { RING };
-    if ring.is_null() {
+    let (control, ring) = unsafe { (CONTROL, RING) };
+    if control.is_null() {
         return Err(Error::NotPreloaded);
+    }
+    if ring.is_null() {
+        return Err(Error::AuditQueueUnavailable);
     }
     Ok(ring)
 }
@@ -92,8 +167,9 @@ fn ring() -> Result<*mut Ring> {
 struct Locked(*mut pg_sys::LWLock);
 
 impl Locked {
-    fn new(ring: *mut Ring, mode: pg_sys::LWLockMode::Type) -> Locked {
-        let lock = unsafe { (*ring).lock };
+    fn new(mode: pg_sys::LWLockMode::Type) -> Locked {
+        // SAFETY: CONTROL is set whenever RING is (attach_memory).
+        let lock = unsafe { (*CONTROL).lock };
         unsafe { pg_sys::LWLockAcquire(lock, mode) };
         Locked(lock)
     }
@@ -105,8 +181,8 @@ impl Drop for Locked {
     }
 }
 
-fn wake_worker(ring: *mut Ring) {
-    let latch = unsafe { (*ring).worker_latch };
+fn wake_worker() {
+    let latch = unsafe { (*CONTROL).worker_latch };
     if !latch.is_null() {
         unsafe { pg_sys::SetLatch(latch) };
     }
@@ -119,7 +195,7 @@ pub fn push(record: &[u8], wait: Duration) -> Result<()> {
     let deadline = Instant::now() + wait;
     loop {
         let filled = {
-            let _locked = Locked::new(ring, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            let _locked = Locked::new(pg_sys::LWLockMode::LW_EXCLUSIVE);
             // SAFETY: the exclusive lock is held; the slot is inside the ring.
             unsafe {
                 let (head, tail) = ((*ring).head, (*ring).tail);
@@ -139,12 +215,12 @@ pub fn push(record: &[u8], wait: Duration) -> Result<()> {
             // again whenever a quarter of the ring waits.
             Some(filled) => {
                 if filled == 1 || filled % (CAPACITY as u64 / 4) == 0 {
-                    wake_worker(ring);
+                    wake_worker();
                 }
                 return Ok(());
             }
             None => {
-                wake_worker(ring);
+                wake_worker();
                 if Instant::now() >= deadline {
                     return Err(Error::AuditQueueFull);
                 }
@@ -158,7 +234,7 @@ pub fn push(record: &[u8], wait: Duration) -> Result<()> {
 /// The worker: copies up to `max` records without removing them.
 pub fn peek(max: usize) -> Result<Vec<Vec<u8>>> {
     let ring = ring()?;
-    let _locked = Locked::new(ring, pg_sys::LWLockMode::LW_SHARED);
+    let _locked = Locked::new(pg_sys::LWLockMode::LW_SHARED);
     // SAFETY: the lock is held; only the worker moves `tail`, so these slots stay put.
     unsafe {
         let (head, tail) = ((*ring).head, (*ring).tail);
@@ -174,22 +250,43 @@ pub fn peek(max: usize) -> Result<Vec<Vec<u8>>> {
 /// The worker: frees the `count` oldest records, once they are committed to the table.
 pub fn release(count: usize) -> Result<()> {
     let ring = ring()?;
-    let _locked = Locked::new(ring, pg_sys::LWLockMode::LW_EXCLUSIVE);
+    let _locked = Locked::new(pg_sys::LWLockMode::LW_EXCLUSIVE);
     unsafe { (*ring).tail += count as u64 };
     Ok(())
 }
 
 /// The worker: records where to wake it.
 pub fn set_worker_latch() -> Result<()> {
+    ring()?;
+    let _locked = Locked::new(pg_sys::LWLockMode::LW_EXCLUSIVE);
+    unsafe { (*CONTROL).worker_latch = pg_sys::MyLatch };
+    Ok(())
+}
+
+/// The ring's identity and the sequence number of its oldest queued record: the worker keeps
+/// its progress in the table under this identity.
+pub fn position() -> Result<(pgrx::Uuid, u64)> {
     let ring = ring()?;
-    let _locked = Locked::new(ring, pg_sys::LWLockMode::LW_EXCLUSIVE);
-    unsafe { (*ring).worker_latch = pg_sys::MyLatch };
+    let _locked = Locked::new(pg_sys::LWLockMode::LW_SHARED);
+    unsafe { Ok((pgrx::Uuid::from_bytes((*ring).ring_id), (*ring).tail)) }
+}
+
+/// The worker, at start: frees what the table already holds. A crash between the commit of a
+/// batch and `release` leaves those records queued; they must not be stored twice.
+pub fn skip_through(stored_through: u64) -> Result<()> {
+    let ring = ring()?;
+    let _locked = Locked::new(pg_sys::LWLockMode::LW_EXCLUSIVE);
+    unsafe {
+        if stored_through > (*ring).tail {
+            (*ring).tail = stored_through.min((*ring).head);
+        }
+    }
     Ok(())
 }
 
 /// Records waiting in the ring.
 pub fn waiting() -> Result<u64> {
     let ring = ring()?;
-    let _locked = Locked::new(ring, pg_sys::LWLockMode::LW_SHARED);
+    let _locked = Locked::new(pg_sys::LWLockMode::LW_SHARED);
     Ok(unsafe { (*ring).head - (*ring).tail })
 }

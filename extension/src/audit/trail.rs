@@ -73,19 +73,47 @@ fn latest_anchor(client: &SpiClient<'_>) -> Result<Option<(i64, Vec<u8>)>> {
         .transpose()
 }
 
-/// The worker: moves up to one batch from the queue to the table, in the current transaction.
-/// The queue is released by `release_drained` after the commit. Returns how many.
-pub fn drain_batch() -> Result<usize> {
-    let queued = queue::peek(DRAIN_BATCH)?;
-    if queued.is_empty() {
-        return Ok(0);
-    }
+/// What one drain moved: how many records, and their server-log lines when
+/// `pg_secrets.audit_server_log` is on (written once the batch is committed).
+pub struct Drained {
+    pub count: usize,
+    pub log_lines: Vec<Vec<u8>>,
+}
+
+/// The worker: moves up to one batch from the queue to the table, in the current transaction,
+/// with the queue position it reaches. The queue is released by the worker after the commit.
+pub fn drain_batch() -> Result<Drained> {
+    let (ring_id, tail) = queue::position()?;
     Spi::connect_mut(|client| {
-        // A crash loses what the queue held anyway (the server log has it); waiting for the
-        // WAL flush of every batch would only slow the trail down.
-        client.update("SET LOCAL synchronous_commit TO off", None, &[])?;
+        // Records a crash left queued after their batch had committed are not stored twice.
+        let stored_through = client
+            .select(
+                "SELECT through FROM secrets.audit_queue_progress WHERE ring_id = $1",
+                None,
+                &[ring_id.into()],
+            )?
+            .next()
+            .map(|row| row.get::<i64>(1))
+            .transpose()?
+            .flatten();
+        if let Some(through) = stored_through.filter(|through| *through as u64 > tail) {
+            queue::skip_through(through as u64)?;
+        }
+        let (_, tail) = queue::position()?;
+        let queued = queue::peek(DRAIN_BATCH)?;
+        if queued.is_empty() {
+            return Ok(Drained {
+                count: 0,
+                log_lines: Vec::new(),
+            });
+        }
+        // The commit waits for its WAL flush (whatever synchronous_commit says elsewhere): the
+        // slots are freed right after it, and a batch lost from the WAL would be lost for good.
+        client.update("SET LOCAL synchronous_commit TO on", None, &[])?;
         let (mut id, mut previous) = chain_end(client)?;
         let mut columns = Columns::default();
+        let mut log_lines = Vec::new();
+        let log = crate::settings::audit_server_log();
         for bytes in &queued {
             // A record that does not parse (truncated at the slot size) is still recorded.
             let record: Record = serde_json::from_slice(bytes).unwrap_or_else(|_| Record {
@@ -95,13 +123,25 @@ pub fn drain_batch() -> Result<usize> {
                     .to_string(),
                 ..Record::default()
             });
+            if log {
+                log_lines.push(super::server_log_line(&record, bytes));
+            }
             id += 1;
             let hash = chain_hash(&previous, id, &record);
             columns.push(id, record, previous, hash.clone());
             previous = hash;
         }
         columns.insert(client)?;
-        Ok(queued.len())
+        client.update(
+            "INSERT INTO secrets.audit_queue_progress (ring_id, through) VALUES ($1, $2) \
+             ON CONFLICT (ring_id) DO UPDATE SET through = excluded.through",
+            None,
+            &[ring_id.into(), ((tail + queued.len() as u64) as i64).into()],
+        )?;
+        Ok(Drained {
+            count: queued.len(),
+            log_lines,
+        })
     })
 }
 
