@@ -275,6 +275,52 @@ impl Cluster {
             .unwrap()
     }
 
+    /// A hot standby streaming from this cluster: a base backup with `-R`, on its own port and
+    /// socket directory, reading the same master-key file.
+    pub fn start_standby(&self) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("pg_secrets-e2e-standby-")
+            .tempdir()
+            .unwrap();
+        fs::create_dir(dir.path().join("run")).unwrap();
+        give_to_server_user(dir.path());
+        let mut standby = Cluster {
+            dir,
+            port: free_port(),
+            running: false,
+        };
+        run(server_command("pg_basebackup")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                SUPERUSER,
+                "-R",
+                "-X",
+                "stream",
+                "-D",
+            ])
+            .arg(standby.data_dir())
+            .arg("-p")
+            .arg(self.port.to_string())
+            .env("PGPASSWORD", SUPERUSER_PASSWORD));
+        // Later lines win: the copied configuration keeps everything but where to listen.
+        let mut conf = fs::OpenOptions::new()
+            .append(true)
+            .open(standby.data_dir().join("postgresql.conf"))
+            .unwrap();
+        use std::io::Write;
+        writeln!(
+            conf,
+            "port = {}\nunix_socket_directories = '{}'",
+            standby.port,
+            standby.socket_dir().display()
+        )
+        .unwrap();
+        standby.start_server();
+        standby
+    }
+
     /// Everything the server wrote: the pg_ctl log and the collector's log files.
     pub fn server_log(&self) -> String {
         let mut log = fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();

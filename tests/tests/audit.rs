@@ -598,3 +598,59 @@ fn alarm_rules_raise_notifications_and_anomalies() {
         "manage alarm rules",
     );
 }
+
+/// A standby cannot write the audit table and its worker does not run: its records go to its
+/// server log, and reads go on past the size of the queue (4,096) instead of waiting on it.
+#[test]
+fn reads_on_a_standby_are_recorded_in_its_server_log() {
+    let primary = Cluster::start();
+    primary
+        .superuser()
+        .batch_execute("SELECT secrets.create_secret('replica/key', 'v')")
+        .unwrap();
+    let standby = primary.start_standby();
+    let mut db = Client::connect(
+        &format!(
+            "{} application_name=standby-reader",
+            standby.connection_string(
+                pg_secrets_e2e::SUPERUSER,
+                pg_secrets_e2e::SUPERUSER_PASSWORD
+            )
+        ),
+        pg_secrets_e2e::NoTls,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // The secret arrives by streaming replication.
+    while db
+        .query_one("SELECT secrets.get_secret_value('replica/key')", &[])
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the secret never reached the standby"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let reads = 5000;
+    for _ in 0..reads {
+        let value: String = db
+            .query_one("SELECT secrets.get_secret_value('replica/key')", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(value, "v");
+    }
+    let logged = standby
+        .server_log()
+        .lines()
+        .filter(|line| {
+            line.contains("pg_secrets audit: ")
+                && line.contains("\"application_name\":\"standby-reader\"")
+                && line.contains("\"outcome\":\"allowed\"")
+        })
+        .count();
+    assert!(
+        logged >= reads,
+        "{logged} of {reads} reads in the standby's log"
+    );
+}

@@ -8,8 +8,8 @@
 //! worker drains the queue into `secrets.audit_record`, chaining each record to the previous
 //! one with SHA-256 (`trail.rs`), and then writes each record to the server log as one
 //! structured line (`pg_secrets.audit_server_log`, on by default) for log shippers. Records
-//! of calls in another database than `pg_secrets.database` have no table to go to and are
-//! written to the server log at once. Alarm rules over the trail are `alarms.rs`.
+//! that cannot reach the table (calls in another database than `pg_secrets.database`, or on a
+//! standby) are written to the server log at once, whatever that setting says. Alarm rules over the trail are `alarms.rs`.
 
 pub mod alarms;
 pub mod queue;
@@ -57,7 +57,7 @@ pub struct Touched {
 
 thread_local! {
     static TOUCHED: RefCell<Touched> = RefCell::new(Touched::default());
-    static WARNED_OTHER_DATABASE: Cell<bool> = const { Cell::new(false) };
+    static NOTED_LOG_ONLY: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Called by the store: the secret (and version) the current call is about.
@@ -150,20 +150,60 @@ pub fn record(
         details: details.to_string(),
     };
     let serialized = serde_json::to_vec(&record).expect("plain data serializes");
-    if !in_audit_database() {
-        if settings::audit_server_log() {
+    match table_out_of_reach() {
+        // The server log is then the only place the record can go, whatever
+        // pg_secrets.audit_server_log says.
+        Some(reason) => {
             write_to_server_log(&[server_log_line(&record, &serialized)]);
+            if !NOTED_LOG_ONLY.with(|noted| noted.replace(true)) {
+                let message =
+                    format!("pg_secrets: {reason}, so this session's audit records go to the server log only");
+                match reason {
+                    // Reading from a replica is normal; the client need not hear about it.
+                    OutOfReach::Standby => pgrx::log!("{message}"),
+                    OutOfReach::OtherDatabase => pgrx::warning!("{message}"),
+                }
+            }
+            Ok(())
         }
-        if !WARNED_OTHER_DATABASE.with(|warned| warned.replace(true)) {
-            pgrx::warning!(
-                "pg_secrets: this database is not pg_secrets.database (\"{}\"), so its audit \
-                 records go to the server log only",
-                settings::database()
-            );
-        }
-        return Ok(());
+        None => queue::push(&serialized, settings::audit_queue_wait()),
     }
-    queue::push(&serialized, settings::audit_queue_wait())
+}
+
+/// Why a session's records cannot reach `secrets.audit_record`: the worker drains the queue
+/// into one database, on the primary. A standby's records would only fill its queue until
+/// every audited call failed.
+enum OutOfReach {
+    OtherDatabase,
+    Standby,
+}
+
+impl std::fmt::Display for OutOfReach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OutOfReach::OtherDatabase => write!(
+                f,
+                "this database is not pg_secrets.database (\"{}\")",
+                settings::database()
+            ),
+            OutOfReach::Standby => {
+                write!(
+                    f,
+                    "this server is a standby, where the audit table cannot be written"
+                )
+            }
+        }
+    }
+}
+
+fn table_out_of_reach() -> Option<OutOfReach> {
+    if !in_audit_database() {
+        return Some(OutOfReach::OtherDatabase);
+    }
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        return Some(OutOfReach::Standby);
+    }
+    None
 }
 
 /// A record as one line of the server log: the server's own line prefix, then the JSON.
