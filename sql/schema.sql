@@ -213,7 +213,7 @@ INSERT INTO secrets.audit_reader_progress (through_id) VALUES (0);
 -- the table already holds. Not dumped: it describes this cluster's queue file.
 CREATE TABLE secrets.audit_queue_progress (
     ring_id         uuid PRIMARY KEY,
-    through         bigint NOT NULL
+    through         bigint NOT NULL CHECK (through >= 0)
 );
 
 CREATE TABLE secrets.audit_anchor (

@@ -1,6 +1,6 @@
 //! The background worker, registered when the library is preloaded. It runs on the primary
 //! only (it starts when recovery has finished), in the database `pg_secrets.database`. It
-//! moves audit records from the shared-memory queue into the audit table as they arrive,
+//! moves audit records from the queue file into the audit table as they arrive,
 //! evaluates the alarm rules every `pg_secrets.alarm_interval`, and every
 //! `pg_secrets.worker_naptime` it starts due rotations, advances running ones (resuming
 //! any a crash interrupted), purges secrets past their deletion date and prunes deprecated

@@ -37,6 +37,8 @@ pub struct ConnectSettings<'a> {
     pub timeout: Duration,
     /// TLS to servers (`[server_tls]`); `None` connects in plaintext.
     pub tls: Option<TlsConnector>,
+    /// `verify-full`: every server must prove who it is, which a Unix socket cannot.
+    pub verify_servers: bool,
     pub scram: &'a ScramCache,
 }
 
@@ -208,6 +210,14 @@ async fn connect(
     let unreachable = |address: String, reason: String| ProxyError::Unreachable { address, reason };
     let timed_out = |address: &str| unreachable(address.to_string(), "connect timed out".into());
     if target.host.starts_with('/') {
+        if settings.verify_servers {
+            return Err(ProxyError::ServerTls {
+                address: target.host.clone(),
+                reason: "[server_tls] sslmode = \"verify-full\" and a Unix socket cannot be \
+                         verified; give the server's host name"
+                    .into(),
+            });
+        }
         let path = PathBuf::from(&target.host).join(format!(".s.PGSQL.{}", target.port));
         let shown = path.display().to_string();
         let socket = tokio::time::timeout(settings.timeout, UnixStream::connect(&path))
@@ -232,7 +242,34 @@ async fn connect(
     Ok((stream, ServerAddress::Tcp(peer)))
 }
 
+/// Messages a server may send between AuthenticationOk and ReadyForQuery; PostgreSQL sends a
+/// few dozen.
+const MAX_GREETING_MESSAGES: usize = 1000;
+
+/// Connects and logs in, all within `settings.timeout`: a server that accepts and then stalls
+/// (in the TLS handshake, the authentication or the greeting) is as unreachable as one that
+/// does not answer.
 pub async fn login(
+    target: &Target,
+    credential: &Credential,
+    client_parameters: &BTreeMap<String, String>,
+    settings: &ConnectSettings<'_>,
+) -> Result<BackendSession, ProxyError> {
+    tokio::time::timeout(
+        settings.timeout,
+        log_in(target, credential, client_parameters, settings),
+    )
+    .await
+    .map_err(|_| ProxyError::Unreachable {
+        address: format!("{}:{}", target.host, target.port),
+        reason: format!(
+            "no ready session within {} ms",
+            settings.timeout.as_millis()
+        ),
+    })?
+}
+
+async fn log_in(
     target: &Target,
     credential: &Credential,
     client_parameters: &BTreeMap<String, String>,
@@ -263,7 +300,23 @@ pub async fn login(
                 if body.len() < 4 {
                     return Err(ProxyError::Backend("short authentication request".into()));
                 }
-                match body.get_i32() {
+                let code = body.get_i32();
+                // Once SCRAM has begun, only its own steps may follow, and success only after
+                // the server proved it knows the password: a server (or whoever answers in its
+                // place) cannot switch to cleartext to collect the password, nor skip its proof.
+                if let Some(exchange) = &scram {
+                    let allowed = match code {
+                        0 => exchange.server_verified(),
+                        11 | 12 => true,
+                        _ => false,
+                    };
+                    if !allowed {
+                        return Err(ProxyError::Backend(format!(
+                            "authentication request {code} in the middle of SCRAM"
+                        )));
+                    }
+                }
+                match code {
                     0 => break,
                     3 => frontend::password_message(password, &mut out),
                     5 if body.len() >= 4 => {
@@ -331,6 +384,11 @@ pub async fn login(
     let mut greeting = Vec::new();
     let mut cancel_key = None;
     loop {
+        if greeting.len() >= MAX_GREETING_MESSAGES {
+            return Err(ProxyError::Backend(format!(
+                "more than {MAX_GREETING_MESSAGES} messages before ReadyForQuery"
+            )));
+        }
         let (tag, body) = read_message(&mut stream).await?;
         match tag {
             b'E' => return Err(refused(target, body)),

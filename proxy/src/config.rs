@@ -33,7 +33,7 @@ pub struct Tls {
 }
 
 /// TLS to PostgreSQL servers (route backends; the secrets store connection is separate).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerTls {
     #[serde(default)]

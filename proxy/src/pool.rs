@@ -40,6 +40,11 @@ impl Pool {
         None
     }
 
+    /// Drops every idle connection (after a configuration change they were not opened under).
+    pub fn clear(&self) {
+        self.idle.lock().expect("pool lock poisoned").clear();
+    }
+
     pub fn checkin(&self, key: String, session: BackendSession, born: Instant) {
         if self.max_idle_per_key == 0 || born.elapsed() >= self.lifetime {
             return;

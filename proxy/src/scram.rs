@@ -24,6 +24,8 @@ const MAX_ITERATIONS: u32 = 100_000;
 /// Entries kept; a deployment has a few passwords per route, and a full cache starts over.
 const MAX_ENTRIES: usize = 4096;
 const NONCE_LENGTH: usize = 24;
+/// PostgreSQL's salts are 16 bytes; a longer one would only make cache keys big.
+const MAX_SALT_BYTES: usize = 64;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -43,7 +45,8 @@ struct DerivedKeys {
 impl DerivedKeys {
     fn derive(password: &[u8], salt: &[u8], iterations: u32) -> DerivedKeys {
         let mut salted = [0u8; 32];
-        pbkdf2::pbkdf2_hmac::<Sha256>(&normalize(password), salt, iterations, &mut salted);
+        let normalized = zeroize::Zeroizing::new(normalize(password));
+        pbkdf2::pbkdf2_hmac::<Sha256>(&normalized, salt, iterations, &mut salted);
         let keys = DerivedKeys {
             client_key: hmac(&salted, b"Client Key"),
             server_key: hmac(&salted, b"Server Key"),
@@ -121,6 +124,8 @@ pub struct ScramExchange {
     nonce: String,
     /// Set by `client_final`: the server's signature to expect.
     expected_server_signature: Option<[u8; 32]>,
+    /// Set when the server's signature matched.
+    verified: bool,
 }
 
 fn invalid(what: &str) -> String {
@@ -146,6 +151,7 @@ impl ScramExchange {
             client_first_bare: format!("n={user},r={nonce}"),
             nonce,
             expected_server_signature: None,
+            verified: false,
         }
     }
 
@@ -179,6 +185,12 @@ impl ScramExchange {
         let salt = STANDARD
             .decode(salt.ok_or_else(|| invalid("no salt"))?)
             .map_err(|_| invalid("salt is not base64"))?;
+        if salt.is_empty() || salt.len() > MAX_SALT_BYTES {
+            return Err(invalid(&format!(
+                "a salt of {} bytes (1 to {MAX_SALT_BYTES})",
+                salt.len()
+            )));
+        }
         let iterations: u32 = iterations
             .ok_or_else(|| invalid("no iteration count"))?
             .parse()
@@ -205,8 +217,13 @@ impl ScramExchange {
         Ok(message.into_bytes())
     }
 
+    /// Whether the server has proved it knows the password.
+    pub fn server_verified(&self) -> bool {
+        self.verified
+    }
+
     /// The server proves it knew the password too.
-    pub fn verify_server_final(&self, server_final: &[u8]) -> Result<(), String> {
+    pub fn verify_server_final(&mut self, server_final: &[u8]) -> Result<(), String> {
         let expected = self
             .expected_server_signature
             .ok_or_else(|| invalid("final message before the first"))?;
@@ -223,6 +240,7 @@ impl ScramExchange {
                 "the server's SCRAM signature is wrong: it does not know the password".into(),
             );
         }
+        self.verified = true;
         Ok(())
     }
 }
@@ -254,9 +272,11 @@ mod tests {
                 .client_final(SERVER_FIRST.as_bytes(), b"pencil", &cache)
                 .unwrap();
             assert_eq!(String::from_utf8(client_final).unwrap(), CLIENT_FINAL);
+            assert!(!exchange.server_verified());
             exchange
                 .verify_server_final(SERVER_FINAL.as_bytes())
                 .unwrap();
+            assert!(exchange.server_verified());
             assert_eq!(counted(&metrics.scram_derivations), 1);
             assert_eq!(counted(&metrics.scram_cache_hits), round);
         }
@@ -299,6 +319,10 @@ mod tests {
                 "no iteration count",
             ),
             ("m=ext,r=rOprNGfwEbeRWgbNEkqOx", "mandatory extension"),
+            (
+                "r=rOprNGfwEbeRWgbNEkqOx,s=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA,i=4096",
+                "a salt of 66 bytes",
+            ),
         ];
         for (server_first, words) in cases {
             let mut exchange = ScramExchange::with_nonce("", CLIENT_NONCE.into());
@@ -308,9 +332,10 @@ mod tests {
             assert!(error.contains(words), "{server_first}: {error}");
         }
         assert_eq!(counted(&metrics.scram_derivations), 0);
-        let exchange = ScramExchange::with_nonce("", CLIENT_NONCE.into());
+        let mut exchange = ScramExchange::with_nonce("", CLIENT_NONCE.into());
         assert!(exchange
             .verify_server_final(SERVER_FINAL.as_bytes())
             .is_err());
+        assert!(!exchange.server_verified());
     }
 }

@@ -8,7 +8,7 @@
 
 use crate::backend::{BackendSession, ConnectSettings};
 use crate::cancel::CancelRegistry;
-use crate::config::{Config, Route};
+use crate::config::{Config, Route, ServerSslMode};
 use crate::credentials::CredentialCache;
 use crate::error::ProxyError;
 use crate::frontend::{self, ClientStream, Opening};
@@ -374,6 +374,7 @@ async fn session(
                 .read()
                 .expect("server tls lock poisoned")
                 .clone(),
+            verify_servers: config.server_tls.sslmode == ServerSslMode::VerifyFull,
             scram: &shared.scram,
         },
     };
@@ -466,6 +467,10 @@ async fn reload_on_sighup(path: PathBuf, shared: Arc<Shared>) {
                     Ok((acceptor, connector)) => {
                         *shared.tls.write().expect("tls lock poisoned") = acceptor;
                         *shared.server_tls.write().expect("server tls lock poisoned") = connector;
+                        // Idle server connections were opened under the old rules.
+                        if new.server_tls != shared.config().server_tls {
+                            shared.pool.clear();
+                        }
                     }
                     Err(error) => {
                         tracing::error!(%error, "configuration not reloaded");

@@ -356,6 +356,34 @@ fn a_role_sees_the_records_of_what_it_manages_and_auditors_see_all() {
     );
 }
 
+fn superuser_as_application(cluster: &Cluster, application_name: &str) -> Client {
+    Client::connect(
+        &format!(
+            "{} application_name={application_name}",
+            cluster.connection_string(
+                pg_secrets_e2e::SUPERUSER,
+                pg_secrets_e2e::SUPERUSER_PASSWORD
+            )
+        ),
+        pg_secrets_e2e::NoTls,
+    )
+    .unwrap()
+}
+
+/// Audit lines of allowed calls by this application in the cluster's server log.
+fn audit_log_lines(cluster: &Cluster, application_name: &str) -> usize {
+    let application = format!("\"application_name\":\"{application_name}\"");
+    cluster
+        .server_log()
+        .lines()
+        .filter(|line| {
+            line.contains("pg_secrets audit: ")
+                && line.contains(&application)
+                && line.contains("\"outcome\":\"allowed\"")
+        })
+        .count()
+}
+
 /// The worker's pid, from pg_stat_activity.
 fn worker_pid(db: &mut Client) -> String {
     let pid: i32 = db
@@ -382,17 +410,7 @@ fn reads_while_the_worker_is_stopped(cluster: &Cluster, reads: usize) -> String 
     let mut db = cluster.superuser();
     let worker = worker_pid(&mut db);
     signal(&worker, "-STOP");
-    let mut app = Client::connect(
-        &format!(
-            "{} application_name=crash-test",
-            cluster.connection_string(
-                pg_secrets_e2e::SUPERUSER,
-                pg_secrets_e2e::SUPERUSER_PASSWORD
-            )
-        ),
-        pg_secrets_e2e::NoTls,
-    )
-    .unwrap();
+    let mut app = superuser_as_application(cluster, "crash-test");
     for _ in 0..reads {
         app.query_one("SELECT secrets.get_secret_value('crash/key')", &[])
             .unwrap();
@@ -463,15 +481,11 @@ fn a_crash_or_an_immediate_stop_loses_no_record() {
     assert_eq!(stored_after_restart(&cluster, 300), 300);
     let mut db = cluster.superuser();
     assert!(verify(&mut db).0, "the chain is intact");
-    let logged = cluster
-        .server_log()
-        .lines()
-        .filter(|line| {
-            line.contains("pg_secrets audit: ")
-                && line.contains("\"application_name\":\"crash-test\"")
-        })
-        .count();
-    assert_eq!(logged, 300, "the worker logs each record once it is stored");
+    assert_eq!(
+        audit_log_lines(&cluster, "crash-test"),
+        300,
+        "the worker logs each record once it is stored"
+    );
 }
 
 #[test]
@@ -609,17 +623,7 @@ fn reads_on_a_standby_are_recorded_in_its_server_log() {
         .batch_execute("SELECT secrets.create_secret('replica/key', 'v')")
         .unwrap();
     let standby = primary.start_standby();
-    let mut db = Client::connect(
-        &format!(
-            "{} application_name=standby-reader",
-            standby.connection_string(
-                pg_secrets_e2e::SUPERUSER,
-                pg_secrets_e2e::SUPERUSER_PASSWORD
-            )
-        ),
-        pg_secrets_e2e::NoTls,
-    )
-    .unwrap();
+    let mut db = superuser_as_application(&standby, "standby-reader");
     let deadline = Instant::now() + Duration::from_secs(30);
     // The secret arrives by streaming replication.
     while db
@@ -640,15 +644,7 @@ fn reads_on_a_standby_are_recorded_in_its_server_log() {
             .get(0);
         assert_eq!(value, "v");
     }
-    let logged = standby
-        .server_log()
-        .lines()
-        .filter(|line| {
-            line.contains("pg_secrets audit: ")
-                && line.contains("\"application_name\":\"standby-reader\"")
-                && line.contains("\"outcome\":\"allowed\"")
-        })
-        .count();
+    let logged = audit_log_lines(&standby, "standby-reader");
     assert!(
         logged >= reads,
         "{logged} of {reads} reads in the standby's log"

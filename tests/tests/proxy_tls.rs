@@ -260,6 +260,21 @@ fn tls_to_servers_verified_against_the_configured_ca() {
     );
     drop(proxy);
 
+    // A Unix socket cannot prove who listens on it: refused under verify-full.
+    set_server_host(
+        &cluster,
+        &cluster.socket_dir().display().to_string(),
+        cluster.port,
+    );
+    let proxy = proxy_with_server_tls(&cluster, &verify_full);
+    let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
+    assert!(
+        !ok && text.contains("a Unix socket cannot be verified"),
+        "{text}"
+    );
+    drop(proxy);
+    set_server_host(&cluster, "127.0.0.1", cluster.port);
+
     // require: encrypted, the certificate not checked, so the address form is fine.
     let proxy = proxy_with_server_tls(&cluster, "sslmode = \"require\"");
     let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");

@@ -122,35 +122,72 @@ unsafe extern "C-unwind" fn attach_memory() {
 }
 
 /// Opens (or creates) the ring file in the data directory, the postmaster's working
-/// directory, and maps it shared. A file of another size or without the marker starts empty.
+/// directory, and maps it shared. A file that is not a ring of this layout, or whose positions
+/// make no sense, is moved aside (never silently emptied) and a new one starts.
 fn map_ring_file() -> std::io::Result<(memmap2::MmapRaw, *mut Ring)> {
+    use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let size = std::mem::size_of::<Ring>() as u64;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(FILE_NAME)?;
-    let reuse = file.metadata()?.len() == size;
-    if !reuse {
-        file.set_len(0)?;
-        file.set_len(size)?;
+    let size = std::mem::size_of::<Ring>();
+    let open = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(FILE_NAME)
+    };
+    let mut file = open()?;
+    let length = file.metadata()?.len();
+    if length != 0 && length != size as u64 {
+        set_aside(&format!("its size is {length} bytes, not {size}"))?;
+        file = open()?;
     }
-    let mapping = memmap2::MmapOptions::new()
-        .len(size as usize)
-        .map_raw(&file)?;
+    let fresh = file.metadata()?.len() == 0;
+    if fresh {
+        // Written out, not merely sized: a sparse file would turn a full disk into SIGBUS in
+        // whichever process first touched an unallocated page.
+        file.write_all(&vec![0u8; size])?;
+        file.sync_all()?;
+    }
+    let mapping = memmap2::MmapOptions::new().len(size).map_raw(&file)?;
     let ring = mapping.as_mut_ptr().cast::<Ring>();
     // SAFETY: the mapping is `size` bytes, the size of a Ring, and no other process runs yet.
     unsafe {
-        if !reuse || (*ring).magic != MAGIC || (*ring).head < (*ring).tail {
-            std::ptr::write_bytes(ring.cast::<u8>(), 0, size as usize);
-            (*ring).ring_id = rand::random();
-            (*ring).magic = MAGIC;
+        if !fresh && !header_is_sane(&*ring) {
+            drop(mapping);
+            set_aside(
+                "its header is not a pg_secrets audit queue's, or its positions are damaged",
+            )?;
+            return map_ring_file();
+        }
+        if fresh {
+            start_new_ring(ring);
         }
     }
     Ok((mapping, ring))
+}
+
+/// # Safety
+/// `ring` must point at a mapped Ring that no other process uses yet.
+unsafe fn start_new_ring(ring: *mut Ring) {
+    unsafe {
+        (*ring).ring_id = rand::random();
+        (*ring).tail = (*ring).head;
+        (*ring).magic = MAGIC;
+    }
+}
+
+fn header_is_sane(ring: &Ring) -> bool {
+    ring.magic == MAGIC && ring.head >= ring.tail && ring.head - ring.tail <= CAPACITY as u64
+}
+
+/// Renames the file so that a new ring can start, keeping what it held for inspection.
+fn set_aside(why: &str) -> std::io::Result<()> {
+    let aside = format!("{FILE_NAME}.damaged");
+    std::fs::rename(FILE_NAME, &aside)?;
+    pgrx::log!("pg_secrets: the audit queue file {FILE_NAME} was renamed to {aside} and a new one started: {why}");
+    Ok(())
 }
 
 fn ring() -> Result<*mut Ring> {
@@ -241,7 +278,8 @@ pub fn peek(max: usize) -> Result<Vec<Vec<u8>>> {
         Ok((tail..head.min(tail + max as u64))
             .map(|sequence| {
                 let slot = &(*ring).slots[(sequence % CAPACITY as u64) as usize];
-                slot.bytes[..slot.len as usize].to_vec()
+                // A damaged length reads as a truncated record, which is stored as unreadable.
+                slot.bytes[..(slot.len as usize).min(SLOT_BYTES)].to_vec()
             })
             .collect())
     }
@@ -271,14 +309,26 @@ pub fn position() -> Result<(pgrx::Uuid, u64)> {
     unsafe { Ok((pgrx::Uuid::from_bytes((*ring).ring_id), (*ring).tail)) }
 }
 
-/// The worker, at start: frees what the table already holds. A crash between the commit of a
-/// batch and `release` leaves those records queued; they must not be stored twice.
+/// The worker: frees what the table already holds. A crash between the commit of a batch and
+/// `release` leaves those records queued; they must not be stored twice. A table that claims
+/// more than this ring ever held (a data directory restored from a backup, a table restored
+/// without its file) proves nothing about the records here: the ring takes a new identity and
+/// keeps them, since a record stored twice can be explained and one dropped cannot.
 pub fn skip_through(stored_through: u64) -> Result<()> {
     let ring = ring()?;
     let _locked = Locked::new(pg_sys::LWLockMode::LW_EXCLUSIVE);
     unsafe {
-        if stored_through > (*ring).tail {
-            (*ring).tail = stored_through.min((*ring).head);
+        if stored_through > (*ring).head {
+            (*ring).ring_id = rand::random();
+            pgrx::warning!(
+                "pg_secrets: the audit table has stored records this queue never held (through \
+                 {stored_through}, the queue is at {}); the queue takes a new identity and its \
+                 {} waiting records are stored",
+                (*ring).head,
+                (*ring).head - (*ring).tail
+            );
+        } else if stored_through > (*ring).tail {
+            (*ring).tail = stored_through;
         }
     }
     Ok(())

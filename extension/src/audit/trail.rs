@@ -99,7 +99,7 @@ pub fn drain_batch() -> Result<Drained> {
         if let Some(through) = stored_through.filter(|through| *through as u64 > tail) {
             queue::skip_through(through as u64)?;
         }
-        let (_, tail) = queue::position()?;
+        let (ring_id, tail) = queue::position()?;
         let queued = queue::peek(DRAIN_BATCH)?;
         if queued.is_empty() {
             return Ok(Drained {
@@ -107,9 +107,11 @@ pub fn drain_batch() -> Result<Drained> {
                 log_lines: Vec::new(),
             });
         }
-        // The commit waits for its WAL flush (whatever synchronous_commit says elsewhere): the
-        // slots are freed right after it, and a batch lost from the WAL would be lost for good.
-        client.update("SET LOCAL synchronous_commit TO on", None, &[])?;
+        // The commit waits for its local WAL flush (whatever synchronous_commit says elsewhere):
+        // the slots are freed right after it, and a batch lost from the WAL would be lost for
+        // good. Not for a synchronous standby: one that is down must not stop the trail, and
+        // with it every audited read once the queue is full.
+        client.update("SET LOCAL synchronous_commit TO local", None, &[])?;
         let (mut id, mut previous) = chain_end(client)?;
         let mut columns = Columns::default();
         let mut log_lines = Vec::new();
