@@ -67,6 +67,50 @@ fn cancel_rotate_secret(name: Option<&str>) -> Result<(), ErrorReport> {
     ))
 }
 
+/// Every rotation of a secret, newest first: how each ended and why.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn rotation_history(
+    name: Option<&str>,
+    max_results: default!(Option<i32>, 100),
+) -> Result<
+    TableIterator<
+        'static,
+        (
+            name!(rotation_id, Uuid),
+            name!(rotator, String),
+            name!(state, String),
+            name!(step, String),
+            name!(pending_version_id, Option<Uuid>),
+            name!(failures, i32),
+            name!(last_error, Option<String>),
+            name!(note, Option<String>),
+            name!(started_at, TimestampWithTimeZone),
+            name!(finished_at, Option<TimestampWithTimeZone>),
+        ),
+    >,
+    ErrorReport,
+> {
+    let entries = sql(audit::audited("describe", "rotation_history", name, || {
+        let name = valid_name(name)?;
+        rotation::history(name, required(max_results, "max_results")?)
+    }))?;
+    Ok(TableIterator::new(entries.into_iter().map(|entry| {
+        (
+            entry.id,
+            entry.rotator,
+            entry.state,
+            entry.step,
+            entry.pending_version_id,
+            entry.failures,
+            entry.last_error,
+            entry.note,
+            entry.started_at,
+            entry.finished_at,
+        )
+    })))
+}
+
 /// Offboarding: rotates every secret `role` can read; one row per secret with its status.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]

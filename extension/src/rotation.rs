@@ -632,6 +632,56 @@ pub fn describe(client: &SpiClient<'_>, secret_id: Uuid) -> Result<JsonB> {
     .expect("the secret exists"))
 }
 
+/// One rotation of a secret, as `rotation_history` shows it.
+pub struct HistoryEntry {
+    pub id: Uuid,
+    pub rotator: String,
+    pub state: String,
+    pub step: String,
+    pub pending_version_id: Option<Uuid>,
+    pub failures: i32,
+    pub last_error: Option<String>,
+    pub note: Option<String>,
+    pub started_at: TimestampWithTimeZone,
+    pub finished_at: Option<TimestampWithTimeZone>,
+}
+
+/// `rotation_history`: the secret's rotations, newest first, for those who may describe it.
+pub fn history(name: &str, max_results: i32) -> Result<Vec<HistoryEntry>> {
+    if !(1..=1000).contains(&max_results) {
+        return Err(Error::InvalidParameter(format!(
+            "max_results must be between 1 and 1000, not {max_results}"
+        )));
+    }
+    Spi::connect_mut(|client| {
+        let secret = store::authorize(client, name, Action::Describe, OnDeleted::Allow)?;
+        client
+            .select(
+                "SELECT id, rotator, state, step, pending_version_id, attempts, last_error, note, \
+                        started_at, finished_at \
+                 FROM secrets.rotation WHERE secret_id = $1 \
+                 ORDER BY started_at DESC LIMIT $2",
+                None,
+                &[secret.id.into(), i64::from(max_results).into()],
+            )?
+            .map(|row| {
+                Ok(HistoryEntry {
+                    id: row.get(1)?.expect("NOT NULL"),
+                    rotator: row.get(2)?.expect("NOT NULL"),
+                    state: row.get(3)?.expect("NOT NULL"),
+                    step: row.get(4)?.expect("NOT NULL"),
+                    pending_version_id: row.get(5)?,
+                    failures: row.get(6)?.expect("NOT NULL"),
+                    last_error: row.get(7)?,
+                    note: row.get(8)?,
+                    started_at: row.get(9)?.expect("NOT NULL"),
+                    finished_at: row.get(10)?,
+                })
+            })
+            .collect()
+    })
+}
+
 /// `rotate_secrets_accessible_by`: every secret `role` can read (with `only_accessed`, only
 /// those it did read according to the audit trail), with what happened to it.
 /// Each one is rotated in its own subtransaction, so one failure does not stop the others.

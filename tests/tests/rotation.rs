@@ -685,6 +685,64 @@ fn a_target_that_is_down_fails_cleanly_alarms_and_recovers() {
         .unwrap();
     wait_for_rotation(&mut db, "db/down");
     login(&target, &current(&mut db, "db/down")).expect("the rotated CURRENT logs in");
+
+    // The history: the success, then the abandoned attempt with its failures and error.
+    // (state, step, failures, last_error, note)
+    type Entry = (String, String, i32, Option<String>, Option<String>);
+    let history: Vec<Entry> = db
+        .query(
+            "SELECT state, step, failures, last_error, note FROM secrets.rotation_history('db/down')",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4)))
+        .collect();
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert_eq!(
+        (history[0].0.as_str(), history[0].1.as_str()),
+        ("succeeded", "done")
+    );
+    assert_eq!(history[1].0, "abandoned");
+    assert!(history[1].2 >= 3, "{history:?}");
+    assert!(history[1]
+        .3
+        .as_deref()
+        .unwrap()
+        .contains("failed at step set"));
+    assert!(history[1]
+        .4
+        .as_deref()
+        .unwrap()
+        .contains("put_secret_value"));
+    let newest: i64 = db
+        .query_one(
+            "SELECT count(*) FROM secrets.rotation_history('db/down', max_results => 1)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(newest, 1);
+    for (sql, sqlstate, words) in [
+        (
+            "SELECT * FROM secrets.rotation_history('db/down', max_results => 0)",
+            "22023",
+            "max_results must be between 1 and 1000",
+        ),
+        (
+            "SELECT * FROM secrets.rotation_history(NULL)",
+            "22004",
+            "must not be NULL",
+        ),
+    ] {
+        assert_sql_error(db.query(sql, &[]), sqlstate, words);
+    }
+    let mut stranger = store.login_role("stranger", "IN ROLE secrets_user");
+    assert_sql_error(
+        stranger.query("SELECT * FROM secrets.rotation_history('db/down')", &[]),
+        "42501",
+        "permission denied",
+    );
 }
 
 #[test]
