@@ -207,8 +207,8 @@ async fn connect(
     target: &Target,
     settings: &ConnectSettings<'_>,
 ) -> Result<(ServerStream, ServerAddress), ProxyError> {
+    // No timeout of its own: `login` bounds the whole login, this included.
     let unreachable = |address: String, reason: String| ProxyError::Unreachable { address, reason };
-    let timed_out = |address: &str| unreachable(address.to_string(), "connect timed out".into());
     if target.host.starts_with('/') {
         if settings.verify_servers {
             return Err(ProxyError::ServerTls {
@@ -220,16 +220,14 @@ async fn connect(
         }
         let path = PathBuf::from(&target.host).join(format!(".s.PGSQL.{}", target.port));
         let shown = path.display().to_string();
-        let socket = tokio::time::timeout(settings.timeout, UnixStream::connect(&path))
+        let socket = UnixStream::connect(&path)
             .await
-            .map_err(|_| timed_out(&shown))?
             .map_err(|e| unreachable(shown.clone(), e.to_string()))?;
         return Ok((ServerStream::Unix(socket), ServerAddress::Unix(path)));
     }
     let address = format!("{}:{}", target.host, target.port);
-    let socket = tokio::time::timeout(settings.timeout, TcpStream::connect(&address))
+    let socket = TcpStream::connect(&address)
         .await
-        .map_err(|_| timed_out(&address))?
         .map_err(|e| unreachable(address.clone(), e.to_string()))?;
     socket.set_nodelay(true).ok();
     let peer = socket

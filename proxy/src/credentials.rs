@@ -94,8 +94,12 @@ impl CredentialCache {
                 recycling_method: deadpool_postgres::RecyclingMethod::Fast,
             },
         );
+        // A login waits at most this long for a free store connection; a stalled store then
+        // counts as unreachable, and the last known credential can serve.
         let connections = deadpool_postgres::Pool::builder(manager)
             .max_size(store.pool_size)
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| format!("[store] connection pool: {e}"))?;
         Ok(Arc::new(CredentialCache {
@@ -210,10 +214,11 @@ impl CredentialCache {
     }
 
     async fn fetch(&self, secret: &str, stage: &'static str) -> Fetched {
-        let client = self.connections.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(e) => FetchError::Unreachable(e.to_string()),
-            other => FetchError::Unreachable(other.to_string()),
-        })?;
+        let client = self
+            .connections
+            .get()
+            .await
+            .map_err(|e| FetchError::Unreachable(e.to_string()))?;
         let result = client
             .query_one(
                 "SELECT secrets.get_secret_value($1, version_stage => $2)",

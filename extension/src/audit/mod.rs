@@ -9,7 +9,8 @@
 //! one with SHA-256 (`trail.rs`), and then writes each record to the server log as one
 //! structured line (`pg_secrets.audit_server_log`, on by default) for log shippers. Records
 //! that cannot reach the table (calls in another database than `pg_secrets.database`, or on a
-//! standby) are written to the server log at once, whatever that setting says. Alarm rules over the trail are `alarms.rs`.
+//! standby) are written to the server log at once, whatever that setting says. Alarm rules
+//! over the trail are `alarms.rs`.
 
 pub mod alarms;
 pub mod queue;

@@ -83,7 +83,7 @@ pub struct Drained {
 /// The worker: moves up to one batch from the queue to the table, in the current transaction,
 /// with the queue position it reaches. The queue is released by the worker after the commit.
 pub fn drain_batch() -> Result<Drained> {
-    let (ring_id, tail) = queue::position()?;
+    let (ring_id, _) = queue::position()?;
     Spi::connect_mut(|client| {
         // Records a crash left queued after their batch had committed are not stored twice.
         let stored_through = client
@@ -96,7 +96,7 @@ pub fn drain_batch() -> Result<Drained> {
             .map(|row| row.get::<i64>(1))
             .transpose()?
             .flatten();
-        if let Some(through) = stored_through.filter(|through| *through as u64 > tail) {
+        if let Some(through) = stored_through {
             queue::skip_through(through as u64)?;
         }
         let (ring_id, tail) = queue::position()?;
