@@ -58,6 +58,11 @@ pub enum Error {
     AuditQueueFull,
     #[error("the audit queue file pg_secrets_audit.queue in the data directory could not be opened at server start; the call was refused so that nothing happens unaudited")]
     AuditQueueUnavailable,
+    #[error("table {table} lacks column \"{column}\", which this pg_secrets library writes")]
+    SchemaMismatch {
+        table: &'static str,
+        column: &'static str,
+    },
     #[error("access request {id} is already {state}")]
     RequestDecided { id: String, state: String },
     /// A PostgreSQL error caught in a subtransaction, kept as its message to be recorded.
@@ -81,7 +86,8 @@ impl Error {
             Error::NotPreloaded
             | Error::ScheduledForDeletion { .. }
             | Error::NotDeleted(_)
-            | Error::RequestDecided { .. } => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "55000"),
+            | Error::RequestDecided { .. }
+            | Error::SchemaMismatch { .. } => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "55000"),
             Error::NullArgument(_) => (ERRCODE_NULL_VALUE_NOT_ALLOWED, "22004"),
             Error::InvalidParameter(_) => (ERRCODE_INVALID_PARAMETER_VALUE, "22023"),
             Error::LimitExceeded(_) => (ERRCODE_PROGRAM_LIMIT_EXCEEDED, "54000"),
@@ -116,6 +122,7 @@ impl Error {
             Error::AuditQueueUnavailable => "The server log says why (permissions, disk space); fix it and restart the server.",
             Error::AuditQueueFull => "Check that the pg_secrets worker runs (pg_stat_activity) in the database named by pg_secrets.database.",
             Error::RotationFailed { .. } => "Nothing changed: the CURRENT version is the one before the rotation.",
+            Error::SchemaMismatch { .. } => "The library and the extension's tables come from different versions: reinstall the extension.",
             Error::Integrity(_) => "Restore the secret's rows from a backup; the stored data cannot be trusted.",
             _ => return None,
         })

@@ -173,6 +173,42 @@ mod tests {
         assert_eq!(validate::recovery_window(None, false).unwrap(), 30);
     }
 
+    /// The queued form decodes to the same record; the hash chain still covers exactly the
+    /// compact JSON array `[id,record]` that records stored before the queued form changed were
+    /// chained with, so they keep verifying.
+    #[test]
+    fn audit_record_forms() {
+        use crate::audit::{trail::chain_hash, Record};
+        use sha2::{Digest, Sha256};
+        let record = Record {
+            at_micros: 1_700_000_000_123_456,
+            session_user: "app".into(),
+            current_user: "app \"quoted\" \u{e9}".into(),
+            action: "get".into(),
+            secret_name: Some("prod/db".into()),
+            secret_id: Some("0b9f3c4e-1d2a-4c5b-8e6f-7a8b9c0d1e2f".into()),
+            client_port: Some(5432),
+            backend_pid: 4242,
+            details: r#"{"function":"get_secret_value"}"#.into(),
+            ..Record::default()
+        };
+        assert_eq!(
+            Record::from_queued(&record.to_queued()),
+            Some(record.clone())
+        );
+        assert_eq!(Record::from_queued(&record.to_queued()[..20]), None);
+        let previous = [7u8; 32];
+        let mut expected = Sha256::new();
+        expected.update(previous);
+        expected.update(serde_json::to_vec(&(41i64, &record)).unwrap());
+        assert_eq!(
+            chain_hash(&previous, 41, &record.to_json()),
+            <[u8; 32]>::from(expected.finalize())
+        );
+        let line = crate::audit::server_log_line(&record, &record.to_json());
+        assert!(line.starts_with(b"2023-11-14 22:13:20.123 UTC [4242] LOG:  pg_secrets audit: {"));
+    }
+
     #[pg_test]
     fn store_round_trip_in_sql() {
         let version = Spi::get_one::<pgrx::Uuid>(

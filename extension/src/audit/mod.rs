@@ -13,6 +13,7 @@
 //! over the trail are `alarms.rs`.
 
 pub mod alarms;
+mod append;
 pub mod queue;
 pub mod trail;
 
@@ -44,6 +45,33 @@ pub struct Record {
     pub backend_pid: i32,
     /// A JSON object: the function called, the error message, what else the action concerns.
     pub details: String,
+}
+
+impl Record {
+    /// The record as it waits in the queue: postcard, a compact binary form that costs the
+    /// caller a few copies (JSON's escaping and number formatting cost a tenth of a read).
+    pub fn to_queued(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("plain data serializes")
+    }
+
+    pub fn from_queued(bytes: &[u8]) -> Option<Record> {
+        postcard::from_bytes(bytes).ok()
+    }
+
+    /// The record as JSON, the form the hash chain covers and the server log shows.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Room for a typical record: growing the buffer step by step costs more than the JSON.
+        let mut json = Vec::with_capacity(512);
+        serde_json::to_writer(&mut json, self).expect("plain data serializes");
+        json
+    }
+}
+
+/// A uuid as text, the way PostgreSQL writes it.
+fn uuid_text(id: Uuid) -> String {
+    uuid::Uuid::from_bytes(*id.as_bytes())
+        .hyphenated()
+        .to_string()
 }
 
 /// What the store learned about the secret while serving the call.
@@ -139,8 +167,8 @@ pub fn record(
         current_user: role_name(access::caller()),
         action: action.to_string(),
         secret_name: secret_name.map(str::to_string),
-        secret_id: touched.secret_id.map(|id| id.to_string()),
-        version_id: touched.version_id.map(|id| id.to_string()),
+        secret_id: touched.secret_id.map(uuid_text),
+        version_id: touched.version_id.map(uuid_text),
         version_stage: touched.version_stage,
         outcome: outcome.to_string(),
         sqlstate: sqlstate.map(str::to_string),
@@ -150,12 +178,11 @@ pub fn record(
         backend_pid: unsafe { pg_sys::MyProcPid },
         details: details.to_string(),
     };
-    let serialized = serde_json::to_vec(&record).expect("plain data serializes");
     match table_out_of_reach() {
         // The server log is then the only place the record can go, whatever
         // pg_secrets.audit_server_log says.
         Some(reason) => {
-            write_to_server_log(&[server_log_line(&record, &serialized)]);
+            write_to_server_log(&[server_log_line(&record, &record.to_json())]);
             if !NOTED_LOG_ONLY.with(|noted| noted.replace(true)) {
                 let message =
                     format!("pg_secrets: {reason}, so this session's audit records go to the server log only");
@@ -167,7 +194,7 @@ pub fn record(
             }
             Ok(())
         }
-        None => queue::push(&serialized, settings::audit_queue_wait()),
+        None => queue::push(&record.to_queued(), settings::audit_queue_wait()),
     }
 }
 
@@ -207,19 +234,28 @@ fn table_out_of_reach() -> Option<OutOfReach> {
     None
 }
 
-/// A record as one line of the server log: the server's own line prefix, then the JSON.
-pub fn server_log_line(record: &Record, serialized: &[u8]) -> Vec<u8> {
+/// A record as one line of the server log: the server's own line prefix, then its JSON.
+pub fn server_log_line(record: &Record, json: &[u8]) -> Vec<u8> {
+    use chrono::{Datelike, Timelike};
     use std::io::Write;
-    let at = chrono::DateTime::from_timestamp_micros(record.at_micros)
-        .map(|at| at.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string())
-        .unwrap_or_default();
-    let mut line = Vec::with_capacity(serialized.len() + 64);
-    let _ = write!(
-        line,
-        "{at} [{}] LOG:  pg_secrets audit: ",
-        record.backend_pid
-    );
-    line.extend_from_slice(serialized);
+    let mut line = Vec::with_capacity(json.len() + 64);
+    // Written field by field: a strftime pattern is parsed anew on every call, and the worker
+    // writes thousands of these lines a second.
+    if let Some(at) = chrono::DateTime::from_timestamp_micros(record.at_micros) {
+        let _ = write!(
+            line,
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03} UTC ",
+            at.year(),
+            at.month(),
+            at.day(),
+            at.hour(),
+            at.minute(),
+            at.second(),
+            at.timestamp_subsec_millis()
+        );
+    }
+    let _ = write!(line, "[{}] LOG:  pg_secrets audit: ", record.backend_pid);
+    line.extend_from_slice(json);
     line.push(b'\n');
     line
 }

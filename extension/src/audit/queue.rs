@@ -22,8 +22,9 @@ pub const CAPACITY: usize = 4096;
 pub const SLOT_BYTES: usize = 2040;
 
 const FILE_NAME: &str = "pg_secrets_audit.queue";
-/// Format marker at the start of the file; a file without it is started afresh.
-const MAGIC: u64 = u64::from_le_bytes(*b"PGSAUDQ1");
+/// Format marker at the start of the file (version 2: records in postcard); a file without it
+/// is set aside and a new one started.
+const MAGIC: u64 = u64::from_le_bytes(*b"PGSAUDQ2");
 
 #[repr(C)]
 struct Slot {

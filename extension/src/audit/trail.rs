@@ -4,6 +4,7 @@
 //! ids have no gaps; retention removes a whole prefix and leaves an anchor with the hash of
 //! the last removed row, so verification still starts from a known hash.
 
+use super::append::{Appender, ChainedRecord, ROWS_PER_CALL};
 use super::{queue, Record};
 use crate::access::{self, Action, Context, Secret};
 use crate::errors::{Error, Result};
@@ -17,19 +18,20 @@ use std::cell::Cell;
 pub const DRAIN_BATCH: usize = 4000;
 const GENESIS: [u8; 32] = [0; 32];
 
-/// The 16 bytes of a textual uuid, as the store writes them.
-fn parse_uuid(text: &str) -> Option<[u8; 16]> {
-    let hex: String = text.chars().filter(|c| *c != '-').collect();
-    let bytes = hex::decode(hex).ok()?;
-    bytes.try_into().ok()
-}
-
-pub fn chain_hash(previous: &[u8], id: i64, record: &Record) -> Vec<u8> {
-    let canonical = serde_json::to_vec(&(id, record)).expect("plain data serializes");
+/// `SHA-256(previous || [id,record])`: the record's JSON (`Record::to_json`, which the server
+/// log line reuses) inside the compact JSON array `[id,…]`, so that anyone can recompute it.
+pub fn chain_hash(previous: &[u8], id: i64, record_json: &[u8]) -> [u8; 32] {
+    use std::io::Write;
+    let mut prefix = [0u8; 24];
+    let mut cursor = &mut prefix[..];
+    write!(cursor, "[{id},").expect("an i64 and two bytes fit in 24");
+    let written = 24 - cursor.len();
     let mut hasher = Sha256::new();
     hasher.update(previous);
-    hasher.update(&canonical);
-    hasher.finalize().to_vec()
+    hasher.update(&prefix[..written]);
+    hasher.update(record_json);
+    hasher.update(b"]");
+    hasher.finalize().into()
 }
 
 /// The last stored id and hash: the newest row, else the newest retention anchor, else the
@@ -112,28 +114,44 @@ pub fn drain_batch() -> Result<Drained> {
         // good. Not for a synchronous standby: one that is down must not stop the trail, and
         // with it every audited read once the queue is full.
         client.update("SET LOCAL synchronous_commit TO local", None, &[])?;
-        let (mut id, mut previous) = chain_end(client)?;
-        let mut columns = Columns::default();
+        let (mut id, stored_previous) = chain_end(client)?;
+        // A stored hash of another length was tampered with (verify_audit_log says where);
+        // the chain goes on from its digest.
+        let mut previous: [u8; 32] = stored_previous
+            .try_into()
+            .unwrap_or_else(|bytes: Vec<u8>| Sha256::digest(bytes).into());
+        let mut appender = Appender::open()?;
+        let mut rows = Vec::with_capacity(ROWS_PER_CALL);
         let mut log_lines = Vec::new();
         let log = crate::settings::audit_server_log();
         for bytes in &queued {
-            // A record that does not parse (truncated at the slot size) is still recorded.
-            let record: Record = serde_json::from_slice(bytes).unwrap_or_else(|_| Record {
+            // A record that does not decode (truncated at the slot size) is still recorded.
+            let record = Record::from_queued(bytes).unwrap_or_else(|| Record {
                 action: "unreadable".into(),
                 outcome: "error".into(),
                 details: serde_json::json!({"error": "the queued record was truncated"})
                     .to_string(),
                 ..Record::default()
             });
+            let json = record.to_json();
             if log {
-                log_lines.push(super::server_log_line(&record, bytes));
+                log_lines.push(super::server_log_line(&record, &json));
             }
             id += 1;
-            let hash = chain_hash(&previous, id, &record);
-            columns.push(id, record, previous, hash.clone());
-            previous = hash;
+            let hash = chain_hash(&previous, id, &json);
+            rows.push(ChainedRecord {
+                id,
+                record,
+                prev_hash: std::mem::replace(&mut previous, hash),
+                hash,
+            });
+            if rows.len() == ROWS_PER_CALL {
+                appender.append(&rows);
+                rows.clear();
+            }
         }
-        columns.insert(client)?;
+        appender.append(&rows);
+        appender.finish();
         client.update(
             "INSERT INTO secrets.audit_queue_progress (ring_id, through) VALUES ($1, $2) \
              ON CONFLICT (ring_id) DO UPDATE SET through = excluded.through",
@@ -145,101 +163,6 @@ pub fn drain_batch() -> Result<Drained> {
             log_lines,
         })
     })
-}
-
-#[derive(Default)]
-struct Columns {
-    id: Vec<i64>,
-    at: Vec<i64>,
-    session_user: Vec<String>,
-    current_user: Vec<String>,
-    action: Vec<String>,
-    secret_name: Vec<Option<String>>,
-    secret_id: Vec<Option<Uuid>>,
-    version_id: Vec<Option<Uuid>>,
-    version_stage: Vec<Option<String>>,
-    outcome: Vec<String>,
-    sqlstate: Vec<Option<String>>,
-    client_addr: Vec<Option<String>>,
-    client_port: Vec<Option<i32>>,
-    application_name: Vec<Option<String>>,
-    backend_pid: Vec<i32>,
-    details: Vec<String>,
-    prev_hash: Vec<Vec<u8>>,
-    hash: Vec<Vec<u8>>,
-}
-
-impl Columns {
-    fn push(&mut self, id: i64, record: Record, prev_hash: Vec<u8>, hash: Vec<u8>) {
-        self.id.push(id);
-        self.at.push(record.at_micros);
-        self.session_user.push(record.session_user);
-        self.current_user.push(record.current_user);
-        self.action.push(record.action);
-        self.secret_name.push(record.secret_name);
-        let uuid =
-            |text: Option<String>| text.and_then(|text| parse_uuid(&text).map(Uuid::from_bytes));
-        self.secret_id.push(uuid(record.secret_id));
-        self.version_id.push(uuid(record.version_id));
-        self.version_stage.push(record.version_stage);
-        self.outcome.push(record.outcome);
-        self.sqlstate.push(record.sqlstate);
-        self.client_addr.push(record.client_addr);
-        self.client_port.push(record.client_port);
-        self.application_name.push(record.application_name);
-        self.backend_pid.push(record.backend_pid);
-        self.details.push(record.details);
-        self.prev_hash.push(prev_hash);
-        self.hash.push(hash);
-    }
-
-    fn insert(self, client: &mut SpiClient<'_>) -> Result<()> {
-        client.update(
-            "INSERT INTO secrets.audit_record \
-               (id, at, \"session_user\", \"current_user\", action, secret_name, secret_id, version_id, \
-                version_stage, outcome, sqlstate, client_addr, client_port, application_name, \
-                backend_pid, details, prev_hash, hash) \
-             SELECT id, TIMESTAMPTZ 'epoch' + at_us * INTERVAL '1 microsecond', su, cu, action, \
-                    secret_name, secret_id, version_id, version_stage, outcome, \
-                    sqlstate, client_addr, client_port, application_name, backend_pid, \
-                    details, prev_hash, hash \
-             FROM ROWS FROM ( \
-                    pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::int8[]), \
-                    pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]), \
-                    pg_catalog.unnest($5::text[]), pg_catalog.unnest($6::text[]), \
-                    pg_catalog.unnest($7::uuid[]), pg_catalog.unnest($8::uuid[]), \
-                    pg_catalog.unnest($9::text[]), pg_catalog.unnest($10::text[]), \
-                    pg_catalog.unnest($11::text[]), pg_catalog.unnest($12::text[]), \
-                    pg_catalog.unnest($13::int4[]), pg_catalog.unnest($14::text[]), \
-                    pg_catalog.unnest($15::int4[]), pg_catalog.unnest($16::text[]), \
-                    pg_catalog.unnest($17::bytea[]), pg_catalog.unnest($18::bytea[])) \
-                  AS r(id, at_us, su, cu, action, secret_name, secret_id, version_id, \
-                       version_stage, outcome, sqlstate, client_addr, client_port, \
-                       application_name, backend_pid, details, prev_hash, hash)",
-            None,
-            &[
-                self.id.into(),
-                self.at.into(),
-                self.session_user.into(),
-                self.current_user.into(),
-                self.action.into(),
-                self.secret_name.into(),
-                self.secret_id.into(),
-                self.version_id.into(),
-                self.version_stage.into(),
-                self.outcome.into(),
-                self.sqlstate.into(),
-                self.client_addr.into(),
-                self.client_port.into(),
-                self.application_name.into(),
-                self.backend_pid.into(),
-                self.details.into(),
-                self.prev_hash.into(),
-                self.hash.into(),
-            ],
-        )?;
-        Ok(())
-    }
 }
 
 /// `verify_audit_log()`: walks the chain; returns (ok, rows checked, first bad id).
@@ -292,7 +215,7 @@ pub fn verify() -> Result<(bool, i64, Option<i64>)> {
                 // hash that does not match the content (changed).
                 if id != expected_id
                     || prev_hash != expected_prev
-                    || chain_hash(&prev_hash, id, &record) != hash
+                    || chain_hash(&prev_hash, id, &record.to_json())[..] != hash[..]
                 {
                     let first_bad = if id != expected_id { expected_id } else { id };
                     return Ok((false, checked, Some(first_bad)));

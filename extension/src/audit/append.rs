@@ -1,0 +1,236 @@
+//! Appends the worker's batch to `secrets.audit_record` the way COPY does: rows go to the heap
+//! a page at a time (`heap_multi_insert`, one WAL record per page rather than per row), then
+//! into the indexes, with the table's NOT NULL and CHECK constraints enforced. An INSERT from
+//! arrays through SPI spent most of the worker's time building, unnesting and re-reading
+//! those arrays; this is the part of the audit trail's cost that every audited read pays for
+//! on a busy server.
+//!
+//! The table has no insert triggers, rules or row-level security for its owner to apply, so
+//! the executor would add nothing else.
+
+use super::Record;
+use crate::errors::{Error, Result};
+use pgrx::pg_sys;
+use pgrx::{IntoDatum, PgMemoryContexts};
+use std::ffi::CStr;
+
+/// One row of the trail: a record with its place in the hash chain.
+pub struct ChainedRecord {
+    pub id: i64,
+    pub record: Record,
+    pub prev_hash: [u8; 32],
+    pub hash: [u8; 32],
+}
+
+/// Rows handed to `heap_multi_insert` at a time: enough to fill several pages per call, few
+/// enough that their slots and datums stay small.
+pub const ROWS_PER_CALL: usize = 128;
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
+const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// The columns written, in this order; their positions are looked up by name.
+const COLUMNS: [&CStr; 18] = [
+    c"id",
+    c"at",
+    c"session_user",
+    c"current_user",
+    c"action",
+    c"secret_name",
+    c"secret_id",
+    c"version_id",
+    c"version_stage",
+    c"outcome",
+    c"sqlstate",
+    c"client_addr",
+    c"client_port",
+    c"application_name",
+    c"backend_pid",
+    c"details",
+    c"prev_hash",
+    c"hash",
+];
+
+/// The row's values in `COLUMNS` order, as datums allocated in the current memory context
+/// (`None` is NULL).
+fn datums(row: &ChainedRecord) -> [Option<pg_sys::Datum>; 18] {
+    let text = |value: &Option<String>| value.as_deref().and_then(|text| text.into_datum());
+    let uuid = |value: &Option<String>| {
+        value
+            .as_deref()
+            .and_then(|text| uuid::Uuid::try_parse(text).ok())
+            .and_then(|id| pgrx::Uuid::from_bytes(*id.as_bytes()).into_datum())
+    };
+    let record = &row.record;
+    [
+        row.id.into_datum(),
+        Some(pg_sys::Datum::from(
+            record.at_micros - POSTGRES_EPOCH_MICROS,
+        )),
+        record.session_user.as_str().into_datum(),
+        record.current_user.as_str().into_datum(),
+        record.action.as_str().into_datum(),
+        text(&record.secret_name),
+        uuid(&record.secret_id),
+        uuid(&record.version_id),
+        text(&record.version_stage),
+        record.outcome.as_str().into_datum(),
+        text(&record.sqlstate),
+        text(&record.client_addr),
+        record.client_port.into_datum(),
+        text(&record.application_name),
+        record.backend_pid.into_datum(),
+        record.details.as_str().into_datum(),
+        row.prev_hash.as_slice().into_datum(),
+        row.hash.as_slice().into_datum(),
+    ]
+}
+
+/// Where each of `COLUMNS` is among the table's attributes.
+fn column_positions(attrs: &[pg_sys::FormData_pg_attribute]) -> Result<[usize; 18]> {
+    let mut positions = [0usize; 18];
+    for (position, column) in positions.iter_mut().zip(COLUMNS) {
+        *position = attrs
+            .iter()
+            .position(|att| {
+                // SAFETY: attname is a NUL-terminated NameData.
+                !att.attisdropped && unsafe { CStr::from_ptr(att.attname.data.as_ptr()) } == column
+            })
+            .ok_or(Error::SchemaMismatch {
+                table: "secrets.audit_record",
+                column: column.to_str().unwrap_or_default(),
+            })?;
+    }
+    Ok(positions)
+}
+
+/// The table open for appending, for the rest of one transaction's batch.
+pub struct Appender {
+    relation: pg_sys::Relation,
+    estate: *mut pg_sys::EState,
+    result_relation: *mut pg_sys::ResultRelInfo,
+    bulk_state: pg_sys::BulkInsertState,
+    command_id: pg_sys::CommandId,
+    /// Where each of `COLUMNS` is in the table.
+    positions: [usize; 18],
+    natts: usize,
+    has_constraints: bool,
+    slots: Vec<*mut pg_sys::TupleTableSlot>,
+    /// Holds one chunk's datums; emptied after each chunk, so a batch of thousands of rows
+    /// reuses the same few pages of memory.
+    chunk_memory: PgMemoryContexts,
+}
+
+impl Appender {
+    /// Opens the table in the current transaction. Nothing needs undoing if a later call
+    /// fails: the transaction's abort releases what this holds.
+    pub fn open() -> Result<Appender> {
+        let relation_oid = crate::index_read::relation_oid(c"audit_record");
+        // SAFETY: the sequence of calls COPY FROM makes (copyfrom.c); the relation stays
+        // locked until the transaction ends.
+        unsafe {
+            let relation = pg_sys::table_open(relation_oid, pg_sys::RowExclusiveLock as i32);
+            let desc = (*relation).rd_att;
+            let natts = (*desc).natts as usize;
+            let positions = match column_positions((*desc).attrs.as_slice(natts)) {
+                Ok(positions) => positions,
+                Err(error) => {
+                    pg_sys::table_close(relation, pg_sys::RowExclusiveLock as i32);
+                    return Err(error);
+                }
+            };
+            let estate = pg_sys::CreateExecutorState();
+            let result_relation = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
+                .cast::<pg_sys::ResultRelInfo>();
+            pg_sys::InitResultRelInfo(result_relation, relation, 1, std::ptr::null_mut(), 0);
+            pg_sys::ExecOpenIndices(result_relation, false);
+            Ok(Appender {
+                relation,
+                estate,
+                result_relation,
+                bulk_state: pg_sys::GetBulkInsertState(),
+                command_id: pg_sys::GetCurrentCommandId(true),
+                positions,
+                natts,
+                has_constraints: !(*desc).constr.is_null(),
+                slots: (0..ROWS_PER_CALL)
+                    .map(|_| pg_sys::table_slot_create(relation, std::ptr::null_mut()))
+                    .collect(),
+                chunk_memory: PgMemoryContexts::new("pg_secrets audit append"),
+            })
+        }
+    }
+
+    /// Appends up to `ROWS_PER_CALL` rows.
+    pub fn append(&mut self, rows: &[ChainedRecord]) {
+        assert!(
+            rows.len() <= ROWS_PER_CALL,
+            "chunks are at most ROWS_PER_CALL rows"
+        );
+        if rows.is_empty() {
+            return;
+        }
+        let slots = &mut self.slots[..rows.len()];
+        // SAFETY: the slots belong to the open relation and have `natts` values; the datums
+        // live in `chunk_memory` until the rows are in the heap and indexes, which copy them.
+        unsafe {
+            self.chunk_memory.switch_to(|_| {
+                for (row, &mut slot) in rows.iter().zip(slots.iter_mut()) {
+                    pg_sys::ExecClearTuple(slot);
+                    let values = std::slice::from_raw_parts_mut((*slot).tts_values, self.natts);
+                    let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, self.natts);
+                    nulls.fill(true);
+                    for (datum, &position) in datums(row).into_iter().zip(&self.positions) {
+                        if let Some(datum) = datum {
+                            values[position] = datum;
+                            nulls[position] = false;
+                        }
+                    }
+                    pg_sys::ExecStoreVirtualTuple(slot);
+                    if self.has_constraints {
+                        pg_sys::ExecConstraints(self.result_relation, slot, self.estate);
+                    }
+                }
+                pg_sys::heap_multi_insert(
+                    self.relation,
+                    slots.as_mut_ptr(),
+                    rows.len() as i32,
+                    self.command_id,
+                    0,
+                    self.bulk_state,
+                );
+                for &mut slot in slots.iter_mut() {
+                    pg_sys::ExecInsertIndexTuples(
+                        self.result_relation,
+                        slot,
+                        self.estate,
+                        false,
+                        false,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                    );
+                }
+            });
+            self.chunk_memory.reset();
+            let per_tuple = (*self.estate).es_per_tuple_exprcontext;
+            if !per_tuple.is_null() {
+                pg_sys::MemoryContextReset((*per_tuple).ecxt_per_tuple_memory);
+            }
+        }
+    }
+
+    /// Releases what the batch used; later statements of the transaction see the rows.
+    pub fn finish(self) {
+        // SAFETY: everything was created in `open` and is released once, here.
+        unsafe {
+            for slot in self.slots {
+                pg_sys::ExecDropSingleTupleTableSlot(slot);
+            }
+            pg_sys::FreeBulkInsertState(self.bulk_state);
+            pg_sys::ExecCloseIndices(self.result_relation);
+            pg_sys::FreeExecutorState(self.estate);
+            pg_sys::table_close(self.relation, pg_sys::NoLock as i32);
+            pg_sys::CommandCounterIncrement();
+        }
+    }
+}
