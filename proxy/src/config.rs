@@ -87,6 +87,19 @@ pub struct Store {
     /// Connections kept open for credential fetches (the notification listener has its own).
     #[serde(default = "default_store_pool_size")]
     pub pool_size: usize,
+    /// TLS to the store, which sends credentials in the clear otherwise: as `[server_tls]`.
+    #[serde(default)]
+    pub sslmode: ServerSslMode,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Store {
+    pub fn tls(&self) -> ServerTls {
+        ServerTls {
+            sslmode: self.sslmode,
+            ca_file: self.ca_file.clone(),
+        }
+    }
 }
 
 /// The password never reaches a log line, even through `{:?}`.
@@ -100,6 +113,8 @@ impl std::fmt::Debug for Store {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("password_file", &self.password_file)
             .field("pool_size", &self.pool_size)
+            .field("sslmode", &self.sslmode)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -197,6 +212,14 @@ impl Config {
         if self.server_tls.sslmode == ServerSslMode::VerifyFull && self.server_tls.ca_file.is_none()
         {
             return Err("[server_tls] sslmode = \"verify-full\" needs ca_file".into());
+        }
+        if self.store.sslmode == ServerSslMode::VerifyFull && self.store.ca_file.is_none() {
+            return Err("[store] sslmode = \"verify-full\" needs ca_file".into());
+        }
+        if self.store.sslmode != ServerSslMode::Disable && self.store.host.starts_with('/') {
+            return Err(
+                "[store] TLS needs a TCP host: PostgreSQL offers no TLS on a Unix socket".into(),
+            );
         }
         if self.store.pool_size == 0 {
             return Err("[store] pool_size must be at least 1".into());
@@ -346,6 +369,16 @@ mod tests {
             (
                 format!("{BASE}\n[server_tls]\nsslmode = \"prefer\""),
                 "unknown variant `prefer`",
+            ),
+            (
+                format!("{BASE}\nsslmode = \"verify-full\""),
+                "[store] sslmode = \"verify-full\" needs ca_file",
+            ),
+            (
+                "[listen]\ntcp = \"127.0.0.1:1\"\n[store]\nhost = \"/run/postgresql\"\n\
+                 user = \"u\"\nsslmode = \"require\""
+                    .to_string(),
+                "TLS needs a TCP host",
             ),
             (
                 format!("{BASE}\n[[route]]\ndatabase = \"d\"\nallow = [\"trust\"]"),

@@ -15,7 +15,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::AsyncMessage;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// The staging labels a login tries, in order: during a rotation the database may already
 /// accept the pending password, or still the previous one.
@@ -69,6 +71,8 @@ struct Entry {
 pub struct CredentialCache {
     store: Store,
     store_password: Option<String>,
+    tls: MakeRustlsConnect,
+    ssl_mode: SslMode,
     ttl: Duration,
     stale_limit: Duration,
     entries: Mutex<HashMap<Key, Entry>>,
@@ -86,9 +90,10 @@ impl CredentialCache {
         stale_limit: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, String> {
+        let (tls, ssl_mode) = crate::tls::store_connector(&store)?;
         let manager = deadpool_postgres::Manager::from_config(
-            store_config(&store, store_password.as_deref()),
-            NoTls,
+            store_config(&store, store_password.as_deref(), ssl_mode),
+            tls.clone(),
             deadpool_postgres::ManagerConfig {
                 // A closed connection is dropped; a live one needs no round trip to reuse.
                 recycling_method: deadpool_postgres::RecyclingMethod::Fast,
@@ -105,6 +110,8 @@ impl CredentialCache {
         Ok(Arc::new(CredentialCache {
             store,
             store_password,
+            tls,
+            ssl_mode,
             ttl,
             stale_limit,
             entries: Mutex::new(HashMap::new()),
@@ -281,9 +288,10 @@ impl CredentialCache {
     }
 
     async fn listen_once(&self) -> Result<(), tokio_postgres::Error> {
-        let (client, mut connection) = store_config(&self.store, self.store_password.as_deref())
-            .connect(NoTls)
-            .await?;
+        let (client, mut connection) =
+            store_config(&self.store, self.store_password.as_deref(), self.ssl_mode)
+                .connect(self.tls.clone())
+                .await?;
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         let listen = client.batch_execute("LISTEN pg_secrets_changed");
         // The LISTEN is answered through the connection, so drive both.
@@ -321,9 +329,14 @@ impl CredentialCache {
     }
 }
 
-fn store_config(store: &Store, password: Option<&str>) -> tokio_postgres::Config {
+fn store_config(
+    store: &Store,
+    password: Option<&str>,
+    ssl_mode: SslMode,
+) -> tokio_postgres::Config {
     let mut config = tokio_postgres::Config::new();
     config
+        .ssl_mode(ssl_mode)
         .host(&store.host)
         .port(store.port)
         .dbname(&store.dbname)

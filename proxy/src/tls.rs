@@ -4,18 +4,24 @@
 //! `client_ca_file`, a certificate it presents is verified against that CA and its subject's
 //! common name becomes a `cert:<name>` identity.
 //!
-//! To servers: `[server_tls]` chooses plaintext, encryption alone, or encryption with the
-//! server's certificate verified against a CA and the host name.
+//! To servers: `[server_tls]` (route servers) and `[store] sslmode` (the secrets store) choose
+//! plaintext, encryption alone, or encryption with the server's certificate verified against
+//! a CA and the host name.
 
-use crate::config::{ServerSslMode, ServerTls, Tls};
+use crate::config::{ServerSslMode, ServerTls, Store, Tls};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{
+    ClientConfig, ConfigBuilder, DigitallySignedStruct, RootCertStore, ServerConfig,
+    SignatureScheme, WantsVerifier,
+};
 use std::path::Path;
 use std::sync::Arc;
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 pub fn acceptor(tls: &Tls) -> Result<TlsAcceptor, String> {
@@ -62,27 +68,49 @@ fn load_roots(path: &Path, setting: &str) -> Result<RootCertStore, String> {
 
 /// The connector for `[server_tls]`; `None` when it says plaintext.
 pub fn server_connector(tls: &ServerTls) -> Result<Option<TlsConnector>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+    Ok(client_config(tls, "[server_tls]")?.map(|config| TlsConnector::from(Arc::new(config))))
+}
+
+/// The connector for `[store]` and the mode tokio-postgres runs it in: the proxy's own
+/// connections to the secrets store, checked as `[server_tls]` checks route servers.
+pub fn store_connector(store: &Store) -> Result<(MakeRustlsConnect, SslMode), String> {
+    match client_config(&store.tls(), "[store]")? {
+        Some(config) => Ok((MakeRustlsConnect::new(config), SslMode::Require)),
+        // Never asked to connect: tokio-postgres sends no SSLRequest with SslMode::Disable.
+        None => Ok((MakeRustlsConnect::new(encryption_only()?), SslMode::Disable)),
+    }
+}
+
+fn client_builder() -> Result<ConfigBuilder<ClientConfig, WantsVerifier>, String> {
+    ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
-    let config = match tls.sslmode {
+        .map_err(|e| e.to_string())
+}
+
+fn encryption_only() -> Result<ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(client_builder()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(EncryptionOnly(provider)))
+        .with_no_client_auth())
+}
+
+/// The rustls configuration a sslmode asks for; `None` for plaintext. `section` names the
+/// configuration section in errors.
+fn client_config(tls: &ServerTls, section: &str) -> Result<Option<ClientConfig>, String> {
+    Ok(Some(match tls.sslmode {
         ServerSslMode::Disable => return Ok(None),
-        ServerSslMode::Require => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(EncryptionOnly(provider)))
-            .with_no_client_auth(),
+        ServerSslMode::Require => encryption_only()?,
         ServerSslMode::VerifyFull => {
             let path = tls
                 .ca_file
                 .as_deref()
                 .expect("validated: verify-full has a CA");
-            builder
-                .with_root_certificates(load_roots(path, "[server_tls] ca_file")?)
+            client_builder()?
+                .with_root_certificates(load_roots(path, &format!("{section} ca_file"))?)
                 .with_no_client_auth()
         }
-    };
-    Ok(Some(TlsConnector::from(Arc::new(config))))
+    }))
 }
 
 /// `sslmode = "require"`: any certificate is accepted, as libpq's `require` does, but the

@@ -156,10 +156,15 @@ fn tls_clients_certificates_and_required_encryption() {
 /// A proxy for route `appdb` → secret `db/app` with `[server_tls]` as given, no session
 /// pooling (every client is a new server login), and an admin port.
 fn proxy_with_server_tls(cluster: &Cluster, server_tls: &str) -> RunningProxy {
+    proxy_with_tls(cluster, "host = \"127.0.0.1\"", server_tls)
+}
+
+/// The same proxy, its `[store]` section extended by `store` (a host at least).
+fn proxy_with_tls(cluster: &Cluster, store: &str, server_tls: &str) -> RunningProxy {
     RunningProxy::start(
         Config::parse(&format!(
             "[listen]\ntcp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
-             [store]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"proxy\"\npassword = \"proxy-pw\"\n\
+             [store]\n{store}\nport = {}\nuser = \"proxy\"\npassword = \"proxy-pw\"\n\
              [limits]\npool_max_idle = 0\n\
              [server_tls]\n{server_tls}\n\
              [[route]]\ndatabase = \"appdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n",
@@ -183,9 +188,11 @@ fn set_server_host(cluster: &Cluster, host: &str, port: u16) {
         .unwrap();
 }
 
-#[test]
-fn tls_to_servers_verified_against_the_configured_ca() {
-    let cluster = Cluster::start();
+/// A cluster serving TLS with a certificate for `localhost` signed by its own CA, a login
+/// role `app` whose credential is secret `db/app` (server: this cluster, at localhost), and
+/// the proxy's store role `proxy`.
+fn tls_cluster() -> (Cluster, Pki, postgres::Client) {
+    let mut cluster = Cluster::start();
     let pki = make_pki(cluster.dir());
     cluster.configure(
         KeySource::File(TEST_KEY.into()),
@@ -195,7 +202,6 @@ fn tls_to_servers_verified_against_the_configured_ca() {
             &format!("ssl_key_file = '{}'", pki.server_key.display()),
         ],
     );
-    let mut cluster = cluster;
     cluster.restart();
     let mut db = cluster.superuser();
     db.batch_execute(
@@ -209,6 +215,12 @@ fn tls_to_servers_verified_against_the_configured_ca() {
     )
     .unwrap();
     set_server_host(&cluster, "localhost", cluster.port);
+    (cluster, pki, db)
+}
+
+#[test]
+fn tls_to_servers_verified_against_the_configured_ca() {
+    let (cluster, pki, mut db) = tls_cluster();
     let ca = pki.ca.display().to_string();
     let verify_full = format!("sslmode = \"verify-full\"\nca_file = \"{ca}\"");
 
@@ -322,4 +334,64 @@ fn tls_to_servers_verified_against_the_configured_ca() {
     let proxy = proxy_with_server_tls(&cluster, "sslmode = \"require\"");
     let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
     assert!(!ok && text.contains("does not accept TLS"), "{text}");
+}
+
+/// The proxy's own connections to the secrets store carry credentials: with `[store] sslmode`
+/// they are encrypted, and under verify-full the store's certificate must chain to the CA and
+/// name the host.
+#[test]
+fn tls_to_the_store_verified_against_the_configured_ca() {
+    let (cluster, pki, mut db) = tls_cluster();
+    let store_ssl = |db: &mut postgres::Client| -> (i64, bool) {
+        let row = db
+            .query_one(
+                "SELECT count(*), coalesce(bool_and(s.ssl), false) FROM pg_stat_activity a \
+                 JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = 'secrets-proxy'",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    let verify_full = format!(
+        "host = \"localhost\"\nsslmode = \"verify-full\"\nca_file = \"{}\"",
+        pki.ca.display()
+    );
+    let proxy = proxy_with_tls(&cluster, &verify_full, "");
+    let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
+    assert!(ok && text.trim() == "app false", "{text}");
+    let (connections, all_encrypted) = store_ssl(&mut db);
+    assert!(
+        connections >= 1 && all_encrypted,
+        "{connections} {all_encrypted}"
+    );
+    drop(proxy);
+
+    // require: encrypted, the certificate not checked (it does not name 127.0.0.1).
+    let proxy = proxy_with_tls(&cluster, "host = \"127.0.0.1\"\nsslmode = \"require\"", "");
+    let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
+    assert!(ok && text.trim() == "app false", "{text}");
+    let (connections, all_encrypted) = store_ssl(&mut db);
+    assert!(
+        connections >= 1 && all_encrypted,
+        "{connections} {all_encrypted}"
+    );
+    drop(proxy);
+
+    // A store whose certificate does not chain to the configured CA gives no credential.
+    let other = tempfile::tempdir().unwrap();
+    let other_pki = make_pki(other.path());
+    let proxy = proxy_with_tls(
+        &cluster,
+        &format!(
+            "host = \"localhost\"\nsslmode = \"verify-full\"\nca_file = \"{}\"",
+            other_pki.ca.display()
+        ),
+        "",
+    );
+    let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
+    assert!(
+        !ok && text.contains("the secrets store could not give the credential of \"db/app\""),
+        "{text}"
+    );
+    assert_eq!(store_ssl(&mut db).0, 0);
 }
