@@ -488,6 +488,90 @@ fn a_crash_or_an_immediate_stop_loses_no_record() {
     );
 }
 
+/// The queue file after an operating-system crash: its pages need not have reached the disk
+/// together. Simulated by editing the file of a stopped server at the offsets of queue.rs's
+/// layout (a 40-byte header whose `head` is at byte 24, then 2,048-byte slots).
+#[test]
+fn a_queue_file_left_by_an_operating_system_crash_is_read_for_what_it_holds() {
+    const HEAD_OFFSET: usize = 24;
+    let mut cluster = Cluster::start();
+    cluster
+        .superuser()
+        .batch_execute("SELECT secrets.create_secret('crash/key', 'v')")
+        .unwrap();
+    let worker = reads_while_the_worker_is_stopped(&cluster, 10);
+    signal(&worker, "-KILL");
+    cluster.stop("immediate");
+    let queue_file = cluster.data_dir().join("pg_secrets_audit.queue");
+    let edit = |change: &dyn Fn(&mut Vec<u8>)| {
+        let mut bytes = std::fs::read(&queue_file).unwrap();
+        change(&mut bytes);
+        std::fs::write(&queue_file, bytes).unwrap();
+    };
+    let head_of =
+        |bytes: &[u8]| u64::from_le_bytes(bytes[HEAD_OFFSET..HEAD_OFFSET + 8].try_into().unwrap());
+    let set_head = |bytes: &mut Vec<u8>, head: u64| {
+        bytes[HEAD_OFFSET..HEAD_OFFSET + 8].copy_from_slice(&head.to_le_bytes());
+    };
+    edit(&|bytes| {
+        // The header reached the disk before the last 3 records' slots did...
+        let head = head_of(bytes);
+        set_head(bytes, head - 3);
+        // ...and the 5th record's slot only half: one byte of it is not what was written.
+        let marker = b"crash-test";
+        let fifth = bytes
+            .windows(marker.len())
+            .enumerate()
+            .filter(|(_, window)| window == marker)
+            .nth(4)
+            .expect("ten queued records")
+            .0;
+        bytes[fifth] ^= 0xff;
+    });
+    cluster.restart();
+    // All ten take their place: nine as they were, the damaged one as `unreadable`.
+    assert_eq!(stored_after_restart(&cluster, 9), 9);
+    let mut db = cluster.superuser();
+    let unreadable = |db: &mut Client| -> Vec<String> {
+        db.query(
+            "SELECT details->>'error' FROM secrets.audit_log WHERE action = 'unreadable' ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while unreadable(&mut db).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let found = unreadable(&mut db);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("stale or damaged"), "{found:?}");
+    assert!(cluster
+        .server_log()
+        .contains("3 audit records found in the queue file past its recorded end were taken back"));
+
+    // The header reached the disk, a slot it covers did not: that slot holds an older lap's
+    // record (here: nothing), which is not stored as if it were this one.
+    drop(db);
+    cluster.stop("fast");
+    edit(&|bytes| {
+        let head = head_of(bytes);
+        set_head(bytes, head + 1);
+    });
+    cluster.restart();
+    let mut db = cluster.superuser();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while unreadable(&mut db).len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(unreadable(&mut db).len(), 2);
+    assert_eq!(stored_after_restart(&cluster, 9), 9);
+    assert!(verify(&mut db).0, "the chain is intact");
+}
+
 #[test]
 fn alarm_rules_raise_notifications_and_anomalies() {
     let cluster = Cluster::start_with(

@@ -262,8 +262,8 @@ pub fn server_log_line(record: &Record, json: &[u8]) -> Vec<u8> {
 
 /// Writes lines to the server's log stream (stderr, which the logging collector reads when it
 /// runs) in as few write(2) calls as can be whole: a write of at most PIPE_BUF bytes reaches
-/// the collector's pipe without other processes' output inside it, and every line fits (a
-/// queued record is at most 2,040 bytes).
+/// the collector's pipe without other processes' output inside it. A record's line fits unless
+/// it nears the 2,032-byte record limit and has much to escape; such a line is written alone.
 pub fn write_to_server_log(lines: &[Vec<u8>]) {
     use std::io::Write;
     const PIPE_BUF: usize = 4096;

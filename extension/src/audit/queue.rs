@@ -10,26 +10,58 @@
 //! the processes but not the operating system's copy of the file, so what was queued is still
 //! there when the server starts again, and the worker drains it. Only the lock and the worker's
 //! latch live in shared memory. An operating-system crash can lose the pages the kernel had not
-//! yet written back (as `synchronous_commit = off` can lose the last commits).
+//! yet written back (as `synchronous_commit = off` can lose the last commits), and the pages
+//! that did reach the disk need not agree with each other. So each slot carries its record's
+//! sequence number and a CRC: a slot left from an earlier lap or half written is stored as an
+//! `unreadable` record in its place rather than as a wrong one, and records whose slots reached
+//! the disk after the header did are found again when the server starts.
 
 use crate::errors::{Error, Result};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
 
-/// Slots in the ring, and the bytes a serialized record may take.
+/// Slots in the ring, and the bytes a serialized record may take (a slot is 2 KiB).
 pub const CAPACITY: usize = 4096;
-pub const SLOT_BYTES: usize = 2040;
+pub const SLOT_BYTES: usize = 2032;
 
 const FILE_NAME: &str = "pg_secrets_audit.queue";
-/// Format marker at the start of the file (version 2: records in postcard); a file without it
-/// is set aside and a new one started.
-const MAGIC: u64 = u64::from_le_bytes(*b"PGSAUDQ2");
+/// Format marker at the start of the file (version 3: records in postcard, slots with sequence
+/// numbers and CRCs); a file without it is set aside and a new one started.
+const MAGIC: u64 = u64::from_le_bytes(*b"PGSAUDQ3");
 
 #[repr(C)]
 struct Slot {
+    /// The record's sequence number in the ring: tells this lap's record from an older one.
+    sequence: u64,
     len: u32,
+    /// CRC-32 of the sequence number, the length and the record.
+    crc: u32,
     bytes: [u8; SLOT_BYTES],
+}
+
+impl Slot {
+    fn checksum(sequence: u64, record: &[u8]) -> u32 {
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&sequence.to_le_bytes());
+        hasher.update(&(record.len() as u32).to_le_bytes());
+        hasher.update(record);
+        hasher.finalize()
+    }
+
+    fn write(&mut self, sequence: u64, record: &[u8]) {
+        self.bytes[..record.len()].copy_from_slice(record);
+        self.len = record.len() as u32;
+        self.sequence = sequence;
+        self.crc = Slot::checksum(sequence, record);
+    }
+
+    /// The record, if this slot holds record `sequence` intact.
+    fn read(&self, sequence: u64) -> Option<&[u8]> {
+        let record = self.bytes.get(..self.len as usize)?;
+        (self.sequence == sequence && self.crc == Slot::checksum(sequence, record))
+            .then_some(record)
+    }
 }
 
 /// The file's layout.
@@ -164,6 +196,8 @@ fn map_ring_file() -> std::io::Result<(memmap2::MmapRaw, *mut Ring)> {
         }
         if fresh {
             start_new_ring(ring);
+        } else {
+            recover_records_past_head(ring);
         }
     }
     Ok((mapping, ring))
@@ -176,6 +210,29 @@ unsafe fn start_new_ring(ring: *mut Ring) {
         (*ring).ring_id = rand::random();
         (*ring).tail = (*ring).head;
         (*ring).magic = MAGIC;
+    }
+}
+
+/// After an operating-system crash the header can be older than the slots that follow it:
+/// records written after the header last reached the disk are taken back, as far as the slots
+/// hold them intact and in sequence.
+///
+/// # Safety
+/// `ring` must point at a mapped Ring that no other process uses yet.
+unsafe fn recover_records_past_head(ring: *mut Ring) {
+    unsafe {
+        let found_from = (*ring).head;
+        while (*ring).head - (*ring).tail < CAPACITY as u64
+            && (*ring).slots[((*ring).head % CAPACITY as u64) as usize]
+                .read((*ring).head)
+                .is_some()
+        {
+            (*ring).head += 1;
+        }
+        let found = (*ring).head - found_from;
+        if found > 0 {
+            pgrx::log!("pg_secrets: {found} audit records found in the queue file past its recorded end were taken back");
+        }
     }
 }
 
@@ -238,9 +295,7 @@ pub fn push(record: &[u8], wait: Duration) -> Result<()> {
             unsafe {
                 let (head, tail) = ((*ring).head, (*ring).tail);
                 if head - tail < CAPACITY as u64 {
-                    let slot = &mut (*ring).slots[(head % CAPACITY as u64) as usize];
-                    slot.bytes[..record.len()].copy_from_slice(record);
-                    slot.len = record.len() as u32;
+                    (*ring).slots[(head % CAPACITY as u64) as usize].write(head, record);
                     (*ring).head = head + 1;
                     Some(head + 1 - tail)
                 } else {
@@ -269,18 +324,25 @@ pub fn push(record: &[u8], wait: Duration) -> Result<()> {
     }
 }
 
-/// The worker: copies up to `max` records without removing them.
-pub fn peek(max: usize) -> Result<Vec<Vec<u8>>> {
+/// The worker: copies up to `max` records without removing them; `None` for a slot that does
+/// not hold its record intact (see the top of this file). The copy is made without
+/// the lock, which callers appending records would otherwise wait on: slots between the tail
+/// and the head read under the lock are complete (written before the head moved past them,
+/// under the same lock), and nobody writes them again until the worker releases them.
+pub fn peek(max: usize) -> Result<Vec<Option<Vec<u8>>>> {
     let ring = ring()?;
-    let _locked = Locked::new(pg_sys::LWLockMode::LW_SHARED);
-    // SAFETY: the lock is held; only the worker moves `tail`, so these slots stay put.
+    let (head, tail) = {
+        let _locked = Locked::new(pg_sys::LWLockMode::LW_SHARED);
+        // SAFETY: the lock is held.
+        unsafe { ((*ring).head, (*ring).tail) }
+    };
+    // SAFETY: see above; only this process moves `tail`, so these slots stay put.
     unsafe {
-        let (head, tail) = ((*ring).head, (*ring).tail);
         Ok((tail..head.min(tail + max as u64))
             .map(|sequence| {
-                let slot = &(*ring).slots[(sequence % CAPACITY as u64) as usize];
-                // A damaged length reads as a truncated record, which is stored as unreadable.
-                slot.bytes[..(slot.len as usize).min(SLOT_BYTES)].to_vec()
+                (*ring).slots[(sequence % CAPACITY as u64) as usize]
+                    .read(sequence)
+                    .map(<[u8]>::to_vec)
             })
             .collect())
     }

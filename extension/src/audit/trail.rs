@@ -75,6 +75,15 @@ fn latest_anchor(client: &SpiClient<'_>) -> Result<Option<(i64, Vec<u8>)>> {
         .transpose()
 }
 
+fn unreadable(why: &str) -> Record {
+    Record {
+        action: "unreadable".into(),
+        outcome: "error".into(),
+        details: serde_json::json!({ "error": why }).to_string(),
+        ..Record::default()
+    }
+}
+
 /// What one drain moved: how many records, and their server-log lines when
 /// `pg_secrets.audit_server_log` is on (written once the batch is committed).
 pub struct Drained {
@@ -125,14 +134,17 @@ pub fn drain_batch() -> Result<Drained> {
         let mut log_lines = Vec::new();
         let log = crate::settings::audit_server_log();
         for bytes in &queued {
-            // A record that does not decode (truncated at the slot size) is still recorded.
-            let record = Record::from_queued(bytes).unwrap_or_else(|| Record {
-                action: "unreadable".into(),
-                outcome: "error".into(),
-                details: serde_json::json!({"error": "the queued record was truncated"})
-                    .to_string(),
-                ..Record::default()
-            });
+            // A slot that did not hold its record intact, or a record that does not decode
+            // (truncated at the slot size), still takes its place in the trail.
+            let record = match bytes.as_deref().map(Record::from_queued) {
+                Some(Some(record)) => record,
+                damaged => unreadable(if damaged.is_some() {
+                    "the queued record was truncated"
+                } else {
+                    "the queued record's slot was stale or damaged, as an operating-system crash \
+                     can leave the queue file"
+                }),
+            };
             let json = record.to_json();
             if log {
                 log_lines.push(super::server_log_line(&record, &json));
