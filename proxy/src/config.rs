@@ -40,6 +40,28 @@ pub struct ServerTls {
     pub sslmode: ServerSslMode,
     /// The CA the servers' certificates must chain to; required by `verify-full`.
     pub ca_file: Option<PathBuf>,
+    /// A certificate chain and key (PEM) the proxy presents, for servers that ask for one
+    /// (`clientcert=verify-ca` or `cert` authentication in pg_hba.conf).
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl ServerTls {
+    /// What is wrong with this combination, if anything; `section` names it in the message.
+    fn check(&self, section: &str) -> Result<(), String> {
+        if self.sslmode == ServerSslMode::VerifyFull && self.ca_file.is_none() {
+            return Err(format!("{section} sslmode = \"verify-full\" needs ca_file"));
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(format!("{section} cert_file and key_file go together"));
+        }
+        if self.cert_file.is_some() && self.sslmode == ServerSslMode::Disable {
+            return Err(format!(
+                "{section} a client certificate needs TLS: set sslmode to \"require\" or \"verify-full\""
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -88,9 +110,13 @@ pub struct Store {
     #[serde(default = "default_store_pool_size")]
     pub pool_size: usize,
     /// TLS to the store, which sends credentials in the clear otherwise: as `[server_tls]`.
+    /// With a client certificate the store can authenticate the proxy by it (`cert` in
+    /// pg_hba.conf), and no store password is kept anywhere.
     #[serde(default)]
     pub sslmode: ServerSslMode,
     pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 impl Store {
@@ -98,6 +124,8 @@ impl Store {
         ServerTls {
             sslmode: self.sslmode,
             ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
         }
     }
 }
@@ -115,6 +143,8 @@ impl std::fmt::Debug for Store {
             .field("pool_size", &self.pool_size)
             .field("sslmode", &self.sslmode)
             .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
             .finish()
     }
 }
@@ -209,13 +239,8 @@ impl Config {
         {
             return Err("[listen] unix_dir without tcp needs unix_port".into());
         }
-        if self.server_tls.sslmode == ServerSslMode::VerifyFull && self.server_tls.ca_file.is_none()
-        {
-            return Err("[server_tls] sslmode = \"verify-full\" needs ca_file".into());
-        }
-        if self.store.sslmode == ServerSslMode::VerifyFull && self.store.ca_file.is_none() {
-            return Err("[store] sslmode = \"verify-full\" needs ca_file".into());
-        }
+        self.server_tls.check("[server_tls]")?;
+        self.store.tls().check("[store]")?;
         if self.store.sslmode != ServerSslMode::Disable && self.store.host.starts_with('/') {
             return Err(
                 "[store] TLS needs a TCP host: PostgreSQL offers no TLS on a Unix socket".into(),
@@ -379,6 +404,14 @@ mod tests {
                  user = \"u\"\nsslmode = \"require\""
                     .to_string(),
                 "TLS needs a TCP host",
+            ),
+            (
+                format!("{BASE}\n[server_tls]\nsslmode = \"require\"\ncert_file = \"/c.pem\""),
+                "[server_tls] cert_file and key_file go together",
+            ),
+            (
+                format!("{BASE}\ncert_file = \"/c.pem\"\nkey_file = \"/c.key\""),
+                "[store] a client certificate needs TLS",
             ),
             (
                 format!("{BASE}\n[[route]]\ndatabase = \"d\"\nallow = [\"trust\"]"),

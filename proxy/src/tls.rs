@@ -10,6 +10,7 @@
 
 use crate::config::{ServerSslMode, ServerTls, Store, Tls};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WantsClientCert;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -26,11 +27,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 pub fn acceptor(tls: &Tls) -> Result<TlsAcceptor, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert_file)
-        .and_then(|certificates| certificates.collect())
-        .map_err(|e| format!("[tls] cert_file {}: {e}", tls.cert_file.display()))?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key_file)
-        .map_err(|e| format!("[tls] key_file {}: {e}", tls.key_file.display()))?;
+    let (certificates, key) = load_identity(&tls.cert_file, &tls.key_file, "[tls]")?;
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
@@ -66,6 +63,20 @@ fn load_roots(path: &Path, setting: &str) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
+/// A certificate chain and its private key, from PEM files.
+fn load_identity(
+    cert_file: &Path,
+    key_file: &Path,
+    section: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let certificates = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|certificates| certificates.collect())
+        .map_err(|e| format!("{section} cert_file {}: {e}", cert_file.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("{section} key_file {}: {e}", key_file.display()))?;
+    Ok((certificates, key))
+}
+
 /// The connector for `[server_tls]`; `None` when it says plaintext.
 pub fn server_connector(tls: &ServerTls) -> Result<Option<TlsConnector>, String> {
     Ok(client_config(tls, "[server_tls]")?.map(|config| TlsConnector::from(Arc::new(config))))
@@ -77,7 +88,10 @@ pub fn store_connector(store: &Store) -> Result<(MakeRustlsConnect, SslMode), St
     match client_config(&store.tls(), "[store]")? {
         Some(config) => Ok((MakeRustlsConnect::new(config), SslMode::Require)),
         // Never asked to connect: tokio-postgres sends no SSLRequest with SslMode::Disable.
-        None => Ok((MakeRustlsConnect::new(encryption_only()?), SslMode::Disable)),
+        None => Ok((
+            MakeRustlsConnect::new(encryption_only()?.with_no_client_auth()),
+            SslMode::Disable,
+        )),
     }
 }
 
@@ -87,18 +101,17 @@ fn client_builder() -> Result<ConfigBuilder<ClientConfig, WantsVerifier>, String
         .map_err(|e| e.to_string())
 }
 
-fn encryption_only() -> Result<ClientConfig, String> {
+fn encryption_only() -> Result<ConfigBuilder<ClientConfig, WantsClientCert>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(client_builder()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(EncryptionOnly(provider)))
-        .with_no_client_auth())
+        .with_custom_certificate_verifier(Arc::new(EncryptionOnly(provider))))
 }
 
 /// The rustls configuration a sslmode asks for; `None` for plaintext. `section` names the
 /// configuration section in errors.
 fn client_config(tls: &ServerTls, section: &str) -> Result<Option<ClientConfig>, String> {
-    Ok(Some(match tls.sslmode {
+    let builder = match tls.sslmode {
         ServerSslMode::Disable => return Ok(None),
         ServerSslMode::Require => encryption_only()?,
         ServerSslMode::VerifyFull => {
@@ -108,8 +121,16 @@ fn client_config(tls: &ServerTls, section: &str) -> Result<Option<ClientConfig>,
                 .expect("validated: verify-full has a CA");
             client_builder()?
                 .with_root_certificates(load_roots(path, &format!("{section} ca_file"))?)
-                .with_no_client_auth()
         }
+    };
+    Ok(Some(match (&tls.cert_file, &tls.key_file) {
+        (Some(cert_file), Some(key_file)) => {
+            let (chain, key) = load_identity(cert_file, key_file, section)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("{section} cert_file and key_file: {e}"))?
+        }
+        _ => builder.with_no_client_auth(),
     }))
 }
 

@@ -153,18 +153,25 @@ fn tls_clients_certificates_and_required_encryption() {
     );
 }
 
+/// The store login of these tests: role `proxy` with its password.
+const STORE_LOGIN: &str = "user = \"proxy\"\npassword = \"proxy-pw\"";
+
 /// A proxy for route `appdb` → secret `db/app` with `[server_tls]` as given, no session
 /// pooling (every client is a new server login), and an admin port.
 fn proxy_with_server_tls(cluster: &Cluster, server_tls: &str) -> RunningProxy {
-    proxy_with_tls(cluster, "host = \"127.0.0.1\"", server_tls)
+    proxy_with_tls(
+        cluster,
+        &format!("host = \"127.0.0.1\"\n{STORE_LOGIN}"),
+        server_tls,
+    )
 }
 
-/// The same proxy, its `[store]` section extended by `store` (a host at least).
+/// The same proxy with its `[store]` section (but the port) as given.
 fn proxy_with_tls(cluster: &Cluster, store: &str, server_tls: &str) -> RunningProxy {
     RunningProxy::start(
         Config::parse(&format!(
             "[listen]\ntcp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
-             [store]\n{store}\nport = {}\nuser = \"proxy\"\npassword = \"proxy-pw\"\n\
+             [store]\n{store}\nport = {}\n\
              [limits]\npool_max_idle = 0\n\
              [server_tls]\n{server_tls}\n\
              [[route]]\ndatabase = \"appdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n",
@@ -200,6 +207,7 @@ fn tls_cluster() -> (Cluster, Pki, postgres::Client) {
             "ssl = on",
             &format!("ssl_cert_file = '{}'", pki.server_cert.display()),
             &format!("ssl_key_file = '{}'", pki.server_key.display()),
+            &format!("ssl_ca_file = '{}'", pki.ca.display()),
         ],
     );
     cluster.restart();
@@ -353,7 +361,7 @@ fn tls_to_the_store_verified_against_the_configured_ca() {
         (row.get(0), row.get(1))
     };
     let verify_full = format!(
-        "host = \"localhost\"\nsslmode = \"verify-full\"\nca_file = \"{}\"",
+        "host = \"localhost\"\n{STORE_LOGIN}\nsslmode = \"verify-full\"\nca_file = \"{}\"",
         pki.ca.display()
     );
     let proxy = proxy_with_tls(&cluster, &verify_full, "");
@@ -367,7 +375,11 @@ fn tls_to_the_store_verified_against_the_configured_ca() {
     drop(proxy);
 
     // require: encrypted, the certificate not checked (it does not name 127.0.0.1).
-    let proxy = proxy_with_tls(&cluster, "host = \"127.0.0.1\"\nsslmode = \"require\"", "");
+    let proxy = proxy_with_tls(
+        &cluster,
+        &format!("host = \"127.0.0.1\"\n{STORE_LOGIN}\nsslmode = \"require\""),
+        "",
+    );
     let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
     assert!(ok && text.trim() == "app false", "{text}");
     let (connections, all_encrypted) = store_ssl(&mut db);
@@ -383,7 +395,7 @@ fn tls_to_the_store_verified_against_the_configured_ca() {
     let proxy = proxy_with_tls(
         &cluster,
         &format!(
-            "host = \"localhost\"\nsslmode = \"verify-full\"\nca_file = \"{}\"",
+            "host = \"localhost\"\n{STORE_LOGIN}\nsslmode = \"verify-full\"\nca_file = \"{}\"",
             other_pki.ca.display()
         ),
         "",
@@ -394,4 +406,61 @@ fn tls_to_the_store_verified_against_the_configured_ca() {
         "{text}"
     );
     assert_eq!(store_ssl(&mut db).0, 0);
+}
+
+/// The proxy presents a client certificate where servers ask for one: the store authenticates
+/// it by the certificate alone (`cert`, no store password anywhere), and a server requiring a
+/// certificate besides the password (`clientcert=verify-ca`) lets the route's login in.
+#[test]
+fn client_certificates_to_the_store_and_to_servers() {
+    let (cluster, pki, mut db) = tls_cluster();
+    // The client certificate's common name is the store role.
+    db.batch_execute("CREATE ROLE \"payments-service\" LOGIN IN ROLE secrets_reader")
+        .unwrap();
+    let hba = cluster.data_dir().join("pg_hba.conf");
+    let rules = fs::read_to_string(&hba).unwrap();
+    fs::write(
+        &hba,
+        format!(
+            "hostssl all payments-service 127.0.0.1/32 cert\n\
+             hostnossl all app 127.0.0.1/32 reject\n\
+             hostssl all app 127.0.0.1/32 scram-sha-256 clientcert=verify-ca\n{rules}"
+        ),
+    )
+    .unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let certificate = format!(
+        "cert_file = \"{}\"\nkey_file = \"{}\"",
+        pki.client_cert.display(),
+        pki.client_key.display()
+    );
+    let verify_full = format!(
+        "sslmode = \"verify-full\"\nca_file = \"{}\"",
+        pki.ca.display()
+    );
+    let store = format!("host = \"localhost\"\nuser = \"payments-service\"\n{verify_full}");
+
+    let proxy = proxy_with_tls(
+        &cluster,
+        &format!("{store}\n{certificate}"),
+        &format!("{verify_full}\n{certificate}"),
+    );
+    let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
+    assert!(ok && text.trim() == "app true", "{text}");
+    drop(proxy);
+
+    // Without a certificate for the servers, the route's server refuses the login.
+    let proxy = proxy_with_tls(&cluster, &format!("{store}\n{certificate}"), &verify_full);
+    let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
+    assert!(!ok && text.contains("certificate"), "{text}");
+    drop(proxy);
+
+    // Without a certificate for the store, no credential.
+    let proxy = proxy_with_tls(&cluster, &store, &format!("{verify_full}\n{certificate}"));
+    let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
+    assert!(
+        !ok && text.contains("the secrets store could not give the credential of \"db/app\""),
+        "{text}"
+    );
 }
