@@ -92,10 +92,7 @@ fn column_positions(attrs: &[pg_sys::FormData_pg_attribute]) -> Result<[usize; 1
     for (position, column) in positions.iter_mut().zip(COLUMNS) {
         *position = attrs
             .iter()
-            .position(|att| {
-                // SAFETY: attname is a NUL-terminated NameData.
-                !att.attisdropped && unsafe { CStr::from_ptr(att.attname.data.as_ptr()) } == column
-            })
+            .position(|att| !att.attisdropped && crate::index_read::name_is(&att.attname, column))
             .ok_or(Error::SchemaMismatch {
                 table: "secrets.audit_record",
                 column: column.to_str().unwrap_or_default(),
