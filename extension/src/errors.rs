@@ -58,10 +58,10 @@ pub enum Error {
     AuditQueueFull,
     #[error("the audit queue file pg_secrets_audit.queue in the data directory could not be opened at server start; the call was refused so that nothing happens unaudited")]
     AuditQueueUnavailable,
-    #[error("table {table} lacks column \"{column}\", which this pg_secrets library writes")]
+    #[error("table {table} is not as this pg_secrets library writes it: {problem}")]
     SchemaMismatch {
         table: &'static str,
-        column: &'static str,
+        problem: String,
     },
     #[error("access request {id} is already {state}")]
     RequestDecided { id: String, state: String },
@@ -122,7 +122,7 @@ impl Error {
             Error::AuditQueueUnavailable => "The server log says why (permissions, disk space); fix it and restart the server.",
             Error::AuditQueueFull => "Check that the pg_secrets worker runs (pg_stat_activity) in the database named by pg_secrets.database.",
             Error::RotationFailed { .. } => "Nothing changed: the CURRENT version is the one before the rotation.",
-            Error::SchemaMismatch { .. } => "The library and the extension's tables come from different versions: reinstall the extension.",
+            Error::SchemaMismatch { .. } => "Undo the change to the table; if the library and the extension's tables come from different versions, reinstall the extension.",
             Error::Integrity(_) => "Restore the secret's rows from a backup; the stored data cannot be trusted.",
             _ => return None,
         })

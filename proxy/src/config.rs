@@ -52,6 +52,11 @@ impl ServerTls {
         if self.sslmode == ServerSslMode::VerifyFull && self.ca_file.is_none() {
             return Err(format!("{section} sslmode = \"verify-full\" needs ca_file"));
         }
+        if self.ca_file.is_some() && self.sslmode != ServerSslMode::VerifyFull {
+            return Err(format!(
+                "{section} ca_file is used by sslmode = \"verify-full\" only; set that sslmode or remove ca_file"
+            ));
+        }
         if self.cert_file.is_some() != self.key_file.is_some() {
             return Err(format!("{section} cert_file and key_file go together"));
         }
@@ -412,6 +417,10 @@ mod tests {
             (
                 format!("{BASE}\ncert_file = \"/c.pem\"\nkey_file = \"/c.key\""),
                 "[store] a client certificate needs TLS",
+            ),
+            (
+                format!("{BASE}\n[server_tls]\nsslmode = \"require\"\nca_file = \"/ca.pem\""),
+                "[server_tls] ca_file is used by sslmode = \"verify-full\" only",
             ),
             (
                 format!("{BASE}\n[[route]]\ndatabase = \"d\"\nallow = [\"trust\"]"),

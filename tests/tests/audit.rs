@@ -490,10 +490,13 @@ fn a_crash_or_an_immediate_stop_loses_no_record() {
 
 /// The queue file after an operating-system crash: its pages need not have reached the disk
 /// together. Simulated by editing the file of a stopped server at the offsets of queue.rs's
-/// layout (a 40-byte header whose `head` is at byte 24, then 2,048-byte slots).
+/// layout (a 40-byte header whose `head` is at byte 24, then 4,096 slots of 2,048 bytes).
 #[test]
 fn a_queue_file_left_by_an_operating_system_crash_is_read_for_what_it_holds() {
     const HEAD_OFFSET: usize = 24;
+    const HEADER_BYTES: usize = 40;
+    const SLOT_SIZE: usize = 2048;
+    const SLOTS: usize = 4096;
     let mut cluster = Cluster::start();
     cluster
         .superuser()
@@ -505,6 +508,11 @@ fn a_queue_file_left_by_an_operating_system_crash_is_read_for_what_it_holds() {
     let queue_file = cluster.data_dir().join("pg_secrets_audit.queue");
     let edit = |change: &dyn Fn(&mut Vec<u8>)| {
         let mut bytes = std::fs::read(&queue_file).unwrap();
+        assert_eq!(
+            bytes.len(),
+            HEADER_BYTES + SLOTS * SLOT_SIZE,
+            "queue.rs's layout"
+        );
         change(&mut bytes);
         std::fs::write(&queue_file, bytes).unwrap();
     };
@@ -553,23 +561,95 @@ fn a_queue_file_left_by_an_operating_system_crash_is_read_for_what_it_holds() {
         .server_log()
         .contains("3 audit records found in the queue file past its recorded end were taken back"));
 
-    // The header reached the disk, a slot it covers did not: that slot holds an older lap's
-    // record (here: nothing), which is not stored as if it were this one.
+    // The header reached the disk, the slots it covers did not: one holds an earlier lap's
+    // record (intact, with its own sequence number), the next nothing at all. Neither is
+    // stored as if it were the record that belongs there.
     drop(db);
     cluster.stop("fast");
     edit(&|bytes| {
-        let head = head_of(bytes);
-        set_head(bytes, head + 1);
+        let head = head_of(bytes) as usize;
+        let slot = |sequence: usize| HEADER_BYTES + (sequence % SLOTS) * SLOT_SIZE;
+        let earlier = bytes[slot(head - 1)..slot(head - 1) + SLOT_SIZE].to_vec();
+        bytes[slot(head)..slot(head) + SLOT_SIZE].copy_from_slice(&earlier);
+        set_head(bytes, head as u64 + 2);
     });
     cluster.restart();
     let mut db = cluster.superuser();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while unreadable(&mut db).len() < 2 && Instant::now() < deadline {
+    while unreadable(&mut db).len() < 3 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(unreadable(&mut db).len(), 2);
+    assert_eq!(unreadable(&mut db).len(), 3);
     assert_eq!(stored_after_restart(&cluster, 9), 9);
     assert!(verify(&mut db).0, "the chain is intact");
+}
+
+/// A table the worker cannot append to (here a CHECK constraint an administrator added)
+/// stops the trail with an error in the server log, never with a crash, and the records wait
+/// in the queue until the table takes them again.
+#[test]
+fn a_row_the_table_refuses_stops_the_trail_without_a_crash() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "SELECT secrets.create_secret('refused/key', 'v');
+         ALTER TABLE secrets.audit_record ADD CONSTRAINT no_describe CHECK (action <> 'describe');",
+    )
+    .unwrap();
+    let started: String = db
+        .query_one("SELECT pg_postmaster_start_time()::text", &[])
+        .unwrap()
+        .get(0);
+    db.batch_execute("SELECT secrets.describe_secret('refused/key')")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster.server_log().contains("no_describe") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        cluster
+            .server_log()
+            .contains("violates check constraint \"no_describe\""),
+        "the worker reports the refusal"
+    );
+    let still: String = db
+        .query_one("SELECT pg_postmaster_start_time()::text", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(started, still, "no crash, no restart");
+    let describes = |db: &mut Client| -> i64 {
+        db.query_one(
+            "SELECT count(*) FROM secrets.audit_log WHERE action = 'describe'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(describes(&mut db), 0);
+    // An INSERT trigger would not be fired by the bulk append: refused the same way.
+    db.batch_execute(
+        "ALTER TABLE secrets.audit_record DROP CONSTRAINT no_describe;
+         CREATE FUNCTION public.forward() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';
+         CREATE TRIGGER forward AFTER INSERT ON secrets.audit_record
+             FOR EACH ROW EXECUTE FUNCTION public.forward();",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster.server_log().contains("INSERT trigger") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(cluster
+        .server_log()
+        .contains("it has an INSERT trigger, which the worker's bulk append would not fire"));
+    assert_eq!(describes(&mut db), 0);
+    db.batch_execute("DROP TRIGGER forward ON secrets.audit_record")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while describes(&mut db) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(describes(&mut db), 1, "stored once the table takes it");
+    assert!(verify(&mut db).0);
 }
 
 #[test]

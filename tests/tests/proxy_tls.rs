@@ -405,7 +405,22 @@ fn tls_to_the_store_verified_against_the_configured_ca() {
         !ok && text.contains("the secrets store could not give the credential of \"db/app\""),
         "{text}"
     );
-    assert_eq!(store_ssl(&mut db).0, 0);
+    drop(proxy);
+
+    // Nor one whose certificate does not name the host connected to (it names localhost).
+    let proxy = proxy_with_tls(
+        &cluster,
+        &format!(
+            "host = \"127.0.0.1\"\n{STORE_LOGIN}\nsslmode = \"verify-full\"\nca_file = \"{}\"",
+            pki.ca.display()
+        ),
+        "",
+    );
+    let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
+    assert!(
+        !ok && text.contains("the secrets store could not give the credential of \"db/app\""),
+        "{text}"
+    );
 }
 
 /// The proxy presents a client certificate where servers ask for one: the store authenticates

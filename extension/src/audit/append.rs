@@ -1,12 +1,13 @@
 //! Appends the worker's batch to `secrets.audit_record` the way COPY does: rows go to the heap
-//! a page at a time (`heap_multi_insert`, one WAL record per page rather than per row), then
+//! a page at a time (`table_multi_insert`, one WAL record per page rather than per row), then
 //! into the indexes, with the table's NOT NULL and CHECK constraints enforced. An INSERT from
 //! arrays through SPI spent most of the worker's time building, unnesting and re-reading
 //! those arrays; this is the part of the audit trail's cost that every audited read pays for
 //! on a busy server.
 //!
 //! The table has no insert triggers, rules or row-level security for its owner to apply, so
-//! the executor would add nothing else.
+//! the executor would add nothing else; `column_positions` refuses a table that has changed
+//! so that it would.
 
 use super::Record;
 use crate::errors::{Error, Result};
@@ -22,33 +23,34 @@ pub struct ChainedRecord {
     pub hash: [u8; 32],
 }
 
-/// Rows handed to `heap_multi_insert` at a time: enough to fill several pages per call, few
+/// Rows handed to `table_multi_insert` at a time: enough to fill several pages per call, few
 /// enough that their slots and datums stay small.
 pub const ROWS_PER_CALL: usize = 128;
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
-/// The columns written, in this order; their positions are looked up by name.
-const COLUMNS: [&CStr; 18] = [
-    c"id",
-    c"at",
-    c"session_user",
-    c"current_user",
-    c"action",
-    c"secret_name",
-    c"secret_id",
-    c"version_id",
-    c"version_stage",
-    c"outcome",
-    c"sqlstate",
-    c"client_addr",
-    c"client_port",
-    c"application_name",
-    c"backend_pid",
-    c"details",
-    c"prev_hash",
-    c"hash",
+/// The columns written, in this order, with their types; their positions are looked up by
+/// name.
+const COLUMNS: [(&CStr, pg_sys::Oid); 18] = [
+    (c"id", pg_sys::INT8OID),
+    (c"at", pg_sys::TIMESTAMPTZOID),
+    (c"session_user", pg_sys::TEXTOID),
+    (c"current_user", pg_sys::TEXTOID),
+    (c"action", pg_sys::TEXTOID),
+    (c"secret_name", pg_sys::TEXTOID),
+    (c"secret_id", pg_sys::UUIDOID),
+    (c"version_id", pg_sys::UUIDOID),
+    (c"version_stage", pg_sys::TEXTOID),
+    (c"outcome", pg_sys::TEXTOID),
+    (c"sqlstate", pg_sys::TEXTOID),
+    (c"client_addr", pg_sys::TEXTOID),
+    (c"client_port", pg_sys::INT4OID),
+    (c"application_name", pg_sys::TEXTOID),
+    (c"backend_pid", pg_sys::INT4OID),
+    (c"details", pg_sys::TEXTOID),
+    (c"prev_hash", pg_sys::BYTEAOID),
+    (c"hash", pg_sys::BYTEAOID),
 ];
 
 /// The row's values in `COLUMNS` order, as datums allocated in the current memory context
@@ -86,17 +88,52 @@ fn datums(row: &ChainedRecord) -> [Option<pg_sys::Datum>; 18] {
     ]
 }
 
-/// Where each of `COLUMNS` is among the table's attributes.
-fn column_positions(attrs: &[pg_sys::FormData_pg_attribute]) -> Result<[usize; 18]> {
+/// Where each of `COLUMNS` is among the table's attributes, once the table is known to be
+/// what this code writes: those columns with those types and no other (a column it does not
+/// know would get no default), and no insert trigger (which this path would not fire).
+///
+/// # Safety
+/// `relation` must be open.
+unsafe fn column_positions(relation: pg_sys::Relation) -> Result<[usize; 18]> {
+    let mismatch = |problem: String| Error::SchemaMismatch {
+        table: "secrets.audit_record",
+        problem,
+    };
+    // SAFETY: an open relation's descriptor has natts attributes; trigdesc may be null.
+    let (attrs, triggers) = unsafe {
+        let desc = (*relation).rd_att;
+        (
+            (*desc).attrs.as_slice((*desc).natts as usize),
+            (*relation).trigdesc.as_ref(),
+        )
+    };
+    if triggers.is_some_and(|triggers| {
+        triggers.trig_insert_before_row
+            || triggers.trig_insert_after_row
+            || triggers.trig_insert_before_statement
+            || triggers.trig_insert_after_statement
+    }) {
+        return Err(mismatch(
+            "it has an INSERT trigger, which the worker's bulk append would not fire".into(),
+        ));
+    }
     let mut positions = [0usize; 18];
-    for (position, column) in positions.iter_mut().zip(COLUMNS) {
+    for (position, (column, type_oid)) in positions.iter_mut().zip(COLUMNS) {
+        let name = column.to_string_lossy();
         *position = attrs
             .iter()
             .position(|att| !att.attisdropped && crate::index_read::name_is(&att.attname, column))
-            .ok_or(Error::SchemaMismatch {
-                table: "secrets.audit_record",
-                column: column.to_str().unwrap_or_default(),
-            })?;
+            .ok_or_else(|| mismatch(format!("it lacks column \"{name}\"")))?;
+        if attrs[*position].atttypid != type_oid {
+            return Err(mismatch(format!("column \"{name}\" has another type")));
+        }
+    }
+    let known = attrs.iter().filter(|att| !att.attisdropped).count();
+    if known != COLUMNS.len() {
+        return Err(mismatch(format!(
+            "it has {} columns this library does not write",
+            known - COLUMNS.len()
+        )));
     }
     Ok(positions)
 }
@@ -129,7 +166,7 @@ impl Appender {
             let relation = pg_sys::table_open(relation_oid, pg_sys::RowExclusiveLock as i32);
             let desc = (*relation).rd_att;
             let natts = (*desc).natts as usize;
-            let positions = match column_positions((*desc).attrs.as_slice(natts)) {
+            let positions = match column_positions(relation) {
                 Ok(positions) => positions,
                 Err(error) => {
                     pg_sys::table_close(relation, pg_sys::RowExclusiveLock as i32);
@@ -139,7 +176,9 @@ impl Appender {
             let estate = pg_sys::CreateExecutorState();
             let result_relation = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
                 .cast::<pg_sys::ResultRelInfo>();
-            pg_sys::InitResultRelInfo(result_relation, relation, 1, std::ptr::null_mut(), 0);
+            // Range-table index 0: there is no range table, and an error report that describes
+            // a failing row must not look for one (with 1 it dereferences a null array).
+            pg_sys::InitResultRelInfo(result_relation, relation, 0, std::ptr::null_mut(), 0);
             pg_sys::ExecOpenIndices(result_relation, false);
             Ok(Appender {
                 relation,
@@ -188,7 +227,7 @@ impl Appender {
                         pg_sys::ExecConstraints(self.result_relation, slot, self.estate);
                     }
                 }
-                pg_sys::heap_multi_insert(
+                pg_sys::table_multi_insert(
                     self.relation,
                     slots.as_mut_ptr(),
                     rows.len() as i32,

@@ -242,7 +242,11 @@ fn header_is_sane(ring: &Ring) -> bool {
 
 /// Renames the file so that a new ring can start, keeping what it held for inspection.
 fn set_aside(why: &str) -> std::io::Result<()> {
-    let aside = format!("{FILE_NAME}.damaged");
+    // Named by the time, so that a file set aside earlier is never overwritten.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let aside = format!("{FILE_NAME}.damaged.{}", now.as_micros());
     std::fs::rename(FILE_NAME, &aside)?;
     pgrx::log!("pg_secrets: the audit queue file {FILE_NAME} was renamed to {aside} and a new one started: {why}");
     Ok(())
