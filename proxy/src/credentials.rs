@@ -15,8 +15,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
-use tokio_postgres::config::SslMode;
+use tokio_postgres::config::{ChannelBinding, SslMode};
+use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::AsyncMessage;
+use tokio_postgres::{NoTls, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// The staging labels a login tries, in order: during a rotation the database may already
@@ -71,8 +73,8 @@ struct Entry {
 pub struct CredentialCache {
     store: Store,
     store_password: Option<String>,
-    tls: MakeRustlsConnect,
-    ssl_mode: SslMode,
+    /// `None`: plaintext (`[store] sslmode = "disable"`).
+    tls: Option<MakeRustlsConnect>,
     ttl: Duration,
     stale_limit: Duration,
     entries: Mutex<HashMap<Key, Entry>>,
@@ -90,15 +92,18 @@ impl CredentialCache {
         stale_limit: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, String> {
-        let (tls, ssl_mode) = crate::tls::store_connector(&store)?;
-        let manager = deadpool_postgres::Manager::from_config(
-            store_config(&store, store_password.as_deref(), ssl_mode),
-            tls.clone(),
-            deadpool_postgres::ManagerConfig {
-                // A closed connection is dropped; a live one needs no round trip to reuse.
-                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-            },
-        );
+        let tls = crate::tls::store_connector(&store)?;
+        let config = store_config(&store, store_password.as_deref(), tls.is_some());
+        let manager_config = deadpool_postgres::ManagerConfig {
+            // A closed connection is dropped; a live one needs no round trip to reuse.
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        };
+        let manager = match &tls {
+            Some(tls) => {
+                deadpool_postgres::Manager::from_config(config, tls.clone(), manager_config)
+            }
+            None => deadpool_postgres::Manager::from_config(config, NoTls, manager_config),
+        };
         // A login waits at most this long for a free store connection; a stalled store then
         // counts as unreachable, and the last known credential can serve.
         let connections = deadpool_postgres::Pool::builder(manager)
@@ -111,7 +116,6 @@ impl CredentialCache {
             store,
             store_password,
             tls,
-            ssl_mode,
             ttl,
             stale_limit,
             entries: Mutex::new(HashMap::new()),
@@ -288,10 +292,24 @@ impl CredentialCache {
     }
 
     async fn listen_once(&self) -> Result<(), tokio_postgres::Error> {
-        let (client, mut connection) =
-            store_config(&self.store, self.store_password.as_deref(), self.ssl_mode)
-                .connect(self.tls.clone())
-                .await?;
+        match &self.tls {
+            Some(tls) => self.listen_with(tls.clone()).await,
+            None => self.listen_with(NoTls).await,
+        }
+    }
+
+    async fn listen_with<T>(&self, tls: T) -> Result<(), tokio_postgres::Error>
+    where
+        T: MakeTlsConnect<Socket>,
+        T::Stream: Unpin,
+    {
+        let (client, mut connection) = store_config(
+            &self.store,
+            self.store_password.as_deref(),
+            self.tls.is_some(),
+        )
+        .connect(tls)
+        .await?;
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         let listen = client.batch_execute("LISTEN pg_secrets_changed");
         // The LISTEN is answered through the connection, so drive both.
@@ -329,14 +347,14 @@ impl CredentialCache {
     }
 }
 
-fn store_config(
-    store: &Store,
-    password: Option<&str>,
-    ssl_mode: SslMode,
-) -> tokio_postgres::Config {
+fn store_config(store: &Store, password: Option<&str>, tls: bool) -> tokio_postgres::Config {
     let mut config = tokio_postgres::Config::new();
     config
-        .ssl_mode(ssl_mode)
+        .ssl_mode(if tls {
+            SslMode::Require
+        } else {
+            SslMode::Disable
+        })
         .host(&store.host)
         .port(store.port)
         .dbname(&store.dbname)
@@ -345,6 +363,11 @@ fn store_config(
         .connect_timeout(Duration::from_secs(5));
     if let Some(password) = password {
         config.password(password);
+        // Over TLS, SCRAM binds the login to the TLS session (tls-server-end-point): someone
+        // in the middle with another certificate cannot relay it, even under `require`.
+        if tls {
+            config.channel_binding(ChannelBinding::Require);
+        }
     }
     config
 }

@@ -21,7 +21,6 @@ use rustls::{
 };
 use std::path::Path;
 use std::sync::Arc;
-use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -82,17 +81,10 @@ pub fn server_connector(tls: &ServerTls) -> Result<Option<TlsConnector>, String>
     Ok(client_config(tls, "[server_tls]")?.map(|config| TlsConnector::from(Arc::new(config))))
 }
 
-/// The connector for `[store]` and the mode tokio-postgres runs it in: the proxy's own
-/// connections to the secrets store, checked as `[server_tls]` checks route servers.
-pub fn store_connector(store: &Store) -> Result<(MakeRustlsConnect, SslMode), String> {
-    match client_config(&store.tls(), "[store]")? {
-        Some(config) => Ok((MakeRustlsConnect::new(config), SslMode::Require)),
-        // Never asked to connect: tokio-postgres sends no SSLRequest with SslMode::Disable.
-        None => Ok((
-            MakeRustlsConnect::new(encryption_only()?.with_no_client_auth()),
-            SslMode::Disable,
-        )),
-    }
+/// The connector for `[store]`: the proxy's own connections to the secrets store, checked as
+/// `[server_tls]` checks route servers; `None` for plaintext.
+pub fn store_connector(store: &Store) -> Result<Option<MakeRustlsConnect>, String> {
+    Ok(client_config(&store.tls(), "[store]")?.map(MakeRustlsConnect::new))
 }
 
 fn client_builder() -> Result<ConfigBuilder<ClientConfig, WantsVerifier>, String> {
