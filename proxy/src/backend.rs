@@ -5,10 +5,10 @@
 
 use crate::credentials::Credential;
 use crate::error::ProxyError;
-use crate::scram::{ScramCache, ScramExchange};
+use crate::scram::{ChannelBinding, ScramCache, ScramExchange};
 use bytes::{Buf, BufMut, BytesMut};
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::SCRAM_SHA_256;
+use postgres_protocol::authentication::sasl::{SCRAM_SHA_256, SCRAM_SHA_256_PLUS};
 use postgres_protocol::message::frontend;
 use rustls::pki_types::ServerName;
 use secrecy::ExposeSecret;
@@ -50,6 +50,18 @@ pub enum ServerStream {
 }
 
 impl ServerStream {
+    /// Channel binding data for SCRAM when the session runs over TLS (`None` otherwise, or
+    /// when the certificate's algorithm has none).
+    fn server_end_point(&self) -> Option<Vec<u8>> {
+        match self {
+            ServerStream::Tls(stream) => {
+                let certificate = stream.get_ref().1.peer_certificates()?.first()?;
+                crate::tls::server_end_point(certificate)
+            }
+            ServerStream::Plain(_) | ServerStream::Unix(_) => None,
+        }
+    }
+
     /// An idle server sends nothing; readable data or end-of-stream on the socket underneath
     /// means it was terminated (server restart, idle timeout) or is in an unexpected state.
     /// Bytes read here (TLS records included) are lost, but such a connection is dropped.
@@ -323,17 +335,24 @@ async fn log_in(
                         frontend::password_message(hash.as_bytes(), &mut out)
                     }
                     10 => {
-                        let offers_scram = body[..]
-                            .split(|b| *b == 0)
-                            .any(|m| m == SCRAM_SHA_256.as_bytes());
-                        if !offers_scram {
+                        let offers = |mechanism: &str| {
+                            body[..]
+                                .split(|b| *b == 0)
+                                .any(|m| m == mechanism.as_bytes())
+                        };
+                        if !offers(SCRAM_SHA_256) {
                             return Err(ProxyError::Backend(
                                 "the server offers no SCRAM-SHA-256".into(),
                             ));
                         }
-                        let exchange = ScramExchange::start();
+                        let binding = match stream.server_end_point() {
+                            None => ChannelBinding::Unsupported,
+                            Some(_) if !offers(SCRAM_SHA_256_PLUS) => ChannelBinding::NotOffered,
+                            Some(data) => ChannelBinding::ServerEndPoint(data),
+                        };
+                        let exchange = ScramExchange::start(binding);
                         let result = frontend::sasl_initial_response(
-                            SCRAM_SHA_256,
+                            exchange.mechanism(),
                             &exchange.client_first(),
                             &mut out,
                         );

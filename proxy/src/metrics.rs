@@ -66,6 +66,8 @@ pub struct Metrics {
     /// SCRAM logins to servers that derived keys with PBKDF2, and those that found them cached.
     pub scram_derivations: AtomicU64,
     pub scram_cache_hits: AtomicU64,
+    /// SCRAM logins to servers bound to their TLS session (`tls-server-end-point`).
+    pub scram_channel_bound: AtomicU64,
     pub bytes_to_server: AtomicU64,
     pub bytes_to_client: AtomicU64,
     /// From a client's startup to a server connection ready for it (pool or new login,
@@ -114,6 +116,8 @@ impl Metrics {
              # TYPE secrets_proxy_scram_keys_total counter\n\
              secrets_proxy_scram_keys_total{{result=\"derived\"}} {}\n\
              secrets_proxy_scram_keys_total{{result=\"cached\"}} {}\n\
+             # TYPE secrets_proxy_scram_channel_bound_logins_total counter\n\
+             secrets_proxy_scram_channel_bound_logins_total {}\n\
              # TYPE secrets_proxy_relay_bytes_total counter\n\
              secrets_proxy_relay_bytes_total{{direction=\"to_server\"}} {}\n\
              secrets_proxy_relay_bytes_total{{direction=\"to_client\"}} {}\n",
@@ -131,6 +135,7 @@ impl Metrics {
             get(&self.cache_misses),
             get(&self.scram_derivations),
             get(&self.scram_cache_hits),
+            get(&self.scram_channel_bound),
             get(&self.bytes_to_server),
             get(&self.bytes_to_client),
         ) + &self.login_seconds.render("secrets_proxy_login_seconds")

@@ -122,10 +122,43 @@ impl ScramCache {
 pub struct ScramExchange {
     client_first_bare: String,
     nonce: String,
+    binding: ChannelBinding,
     /// Set by `client_final`: the server's signature to expect.
     expected_server_signature: Option<[u8; 32]>,
     /// Set when the server's signature matched.
     verified: bool,
+}
+
+/// What the client says about channel binding (RFC 5802, section 6; RFC 5929).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelBinding {
+    /// Not over TLS: "n".
+    Unsupported,
+    /// Over TLS, but the server offered no SCRAM-SHA-256-PLUS: "y". A server that does
+    /// support it refuses the login, so someone in the middle cannot strip the offer.
+    NotOffered,
+    /// `tls-server-end-point`: the hash of the server's certificate, binding the login to this
+    /// TLS session, so it cannot be relayed through another.
+    ServerEndPoint(Vec<u8>),
+}
+
+impl ChannelBinding {
+    fn gs2_header(&self) -> &'static str {
+        match self {
+            ChannelBinding::Unsupported => "n,,",
+            ChannelBinding::NotOffered => "y,,",
+            ChannelBinding::ServerEndPoint(_) => "p=tls-server-end-point,,",
+        }
+    }
+
+    /// The client-final message's `c` attribute: base64 of the GS2 header and binding data.
+    fn c_attribute(&self) -> String {
+        let mut input = self.gs2_header().as_bytes().to_vec();
+        if let ChannelBinding::ServerEndPoint(data) = self {
+            input.extend_from_slice(data);
+        }
+        STANDARD.encode(input)
+    }
 }
 
 fn invalid(what: &str) -> String {
@@ -133,7 +166,7 @@ fn invalid(what: &str) -> String {
 }
 
 impl ScramExchange {
-    pub fn start() -> ScramExchange {
+    pub fn start(binding: ChannelBinding) -> ScramExchange {
         let mut rng = rand::thread_rng();
         // Printable ASCII without ',' (RFC 5802's `printable`).
         let nonce = (0..NONCE_LENGTH)
@@ -143,21 +176,30 @@ impl ScramExchange {
             })
             .collect();
         // PostgreSQL takes the user from the startup message and ignores this one.
-        ScramExchange::with_nonce("", nonce)
+        ScramExchange::with_nonce("", nonce, binding)
     }
 
-    fn with_nonce(user: &str, nonce: String) -> ScramExchange {
+    fn with_nonce(user: &str, nonce: String, binding: ChannelBinding) -> ScramExchange {
         ScramExchange {
             client_first_bare: format!("n={user},r={nonce}"),
             nonce,
+            binding,
             expected_server_signature: None,
             verified: false,
         }
     }
 
-    /// The client-first message: no channel binding ("n,,").
+    /// The SASL mechanism this exchange runs.
+    pub fn mechanism(&self) -> &'static str {
+        match self.binding {
+            ChannelBinding::ServerEndPoint(_) => "SCRAM-SHA-256-PLUS",
+            _ => "SCRAM-SHA-256",
+        }
+    }
+
+    /// The client-first message: the GS2 header, then the bare message.
     pub fn client_first(&self) -> Vec<u8> {
-        format!("n,,{}", self.client_first_bare).into_bytes()
+        format!("{}{}", self.binding.gs2_header(), self.client_first_bare).into_bytes()
     }
 
     /// The client-final message with its proof, for the server-first message.
@@ -202,9 +244,11 @@ impl ScramExchange {
         }
 
         let keys = cache.keys(password, &salt, iterations);
+        if matches!(self.binding, ChannelBinding::ServerEndPoint(_)) {
+            Metrics::count(&cache.metrics.scram_channel_bound, 1);
+        }
         let stored_key: [u8; 32] = Sha256::digest(keys.client_key).into();
-        // "biws" is base64 of the GS2 header "n,,".
-        let without_proof = format!("c=biws,r={nonce}");
+        let without_proof = format!("c={},r={nonce}", self.binding.c_attribute());
         let auth_message = format!("{},{server_first},{without_proof}", self.client_first_bare);
         let signature = hmac(&stored_key, auth_message.as_bytes());
         let mut proof = keys.client_key;
@@ -261,12 +305,52 @@ mod tests {
     const CLIENT_FINAL: &str = "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
     const SERVER_FINAL: &str = "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=";
 
+    /// The GS2 header and the `c` attribute for each channel-binding answer (RFC 5802 §7).
+    #[test]
+    fn channel_binding_headers() {
+        let cache = ScramCache::new(Arc::new(Metrics::default()));
+        let cases = [
+            (
+                ChannelBinding::Unsupported,
+                "SCRAM-SHA-256",
+                "n,,",
+                b"n,,".to_vec(),
+            ),
+            (
+                ChannelBinding::NotOffered,
+                "SCRAM-SHA-256",
+                "y,,",
+                b"y,,".to_vec(),
+            ),
+            (
+                ChannelBinding::ServerEndPoint(vec![0xab; 32]),
+                "SCRAM-SHA-256-PLUS",
+                "p=tls-server-end-point,,",
+                [b"p=tls-server-end-point,,".as_slice(), &[0xab; 32]].concat(),
+            ),
+        ];
+        for (binding, mechanism, header, c_input) in cases {
+            let mut exchange = ScramExchange::with_nonce("", CLIENT_NONCE.into(), binding);
+            assert_eq!(exchange.mechanism(), mechanism);
+            let first = String::from_utf8(exchange.client_first()).unwrap();
+            assert_eq!(first, format!("{header}n=,r={CLIENT_NONCE}"));
+            let client_final = exchange
+                .client_final(SERVER_FIRST.as_bytes(), b"pencil", &cache)
+                .unwrap();
+            let expected = format!("c={},", STANDARD.encode(c_input));
+            assert!(String::from_utf8(client_final)
+                .unwrap()
+                .starts_with(&expected));
+        }
+    }
+
     #[test]
     fn rfc_7677_example_and_the_cache() {
         let metrics = Arc::new(Metrics::default());
         let cache = ScramCache::new(Arc::clone(&metrics));
         for round in 0..2 {
-            let mut exchange = ScramExchange::with_nonce("user", CLIENT_NONCE.into());
+            let mut exchange =
+                ScramExchange::with_nonce("user", CLIENT_NONCE.into(), ChannelBinding::Unsupported);
             assert_eq!(exchange.client_first(), b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO");
             let client_final = exchange
                 .client_final(SERVER_FIRST.as_bytes(), b"pencil", &cache)
@@ -281,7 +365,8 @@ mod tests {
             assert_eq!(counted(&metrics.scram_cache_hits), round);
         }
         // Another password with the same salt is not served from the cache.
-        let mut exchange = ScramExchange::with_nonce("user", CLIENT_NONCE.into());
+        let mut exchange =
+            ScramExchange::with_nonce("user", CLIENT_NONCE.into(), ChannelBinding::Unsupported);
         let other = exchange
             .client_final(SERVER_FIRST.as_bytes(), b"pencil2", &cache)
             .unwrap();
@@ -325,14 +410,16 @@ mod tests {
             ),
         ];
         for (server_first, words) in cases {
-            let mut exchange = ScramExchange::with_nonce("", CLIENT_NONCE.into());
+            let mut exchange =
+                ScramExchange::with_nonce("", CLIENT_NONCE.into(), ChannelBinding::Unsupported);
             let error = exchange
                 .client_final(server_first.as_bytes(), b"pencil", &cache)
                 .unwrap_err();
             assert!(error.contains(words), "{server_first}: {error}");
         }
         assert_eq!(counted(&metrics.scram_derivations), 0);
-        let mut exchange = ScramExchange::with_nonce("", CLIENT_NONCE.into());
+        let mut exchange =
+            ScramExchange::with_nonce("", CLIENT_NONCE.into(), ChannelBinding::Unsupported);
         assert!(exchange
             .verify_server_final(SERVER_FINAL.as_bytes())
             .is_err());

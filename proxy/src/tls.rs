@@ -176,6 +176,44 @@ impl ServerCertVerifier for EncryptionOnly {
     }
 }
 
+/// SCRAM channel binding data of type `tls-server-end-point` (RFC 5929 §4.1): the hash of the
+/// server's certificate, with the hash of its signature algorithm (MD5 and SHA-1 become
+/// SHA-256). `None` for another algorithm (Ed25519, RSA-PSS, SHA-224): the login then goes
+/// unbound, which the server accepts.
+pub fn server_end_point(certificate: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    use x509_parser::oid_registry as oids;
+    let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref()).ok()?;
+    let algorithm = &parsed.signature_algorithm.algorithm;
+    let bytes = certificate.as_ref();
+    if [
+        oids::OID_PKCS1_SHA256WITHRSA,
+        oids::OID_SIG_ECDSA_WITH_SHA256,
+        oids::OID_PKCS1_SHA1WITHRSA,
+        oids::OID_PKCS1_MD5WITHRSAENC,
+    ]
+    .contains(algorithm)
+    {
+        Some(sha2::Sha256::digest(bytes).to_vec())
+    } else if [
+        oids::OID_PKCS1_SHA384WITHRSA,
+        oids::OID_SIG_ECDSA_WITH_SHA384,
+    ]
+    .contains(algorithm)
+    {
+        Some(sha2::Sha384::digest(bytes).to_vec())
+    } else if [
+        oids::OID_PKCS1_SHA512WITHRSA,
+        oids::OID_SIG_ECDSA_WITH_SHA512,
+    ]
+    .contains(algorithm)
+    {
+        Some(sha2::Sha512::digest(bytes).to_vec())
+    } else {
+        None
+    }
+}
+
 /// The common name of a verified client certificate's subject.
 pub fn common_name(certificate: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref()).ok()?;

@@ -246,6 +246,12 @@ fn tls_to_servers_verified_against_the_configured_ca() {
             && metrics.contains("secrets_proxy_scram_keys_total{result=\"cached\"} 2\n"),
         "{metrics}"
     );
+    // Each login was bound to its TLS session (SCRAM-SHA-256-PLUS, tls-server-end-point):
+    // the server checked the binding, or it would have refused.
+    assert!(
+        metrics.contains("secrets_proxy_scram_channel_bound_logins_total 3\n"),
+        "{metrics}"
+    );
     // A new password is a new derivation, once.
     db.batch_execute("ALTER ROLE app PASSWORD 'pw-1'").unwrap();
     db.execute(
@@ -295,16 +301,27 @@ fn tls_to_servers_verified_against_the_configured_ca() {
     drop(proxy);
     set_server_host(&cluster, "127.0.0.1", cluster.port);
 
-    // require: encrypted, the certificate not checked, so the address form is fine.
+    // require: encrypted, the certificate not checked, so the address form is fine; the
+    // login is still bound to the session, so it could not be relayed through another.
     let proxy = proxy_with_server_tls(&cluster, "sslmode = \"require\"");
     let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
     assert!(ok && text.trim() == "app true", "{text}");
+    let metrics = http_get(proxy.admin_address.unwrap(), "/metrics");
+    assert!(
+        metrics.contains("secrets_proxy_scram_channel_bound_logins_total 1\n"),
+        "{metrics}"
+    );
     drop(proxy);
 
-    // disable (the default): plaintext.
+    // disable (the default): plaintext, so nothing to bind to.
     let proxy = proxy_with_server_tls(&cluster, "");
     let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
     assert!(ok && text.trim() == "app false", "{text}");
+    let metrics = http_get(proxy.admin_address.unwrap(), "/metrics");
+    assert!(
+        metrics.contains("secrets_proxy_scram_channel_bound_logins_total 0\n"),
+        "{metrics}"
+    );
     drop(proxy);
 
     // A CA that did not sign the server's certificate.
