@@ -377,34 +377,23 @@ fn tls_to_the_store_verified_against_the_configured_ca() {
             .unwrap();
         (row.get(0), row.get(1))
     };
+    // verify-full, and require: encrypted, the certificate not checked (it does not name
+    // 127.0.0.1).
     let verify_full = format!(
         "host = \"localhost\"\n{STORE_LOGIN}\nsslmode = \"verify-full\"\nca_file = \"{}\"",
         pki.ca.display()
     );
-    let proxy = proxy_with_tls(&cluster, &verify_full, "");
-    let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
-    assert!(ok && text.trim() == "app false", "{text}");
-    let (connections, all_encrypted) = store_ssl(&mut db);
-    assert!(
-        connections >= 1 && all_encrypted,
-        "{connections} {all_encrypted}"
-    );
-    drop(proxy);
-
-    // require: encrypted, the certificate not checked (it does not name 127.0.0.1).
-    let proxy = proxy_with_tls(
-        &cluster,
-        &format!("host = \"127.0.0.1\"\n{STORE_LOGIN}\nsslmode = \"require\""),
-        "",
-    );
-    let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
-    assert!(ok && text.trim() == "app false", "{text}");
-    let (connections, all_encrypted) = store_ssl(&mut db);
-    assert!(
-        connections >= 1 && all_encrypted,
-        "{connections} {all_encrypted}"
-    );
-    drop(proxy);
+    let require = format!("host = \"127.0.0.1\"\n{STORE_LOGIN}\nsslmode = \"require\"");
+    for store in [verify_full, require] {
+        let proxy = proxy_with_tls(&cluster, &store, "");
+        let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
+        assert!(ok && text.trim() == "app false", "{store}: {text}");
+        let (connections, all_encrypted) = store_ssl(&mut db);
+        assert!(
+            connections >= 1 && all_encrypted,
+            "{store}: {connections} {all_encrypted}"
+        );
+    }
 
     // A store whose certificate does not chain to the configured CA gives no credential, nor
     // one whose certificate does not name the host connected to (it names localhost).
