@@ -241,9 +241,11 @@ pub fn application_name() -> String {
     }
 }
 
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
+pub const POSTGRES_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
 /// Now, in Unix microseconds.
 pub fn now_micros() -> i64 {
-    const POSTGRES_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     now + POSTGRES_EPOCH_OFFSET_MICROS
 }

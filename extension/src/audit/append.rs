@@ -27,9 +27,6 @@ pub struct ChainedRecord {
 /// enough that their slots and datums stay small.
 pub const ROWS_PER_CALL: usize = 128;
 
-/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
-const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
-
 /// The columns written, in this order, with their types; their positions are looked up by
 /// name.
 const COLUMNS: [(&CStr, pg_sys::Oid); 18] = [
@@ -67,7 +64,7 @@ fn datums(row: &ChainedRecord) -> [Option<pg_sys::Datum>; 18] {
     [
         row.id.into_datum(),
         Some(pg_sys::Datum::from(
-            record.at_micros - POSTGRES_EPOCH_MICROS,
+            record.at_micros - crate::access::POSTGRES_EPOCH_OFFSET_MICROS,
         )),
         record.session_user.as_str().into_datum(),
         record.current_user.as_str().into_datum(),
