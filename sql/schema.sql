@@ -58,6 +58,13 @@ CREATE TABLE secrets.secret (
     rotation_enabled boolean NOT NULL DEFAULT false,
     next_rotation_at timestamptz,
     last_rotated_at  timestamptz,
+    -- A copy of the CURRENT version's row, kept by the triggers below, so that reading
+    -- CURRENT is one index probe instead of three. NULL when no version is CURRENT.
+    current_version_id  uuid,
+    current_value_kind  text,
+    current_key_id      text,
+    current_wrapped_key bytea,
+    current_ciphertext  bytea,
     CHECK ((deleted_at IS NULL) = (purge_at IS NULL)),
     CHECK (NOT rotation_enabled OR (rotator IS NOT NULL AND rotation_schedule IS NOT NULL))
 );
@@ -92,6 +99,50 @@ CREATE TABLE secrets.version_label (
         REFERENCES secrets.secret_version (secret_id, id) ON DELETE CASCADE
 );
 CREATE INDEX version_label_by_version ON secrets.version_label (version_id);
+
+-- Keeps each secret's copy of its CURRENT version equal to what version_label and
+-- secret_version say, whoever changes them and however: the triggers fire ALWAYS, also with
+-- session_replication_role = replica. A label pointing at another secret's version (only
+-- tampering makes one) leaves no copy, and the read falls back to the probes that refuse it.
+CREATE FUNCTION secrets.refresh_current_copy() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    affected uuid[] := '{}';
+BEGIN
+    IF TG_TABLE_NAME = 'version_label' THEN
+        IF TG_OP <> 'INSERT' THEN
+            IF OLD.label = 'CURRENT' THEN
+                affected := affected || OLD.secret_id;
+            END IF;
+        END IF;
+        IF TG_OP <> 'DELETE' THEN
+            IF NEW.label = 'CURRENT' THEN
+                affected := affected || NEW.secret_id;
+            END IF;
+        END IF;
+    ELSE
+        affected := ARRAY(SELECT secret_id FROM secrets.version_label
+                          WHERE label = 'CURRENT' AND version_id = OLD.id);
+    END IF;
+    IF affected <> '{}' THEN
+        UPDATE secrets.secret s
+        SET (current_version_id, current_value_kind, current_key_id, current_wrapped_key,
+             current_ciphertext) = (
+            SELECT v.id, v.value_kind, v.key_id, v.wrapped_key, v.ciphertext
+            FROM secrets.version_label l
+            JOIN secrets.secret_version v ON v.id = l.version_id AND v.secret_id = l.secret_id
+            WHERE l.secret_id = s.id AND l.label = 'CURRENT')
+        WHERE s.id = ANY (affected);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER version_label_current_copy AFTER INSERT OR UPDATE OR DELETE
+    ON secrets.version_label FOR EACH ROW EXECUTE FUNCTION secrets.refresh_current_copy();
+CREATE TRIGGER secret_version_current_copy AFTER UPDATE OR DELETE
+    ON secrets.secret_version FOR EACH ROW EXECUTE FUNCTION secrets.refresh_current_copy();
+ALTER TABLE secrets.version_label ENABLE ALWAYS TRIGGER version_label_current_copy;
+ALTER TABLE secrets.secret_version ENABLE ALWAYS TRIGGER secret_version_current_copy;
 CREATE INDEX secret_rotation_due ON secrets.secret (next_rotation_at) WHERE rotation_enabled;
 
 -- One row per rotation: the four steps create -> set -> test -> finish, with `step` the next

@@ -1,7 +1,7 @@
 //! The hot read path without SPI: unique-index probes straight into the heap, the way
-//! PostgreSQL reads its own catalogs. A `get_secret_value` costs three index probes instead of
-//! planning and running a three-way join through the executor, which is most of what makes
-//! it close to a plain table lookup.
+//! PostgreSQL reads its own catalogs. Reading CURRENT, the common case, is one probe of the
+//! secret row (which carries a copy of its CURRENT version); another version takes three.
+//! No planning and no executor, which is most of what makes it close to a plain lookup.
 //!
 //! Visibility is what a VOLATILE SPI query would see: the command counter is advanced and
 //! the transaction snapshot taken, so rows written earlier in the same transaction are seen.
@@ -18,10 +18,13 @@ pub enum Key<'a> {
     Uuid(&'a CStr, Uuid),
 }
 
-/// A row found by a probe, readable by column name while the scan is open.
+/// A row found by a probe, read by column name while the scan is open. The tuple is
+/// deformed once: fetching each column with `heap_getattr` walked the row from its start
+/// for every column after the first variable-width one.
 pub struct Row {
-    tuple: pg_sys::HeapTuple,
     desc: pg_sys::TupleDesc,
+    values: Vec<Datum>,
+    nulls: Vec<bool>,
 }
 
 /// Whether a catalog name holds `wanted`, compared in place: a read looks up ten columns by
@@ -35,30 +38,27 @@ pub fn name_is(name: &pg_sys::NameData, wanted: &CStr) -> bool {
             .all(|(&have, &want)| have as u8 == want)
 }
 
-impl Row {
-    fn attnum(&self, column: &CStr) -> i32 {
-        // SAFETY: desc is the open relation's descriptor; attrs has natts entries.
-        unsafe {
-            let desc = &*self.desc;
-            let attrs = desc.attrs.as_slice(desc.natts as usize);
-            attrs
-                .iter()
-                .position(|att| !att.attisdropped && name_is(&att.attname, column))
-                .map(|index| index as i32 + 1)
-                .unwrap_or_else(|| panic!("secrets schema lacks column {column:?}"))
-        }
+/// The position (from 0) of `column` in a relation's descriptor.
+fn column_index(desc: pg_sys::TupleDesc, column: &CStr) -> usize {
+    // SAFETY: desc is an open relation's descriptor; attrs has natts entries.
+    unsafe {
+        let desc = &*desc;
+        desc.attrs
+            .as_slice(desc.natts as usize)
+            .iter()
+            .position(|att| !att.attisdropped && name_is(&att.attname, column))
+            .unwrap_or_else(|| panic!("secrets schema lacks column {column:?}"))
     }
+}
 
+impl Row {
     /// The column's value, converted without a type check: callers name columns whose
     /// types the schema fixes.
     pub fn get<T: FromDatum>(&self, column: &CStr) -> Option<T> {
-        let attnum = self.attnum(column);
-        let mut is_null = false;
-        // SAFETY: tuple and desc belong together and the scan holding the tuple is open.
-        unsafe {
-            let datum = pg_sys::heap_getattr(self.tuple, attnum, self.desc, &mut is_null);
-            T::from_datum(datum, is_null)
-        }
+        let index = column_index(self.desc, column);
+        // SAFETY: the values were deformed from a tuple of this descriptor, and the scan
+        // that pins the tuple's buffer is still open.
+        unsafe { T::from_datum(self.values[index], self.nulls[index]) }
     }
 }
 
@@ -132,11 +132,8 @@ pub fn probe<R>(
     // ends, and the tuple is read only while the scan is open.
     unsafe {
         let relation = pg_sys::table_open(relation_oid(table), pg_sys::AccessShareLock as i32);
+        let desc = (*relation).rd_att;
         let mut scan_keys: Vec<pg_sys::ScanKeyData> = Vec::with_capacity(keys.len());
-        let key_row = Row {
-            tuple: std::ptr::null_mut(),
-            desc: (*relation).rd_att,
-        };
         for key in keys {
             let (column, procedure, datum, collation): (&CStr, u32, Datum, Oid) = match key {
                 Key::Text(column, value) => (
@@ -155,7 +152,7 @@ pub fn probe<R>(
             let mut scan_key = std::mem::zeroed::<pg_sys::ScanKeyData>();
             pg_sys::ScanKeyInit(
                 &mut scan_key,
-                key_row.attnum(column) as pg_sys::AttrNumber,
+                (column_index(desc, column) + 1) as pg_sys::AttrNumber,
                 pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
                 pg_sys::Oid::from(procedure),
                 datum,
@@ -176,10 +173,14 @@ pub fn probe<R>(
         let result = if tuple.is_null() {
             None
         } else {
-            Some(read(&Row {
-                tuple,
-                desc: (*relation).rd_att,
-            }))
+            let columns = (*desc).natts as usize;
+            let mut row = Row {
+                desc,
+                values: vec![Datum::from(0); columns],
+                nulls: vec![false; columns],
+            };
+            pg_sys::heap_deform_tuple(tuple, desc, row.values.as_mut_ptr(), row.nulls.as_mut_ptr());
+            Some(read(&row))
         };
         pg_sys::systable_endscan(scan);
         pg_sys::table_close(relation, pg_sys::NoLock as i32);

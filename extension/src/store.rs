@@ -459,11 +459,14 @@ struct ReadHead {
     owner: pg_sys::Oid,
     deleted: bool,
     access_is_stale: bool,
+    /// The row's copy of its CURRENT version, read only when CURRENT is asked for.
+    current: Option<StoredVersion>,
 }
 
 /// Reads one version: by id, by stage, or CURRENT. With `expect` set, a value of the other
 /// kind is refused before it is decrypted. Hot path: index probes, no SPI unless the day's
-/// first read records the access date.
+/// first read records the access date. CURRENT comes from the secret row's own copy, so the
+/// common read is one probe; other versions take two more (label, then version).
 pub fn get_secret(
     name: &str,
     version_id: Option<Uuid>,
@@ -472,6 +475,7 @@ pub fn get_secret(
 ) -> Result<Fetched> {
     let snapshot = index_read::begin_read();
     let today = unsafe { pg_sys::GetSQLCurrentDate() };
+    let wants_current = version_id.is_none() && stage.unwrap_or(CURRENT) == CURRENT;
     let head = index_read::probe(
         &snapshot,
         c"secret",
@@ -484,6 +488,20 @@ pub fn get_secret(
                 .get::<pgrx::datum::TimestampWithTimeZone>(c"purge_at")
                 .is_some(),
             access_is_stale: row.get::<i32>(c"last_accessed_on") != Some(today),
+            current: if wants_current {
+                row.get(c"current_version_id").map(|id| StoredVersion {
+                    id,
+                    kind: row
+                        .get::<String>(c"current_value_kind")
+                        .as_deref()
+                        .and_then(ValueKind::parse),
+                    key_id: row.get(c"current_key_id").unwrap_or_default(),
+                    wrapped_key: row.get(c"current_wrapped_key").unwrap_or_default(),
+                    ciphertext: row.get(c"current_ciphertext").unwrap_or_default(),
+                })
+            } else {
+                None
+            },
         },
     );
     check_access(
@@ -495,10 +513,48 @@ pub fn get_secret(
             owner: h.owner,
         }),
     )?;
-    let head = head.expect("check_access refuses a missing secret");
+    let mut head = head.expect("check_access refuses a missing secret");
     if head.deleted {
         return Err(scheduled_for_deletion(name, head.id)?);
     }
+    let (stored, staged) = match head.current.take() {
+        Some(current) => (current, Some(CURRENT)),
+        None => find_version(&snapshot, name, head.id, version_id, stage)?,
+    };
+    match (expect, stored.kind) {
+        (Some(ValueKind::String), Some(ValueKind::Binary)) => {
+            return Err(Error::NotString(name.to_string()))
+        }
+        (Some(ValueKind::Binary), Some(ValueKind::String)) => {
+            return Err(Error::NotBinary(name.to_string()))
+        }
+        _ => {}
+    }
+    audit::touched(head.id, Some(stored.id), staged);
+    let plaintext = stored.open(head.id, name)?;
+    if head.access_is_stale && !read_only_transaction() {
+        Spi::run_with_args(
+            "UPDATE secrets.secret SET last_accessed_on = current_date WHERE id = $1",
+            &[head.id.into()],
+        )?;
+    }
+    Ok(Fetched {
+        version_id: stored.id,
+        kind: stored.kind.expect("checked by open"),
+        plaintext,
+    })
+}
+
+/// The version a read asks for, found through its label (unless only an id is given) and
+/// then its own row; with both, the label must be on that version. Also returns the stage it
+/// was found by.
+fn find_version<'a>(
+    snapshot: &index_read::ReadSnapshot,
+    name: &str,
+    secret_id: Uuid,
+    version_id: Option<Uuid>,
+    stage: Option<&'a str>,
+) -> Result<(StoredVersion, Option<&'a str>)> {
     let not_found = || Error::VersionNotFound {
         name: name.to_string(),
         what: match (version_id, stage) {
@@ -511,11 +567,11 @@ pub fn get_secret(
         (Some(_), None) => None,
         (_, stage) => Some(
             index_read::probe(
-                &snapshot,
+                snapshot,
                 c"version_label",
                 c"version_label_pkey",
                 &[
-                    Key::Uuid(c"secret_id", head.id),
+                    Key::Uuid(c"secret_id", secret_id),
                     Key::Text(c"label", stage.unwrap_or(CURRENT)),
                 ],
                 |row| row.get::<Uuid>(c"version_id").expect("NOT NULL"),
@@ -529,7 +585,7 @@ pub fn get_secret(
         (None, staged) => staged.expect("a stage was looked up"),
     };
     let stored = index_read::probe(
-        &snapshot,
+        snapshot,
         c"secret_version",
         c"secret_version_pkey",
         &[Key::Uuid(c"id", wanted)],
@@ -549,36 +605,12 @@ pub fn get_secret(
             )
         },
     );
-    let stored = match stored {
-        Some((Some(owner_secret), stored)) if owner_secret == head.id => stored,
-        _ => return Err(not_found()),
-    };
-    match (expect, stored.kind) {
-        (Some(ValueKind::String), Some(ValueKind::Binary)) => {
-            return Err(Error::NotString(name.to_string()))
+    match stored {
+        Some((Some(owner_secret), stored)) if owner_secret == secret_id => {
+            Ok((stored, staged.map(|_| stage.unwrap_or(CURRENT))))
         }
-        (Some(ValueKind::Binary), Some(ValueKind::String)) => {
-            return Err(Error::NotBinary(name.to_string()))
-        }
-        _ => {}
+        _ => Err(not_found()),
     }
-    audit::touched(
-        head.id,
-        Some(stored.id),
-        staged.and(Some(stage.unwrap_or(CURRENT))),
-    );
-    let plaintext = stored.open(head.id, name)?;
-    if head.access_is_stale && !read_only_transaction() {
-        Spi::run_with_args(
-            "UPDATE secrets.secret SET last_accessed_on = current_date WHERE id = $1",
-            &[head.id.into()],
-        )?;
-    }
-    Ok(Fetched {
-        version_id: stored.id,
-        kind: stored.kind.expect("checked by open"),
-        plaintext,
-    })
 }
 
 fn scheduled_for_deletion(name: &str, secret_id: Uuid) -> Result<Error> {

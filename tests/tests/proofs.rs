@@ -35,6 +35,30 @@ fn tampered_ciphertext_fails_with_an_integrity_error() {
     );
     assert!(error.hint().is_some());
     assert_sql_error(get(&mut db, "flip/key"), "XX001", "integrity check failed");
+
+    // Reads of CURRENT use the secret row's copy of the version: flipped there alone, with
+    // the triggers that keep it off, or copied from another secret, it fails the same way.
+    db.batch_execute(
+        "SELECT secrets.create_secret('flip/copy', 'v');
+         SELECT secrets.create_secret('flip/source', 'v');
+         SELECT secrets.create_secret('flip/target', 'v');
+         SET session_replication_role = replica;
+         UPDATE secrets.secret SET current_ciphertext =
+                set_byte(current_ciphertext, 3, get_byte(current_ciphertext, 3) # 1)
+          WHERE name = 'flip/copy';
+         RESET session_replication_role;
+         UPDATE secrets.secret sb SET current_wrapped_key = sa.current_wrapped_key,
+                current_ciphertext = sa.current_ciphertext
+           FROM secrets.secret sa WHERE sa.name = 'flip/source' AND sb.name = 'flip/target';",
+    )
+    .unwrap();
+    assert_sql_error(get(&mut db, "flip/copy"), "XX001", "integrity check failed");
+    assert_sql_error(
+        get(&mut db, "flip/target"),
+        "XX001",
+        "integrity check failed",
+    );
+    assert_eq!(get(&mut db, "flip/source").unwrap(), "v");
 }
 
 #[test]

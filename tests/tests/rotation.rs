@@ -1023,6 +1023,16 @@ fn rewrapping_ten_thousand_versions_keeps_every_value_readable() {
         )
         .unwrap()
         .get(0);
+    // CURRENT is read from the secret row's copy, rewrapped along with its version.
+    let wrong_current: i64 = db
+        .query_one(
+            "SELECT count(*) FROM secrets.secret s \
+             WHERE secrets.get_secret_value(s.name) <> 'value-' || split_part(s.name, '/', 2) || '-1'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(wrong_current, 0);
     let total: i64 = db
         .query_one(
             "SELECT count(*) FROM secrets.secret s \

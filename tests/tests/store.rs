@@ -4,7 +4,7 @@
 use pg_secrets_e2e::{assert_sql_error, Cluster};
 use postgres::fallible_iterator::FallibleIterator;
 
-fn get(client: &mut postgres::Client, name: &str) -> String {
+fn get(client: &mut impl postgres::GenericClient, name: &str) -> String {
     client
         .query_one("SELECT secrets.get_secret_value($1)", &[&name])
         .unwrap()
@@ -129,6 +129,103 @@ fn versions_and_labels_move_like_a_user_expects() {
     assert!(
         !description.contains("pw-"),
         "describe must never show a value"
+    );
+}
+
+/// Secrets whose copy of CURRENT (in the secret row, what reads of CURRENT use) differs from
+/// what the labels and versions say.
+fn stale_current_copies(db: &mut postgres::Client) -> i64 {
+    db.query_one(
+        "SELECT count(*) FROM secrets.secret s \
+         LEFT JOIN secrets.version_label l ON l.secret_id = s.id AND l.label = 'CURRENT' \
+         LEFT JOIN secrets.secret_version v ON v.id = l.version_id \
+         WHERE (s.current_version_id, s.current_value_kind, s.current_key_id, \
+                s.current_wrapped_key, s.current_ciphertext) \
+               IS DISTINCT FROM (v.id, v.value_kind, v.key_id, v.wrapped_key, v.ciphertext)",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+#[test]
+fn reads_of_current_follow_every_change_of_the_label() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    let v1: String = db
+        .query_one("SELECT secrets.create_secret('copy/a', 'a-1')::text", &[])
+        .unwrap()
+        .get(0);
+    let v2: String = db
+        .query_one(
+            "SELECT secrets.put_secret_value('copy/a', 'a-2')::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    db.batch_execute(
+        "SELECT secrets.create_secret('copy/b', secret_binary => '\\x0102');
+         SELECT secrets.put_secret_value('copy/a', 'a-3', version_stages => '{PENDING}');",
+    )
+    .unwrap();
+    assert_eq!(get(&mut db, "copy/a"), "a-2");
+    assert_eq!(stale_current_copies(&mut db), 0);
+
+    // CURRENT moved back by hand, then a change rolled back: reads follow both, and a read
+    // in the changing transaction sees its own change.
+    db.execute(
+        "SELECT secrets.update_secret_version_stage('copy/a', 'CURRENT', $1::text::uuid, $2::text::uuid)",
+        &[&v1, &v2],
+    )
+    .unwrap();
+    assert_eq!(get(&mut db, "copy/a"), "a-1");
+    let mut transaction = db.transaction().unwrap();
+    transaction
+        .execute("SELECT secrets.put_secret_value('copy/a', 'a-4')", &[])
+        .unwrap();
+    assert_eq!(get(&mut transaction, "copy/a"), "a-4");
+    transaction.rollback().unwrap();
+    assert_eq!(get(&mut db, "copy/a"), "a-1");
+    assert_eq!(stale_current_copies(&mut db), 0);
+
+    // A superuser's own edits keep the copy too, triggers disabled or not: CURRENT taken off
+    // by hand leaves nothing to read, put back it reads again.
+    db.batch_execute(
+        "SET session_replication_role = replica;
+         DELETE FROM secrets.version_label l USING secrets.secret s
+          WHERE l.secret_id = s.id AND s.name = 'copy/a' AND l.label = 'CURRENT';
+         RESET session_replication_role;",
+    )
+    .unwrap();
+    assert_eq!(stale_current_copies(&mut db), 0);
+    assert_sql_error(
+        db.query_one("SELECT secrets.get_secret_value('copy/a')", &[]),
+        "42704",
+        "with stage CURRENT",
+    );
+    db.execute(
+        "INSERT INTO secrets.version_label (secret_id, label, version_id) \
+         SELECT secret_id, 'CURRENT', id FROM secrets.secret_version WHERE id = $1::text::uuid",
+        &[&v1],
+    )
+    .unwrap();
+    assert_eq!(get(&mut db, "copy/a"), "a-1");
+    let binary: Vec<u8> = db
+        .query_one("SELECT secrets.get_secret_binary('copy/b')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(binary, [1, 2]);
+    assert_eq!(stale_current_copies(&mut db), 0);
+
+    // Nobody but the extension reads the copy: it is not among the columns users may select.
+    db.batch_execute("CREATE ROLE looker LOGIN IN ROLE secrets_admin")
+        .unwrap();
+    assert_sql_error(
+        db.batch_execute(
+            "SET ROLE looker; SELECT current_ciphertext FROM secrets.secret; RESET ROLE;",
+        ),
+        "42501",
+        "permission denied",
     );
 }
 

@@ -114,6 +114,9 @@ pub fn audited<T>(
     secret_name: Option<&str>,
     body: impl FnOnce() -> Result<T>,
 ) -> Result<T> {
+    if !settings::audit() {
+        return body();
+    }
     TOUCHED.with(|touched| touched.take());
     let outcome = body();
     let mut touched = TOUCHED.with(|touched| touched.take());
