@@ -94,7 +94,7 @@ fn main() {
     let seconds = env_number("BENCH_SECONDS", 4).to_string();
     let rounds = env_number("BENCH_ROUNDS", 3);
     let mut cluster =
-        Cluster::start_with(KeySource::File(TEST_KEY.into()), &["max_connections = 300"]);
+        Cluster::start_with(KeySource::File(TEST_KEY.into()), &["max_connections = 400"]);
     let scripts = cluster.dir().join("bench");
     fs::create_dir_all(&scripts).unwrap();
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
@@ -364,16 +364,17 @@ fn with_superuser(mut command: Command, port: u16) -> Command {
     command
 }
 
-/// PgBouncer from Debian, session mode, trusting loopback clients like the proxy does; as
-/// root it runs as the postgres system user, since it refuses to run as root.
-fn start_pgbouncer(cluster: &Cluster, port: u16) -> PgBouncer {
-    let dir = cluster.dir().join("pgbouncer");
+/// PgBouncer from Debian, session mode, trusting loopback clients like the proxy does, reaching
+/// the server at `server_host` (an address, or the directory of its Unix socket); as root it
+/// runs as the postgres system user, since it refuses to run as root.
+fn start_pgbouncer(cluster: &Cluster, port: u16, server_host: &str) -> PgBouncer {
+    let dir = cluster.dir().join(format!("pgbouncer-{port}"));
     fs::create_dir_all(&dir).unwrap();
     fs::write(dir.join("userlist.txt"), "\"app\" \"\"\n").unwrap();
     fs::write(
         dir.join("pgbouncer.ini"),
         format!(
-            "[databases]\nappdb = host=127.0.0.1 port={} dbname=postgres user=app password={APP_PASSWORD}\n\
+            "[databases]\nappdb = host={server_host} port={} dbname=postgres user=app password={APP_PASSWORD}\n\
              [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
              auth_type = trust\nauth_file = {}/userlist.txt\npool_mode = session\n\
              max_client_conn = 2500\ndefault_pool_size = 60\nlogfile = {}/pgbouncer.log\n\
@@ -505,24 +506,38 @@ fn proxy_setup(cluster: &Cluster) {
     );
 }
 
+/// Each pooler twice: reaching the server over TCP (a pooler on another host; loopback here)
+/// and through the server's Unix socket (a pooler on the database host), which saves the
+/// kernel's TCP work on every server round trip.
 fn proxy_benchmark(cluster: &Cluster, seconds: &str, rounds: u32) {
-    let proxy = RunningProxy::start(
-        Config::parse(&format!(
-            "[listen]\ntcp = \"127.0.0.1:0\"\n[store]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"proxy\"\n\
-             password = \"proxy-pw\"\n[limits]\npool_max_idle = 60\n[[route]]\ndatabase = \"appdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n",
-            cluster.port
-        ))
-        .unwrap(),
-    )
-    .unwrap();
-    let bouncer_port = free_port();
-    let bouncer = start_pgbouncer(cluster, bouncer_port);
-
-    let paths: [(&str, u16, &str); 3] = [
-        ("direct", cluster.port, "postgres"),
-        ("PgBouncer (session)", bouncer_port, "appdb"),
-        ("secrets-proxy", proxy.tcp_address.unwrap().port(), "appdb"),
-    ];
+    let socket_dir = cluster.socket_dir().display().to_string();
+    let mut paths: Vec<(String, u16, &str)> = vec![("direct".into(), cluster.port, "postgres")];
+    let mut poolers = Vec::new();
+    for (placement, server_host) in [("TCP", "127.0.0.1"), ("Unix socket", socket_dir.as_str())] {
+        let proxy = RunningProxy::start(
+            Config::parse(&format!(
+                "[listen]\ntcp = \"127.0.0.1:0\"\n[store]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"proxy\"\n\
+                 password = \"proxy-pw\"\n[limits]\npool_max_idle = 60\n[[route]]\ndatabase = \"appdb\"\n\
+                 secret = \"db/app\"\nhost = \"{server_host}\"\nallow = [\"trust\"]\n",
+                cluster.port
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        let bouncer_port = free_port();
+        let bouncer = start_pgbouncer(cluster, bouncer_port, server_host);
+        paths.push((
+            format!("PgBouncer (session), server over {placement}"),
+            bouncer_port,
+            "appdb",
+        ));
+        paths.push((
+            format!("secrets-proxy, server over {placement}"),
+            proxy.tcp_address.unwrap().port(),
+            "appdb",
+        ));
+        poolers.push((proxy, bouncer));
+    }
     let modes: [(&str, &[&str]); 3] = [
         ("-S -c 10", &["-c", "10"]),
         ("-S -c 50", &["-c", "50"]),
@@ -532,7 +547,8 @@ fn proxy_benchmark(cluster: &Cluster, seconds: &str, rounds: u32) {
     let mut baseline = Vec::new();
     for (mode, mode_args) in modes {
         let first_of_mode = rows.len();
-        for (path, port, database) in paths {
+        for (path, port, database) in &paths {
+            let (port, database) = (*port, *database);
             let mode_args: Vec<String> = mode_args.iter().map(|a| a.to_string()).collect();
             let seconds = seconds.to_string();
             rows.push(Row {
@@ -564,8 +580,7 @@ fn proxy_benchmark(cluster: &Cluster, seconds: &str, rounds: u32) {
         &baseline,
         rounds,
     );
-    drop(bouncer);
-    drop(proxy);
+    drop(poolers);
 }
 
 const IDLE_CLIENTS: usize = 2000;
@@ -605,7 +620,7 @@ fn idle_clients_benchmark(cluster: &mut Cluster) {
         .unwrap_or_else(|e| panic!("{} (scripts/bench.sh builds it): {e}", binary.display()));
     wait_for_port(proxy_port, "secrets-proxy");
     let bouncer_port = free_port();
-    let bouncer = start_pgbouncer(cluster, bouncer_port);
+    let bouncer = start_pgbouncer(cluster, bouncer_port, "127.0.0.1");
 
     println!(
         "\n{IDLE_CLIENTS} idle clients (logged in, then silent): resident memory of the pooler"
