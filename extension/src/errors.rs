@@ -59,10 +59,7 @@ pub enum Error {
     #[error("the audit queue file pg_secrets_audit.queue in the data directory could not be opened at server start; the call was refused so that nothing happens unaudited")]
     AuditQueueUnavailable,
     #[error("table {table} is not as this pg_secrets library writes it: {problem}")]
-    SchemaMismatch {
-        table: &'static str,
-        problem: String,
-    },
+    SchemaMismatch { table: String, problem: String },
     #[error("access request {id} is already {state}")]
     RequestDecided { id: String, state: String },
     /// A PostgreSQL error caught in a subtransaction, kept as its message to be recorded.

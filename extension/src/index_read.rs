@@ -6,6 +6,7 @@
 //! Visibility is what a VOLATILE SPI query would see: the command counter is advanced and
 //! the transaction snapshot taken, so rows written earlier in the same transaction are seen.
 
+use crate::errors::{Error, Result};
 use pgrx::pg_guard;
 use pgrx::pg_sys::{self, Datum, Oid};
 use pgrx::{FromDatum, IntoDatum, Uuid};
@@ -22,6 +23,7 @@ pub enum Key<'a> {
 /// deformed once: fetching each column with `heap_getattr` walked the row from its start
 /// for every column after the first variable-width one.
 pub struct Row {
+    table: &'static CStr,
     desc: pg_sys::TupleDesc,
     values: Vec<Datum>,
     nulls: Vec<bool>,
@@ -38,8 +40,13 @@ pub fn name_is(name: &pg_sys::NameData, wanted: &CStr) -> bool {
             .all(|(&have, &want)| have as u8 == want)
 }
 
-/// The position (from 0) of `column` in a relation's descriptor.
-fn column_index(desc: pg_sys::TupleDesc, column: &CStr) -> usize {
+/// The table a relation of the extension belongs to, for error messages.
+fn qualified(name: &CStr) -> String {
+    format!("secrets.{}", name.to_string_lossy())
+}
+
+/// The position (from 0) of `column` in the descriptor of `table`.
+fn column_index(table: &CStr, desc: pg_sys::TupleDesc, column: &CStr) -> Result<usize> {
     // SAFETY: desc is an open relation's descriptor; attrs has natts entries.
     unsafe {
         let desc = &*desc;
@@ -47,18 +54,21 @@ fn column_index(desc: pg_sys::TupleDesc, column: &CStr) -> usize {
             .as_slice(desc.natts as usize)
             .iter()
             .position(|att| !att.attisdropped && name_is(&att.attname, column))
-            .unwrap_or_else(|| panic!("secrets schema lacks column {column:?}"))
     }
+    .ok_or_else(|| Error::SchemaMismatch {
+        table: qualified(table),
+        problem: format!("it has no column {}", column.to_string_lossy()),
+    })
 }
 
 impl Row {
     /// The column's value, converted without a type check: callers name columns whose
     /// types the schema fixes.
-    pub fn get<T: FromDatum>(&self, column: &CStr) -> Option<T> {
-        let index = column_index(self.desc, column);
+    pub fn get<T: FromDatum>(&self, column: &CStr) -> Result<Option<T>> {
+        let index = column_index(self.table, self.desc, column)?;
         // SAFETY: the values were deformed from a tuple of this descriptor, and the scan
         // that pins the tuple's buffer is still open.
-        unsafe { T::from_datum(self.values[index], self.nulls[index]) }
+        Ok(unsafe { T::from_datum(self.values[index], self.nulls[index]) })
     }
 }
 
@@ -69,7 +79,9 @@ thread_local! {
     static RELATION_OIDS: RefCell<Vec<(&'static CStr, Oid)>> = const { RefCell::new(Vec::new()) };
 }
 
-pub fn relation_oid(name: &'static CStr) -> Oid {
+/// The OID of `secrets.<name>`; an error, not a panic, when a library newer or older than
+/// the installed tables looks for one that is not there.
+pub fn relation_oid(name: &'static CStr) -> Result<Oid> {
     let cached = RELATION_OIDS.with(|oids| {
         let oids = oids.borrow();
         oids.iter()
@@ -77,18 +89,25 @@ pub fn relation_oid(name: &'static CStr) -> Oid {
             .map(|&(_, oid)| oid)
     });
     if let Some(oid) = cached {
-        return oid;
+        return Ok(oid);
     }
-    // SAFETY: plain syscache lookups by name.
+    // SAFETY: plain syscache lookups by name; InvalidOid when either is missing.
     let oid = unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"secrets".as_ptr(), false);
-        pg_sys::get_relname_relid(name.as_ptr(), namespace)
+        let namespace = pg_sys::get_namespace_oid(c"secrets".as_ptr(), true);
+        if namespace == pg_sys::InvalidOid {
+            pg_sys::InvalidOid
+        } else {
+            pg_sys::get_relname_relid(name.as_ptr(), namespace)
+        }
     };
     if oid == pg_sys::InvalidOid {
-        panic!("relation secrets.{name:?} is missing; reinstall the extension");
+        return Err(Error::SchemaMismatch {
+            table: qualified(name),
+            problem: "it does not exist".into(),
+        });
     }
     RELATION_OIDS.with(|oids| oids.borrow_mut().push((name, oid)));
-    oid
+    Ok(oid)
 }
 
 #[pg_guard]
@@ -126,12 +145,14 @@ pub fn probe<R>(
     table: &'static CStr,
     index: &'static CStr,
     keys: &[Key],
-    read: impl FnOnce(&Row) -> R,
-) -> Option<R> {
+    read: impl FnOnce(&Row) -> Result<R>,
+) -> Result<Option<R>> {
+    let (table_oid, index_oid) = (relation_oid(table)?, relation_oid(index)?);
     // SAFETY: the relation is opened and locked for the scan, scan keys live until the scan
-    // ends, and the tuple is read only while the scan is open.
+    // ends, and the tuple is read only while the scan is open; the relation is closed on
+    // every way out but an error raised by PostgreSQL, whose abort closes it.
     unsafe {
-        let relation = pg_sys::table_open(relation_oid(table), pg_sys::AccessShareLock as i32);
+        let relation = pg_sys::table_open(table_oid, pg_sys::AccessShareLock as i32);
         let desc = (*relation).rd_att;
         let mut scan_keys: Vec<pg_sys::ScanKeyData> = Vec::with_capacity(keys.len());
         for key in keys {
@@ -149,10 +170,17 @@ pub fn probe<R>(
                     pg_sys::InvalidOid,
                 ),
             };
+            let position = match column_index(table, desc, column) {
+                Ok(position) => position,
+                Err(error) => {
+                    pg_sys::table_close(relation, pg_sys::AccessShareLock as i32);
+                    return Err(error);
+                }
+            };
             let mut scan_key = std::mem::zeroed::<pg_sys::ScanKeyData>();
             pg_sys::ScanKeyInit(
                 &mut scan_key,
-                (column_index(desc, column) + 1) as pg_sys::AttrNumber,
+                (position + 1) as pg_sys::AttrNumber,
                 pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
                 pg_sys::Oid::from(procedure),
                 datum,
@@ -163,7 +191,7 @@ pub fn probe<R>(
         }
         let scan = pg_sys::systable_beginscan(
             relation,
-            relation_oid(index),
+            index_oid,
             true,
             snapshot.0,
             scan_keys.len() as i32,
@@ -175,6 +203,7 @@ pub fn probe<R>(
         } else {
             let columns = (*desc).natts as usize;
             let mut row = Row {
+                table,
                 desc,
                 values: vec![Datum::from(0); columns],
                 nulls: vec![false; columns],
@@ -184,6 +213,6 @@ pub fn probe<R>(
         };
         pg_sys::systable_endscan(scan);
         pg_sys::table_close(relation, pg_sys::NoLock as i32);
-        result
+        result.transpose()
     }
 }

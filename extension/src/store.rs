@@ -481,29 +481,30 @@ pub fn get_secret(
         c"secret",
         c"secret_name_key",
         &[Key::Text(c"name", name)],
-        |row| ReadHead {
-            id: row.get(c"id").expect("NOT NULL"),
-            owner: row.get(c"owner_role").expect("NOT NULL"),
-            deleted: row
-                .get::<pgrx::datum::TimestampWithTimeZone>(c"purge_at")
-                .is_some(),
-            access_is_stale: row.get::<i32>(c"last_accessed_on") != Some(today),
-            current: if wants_current {
-                row.get(c"current_version_id").map(|id| StoredVersion {
-                    id,
-                    kind: row
-                        .get::<String>(c"current_value_kind")
-                        .as_deref()
-                        .and_then(ValueKind::parse),
-                    key_id: row.get(c"current_key_id").unwrap_or_default(),
-                    wrapped_key: row.get(c"current_wrapped_key").unwrap_or_default(),
-                    ciphertext: row.get(c"current_ciphertext").unwrap_or_default(),
-                })
-            } else {
-                None
-            },
+        |row| {
+            Ok(ReadHead {
+                id: row.get(c"id")?.expect("NOT NULL"),
+                owner: row.get(c"owner_role")?.expect("NOT NULL"),
+                deleted: row
+                    .get::<pgrx::datum::TimestampWithTimeZone>(c"purge_at")?
+                    .is_some(),
+                access_is_stale: row.get::<i32>(c"last_accessed_on")? != Some(today),
+                current: match row.get(c"current_version_id")? {
+                    Some(id) if wants_current => Some(StoredVersion {
+                        id,
+                        kind: row
+                            .get::<String>(c"current_value_kind")?
+                            .as_deref()
+                            .and_then(ValueKind::parse),
+                        key_id: row.get(c"current_key_id")?.unwrap_or_default(),
+                        wrapped_key: row.get(c"current_wrapped_key")?.unwrap_or_default(),
+                        ciphertext: row.get(c"current_ciphertext")?.unwrap_or_default(),
+                    }),
+                    _ => None,
+                },
+            })
         },
-    );
+    )?;
     check_access(
         access::caller(),
         name,
@@ -574,8 +575,8 @@ fn find_version<'a>(
                     Key::Uuid(c"secret_id", secret_id),
                     Key::Text(c"label", stage.unwrap_or(CURRENT)),
                 ],
-                |row| row.get::<Uuid>(c"version_id").expect("NOT NULL"),
-            )
+                |row| Ok(row.get::<Uuid>(c"version_id")?.expect("NOT NULL")),
+            )?
             .ok_or_else(not_found)?,
         ),
     };
@@ -590,21 +591,21 @@ fn find_version<'a>(
         c"secret_version_pkey",
         &[Key::Uuid(c"id", wanted)],
         |row| {
-            (
-                row.get::<Uuid>(c"secret_id"),
+            Ok((
+                row.get::<Uuid>(c"secret_id")?,
                 StoredVersion {
                     id: wanted,
                     kind: row
-                        .get::<String>(c"value_kind")
+                        .get::<String>(c"value_kind")?
                         .as_deref()
                         .and_then(ValueKind::parse),
-                    key_id: row.get(c"key_id").expect("NOT NULL"),
-                    wrapped_key: row.get(c"wrapped_key").expect("NOT NULL"),
-                    ciphertext: row.get(c"ciphertext").expect("NOT NULL"),
+                    key_id: row.get(c"key_id")?.expect("NOT NULL"),
+                    wrapped_key: row.get(c"wrapped_key")?.expect("NOT NULL"),
+                    ciphertext: row.get(c"ciphertext")?.expect("NOT NULL"),
                 },
-            )
+            ))
         },
-    );
+    )?;
     match stored {
         Some((Some(owner_secret), stored)) if owner_secret == secret_id => {
             Ok((stored, staged.map(|_| stage.unwrap_or(CURRENT))))

@@ -532,3 +532,37 @@ fn unknown_master_key_id_and_missing_preload() {
         .unwrap_or_default()
         .contains("postgresql.conf"));
 }
+
+/// A library and tables that disagree (a superuser's edit, or a library installed over tables
+/// of another version): reads name the table and what is missing, as `55000`, never a panic.
+#[test]
+fn tables_the_library_does_not_recognise() {
+    let (_cluster, mut db) = fixture();
+    let version: String = db
+        .query_one(
+            "SELECT version_id::text FROM secrets.list_secret_version_ids('app/db') LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let by_version = format!("SELECT secrets.get_secret_value('app/db', '{version}')");
+    for (change, undo, read, words) in [
+        (
+            "ALTER TABLE secrets.secret RENAME COLUMN current_ciphertext TO elsewhere",
+            "ALTER TABLE secrets.secret RENAME COLUMN elsewhere TO current_ciphertext",
+            "SELECT secrets.get_secret_value('app/db')",
+            "table secrets.secret is not as this pg_secrets library writes it: it has no column current_ciphertext",
+        ),
+        (
+            "ALTER TABLE secrets.secret_version RENAME TO moved_away",
+            "ALTER TABLE secrets.moved_away RENAME TO secret_version",
+            by_version.as_str(),
+            "table secrets.secret_version is not as this pg_secrets library writes it: it does not exist",
+        ),
+    ] {
+        db.batch_execute(change).unwrap();
+        assert_sql_error(db.query(read, &[]), "55000", words);
+        db.batch_execute(undo).unwrap();
+        assert_eq!(db.query(read, &[]).unwrap().len(), 1, "{read}");
+    }
+}

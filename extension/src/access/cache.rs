@@ -11,6 +11,7 @@
 use super::policy::{self, Policy, Source};
 use super::Actions;
 use crate::errors::Result;
+use crate::index_read::relation_oid;
 use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
 use pgrx::Uuid;
@@ -84,22 +85,12 @@ thread_local! {
     static POLICY_TABLE: Cell<Oid> = const { Cell::new(pg_sys::InvalidOid) };
 }
 
-fn table_oid(name: &std::ffi::CStr) -> Oid {
-    // SAFETY: syscache lookups by name; InvalidOid when the extension is not installed.
-    unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"secrets".as_ptr(), true);
-        if namespace == pg_sys::InvalidOid {
-            return pg_sys::InvalidOid;
-        }
-        pg_sys::get_relname_relid(name.as_ptr(), namespace)
-    }
-}
-
 pub fn grants() -> Result<Rc<GrantIndex>> {
     if let Some(cached) = GRANTS.with(|grants| grants.borrow().clone()) {
         return Ok(cached);
     }
-    GRANT_TABLE.with(|table| table.set(table_oid(c"access_grant")));
+    let table_oid = relation_oid(c"access_grant")?;
+    GRANT_TABLE.with(|table| table.set(table_oid));
     let mut index = GrantIndex::default();
     Spi::connect(|client| -> Result<()> {
         let rows = client.select(
@@ -135,7 +126,8 @@ fn all_policies() -> Result<Rc<Policies>> {
     if let Some(cached) = POLICIES.with(|policies| policies.borrow().clone()) {
         return Ok(cached);
     }
-    POLICY_TABLE.with(|table| table.set(table_oid(c"resource_policy")));
+    let table_oid = relation_oid(c"resource_policy")?;
+    POLICY_TABLE.with(|table| table.set(table_oid));
     let mut policies = Policies::new();
     Spi::connect(|client| -> Result<()> {
         for row in client.select(
@@ -260,9 +252,8 @@ pub fn invalidate_policies() {
     invalidate(c"resource_policy");
 }
 
-fn invalidate(table: &std::ffi::CStr) {
-    let oid = table_oid(table);
-    if oid != pg_sys::InvalidOid {
+fn invalidate(table: &'static std::ffi::CStr) {
+    if let Ok(oid) = relation_oid(table) {
         unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oid) };
     }
 }

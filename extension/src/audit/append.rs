@@ -93,7 +93,7 @@ fn datums(row: &ChainedRecord) -> [Option<pg_sys::Datum>; 18] {
 /// `relation` must be open.
 unsafe fn column_positions(relation: pg_sys::Relation) -> Result<[usize; 18]> {
     let mismatch = |problem: String| Error::SchemaMismatch {
-        table: "secrets.audit_record",
+        table: "secrets.audit_record".into(),
         problem,
     };
     // SAFETY: an open relation's descriptor has natts attributes; trigdesc may be null.
@@ -156,7 +156,7 @@ impl Appender {
     /// Opens the table in the current transaction. Nothing needs undoing if a later call
     /// fails: the transaction's abort releases what this holds.
     pub fn open() -> Result<Appender> {
-        let relation_oid = crate::index_read::relation_oid(c"audit_record");
+        let relation_oid = crate::index_read::relation_oid(c"audit_record")?;
         // SAFETY: the sequence of calls COPY FROM makes (copyfrom.c); the relation stays
         // locked until the transaction ends.
         unsafe {
