@@ -3,6 +3,7 @@
 //! and collect the greeting the client will be shown (ParameterStatus, BackendKeyData,
 //! ReadyForQuery).
 
+use crate::config::AuthMethod;
 use crate::credentials::Credential;
 use crate::error::ProxyError;
 use crate::scram::{ChannelBinding, ScramCache, ScramExchange};
@@ -40,6 +41,8 @@ pub struct ConnectSettings<'a> {
     /// `verify-full`: every server must prove who it is, which a Unix socket cannot.
     pub verify_servers: bool,
     pub scram: &'a ScramCache,
+    /// `[server_login] methods`.
+    pub auth_methods: &'a [AuthMethod],
 }
 
 /// A server connection: TCP in plaintext or TLS, or a Unix socket.
@@ -325,6 +328,19 @@ async fn log_in(
                             "authentication request {code} in the middle of SCRAM"
                         )));
                     }
+                }
+                let method = match code {
+                    0 if scram.is_none() => Some(AuthMethod::None),
+                    3 => Some(AuthMethod::Password),
+                    5 => Some(AuthMethod::Md5),
+                    10 => Some(AuthMethod::ScramSha256),
+                    _ => None,
+                };
+                if let Some(method) = method.filter(|m| !settings.auth_methods.contains(m)) {
+                    return Err(ProxyError::AuthMethodNotAllowed {
+                        address: format!("{}:{}", target.host, target.port),
+                        method,
+                    });
                 }
                 match code {
                     0 => break,

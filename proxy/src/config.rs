@@ -15,6 +15,8 @@ pub struct Config {
     pub tls: Option<Tls>,
     #[serde(default)]
     pub server_tls: ServerTls,
+    #[serde(default)]
+    pub server_login: ServerLogin,
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
 }
@@ -79,6 +81,62 @@ pub enum ServerSslMode {
     Require,
     /// Encrypted, the certificate chains to `ca_file` and names the host connected to.
     VerifyFull,
+}
+
+/// How the proxy may log in to route servers.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerLogin {
+    /// The authentication methods a server may ask for, as libpq's `require_auth`: a login
+    /// asked for another ends before the password is used. Limited to `scram-sha-256`, a
+    /// server (or whoever answers in its place) cannot make the proxy send the password
+    /// itself, or a hash that stands for it.
+    #[serde(default = "ServerLogin::all_methods")]
+    pub methods: Vec<AuthMethod>,
+}
+
+impl ServerLogin {
+    fn all_methods() -> Vec<AuthMethod> {
+        vec![
+            AuthMethod::ScramSha256,
+            AuthMethod::Md5,
+            AuthMethod::Password,
+            AuthMethod::None,
+        ]
+    }
+}
+
+impl Default for ServerLogin {
+    fn default() -> Self {
+        ServerLogin {
+            methods: ServerLogin::all_methods(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthMethod {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    /// Cleartext.
+    #[serde(rename = "password")]
+    Password,
+    /// None asked for: the server lets the user in (`trust`).
+    #[serde(rename = "none")]
+    None,
+}
+
+impl std::fmt::Display for AuthMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AuthMethod::ScramSha256 => "scram-sha-256",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::Password => "password",
+            AuthMethod::None => "none",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -245,6 +303,11 @@ impl Config {
             return Err("[listen] unix_dir without tcp needs unix_port".into());
         }
         self.server_tls.check("[server_tls]")?;
+        if self.server_login.methods.is_empty() {
+            return Err(
+                "[server_login] methods lists none: no server could be logged in to".into(),
+            );
+        }
         self.store.tls().check("[store]")?;
         if self.store.sslmode != ServerSslMode::Disable && self.store.host.starts_with('/') {
             return Err(
@@ -351,6 +414,7 @@ mod tests {
         .unwrap();
         assert_eq!(config.store.port, 5432);
         assert_eq!(config.limits.login_retry_budget_ms, 10_000);
+        assert_eq!(config.server_login.methods.len(), 4);
         assert_eq!(
             config.route("app", "reporting").unwrap().secret,
             "db/app-ro"
@@ -425,6 +489,14 @@ mod tests {
             (
                 format!("{BASE}\n[[route]]\ndatabase = \"d\"\nallow = [\"trust\"]"),
                 "missing field `secret`",
+            ),
+            (
+                format!("{BASE}\n[server_login]\nmethods = []"),
+                "[server_login] methods lists none",
+            ),
+            (
+                format!("{BASE}\n[server_login]\nmethods = [\"scram-sha-256\", \"gss\"]"),
+                "unknown variant `gss`",
             ),
         ];
         for (text, words) in cases {

@@ -27,6 +27,11 @@ pub enum ProxyError {
     /// `[server_tls]` asked for TLS and the server could not give it as asked.
     #[error("TLS to the database server {address} failed: {reason}")]
     ServerTls { address: String, reason: String },
+    #[error("the database server {address} asked for {method} authentication, which [server_login] methods does not allow")]
+    AuthMethodNotAllowed {
+        address: String,
+        method: crate::config::AuthMethod,
+    },
     #[error("the database server sent something unexpected during login: {0}")]
     Backend(String),
     #[error("the proxy is shutting down")]
@@ -40,7 +45,9 @@ impl ProxyError {
         match self {
             ProxyError::Protocol(_) | ProxyError::UnsupportedProtocol { .. } => "08P01",
             ProxyError::UnknownRoute { .. } => "3D000",
-            ProxyError::NotAllowed { .. } | ProxyError::TlsRequired => "28000",
+            ProxyError::NotAllowed { .. }
+            | ProxyError::TlsRequired
+            | ProxyError::AuthMethodNotAllowed { .. } => "28000",
             ProxyError::Store { .. } | ProxyError::BadCredential(_) => "08006",
             ProxyError::Unreachable { .. } | ProxyError::ServerTls { .. } => "08001",
             ProxyError::LoginRefused { sqlstate, .. } => sqlstate,

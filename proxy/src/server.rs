@@ -376,6 +376,7 @@ async fn session(
                 .clone(),
             verify_servers: config.server_tls.sslmode == ServerSslMode::VerifyFull,
             scram: &shared.scram,
+            auth_methods: &config.server_login.methods,
         },
     };
     let login_started = std::time::Instant::now();

@@ -720,3 +720,69 @@ fn the_last_known_credential_serves_for_a_while_when_the_store_is_down() {
         "{error}"
     );
 }
+
+/// Servers that ask for cleartext, md5 or nothing at all (trust) are logged in to as they ask,
+/// and `[server_login] methods = ["scram-sha-256"]` refuses each of them before the password
+/// is used: the client gets `28000` naming the method, never the password.
+#[test]
+fn password_md5_and_trust_servers_and_the_methods_allowed() {
+    let fixture = fixture(r#""trust""#);
+    let mut db = fixture.cluster.superuser();
+    // An md5 login needs the password stored as md5.
+    db.batch_execute("SET password_encryption = 'md5'; ALTER ROLE app PASSWORD 'pw-0';")
+        .unwrap();
+    let proxy = |methods: &str| {
+        RunningProxy::start(
+            Config::parse(&format!(
+                "[listen]\ntcp = \"127.0.0.1:0\"\n\
+                 [store]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"proxy\"\npassword = \"proxy-pw\"\n\
+                 [limits]\npool_max_idle = 0\n\
+                 [server_login]\nmethods = [{methods}]\n\
+                 [[route]]\ndatabase = \"appdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n",
+                fixture.cluster.port
+            ))
+            .unwrap(),
+        )
+        .unwrap()
+    };
+    let every_method = proxy(r#""scram-sha-256", "md5", "password", "none""#);
+    let scram_only = proxy(r#""scram-sha-256""#);
+    let connect = |proxy: &RunningProxy| {
+        Client::connect(
+            &format!(
+                "host=127.0.0.1 port={} user=whoever dbname=appdb",
+                proxy.tcp_address.unwrap().port()
+            ),
+            NoTls,
+        )
+    };
+    let hba = fixture.cluster.data_dir().join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    for (hba_method, asked) in [("password", "password"), ("md5", "md5"), ("trust", "none")] {
+        std::fs::write(
+            &hba,
+            format!("host all app 127.0.0.1/32 {hba_method}\n{rules}"),
+        )
+        .unwrap();
+        db.batch_execute("SELECT pg_reload_conf()").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let user: String = connect(&every_method)
+            .unwrap()
+            .query_one("SELECT current_user::text", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(user, "app", "{hba_method}");
+        let Err(error) = connect(&scram_only) else {
+            panic!("{hba_method}: logged in despite [server_login] methods");
+        };
+        let error = error.as_db_error().expect("an ErrorResponse");
+        assert_eq!(error.code().code(), "28000", "{error:?}");
+        assert!(
+            error
+                .message()
+                .contains(&format!("asked for {asked} authentication")),
+            "{error:?}"
+        );
+        assert!(!error.message().contains("pw-0"));
+    }
+}
