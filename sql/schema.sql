@@ -108,7 +108,15 @@ CREATE FUNCTION secrets.refresh_current_copy() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     affected uuid[] := '{}';
+    secret_to_refresh uuid;
 BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        UPDATE secrets.secret
+        SET (current_version_id, current_value_kind, current_key_id, current_wrapped_key,
+             current_ciphertext) = (NULL, NULL, NULL, NULL, NULL)
+        WHERE current_version_id IS NOT NULL;
+        RETURN NULL;
+    END IF;
     IF TG_TABLE_NAME = 'version_label' THEN
         IF TG_OP <> 'INSERT' THEN
             IF OLD.label = 'CURRENT' THEN
@@ -124,16 +132,22 @@ BEGIN
         affected := ARRAY(SELECT secret_id FROM secrets.version_label
                           WHERE label = 'CURRENT' AND version_id = OLD.id);
     END IF;
-    IF affected <> '{}' THEN
-        UPDATE secrets.secret s
+    -- One secret at a time, in id order, each by its primary key: a plan over the whole array
+    -- can be cached as a sequential scan while the table is small, and stay one as it grows.
+    FOR secret_to_refresh IN SELECT DISTINCT a FROM unnest(affected) a ORDER BY a LOOP
+        -- Locked first, and the labels read by a statement of its own: an UPDATE's subquery
+        -- keeps the snapshot the UPDATE began with, so after waiting for a writer of the same
+        -- secret it would copy the version that writer's labels no longer point at.
+        PERFORM FROM secrets.secret WHERE id = secret_to_refresh FOR NO KEY UPDATE;
+        UPDATE secrets.secret
         SET (current_version_id, current_value_kind, current_key_id, current_wrapped_key,
              current_ciphertext) = (
             SELECT v.id, v.value_kind, v.key_id, v.wrapped_key, v.ciphertext
             FROM secrets.version_label l
             JOIN secrets.secret_version v ON v.id = l.version_id AND v.secret_id = l.secret_id
-            WHERE l.secret_id = s.id AND l.label = 'CURRENT')
-        WHERE s.id = ANY (affected);
-    END IF;
+            WHERE l.secret_id = secret_to_refresh AND l.label = 'CURRENT')
+        WHERE id = secret_to_refresh;
+    END LOOP;
     RETURN NULL;
 END
 $$;
@@ -141,8 +155,14 @@ CREATE TRIGGER version_label_current_copy AFTER INSERT OR UPDATE OR DELETE
     ON secrets.version_label FOR EACH ROW EXECUTE FUNCTION secrets.refresh_current_copy();
 CREATE TRIGGER secret_version_current_copy AFTER UPDATE OR DELETE
     ON secrets.secret_version FOR EACH ROW EXECUTE FUNCTION secrets.refresh_current_copy();
+CREATE TRIGGER version_label_truncated AFTER TRUNCATE
+    ON secrets.version_label FOR EACH STATEMENT EXECUTE FUNCTION secrets.refresh_current_copy();
+CREATE TRIGGER secret_version_truncated AFTER TRUNCATE
+    ON secrets.secret_version FOR EACH STATEMENT EXECUTE FUNCTION secrets.refresh_current_copy();
 ALTER TABLE secrets.version_label ENABLE ALWAYS TRIGGER version_label_current_copy;
 ALTER TABLE secrets.secret_version ENABLE ALWAYS TRIGGER secret_version_current_copy;
+ALTER TABLE secrets.version_label ENABLE ALWAYS TRIGGER version_label_truncated;
+ALTER TABLE secrets.secret_version ENABLE ALWAYS TRIGGER secret_version_truncated;
 CREATE INDEX secret_rotation_due ON secrets.secret (next_rotation_at) WHERE rotation_enabled;
 
 -- One row per rotation: the four steps create -> set -> test -> finish, with `step` the next

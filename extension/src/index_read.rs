@@ -62,6 +62,11 @@ fn column_index(table: &CStr, desc: pg_sys::TupleDesc, column: &CStr) -> Result<
 }
 
 impl Row {
+    /// Whether the table has `column` (tables created by an older build may lack newer ones).
+    pub fn has(&self, column: &CStr) -> bool {
+        column_index(self.table, self.desc, column).is_ok()
+    }
+
     /// The column's value, converted without a type check: callers name columns whose
     /// types the schema fixes.
     pub fn get<T: FromDatum>(&self, column: &CStr) -> Result<Option<T>> {

@@ -93,8 +93,10 @@ pub fn rewrap_secret(client: &mut SpiClient<'_>, secret: &SecretRow, key_id: &st
 }
 
 /// `rewrap_keys`: re-wraps up to `batch_size` versions that are not under the active key and
-/// moves secrets to the active key for their new versions. Rows locked by a concurrent writer
-/// are skipped and picked up by the next call; returns (re-wrapped now, still to do).
+/// moves secrets to the active key for their new versions. Versions whose secret a concurrent
+/// writer has locked are skipped and picked up by the next call: locking the secret with its
+/// versions, in the writers' order, keeps the copy-of-CURRENT trigger from deadlocking with
+/// them. Returns (re-wrapped now, still to do).
 pub fn rewrap_keys(batch_size: i32) -> Result<(i64, i64)> {
     // Master-key work spans every secret, so it needs the right on all of them.
     access::require_on_every_secret(Action::Manage, Action::Manage.as_str())?;
@@ -104,7 +106,7 @@ pub fn rewrap_keys(batch_size: i32) -> Result<(i64, i64)> {
             client,
             &format!(
                 "{VERSION_COLUMNS} WHERE v.key_id <> $1 ORDER BY v.id LIMIT $2 \
-                 FOR UPDATE OF v SKIP LOCKED"
+                 FOR UPDATE OF v, s SKIP LOCKED"
             ),
             &[active.id.clone().into(), i64::from(batch_size).into()],
         )?;

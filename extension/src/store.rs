@@ -489,18 +489,10 @@ pub fn get_secret(
                     .get::<pgrx::datum::TimestampWithTimeZone>(c"purge_at")?
                     .is_some(),
                 access_is_stale: row.get::<i32>(c"last_accessed_on")? != Some(today),
-                current: match row.get(c"current_version_id")? {
-                    Some(id) if wants_current => Some(StoredVersion {
-                        id,
-                        kind: row
-                            .get::<String>(c"current_value_kind")?
-                            .as_deref()
-                            .and_then(ValueKind::parse),
-                        key_id: row.get(c"current_key_id")?.unwrap_or_default(),
-                        wrapped_key: row.get(c"current_wrapped_key")?.unwrap_or_default(),
-                        ciphertext: row.get(c"current_ciphertext")?.unwrap_or_default(),
-                    }),
-                    _ => None,
+                current: if wants_current {
+                    current_copy(row)?
+                } else {
+                    None
                 },
             })
         },
@@ -544,6 +536,28 @@ pub fn get_secret(
         kind: stored.kind.expect("checked by open"),
         plaintext,
     })
+}
+
+/// The secret row's copy of its CURRENT version: `None` when no version is CURRENT, and when
+/// the table was created by a build before the copy existed (such tables are read the slower
+/// way, through the label and the version).
+fn current_copy(row: &index_read::Row) -> Result<Option<StoredVersion>> {
+    if !row.has(c"current_version_id") {
+        return Ok(None);
+    }
+    let Some(id) = row.get(c"current_version_id")? else {
+        return Ok(None);
+    };
+    Ok(Some(StoredVersion {
+        id,
+        kind: row
+            .get::<String>(c"current_value_kind")?
+            .as_deref()
+            .and_then(ValueKind::parse),
+        key_id: row.get(c"current_key_id")?.unwrap_or_default(),
+        wrapped_key: row.get(c"current_wrapped_key")?.unwrap_or_default(),
+        ciphertext: row.get(c"current_ciphertext")?.unwrap_or_default(),
+    }))
 }
 
 /// The version a read asks for, found through its label (unless only an id is given) and

@@ -306,6 +306,8 @@ async fn log_in(
 
     let password = credential.password.expose_secret().as_bytes();
     let mut scram: Option<ScramExchange> = None;
+    // Whether the server asked for any authentication: AuthenticationOk after none is `none`.
+    let mut asked = false;
     loop {
         let (tag, mut body) = read_message(&mut stream).await?;
         match tag {
@@ -330,12 +332,13 @@ async fn log_in(
                     }
                 }
                 let method = match code {
-                    0 if scram.is_none() => Some(AuthMethod::None),
+                    0 if !asked => Some(AuthMethod::None),
                     3 => Some(AuthMethod::Password),
                     5 => Some(AuthMethod::Md5),
                     10 => Some(AuthMethod::ScramSha256),
                     _ => None,
                 };
+                asked |= matches!(code, 3 | 5 | 10);
                 if let Some(method) = method.filter(|m| !settings.auth_methods.contains(m)) {
                     return Err(ProxyError::AuthMethodNotAllowed {
                         address: format!("{}:{}", target.host, target.port),

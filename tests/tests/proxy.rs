@@ -722,8 +722,9 @@ fn the_last_known_credential_serves_for_a_while_when_the_store_is_down() {
 }
 
 /// Servers that ask for cleartext, md5 or nothing at all (trust) are logged in to as they ask,
-/// and `[server_login] methods = ["scram-sha-256"]` refuses each of them before the password
-/// is used: the client gets `28000` naming the method, never the password.
+/// by default and when `[server_login] methods` lists that method alone, and
+/// `methods = ["scram-sha-256"]` refuses each of them before the password is used: the client
+/// gets `28000` naming the method, never the password.
 #[test]
 fn password_md5_and_trust_servers_and_the_methods_allowed() {
     let fixture = fixture(r#""trust""#);
@@ -772,6 +773,14 @@ fn password_md5_and_trust_servers_and_the_methods_allowed() {
             .unwrap()
             .get(0);
         assert_eq!(user, "app", "{hba_method}");
+        // So is a proxy that allows that method alone.
+        let only_this = proxy(&format!("\"{asked}\""));
+        let user: String = connect(&only_this)
+            .unwrap()
+            .query_one("SELECT current_user::text", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(user, "app", "{hba_method} alone");
         let Err(error) = connect(&scram_only) else {
             panic!("{hba_method}: logged in despite [server_login] methods");
         };

@@ -227,6 +227,34 @@ fn reads_of_current_follow_every_change_of_the_label() {
         "42501",
         "permission denied",
     );
+
+    // TRUNCATE fires no row triggers; statement triggers clear every copy.
+    db.batch_execute("TRUNCATE secrets.version_label").unwrap();
+    assert_eq!(stale_current_copies(&mut db), 0);
+    assert_sql_error(
+        db.query_one("SELECT secrets.get_secret_value('copy/a')", &[]),
+        "42704",
+        "with stage CURRENT",
+    );
+    db.batch_execute("SELECT secrets.put_secret_value('copy/a', 'a-5')")
+        .unwrap();
+    assert_eq!(get(&mut db, "copy/a"), "a-5");
+
+    // Tables created before the copy existed (no columns, no triggers) are read through the
+    // label and the version.
+    db.batch_execute(
+        "DROP TRIGGER version_label_current_copy ON secrets.version_label;
+         DROP TRIGGER version_label_truncated ON secrets.version_label;
+         DROP TRIGGER secret_version_current_copy ON secrets.secret_version;
+         DROP TRIGGER secret_version_truncated ON secrets.secret_version;
+         ALTER TABLE secrets.secret DROP COLUMN current_version_id,
+             DROP COLUMN current_value_kind, DROP COLUMN current_key_id,
+             DROP COLUMN current_wrapped_key, DROP COLUMN current_ciphertext;
+         SELECT secrets.put_secret_value('copy/a', 'a-6');",
+    )
+    .unwrap();
+    assert_eq!(get(&mut db, "copy/a"), "a-6");
+    assert_eq!(get_stage(&mut db, "copy/a", "PREVIOUS"), "a-5");
 }
 
 #[test]
