@@ -17,6 +17,7 @@ use pgrx::spi::SpiClient;
 use pgrx::{JsonB, Uuid};
 use rand::rngs::OsRng;
 use rand::RngCore;
+use std::ffi::CStr;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
@@ -239,7 +240,45 @@ struct StoredVersion {
     ciphertext: Vec<u8>,
 }
 
+/// Where a version's sealed columns are: in its own `secret_version` row, or in the secret
+/// row's copy of its CURRENT version.
+struct SealedColumns {
+    kind: &'static CStr,
+    key_id: &'static CStr,
+    wrapped_key: &'static CStr,
+    ciphertext: &'static CStr,
+}
+
+const VERSION_ROW: SealedColumns = SealedColumns {
+    kind: c"value_kind",
+    key_id: c"key_id",
+    wrapped_key: c"wrapped_key",
+    ciphertext: c"ciphertext",
+};
+
+const CURRENT_COPY: SealedColumns = SealedColumns {
+    kind: c"current_value_kind",
+    key_id: c"current_key_id",
+    wrapped_key: c"current_wrapped_key",
+    ciphertext: c"current_ciphertext",
+};
+
 impl StoredVersion {
+    /// Version `id` as a probe found it. A missing part (only tampering makes one) fails to
+    /// open as an integrity error.
+    fn from_row(row: &index_read::Row, id: Uuid, columns: &SealedColumns) -> Result<Self> {
+        Ok(StoredVersion {
+            id,
+            kind: row
+                .get::<String>(columns.kind)?
+                .as_deref()
+                .and_then(ValueKind::parse),
+            key_id: row.get(columns.key_id)?.unwrap_or_default(),
+            wrapped_key: row.get(columns.wrapped_key)?.unwrap_or_default(),
+            ciphertext: row.get(columns.ciphertext)?.unwrap_or_default(),
+        })
+    }
+
     fn open(&self, secret_id: Uuid, secret_name: &str) -> Result<Zeroizing<Vec<u8>>> {
         let kind = self
             .kind
@@ -545,19 +584,9 @@ fn current_copy(row: &index_read::Row) -> Result<Option<StoredVersion>> {
     if !row.has(c"current_version_id") {
         return Ok(None);
     }
-    let Some(id) = row.get(c"current_version_id")? else {
-        return Ok(None);
-    };
-    Ok(Some(StoredVersion {
-        id,
-        kind: row
-            .get::<String>(c"current_value_kind")?
-            .as_deref()
-            .and_then(ValueKind::parse),
-        key_id: row.get(c"current_key_id")?.unwrap_or_default(),
-        wrapped_key: row.get(c"current_wrapped_key")?.unwrap_or_default(),
-        ciphertext: row.get(c"current_ciphertext")?.unwrap_or_default(),
-    }))
+    row.get(c"current_version_id")?
+        .map(|id| StoredVersion::from_row(row, id, &CURRENT_COPY))
+        .transpose()
 }
 
 /// The version a read asks for, found through its label (unless only an id is given) and
@@ -607,16 +636,7 @@ fn find_version<'a>(
         |row| {
             Ok((
                 row.get::<Uuid>(c"secret_id")?,
-                StoredVersion {
-                    id: wanted,
-                    kind: row
-                        .get::<String>(c"value_kind")?
-                        .as_deref()
-                        .and_then(ValueKind::parse),
-                    key_id: row.get(c"key_id")?.expect("NOT NULL"),
-                    wrapped_key: row.get(c"wrapped_key")?.expect("NOT NULL"),
-                    ciphertext: row.get(c"ciphertext")?.expect("NOT NULL"),
-                },
+                StoredVersion::from_row(row, wanted, &VERSION_ROW)?,
             ))
         },
     )?;

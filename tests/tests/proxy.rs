@@ -757,6 +757,13 @@ fn password_md5_and_trust_servers_and_the_methods_allowed() {
             NoTls,
         )
     };
+    let user_through = |proxy: &RunningProxy| -> String {
+        connect(proxy)
+            .unwrap()
+            .query_one("SELECT current_user::text", &[])
+            .unwrap()
+            .get(0)
+    };
     let hba = fixture.cluster.data_dir().join("pg_hba.conf");
     let rules = std::fs::read_to_string(&hba).unwrap();
     for (hba_method, asked) in [("password", "password"), ("md5", "md5"), ("trust", "none")] {
@@ -767,20 +774,10 @@ fn password_md5_and_trust_servers_and_the_methods_allowed() {
         .unwrap();
         db.batch_execute("SELECT pg_reload_conf()").unwrap();
         std::thread::sleep(Duration::from_millis(300));
-        let user: String = connect(&every_method)
-            .unwrap()
-            .query_one("SELECT current_user::text", &[])
-            .unwrap()
-            .get(0);
-        assert_eq!(user, "app", "{hba_method}");
+        assert_eq!(user_through(&every_method), "app", "{hba_method}");
         // So is a proxy that allows that method alone.
         let only_this = proxy(&format!("\"{asked}\""));
-        let user: String = connect(&only_this)
-            .unwrap()
-            .query_one("SELECT current_user::text", &[])
-            .unwrap()
-            .get(0);
-        assert_eq!(user, "app", "{hba_method} alone");
+        assert_eq!(user_through(&only_this), "app", "{hba_method} alone");
         let Err(error) = connect(&scram_only) else {
             panic!("{hba_method}: logged in despite [server_login] methods");
         };
