@@ -1,6 +1,7 @@
 //! Cancel requests. Each client gets a key pair of the proxy's own; a CancelRequest bearing
 //! it is forwarded, with the server's real key, to the server that runs the client's session.
-//! Server keys never reach clients.
+//! Server keys never reach clients. In transaction pooling a client's key stays the same while
+//! the server session behind it changes, and points nowhere between transactions.
 
 use crate::backend::ServerAddress;
 use rand::Rng;
@@ -17,13 +18,39 @@ struct ServerKey {
 
 #[derive(Default)]
 pub struct CancelRegistry {
-    keys: Mutex<HashMap<(i32, i32), ServerKey>>,
+    keys: Mutex<HashMap<(i32, i32), Option<ServerKey>>>,
 }
 
 /// Removes its key from the registry when the session ends.
 pub struct Registration {
     registry: Arc<CancelRegistry>,
     pub key: (i32, i32),
+}
+
+impl Registration {
+    /// The server session the client's cancel requests go to from now on; `None` while it has
+    /// none (a cancel request then has nothing to stop).
+    pub fn retarget(&self, server: Option<(ServerAddress, (i32, i32))>) {
+        if let Some(entry) = self
+            .registry
+            .keys
+            .lock()
+            .expect("cancel registry poisoned")
+            .get_mut(&self.key)
+        {
+            *entry = server.map(|(address, key)| ServerKey::new(address, key));
+        }
+    }
+}
+
+impl ServerKey {
+    fn new(address: ServerAddress, (pid, secret): (i32, i32)) -> ServerKey {
+        ServerKey {
+            address,
+            pid,
+            secret,
+        }
+    }
 }
 
 impl Drop for Registration {
@@ -50,14 +77,7 @@ impl CancelRegistry {
                 break candidate;
             }
         };
-        keys.insert(
-            key,
-            ServerKey {
-                address,
-                pid: server_key.0,
-                secret: server_key.1,
-            },
-        );
+        keys.insert(key, Some(ServerKey::new(address, server_key)));
         Registration {
             registry: Arc::clone(self),
             key,
@@ -71,9 +91,12 @@ impl CancelRegistry {
             .lock()
             .expect("cancel registry poisoned")
             .get(&(pid, secret))
-            .cloned();
+            .cloned()
+            .flatten();
         let Some(target) = target else {
-            tracing::debug!("cancel request with an unknown key ignored");
+            tracing::debug!(
+                "cancel request ignored: unknown key, or a client between transactions"
+            );
             return;
         };
         let mut packet = bytes::BytesMut::new();

@@ -233,6 +233,8 @@ pub struct Limits {
     /// A server connection is not reused after this long, so sessions logged in with a
     /// credential that has since rotated age out.
     pub server_lifetime_secs: u64,
+    /// In transaction mode, how long a client waits for a free server session of its route.
+    pub pool_wait_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -246,6 +248,7 @@ impl Default for Limits {
             drain_timeout_secs: 30,
             pool_max_idle: 100,
             server_lifetime_secs: 3600,
+            pool_wait_timeout_ms: 10_000,
         }
     }
 }
@@ -265,6 +268,28 @@ pub struct Route {
     pub host: Option<String>,
     pub port: Option<u16>,
     pub dbname: Option<String>,
+    #[serde(default)]
+    pub pool_mode: PoolMode,
+    /// In transaction mode, how many server sessions the route's clients use at once at most.
+    #[serde(default = "default_route_pool_size")]
+    pub pool_size: usize,
+}
+
+/// How long a client holds a server session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// From login to goodbye: every session feature works.
+    #[default]
+    Session,
+    /// For one transaction (or one statement outside a transaction) at a time, so many clients
+    /// share a few server sessions; what a session keeps between transactions does not carry
+    /// over (PgBouncer's transaction mode).
+    Transaction,
+}
+
+fn default_route_pool_size() -> usize {
+    20
 }
 
 fn default_port() -> u16 {
@@ -337,6 +362,19 @@ impl Config {
                         "{place}: allow entry {entry:?} is not \"trust\", \"peer:<user>\", \"cert:<name>\" or a * form"
                     ));
                 }
+            }
+            if route.pool_size == 0 {
+                return Err(format!("{place}: pool_size must be at least 1"));
+            }
+            // Each transaction hands its server session back to the idle pool; one the pool
+            // may not keep would be closed, and the next transaction would log in anew.
+            if route.pool_mode == PoolMode::Transaction
+                && route.pool_size > self.limits.pool_max_idle
+            {
+                return Err(format!(
+                    "{place}: pool_mode \"transaction\" needs [limits] pool_max_idle (now {}) at least its pool_size ({})",
+                    self.limits.pool_max_idle, route.pool_size
+                ));
             }
             let duplicate = self.routes[..index]
                 .iter()
@@ -415,6 +453,12 @@ mod tests {
         assert_eq!(config.store.port, 5432);
         assert_eq!(config.limits.login_retry_budget_ms, 10_000);
         assert_eq!(config.server_login.methods.len(), 4);
+        let route = config.route("app", "anyone").unwrap();
+        assert_eq!(
+            (route.pool_mode, route.pool_size),
+            (super::PoolMode::Session, 20)
+        );
+        assert_eq!(config.limits.pool_wait_timeout_ms, 10_000);
         assert_eq!(
             config.route("app", "reporting").unwrap().secret,
             "db/app-ro"
@@ -497,6 +541,21 @@ mod tests {
             (
                 format!("{BASE}\n[server_login]\nmethods = [\"scram-sha-256\", \"gss\"]"),
                 "unknown variant `gss`",
+            ),
+            (
+                format!("{BASE}\n{}pool_size = 0", route("\"trust\"")),
+                "route 1 (database \"d\"): pool_size must be at least 1",
+            ),
+            (
+                format!("{BASE}\n{}pool_mode = \"statement\"", route("\"trust\"")),
+                "unknown variant `statement`",
+            ),
+            (
+                format!(
+                    "{BASE}\n[limits]\npool_max_idle = 5\n{}pool_mode = \"transaction\"",
+                    route("\"trust\"")
+                ),
+                "needs [limits] pool_max_idle (now 5) at least its pool_size (20)",
             ),
         ];
         for (text, words) in cases {

@@ -34,6 +34,12 @@ pub enum ProxyError {
     },
     #[error("the database server sent something unexpected during login: {0}")]
     Backend(String),
+    #[error("no server session of route \"{route}\" became free within {waited_ms} ms: its pool_size of {pool_size} are all in use")]
+    PoolTimeout {
+        route: String,
+        waited_ms: u64,
+        pool_size: usize,
+    },
     #[error("the proxy is shutting down")]
     ShuttingDown,
     #[error("this proxy requires TLS: connect with sslmode=require or stronger")]
@@ -52,6 +58,7 @@ impl ProxyError {
             ProxyError::Unreachable { .. } | ProxyError::ServerTls { .. } => "08001",
             ProxyError::LoginRefused { sqlstate, .. } => sqlstate,
             ProxyError::Backend(_) => "08P01",
+            ProxyError::PoolTimeout { .. } => "53300",
             ProxyError::ShuttingDown => "57P01",
         }
     }

@@ -40,13 +40,16 @@ fn target(route: &Route, credential: &Credential, store: &Store, client_database
 /// Everything that shaped a server session, so a pooled one is only reused for an identical
 /// request.
 fn pool_key(
+    route: &Route,
     target: &Target,
     credential: &Credential,
     client_parameters: &BTreeMap<String, String>,
 ) -> String {
+    // Sessions of the two modes never mix: a session-mode client gets a reset session, and a
+    // transaction-mode session is not reset between the transactions it serves.
     let mut key = format!(
-        "{}\0{}\0{}\0{}",
-        target.host, target.port, target.dbname, credential.username
+        "{:?}\0{}\0{}\0{}\0{}",
+        route.pool_mode, target.host, target.port, target.dbname, credential.username
     );
     for (name, value) in client_parameters {
         key.push('\0');
@@ -72,6 +75,7 @@ pub async fn connect(
 ) -> Result<(BackendSession, String, Instant), ProxyError> {
     if let Ok(Some(credential)) = credentials.get(&route.secret, STAGES[0]).await {
         let key = pool_key(
+            route,
             &target(route, &credential, store, client_database),
             &credential,
             client_parameters,
@@ -123,7 +127,10 @@ async fn login_with_retry(
                     if stage != STAGES[0] {
                         tracing::info!(route = %route.database, stage, "logged in with a non-CURRENT credential during a rotation");
                     }
-                    return Ok((session, pool_key(&target, &credential, client_parameters)));
+                    return Ok((
+                        session,
+                        pool_key(route, &target, &credential, client_parameters),
+                    ));
                 }
                 Err(error) if error.retryable() => {
                     metrics.retry(match error {

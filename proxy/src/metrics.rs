@@ -59,6 +59,8 @@ pub struct Metrics {
     pub store_retries: AtomicU64,
     pub rejected_clients: AtomicU64,
     pub pool_reuses: AtomicU64,
+    /// Transactions relayed on a server session lent for that transaction (transaction mode).
+    pub pooled_transactions: AtomicU64,
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
     /// Logins that used a last known credential while the secrets store was away.
@@ -108,6 +110,8 @@ impl Metrics {
              secrets_proxy_rejected_clients_total {}\n\
              # TYPE secrets_proxy_pool_reuses_total counter\n\
              secrets_proxy_pool_reuses_total {}\n\
+             # TYPE secrets_proxy_pooled_transactions_total counter\n\
+             secrets_proxy_pooled_transactions_total {}\n\
              # TYPE secrets_proxy_stale_credentials_served_total counter\n\
              secrets_proxy_stale_credentials_served_total {}\n\
              # TYPE secrets_proxy_credential_cache_total counter\n\
@@ -130,6 +134,7 @@ impl Metrics {
             get(&self.store_retries),
             get(&self.rejected_clients),
             get(&self.pool_reuses),
+            get(&self.pooled_transactions),
             get(&self.stale_credentials),
             get(&self.cache_hits),
             get(&self.cache_misses),

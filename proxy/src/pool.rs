@@ -2,11 +2,15 @@
 //! everything that shaped its session: server, database, user and the client's startup
 //! parameters. It is reused only within its maximum lifetime, so sessions opened with an old
 //! credential age out after a rotation, and only if it is still alive.
+//!
+//! In transaction pooling a route's clients also share a fixed number of slots: a client
+//! holds one from the start of a transaction to its end, and waits for one when all are taken.
 
 use crate::backend::BackendSession;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 
 pub struct Pooled {
     pub session: BackendSession,
@@ -17,6 +21,8 @@ pub struct Pool {
     idle: Mutex<HashMap<String, Vec<Pooled>>>,
     lifetime: Duration,
     max_idle_per_key: usize,
+    /// Per route: its pool_size and the slots left.
+    slots: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
 }
 
 impl Pool {
@@ -25,7 +31,21 @@ impl Pool {
             idle: Mutex::new(HashMap::new()),
             lifetime,
             max_idle_per_key,
+            slots: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The slots of a route in transaction mode. A reload that changes the route's size starts
+    /// a new set; clients inside a transaction finish on the old one.
+    pub fn route_slots(&self, route: &str, size: usize) -> Arc<Semaphore> {
+        let mut slots = self.slots.lock().expect("pool lock poisoned");
+        let entry = slots
+            .entry(route.to_string())
+            .or_insert_with(|| (size, Arc::new(Semaphore::new(size))));
+        if entry.0 != size {
+            *entry = (size, Arc::new(Semaphore::new(size)));
+        }
+        Arc::clone(&entry.1)
     }
 
     /// An idle, live connection for `key`, if there is one; stale ones are dropped on the way.

@@ -1,6 +1,7 @@
 //! Relaying a session byte for byte, while following message boundaries in both directions,
-//! so the proxy knows when the client says goodbye (Terminate) and whether the server is idle
-//! at that moment. An idle server connection is reset and kept for the next client.
+//! so the proxy knows when the client says goodbye (Terminate), whether every request it sent
+//! has been answered, and whether the server is then idle. An idle server connection is kept
+//! for the next client; in transaction mode it goes back to the pool after each transaction.
 
 use crate::backend::ServerStream;
 use crate::metrics::Metrics;
@@ -19,9 +20,37 @@ struct Framing {
     current_first: Option<u8>,
     /// An ErrorResponse went by.
     saw_error: bool,
+    /// The tags of the messages `round_trips` counts.
+    round_trip_tags: &'static [u8],
+    /// Complete messages that ask for a ReadyForQuery (from the client) or are one (from the
+    /// server): when both sides have counted the same, every request has its answer.
+    round_trips: u64,
 }
 
+/// What a client sends that the server answers with ReadyForQuery: Query, Sync, FunctionCall.
+const REQUESTS: &[u8] = b"QSF";
+/// Extended-protocol messages the server acts on only once a Sync follows: Parse, Bind,
+/// Execute, Describe, Close, Flush.
+const BEFORE_SYNC: &[u8] = b"PBEDCH";
+
 impl Framing {
+    fn client() -> Framing {
+        Framing {
+            round_trip_tags: REQUESTS,
+            ..Framing::default()
+        }
+    }
+
+    /// The server's side of a session whose last message was ReadyForQuery(idle): the end of
+    /// its greeting, or of the last transaction.
+    fn idle_server() -> Framing {
+        Framing {
+            last: Some((b'Z', Some(b'I'))),
+            round_trip_tags: b"Z",
+            ..Framing::default()
+        }
+    }
+
     /// Feeds bytes; returns the offset of a Terminate message's start, if one begins here.
     fn feed(&mut self, mut bytes: &[u8], mut offset: usize) -> Option<usize> {
         while !bytes.is_empty() {
@@ -46,7 +75,7 @@ impl Framing {
                     self.body_left = (length.max(4) - 4) as usize;
                     self.header.clear();
                     if self.body_left == 0 {
-                        self.last = Some((self.current_tag, None));
+                        self.complete();
                     }
                 }
             } else {
@@ -58,11 +87,18 @@ impl Framing {
                 bytes = &bytes[take..];
                 offset += take;
                 if self.body_left == 0 {
-                    self.last = Some((self.current_tag, self.current_first));
+                    self.complete();
                 }
             }
         }
         None
+    }
+
+    fn complete(&mut self) {
+        self.last = Some((self.current_tag, self.current_first));
+        if self.round_trip_tags.contains(&self.current_tag) {
+            self.round_trips += 1;
+        }
     }
 
     fn at_boundary(&self) -> bool {
@@ -75,6 +111,17 @@ impl Framing {
     }
 }
 
+/// Every request the client sent has been answered, none is half sent or waits for a Sync,
+/// and the server is idle outside a transaction: the server session can serve someone else.
+fn settled(from_client: &Framing, from_server: &Framing) -> bool {
+    from_client.at_boundary()
+        && !from_client
+            .last
+            .is_some_and(|(tag, _)| BEFORE_SYNC.contains(&tag))
+        && from_client.round_trips == from_server.round_trips
+        && from_server.server_idle()
+}
+
 /// Bytes read at once in each direction. What a session once touched stays resident while it
 /// lives, so this bounds an idle client's memory; large results and COPY stream through in
 /// chunks of this size at no measurable cost.
@@ -82,65 +129,144 @@ const RELAY_BUFFER: usize = 16 * 1024;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ended {
-    /// The client terminated while the server was idle: the connection can serve another.
+    /// The client left while the server was settled: the connection can serve another.
     ServerReusable,
     Closed,
+    /// Transaction mode: the transaction is over and the server settled; the client stays.
+    TransactionDone,
 }
 
-pub async fn relay<C>(client: &mut C, server: &mut ServerStream, metrics: &Metrics) -> Ended
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut from_client = Framing::default();
-    // The greeting ended with ReadyForQuery(idle).
-    let mut from_server = Framing {
-        last: Some((b'Z', Some(b'I'))),
-        ..Framing::default()
-    };
-    let mut client_buffer = vec![0u8; RELAY_BUFFER];
-    let mut server_buffer = vec![0u8; RELAY_BUFFER];
-    loop {
-        tokio::select! {
-            read = client.read(&mut client_buffer) => {
-                let Ok(read) = read else { return Ended::Closed };
-                if read == 0 {
-                    // The client vanished without Terminate; a half-sent message may be
-                    // pending, so the server connection is reusable only at a boundary.
-                    return if from_client.at_boundary() && from_server.server_idle() {
-                        Ended::ServerReusable
-                    } else {
-                        Ended::Closed
-                    };
+/// How long a relay lasts.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Until {
+    /// Session mode.
+    EitherSideLeaves,
+    /// Transaction mode.
+    TransactionEnds,
+}
+
+/// A client's relay buffers, kept for the whole session (in transaction mode across the
+/// server sessions it borrows).
+pub struct Relay {
+    client_buffer: Vec<u8>,
+    server_buffer: Vec<u8>,
+    /// Bytes at the start of `client_buffer` read while no server was attached.
+    waiting: usize,
+}
+
+impl Default for Relay {
+    fn default() -> Relay {
+        Relay {
+            client_buffer: vec![0u8; RELAY_BUFFER],
+            server_buffer: vec![0u8; RELAY_BUFFER],
+            waiting: 0,
+        }
+    }
+}
+
+impl Relay {
+    /// Transaction mode, between transactions: waits, without a server, for the client's next
+    /// request. False when the client has left (closed, or said Terminate).
+    pub async fn next_request<C>(&mut self, client: &mut C) -> bool
+    where
+        C: AsyncRead + Unpin,
+    {
+        match client.read(&mut self.client_buffer).await {
+            // A client between transactions is at a message boundary.
+            Ok(read) if read > 0 && self.client_buffer[0] != b'X' => {
+                self.waiting = read;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Relays, the request `next_request` read first if any, until a side leaves or, with
+    /// `Until::TransactionEnds`, until the transaction is over (`Ended::TransactionDone`).
+    pub async fn run<C>(
+        &mut self,
+        client: &mut C,
+        server: &mut ServerStream,
+        metrics: &Metrics,
+        until: Until,
+    ) -> Ended
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut from_client = Framing::client();
+        let mut from_server = Framing::idle_server();
+        let waiting = std::mem::take(&mut self.waiting);
+        if waiting > 0 {
+            let chunk = &self.client_buffer[..waiting];
+            if let Some(ended) =
+                to_server(chunk, &mut from_client, &from_server, server, metrics).await
+            {
+                return ended;
+            }
+        }
+        loop {
+            tokio::select! {
+                read = client.read(&mut self.client_buffer) => {
+                    let Ok(read) = read else { return Ended::Closed };
+                    if read == 0 {
+                        // The client vanished without Terminate; a half-sent message may be
+                        // pending, so the server connection is reusable only when settled.
+                        return if settled(&from_client, &from_server) {
+                            Ended::ServerReusable
+                        } else {
+                            Ended::Closed
+                        };
+                    }
+                    let chunk = &self.client_buffer[..read];
+                    if let Some(ended) = to_server(chunk, &mut from_client, &from_server, server, metrics).await {
+                        return ended;
+                    }
                 }
-                let chunk = &client_buffer[..read];
-                if let Some(terminate_at) = from_client.feed(chunk, 0) {
-                    if !write_out(server, &chunk[..terminate_at]).await {
+                read = server.read(&mut self.server_buffer) => {
+                    let Ok(read) = read else { return Ended::Closed };
+                    if read == 0 {
                         return Ended::Closed;
                     }
-                    return if terminate_at == read - 5 && from_server.server_idle() {
-                        Ended::ServerReusable
-                    } else {
-                        Ended::Closed
-                    };
+                    from_server.feed(&self.server_buffer[..read], 0);
+                    if !write_out(client, &self.server_buffer[..read]).await {
+                        return Ended::Closed;
+                    }
+                    Metrics::count(&metrics.bytes_to_client, read as u64);
+                    if until == Until::TransactionEnds && settled(&from_client, &from_server) {
+                        return Ended::TransactionDone;
+                    }
                 }
-                if !write_out(server, chunk).await {
-                    return Ended::Closed;
-                }
-                Metrics::count(&metrics.bytes_to_server, read as u64);
-            }
-            read = server.read(&mut server_buffer) => {
-                let Ok(read) = read else { return Ended::Closed };
-                if read == 0 {
-                    return Ended::Closed;
-                }
-                from_server.feed(&server_buffer[..read], 0);
-                if !write_out(client, &server_buffer[..read]).await {
-                    return Ended::Closed;
-                }
-                Metrics::count(&metrics.bytes_to_client, read as u64);
             }
         }
     }
+}
+
+/// Forwards a chunk from the client; `Some` when the client said Terminate, which is not
+/// forwarded: the server session outlives the client when it is settled.
+async fn to_server(
+    chunk: &[u8],
+    from_client: &mut Framing,
+    from_server: &Framing,
+    server: &mut ServerStream,
+    metrics: &Metrics,
+) -> Option<Ended> {
+    if let Some(terminate_at) = from_client.feed(chunk, 0) {
+        if !write_out(server, &chunk[..terminate_at]).await {
+            return Some(Ended::Closed);
+        }
+        return Some(
+            if terminate_at + 5 == chunk.len() && settled(from_client, from_server) {
+                Ended::ServerReusable
+            } else {
+                Ended::Closed
+            },
+        );
+    }
+    if !write_out(server, chunk).await {
+        return Some(Ended::Closed);
+    }
+    Metrics::count(&metrics.bytes_to_server, chunk.len() as u64);
+    None
 }
 
 /// Writes and flushes: over TLS, written bytes may wait in the session until flushed.
@@ -172,5 +298,125 @@ pub async fn reset(server: &mut ServerStream) -> bool {
             // An ErrorResponse means the reset did not happen.
             return !framing.saw_error;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![tag];
+        bytes.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        bytes.extend_from_slice(body);
+        bytes
+    }
+
+    fn ready(status: u8) -> Vec<u8> {
+        message(b'Z', &[status])
+    }
+
+    /// A client and a server that has just been attached, idle.
+    fn pair() -> (Framing, Framing) {
+        (Framing::client(), Framing::idle_server())
+    }
+
+    #[test]
+    fn a_query_is_settled_once_its_ready_for_query_arrives() {
+        let (mut client, mut server) = pair();
+        assert!(
+            settled(&client, &server),
+            "an idle server with nothing asked"
+        );
+        client.feed(&message(b'Q', b"SELECT 1\0"), 0);
+        assert!(!settled(&client, &server), "asked, not yet answered");
+        server.feed(&message(b'T', b"..."), 0);
+        server.feed(&message(b'C', b"SELECT 1\0"), 0);
+        assert!(!settled(&client, &server));
+        server.feed(&ready(b'I'), 0);
+        assert!(settled(&client, &server));
+    }
+
+    #[test]
+    fn a_transaction_block_holds_the_server_until_it_ends() {
+        let (mut client, mut server) = pair();
+        client.feed(&message(b'Q', b"BEGIN\0"), 0);
+        server.feed(&ready(b'T'), 0);
+        assert!(!settled(&client, &server), "inside a transaction");
+        client.feed(&message(b'Q', b"SELECT x\0"), 0);
+        server.feed(&message(b'E', b"S..."), 0);
+        server.feed(&ready(b'E'), 0);
+        assert!(!settled(&client, &server), "inside a failed transaction");
+        client.feed(&message(b'Q', b"ROLLBACK\0"), 0);
+        server.feed(&ready(b'I'), 0);
+        assert!(settled(&client, &server));
+    }
+
+    #[test]
+    fn extended_protocol_waits_for_the_sync_and_its_answer() {
+        let (mut client, mut server) = pair();
+        for tag in [b'P', b'B', b'D', b'E'] {
+            client.feed(&message(tag, b"x"), 0);
+            assert!(!settled(&client, &server), "after {}", tag as char);
+        }
+        client.feed(&message(b'H', b""), 0);
+        server.feed(&message(b'1', b""), 0);
+        assert!(!settled(&client, &server), "a Flush is not a Sync");
+        client.feed(&message(b'S', b""), 0);
+        assert!(!settled(&client, &server));
+        server.feed(&ready(b'I'), 0);
+        assert!(settled(&client, &server));
+    }
+
+    #[test]
+    fn pipelined_requests_are_settled_by_the_last_answer() {
+        let (mut client, mut server) = pair();
+        let mut both = message(b'Q', b"SELECT 1\0");
+        both.extend(message(b'Q', b"SELECT 2\0"));
+        client.feed(&both, 0);
+        server.feed(&ready(b'I'), 0);
+        assert!(!settled(&client, &server), "one of two answered");
+        server.feed(&ready(b'I'), 0);
+        assert!(settled(&client, &server));
+    }
+
+    #[test]
+    fn messages_split_anywhere_are_followed() {
+        let (mut client, mut server) = pair();
+        let query = message(b'Q', b"SELECT 1\0");
+        client.feed(&query[..3], 0);
+        assert!(!settled(&client, &server), "half a header");
+        client.feed(&query[3..7], 0);
+        assert!(!settled(&client, &server), "half a body");
+        client.feed(&query[7..], 0);
+        let answer = ready(b'I');
+        for byte in &answer[..answer.len() - 1] {
+            server.feed(std::slice::from_ref(byte), 0);
+            assert!(!settled(&client, &server));
+        }
+        server.feed(&answer[answer.len() - 1..], 0);
+        assert!(settled(&client, &server));
+    }
+
+    #[test]
+    fn copy_in_is_settled_after_copy_done_and_its_answer() {
+        let (mut client, mut server) = pair();
+        client.feed(&message(b'Q', b"COPY t FROM STDIN\0"), 0);
+        server.feed(&message(b'G', b"\0\0\0"), 0);
+        client.feed(&message(b'd', b"1\n"), 0);
+        client.feed(&message(b'c', b""), 0);
+        assert!(!settled(&client, &server));
+        server.feed(&message(b'C', b"COPY 1\0"), 0);
+        server.feed(&ready(b'I'), 0);
+        assert!(settled(&client, &server));
+    }
+
+    #[test]
+    fn terminate_is_found_at_a_message_start_only() {
+        let mut client = Framing::client();
+        let mut bytes = message(b'Q', b"X\0");
+        let at = bytes.len();
+        bytes.extend(message(b'X', b""));
+        assert_eq!(client.feed(&bytes, 0), Some(at));
     }
 }

@@ -2,22 +2,25 @@
 //!
 //! Each accepted client becomes a task: identify it, read its startup packet, find its
 //! route, log in to the server through `login`, show the client the server's greeting with
-//! the proxy's own cancel key, then relay bytes both ways until either side closes.
+//! the proxy's own cancel key, then relay bytes both ways until either side closes. On a
+//! transaction-mode route the client holds a server session only from the start of each
+//! transaction to its end, and the route's slots bound how many it lends at once.
 //! A semaphore caps clients. On shutdown the listeners stop and sessions are given a drain
 //! timeout.
 
 use crate::backend::{BackendSession, ConnectSettings};
 use crate::cancel::CancelRegistry;
-use crate::config::{Config, Route, ServerSslMode};
+use crate::config::{Config, PoolMode, Route, ServerSslMode};
 use crate::credentials::CredentialCache;
 use crate::error::ProxyError;
 use crate::frontend::{self, ClientStream, Opening};
 use crate::login::{self, LoginSettings};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::relay::{self, Ended};
+use crate::relay::{self, Ended, Relay, Until};
 use crate::scram::ScramCache;
 use bytes::BufMut;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -25,7 +28,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// Who a client is, established without a password.
@@ -365,6 +368,118 @@ async fn session(
         };
         return Err(ProxyError::NotAllowed { identity, database });
     }
+    let wanted = Wanted {
+        route,
+        parameters: &parameters,
+        database: &database,
+        config: &config,
+    };
+    // In transaction mode the login holds one of the route's slots too, so that a thousand
+    // clients connecting at once do not open a thousand server sessions.
+    let slots = (route.pool_mode == PoolMode::Transaction).then(|| {
+        shared
+            .pool
+            .route_slots(&route_slots_key(route), route.pool_size)
+    });
+    let login_slot = match &slots {
+        Some(slots) => Some(take_slot(slots, &wanted).await?),
+        None => None,
+    };
+    let login_started = std::time::Instant::now();
+    let (mut server, pool_key, born) = server_session(&wanted, shared).await?;
+    shared.metrics.logins.fetch_add(1, Ordering::Relaxed);
+    shared
+        .metrics
+        .login_seconds
+        .observe(login_started.elapsed());
+    let registration = greet(client, &mut server, shared).await?;
+    tracing::debug!(%identity, route = %route.database, mode = ?route.pool_mode, "session started");
+    let mut relay = Relay::default();
+    let Some(slots) = slots else {
+        // A session ends when either side closes; SIGTERM's drain waits for that.
+        let ended = relay
+            .run(
+                client,
+                &mut server.stream,
+                &shared.metrics,
+                Until::EitherSideLeaves,
+            )
+            .await;
+        drop(registration);
+        if ended == Ended::ServerReusable && relay::reset(&mut server.stream).await {
+            shared.pool.checkin(pool_key, server, born);
+        }
+        return Ok(());
+    };
+    // Transaction mode: the session the login opened waits in the pool, like every other,
+    // until a transaction needs it.
+    shared.pool.checkin(pool_key, server, born);
+    drop(login_slot);
+    if let Some(registration) = &registration {
+        registration.retarget(None);
+    }
+    lend_per_transaction(client, &mut relay, &slots, &wanted, registration, shared).await
+}
+
+/// Transaction mode: for each transaction the client starts, a server session from the pool
+/// (or a new login), held until the transaction is over.
+async fn lend_per_transaction(
+    client: &mut Box<dyn ClientStream>,
+    relay: &mut Relay,
+    slots: &Arc<Semaphore>,
+    wanted: &Wanted<'_>,
+    registration: Option<crate::cancel::Registration>,
+    shared: &Shared,
+) -> Result<(), ProxyError> {
+    while relay.next_request(client).await {
+        let _slot = take_slot(slots, wanted).await?;
+        let (mut server, pool_key, born) = server_session(wanted, shared).await?;
+        shared
+            .metrics
+            .pooled_transactions
+            .fetch_add(1, Ordering::Relaxed);
+        let cancel_target = server.cancel_key.map(|key| (server.address.clone(), key));
+        if let Some(registration) = &registration {
+            registration.retarget(cancel_target);
+        }
+        let ended = relay
+            .run(
+                client,
+                &mut server.stream,
+                &shared.metrics,
+                Until::TransactionEnds,
+            )
+            .await;
+        if let Some(registration) = &registration {
+            registration.retarget(None);
+        }
+        match ended {
+            Ended::TransactionDone => shared.pool.checkin(pool_key, server, born),
+            Ended::ServerReusable => {
+                shared.pool.checkin(pool_key, server, born);
+                break;
+            }
+            Ended::Closed => break,
+        }
+    }
+    Ok(())
+}
+
+/// What a client asked for, once its route is known: what finds it a server session.
+struct Wanted<'a> {
+    route: &'a Route,
+    parameters: &'a BTreeMap<String, String>,
+    database: &'a str,
+    config: &'a Config,
+}
+
+/// A server session for the client: an idle pooled one, else a new login (through a
+/// rotation if need be).
+async fn server_session(
+    wanted: &Wanted<'_>,
+    shared: &Shared,
+) -> Result<(BackendSession, String, std::time::Instant), ProxyError> {
+    let config = wanted.config;
     let settings = LoginSettings {
         budget: Duration::from_millis(config.limits.login_retry_budget_ms),
         connect: ConnectSettings {
@@ -379,42 +494,53 @@ async fn session(
             auth_methods: &config.server_login.methods,
         },
     };
-    let login_started = std::time::Instant::now();
-    let login = login::connect(
-        route,
+    login::connect(
+        wanted.route,
         &config.store,
         &shared.credentials,
         &shared.pool,
-        &parameters,
-        &database,
+        wanted.parameters,
+        wanted.database,
         &settings,
         &shared.metrics,
     )
-    .await;
-    let (mut server, pool_key, born) = match login {
-        Ok(connected) => connected,
-        Err(error) => {
-            shared
-                .metrics
-                .login_failures
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(error);
-        }
-    };
-    shared.metrics.logins.fetch_add(1, Ordering::Relaxed);
-    shared
-        .metrics
-        .login_seconds
-        .observe(login_started.elapsed());
-    let registration = greet(client, &mut server, shared).await?;
-    tracing::debug!(%identity, route = %route.database, "session started");
-    // A session ends when either side closes; SIGTERM's drain waits for that.
-    let ended = relay::relay(client, &mut server.stream, &shared.metrics).await;
-    drop(registration);
-    if ended == Ended::ServerReusable && relay::reset(&mut server.stream).await {
-        shared.pool.checkin(pool_key, server, born);
+    .await
+    .inspect_err(|_| {
+        shared
+            .metrics
+            .login_failures
+            .fetch_add(1, Ordering::Relaxed);
+    })
+}
+
+/// Transaction mode: the route's slots are shared by its clients, whoever they are.
+fn route_slots_key(route: &Route) -> String {
+    format!(
+        "{}\0{}",
+        route.database,
+        route.user.as_deref().unwrap_or_default()
+    )
+}
+
+/// One of the route's slots, waiting at most `pool_wait_timeout_ms` for one to free.
+async fn take_slot(
+    slots: &Arc<Semaphore>,
+    wanted: &Wanted<'_>,
+) -> Result<OwnedSemaphorePermit, ProxyError> {
+    let waited_ms = wanted.config.limits.pool_wait_timeout_ms;
+    match tokio::time::timeout(
+        Duration::from_millis(waited_ms),
+        Arc::clone(slots).acquire_owned(),
+    )
+    .await
+    {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(ProxyError::PoolTimeout {
+            route: wanted.route.database.clone(),
+            waited_ms,
+            pool_size: wanted.route.pool_size,
+        }),
     }
-    Ok(())
 }
 
 /// AuthenticationOk, then the server's greeting with BackendKeyData replaced by the proxy's

@@ -27,10 +27,17 @@ fn credential_json(cluster: &Cluster, password: &str) -> String {
 /// A cluster with login role `app` (password in secret `db/app`), a `proxy` role that may read
 /// secrets, and a proxy routing database `appdb` to that secret.
 fn fixture(allow: &str) -> Fixture {
-    fixture_with(allow, &[])
+    fixture_with(allow, &[], ProxyExtras::default())
 }
 
-fn fixture_with(allow: &str, settings: &[&str]) -> Fixture {
+/// More proxy configuration: lines for `[limits]` and for the route.
+#[derive(Default)]
+struct ProxyExtras {
+    limits: &'static str,
+    route: &'static str,
+}
+
+fn fixture_with(allow: &str, settings: &[&str], extras: ProxyExtras) -> Fixture {
     let cluster = Cluster::start_with(KeySource::File(TEST_KEY.into()), settings);
     let mut db = cluster.superuser();
     db.batch_execute(
@@ -59,14 +66,18 @@ fn fixture_with(allow: &str, settings: &[&str]) -> Fixture {
 
         [limits]
         login_retry_budget_ms = 5000
+        {limits}
 
         [[route]]
         database = "appdb"
         secret = "db/app"
         allow = [{allow}]
+        {route}
         "#,
         dir = cluster.dir().display(),
         port = cluster.port,
+        limits = extras.limits,
+        route = extras.route,
     ))
     .unwrap();
     let proxy = RunningProxy::start(config).unwrap();
@@ -230,13 +241,14 @@ fn cancel_a_sleep(client: &mut Client) {
         token.cancel_query(NoTls).unwrap();
     });
     let started = Instant::now();
+    // The simple protocol: no named statement, which transaction pooling could not carry.
     let error = client
-        .query("SELECT pg_sleep(30)", &[])
+        .batch_execute("SELECT pg_sleep(30)")
         .expect_err("the query should be cancelled");
     canceller.join().unwrap();
     assert_eq!(error.as_db_error().unwrap().code().code(), "57014");
     assert!(started.elapsed() < Duration::from_secs(10));
-    client.query_one("SELECT 1", &[]).unwrap();
+    client.batch_execute("SELECT 1").unwrap();
 }
 
 /// The store reached over its Unix socket, and a credential without a host: the route's
@@ -339,24 +351,24 @@ fn logins_ride_through_rotation_and_old_sessions_stay() {
     );
 }
 
-/// Runs pgbench (a new connection per transaction) through the proxy for `seconds` while
+/// A new connection per transaction, for four clients.
+const RECONNECTING: &[&str] = &["-C", "-c", "4"];
+
+/// Runs pgbench with `clients` (say, `RECONNECTING`) through the proxy for `seconds` while
 /// `rotate` runs over and over; returns how many rotations happened. Fails on any failed
 /// transaction.
-fn pgbench_while(fixture: &Fixture, seconds: u64, mut rotate: impl FnMut()) -> u32 {
+fn pgbench_while(
+    fixture: &Fixture,
+    seconds: u64,
+    clients: &[&str],
+    mut rotate: impl FnMut(),
+) -> u32 {
     let script = fixture.cluster.dir().join("select.sql");
     std::fs::write(&script, "SELECT 1;\n").unwrap();
     let pgbench = std::process::Command::new("pgbench")
-        .args([
-            "-n",
-            "-C",
-            "-c",
-            "4",
-            "-j",
-            "2",
-            "-T",
-            &(seconds + 1).to_string(),
-            "-f",
-        ])
+        .args(["-n", "-j", "2", "-T", &(seconds + 1).to_string()])
+        .args(clients)
+        .arg("-f")
         .arg(&script)
         .args([
             "-h",
@@ -401,7 +413,7 @@ fn pgbench_while(fixture: &Fixture, seconds: u64, mut rotate: impl FnMut()) -> u
 fn pgbench_sees_no_failure_while_the_password_rotates_over_and_over() {
     let fixture = fixture(r#""trust""#);
     let mut count = 0;
-    let rotations = pgbench_while(&fixture, 5, || {
+    let rotations = pgbench_while(&fixture, 5, RECONNECTING, || {
         count += 1;
         fixture.rotate(&format!("pw-rotated-{count}"));
         std::thread::sleep(Duration::from_millis(100));
@@ -420,6 +432,7 @@ fn pgbench_sees_no_failure_while_the_worker_rotates_the_password() {
             "pg_secrets.worker_naptime = 1",
             "pg_secrets.rotation_retry_delay = 1",
         ],
+        ProxyExtras::default(),
     );
     let mut db = fixture.cluster.superuser();
     let rotated = |db: &mut Client| -> i64 {
@@ -430,7 +443,7 @@ fn pgbench_sees_no_failure_while_the_worker_rotates_the_password() {
         .unwrap()
         .get(0)
     };
-    let rotations = pgbench_while(&fixture, 8, || {
+    let rotations = pgbench_while(&fixture, 8, RECONNECTING, || {
         let before = rotated(&mut db);
         db.execute(
             "SELECT secrets.rotate_secret('db/app', rotator => 'postgres-single-user')",
@@ -781,7 +794,9 @@ fn password_md5_and_trust_servers_and_the_methods_allowed() {
         let Err(error) = connect(&scram_only) else {
             panic!("{hba_method}: logged in despite [server_login] methods");
         };
-        let error = error.as_db_error().expect("an ErrorResponse");
+        let error = error
+            .as_db_error()
+            .unwrap_or_else(|| panic!("not an ErrorResponse: {error:?}"));
         assert_eq!(error.code().code(), "28000", "{error:?}");
         assert!(
             error
@@ -790,5 +805,176 @@ fn password_md5_and_trust_servers_and_the_methods_allowed() {
             "{error:?}"
         );
         assert!(!error.message().contains("pw-0"));
+    }
+}
+
+/// The first column of the first row of a simple-protocol query.
+fn scalar(client: &mut Client, sql: &str) -> String {
+    client
+        .simple_query(sql)
+        .unwrap()
+        .into_iter()
+        .find_map(|message| match message {
+            postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+/// Server sessions open as `app`, the route's user: the proxy's, since nothing else logs in
+/// as `app`.
+fn app_sessions(fixture: &Fixture) -> i64 {
+    fixture
+        .cluster
+        .superuser()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+fn transaction_mode(pool_size: usize, limits: &'static str) -> Fixture {
+    let route = match pool_size {
+        2 => "pool_mode = \"transaction\"\npool_size = 2",
+        3 => "pool_mode = \"transaction\"\npool_size = 3",
+        _ => unreachable!("sizes the tests use"),
+    };
+    fixture_with(r#""trust""#, &[], ProxyExtras { limits, route })
+}
+
+/// Transaction pooling: ten clients share two server sessions, each lent for one transaction
+/// (or one statement outside a transaction) at a time.
+#[test]
+fn transaction_mode_lends_a_few_server_sessions_to_many_clients() {
+    let fixture = transaction_mode(2, "pool_wait_timeout_ms = 1500");
+    let mut clients: Vec<Client> = (0..10).map(|_| fixture.connect()).collect();
+    for round in 0..3 {
+        for (index, client) in clients.iter_mut().enumerate() {
+            // The extended protocol with an unnamed statement, then the simple protocol.
+            let expected = round * 100 + index as i32;
+            let rows = client
+                .query_typed(
+                    "SELECT $1::int4",
+                    &[(&expected, postgres::types::Type::INT4)],
+                )
+                .unwrap();
+            assert_eq!(rows[0].get::<_, i32>(0), expected);
+            assert_eq!(scalar(client, "SELECT 'ok'"), "ok");
+        }
+    }
+    assert!(
+        app_sessions(&fixture) <= 2,
+        "more server sessions than pool_size"
+    );
+
+    // A transaction keeps its server session from BEGIN to COMMIT; the others share the rest.
+    let mut waiting_client = clients.pop().unwrap();
+    let (holder, others) = clients.split_first_mut().unwrap();
+    holder
+        .batch_execute("BEGIN; CREATE TEMP TABLE mine (x int) ON COMMIT DROP")
+        .unwrap();
+    let held = scalar(holder, "SELECT pg_backend_pid()");
+    for client in others.iter_mut() {
+        assert_ne!(scalar(client, "SELECT pg_backend_pid()"), held);
+    }
+    assert_eq!(scalar(holder, "SELECT pg_backend_pid()"), held);
+    assert_eq!(scalar(holder, "SELECT count(*) FROM mine"), "0");
+
+    // Both sessions lent: another client waits for one, and gets it at the next COMMIT.
+    others[0].batch_execute("BEGIN").unwrap();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        sender
+            .send(scalar(&mut waiting_client, "SELECT 42"))
+            .unwrap();
+        waiting_client
+    });
+    assert!(
+        receiver.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a client got a server session while both were lent"
+    );
+    holder.batch_execute("COMMIT").unwrap();
+    assert_eq!(receiver.recv_timeout(Duration::from_secs(5)).unwrap(), "42");
+    let mut late = waiter.join().unwrap();
+
+    // When none frees within pool_wait_timeout_ms, the client gets 53300 naming the route:
+    // here a new client, whose login needs a session too. (A connected client gets the same
+    // FATAL error, which the synchronous postgres crate reports only as a closed connection.)
+    holder.batch_execute("BEGIN").unwrap();
+    let Err(error) = Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=app dbname=appdb",
+            fixture.port()
+        ),
+        NoTls,
+    ) else {
+        panic!("a login got a server session while both were lent");
+    };
+    let error = error
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not an ErrorResponse: {error:?}"));
+    assert_eq!(error.code().code(), "53300");
+    assert!(
+        error.message().contains("route \"appdb\"") && error.message().contains("pool_size of 2"),
+        "{}",
+        error.message()
+    );
+    assert!(late.simple_query("SELECT 1").is_err());
+    holder.batch_execute("COMMIT").unwrap();
+    others[0].batch_execute("COMMIT").unwrap();
+
+    // A cancel request reaches whichever session runs the client's statement.
+    cancel_a_sleep(&mut others[1]);
+
+    // A client that leaves inside a transaction takes its session with it: never lent again
+    // half done.
+    holder.batch_execute("BEGIN").unwrap();
+    let abandoned = scalar(holder, "SELECT pg_backend_pid()");
+    drop(clients);
+    let mut db = fixture.cluster.superuser();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while db
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1::text::int",
+            &[&abandoned],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+        > 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned session stays open"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let metrics = http_get(fixture.proxy.admin_address.unwrap(), "/metrics");
+    let lent: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("secrets_proxy_pooled_transactions_total "))
+        .and_then(|value| value.parse().ok())
+        .expect("the metric");
+    assert!(lent >= 60, "{metrics}");
+}
+
+/// Transaction pooling through rotations: steady clients and a new connection per
+/// transaction, at most pool_size server sessions, and no failed transaction.
+#[test]
+fn transaction_mode_sees_no_failure_while_the_password_rotates() {
+    let fixture = transaction_mode(3, "");
+    let mut count = 0;
+    for clients in [&["-c", "8", "-M", "extended"][..], &["-C", "-c", "8"][..]] {
+        let rotations = pgbench_while(&fixture, 4, clients, || {
+            count += 1;
+            fixture.rotate(&format!("pw-rotated-{count}"));
+            assert!(
+                app_sessions(&fixture) <= 3,
+                "more server sessions than pool_size"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        });
+        assert!(rotations >= 5, "only {rotations} rotations");
     }
 }

@@ -554,17 +554,20 @@ fn proxy_benchmark(cluster: &Cluster, seconds: &str, rounds: u32) {
     let socket_dir = cluster.socket_dir().display().to_string();
     let mut paths: Vec<(String, u16, &str)> = vec![("direct".into(), cluster.port, "postgres")];
     let mut poolers = Vec::new();
-    for (placement, server_host) in [("TCP", "127.0.0.1"), ("Unix socket", socket_dir.as_str())] {
-        let proxy = RunningProxy::start(
+    let start_proxy = |server_host: &str, route_extra: &str| {
+        RunningProxy::start(
             Config::parse(&format!(
                 "[listen]\ntcp = \"127.0.0.1:0\"\n[store]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"proxy\"\n\
                  password = \"proxy-pw\"\n[limits]\npool_max_idle = 60\n[[route]]\ndatabase = \"appdb\"\n\
-                 secret = \"db/app\"\nhost = \"{server_host}\"\nallow = [\"trust\"]\n",
+                 secret = \"db/app\"\nhost = \"{server_host}\"\nallow = [\"trust\"]\n{route_extra}\n",
                 cluster.port
             ))
             .unwrap(),
         )
-        .unwrap();
+        .unwrap()
+    };
+    for (placement, server_host) in [("TCP", "127.0.0.1"), ("Unix socket", socket_dir.as_str())] {
+        let proxy = start_proxy(server_host, "");
         let bouncer_port = free_port();
         let bouncer = start_pgbouncer(cluster, bouncer_port, server_host);
         paths.push((
@@ -577,8 +580,16 @@ fn proxy_benchmark(cluster: &Cluster, seconds: &str, rounds: u32) {
             proxy.tcp_address.unwrap().port(),
             "appdb",
         ));
-        poolers.push((proxy, bouncer));
+        poolers.push((proxy, Some(bouncer)));
     }
+    // Transaction pooling: every client shares 10 server sessions.
+    let transactions = start_proxy(&socket_dir, "pool_mode = \"transaction\"\npool_size = 10");
+    paths.push((
+        "secrets-proxy (transaction mode, 10 server sessions), server over Unix socket".into(),
+        transactions.tcp_address.unwrap().port(),
+        "appdb",
+    ));
+    poolers.push((transactions, None));
     let modes: [(&str, &[&str]); 3] = [
         ("-S -c 10", &["-c", "10"]),
         ("-S -c 50", &["-c", "50"]),
@@ -627,49 +638,68 @@ fn proxy_benchmark(cluster: &Cluster, seconds: &str, rounds: u32) {
 const IDLE_CLIENTS: usize = 2000;
 
 /// 2,000 clients that log in and stay idle, through secrets-proxy running as its own process
-/// (the binary `make bench` builds) and through PgBouncer; the growth of each one's resident
-/// memory. Each proxy client holds its own server session, since it is shown the server's own
-/// greeting; a PgBouncer client in session mode gets a server only when it sends a query.
+/// (the binary `make bench` builds) in each pool mode and through PgBouncer: the growth of
+/// each one's resident memory, and the server sessions open. In session mode each proxy client
+/// holds its own server session, since it is shown the server's own greeting; in transaction
+/// mode the clients share the route's pool_size; a PgBouncer client in session mode gets a
+/// server only when it sends a query.
 fn idle_clients_benchmark(cluster: &mut Cluster) {
     cluster.configure(
         KeySource::File(TEST_KEY.into()),
         &[&format!("max_connections = {}", IDLE_CLIENTS + 100)],
     );
     cluster.restart();
-    let proxy_port = free_port();
-    let config = cluster.dir().join("proxy-idle.toml");
-    fs::write(
-        &config,
-        format!(
-            "[listen]\ntcp = \"127.0.0.1:{proxy_port}\"\n[store]\nhost = \"127.0.0.1\"\nport = {}\n\
-             user = \"proxy\"\npassword = \"proxy-pw\"\n[[route]]\ndatabase = \"appdb\"\n\
-             secret = \"db/app\"\nallow = [\"trust\"]\n",
-            cluster.port
-        ),
-    )
-    .unwrap();
     let binary = std::env::current_exe()
         .unwrap()
         .with_file_name("secrets-proxy");
-    let log = fs::File::create(cluster.dir().join("proxy-idle.log")).unwrap();
-    let mut proxy = Command::new(&binary)
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{} (scripts/bench.sh builds it): {e}", binary.display()));
-    wait_for_port(proxy_port, "secrets-proxy");
+    // The proxy as its own process, in each pool mode.
+    let start_proxy = |name: &str, route_extra: &str| {
+        let port = free_port();
+        let config = cluster.dir().join(format!("proxy-{name}.toml"));
+        fs::write(
+            &config,
+            format!(
+                "[listen]\ntcp = \"127.0.0.1:{port}\"\n[store]\nhost = \"127.0.0.1\"\nport = {}\n\
+                 user = \"proxy\"\npassword = \"proxy-pw\"\n[[route]]\ndatabase = \"appdb\"\n\
+                 secret = \"db/app\"\nallow = [\"trust\"]\n{route_extra}\n",
+                cluster.port
+            ),
+        )
+        .unwrap();
+        let log = fs::File::create(cluster.dir().join(format!("proxy-{name}.log"))).unwrap();
+        let proxy = Command::new(&binary)
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} (scripts/bench.sh builds it): {e}", binary.display()));
+        wait_for_port(port, "secrets-proxy");
+        (proxy, port)
+    };
+    let mut session_proxy = start_proxy("session", "");
+    let mut transaction_proxy = start_proxy("transaction", "pool_mode = \"transaction\"");
     let bouncer_port = free_port();
     let bouncer = start_pgbouncer(cluster, bouncer_port, "127.0.0.1");
+    let mut db = cluster.superuser();
 
     println!(
-        "\n{IDLE_CLIENTS} idle clients (logged in, then silent): resident memory of the pooler"
+        "\n{IDLE_CLIENTS} idle clients (logged in, then silent): resident memory of the pooler, \
+         and the server sessions open for them"
     );
-    println!("| what | before | with the clients | per client |");
-    println!("| --- | ---: | ---: | ---: |");
+    println!("| what | before | with the clients | per client | server sessions |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
     for (name, pid, port) in [
-        ("secrets-proxy", proxy.id(), proxy_port),
+        (
+            "secrets-proxy (session)",
+            session_proxy.0.id(),
+            session_proxy.1,
+        ),
+        (
+            "secrets-proxy (transaction, pool_size 20)",
+            transaction_proxy.0.id(),
+            transaction_proxy.1,
+        ),
         ("PgBouncer (session)", bouncer.pid(), bouncer_port),
     ] {
         // One client first, so the route's credential and the pooler's warm-up are in `before`.
@@ -678,18 +708,33 @@ fn idle_clients_benchmark(cluster: &mut Cluster) {
         let clients = idle_clients(port, IDLE_CLIENTS);
         std::thread::sleep(Duration::from_secs(1));
         let after = resident_kib(pid);
+        let server_sessions: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
         println!(
-            "| {name} | {:.1} MB | {:.1} MB | {:.1} KB |",
+            "| {name} | {:.1} MB | {:.1} MB | {:.1} KB | {server_sessions} |",
             before as f64 / 1024.0,
             after as f64 / 1024.0,
             after.saturating_sub(before) as f64 / IDLE_CLIENTS as f64
         );
         drop(clients);
         drop(warm_up);
+        // The next pooler starts from no server sessions.
+        db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app'",
+            &[],
+        )
+        .unwrap();
     }
     drop(bouncer);
-    let _ = proxy.kill();
-    let _ = proxy.wait();
+    for proxy in [&mut session_proxy.0, &mut transaction_proxy.0] {
+        let _ = proxy.kill();
+        let _ = proxy.wait();
+    }
 }
 
 /// VmRSS of a process, in KiB.
