@@ -7,7 +7,7 @@
 //! holds one from the start of a transaction to its end, and waits for one when all are taken.
 
 use crate::backend::BackendSession;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -36,7 +36,8 @@ impl Pool {
     }
 
     /// The slots of a route in transaction mode. A reload that changes the route's size starts
-    /// a new set; clients inside a transaction finish on the old one.
+    /// a new set for the clients that connect after it; those connected before keep the old
+    /// one, with the rest of the route's settings, until they leave.
     pub fn route_slots(&self, route: &str, size: usize) -> Arc<Semaphore> {
         let mut slots = self.slots.lock().expect("pool lock poisoned");
         let entry = slots
@@ -75,4 +76,23 @@ impl Pool {
             connections.push(Pooled { session, born });
         }
     }
+}
+
+/// Transaction mode: the startup parameters a shared server session is opened with. Only
+/// those that shape how values are written and read go along, so that clients that differ in
+/// anything else (`application_name`, `options`, the user name they gave) share one set of
+/// sessions, and `pool_size` bounds them.
+pub fn shared_session_parameters(client: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    const SHAPING: [&str; 5] = [
+        "client_encoding",
+        "datestyle",
+        "intervalstyle",
+        "timezone",
+        "extra_float_digits",
+    ];
+    client
+        .iter()
+        .filter(|(name, _)| SHAPING.contains(&name.to_ascii_lowercase().as_str()))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
 }

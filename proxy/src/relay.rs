@@ -20,15 +20,26 @@ struct Framing {
     current_first: Option<u8>,
     /// An ErrorResponse went by.
     saw_error: bool,
-    /// The tags of the messages `round_trips` counts.
-    round_trip_tags: &'static [u8],
-    /// Complete messages that ask for a ReadyForQuery (from the client) or are one (from the
-    /// server): when both sides have counted the same, every request has its answer.
+    side: Side,
+    /// Complete messages that ask for a ReadyForQuery (from the client: Query, FunctionCall,
+    /// and a Sync the server will not ignore) or are one (from the server): when both sides
+    /// have counted the same, every request has its answer.
     round_trips: u64,
+    /// Client side: Syncs counted since the last Execute or Query, and whether COPY data is
+    /// flowing to the server (see `count_request`).
+    syncs_since_command: u64,
+    in_copy_in: bool,
 }
 
-/// What a client sends that the server answers with ReadyForQuery: Query, Sync, FunctionCall.
-const REQUESTS: &[u8] = b"QSF";
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Only boundaries and the last message are followed.
+    #[default]
+    Uncounted,
+    Client,
+    Server,
+}
+
 /// Extended-protocol messages the server acts on only once a Sync follows: Parse, Bind,
 /// Execute, Describe, Close, Flush.
 const BEFORE_SYNC: &[u8] = b"PBEDCH";
@@ -36,7 +47,7 @@ const BEFORE_SYNC: &[u8] = b"PBEDCH";
 impl Framing {
     fn client() -> Framing {
         Framing {
-            round_trip_tags: REQUESTS,
+            side: Side::Client,
             ..Framing::default()
         }
     }
@@ -46,7 +57,7 @@ impl Framing {
     fn idle_server() -> Framing {
         Framing {
             last: Some((b'Z', Some(b'I'))),
-            round_trip_tags: b"Z",
+            side: Side::Server,
             ..Framing::default()
         }
     }
@@ -96,8 +107,37 @@ impl Framing {
 
     fn complete(&mut self) {
         self.last = Some((self.current_tag, self.current_first));
-        if self.round_trip_tags.contains(&self.current_tag) {
-            self.round_trips += 1;
+        match self.side {
+            Side::Server if self.current_tag == b'Z' => self.round_trips += 1,
+            Side::Client => self.count_request(self.current_tag),
+            _ => {}
+        }
+    }
+
+    /// While the server reads COPY data it ignores Sync (PostgreSQL's `CopyGetData`), and
+    /// libpq and tokio-postgres send one right after the Execute that starts a COPY FROM
+    /// STDIN, before any data: such a Sync gets no ReadyForQuery. Only the client's own
+    /// messages say a COPY began (it sends CopyData, CopyDone or CopyFail only then), so the
+    /// Syncs since the command that started it are taken back when the first of them comes.
+    fn count_request(&mut self, tag: u8) {
+        match tag {
+            b'Q' | b'F' => {
+                self.round_trips += 1;
+                self.syncs_since_command = 0;
+            }
+            b'E' => self.syncs_since_command = 0,
+            b'S' if !self.in_copy_in => {
+                self.round_trips += 1;
+                self.syncs_since_command += 1;
+            }
+            b'd' | b'c' | b'f' => {
+                if !self.in_copy_in {
+                    self.round_trips = self.round_trips.saturating_sub(self.syncs_since_command);
+                    self.syncs_since_command = 0;
+                }
+                self.in_copy_in = tag == b'd';
+            }
+            _ => {}
         }
     }
 
@@ -407,6 +447,46 @@ mod tests {
         client.feed(&message(b'c', b""), 0);
         assert!(!settled(&client, &server));
         server.feed(&message(b'C', b"COPY 1\0"), 0);
+        server.feed(&ready(b'I'), 0);
+        assert!(settled(&client, &server));
+    }
+
+    #[test]
+    fn copy_in_over_the_extended_protocol_is_settled_once_the_copy_is_answered() {
+        // tokio-postgres and libpq: Bind, Execute, Sync, the data, CopyDone, Sync. The first
+        // Sync arrives while the server reads the copy, which ignores it.
+        let (mut client, mut server) = pair();
+        for tag in [b'B', b'E', b'S'] {
+            client.feed(&message(tag, b""), 0);
+        }
+        server.feed(&message(b'2', b""), 0);
+        server.feed(&message(b'G', b"\0\0\0"), 0);
+        client.feed(&message(b'd', b"1\n"), 0);
+        client.feed(&message(b'S', b""), 0);
+        client.feed(&message(b'd', b"2\n"), 0);
+        client.feed(&message(b'c', b""), 0);
+        client.feed(&message(b'S', b""), 0);
+        assert!(!settled(&client, &server));
+        server.feed(&message(b'C', b"COPY 2\0"), 0);
+        server.feed(&ready(b'I'), 0);
+        assert!(settled(&client, &server));
+        // And the session goes on counting right.
+        client.feed(&message(b'Q', b"SELECT 1\0"), 0);
+        assert!(!settled(&client, &server));
+        server.feed(&ready(b'I'), 0);
+        assert!(settled(&client, &server));
+    }
+
+    #[test]
+    fn copy_in_failed_by_the_client_is_settled_by_its_answer() {
+        let (mut client, mut server) = pair();
+        for tag in [b'B', b'E', b'S'] {
+            client.feed(&message(tag, b""), 0);
+        }
+        client.feed(&message(b'f', b"changed my mind\0"), 0);
+        client.feed(&message(b'S', b""), 0);
+        server.feed(&message(b'E', b"S..."), 0);
+        assert!(!settled(&client, &server));
         server.feed(&ready(b'I'), 0);
         assert!(settled(&client, &server));
     }

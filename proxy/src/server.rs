@@ -368,9 +368,17 @@ async fn session(
         };
         return Err(ProxyError::NotAllowed { identity, database });
     }
+    let shared_parameters;
+    let parameters = match route.pool_mode {
+        PoolMode::Session => &parameters,
+        PoolMode::Transaction => {
+            shared_parameters = crate::pool::shared_session_parameters(&parameters);
+            &shared_parameters
+        }
+    };
     let wanted = Wanted {
         route,
-        parameters: &parameters,
+        parameters,
         database: &database,
         config: &config,
     };
@@ -413,11 +421,11 @@ async fn session(
     };
     // Transaction mode: the session the login opened waits in the pool, like every other,
     // until a transaction needs it.
+    if let Some(registration) = &registration {
+        registration.retarget(None).await;
+    }
     shared.pool.checkin(pool_key, server, born);
     drop(login_slot);
-    if let Some(registration) = &registration {
-        registration.retarget(None);
-    }
     lend_per_transaction(client, &mut relay, &slots, &wanted, registration, shared).await
 }
 
@@ -440,7 +448,7 @@ async fn lend_per_transaction(
             .fetch_add(1, Ordering::Relaxed);
         let cancel_target = server.cancel_key.map(|key| (server.address.clone(), key));
         if let Some(registration) = &registration {
-            registration.retarget(cancel_target);
+            registration.retarget(cancel_target).await;
         }
         let ended = relay
             .run(
@@ -450,8 +458,10 @@ async fn lend_per_transaction(
                 Until::TransactionEnds,
             )
             .await;
+        // Before the session can be lent to anyone else: a cancel request on its way for this
+        // client must not reach the next one.
         if let Some(registration) = &registration {
-            registration.retarget(None);
+            registration.retarget(None).await;
         }
         match ended {
             Ended::TransactionDone => shared.pool.checkin(pool_key, server, born),

@@ -33,8 +33,8 @@ fn fixture(allow: &str) -> Fixture {
 /// More proxy configuration: lines for `[limits]` and for the route.
 #[derive(Default)]
 struct ProxyExtras {
-    limits: &'static str,
-    route: &'static str,
+    limits: String,
+    route: String,
 }
 
 fn fixture_with(allow: &str, settings: &[&str], extras: ProxyExtras) -> Fixture {
@@ -631,9 +631,14 @@ fn server_connections_are_reused_clean_and_only_when_idle() {
     let mut first = fixture.connect();
     let first_pid = pid_of(&mut first);
     first
-        .batch_execute(
-            "CREATE TEMP TABLE leftover (x int); SET search_path = nowhere; PREPARE p AS SELECT 1;",
-        )
+        .batch_execute("CREATE TEMP TABLE leftover (x int)")
+        .unwrap();
+    // COPY over the extended protocol: tokio-postgres sends a Sync that the server ignores.
+    let mut copy = first.copy_in("COPY leftover FROM STDIN").unwrap();
+    copy.write_all(b"1\n2\n").unwrap();
+    copy.finish().unwrap();
+    first
+        .batch_execute("SET search_path = nowhere; PREPARE p AS SELECT 1;")
         .unwrap();
     drop(first);
     std::thread::sleep(Duration::from_millis(200));
@@ -835,13 +840,12 @@ fn app_sessions(fixture: &Fixture) -> i64 {
         .get(0)
 }
 
-fn transaction_mode(pool_size: usize, limits: &'static str) -> Fixture {
-    let route = match pool_size {
-        2 => "pool_mode = \"transaction\"\npool_size = 2",
-        3 => "pool_mode = \"transaction\"\npool_size = 3",
-        _ => unreachable!("sizes the tests use"),
+fn transaction_mode(pool_size: usize, limits: &str) -> Fixture {
+    let extras = ProxyExtras {
+        limits: limits.into(),
+        route: format!("pool_mode = \"transaction\"\npool_size = {pool_size}"),
     };
-    fixture_with(r#""trust""#, &[], ProxyExtras { limits, route })
+    fixture_with(r#""trust""#, &[], extras)
 }
 
 /// Transaction pooling: ten clients share two server sessions, each lent for one transaction
@@ -957,6 +961,54 @@ fn transaction_mode_lends_a_few_server_sessions_to_many_clients() {
         .and_then(|value| value.parse().ok())
         .expect("the metric");
     assert!(lent >= 60, "{metrics}");
+}
+
+/// Transaction pooling shares the route's sessions among clients that differ in user name and
+/// application_name, and hands a session back after COPY over the extended protocol (inside a
+/// transaction, since a named statement does not outlive one).
+#[test]
+fn transaction_mode_shares_sessions_across_client_parameters_and_after_copy() {
+    let fixture = transaction_mode(2, "pool_wait_timeout_ms = 1500");
+    let mut clients: Vec<Client> = (0..6)
+        .map(|index| {
+            Client::connect(
+                &format!(
+                    "host=127.0.0.1 port={} user=user{index} dbname=appdb application_name=app{index}",
+                    fixture.port()
+                ),
+                NoTls,
+            )
+            .unwrap()
+        })
+        .collect();
+    for client in clients.iter_mut() {
+        assert_eq!(scalar(client, "SELECT current_user"), "app");
+    }
+    assert!(
+        app_sessions(&fixture) <= 2,
+        "more server sessions than pool_size"
+    );
+
+    let (copier, others) = clients.split_first_mut().unwrap();
+    let mut transaction = copier.transaction().unwrap();
+    transaction
+        .batch_execute("CREATE TEMP TABLE copied (x int) ON COMMIT DROP")
+        .unwrap();
+    let mut copy = transaction.copy_in("COPY copied FROM STDIN").unwrap();
+    copy.write_all(b"1\n2\n3\n").unwrap();
+    copy.finish().unwrap();
+    let copied: i64 = transaction
+        .query_one("SELECT count(*) FROM copied", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(copied, 3);
+    transaction.commit().unwrap();
+    // The copier's session is back in the pool: two others can hold both at once (with the
+    // copier still holding one, the second BEGIN would end in 53300).
+    others[0].batch_execute("BEGIN").unwrap();
+    others[1].batch_execute("BEGIN; SELECT 1").unwrap();
+    others[0].batch_execute("COMMIT").unwrap();
+    others[1].batch_execute("COMMIT").unwrap();
 }
 
 /// Transaction pooling through rotations: steady clients and a new connection per
