@@ -55,6 +55,16 @@ user = "secrets_proxy"
 database = "demo"
 secret = "demo/app/db"
 allow = ["trust"]
+
+# The same database for clients that say they are "pooled": transaction pooling, where
+# every such client shares five server sessions.
+[[route]]
+database = "demo"
+user = "pooled"
+secret = "demo/app/db"
+allow = ["trust"]
+pool_mode = "transaction"
+pool_size = 5
 TOML
     target/release/secrets-proxy --config "$ROOT/proxy.toml" >"$ROOT/proxy.log" 2>&1 &
     echo $! >"$PROXY_PID"
@@ -131,6 +141,8 @@ Connect:   $connect
 secrets-proxy listens on 127.0.0.1:$PROXY_PORT; connect as the application would, with no password:
            psql -h 127.0.0.1 -p $PROXY_PORT -d demo -c 'SELECT current_user'
            (logs in as "app" with the password in secret demo/app/db; log: .pg/proxy.log)
+           psql -h 127.0.0.1 -p $PROXY_PORT -d demo -U pooled -c 'SELECT pg_backend_pid()'
+           (transaction pooling: every "pooled" client shares five server sessions)
 
 Try:
   SELECT * FROM secrets.list_secrets();

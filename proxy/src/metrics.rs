@@ -61,6 +61,9 @@ pub struct Metrics {
     pub pool_reuses: AtomicU64,
     /// Transactions relayed on a server session lent for that transaction (transaction mode).
     pub pooled_transactions: AtomicU64,
+    /// Transaction-mode clients held to one server session because they prepared a named
+    /// statement.
+    pub pinned_clients: AtomicU64,
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
     /// Logins that used a last known credential while the secrets store was away.
@@ -112,6 +115,8 @@ impl Metrics {
              secrets_proxy_pool_reuses_total {}\n\
              # TYPE secrets_proxy_pooled_transactions_total counter\n\
              secrets_proxy_pooled_transactions_total {}\n\
+             # TYPE secrets_proxy_pinned_clients_total counter\n\
+             secrets_proxy_pinned_clients_total {}\n\
              # TYPE secrets_proxy_stale_credentials_served_total counter\n\
              secrets_proxy_stale_credentials_served_total {}\n\
              # TYPE secrets_proxy_credential_cache_total counter\n\
@@ -135,6 +140,7 @@ impl Metrics {
             get(&self.rejected_clients),
             get(&self.pool_reuses),
             get(&self.pooled_transactions),
+            get(&self.pinned_clients),
             get(&self.stale_credentials),
             get(&self.cache_hits),
             get(&self.cache_misses),

@@ -29,6 +29,9 @@ struct Framing {
     /// flowing to the server (see `count_request`).
     syncs_since_command: u64,
     in_copy_in: bool,
+    /// Client side: a Parse named its statement. A named statement lives in one server
+    /// session, so in transaction mode the client keeps that session from then on.
+    prepared_named_statement: bool,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
@@ -109,7 +112,12 @@ impl Framing {
         self.last = Some((self.current_tag, self.current_first));
         match self.side {
             Side::Server if self.current_tag == b'Z' => self.round_trips += 1,
-            Side::Client => self.count_request(self.current_tag),
+            Side::Client => {
+                // A Parse's body starts with the statement's name; "" is the unnamed one.
+                self.prepared_named_statement |=
+                    self.current_tag == b'P' && self.current_first.is_some_and(|byte| byte != 0);
+                self.count_request(self.current_tag);
+            }
             _ => {}
         }
     }
@@ -192,6 +200,8 @@ pub struct Relay {
     server_buffer: Vec<u8>,
     /// Bytes at the start of `client_buffer` read while no server was attached.
     waiting: usize,
+    /// The client's side of the current (or last) relay.
+    from_client: Framing,
 }
 
 impl Default for Relay {
@@ -200,6 +210,7 @@ impl Default for Relay {
             client_buffer: vec![0u8; RELAY_BUFFER],
             server_buffer: vec![0u8; RELAY_BUFFER],
             waiting: 0,
+            from_client: Framing::client(),
         }
     }
 }
@@ -221,8 +232,15 @@ impl Relay {
         }
     }
 
+    /// Whether the client prepared a named statement in the last relay: its server session
+    /// then holds it, and needs `reset` before it serves anyone else.
+    pub fn prepared_named_statement(&self) -> bool {
+        self.from_client.prepared_named_statement
+    }
+
     /// Relays, the request `next_request` read first if any, until a side leaves or, with
-    /// `Until::TransactionEnds`, until the transaction is over (`Ended::TransactionDone`).
+    /// `Until::TransactionEnds`, until the transaction is over (`Ended::TransactionDone`) and
+    /// the client has prepared no named statement.
     pub async fn run<C>(
         &mut self,
         client: &mut C,
@@ -233,13 +251,13 @@ impl Relay {
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
-        let mut from_client = Framing::client();
+        self.from_client = Framing::client();
+        let from_client = &mut self.from_client;
         let mut from_server = Framing::idle_server();
         let waiting = std::mem::take(&mut self.waiting);
         if waiting > 0 {
             let chunk = &self.client_buffer[..waiting];
-            if let Some(ended) =
-                to_server(chunk, &mut from_client, &from_server, server, metrics).await
+            if let Some(ended) = to_server(chunk, from_client, &from_server, server, metrics).await
             {
                 return ended;
             }
@@ -251,14 +269,14 @@ impl Relay {
                     if read == 0 {
                         // The client vanished without Terminate; a half-sent message may be
                         // pending, so the server connection is reusable only when settled.
-                        return if settled(&from_client, &from_server) {
+                        return if settled(from_client, &from_server) {
                             Ended::ServerReusable
                         } else {
                             Ended::Closed
                         };
                     }
                     let chunk = &self.client_buffer[..read];
-                    if let Some(ended) = to_server(chunk, &mut from_client, &from_server, server, metrics).await {
+                    if let Some(ended) = to_server(chunk, from_client, &from_server, server, metrics).await {
                         return ended;
                     }
                 }
@@ -272,7 +290,10 @@ impl Relay {
                         return Ended::Closed;
                     }
                     Metrics::count(&metrics.bytes_to_client, read as u64);
-                    if until == Until::TransactionEnds && settled(&from_client, &from_server) {
+                    if until == Until::TransactionEnds
+                        && !from_client.prepared_named_statement
+                        && settled(from_client, &from_server)
+                    {
                         return Ended::TransactionDone;
                     }
                 }
@@ -489,6 +510,15 @@ mod tests {
         assert!(!settled(&client, &server));
         server.feed(&ready(b'I'), 0);
         assert!(settled(&client, &server));
+    }
+
+    #[test]
+    fn a_named_statement_is_noticed_and_an_unnamed_one_is_not() {
+        let mut client = Framing::client();
+        client.feed(&message(b'P', b"\0SELECT 1\0\0\0"), 0);
+        assert!(!client.prepared_named_statement);
+        client.feed(&message(b'P', b"s0\0SELECT 1\0\0\0"), 0);
+        assert!(client.prepared_named_statement);
     }
 
     #[test]

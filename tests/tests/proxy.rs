@@ -989,26 +989,128 @@ fn transaction_mode_shares_sessions_across_client_parameters_and_after_copy() {
         "more server sessions than pool_size"
     );
 
-    let (copier, others) = clients.split_first_mut().unwrap();
-    let mut transaction = copier.transaction().unwrap();
-    transaction
-        .batch_execute("CREATE TEMP TABLE copied (x int) ON COMMIT DROP")
+    let others = &mut clients;
+    others[0]
+        .batch_execute("CREATE TABLE copied (x int)")
         .unwrap();
-    let mut copy = transaction.copy_in("COPY copied FROM STDIN").unwrap();
-    copy.write_all(b"1\n2\n3\n").unwrap();
-    copy.finish().unwrap();
-    let copied: i64 = transaction
-        .query_one("SELECT count(*) FROM copied", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(copied, 3);
-    transaction.commit().unwrap();
-    // The copier's session is back in the pool: two others can hold both at once (with the
-    // copier still holding one, the second BEGIN would end in 53300).
+    let (copier, answers) = copy_in_like_libpq(&fixture, "COPY copied FROM STDIN", b"1\n2\n3\n");
+    assert!(
+        answers
+            .iter()
+            .any(|(tag, body)| *tag == b'C' && body.starts_with(b"COPY 3")),
+        "{answers:?}"
+    );
+    assert_eq!(scalar(&mut others[0], "SELECT count(*) FROM copied"), "3");
+    // The copier, still connected, gave its session back: two others can hold both at once
+    // (with the copier still holding one, the second BEGIN would end in 53300).
     others[0].batch_execute("BEGIN").unwrap();
     others[1].batch_execute("BEGIN; SELECT 1").unwrap();
     others[0].batch_execute("COMMIT").unwrap();
     others[1].batch_execute("COMMIT").unwrap();
+    drop(copier);
+}
+
+fn protocol_message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut message = vec![tag];
+    message.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    message.extend_from_slice(body);
+    message
+}
+
+/// Reads messages up to and including ReadyForQuery.
+fn read_until_ready(stream: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+    let mut messages = Vec::new();
+    loop {
+        let mut header = [0u8; 5];
+        stream.read_exact(&mut header).unwrap();
+        let length = i32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; length - 4];
+        stream.read_exact(&mut body).unwrap();
+        messages.push((header[0], body));
+        if header[0] == b'Z' {
+            return messages;
+        }
+    }
+}
+
+/// COPY FROM STDIN the way libpq's `PQexecParams` and `PQputCopyEnd` send it: an unnamed
+/// statement with Parse, Bind, Execute and Sync, the data, then CopyDone and a second Sync.
+/// The server ignores the first Sync while it reads the copy. Returns the connection, still
+/// open, and the server's answers.
+fn copy_in_like_libpq(
+    fixture: &Fixture,
+    sql: &str,
+    data: &[u8],
+) -> (TcpStream, Vec<(u8, Vec<u8>)>) {
+    let mut stream = TcpStream::connect(fixture.proxy.tcp_address.unwrap()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(&startup_packet(
+            196608,
+            &[("user", "app"), ("database", "appdb")],
+        ))
+        .unwrap();
+    read_until_ready(&mut stream);
+    let no_formats_or_parameters = [0u8; 6];
+    let requests = [
+        protocol_message(b'P', &[b"\0", sql.as_bytes(), b"\0\0\0"].concat()),
+        protocol_message(b'B', &[&b"\0\0"[..], &no_formats_or_parameters].concat()),
+        protocol_message(b'E', b"\0\0\0\0\0"),
+        protocol_message(b'S', b""),
+        protocol_message(b'd', data),
+        protocol_message(b'c', b""),
+        protocol_message(b'S', b""),
+    ]
+    .concat();
+    stream.write_all(&requests).unwrap();
+    let answers = read_until_ready(&mut stream);
+    (stream, answers)
+}
+
+/// A client that prepares a named statement (tokio-postgres's `prepare` and `query`) keeps
+/// its server session from then on, since the statement lives there; when it leaves, the
+/// session is reset before it serves anyone else.
+#[test]
+fn transaction_mode_keeps_a_session_for_a_client_with_named_statements() {
+    let fixture = transaction_mode(2, "pool_wait_timeout_ms = 3000");
+    let pid = |client: &mut Client| scalar(client, "SELECT pg_backend_pid()");
+    let mut preparer = fixture.connect();
+    let mut others: Vec<Client> = (0..4).map(|_| fixture.connect()).collect();
+    let statement = preparer.prepare("SELECT $1::int4 + 1").unwrap();
+    let kept = pid(&mut preparer);
+    for round in 0..5 {
+        for other in others.iter_mut() {
+            assert_ne!(
+                pid(other),
+                kept,
+                "another client got the preparer's session"
+            );
+        }
+        let row = preparer.query_one(&statement, &[&round]).unwrap();
+        assert_eq!(row.get::<_, i32>(0), round + 1);
+        assert_eq!(pid(&mut preparer), kept);
+    }
+    drop(preparer);
+    // Both sessions lent at once: one is the preparer's, without its statement.
+    others[0].batch_execute("BEGIN").unwrap();
+    others[1].batch_execute("BEGIN").unwrap();
+    let mut pids = Vec::new();
+    for other in &mut others[..2] {
+        pids.push(pid(other));
+        assert_eq!(
+            scalar(other, "SELECT count(*) FROM pg_prepared_statements"),
+            "0"
+        );
+        other.batch_execute("COMMIT").unwrap();
+    }
+    assert!(pids.contains(&kept), "{pids:?} should include {kept}");
+    let metrics = http_get(fixture.proxy.admin_address.unwrap(), "/metrics");
+    assert!(
+        metrics.contains("secrets_proxy_pinned_clients_total 1\n"),
+        "{metrics}"
+    );
 }
 
 /// Transaction pooling through rotations: steady clients and a new connection per
