@@ -62,7 +62,7 @@ pub struct Metrics {
     /// Transactions relayed on a server session lent for that transaction (transaction mode).
     pub pooled_transactions: AtomicU64,
     /// Transaction-mode clients held to one server session because they prepared a named
-    /// statement.
+    /// statement, counted when they prepare it.
     pub pinned_clients: AtomicU64,
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,

@@ -32,6 +32,8 @@ struct Framing {
     /// Client side: a Parse named its statement. A named statement lives in one server
     /// session, so in transaction mode the client keeps that session from then on.
     prepared_named_statement: bool,
+    /// Whether the metric has counted that.
+    pin_counted: bool,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
@@ -257,7 +259,8 @@ impl Relay {
         let waiting = std::mem::take(&mut self.waiting);
         if waiting > 0 {
             let chunk = &self.client_buffer[..waiting];
-            if let Some(ended) = to_server(chunk, from_client, &from_server, server, metrics).await
+            if let Some(ended) =
+                to_server(chunk, from_client, &from_server, server, metrics, until).await
             {
                 return ended;
             }
@@ -276,7 +279,7 @@ impl Relay {
                         };
                     }
                     let chunk = &self.client_buffer[..read];
-                    if let Some(ended) = to_server(chunk, from_client, &from_server, server, metrics).await {
+                    if let Some(ended) = to_server(chunk, from_client, &from_server, server, metrics, until).await {
                         return ended;
                     }
                 }
@@ -310,6 +313,7 @@ async fn to_server(
     from_server: &Framing,
     server: &mut ServerStream,
     metrics: &Metrics,
+    until: Until,
 ) -> Option<Ended> {
     if let Some(terminate_at) = from_client.feed(chunk, 0) {
         if !write_out(server, &chunk[..terminate_at]).await {
@@ -327,6 +331,12 @@ async fn to_server(
         return Some(Ended::Closed);
     }
     Metrics::count(&metrics.bytes_to_server, chunk.len() as u64);
+    if until == Until::TransactionEnds
+        && from_client.prepared_named_statement
+        && !std::mem::replace(&mut from_client.pin_counted, true)
+    {
+        Metrics::count(&metrics.pinned_clients, 1);
+    }
     None
 }
 

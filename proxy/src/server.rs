@@ -463,12 +463,6 @@ async fn lend_per_transaction(
         if let Some(registration) = &registration {
             registration.retarget(None).await;
         }
-        if relay.prepared_named_statement() {
-            shared
-                .metrics
-                .pinned_clients
-                .fetch_add(1, Ordering::Relaxed);
-        }
         match ended {
             Ended::TransactionDone => shared.pool.checkin(pool_key, server, born),
             Ended::ServerReusable => {

@@ -964,8 +964,8 @@ fn transaction_mode_lends_a_few_server_sessions_to_many_clients() {
 }
 
 /// Transaction pooling shares the route's sessions among clients that differ in user name and
-/// application_name, and hands a session back after COPY over the extended protocol (inside a
-/// transaction, since a named statement does not outlive one).
+/// application_name, and hands a session back after COPY over the extended protocol as libpq
+/// sends it.
 #[test]
 fn transaction_mode_shares_sessions_across_client_parameters_and_after_copy() {
     let fixture = transaction_mode(2, "pool_wait_timeout_ms = 1500");
@@ -1092,6 +1092,11 @@ fn transaction_mode_keeps_a_session_for_a_client_with_named_statements() {
         assert_eq!(row.get::<_, i32>(0), round + 1);
         assert_eq!(pid(&mut preparer), kept);
     }
+    let metrics = http_get(fixture.proxy.admin_address.unwrap(), "/metrics");
+    assert!(
+        metrics.contains("secrets_proxy_pinned_clients_total 1\n"),
+        "counted while it holds the session: {metrics}"
+    );
     drop(preparer);
     // Both sessions lent at once: one is the preparer's, without its statement.
     others[0].batch_execute("BEGIN").unwrap();
@@ -1106,11 +1111,6 @@ fn transaction_mode_keeps_a_session_for_a_client_with_named_statements() {
         other.batch_execute("COMMIT").unwrap();
     }
     assert!(pids.contains(&kept), "{pids:?} should include {kept}");
-    let metrics = http_get(fixture.proxy.admin_address.unwrap(), "/metrics");
-    assert!(
-        metrics.contains("secrets_proxy_pinned_clients_total 1\n"),
-        "{metrics}"
-    );
 }
 
 /// Transaction pooling through rotations: steady clients and a new connection per
