@@ -7,6 +7,7 @@
 //! holds one from the start of a transaction to its end, and waits for one when all are taken.
 
 use crate::backend::BackendSession;
+use crate::config::Route;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,10 +39,17 @@ impl Pool {
     /// The slots of a route in transaction mode. A reload that changes the route's size starts
     /// a new set for the clients that connect after it; those connected before keep the old
     /// one, with the rest of the route's settings, until they leave.
-    pub fn route_slots(&self, route: &str, size: usize) -> Arc<Semaphore> {
+    /// The slots are the route's, shared by its clients whoever they are.
+    pub fn route_slots(&self, route: &Route) -> Arc<Semaphore> {
+        let size = route.pool_size;
+        let key = format!(
+            "{}\0{}",
+            route.database,
+            route.user.as_deref().unwrap_or_default()
+        );
         let mut slots = self.slots.lock().expect("pool lock poisoned");
         let entry = slots
-            .entry(route.to_string())
+            .entry(key)
             .or_insert_with(|| (size, Arc::new(Semaphore::new(size))));
         if entry.0 != size {
             *entry = (size, Arc::new(Semaphore::new(size)));

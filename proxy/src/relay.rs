@@ -32,8 +32,6 @@ struct Framing {
     /// Client side: a Parse named its statement. A named statement lives in one server
     /// session, so in transaction mode the client keeps that session from then on.
     prepared_named_statement: bool,
-    /// Whether the metric has counted that.
-    pin_counted: bool,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
@@ -315,6 +313,7 @@ async fn to_server(
     metrics: &Metrics,
     until: Until,
 ) -> Option<Ended> {
+    let was_pinned = from_client.prepared_named_statement;
     if let Some(terminate_at) = from_client.feed(chunk, 0) {
         if !write_out(server, &chunk[..terminate_at]).await {
             return Some(Ended::Closed);
@@ -331,10 +330,7 @@ async fn to_server(
         return Some(Ended::Closed);
     }
     Metrics::count(&metrics.bytes_to_server, chunk.len() as u64);
-    if until == Until::TransactionEnds
-        && from_client.prepared_named_statement
-        && !std::mem::replace(&mut from_client.pin_counted, true)
-    {
+    if until == Until::TransactionEnds && from_client.prepared_named_statement && !was_pinned {
         Metrics::count(&metrics.pinned_clients, 1);
     }
     None
@@ -381,6 +377,13 @@ mod tests {
         bytes.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
         bytes.extend_from_slice(body);
         bytes
+    }
+
+    /// Feeds one message with an empty body per tag.
+    fn feed_empty(framing: &mut Framing, tags: &[u8]) {
+        for &tag in tags {
+            framing.feed(&message(tag, b""), 0);
+        }
     }
 
     fn ready(status: u8) -> Vec<u8> {
@@ -430,10 +433,10 @@ mod tests {
             client.feed(&message(tag, b"x"), 0);
             assert!(!settled(&client, &server), "after {}", tag as char);
         }
-        client.feed(&message(b'H', b""), 0);
-        server.feed(&message(b'1', b""), 0);
+        feed_empty(&mut client, b"H");
+        feed_empty(&mut server, b"1");
         assert!(!settled(&client, &server), "a Flush is not a Sync");
-        client.feed(&message(b'S', b""), 0);
+        feed_empty(&mut client, b"S");
         assert!(!settled(&client, &server));
         server.feed(&ready(b'I'), 0);
         assert!(settled(&client, &server));
@@ -475,7 +478,7 @@ mod tests {
         client.feed(&message(b'Q', b"COPY t FROM STDIN\0"), 0);
         server.feed(&message(b'G', b"\0\0\0"), 0);
         client.feed(&message(b'd', b"1\n"), 0);
-        client.feed(&message(b'c', b""), 0);
+        feed_empty(&mut client, b"c");
         assert!(!settled(&client, &server));
         server.feed(&message(b'C', b"COPY 1\0"), 0);
         server.feed(&ready(b'I'), 0);
@@ -487,16 +490,13 @@ mod tests {
         // tokio-postgres and libpq: Bind, Execute, Sync, the data, CopyDone, Sync. The first
         // Sync arrives while the server reads the copy, which ignores it.
         let (mut client, mut server) = pair();
-        for tag in [b'B', b'E', b'S'] {
-            client.feed(&message(tag, b""), 0);
-        }
-        server.feed(&message(b'2', b""), 0);
+        feed_empty(&mut client, b"BES");
+        feed_empty(&mut server, b"2");
         server.feed(&message(b'G', b"\0\0\0"), 0);
         client.feed(&message(b'd', b"1\n"), 0);
-        client.feed(&message(b'S', b""), 0);
+        feed_empty(&mut client, b"S");
         client.feed(&message(b'd', b"2\n"), 0);
-        client.feed(&message(b'c', b""), 0);
-        client.feed(&message(b'S', b""), 0);
+        feed_empty(&mut client, b"cS");
         assert!(!settled(&client, &server));
         server.feed(&message(b'C', b"COPY 2\0"), 0);
         server.feed(&ready(b'I'), 0);
@@ -511,11 +511,9 @@ mod tests {
     #[test]
     fn copy_in_failed_by_the_client_is_settled_by_its_answer() {
         let (mut client, mut server) = pair();
-        for tag in [b'B', b'E', b'S'] {
-            client.feed(&message(tag, b""), 0);
-        }
+        feed_empty(&mut client, b"BES");
         client.feed(&message(b'f', b"changed my mind\0"), 0);
-        client.feed(&message(b'S', b""), 0);
+        feed_empty(&mut client, b"S");
         server.feed(&message(b'E', b"S..."), 0);
         assert!(!settled(&client, &server));
         server.feed(&ready(b'I'), 0);

@@ -384,11 +384,7 @@ async fn session(
     };
     // In transaction mode the login holds one of the route's slots too, so that a thousand
     // clients connecting at once do not open a thousand server sessions.
-    let slots = (route.pool_mode == PoolMode::Transaction).then(|| {
-        shared
-            .pool
-            .route_slots(&route_slots_key(route), route.pool_size)
-    });
+    let slots = (route.pool_mode == PoolMode::Transaction).then(|| shared.pool.route_slots(route));
     let login_slot = match &slots {
         Some(slots) => Some(take_slot(slots, &wanted).await?),
         None => None,
@@ -524,15 +520,6 @@ async fn server_session(
             .login_failures
             .fetch_add(1, Ordering::Relaxed);
     })
-}
-
-/// Transaction mode: the route's slots are shared by its clients, whoever they are.
-fn route_slots_key(route: &Route) -> String {
-    format!(
-        "{}\0{}",
-        route.database,
-        route.user.as_deref().unwrap_or_default()
-    )
 }
 
 /// One of the route's slots, waiting at most `pool_wait_timeout_ms` for one to free.
