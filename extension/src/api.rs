@@ -1,6 +1,7 @@
 //! The SQL functions of schema `secrets`. Each one checks its arguments, calls the store, and
 //! turns errors into PostgreSQL errors with their SQLSTATE. All are SECURITY DEFINER with a
-//! fixed search_path, so a caller's schemas, operators or functions cannot change what they do.
+//! fixed search path (`pg_catalog`), so a caller's schemas, operators, functions or temporary
+//! tables cannot change what they do.
 //!
 //! Pass secret values as bind parameters: a literal in the query text can reach the server
 //! log (log_statement) before any function runs.
@@ -14,6 +15,7 @@
 
 use crate::audit;
 use crate::crypto::ValueKind;
+use crate::db::with_catalog_search_path;
 use crate::errors::{Error, Result as StoreResult};
 use crate::password::{self, PasswordRules};
 use crate::store::{self, NewSecret};
@@ -96,16 +98,19 @@ fn fetch(
     store::get_secret(name, version_id, version_stage, expect)
 }
 
+// The read functions set their search path with `db::with_catalog_search_path` rather than a
+// `#[search_path]` clause, whose cost on every call slowed reads by 15% (README, Access control).
 #[pg_extern(security_definer)]
-#[search_path(pg_catalog, pg_temp)]
 fn get_secret_value(
     name: Option<&str>,
     version_id: default!(Option<Uuid>, "NULL"),
     version_stage: default!(Option<&str>, "NULL"),
 ) -> Result<String, ErrorReport> {
-    sql(audit::audited("get", "get_secret_value", name, || {
-        let fetched = fetch(name, version_id, version_stage, Some(ValueKind::String))?;
-        as_string(fetched.plaintext.to_vec(), name.unwrap_or_default())
+    sql(with_catalog_search_path(|| {
+        audit::audited("get", "get_secret_value", name, || {
+            let fetched = fetch(name, version_id, version_stage, Some(ValueKind::String))?;
+            as_string(fetched.plaintext.to_vec(), name.unwrap_or_default())
+        })
     }))
 }
 
@@ -115,15 +120,16 @@ fn as_string(bytes: Vec<u8>, name: &str) -> StoreResult<String> {
 }
 
 #[pg_extern(security_definer)]
-#[search_path(pg_catalog, pg_temp)]
 fn get_secret_binary(
     name: Option<&str>,
     version_id: default!(Option<Uuid>, "NULL"),
     version_stage: default!(Option<&str>, "NULL"),
 ) -> Result<Vec<u8>, ErrorReport> {
-    sql(audit::audited("get", "get_secret_binary", name, || {
-        fetch(name, version_id, version_stage, Some(ValueKind::Binary))
-            .map(|fetched| fetched.plaintext.to_vec())
+    sql(with_catalog_search_path(|| {
+        audit::audited("get", "get_secret_binary", name, || {
+            fetch(name, version_id, version_stage, Some(ValueKind::Binary))
+                .map(|fetched| fetched.plaintext.to_vec())
+        })
     }))
 }
 
@@ -140,7 +146,6 @@ type BatchRow = (
 /// One row per name; a failure becomes a row with `error` and `sqlstate` instead of aborting
 /// the whole batch.
 #[pg_extern(security_definer)]
-#[search_path(pg_catalog, pg_temp)]
 fn batch_get_secret_value(
     names: Option<Vec<Option<String>>>,
 ) -> Result<
@@ -166,7 +171,8 @@ fn batch_get_secret_value(
             names.len()
         ))));
     }
-    let rows: Vec<BatchRow> = names.into_iter().map(batch_row).collect();
+    let rows: Vec<BatchRow> =
+        with_catalog_search_path(|| names.into_iter().map(batch_row).collect());
     Ok(TableIterator::new(rows))
 }
 

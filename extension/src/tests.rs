@@ -231,6 +231,36 @@ mod tests {
         assert_eq!(by_id.as_deref(), Some("v1"));
     }
 
+    /// Inside `with_catalog_search_path` a caller's operators and temporary tables are not
+    /// seen, a failed subtransaction leaves that so, and afterwards the caller's path is back.
+    #[pg_test]
+    fn the_read_functions_search_path_shuts_out_the_callers() {
+        use crate::db::{in_subtransaction, with_catalog_search_path};
+        Spi::run(
+            "CREATE SCHEMA unit_tricky;
+             CREATE FUNCTION unit_tricky.evil_eq(text, text) RETURNS boolean
+                 LANGUAGE sql AS 'SELECT 1/0 = 1';
+             CREATE OPERATOR unit_tricky.= (LEFTARG = text, RIGHTARG = text,
+                 FUNCTION = unit_tricky.evil_eq);
+             CREATE TEMP TABLE unit_temporary (x integer);
+             SET LOCAL search_path = unit_tricky, pg_temp, pg_catalog",
+        )
+        .unwrap();
+        let text_equality =
+            || in_subtransaction(|| Ok(Spi::get_one::<bool>("SELECT 'a'::text = 'a'::text")?));
+        let temporary_table = || {
+            in_subtransaction(|| Ok(Spi::get_one::<i64>("SELECT count(*) FROM unit_temporary")?))
+        };
+        let (equality, temporary) = with_catalog_search_path(|| {
+            assert!(in_subtransaction(|| Ok(Spi::run("SELECT 1/0")?)).is_err());
+            (text_equality(), temporary_table())
+        });
+        assert_eq!(equality.unwrap(), Some(true));
+        assert!(temporary.is_err());
+        assert!(text_equality().is_err());
+        assert_eq!(temporary_table().unwrap(), Some(0));
+    }
+
     #[pg_test]
     fn moving_a_secret_to_another_master_key() {
         Spi::run("SELECT secrets.create_secret('unit/b', secret_binary => '\\x00ff')").unwrap();

@@ -754,11 +754,40 @@ fn a_callers_search_path_and_objects_change_nothing() {
         .unwrap()
         .get(0);
     assert_eq!(value, "v2");
+    // The read functions set their search path another way than the rest (db.rs); every way
+    // through them ignores the caller's objects too.
+    let previous: String = tricky
+        .query_one(
+            "SELECT secrets.get_secret_value('t/one', version_stage => 'PREVIOUS')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(previous, "v1");
+    let batch: Vec<(Option<String>, Option<String>)> = tricky
+        .query(
+            "SELECT secret_string, error FROM secrets.batch_get_secret_value(ARRAY['t/one', 't/none'])",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(batch[0], (Some("v2".to_string()), None));
+    assert!(batch[1].1.is_some());
+    tricky
+        .batch_execute("SELECT secrets.create_secret('t/bytes', secret_binary => '\\x0102')")
+        .unwrap();
+    let bytes: Vec<u8> = tricky
+        .query_one("SELECT secrets.get_secret_binary('t/bytes')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(bytes, [1, 2]);
     let listed: i64 = tricky
         .query_one("SELECT count(*) FROM secrets.list_secrets('t/')", &[])
         .unwrap()
         .get(0);
-    assert_eq!(listed, 1);
+    assert_eq!(listed, 2);
     let (allowed, _) = check_access(&mut tricky, "tricky", "get", "t/one");
     assert!(allowed);
 }
