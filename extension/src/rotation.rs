@@ -534,7 +534,7 @@ pub fn work_on(id: Uuid) -> Result<Outcome> {
                 },
                 outcome,
                 error.map(|error| error.sqlstate().1),
-                details,
+                details.to_string(),
             )
         };
         match attempt {

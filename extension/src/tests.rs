@@ -209,6 +209,34 @@ mod tests {
         assert!(line.starts_with(b"2023-11-14 22:13:20.123 UTC [4242] LOG:  pg_secrets audit: {"));
     }
 
+    #[test]
+    fn audit_details_are_the_json_of_their_map() {
+        use crate::audit::details_json;
+        let map = |pairs: &[(&str, &str)]| {
+            serde_json::Value::Object(
+                pairs
+                    .iter()
+                    .map(|(key, value)| (key.to_string(), serde_json::Value::from(*value)))
+                    .collect(),
+            )
+            .to_string()
+        };
+        assert_eq!(
+            details_json("get_secret_value", Default::default(), None),
+            map(&[("function", "get_secret_value")])
+        );
+        let mut notes = serde_json::Map::new();
+        notes.insert("stage".into(), "PENDING".into());
+        assert_eq!(
+            details_json("rotate_secret", notes, Some("a \"quoted\" error".into())),
+            map(&[
+                ("stage", "PENDING"),
+                ("function", "rotate_secret"),
+                ("error", "a \"quoted\" error")
+            ])
+        );
+    }
+
     #[pg_test]
     fn store_round_trip_in_sql() {
         let version = Spi::get_one::<pgrx::Uuid>(

@@ -164,6 +164,18 @@ fn rolled_back_and_denied_calls_are_recorded_and_no_value_is() {
         .get(0);
     assert_eq!(leaks, 0);
     assert_eq!(verify(&mut db), (true, 4, None));
+    // A role renamed while its session is open is recorded under its new name: the session's
+    // cache of role names is dropped when any role changes.
+    db.batch_execute("ALTER ROLE reader RENAME TO reader_renamed")
+        .unwrap();
+    reader
+        .query_one("SELECT secrets.get_secret_value('prod/db')", &[])
+        .unwrap();
+    wait_for_records(
+        &mut db,
+        "\"session_user\" = 'reader_renamed' AND \"current_user\" = 'reader_renamed'",
+        1,
+    );
 }
 
 #[test]

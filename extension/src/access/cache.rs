@@ -6,7 +6,7 @@
 //!   PostgreSQL delivers to every backend when (and only if) the transaction commits, and to
 //!   this backend at the end of the command;
 //! - changes to roles and role memberships arrive as syscache invalidations of `pg_authid`
-//!   and `pg_auth_members`.
+//!   and `pg_auth_members`; they also drop the cache of role names.
 
 use super::policy::{self, Policy, Source};
 use super::Actions;
@@ -80,6 +80,8 @@ thread_local! {
     static POLICIES: RefCell<Option<Rc<Policies>>> = const { RefCell::new(None) };
     static MEMBERSHIP: RefCell<HashMap<Oid, Rc<Membership>>> = RefCell::new(HashMap::new());
     static SESSION: RefCell<Option<Rc<SessionInfo>>> = const { RefCell::new(None) };
+    /// Role names by OID: every audit record names two roles.
+    static ROLE_NAMES: RefCell<HashMap<Oid, String>> = RefCell::new(HashMap::new());
     /// The tables the caches were loaded from, so invalidation callbacks need no catalog access.
     static GRANT_TABLE: Cell<Oid> = const { Cell::new(pg_sys::InvalidOid) };
     static POLICY_TABLE: Cell<Oid> = const { Cell::new(pg_sys::InvalidOid) };
@@ -272,6 +274,18 @@ unsafe extern "C-unwind" fn relcache_changed(_argument: pg_sys::Datum, relation:
 #[pg_guard]
 unsafe extern "C-unwind" fn roles_changed(_argument: pg_sys::Datum, _cache: i32, _hash: u32) {
     MEMBERSHIP.with(|cache| cache.borrow_mut().clear());
+    ROLE_NAMES.with(|names| names.borrow_mut().clear());
+}
+
+/// `role`'s name, found by `look_up` unless known since roles last changed (a rename
+/// included).
+pub fn role_name(role: Oid, look_up: impl FnOnce() -> String) -> String {
+    if let Some(name) = ROLE_NAMES.with(|names| names.borrow().get(&role).cloned()) {
+        return name;
+    }
+    let name = look_up();
+    ROLE_NAMES.with(|names| names.borrow_mut().insert(role, name.clone()));
+    name
 }
 
 /// Called from `_PG_init`, so every backend inherits the callbacks.

@@ -169,15 +169,17 @@ impl Basis {
 }
 
 pub fn role_name(role: Oid) -> String {
-    // SAFETY: a syscache lookup; NULL (noerr) for a dropped role.
-    let name = unsafe { pg_sys::GetUserNameFromId(role, true) };
-    if name.is_null() {
-        format!("role {}", role.to_u32())
-    } else {
-        unsafe { std::ffi::CStr::from_ptr(name) }
-            .to_string_lossy()
-            .into_owned()
-    }
+    cache::role_name(role, || {
+        // SAFETY: a syscache lookup; NULL (noerr) for a dropped role.
+        let name = unsafe { pg_sys::GetUserNameFromId(role, true) };
+        if name.is_null() {
+            format!("role {}", role.to_u32())
+        } else {
+            unsafe { std::ffi::CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned()
+        }
+    })
 }
 
 /// The predicate.
