@@ -12,9 +12,9 @@
 //!    transaction (`-C`).
 //! 3. The memory of 2,000 idle clients: secrets-proxy as its own process against PgBouncer.
 //!
-//! The rows of a table run in turn, round after round; each round's ratios compare runs
-//! seconds apart, and the median over rounds is reported, which keeps a noisy neighbour
-//! from deciding the result. Environment: BENCH_SECONDS (per run, default 4), BENCH_ROUNDS
+//! The rows of a table run in turn, round after round; each ratio compares a row's run with
+//! a run of its baseline just before it, and the median over rounds is reported, which keeps
+//! a noisy neighbour from deciding the result. Environment: BENCH_SECONDS (per run, default 4), BENCH_ROUNDS
 //! (default 3), BENCH_ONLY (comma-separated parts: read, audit, proxy, idle; default all).
 
 use pg_secrets_e2e::{free_port, startup_packet, Cluster, KeySource, TEST_KEY};
@@ -65,27 +65,41 @@ fn median(values: &[f64]) -> f64 {
 }
 
 /// Runs every row once per round and prints the medians; `baseline[i]` is the row that row
-/// `i` is compared with.
+/// `i` is compared with. Each ratio compares two runs back to back: when the baseline was not
+/// the run just before, it is run again first (and counts towards its own median), since a
+/// neighbour's load on this shared machine changes over tens of seconds.
 fn measure(title: &str, rows: &[Row], baseline: &[usize], rounds: u32) {
     let mut tps: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
     for round in 1..=rounds {
-        for (index, row) in rows.iter().enumerate() {
+        let mut run = |index: usize| {
+            let row = &rows[index];
             let measured = tps_of((row.pgbench)(), &row.label);
             eprintln!("round {round}: {:<60} {measured:>10.0} tps", row.label);
             tps[index].push(measured);
+            measured
+        };
+        let mut previous: Option<(usize, f64)> = None;
+        for (index, &base) in baseline.iter().enumerate() {
+            let base_tps = match previous {
+                _ if base == index => None,
+                Some((ran, measured)) if ran == base => Some(measured),
+                _ => Some(run(base)),
+            };
+            let measured = run(index);
+            ratios[index].push(base_tps.map_or(1.0, |base_tps| measured / base_tps));
+            previous = Some((index, measured));
         }
     }
     println!("\n{title}, median of {rounds} rounds");
     println!("| what | tps | ratio |");
     println!("| --- | ---: | ---: |");
     for (index, row) in rows.iter().enumerate() {
-        let base = &tps[baseline[index]];
-        let ratios: Vec<f64> = tps[index].iter().zip(base).map(|(t, b)| t / b).collect();
         println!(
             "| {} | {:.0} | {:.2} |",
             row.label,
             median(&tps[index]),
-            median(&ratios)
+            median(&ratios[index])
         );
     }
 }
