@@ -14,8 +14,9 @@
 //!
 //! The rows of a table run in turn, round after round; each ratio compares a row's run with
 //! a run of its baseline just before it, and the median over rounds is reported, which keeps
-//! a noisy neighbour from deciding the result. Environment: BENCH_SECONDS (per run, default 4), BENCH_ROUNDS
-//! (default 3), BENCH_ONLY (comma-separated parts: read, audit, proxy, idle; default all).
+//! a noisy neighbour from deciding the result. Environment: BENCH_SECONDS (per run, default
+//! 4), BENCH_ROUNDS (default 5), BENCH_ONLY (comma-separated parts: read, audit, proxy, idle;
+//! default all).
 
 use pg_secrets_e2e::{free_port, startup_packet, Cluster, KeySource, TEST_KEY};
 use secrets_proxy::{Config, RunningProxy};
@@ -106,7 +107,7 @@ fn measure(title: &str, rows: &[Row], baseline: &[usize], rounds: u32) {
 
 fn main() {
     let seconds = env_number("BENCH_SECONDS", 4).to_string();
-    let rounds = env_number("BENCH_ROUNDS", 3);
+    let rounds = env_number("BENCH_ROUNDS", 5);
     let mut cluster =
         Cluster::start_with(KeySource::File(TEST_KEY.into()), &["max_connections = 400"]);
     let scripts = cluster.dir().join("bench");
