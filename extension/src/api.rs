@@ -1,7 +1,7 @@
 //! The SQL functions of schema `secrets`. Each one checks its arguments, calls the store, and
 //! turns errors into PostgreSQL errors with their SQLSTATE. All are SECURITY DEFINER with a
-//! fixed search path (`pg_catalog`), so a caller's schemas, operators, functions or temporary
-//! tables cannot change what they do.
+//! fixed search path (`pg_catalog, pg_temp`; `pg_catalog` alone for the read functions), so a
+//! caller's schemas, operators, functions or temporary tables cannot change what they do.
 //!
 //! Pass secret values as bind parameters: a literal in the query text can reach the server
 //! log (log_statement) before any function runs.

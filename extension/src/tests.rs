@@ -209,31 +209,19 @@ mod tests {
         assert!(line.starts_with(b"2023-11-14 22:13:20.123 UTC [4242] LOG:  pg_secrets audit: {"));
     }
 
+    /// The text the hash chain covers: keys in serde_json's (sorted) map order.
     #[test]
-    fn audit_details_are_the_json_of_their_map() {
+    fn audit_details_text() {
         use crate::audit::details_json;
-        let map = |pairs: &[(&str, &str)]| {
-            serde_json::Value::Object(
-                pairs
-                    .iter()
-                    .map(|(key, value)| (key.to_string(), serde_json::Value::from(*value)))
-                    .collect(),
-            )
-            .to_string()
-        };
         assert_eq!(
             details_json("get_secret_value", Default::default(), None),
-            map(&[("function", "get_secret_value")])
+            r#"{"function":"get_secret_value"}"#
         );
         let mut notes = serde_json::Map::new();
         notes.insert("stage".into(), "PENDING".into());
         assert_eq!(
             details_json("rotate_secret", notes, Some("a \"quoted\" error".into())),
-            map(&[
-                ("stage", "PENDING"),
-                ("function", "rotate_secret"),
-                ("error", "a \"quoted\" error")
-            ])
+            r#"{"error":"a \"quoted\" error","function":"rotate_secret","stage":"PENDING"}"#
         );
     }
 
@@ -287,6 +275,14 @@ mod tests {
         assert!(temporary.is_err());
         assert!(text_equality().is_err());
         assert_eq!(temporary_table().unwrap(), Some(0));
+        // An error raised inside unwinds through the guard: the subtransaction's abort drops
+        // the override, the caller's path is back, and the next use pushes and pops cleanly.
+        assert!(
+            in_subtransaction(|| with_catalog_search_path(|| Ok(Spi::run("SELECT 1/0")?))).is_err()
+        );
+        assert!(text_equality().is_err());
+        assert_eq!(with_catalog_search_path(text_equality).unwrap(), Some(true));
+        assert!(text_equality().is_err());
     }
 
     #[pg_test]

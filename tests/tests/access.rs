@@ -726,6 +726,10 @@ fn a_callers_search_path_and_objects_change_nothing() {
             "CREATE FUNCTION public.evil_eq(text, text) RETURNS boolean
                  LANGUAGE sql AS 'SELECT 1/0 = 1';
              CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = public.evil_eq);
+             CREATE FUNCTION public.evil_uuid_eq(uuid, uuid) RETURNS boolean
+                 LANGUAGE sql AS 'SELECT 1/0 = 1';
+             CREATE OPERATOR public.= (LEFTARG = uuid, RIGHTARG = uuid,
+                 FUNCTION = public.evil_uuid_eq);
              CREATE FUNCTION public.length(text) RETURNS integer LANGUAGE sql AS 'SELECT 1/0';
              CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE sql
                  AS 'SELECT pg_catalog.now() + (1/0) * interval ''1 second''';

@@ -320,7 +320,8 @@ pub fn push(record: &[u8], wait: Duration) -> Result<()> {
             }
             None => {
                 wake_worker();
-                if Instant::now() >= *deadline.get_or_insert_with(|| Instant::now() + wait) {
+                let now = Instant::now();
+                if now >= *deadline.get_or_insert(now + wait) {
                     return Err(Error::AuditQueueFull);
                 }
                 pgrx::check_for_interrupts!();
