@@ -62,18 +62,24 @@ fn column_index(table: &CStr, desc: pg_sys::TupleDesc, column: &CStr) -> Result<
 }
 
 impl Row {
-    /// Whether the table has `column` (tables created by an older build may lack newer ones).
-    pub fn has(&self, column: &CStr) -> bool {
-        column_index(self.table, self.desc, column).is_ok()
-    }
-
     /// The column's value, converted without a type check: callers name columns whose
     /// types the schema fixes.
     pub fn get<T: FromDatum>(&self, column: &CStr) -> Result<Option<T>> {
         let index = column_index(self.table, self.desc, column)?;
+        Ok(self.value_at(index))
+    }
+
+    /// Like `get`, but a column the table lacks reads as NULL: tables created by an older
+    /// build may lack newer columns.
+    pub fn get_if_present<T: FromDatum>(&self, column: &CStr) -> Option<T> {
+        let index = column_index(self.table, self.desc, column).ok()?;
+        self.value_at(index)
+    }
+
+    fn value_at<T: FromDatum>(&self, index: usize) -> Option<T> {
         // SAFETY: the values were deformed from a tuple of this descriptor, and the scan
         // that pins the tuple's buffer is still open.
-        Ok(unsafe { T::from_datum(self.values[index], self.nulls[index]) })
+        unsafe { T::from_datum(self.values[index], self.nulls[index]) }
     }
 }
 

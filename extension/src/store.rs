@@ -581,10 +581,7 @@ pub fn get_secret(
 /// the table was created by a build before the copy existed (such tables are read the slower
 /// way, through the label and the version).
 fn current_copy(row: &index_read::Row) -> Result<Option<StoredVersion>> {
-    if !row.has(c"current_version_id") {
-        return Ok(None);
-    }
-    row.get(c"current_version_id")?
+    row.get_if_present(c"current_version_id")
         .map(|id| StoredVersion::from_row(row, id, &CURRENT_COPY))
         .transpose()
 }

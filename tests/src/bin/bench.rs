@@ -562,6 +562,18 @@ fn proxy_setup(cluster: &Cluster) {
     );
 }
 
+/// The bench's proxy configuration: listening on loopback `listen_port` (0: any), one route
+/// from database `appdb` to secret `db/app` for trusted clients, with more `limits` and
+/// `route` keys in TOML.
+fn proxy_config(cluster: &Cluster, listen_port: u16, limits: &str, route: &str) -> String {
+    format!(
+        "[listen]\ntcp = \"127.0.0.1:{listen_port}\"\n[store]\nhost = \"127.0.0.1\"\nport = {}\n\
+         user = \"proxy\"\npassword = \"proxy-pw\"\n[limits]\n{limits}\n[[route]]\n\
+         database = \"appdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n{route}\n",
+        cluster.port
+    )
+}
+
 /// Each pooler twice: reaching the server over TCP (a pooler on another host; loopback here)
 /// and through the server's Unix socket (a pooler on the database host), which saves the
 /// kernel's TCP work on every server round trip.
@@ -571,11 +583,11 @@ fn proxy_benchmark(cluster: &Cluster, seconds: &str, rounds: u32) {
     let mut poolers = Vec::new();
     let start_proxy = |server_host: &str, route_extra: &str| {
         RunningProxy::start(
-            Config::parse(&format!(
-                "[listen]\ntcp = \"127.0.0.1:0\"\n[store]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"proxy\"\n\
-                 password = \"proxy-pw\"\n[limits]\npool_max_idle = 60\n[[route]]\ndatabase = \"appdb\"\n\
-                 secret = \"db/app\"\nhost = \"{server_host}\"\nallow = [\"trust\"]\n{route_extra}\n",
-                cluster.port
+            Config::parse(&proxy_config(
+                cluster,
+                0,
+                "pool_max_idle = 60",
+                &format!("host = \"{server_host}\"\n{route_extra}"),
             ))
             .unwrap(),
         )
@@ -671,16 +683,7 @@ fn idle_clients_benchmark(cluster: &mut Cluster) {
     let start_proxy = |name: &str, route_extra: &str| {
         let port = free_port();
         let config = cluster.dir().join(format!("proxy-{name}.toml"));
-        fs::write(
-            &config,
-            format!(
-                "[listen]\ntcp = \"127.0.0.1:{port}\"\n[store]\nhost = \"127.0.0.1\"\nport = {}\n\
-                 user = \"proxy\"\npassword = \"proxy-pw\"\n[[route]]\ndatabase = \"appdb\"\n\
-                 secret = \"db/app\"\nallow = [\"trust\"]\n{route_extra}\n",
-                cluster.port
-            ),
-        )
-        .unwrap();
+        fs::write(&config, proxy_config(cluster, port, "", route_extra)).unwrap();
         let log = fs::File::create(cluster.dir().join(format!("proxy-{name}.log"))).unwrap();
         let proxy = Command::new(&binary)
             .arg("--config")
