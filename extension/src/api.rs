@@ -108,8 +108,8 @@ fn get_secret_value(
 ) -> Result<String, ErrorReport> {
     sql(with_catalog_search_path(|| {
         audit::audited("get", "get_secret_value", name, || {
-            let fetched = fetch(name, version_id, version_stage, Some(ValueKind::String))?;
-            as_string(fetched.plaintext.to_vec(), name.unwrap_or_default())
+            let mut fetched = fetch(name, version_id, version_stage, Some(ValueKind::String))?;
+            as_string(fetched.take_plaintext(), name.unwrap_or_default())
         })
     }))
 }
@@ -128,7 +128,7 @@ fn get_secret_binary(
     sql(with_catalog_search_path(|| {
         audit::audited("get", "get_secret_binary", name, || {
             fetch(name, version_id, version_stage, Some(ValueKind::Binary))
-                .map(|fetched| fetched.plaintext.to_vec())
+                .map(|mut fetched| fetched.take_plaintext())
         })
     }))
 }
@@ -178,16 +178,16 @@ fn batch_get_secret_value(
 
 fn batch_row(name: Option<String>) -> BatchRow {
     let fetched = audit::audited("get", "batch_get_secret_value", name.as_deref(), || {
-        let fetched = fetch(name.as_deref(), None, None, None)?;
+        let mut fetched = fetch(name.as_deref(), None, None, None)?;
         let (string, binary) = match fetched.kind {
             ValueKind::String => (
                 Some(as_string(
-                    fetched.plaintext.to_vec(),
+                    fetched.take_plaintext(),
                     name.as_deref().unwrap_or(""),
                 )?),
                 None,
             ),
-            ValueKind::Binary => (None, Some(fetched.plaintext.to_vec())),
+            ValueKind::Binary => (None, Some(fetched.take_plaintext())),
         };
         Ok((
             fetched.version_id,

@@ -5,13 +5,14 @@
 //! decrypting to the wrong value.
 
 use crate::keys::{MasterKey, KEY_LEN};
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Key, Nonce};
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::{Aes256Gcm, Key, Nonce, Tag};
 use rand::rngs::OsRng;
 use rand::RngCore;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
 const KEY_CHECK_TEXT: &[u8] = b"pg_secrets master key check v1";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -81,22 +82,24 @@ pub fn seal(master: &MasterKey, binding: &Binding, plaintext: &[u8]) -> Sealed {
     Sealed {
         key_id: master.id.clone(),
         wrapped_key: encrypt(
-            master.material(),
+            master.cipher(),
             &binding.wrap_aad(&master.id),
             &data_key[..],
         ),
-        ciphertext: encrypt(&data_key, &binding.value_aad(), plaintext),
+        ciphertext: encrypt(&data_cipher(&data_key), &binding.value_aad(), plaintext),
     }
 }
 
+/// The plaintext of a sealed version. The value is decrypted where it lies, in `ciphertext`'s
+/// buffer, which is returned: reads make no other copy of it.
 pub fn open(
     master: &MasterKey,
     binding: &Binding,
     wrapped_key: &[u8],
-    ciphertext: &[u8],
+    ciphertext: Vec<u8>,
 ) -> Result<Zeroizing<Vec<u8>>, Tampered> {
     let data_key = unwrap_data_key(master, binding, wrapped_key)?;
-    decrypt(&data_key, &binding.value_aad(), ciphertext)
+    decrypt(&data_cipher(&data_key), &binding.value_aad(), ciphertext)
 }
 
 /// Re-wraps a version's data key under another master key; the value ciphertext is untouched.
@@ -108,23 +111,23 @@ pub fn rewrap(
 ) -> Result<Vec<u8>, Tampered> {
     let data_key = unwrap_data_key(from, binding, wrapped_key)?;
     Ok(encrypt(
-        to.material(),
+        to.cipher(),
         &binding.wrap_aad(&to.id),
         &data_key[..],
     ))
 }
 
 pub fn key_check_value(master: &MasterKey) -> Vec<u8> {
-    encrypt(
-        master.material(),
-        &key_check_aad(&master.id),
-        KEY_CHECK_TEXT,
-    )
+    encrypt(master.cipher(), &key_check_aad(&master.id), KEY_CHECK_TEXT)
 }
 
 pub fn verify_key_check(master: &MasterKey, check_value: &[u8]) -> bool {
-    decrypt(master.material(), &key_check_aad(&master.id), check_value)
-        .is_ok_and(|text| text.as_slice() == KEY_CHECK_TEXT)
+    decrypt(
+        master.cipher(),
+        &key_check_aad(&master.id),
+        check_value.to_vec(),
+    )
+    .is_ok_and(|text| text.as_slice() == KEY_CHECK_TEXT)
 }
 
 fn key_check_aad(key_id: &str) -> Vec<u8> {
@@ -133,52 +136,69 @@ fn key_check_aad(key_id: &str) -> Vec<u8> {
     aad
 }
 
+/// A cipher for a data key. Its expanded key schedule is wiped when dropped (the `zeroize`
+/// feature of `aes`), like the data key itself.
+fn data_cipher(data_key: &[u8; KEY_LEN]) -> Aes256Gcm {
+    Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(data_key))
+}
+
+/// The data key wrapped as `nonce || key || tag`, decrypted in place on the stack.
 fn unwrap_data_key(
     master: &MasterKey,
     binding: &Binding,
     wrapped_key: &[u8],
 ) -> Result<Zeroizing<[u8; KEY_LEN]>, Tampered> {
-    let bytes = decrypt(
-        master.material(),
-        &binding.wrap_aad(&master.id),
-        wrapped_key,
-    )?;
-    let mut data_key = Zeroizing::new([0u8; KEY_LEN]);
-    if bytes.len() != KEY_LEN {
+    if wrapped_key.len() != NONCE_LEN + KEY_LEN + TAG_LEN {
         return Err(Tampered);
     }
-    data_key.copy_from_slice(&bytes);
+    let (nonce, rest) = wrapped_key.split_at(NONCE_LEN);
+    let (sealed, tag) = rest.split_at(KEY_LEN);
+    let mut data_key = Zeroizing::new([0u8; KEY_LEN]);
+    data_key.copy_from_slice(sealed);
+    master
+        .cipher()
+        .decrypt_in_place_detached(
+            Nonce::from_slice(nonce),
+            &binding.wrap_aad(&master.id),
+            &mut data_key[..],
+            Tag::from_slice(tag),
+        )
+        .map_err(|_| Tampered)?;
     Ok(data_key)
 }
 
-fn encrypt(key: &[u8; KEY_LEN], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
-    let cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key));
+/// `nonce || ciphertext || tag`, built in one buffer.
+fn encrypt(cipher: &Aes256Gcm, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
     let mut nonce = [0u8; NONCE_LEN];
     OsRng.fill_bytes(&mut nonce);
-    // AES-GCM encryption fails only for inputs over 64 GiB; values are capped at 64 KiB.
-    let sealed = cipher
-        .encrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: plaintext,
-                aad,
-            },
-        )
-        .expect("AES-GCM encryption of a bounded input cannot fail");
-    let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
     out.extend_from_slice(&nonce);
-    out.extend_from_slice(&sealed);
+    out.extend_from_slice(plaintext);
+    // AES-GCM encryption fails only for inputs over 64 GiB; values are capped at 64 KiB.
+    let tag = cipher
+        .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut out[NONCE_LEN..])
+        .expect("AES-GCM encryption of a bounded input cannot fail");
+    out.extend_from_slice(&tag);
     out
 }
 
-fn decrypt(key: &[u8; KEY_LEN], aad: &[u8], blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, Tampered> {
-    if blob.len() < NONCE_LEN {
+/// Decrypts `nonce || ciphertext || tag` in its own buffer and returns that buffer holding
+/// just the plaintext. The buffer is wiped when dropped, whatever happens: on failure too.
+fn decrypt(cipher: &Aes256Gcm, aad: &[u8], blob: Vec<u8>) -> Result<Zeroizing<Vec<u8>>, Tampered> {
+    let mut buffer = Zeroizing::new(blob);
+    if buffer.len() < NONCE_LEN + TAG_LEN {
         return Err(Tampered);
     }
-    let (nonce, sealed) = blob.split_at(NONCE_LEN);
-    let cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key));
+    let (nonce, rest) = buffer.split_at_mut(NONCE_LEN);
+    let (sealed, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
     cipher
-        .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad })
-        .map(Zeroizing::new)
-        .map_err(|_| Tampered)
+        .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, sealed, Tag::from_slice(tag))
+        .map_err(|_| Tampered)?;
+    let length = sealed.len();
+    buffer.copy_within(NONCE_LEN..NONCE_LEN + length, 0);
+    // What lies past the plaintext (its last bytes, shifted) is wiped now: a caller that takes
+    // the plaintext out of its `Zeroizing` takes the buffer's spare room with it.
+    buffer[length..].zeroize();
+    buffer.truncate(length);
+    Ok(buffer)
 }

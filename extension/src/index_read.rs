@@ -15,8 +15,8 @@ use std::ffi::CStr;
 
 /// A key column of a unique index and the value to find.
 pub enum Key<'a> {
-    Text(&'a CStr, &'a str),
-    Uuid(&'a CStr, Uuid),
+    Text(&'static CStr, &'a str),
+    Uuid(&'static CStr, Uuid),
 }
 
 /// A row found by a probe, read by column name while the scan is open. The tuple is
@@ -24,6 +24,7 @@ pub enum Key<'a> {
 /// for every column after the first variable-width one.
 pub struct Row {
     table: &'static CStr,
+    relation: Oid,
     desc: pg_sys::TupleDesc,
     values: Vec<Datum>,
     nulls: Vec<bool>,
@@ -45,7 +46,43 @@ fn qualified(name: &CStr) -> String {
     format!("secrets.{}", name.to_string_lossy())
 }
 
-/// The position (from 0) of `column` in the descriptor of `table`.
+thread_local! {
+    /// Where the columns this code names are in their tables: (relation, address of the
+    /// column's name, position). Names are `&'static CStr` literals, so their address
+    /// identifies them; finding a column by comparing names was a few percent of a read.
+    /// Entries of a relation go whenever its relcache entry is invalidated (ALTER TABLE does
+    /// that), and all go with the relation OIDs (`forget_relation_oids`).
+    static COLUMN_POSITIONS: RefCell<Vec<(Oid, *const std::ffi::c_char, usize)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+/// The position (from 0) of `column` in `relation`, whose descriptor is `desc`.
+fn column_position(
+    table: &'static CStr,
+    relation: Oid,
+    desc: pg_sys::TupleDesc,
+    column: &'static CStr,
+) -> Result<usize> {
+    let known = COLUMN_POSITIONS.with(|positions| {
+        positions
+            .borrow()
+            .iter()
+            .find(|&&(oid, name, _)| oid == relation && name == column.as_ptr())
+            .map(|&(_, _, position)| position)
+    });
+    if let Some(position) = known {
+        return Ok(position);
+    }
+    let position = column_index(table, desc, column)?;
+    COLUMN_POSITIONS.with(|positions| {
+        positions
+            .borrow_mut()
+            .push((relation, column.as_ptr(), position))
+    });
+    Ok(position)
+}
+
+/// The position (from 0) of `column` in the descriptor of `table`, found by name.
 fn column_index(table: &CStr, desc: pg_sys::TupleDesc, column: &CStr) -> Result<usize> {
     // SAFETY: desc is an open relation's descriptor; attrs has natts entries.
     unsafe {
@@ -64,15 +101,15 @@ fn column_index(table: &CStr, desc: pg_sys::TupleDesc, column: &CStr) -> Result<
 impl Row {
     /// The column's value, converted without a type check: callers name columns whose
     /// types the schema fixes.
-    pub fn get<T: FromDatum>(&self, column: &CStr) -> Result<Option<T>> {
-        let index = column_index(self.table, self.desc, column)?;
+    pub fn get<T: FromDatum>(&self, column: &'static CStr) -> Result<Option<T>> {
+        let index = column_position(self.table, self.relation, self.desc, column)?;
         Ok(self.value_at(index))
     }
 
     /// Like `get`, but a column the table lacks reads as NULL: tables created by an older
     /// build may lack newer columns.
-    pub fn get_if_present<T: FromDatum>(&self, column: &CStr) -> Option<T> {
-        let index = column_index(self.table, self.desc, column).ok()?;
+    pub fn get_if_present<T: FromDatum>(&self, column: &'static CStr) -> Option<T> {
+        let index = column_position(self.table, self.relation, self.desc, column).ok()?;
         self.value_at(index)
     }
 
@@ -124,17 +161,29 @@ pub fn relation_oid(name: &'static CStr) -> Result<Oid> {
 #[pg_guard]
 unsafe extern "C-unwind" fn forget_relation_oids(_argument: Datum, _cache: i32, _hash: u32) {
     RELATION_OIDS.with(|oids| oids.borrow_mut().clear());
+    COLUMN_POSITIONS.with(|positions| positions.borrow_mut().clear());
 }
 
-/// Called from `_PG_init`: pg_class's name cache tells every backend when to look again.
-pub fn register_invalidation_callback() {
-    // SAFETY: registers a callback that only empties a backend-local cache.
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_column_positions(_argument: Datum, relation: Oid) {
+    COLUMN_POSITIONS.with(|positions| {
+        positions
+            .borrow_mut()
+            .retain(|&(oid, _, _)| relation != pg_sys::InvalidOid && oid != relation)
+    });
+}
+
+/// Called from `_PG_init`: pg_class's name cache and the relation cache tell every backend
+/// when to look again.
+pub fn register_invalidation_callbacks() {
+    // SAFETY: registers callbacks that only empty backend-local caches.
     unsafe {
         pg_sys::CacheRegisterSyscacheCallback(
             pg_sys::SysCacheIdentifier::RELNAMENSP as i32,
             Some(forget_relation_oids),
             Datum::from(0),
         );
+        pg_sys::CacheRegisterRelcacheCallback(Some(forget_column_positions), Datum::from(0));
     }
 }
 
@@ -181,7 +230,7 @@ pub fn probe<R>(
                     pg_sys::InvalidOid,
                 ),
             };
-            let position = match column_index(table, desc, column) {
+            let position = match column_position(table, table_oid, desc, column) {
                 Ok(position) => position,
                 Err(error) => {
                     pg_sys::table_close(relation, pg_sys::AccessShareLock as i32);
@@ -215,6 +264,7 @@ pub fn probe<R>(
             let columns = (*desc).natts as usize;
             let mut row = Row {
                 table,
+                relation: table_oid,
                 desc,
                 values: vec![Datum::from(0); columns],
                 nulls: vec![false; columns],

@@ -1,15 +1,15 @@
 //! Master keys. They are read once in the postmaster at server start and inherited by every
-//! backend through fork; SQL can never read them. Key material lives in `SecretBox`, which
-//! zeroizes it on drop and refuses to be printed.
+//! backend through fork; SQL can never read them. A key is kept only as its expanded AES-256-GCM
+//! cipher, built once here rather than on every read: its key schedule is wiped on drop (the
+//! `zeroize` feature of `aes`) and prints as `Aes256 { .. }`.
 
 use crate::crypto;
 use crate::db;
 use crate::errors::{Error, Result};
 use crate::settings;
+use aes_gcm::{Aes256Gcm, Key, KeyInit};
 use pgrx::prelude::*;
-use secrecy::{ExposeSecret, SecretBox};
 use std::cell::RefCell;
-use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::OnceLock;
 use zeroize::Zeroizing;
@@ -18,12 +18,12 @@ pub const KEY_LEN: usize = 32;
 
 pub struct MasterKey {
     pub id: String,
-    material: SecretBox<[u8; KEY_LEN]>,
+    cipher: Aes256Gcm,
 }
 
 impl MasterKey {
-    pub fn material(&self) -> &[u8; KEY_LEN] {
-        self.material.expose_secret()
+    pub fn cipher(&self) -> &Aes256Gcm {
+        &self.cipher
     }
 }
 
@@ -143,10 +143,9 @@ pub fn parse_keys(text: &str, active: Option<&str>) -> std::result::Result<KeyRi
                 "key line {number}: a key id is 1 to 64 characters of A-Za-z0-9_.-"
             ));
         }
-        let mut material = Box::new([0u8; KEY_LEN]);
+        let mut material = Zeroizing::new([0u8; KEY_LEN]);
         if hex_key.len() != 2 * KEY_LEN || hex::decode_to_slice(hex_key, &mut material[..]).is_err()
         {
-            zeroize::Zeroize::zeroize(&mut material[..]);
             return Err(format!(
                 "key line {number}: a key is exactly 64 hex characters"
             ));
@@ -156,7 +155,7 @@ pub fn parse_keys(text: &str, active: Option<&str>) -> std::result::Result<KeyRi
         }
         keys.push(MasterKey {
             id: id.to_string(),
-            material: SecretBox::new(material),
+            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&material[..])),
         });
     }
     if keys.is_empty() {
@@ -175,8 +174,9 @@ pub fn parse_keys(text: &str, active: Option<&str>) -> std::result::Result<KeyRi
 }
 
 thread_local! {
-    /// Key ids whose stored check value this backend has already verified.
-    static VERIFIED: RefCell<HashSet<String>> = RefCell::new(HashSet::new());
+    /// Key ids whose stored check value this backend has already verified. A ring holds a
+    /// handful of keys: finding one in a list costs every read less than hashing its id.
+    static VERIFIED: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The configured key `key_id`, after proving (once per backend) that it is the key the
@@ -186,7 +186,7 @@ pub fn verified_key(key_id: &str, secret_name: Option<&str>) -> Result<&'static 
         key_id: key_id.to_string(),
         name: secret_name.map(str::to_string),
     })?;
-    if VERIFIED.with(|verified| verified.borrow().contains(key_id)) {
+    if VERIFIED.with(|verified| verified.borrow().iter().any(|id| id == key_id)) {
         return Ok(key);
     }
     let stored: Option<Vec<u8>> = Spi::connect(|client| {
@@ -213,11 +213,11 @@ pub fn verified_key(key_id: &str, secret_name: Option<&str>) -> Result<&'static 
             // so the next write in this backend stores it again.
             let forgotten = key_id.to_string();
             pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, move || {
-                VERIFIED.with(|verified| verified.borrow_mut().remove(&forgotten));
+                VERIFIED.with(|verified| verified.borrow_mut().retain(|id| *id != forgotten));
             });
         }
     }
-    VERIFIED.with(|verified| verified.borrow_mut().insert(key_id.to_string()));
+    VERIFIED.with(|verified| verified.borrow_mut().push(key_id.to_string()));
     Ok(key)
 }
 

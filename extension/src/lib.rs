@@ -49,7 +49,7 @@ pub extern "C-unwind" fn _PG_init() {
     settings::hide_statement_parameters_if_asked();
     keys::load_at_startup();
     access::register_invalidation_callbacks();
-    index_read::register_invalidation_callback();
+    index_read::register_invalidation_callbacks();
     audit::queue::register();
     worker::register();
 }

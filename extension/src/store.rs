@@ -222,11 +222,12 @@ fn version_for_token(
         return Ok(None);
     };
     let stored = stored_version(client, version_id)?.expect("the version was just found");
+    let kind = stored.kind;
     let plaintext = stored.open(secret.id, &secret.name)?;
-    let same = stored.kind == Some(value_kind(value))
-        && bool::from(plaintext.as_slice().ct_eq(value.bytes()));
+    let same =
+        kind == Some(value_kind(value)) && bool::from(plaintext.as_slice().ct_eq(value.bytes()));
     if same {
-        Ok(Some(stored.id))
+        Ok(Some(version_id))
     } else {
         Err(Error::IdempotencyConflict(secret.name.clone()))
     }
@@ -269,17 +270,15 @@ impl StoredVersion {
     fn from_row(row: &index_read::Row, id: Uuid, columns: &SealedColumns) -> Result<Self> {
         Ok(StoredVersion {
             id,
-            kind: row
-                .get::<String>(columns.kind)?
-                .as_deref()
-                .and_then(ValueKind::parse),
+            kind: row.get::<&str>(columns.kind)?.and_then(ValueKind::parse),
             key_id: row.get(columns.key_id)?.unwrap_or_default(),
             wrapped_key: row.get(columns.wrapped_key)?.unwrap_or_default(),
             ciphertext: row.get(columns.ciphertext)?.unwrap_or_default(),
         })
     }
 
-    fn open(&self, secret_id: Uuid, secret_name: &str) -> Result<Zeroizing<Vec<u8>>> {
+    /// The plaintext, decrypted in the ciphertext's own buffer.
+    fn open(self, secret_id: Uuid, secret_name: &str) -> Result<Zeroizing<Vec<u8>>> {
         let kind = self
             .kind
             .ok_or_else(|| Error::Integrity(secret_name.to_string()))?;
@@ -288,7 +287,7 @@ impl StoredVersion {
             key,
             &binding(secret_id, self.id, kind),
             &self.wrapped_key,
-            &self.ciphertext,
+            self.ciphertext,
         )
         .map_err(|_| Error::Integrity(secret_name.to_string()))
     }
@@ -492,6 +491,15 @@ pub struct Fetched {
     pub plaintext: Zeroizing<Vec<u8>>,
 }
 
+impl Fetched {
+    /// The plaintext, moved out to be returned to the caller. PostgreSQL copies a function's
+    /// result into its own memory, so the buffer is then freed unwiped, as a copy of it would
+    /// have been; what lay past the plaintext was wiped when it was decrypted.
+    pub fn take_plaintext(&mut self) -> Vec<u8> {
+        std::mem::take(&mut *self.plaintext)
+    }
+}
+
 /// The secret row as the read path needs it.
 struct ReadHead {
     id: Uuid,
@@ -563,6 +571,7 @@ pub fn get_secret(
         _ => {}
     }
     audit::touched(head.id, Some(stored.id), staged);
+    let (version_id, kind) = (stored.id, stored.kind);
     let plaintext = stored.open(head.id, name)?;
     if head.access_is_stale && !read_only_transaction() {
         Spi::run_with_args(
@@ -571,8 +580,8 @@ pub fn get_secret(
         )?;
     }
     Ok(Fetched {
-        version_id: stored.id,
-        kind: stored.kind.expect("checked by open"),
+        version_id,
+        kind: kind.expect("checked by open"),
         plaintext,
     })
 }

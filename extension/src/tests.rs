@@ -66,7 +66,8 @@ mod tests {
         let (k1, k2) = (ring.get("k1").unwrap(), ring.get("k2").unwrap());
         let sealed = crypto::seal(k1, &binding(ValueKind::String), b"hunter2");
         assert!(!sealed.ciphertext.windows(7).any(|w| w == b"hunter2"));
-        let open = |b: &Binding, wrapped: &[u8], ct: &[u8]| crypto::open(k1, b, wrapped, ct);
+        let open =
+            |b: &Binding, wrapped: &[u8], ct: &[u8]| crypto::open(k1, b, wrapped, ct.to_vec());
         assert_eq!(
             open(
                 &binding(ValueKind::String),
@@ -80,6 +81,14 @@ mod tests {
         let mut flipped = sealed.ciphertext.clone();
         flipped[20] ^= 1;
         assert!(open(&binding(ValueKind::String), &sealed.wrapped_key, &flipped).is_err());
+        // Too short to hold a nonce and a tag; a wrapped key cut short, or changed.
+        let string = binding(ValueKind::String);
+        assert!(open(&string, &sealed.wrapped_key, &sealed.ciphertext[..27]).is_err());
+        let wrapped = &sealed.wrapped_key;
+        assert!(open(&string, &wrapped[..wrapped.len() - 1], &sealed.ciphertext).is_err());
+        let mut flipped_key = wrapped.clone();
+        flipped_key[15] ^= 1;
+        assert!(open(&string, &flipped_key, &sealed.ciphertext).is_err());
         assert!(open(
             &binding(ValueKind::Binary),
             &sealed.wrapped_key,
@@ -95,7 +104,7 @@ mod tests {
             k2,
             &binding(ValueKind::String),
             &sealed.wrapped_key,
-            &sealed.ciphertext
+            sealed.ciphertext.clone()
         )
         .is_err());
         let rewrapped =
@@ -105,7 +114,7 @@ mod tests {
                 k2,
                 &binding(ValueKind::String),
                 &rewrapped,
-                &sealed.ciphertext
+                sealed.ciphertext.clone()
             )
             .unwrap()
             .as_slice(),

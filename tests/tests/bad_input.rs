@@ -560,6 +560,9 @@ fn tables_the_library_does_not_recognise() {
             "table secrets.secret_version is not as this pg_secrets library writes it: it does not exist",
         ),
     ] {
+        // Read first, so that this session has the table's columns cached: the change must
+        // reach that cache.
+        assert_eq!(db.query(read, &[]).unwrap().len(), 1, "{read}");
         db.batch_execute(change).unwrap();
         assert_sql_error(db.query(read, &[]), "55000", words);
         db.batch_execute(undo).unwrap();
