@@ -36,10 +36,11 @@ impl Pool {
         }
     }
 
-    /// The slots of a route in transaction mode. A reload that changes the route's size starts
-    /// a new set for the clients that connect after it; those connected before keep the old
-    /// one, with the rest of the route's settings, until they leave.
-    /// The slots are the route's, shared by its clients whoever they are.
+    /// The slots of a route in transaction mode, shared by the route's clients whoever they are.
+    ///
+    /// A reload that changes the route's size starts a new set for the clients that connect
+    /// after it; those connected before keep the old one, with the rest of the route's
+    /// settings, until they leave.
     pub fn route_slots(&self, route: &Route) -> Arc<Semaphore> {
         let size = route.pool_size;
         let key = format!(

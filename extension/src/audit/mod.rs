@@ -160,10 +160,6 @@ pub fn details_json(
     serde_json::Value::Object(notes).to_string()
 }
 
-fn role_name(role: pg_sys::Oid) -> String {
-    access::role_name(role)
-}
-
 /// Captures a record with this session's particulars and queues it. `details` is a JSON
 /// object.
 pub fn record(
@@ -180,8 +176,8 @@ pub fn record(
     let session = access::session()?;
     let record = Record {
         at_micros: access::now_micros(),
-        session_user: role_name(unsafe { pg_sys::GetSessionUserId() }),
-        current_user: role_name(access::caller()),
+        session_user: access::role_name(unsafe { pg_sys::GetSessionUserId() }),
+        current_user: access::role_name(access::caller()),
         action: action.to_string(),
         secret_name: secret_name.map(str::to_string),
         secret_id: touched.secret_id.map(uuid_text),
