@@ -1,4 +1,5 @@
-//! Small SPI helpers shared by the modules that read tables.
+//! Small database helpers shared by the modules: SPI results, the read functions' search path,
+//! commits that do not wait for standbys.
 
 use crate::errors::{Error, Result};
 use pgrx::pg_sys::panic::CaughtError;
@@ -75,4 +76,26 @@ pub fn in_subtransaction<T>(body: impl FnOnce() -> Result<T>) -> Result<T> {
         pg_sys::CurrentResourceOwner = resource_owner;
     }
     outcome
+}
+
+/// Makes the current transaction's commit wait for the local WAL flush only, never for a
+/// synchronous standby: `SET LOCAL synchronous_commit TO local`, without parsing a statement.
+/// The worker's audit and alarm transactions use it. The worker is one process, so one commit
+/// waiting for a standby that is down would stop the trail, and with it every audited read
+/// once the queue is full.
+pub fn commit_locally() {
+    // SAFETY: plain NUL-terminated strings; a refusal raises a PostgreSQL error, which aborts
+    // the transaction as a failing `SET LOCAL` would.
+    unsafe {
+        pg_sys::set_config_option(
+            c"synchronous_commit".as_ptr(),
+            c"local".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            0, // the usual report level: ERROR
+            false,
+        );
+    }
 }

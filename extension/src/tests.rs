@@ -216,6 +216,30 @@ mod tests {
         );
         let line = crate::audit::server_log_line(&record, &record.to_json());
         assert!(line.starts_with(b"2023-11-14 22:13:20.123 UTC [4242] LOG:  pg_secrets audit: {"));
+        // The date is kept per second: lines in the same second, the next one, before 1970,
+        // and a time no calendar here can show (the line then starts at the pid).
+        for (at_micros, start) in [
+            (
+                1_700_000_000_007_000,
+                &b"2023-11-14 22:13:20.007 UTC [4242]"[..],
+            ),
+            (1_700_000_001_999_999, b"2023-11-14 22:13:21.999 UTC [4242]"),
+            (-1_500_000, b"1969-12-31 23:59:58.500 UTC [4242]"),
+            (i64::MAX, b"[4242] LOG:  pg_secrets audit: {}\n"),
+        ] {
+            let line = crate::audit::server_log_line(
+                &Record {
+                    at_micros,
+                    ..record.clone()
+                },
+                b"{}",
+            );
+            assert!(
+                line.starts_with(start),
+                "{}",
+                String::from_utf8_lossy(&line)
+            );
+        }
     }
 
     /// The text the hash chain covers: keys in serde_json's (sorted) map order.

@@ -30,6 +30,15 @@ fn wait_for_records(db: &mut Client, filter: &str, count: i64) {
     }
 }
 
+/// Polls `condition` every 50 ms, for a minute at most.
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn verify(db: &mut Client) -> (bool, i64, Option<i64>) {
     let row = db
         .query_one(
@@ -213,6 +222,85 @@ fn nothing_is_dropped_under_load() {
     let (ok, checked, _) = verify(&mut db);
     assert!(ok);
     assert!(checked >= 20_100, "{checked}");
+}
+
+/// The worker's audit and alarm transactions commit waiting for the local WAL flush only: a
+/// synchronous standby that is configured but down, for which every other commit waits, stops
+/// neither the trail nor the alarm rules' evaluation.
+#[test]
+fn a_synchronous_standby_that_is_down_does_not_stop_the_trail() {
+    let cluster = Cluster::start_with(
+        pg_secrets_e2e::KeySource::File(pg_secrets_e2e::TEST_KEY.into()),
+        &["pg_secrets.alarm_interval = 1"],
+    );
+    let mut db = cluster.superuser();
+    // From the start, before the worker has stored or evaluated anything; this session's own
+    // writes do not wait.
+    db.batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'absent_standby'")
+        .unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    db.batch_execute("SET synchronous_commit = local").unwrap();
+    // Proof that other commits now wait: a write from another session hangs in SyncRep, once
+    // that session has the setting (a reload reaches each process on its own time).
+    let mut writer = cluster.superuser();
+    let writer_pid: i32 = writer
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    wait_until("the reload to reach the writer", || {
+        writer
+            .query_one("SHOW synchronous_standby_names", &[])
+            .unwrap()
+            .get::<_, String>(0)
+            == "absent_standby"
+    });
+    let waiting_writer = std::thread::spawn(move || {
+        // Committed locally once cancelled, with a warning: not an error.
+        writer.batch_execute("CREATE TABLE waits_for_the_standby ()")
+    });
+    wait_until("the writer to wait for the standby", || {
+        db.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'SyncRep'",
+            &[&writer_pid],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            == 1
+    });
+    db.batch_execute(
+        "SELECT secrets.create_secret('sync/db', 'v');
+         SELECT secrets.create_alarm_rule('sync-first-read', 'first_read');",
+    )
+    .unwrap();
+    for _ in 0..50 {
+        db.query_one("SELECT secrets.get_secret_value('sync/db')", &[])
+            .unwrap();
+    }
+    wait_for_records(&mut db, "action = 'get' AND secret_name = 'sync/db'", 50);
+    // The rule's evaluation committed past the reads: it records how far it has looked.
+    let last_read: i64 = db
+        .query_one(
+            "SELECT max(id) FROM secrets.audit_log WHERE secret_name = 'sync/db'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    wait_until("the alarm rule to be evaluated", || {
+        db.query_one(
+            "SELECT checked_through FROM secrets.alarm_rule WHERE name = 'sync-first-read'",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            >= last_read
+    });
+    db.query_one("SELECT pg_cancel_backend($1)", &[&writer_pid])
+        .unwrap();
+    waiting_writer.join().unwrap().unwrap();
+    db.batch_execute("ALTER SYSTEM RESET synchronous_standby_names")
+        .unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    assert!(verify(&mut db).0);
 }
 
 #[test]

@@ -329,6 +329,9 @@ fn find_trips(
 /// The worker: evaluates every enabled rule over the records since its last look. Returns
 /// how many alarms it raised.
 pub fn evaluate() -> Result<usize> {
+    // Locking the rules and recording what tripped are writes: with a synchronous standby
+    // down, their commit would hold the worker, and the trail with it.
+    crate::db::commit_locally();
     Spi::connect_mut(|client| {
         // Who-read-what is kept up to date only when a rule needs it (offboarding by actual
         // reads updates it itself).
