@@ -54,7 +54,7 @@ pub enum Error {
         step: &'static str,
         reason: String,
     },
-    #[error("the audit queue is full and the background worker is not draining it; the call was refused so that nothing happens unaudited")]
+    #[error("the audit queue is full and the audit worker is not draining it; the call was refused so that nothing happens unaudited")]
     AuditQueueFull,
     #[error("the audit queue file pg_secrets_audit.queue in the data directory could not be opened at server start; the call was refused so that nothing happens unaudited")]
     AuditQueueUnavailable,
@@ -117,7 +117,7 @@ impl Error {
             Error::NotBinary(_) => "Read it with secrets.get_secret_value(name).",
             Error::IdempotencyConflict(_) => "Use a new client_request_token for a new value.",
             Error::AuditQueueUnavailable => "The server log says why (permissions, disk space); fix it and restart the server.",
-            Error::AuditQueueFull => "Check that the pg_secrets worker runs (pg_stat_activity) in the database named by pg_secrets.database.",
+            Error::AuditQueueFull => "Check that the pg_secrets audit worker runs (pg_stat_activity) in the database named by pg_secrets.database.",
             Error::RotationFailed { .. } => "Nothing changed: the CURRENT version is the one before the rotation.",
             Error::SchemaMismatch { .. } => "Undo the change to the table; if the library and the extension's tables come from different versions, reinstall the extension.",
             Error::Integrity(_) => "Restore the secret's rows from a backup; the stored data cannot be trusted.",

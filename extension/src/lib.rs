@@ -11,6 +11,7 @@ mod api_access;
 mod api_audit;
 mod api_rotation;
 mod audit;
+mod audit_worker;
 mod crypto;
 mod db;
 mod errors;

@@ -1,13 +1,18 @@
-//! The background worker, registered when the library is preloaded. It runs on the primary
-//! only (it starts when recovery has finished), in the database `pg_secrets.database`. It
-//! moves audit records from the queue file into the audit table as they arrive,
-//! evaluates the alarm rules every `pg_secrets.alarm_interval`, and every
-//! `pg_secrets.worker_naptime` it starts due rotations, advances running ones (resuming
-//! any a crash interrupted), purges secrets past their deletion date and prunes deprecated
-//! versions. Each unit of work is its own transaction and its errors are logged, so one bad
-//! secret never stops the others. Every wait is bounded, so it never holds up shutdown.
+//! The background workers, registered when the library is preloaded. Both run on the primary
+//! only (they start when recovery has finished), in the database `pg_secrets.database`.
+//!
+//! - `pg_secrets worker` (this module): every `pg_secrets.worker_naptime` it starts due
+//!   rotations, advances running ones (resuming any a crash interrupted), purges secrets past
+//!   their deletion date and prunes deprecated versions.
+//! - `pg_secrets audit worker` (`audit_worker.rs`): moves audit records from the queue into
+//!   the table as they arrive and evaluates the alarm rules.
+//!
+//! They are two processes so that nothing the rotations wait for (a slow rotator program, a
+//! target that does not answer, a commit waiting for a synchronous standby) holds up the
+//! trail: while it waits, the queue fills, and audited reads wait and then fail. Each unit of
+//! work is its own transaction and its errors are logged, so one bad secret never stops the
+//! others. Every wait is bounded, so neither holds up shutdown.
 
-use crate::audit::{self, alarms, queue, trail};
 use crate::db::in_subtransaction;
 use crate::errors::Result;
 use crate::rotation::{self, Outcome};
@@ -18,22 +23,28 @@ use pgrx::bgworkers::{
 use pgrx::prelude::*;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub fn register() {
-    BackgroundWorkerBuilder::new("pg_secrets worker")
-        .set_type("pg_secrets worker")
-        .set_library("pg_secrets")
-        .set_function("pg_secrets_worker_main")
-        .enable_spi_access()
-        .set_start_time(BgWorkerStartTime::RecoveryFinished)
-        .set_restart_time(Some(Duration::from_secs(10)))
-        .load();
+    for (name, function) in [
+        ("pg_secrets worker", "pg_secrets_worker_main"),
+        ("pg_secrets audit worker", "pg_secrets_audit_worker_main"),
+    ] {
+        BackgroundWorkerBuilder::new(name)
+            .set_type(name)
+            .set_library("pg_secrets")
+            .set_function(function)
+            .enable_spi_access()
+            .set_start_time(BgWorkerStartTime::RecoveryFinished)
+            .set_restart_time(Some(Duration::from_secs(10)))
+            .load();
+    }
 }
 
 static STOPPING: AtomicBool = AtomicBool::new(false);
 
-/// Whether this process is the worker and has been asked to stop. Long waits (rotator
+/// Whether this process is one of the workers and has been asked to stop. Long waits (rotator
 /// programs) poll it; in ordinary backends a cancel arrives as an interrupt instead.
 pub fn stop_requested() -> bool {
     if unsafe { pg_sys::MyBgworkerEntry.is_null() } {
@@ -46,97 +57,60 @@ pub fn stop_requested() -> bool {
     STOPPING.load(Ordering::SeqCst)
 }
 
-#[pg_guard]
-#[no_mangle]
-pub extern "C-unwind" fn pg_secrets_worker_main(_argument: pg_sys::Datum) {
+/// This process's worker name, for its log lines.
+static NAME: OnceLock<&'static str> = OnceLock::new();
+
+/// Attaches the signal handlers and the database connection.
+pub fn start(name: &'static str) {
+    let _ = NAME.set(name);
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = settings::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    if let Err(error) = queue::set_worker_latch() {
-        warning!("pg_secrets worker: {error}");
+    log!("{name} started in database \"{database}\"");
+}
+
+/// Logs a failure of this worker's work as a warning.
+pub fn warn(what: &str, error: impl std::fmt::Display) {
+    let name = NAME.get().copied().unwrap_or("pg_secrets worker");
+    warning!("{name}: {what}: {error}");
+}
+
+/// Reloads the configuration when a SIGHUP has come.
+pub fn reload_if_asked() {
+    if BackgroundWorker::sighup_received() {
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
     }
-    log!("pg_secrets worker started in database \"{database}\"");
+}
+
+/// Waits for the latch or until `until` (within 5 ms to 1 s); false when the server is
+/// shutting down.
+pub fn wait_until(until: Instant) -> bool {
+    const MIN_WAIT: Duration = Duration::from_millis(5);
+    const MAX_WAIT: Duration = Duration::from_secs(1);
+    let wait = until.saturating_duration_since(Instant::now());
+    BackgroundWorker::wait_latch(Some(wait.clamp(MIN_WAIT, MAX_WAIT)))
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn pg_secrets_worker_main(_argument: pg_sys::Datum) {
+    start("pg_secrets worker");
     let mut next_round = Instant::now();
-    let mut next_alarms = Instant::now();
-    let mut installed = false;
-    let mut last_drain = Instant::now();
     while !stop_requested() {
-        if BackgroundWorker::sighup_received() {
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-        }
-        // Audit records are moved in batches: at once when many wait, otherwise at most
-        // DRAIN_PAUSE after the first one arrived. One transaction per record would cost more
-        // than the reads being audited.
-        let waiting = queue::waiting().unwrap_or(0);
-        if !installed && waiting > 0 && last_drain.elapsed() >= DRAIN_PAUSE {
-            // Records arrive: the extension may have been created since the last round.
-            installed = extension_installed() == Some(true);
-            last_drain = Instant::now();
-        }
-        if installed
-            && waiting > 0
-            && (waiting >= DRAIN_AT_ONCE || last_drain.elapsed() >= DRAIN_PAUSE)
-        {
-            drain_audit_queue();
-            last_drain = Instant::now();
-        }
+        reload_if_asked();
         if Instant::now() >= next_round {
-            installed = extension_installed() == Some(true);
-            if installed {
+            if extension_installed() == Some(true) {
                 run_round();
             }
             next_round = Instant::now() + settings::worker_naptime();
         }
-        if installed && Instant::now() >= next_alarms {
-            in_transaction("evaluating alarm rules", alarms::evaluate);
-            next_alarms = Instant::now() + settings::alarm_interval();
-        }
-        // Audit records wake the worker through its latch; rounds come on time regardless.
-        let mut wake_at = next_round.min(next_alarms);
-        if queue::waiting().unwrap_or(0) > 0 {
-            wake_at = wake_at.min(last_drain + DRAIN_PAUSE);
-        }
-        let wait = wake_at.saturating_duration_since(Instant::now());
-        if !BackgroundWorker::wait_latch(Some(wait.clamp(MIN_WAIT, MAX_WAIT))) {
+        if !wait_until(next_round) {
             break;
         }
     }
-    // What is queued at a clean shutdown still reaches the table.
-    if installed {
-        drain_audit_queue();
-    }
 }
 
-const MIN_WAIT: Duration = Duration::from_millis(5);
-const MAX_WAIT: Duration = Duration::from_secs(1);
-/// Queued records that are moved at once, and the longest a record waits otherwise.
-const DRAIN_AT_ONCE: u64 = 1000;
-const DRAIN_PAUSE: Duration = Duration::from_millis(100);
-
-/// Moves queued audit records into the table, a batch per transaction, until a batch is not
-/// full. Going on while anything at all is queued would, under a steady stream of reads,
-/// commit a transaction for every handful of records that arrived during the last one.
-fn drain_audit_queue() {
-    loop {
-        let Some(drained) = in_transaction("recording audit records", trail::drain_batch) else {
-            return;
-        };
-        if drained.count == 0 {
-            return;
-        }
-        // Freed only now that the transaction holding them has committed.
-        if let Err(error) = queue::release(drained.count) {
-            warning!("pg_secrets worker: {error}");
-            return;
-        }
-        audit::write_to_server_log(&drained.log_lines);
-        if drained.count < trail::DRAIN_BATCH {
-            return;
-        }
-    }
-}
-
-fn extension_installed() -> Option<bool> {
+pub fn extension_installed() -> Option<bool> {
     in_transaction("checking for the extension", || {
         Ok(Spi::get_one::<bool>(
             "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_secrets')",
@@ -146,11 +120,11 @@ fn extension_installed() -> Option<bool> {
 }
 
 /// One transaction with errors caught, logged and rolled back.
-fn in_transaction<T>(what: &str, body: impl FnOnce() -> Result<T>) -> Option<T> {
+pub fn in_transaction<T>(what: &str, body: impl FnOnce() -> Result<T>) -> Option<T> {
     BackgroundWorker::transaction(AssertUnwindSafe(|| match in_subtransaction(body) {
         Ok(value) => Some(value),
         Err(error) => {
-            warning!("pg_secrets worker: {what}: {error}");
+            warn(what, error);
             None
         }
     }))

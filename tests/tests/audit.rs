@@ -488,7 +488,7 @@ fn audit_log_lines(cluster: &Cluster, application_name: &str) -> usize {
 fn worker_pid(db: &mut Client) -> String {
     let pid: i32 = db
         .query_one(
-            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_secrets worker'",
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_secrets audit worker'",
             &[],
         )
         .unwrap()

@@ -1044,16 +1044,14 @@ fn rewrapping_ten_thousand_versions_keeps_every_value_readable() {
     assert_eq!((wrong, total), (0, 10_000));
 }
 
-/// A target that accepts connections and never answers: the worker waits on it in a step, and
-/// a fast shutdown still completes at once instead of after `pg_secrets.rotator_timeout`.
-#[test]
-fn a_hanging_target_does_not_hold_up_shutdown() {
-    let mut store = store_cluster(&["pg_secrets.rotator_timeout = 600"]);
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+/// Starts a rotation of `db/silent` against a target that accepts connections and never
+/// answers, and returns once the rotation worker has connected to it: the worker then waits
+/// in that step for as long as the returned connection stays open.
+fn rotation_waiting_on_a_silent_target(db: &mut Client) -> std::net::TcpStream {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = silent.local_addr().unwrap().port();
-    let mut db = store.superuser();
     create_secret(
-        &mut db,
+        db,
         "db/silent",
         &credential("127.0.0.1", port, "app", "pw", ""),
     );
@@ -1062,8 +1060,16 @@ fn a_hanging_target_does_not_hold_up_shutdown() {
         &[],
     )
     .unwrap();
-    // The worker is now connecting to a server that never speaks.
-    let (_connection, _) = silent.accept().unwrap();
+    silent.accept().unwrap().0
+}
+
+/// A target that accepts connections and never answers: the worker waits on it in a step, and
+/// a fast shutdown still completes at once instead of after `pg_secrets.rotator_timeout`.
+#[test]
+fn a_hanging_target_does_not_hold_up_shutdown() {
+    let mut store = store_cluster(&["pg_secrets.rotator_timeout = 600"]);
+    let mut db = store.superuser();
+    let _connection = rotation_waiting_on_a_silent_target(&mut db);
     drop(db);
     let started = Instant::now();
     store.stop("fast");
@@ -1072,4 +1078,40 @@ fn a_hanging_target_does_not_hold_up_shutdown() {
         "shutdown waited {:?} for the rotation's connection",
         started.elapsed()
     );
+}
+
+/// While the rotation worker waits on a target that never answers, the audit trail goes on:
+/// the audit worker is its own process. More reads than the audit queue holds (4,096) are all
+/// served and all stored; with one worker for both, the queue would fill and the reads past it
+/// would fail with `53400` after `pg_secrets.audit_queue_wait`.
+#[test]
+fn a_hanging_target_does_not_hold_up_the_audit_trail() {
+    let store = store_cluster(&["pg_secrets.rotator_timeout = 600"]);
+    let mut db = store.superuser();
+    create_secret(&mut db, "api/read-me", "v");
+    let _connection = rotation_waiting_on_a_silent_target(&mut db);
+    let reads = 5_000;
+    for _ in 0..reads {
+        db.query_one("SELECT secrets.get_secret_value('api/read-me')", &[])
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stored: i64 = db
+            .query_one(
+                "SELECT count(*) FROM secrets.audit_log \
+                 WHERE action = 'get' AND secret_name = 'api/read-me'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if stored == reads {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{stored} of {reads} reads stored"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -341,7 +341,7 @@ fn drain_run(cluster: &Cluster, script: &Path, seconds: &str) -> (i64, f64, f64)
     let before = count(&mut db);
     let worker: i32 = db
         .query_one(
-            "SELECT pid FROM pg_catalog.pg_stat_activity WHERE backend_type = 'pg_secrets worker'",
+            "SELECT pid FROM pg_catalog.pg_stat_activity WHERE backend_type = 'pg_secrets audit worker'",
             &[],
         )
         .unwrap()
