@@ -30,6 +30,14 @@ fn wait_for_records(db: &mut Client, filter: &str, count: i64) {
     }
 }
 
+/// A cluster whose worker evaluates the alarm rules every second rather than every 10.
+fn cluster_evaluating_alarms_every_second() -> Cluster {
+    Cluster::start_with(
+        pg_secrets_e2e::KeySource::File(pg_secrets_e2e::TEST_KEY.into()),
+        &["pg_secrets.alarm_interval = 1"],
+    )
+}
+
 /// Polls `condition` every 50 ms, for a minute at most.
 fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -229,10 +237,7 @@ fn nothing_is_dropped_under_load() {
 /// neither the trail nor the alarm rules' evaluation.
 #[test]
 fn a_synchronous_standby_that_is_down_does_not_stop_the_trail() {
-    let cluster = Cluster::start_with(
-        pg_secrets_e2e::KeySource::File(pg_secrets_e2e::TEST_KEY.into()),
-        &["pg_secrets.alarm_interval = 1"],
-    );
+    let cluster = cluster_evaluating_alarms_every_second();
     let mut db = cluster.superuser();
     // From the start, before the worker has stored or evaluated anything; this session's own
     // writes do not wait.
@@ -754,10 +759,7 @@ fn a_row_the_table_refuses_stops_the_trail_without_a_crash() {
 
 #[test]
 fn alarm_rules_raise_notifications_and_anomalies() {
-    let cluster = Cluster::start_with(
-        pg_secrets_e2e::KeySource::File(pg_secrets_e2e::TEST_KEY.into()),
-        &["pg_secrets.alarm_interval = 1"],
-    );
+    let cluster = cluster_evaluating_alarms_every_second();
     let mut db = cluster.superuser();
     db.batch_execute(
         "CREATE ROLE reader LOGIN PASSWORD 'pw';
