@@ -363,6 +363,20 @@ pub fn store_state(client: &mut Client) -> String {
         .get(0)
 }
 
+/// Polls `condition` every 50 ms until it holds, and fails the test naming `what` when it
+/// still does not after `timeout`: how a test waits for a background worker or a server.
+#[track_caller]
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Asserts that a statement failed with this SQLSTATE and a message containing `words`.
 #[track_caller]
 pub fn assert_sql_error<T: std::fmt::Debug>(

@@ -2,32 +2,26 @@
 //! value, nothing dropped under load, append-only for everyone, tampering detected, retention
 //! of whole prefixes, visibility per role, and what survives an immediate-mode stop.
 
-use pg_secrets_e2e::{assert_sql_error, Client, Cluster};
+use pg_secrets_e2e::{assert_sql_error, wait_until, Client, Cluster};
 use std::time::{Duration, Instant};
 
 const SECRET_VALUE: &str = "audit-marker-value-0f3a9c";
+const MINUTE: Duration = Duration::from_secs(60);
 
 /// Waits until the worker has moved every queued record into the table (`count` rows match).
 fn wait_for_records(db: &mut Client, filter: &str, count: i64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let found: i64 = db
-            .query_one(
-                &format!("SELECT count(*) FROM secrets.audit_log WHERE {filter}"),
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        if found >= count {
-            assert_eq!(found, count, "more records than calls for {filter}");
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {found} of {count} records for {filter}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let found = |db: &mut Client| -> i64 {
+        db.query_one(
+            &format!("SELECT count(*) FROM secrets.audit_log WHERE {filter}"),
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    wait_until(&format!("{count} records for {filter}"), MINUTE, || {
+        found(db) >= count
+    });
+    assert_eq!(found(db), count, "more records than calls for {filter}");
 }
 
 /// A cluster whose worker evaluates the alarm rules every second rather than every 10.
@@ -36,15 +30,6 @@ fn cluster_evaluating_alarms_every_second() -> Cluster {
         pg_secrets_e2e::KeySource::File(pg_secrets_e2e::TEST_KEY.into()),
         &["pg_secrets.alarm_interval = 1"],
     )
-}
-
-/// Polls `condition` every 50 ms, for a minute at most.
-fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn verify(db: &mut Client) -> (bool, i64, Option<i64>) {
@@ -252,7 +237,7 @@ fn a_synchronous_standby_that_is_down_does_not_stop_the_trail() {
         .query_one("SELECT pg_backend_pid()", &[])
         .unwrap()
         .get(0);
-    wait_until("the reload to reach the writer", || {
+    wait_until("the reload to reach the writer", MINUTE, || {
         writer
             .query_one("SHOW synchronous_standby_names", &[])
             .unwrap()
@@ -263,7 +248,7 @@ fn a_synchronous_standby_that_is_down_does_not_stop_the_trail() {
         // Committed locally once cancelled, with a warning: not an error.
         writer.batch_execute("CREATE TABLE waits_for_the_standby ()")
     });
-    wait_until("the writer to wait for the standby", || {
+    wait_until("the writer to wait for the standby", MINUTE, || {
         db.query_one(
             "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'SyncRep'",
             &[&writer_pid],
@@ -290,7 +275,7 @@ fn a_synchronous_standby_that_is_down_does_not_stop_the_trail() {
         )
         .unwrap()
         .get(0);
-    wait_until("the alarm rule to be evaluated", || {
+    wait_until("the alarm rule to be evaluated", MINUTE, || {
         db.query_one(
             "SELECT checked_through FROM secrets.alarm_rule WHERE name = 'sync-first-read'",
             &[],
@@ -655,10 +640,9 @@ fn a_queue_file_left_by_an_operating_system_crash_is_read_for_what_it_holds() {
         .map(|row| row.get(0))
         .collect()
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while unreadable(&mut db).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until("the stale slot stored as unreadable", MINUTE, || {
+        !unreadable(&mut db).is_empty()
+    });
     let found = unreadable(&mut db);
     assert_eq!(found.len(), 1, "{found:?}");
     assert!(found[0].contains("stale or damaged"), "{found:?}");
@@ -680,10 +664,9 @@ fn a_queue_file_left_by_an_operating_system_crash_is_read_for_what_it_holds() {
     });
     cluster.restart();
     let mut db = cluster.superuser();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while unreadable(&mut db).len() < 3 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until("three unreadable records", MINUTE, || {
+        unreadable(&mut db).len() >= 3
+    });
     assert_eq!(unreadable(&mut db).len(), 3);
     assert_eq!(stored_after_restart(&cluster, 9), 9);
     assert!(verify(&mut db).0, "the chain is intact");
@@ -707,10 +690,9 @@ fn a_row_the_table_refuses_stops_the_trail_without_a_crash() {
         .get(0);
     db.batch_execute("SELECT secrets.describe_secret('refused/key')")
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cluster.server_log().contains("no_describe") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until("the refusal in the server log", MINUTE, || {
+        cluster.server_log().contains("no_describe")
+    });
     assert!(
         cluster
             .server_log()
@@ -739,20 +721,16 @@ fn a_row_the_table_refuses_stops_the_trail_without_a_crash() {
              FOR EACH ROW EXECUTE FUNCTION public.forward();",
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cluster.server_log().contains("INSERT trigger") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until("the trigger refusal in the server log", MINUTE, || {
+        cluster.server_log().contains("INSERT trigger")
+    });
     assert!(cluster
         .server_log()
         .contains("it has an INSERT trigger, which the worker's bulk append would not fire"));
     assert_eq!(describes(&mut db), 0);
     db.batch_execute("DROP TRIGGER forward ON secrets.audit_record")
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while describes(&mut db) == 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until("the describe record", MINUTE, || describes(&mut db) > 0);
     assert_eq!(describes(&mut db), 1, "stored once the table takes it");
     assert!(verify(&mut db).0);
 }
@@ -890,18 +868,11 @@ fn reads_on_a_standby_are_recorded_in_its_server_log() {
         .unwrap();
     let standby = primary.start_standby();
     let mut db = superuser_as_application(&standby, "standby-reader");
-    let deadline = Instant::now() + Duration::from_secs(30);
     // The secret arrives by streaming replication.
-    while db
-        .query_one("SELECT secrets.get_secret_value('replica/key')", &[])
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the secret never reached the standby"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until("the secret to reach the standby", MINUTE, || {
+        db.query_one("SELECT secrets.get_secret_value('replica/key')", &[])
+            .is_ok()
+    });
     let reads = 5000;
     for _ in 0..reads {
         let value: String = db

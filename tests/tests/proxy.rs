@@ -3,7 +3,8 @@
 //! pgbench, raw sockets) connect to it without a password.
 
 use pg_secrets_e2e::{
-    http_get, startup_packet, Cluster, KeySource, SUPERUSER, SUPERUSER_PASSWORD, TEST_KEY,
+    http_get, startup_packet, wait_until, Cluster, KeySource, SUPERUSER, SUPERUSER_PASSWORD,
+    TEST_KEY,
 };
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
@@ -450,14 +451,11 @@ fn pgbench_sees_no_failure_while_the_worker_rotates_the_password() {
             &[],
         )
         .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while rotated(&mut db) == before {
-            assert!(
-                Instant::now() < deadline,
-                "the worker did not finish the rotation"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(
+            "the worker to finish the rotation",
+            Duration::from_secs(30),
+            || rotated(&mut db) != before,
+        );
     });
     assert!(rotations >= 3, "only {rotations} rotations");
     let failures: i64 = db
@@ -938,22 +936,19 @@ fn transaction_mode_lends_a_few_server_sessions_to_many_clients() {
     let abandoned = scalar(holder, "SELECT pg_backend_pid()");
     drop(clients);
     let mut db = fixture.cluster.superuser();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while db
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1::text::int",
-            &[&abandoned],
-        )
-        .unwrap()
-        .get::<_, i64>(0)
-        > 0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the abandoned session stays open"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "the abandoned session to close",
+        Duration::from_secs(5),
+        || {
+            db.query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1::text::int",
+                &[&abandoned],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+                == 0
+        },
+    );
     let metrics = http_get(fixture.proxy.admin_address.unwrap(), "/metrics");
     let lent: u64 = metrics
         .lines()

@@ -2,7 +2,9 @@
 //! private cluster as a remote target), the background worker, crashes, failures, schedules,
 //! offboarding and master-key rotation.
 
-use pg_secrets_e2e::{assert_sql_error, free_port, store_state, Client, Cluster, KeySource, NoTls};
+use pg_secrets_e2e::{
+    assert_sql_error, free_port, store_state, wait_until, Client, Cluster, KeySource, NoTls,
+};
 use postgres::fallible_iterator::FallibleIterator;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -73,16 +75,8 @@ fn rotation_field(db: &mut Client, name: &str, path: &[&str]) -> Option<String> 
     .get(0)
 }
 
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn wait_for_rotation(db: &mut Client, name: &str) {
-    wait_for("the rotation to succeed", Duration::from_secs(60), || {
+    wait_until("the rotation to succeed", Duration::from_secs(60), || {
         rotation_field(db, name, &["in_progress"]).is_none()
             && rotation_field(db, name, &["last", "state"]).as_deref() == Some("succeeded")
     });
@@ -353,7 +347,7 @@ fn schedules_are_checked_and_a_rate_rotates_on_its_own() {
         rotation_field(&mut db, "db/app", &["enabled"]).as_deref(),
         Some("true")
     );
-    wait_for("the scheduled rotation", Duration::from_secs(120), || {
+    wait_until("the scheduled rotation", Duration::from_secs(120), || {
         rotation_field(&mut db, "db/app", &["last", "state"]).as_deref() == Some("succeeded")
     });
     login(&cluster, &current(&mut db, "db/app")).expect("the rotated CURRENT logs in");
@@ -466,7 +460,7 @@ fn alternating_users_keep_the_old_login_and_object_ownership() {
     // The next rotation goes back to the main user; the clone keeps its password until then.
     db.execute("SELECT secrets.rotate_secret('db/alt')", &[])
         .unwrap();
-    wait_for("the second rotation", Duration::from_secs(60), || {
+    wait_until("the second rotation", Duration::from_secs(60), || {
         current(&mut db, "db/alt").contains(r#""username":"app""#)
     });
     let third = current(&mut db, "db/alt");
@@ -773,7 +767,7 @@ fn an_immediate_stop_between_set_and_finish_resumes_after_restart() {
         &[],
     )
     .unwrap();
-    wait_for(
+    wait_until(
         "set and test to be recorded",
         Duration::from_secs(60),
         || {
@@ -898,7 +892,7 @@ fn offboarding_rotates_what_the_role_could_read() {
     assert!(accessed(&mut db).is_empty(), "the leaver has read nothing");
     db.batch_execute("SET ROLE leaver; SELECT secrets.get_secret_value('api/manual'); RESET ROLE")
         .unwrap();
-    wait_for(
+    wait_until(
         "the read to reach the audit trail",
         Duration::from_secs(30),
         || accessed(&mut db) == vec!["api/manual".to_string()],
@@ -933,7 +927,7 @@ fn the_worker_purges_secrets_whose_recovery_window_ended() {
          UPDATE secrets.secret SET purge_at = now() WHERE name = 'old/key'",
     )
     .unwrap();
-    wait_for("the purge", Duration::from_secs(30), || {
+    wait_until("the purge", Duration::from_secs(30), || {
         db.query_one("SELECT count(*) FROM secrets.secret_version", &[])
             .unwrap()
             .get::<_, i64>(0)
@@ -1095,8 +1089,7 @@ fn a_hanging_target_does_not_hold_up_the_audit_trail() {
         db.query_one("SELECT secrets.get_secret_value('api/read-me')", &[])
             .unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    wait_until("every read stored", Duration::from_secs(60), || {
         let stored: i64 = db
             .query_one(
                 "SELECT count(*) FROM secrets.audit_log \
@@ -1105,13 +1098,6 @@ fn a_hanging_target_does_not_hold_up_the_audit_trail() {
             )
             .unwrap()
             .get(0);
-        if stored == reads {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{stored} of {reads} reads stored"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        stored == reads
+    });
 }

@@ -3,19 +3,13 @@
 //! only some roles may read, another team's access on approval, a full audit trail with an
 //! alarm, and a developer who leaves.
 
-use pg_secrets_e2e::{assert_sql_error, Client, Cluster, KeySource, NoTls, TEST_KEY};
+use pg_secrets_e2e::{assert_sql_error, wait_until, Client, Cluster, KeySource, NoTls, TEST_KEY};
 use postgres::fallible_iterator::FallibleIterator;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const DATABASES: usize = 20;
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
+/// How long the story waits for the workers (twenty rotations take a while on a busy machine).
+const WAIT: Duration = Duration::from_secs(90);
 
 fn value(client: &mut Client, name: &str) -> String {
     client
@@ -79,7 +73,7 @@ fn twenty_databases_api_keys_cross_team_access_audit_and_offboarding() {
             )
             .unwrap();
     }
-    wait_for("twenty rotations", || {
+    wait_until("twenty rotations", WAIT, || {
         admin
             .query_one(
                 "SELECT count(*) FROM secrets.rotation WHERE state = 'succeeded'",
@@ -154,7 +148,7 @@ fn twenty_databases_api_keys_cross_team_access_audit_and_offboarding() {
         .expect("an alarm for dev_lambda's first read");
     assert!(alarm.payload().contains("\"alarm\":\"first_read\""));
     let mut security = store.connect("security", "pw");
-    wait_for("the audit records", || {
+    wait_until("the audit records", WAIT, || {
         security
             .query_one(
                 "SELECT count(*) FROM secrets.audit_log WHERE secret_name = 'prod/db/1' \
@@ -199,10 +193,10 @@ fn twenty_databases_api_keys_cross_team_access_audit_and_offboarding() {
         rotated,
         vec![("prod/db/1".to_string(), "rotation started".to_string())]
     );
-    wait_for("the offboarding rotation", || {
+    wait_until("the offboarding rotation", WAIT, || {
         value(&mut platform, "prod/db/1") != read_by_dev
     });
-    wait_for("the old password to stop working", || {
+    wait_until("the old password to stop working", WAIT, || {
         Client::connect(
             &databases.connection_string("app_1", &password(&read_by_dev)),
             NoTls,
