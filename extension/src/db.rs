@@ -4,7 +4,7 @@
 use crate::errors::{Error, Result};
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
-use pgrx::spi::SpiTupleTable;
+use pgrx::spi::{SpiHeapTupleData, SpiTupleTable};
 use pgrx::{FromDatum, IntoDatum};
 
 /// The first column of the first row, or `None` when there is no row (pgrx's `get_one`
@@ -14,6 +14,35 @@ pub fn first_value<T: FromDatum + IntoDatum>(table: SpiTupleTable<'_>) -> Result
         return Ok(None);
     }
     Ok(table.first().get_one::<T>()?)
+}
+
+/// A row of a query's result: what `select` iterates over, or the table positioned on a row.
+pub trait ResultRow {
+    fn column<T: FromDatum + IntoDatum>(&self, ordinal: usize) -> Result<Option<T>>;
+}
+
+impl ResultRow for SpiHeapTupleData<'_> {
+    fn column<T: FromDatum + IntoDatum>(&self, ordinal: usize) -> Result<Option<T>> {
+        Ok(self.get(ordinal)?)
+    }
+}
+
+impl ResultRow for SpiTupleTable<'_> {
+    fn column<T: FromDatum + IntoDatum>(&self, ordinal: usize) -> Result<Option<T>> {
+        Ok(self.get(ordinal)?)
+    }
+}
+
+/// A column the schema declares NOT NULL, from a row of a query's result. A NULL there means
+/// the table was changed behind the library's back: an integrity error (`XX001`), never a
+/// panic.
+pub fn required<T: FromDatum + IntoDatum>(row: &impl ResultRow, ordinal: usize) -> Result<T> {
+    row.column(ordinal)?.ok_or_else(|| {
+        Error::Integrity(format!(
+            "a stored row has NULL in column {ordinal} of a pg_secrets query, where its table \
+             does not allow one"
+        ))
+    })
 }
 
 /// Runs `body` with `pg_catalog` as the whole search path, for the queries it makes and the
@@ -80,9 +109,10 @@ pub fn in_subtransaction<T>(body: impl FnOnce() -> Result<T>) -> Result<T> {
 
 /// Makes the current transaction's commit wait for the local WAL flush only, never for a
 /// synchronous standby: `SET LOCAL synchronous_commit TO local`, without parsing a statement.
-/// The worker's audit and alarm transactions use it. The worker is one process, so one commit
-/// waiting for a standby that is down would stop the trail, and with it every audited read
-/// once the queue is full.
+/// The audit worker's transactions (the drain and the alarms) use it: the worker is one
+/// process, so one commit waiting for a standby that is down would stop the trail, and with it
+/// every audited read once the queue is full. Each transaction sets it itself, so whoever
+/// runs them gets the guarantee.
 pub fn commit_locally() {
     // SAFETY: plain NUL-terminated strings; a refusal raises a PostgreSQL error, which aborts
     // the transaction as a failing `SET LOCAL` would.

@@ -3,6 +3,7 @@
 
 use crate::access::{self, policy, Action, Actions, Context, Secret};
 use crate::db;
+use crate::db::required;
 use crate::errors::{Error, Result};
 use crate::store::{self, OnDeleted};
 use pgrx::datum::TimestampWithTimeZone;
@@ -199,16 +200,16 @@ pub fn list_grants() -> Result<Vec<GrantRow>> {
             .map(|row| {
                 Ok((
                     (
-                        row.get(1)?.expect("NOT NULL"),
-                        row.get(2)?.expect("NOT NULL"),
-                        row.get(3)?.expect("NOT NULL"),
-                        row.get(4)?.expect("NOT NULL"),
+                        required(&row, 1)?,
+                        required(&row, 2)?,
+                        required(&row, 3)?,
+                        required(&row, 4)?,
                         row.get(5)?,
-                        row.get(6)?.expect("NOT NULL"),
-                        row.get(7)?.expect("NOT NULL"),
+                        required(&row, 6)?,
+                        required(&row, 7)?,
                         row.get(8)?,
                     ),
-                    row.get(9)?.expect("NOT NULL"),
+                    required(&row, 9)?,
                 ))
             })
             .collect::<Result<_>>()?;
@@ -394,11 +395,11 @@ pub fn decide_request(id: Uuid, approve: bool) -> Result<Option<Uuid>> {
             .next()
             .map(|row| -> Result<_> {
                 Ok((
-                    row.get::<String>(1)?.expect("NOT NULL"),
-                    row.get::<pg_sys::Oid>(2)?.expect("NOT NULL"),
-                    row.get::<Vec<String>>(3)?.expect("NOT NULL"),
-                    row.get::<String>(4)?.expect("NOT NULL"),
-                    row.get::<f64>(5)?.expect("NOT NULL"),
+                    required::<String>(&row, 1)?,
+                    required::<pg_sys::Oid>(&row, 2)?,
+                    required::<Vec<String>>(&row, 3)?,
+                    required::<String>(&row, 4)?,
+                    required::<f64>(&row, 5)?,
                 ))
             })
             .transpose()?;
@@ -491,19 +492,19 @@ pub fn list_requests(state: Option<&str>) -> Result<Vec<RequestRow>> {
             .map(|row| {
                 Ok((
                     (
-                        row.get(1)?.expect("NOT NULL"),
-                        row.get(2)?.expect("NOT NULL"),
-                        row.get(3)?.expect("NOT NULL"),
-                        row.get(4)?.expect("NOT NULL"),
-                        row.get(5)?.expect("NOT NULL"),
-                        row.get(6)?.expect("NOT NULL"),
-                        row.get(7)?.expect("NOT NULL"),
-                        row.get(8)?.expect("NOT NULL"),
+                        required(&row, 1)?,
+                        required(&row, 2)?,
+                        required(&row, 3)?,
+                        required(&row, 4)?,
+                        required(&row, 5)?,
+                        required(&row, 6)?,
+                        required(&row, 7)?,
+                        required(&row, 8)?,
                         row.get(9)?,
                         row.get(10)?,
                         row.get(11)?,
                     ),
-                    row.get(12)?.expect("NOT NULL"),
+                    required(&row, 12)?,
                 ))
             })
             .collect::<Result<_>>()?;

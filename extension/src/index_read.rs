@@ -106,6 +106,14 @@ impl Row {
         Ok(self.value_at(index))
     }
 
+    /// A column the schema declares NOT NULL: NULL there is a schema mismatch, not a panic.
+    pub fn required<T: FromDatum>(&self, column: &'static CStr) -> Result<T> {
+        self.get(column)?.ok_or_else(|| Error::SchemaMismatch {
+            table: qualified(self.table),
+            problem: format!("column {} holds a NULL", column.to_string_lossy()),
+        })
+    }
+
     /// Like `get`, but a column the table lacks reads as NULL: tables created by an older
     /// build may lack newer columns.
     pub fn get_if_present<T: FromDatum>(&self, column: &'static CStr) -> Option<T> {

@@ -4,6 +4,7 @@
 
 use crate::access::{self, Action};
 use crate::crypto::{self, ValueKind};
+use crate::db::required;
 use crate::errors::{Error, Result};
 use crate::keys::{self, MasterKey};
 use crate::store::{self, SecretRow};
@@ -30,12 +31,12 @@ fn wrapped_versions(
         .update(query, None, args)?
         .map(|row| {
             Ok(WrappedVersion {
-                secret_id: row.get(1)?.expect("NOT NULL"),
-                secret_name: row.get(2)?.expect("NOT NULL"),
-                version_id: row.get(3)?.expect("NOT NULL"),
+                secret_id: required(&row, 1)?,
+                secret_name: required(&row, 2)?,
+                version_id: required(&row, 3)?,
                 kind: row.get::<String>(4)?.as_deref().and_then(ValueKind::parse),
-                key_id: row.get(5)?.expect("NOT NULL"),
-                wrapped_key: row.get(6)?.expect("NOT NULL"),
+                key_id: required(&row, 5)?,
+                wrapped_key: required(&row, 6)?,
             })
         })
         .collect()
@@ -158,7 +159,7 @@ pub fn key_status() -> Result<Vec<KeyStatus>> {
                 &[configured.clone().into()],
             )?
             .map(|row| {
-                let key_id: String = row.get(1)?.expect("NOT NULL");
+                let key_id: String = required(&row, 1)?;
                 Ok(KeyStatus {
                     active: key_id == ring.active().id,
                     configured: configured.contains(&key_id),

@@ -11,6 +11,7 @@
 //! with `put_secret_value`, which takes the secret row first.
 
 use crate::access::{self, Action};
+use crate::db::required;
 use crate::errors::{Error, Result};
 use crate::labels::{self, CURRENT};
 use crate::rotators::{self, Rotator, Step, StepContext};
@@ -426,12 +427,7 @@ pub fn start_due_rotations() -> Result<usize> {
                 None,
                 &[],
             )?
-            .map(|row| {
-                Ok((
-                    row.get(1)?.expect("NOT NULL"),
-                    row.get(2)?.expect("NOT NULL"),
-                ))
-            })
+            .map(|row| Ok((required(&row, 1)?, required(&row, 2)?)))
             .collect::<Result<_>>()?;
         for (secret_id, rotator) in &due {
             let secret = store::secret_by_id(client, *secret_id)?;
@@ -476,7 +472,7 @@ pub fn runnable() -> Result<Vec<Uuid>> {
                 None,
                 &[],
             )?
-            .map(|row| Ok(row.get(1)?.expect("NOT NULL")))
+            .map(|row| required(&row, 1))
             .collect()
     })
 }
@@ -494,9 +490,9 @@ pub fn work_on(id: Uuid) -> Result<Outcome> {
             .next()
             .map(|row| -> Result<_> {
                 Ok((
-                    row.get::<Uuid>(1)?.expect("NOT NULL"),
-                    row.get::<String>(2)?.expect("NOT NULL"),
-                    row.get::<String>(3)?.expect("NOT NULL"),
+                    required::<Uuid>(&row, 1)?,
+                    required::<String>(&row, 2)?,
+                    required::<String>(&row, 3)?,
                     row.get::<Uuid>(4)?,
                 ))
             })
@@ -666,15 +662,15 @@ pub fn history(name: &str, max_results: i32) -> Result<Vec<HistoryEntry>> {
             )?
             .map(|row| {
                 Ok(HistoryEntry {
-                    id: row.get(1)?.expect("NOT NULL"),
-                    rotator: row.get(2)?.expect("NOT NULL"),
-                    state: row.get(3)?.expect("NOT NULL"),
-                    step: row.get(4)?.expect("NOT NULL"),
+                    id: required(&row, 1)?,
+                    rotator: required(&row, 2)?,
+                    state: required(&row, 3)?,
+                    step: required(&row, 4)?,
                     pending_version_id: row.get(5)?,
-                    failures: row.get(6)?.expect("NOT NULL"),
+                    failures: required(&row, 6)?,
                     last_error: row.get(7)?,
                     note: row.get(8)?,
-                    started_at: row.get(9)?.expect("NOT NULL"),
+                    started_at: required(&row, 9)?,
                     finished_at: row.get(10)?,
                 })
             })
@@ -707,10 +703,10 @@ pub fn rotate_accessible_by(
             )?
             .map(|row| {
                 Ok((
-                    row.get(1)?.expect("NOT NULL"),
-                    row.get(2)?.expect("NOT NULL"),
-                    row.get(3)?.expect("NOT NULL"),
-                    row.get(4)?.expect("NOT NULL"),
+                    required(&row, 1)?,
+                    required(&row, 2)?,
+                    required(&row, 3)?,
+                    required(&row, 4)?,
                 ))
             })
             .collect::<Result<_>>()

@@ -5,6 +5,7 @@ use crate::access::{self, Action, Context};
 use crate::audit;
 use crate::crypto::{self, Binding, ValueKind};
 use crate::db;
+use crate::db::required;
 use crate::errors::{Error, Result};
 use crate::index_read::{self, Key};
 use crate::keys;
@@ -78,10 +79,10 @@ pub fn find_secret(
         return Ok(None);
     };
     Ok(Some(SecretRow {
-        id: row.get(1)?.expect("secret.id is NOT NULL"),
+        id: required(&row, 1)?,
         name: name.to_string(),
-        owner: row.get(2)?.expect("secret.owner_role is NOT NULL"),
-        key_id: row.get(3)?.expect("secret.key_id is NOT NULL"),
+        owner: required(&row, 2)?,
+        key_id: required(&row, 3)?,
         purge_at: row.get(4)?,
     }))
 }
@@ -99,8 +100,8 @@ pub fn secret_by_id(client: &SpiClient<'_>, id: Uuid) -> Result<SecretRow> {
     Ok(SecretRow {
         id,
         name: row.get(1)?.ok_or_else(|| Error::NotFound(id.to_string()))?,
-        owner: row.get(2)?.expect("NOT NULL"),
-        key_id: row.get(3)?.expect("NOT NULL"),
+        owner: required(&row, 2)?,
+        key_id: required(&row, 3)?,
         purge_at: row.get(4)?,
     })
 }
@@ -306,9 +307,9 @@ fn stored_version(client: &SpiClient<'_>, version_id: Uuid) -> Result<Option<Sto
     Ok(Some(StoredVersion {
         id: version_id,
         kind: row.get::<String>(1)?.as_deref().and_then(ValueKind::parse),
-        key_id: row.get(2)?.expect("NOT NULL"),
-        wrapped_key: row.get(3)?.expect("NOT NULL"),
-        ciphertext: row.get(4)?.expect("NOT NULL"),
+        key_id: required(&row, 2)?,
+        wrapped_key: required(&row, 3)?,
+        ciphertext: required(&row, 4)?,
     }))
 }
 
@@ -530,8 +531,8 @@ pub fn get_secret(
         &[Key::Text(c"name", name)],
         |row| {
             Ok(ReadHead {
-                id: row.get(c"id")?.expect("NOT NULL"),
-                owner: row.get(c"owner_role")?.expect("NOT NULL"),
+                id: row.required(c"id")?,
+                owner: row.required(c"owner_role")?,
                 deleted: row
                     .get::<pgrx::datum::TimestampWithTimeZone>(c"purge_at")?
                     .is_some(),
@@ -624,7 +625,7 @@ fn find_version<'a>(
                     Key::Uuid(c"secret_id", secret_id),
                     Key::Text(c"label", stage.unwrap_or(CURRENT)),
                 ],
-                |row| Ok(row.get::<Uuid>(c"version_id")?.expect("NOT NULL")),
+                |row| row.required::<Uuid>(c"version_id"),
             )?
             .ok_or_else(not_found)?,
         ),
@@ -821,9 +822,9 @@ pub fn list_secrets(
         )?;
         let mut listed = Vec::new();
         for row in rows {
-            let name: String = row.get(1)?.expect("NOT NULL");
-            let id: Uuid = row.get(2)?.expect("NOT NULL");
-            let owner: pg_sys::Oid = row.get(11)?.expect("NOT NULL");
+            let name: String = required(&row, 1)?;
+            let id: Uuid = required(&row, 2)?;
+            let owner: pg_sys::Oid = required(&row, 11)?;
             let secret = access::Secret { id, owner };
             if !access::decide(
                 caller,
@@ -840,10 +841,10 @@ pub fn list_secrets(
                 name,
                 id,
                 description: row.get(3)?,
-                tags: row.get(4)?.expect("NOT NULL"),
-                owner: row.get(5)?.expect("NOT NULL"),
-                created_at: row.get(6)?.expect("NOT NULL"),
-                last_changed_at: row.get(7)?.expect("NOT NULL"),
+                tags: required(&row, 4)?,
+                owner: required(&row, 5)?,
+                created_at: required(&row, 6)?,
+                last_changed_at: required(&row, 7)?,
                 last_accessed_on: row.get(8)?,
                 deleted_at: row.get(9)?,
                 purge_at: row.get(10)?,
@@ -871,9 +872,9 @@ pub fn list_version_ids(
         )?;
         rows.map(|row| {
             Ok((
-                row.get(1)?.expect("NOT NULL"),
+                required(&row, 1)?,
                 row.get(2)?.unwrap_or_default(),
-                row.get(3)?.expect("NOT NULL"),
+                required(&row, 3)?,
             ))
         })
         .collect()

@@ -568,4 +568,30 @@ fn tables_the_library_does_not_recognise() {
         db.batch_execute(undo).unwrap();
         assert_eq!(db.query(read, &[]).unwrap().len(), 1, "{read}");
     }
+
+    // A NULL where the schema says NOT NULL, written by a superuser who dropped the
+    // constraint: an error naming what is wrong, never a panic. The read path names the
+    // table and column; a query's row says which of its columns.
+    db.batch_execute(
+        "ALTER TABLE secrets.secret ALTER COLUMN owner_role DROP NOT NULL;
+         UPDATE secrets.secret SET owner_role = NULL WHERE name = 'app/db';",
+    )
+    .unwrap();
+    assert_sql_error(
+        db.query("SELECT secrets.get_secret_value('app/db')", &[]),
+        "55000",
+        "table secrets.secret is not as this pg_secrets library writes it: column owner_role holds a NULL",
+    );
+    db.batch_execute(
+        "CREATE ROLE nulled_grantee;
+         SELECT secrets.grant_access('app/*', 'nulled_grantee', '{get}');
+         ALTER TABLE secrets.access_grant ALTER COLUMN granted_at DROP NOT NULL;
+         UPDATE secrets.access_grant SET granted_at = NULL;",
+    )
+    .unwrap();
+    assert_sql_error(
+        db.query("SELECT * FROM secrets.list_access_grants()", &[]),
+        "XX001",
+        "a stored row has NULL in column 7 of a pg_secrets query, where its table does not allow one",
+    );
 }

@@ -10,6 +10,7 @@
 
 use super::policy::{self, Policy, Source};
 use super::Actions;
+use crate::db::required;
 use crate::errors::Result;
 use crate::index_read::relation_oid;
 use pgrx::pg_sys::{self, Oid};
@@ -105,9 +106,9 @@ pub fn grants() -> Result<Rc<GrantIndex>> {
         for row in rows {
             let actions: Vec<String> = row.get(4)?.unwrap_or_default();
             let grant = Grant {
-                id: row.get(1)?.expect("NOT NULL"),
-                pattern: row.get(2)?.expect("NOT NULL"),
-                grantee: row.get(3)?.expect("NOT NULL"),
+                id: required(&row, 1)?,
+                pattern: required(&row, 2)?,
+                grantee: required(&row, 3)?,
                 actions: Actions::parse(&actions).unwrap_or_default(),
                 valid_until: row.get(5)?,
             };
@@ -137,8 +138,8 @@ fn all_policies() -> Result<Rc<Policies>> {
             None,
             &[],
         )? {
-            let id: Uuid = row.get(1)?.expect("NOT NULL");
-            let document: pgrx::JsonB = row.get(2)?.expect("NOT NULL");
+            let id: Uuid = required(&row, 1)?;
+            let document: pgrx::JsonB = required(&row, 2)?;
             // Stored policies were validated; a role dropped since then simply matches no one.
             if let Ok(policy) = policy::parse(&document.0, &mut resolve_role, &mut Vec::new()) {
                 policies.insert(id, Rc::new(policy));
@@ -173,7 +174,7 @@ pub fn membership(role: Oid) -> Result<Rc<Membership>> {
                 None,
                 &[role.into()],
             )?
-            .map(|row| Ok(row.get(1)?.expect("NOT NULL")))
+            .map(|row| required(&row, 1))
             .collect::<Result<_>>()
     })?;
     let member_of = |name: &str| resolve_role(name).is_some_and(|oid| roles.contains(&oid));

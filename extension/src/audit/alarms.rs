@@ -12,6 +12,7 @@
 //! A tripped rule becomes a row of `secrets.alarm_event` and a `NOTIFY pg_secrets_alarm`.
 
 use crate::access;
+use crate::db::required;
 use crate::errors::{Error, Result};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -199,13 +200,13 @@ pub fn anomalies(since: pgrx::datum::TimestampWithTimeZone) -> Result<Vec<Anomal
             )?
             .map(|row| {
                 Ok((
-                    row.get(1)?.expect("NOT NULL"),
-                    row.get(2)?.expect("NOT NULL"),
-                    row.get(3)?.expect("NOT NULL"),
+                    required(&row, 1)?,
+                    required(&row, 2)?,
+                    required(&row, 3)?,
                     row.get(4)?,
                     row.get(5)?,
                     row.get(6)?,
-                    row.get(7)?.expect("NOT NULL"),
+                    required(&row, 7)?,
                 ))
             })
             .collect()
@@ -358,11 +359,11 @@ pub fn evaluate() -> Result<usize> {
             )?
             .map(|row| {
                 Ok((
-                    row.get(1)?.expect("NOT NULL"),
-                    row.get(2)?.expect("NOT NULL"),
-                    row.get(3)?.expect("NOT NULL"),
-                    row.get(4)?.expect("NOT NULL"),
-                    row.get(5)?.expect("NOT NULL"),
+                    required(&row, 1)?,
+                    required(&row, 2)?,
+                    required(&row, 3)?,
+                    required(&row, 4)?,
+                    required(&row, 5)?,
                 ))
             })
             .collect::<Result<_>>()?;

@@ -53,7 +53,10 @@ const COLUMNS: [(&CStr, pg_sys::Oid); 18] = [
 
 /// The row's values in `COLUMNS` order, as datums allocated in the current memory context
 /// (`None` is NULL).
-fn datums(row: &ChainedRecord<'_>) -> [Option<pg_sys::Datum>; 18] {
+///
+/// # Safety
+/// The current memory context must outlive the datums' use.
+unsafe fn datums(row: &ChainedRecord<'_>) -> [Option<pg_sys::Datum>; 18] {
     let record = &row.record;
     fn text<'a>(value: &'a Option<Cow<'_, str>>) -> Option<&'a [u8]> {
         value.as_deref().map(str::as_bytes)
@@ -64,7 +67,7 @@ fn datums(row: &ChainedRecord<'_>) -> [Option<pg_sys::Datum>; 18] {
             .and_then(|text| uuid::Uuid::try_parse(text).ok())
             .and_then(|id| pgrx::Uuid::from_bytes(*id.as_bytes()).into_datum())
     };
-    // SAFETY: called with the chunk's memory context current, which outlives the insert.
+    // SAFETY: this function's own contract.
     let [session_user, current_user, action, secret_name, version_stage, outcome, sqlstate, client_addr, application_name, details, prev_hash, hash] = unsafe {
         varlenas([
             Some(record.session_user.as_bytes()),
@@ -255,7 +258,8 @@ impl Appender {
         }
         let slots = &mut self.slots[..rows.len()];
         // SAFETY: the slots belong to the open relation and have `natts` values; the datums
-        // live in `chunk_memory` until the rows are in the heap and indexes, which copy them.
+        // are made in `chunk_memory` and live there until the rows are in the heap and
+        // indexes, which copy them.
         unsafe {
             self.chunk_memory.switch_to(|_| {
                 for (row, &mut slot) in rows.iter().zip(slots.iter_mut()) {

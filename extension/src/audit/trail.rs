@@ -7,6 +7,7 @@
 use super::append::{Appender, ChainedRecord, ROWS_PER_CALL};
 use super::{queue, Record};
 use crate::access::{self, Action, Context, Secret};
+use crate::db::required;
 use crate::errors::{Error, Result};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
@@ -92,12 +93,7 @@ fn chain_end(client: &SpiClient<'_>, statements: &DrainStatements) -> Result<(i6
     let newest = client
         .select(&statements.newest_record, None, &[])?
         .next()
-        .map(|row| -> Result<_> {
-            Ok((
-                row.get(1)?.expect("NOT NULL"),
-                row.get(2)?.expect("NOT NULL"),
-            ))
-        })
+        .map(|row| -> Result<_> { Ok((required(&row, 1)?, required(&row, 2)?)) })
         .transpose()?;
     if let Some(end) = newest {
         return Ok(end);
@@ -114,12 +110,7 @@ fn latest_anchor(client: &SpiClient<'_>) -> Result<Option<(i64, Vec<u8>)>> {
             &[],
         )?
         .next()
-        .map(|row| {
-            Ok((
-                row.get(1)?.expect("NOT NULL"),
-                row.get(2)?.expect("NOT NULL"),
-            ))
-        })
+        .map(|row| Ok((required(&row, 1)?, required(&row, 2)?)))
         .transpose()
 }
 
@@ -246,7 +237,7 @@ pub fn verify() -> Result<(bool, i64, Option<i64>)> {
                 return Ok((true, checked, None));
             }
             for row in rows {
-                let id: i64 = row.get(1)?.expect("NOT NULL");
+                let id: i64 = required(&row, 1)?;
                 let text = |column| -> Result<Option<Cow<'static, str>>> {
                     Ok(row.get::<String>(column)?.map(Cow::Owned))
                 };
@@ -381,7 +372,7 @@ pub fn secrets_read_by(role: pg_sys::Oid) -> Result<Vec<Uuid>> {
                 None,
                 &[name.into()],
             )?
-            .map(|row| Ok(row.get(1)?.expect("NOT NULL")))
+            .map(|row| required(&row, 1))
             .collect()
     })
 }
