@@ -225,6 +225,9 @@ pub struct Limits {
     pub backend_connect_timeout_ms: u64,
     /// Clients served at once; more wait in the kernel's accept queue.
     pub max_clients: usize,
+    /// How long a new client may take to send its startup packet (and finish TLS): a client
+    /// that connects and stays silent would otherwise hold one of `max_clients` for good.
+    pub client_login_timeout_ms: u64,
     /// How long SIGTERM waits for sessions to finish.
     pub drain_timeout_secs: u64,
     /// Idle server connections kept per (server, database, user, client parameters) for the
@@ -245,6 +248,7 @@ impl Default for Limits {
             stale_credential_secs: 300,
             backend_connect_timeout_ms: 5_000,
             max_clients: 10_000,
+            client_login_timeout_ms: 60_000,
             drain_timeout_secs: 30,
             pool_max_idle: 100,
             server_lifetime_secs: 3600,
@@ -339,6 +343,14 @@ impl Config {
                 "[store] TLS needs a TCP host: PostgreSQL offers no TLS on a Unix socket".into(),
             );
         }
+        // The bounds keep counts within what a semaphore can hold (and 0 from serving no one).
+        const MOST: usize = 1_000_000;
+        if !(1..=MOST).contains(&self.limits.max_clients) {
+            return Err(format!("[limits] max_clients must be 1 to {MOST}"));
+        }
+        if self.limits.client_login_timeout_ms == 0 {
+            return Err("[limits] client_login_timeout_ms must be at least 1".into());
+        }
         if self.store.pool_size == 0 {
             return Err("[store] pool_size must be at least 1".into());
         }
@@ -363,8 +375,8 @@ impl Config {
                     ));
                 }
             }
-            if route.pool_size == 0 {
-                return Err(format!("{place}: pool_size must be at least 1"));
+            if !(1..=MOST).contains(&route.pool_size) {
+                return Err(format!("{place}: pool_size must be 1 to {MOST}"));
             }
             // Each transaction hands its server session back to the idle pool; one the pool
             // may not keep would be closed, and the next transaction would log in anew.
@@ -459,6 +471,7 @@ mod tests {
             (super::PoolMode::Session, 20)
         );
         assert_eq!(config.limits.pool_wait_timeout_ms, 10_000);
+        assert_eq!(config.limits.client_login_timeout_ms, 60_000);
         assert_eq!(
             config.route("app", "reporting").unwrap().secret,
             "db/app-ro"
@@ -544,7 +557,26 @@ mod tests {
             ),
             (
                 format!("{BASE}\n{}pool_size = 0", route("\"trust\"")),
-                "route 1 (database \"d\"): pool_size must be at least 1",
+                "route 1 (database \"d\"): pool_size must be 1 to 1000000",
+            ),
+            (
+                format!(
+                    "{BASE}\n[limits]\npool_max_idle = 9223372036854775807\n{}pool_size = 9223372036854775807",
+                    route("\"trust\"")
+                ),
+                "route 1 (database \"d\"): pool_size must be 1 to 1000000",
+            ),
+            (
+                format!("{BASE}\n[limits]\nmax_clients = 0"),
+                "[limits] max_clients must be 1 to 1000000",
+            ),
+            (
+                format!("{BASE}\n[limits]\nmax_clients = 4294967297"),
+                "[limits] max_clients must be 1 to 1000000",
+            ),
+            (
+                format!("{BASE}\n[limits]\nclient_login_timeout_ms = 0"),
+                "[limits] client_login_timeout_ms must be at least 1",
             ),
             (
                 format!("{BASE}\n{}pool_mode = \"statement\"", route("\"trust\"")),

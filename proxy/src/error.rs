@@ -40,6 +40,8 @@ pub enum ProxyError {
         waited_ms: u64,
         pool_size: usize,
     },
+    #[error("no startup packet within {0} ms ([limits] client_login_timeout_ms)")]
+    LoginTimeout(u64),
     #[error("the proxy is shutting down")]
     ShuttingDown,
     #[error("this proxy requires TLS: connect with sslmode=require or stronger")]
@@ -60,6 +62,8 @@ impl ProxyError {
             ProxyError::Backend(_) => "08P01",
             ProxyError::PoolTimeout { .. } => "53300",
             ProxyError::ShuttingDown => "57P01",
+            // What PostgreSQL says when authentication_timeout passes.
+            ProxyError::LoginTimeout(_) => "57014",
         }
     }
 

@@ -29,6 +29,12 @@ struct Framing {
     /// flowing to the server (see `count_request`).
     syncs_since_command: u64,
     in_copy_in: bool,
+    /// Client side: Syncs the server ignores because they came while it read COPY data,
+    /// if the COPYs the client sent data for were real (see `settled`).
+    syncs_ignored_in_copy: u64,
+    /// COPYs into the server: from the client, those it sent data for; from the server, those
+    /// it started (CopyInResponse, or CopyBothResponse).
+    copies_in: u64,
     /// Client side: a Parse named its statement. A named statement lives in one server
     /// session, so in transaction mode the client keeps that session from then on.
     prepared_named_statement: bool,
@@ -112,6 +118,7 @@ impl Framing {
         self.last = Some((self.current_tag, self.current_first));
         match self.side {
             Side::Server if self.current_tag == b'Z' => self.round_trips += 1,
+            Side::Server if matches!(self.current_tag, b'G' | b'W') => self.copies_in += 1,
             Side::Client => {
                 // A Parse's body starts with the statement's name; "" is the unnamed one.
                 self.prepared_named_statement |=
@@ -125,8 +132,11 @@ impl Framing {
     /// While the server reads COPY data it ignores Sync (PostgreSQL's `CopyGetData`), and
     /// libpq and tokio-postgres send one right after the Execute that starts a COPY FROM
     /// STDIN, before any data: such a Sync gets no ReadyForQuery. Only the client's own
-    /// messages say a COPY began (it sends CopyData, CopyDone or CopyFail only then), so the
-    /// Syncs since the command that started it are taken back when the first of them comes.
+    /// messages say which command began it (it sends CopyData, CopyDone or CopyFail only
+    /// then), so the Syncs since that command are set aside when the first of them comes.
+    /// They are taken back only when the server did start as many COPYs (`settled`): the
+    /// server ignores CopyData outside a COPY but answers those Syncs, so a client sending
+    /// it there must not make the proxy miss answers still to come.
     fn count_request(&mut self, tag: u8) {
         match tag {
             b'Q' | b'F' => {
@@ -140,7 +150,8 @@ impl Framing {
             }
             b'd' | b'c' | b'f' => {
                 if !self.in_copy_in {
-                    self.round_trips = self.round_trips.saturating_sub(self.syncs_since_command);
+                    self.copies_in += 1;
+                    self.syncs_ignored_in_copy += self.syncs_since_command;
                     self.syncs_since_command = 0;
                 }
                 self.in_copy_in = tag == b'd';
@@ -161,12 +172,18 @@ impl Framing {
 
 /// Every request the client sent has been answered, none is half sent or waits for a Sync,
 /// and the server is idle outside a transaction: the server session can serve someone else.
+/// A client that sent COPY data the server did not ask for never settles: it keeps its
+/// server session, which is closed when it leaves.
 fn settled(from_client: &Framing, from_server: &Framing) -> bool {
     from_client.at_boundary()
         && !from_client
             .last
             .is_some_and(|(tag, _)| BEFORE_SYNC.contains(&tag))
-        && from_client.round_trips == from_server.round_trips
+        && from_client.copies_in == from_server.copies_in
+        && from_client
+            .round_trips
+            .checked_sub(from_client.syncs_ignored_in_copy)
+            == Some(from_server.round_trips)
         && from_server.server_idle()
 }
 
@@ -512,12 +529,33 @@ mod tests {
     fn copy_in_failed_by_the_client_is_settled_by_its_answer() {
         let (mut client, mut server) = pair();
         feed_empty(&mut client, b"BES");
+        server.feed(&message(b'G', b"\0\0\0"), 0);
         client.feed(&message(b'f', b"changed my mind\0"), 0);
         feed_empty(&mut client, b"S");
         server.feed(&message(b'E', b"S..."), 0);
         assert!(!settled(&client, &server));
         server.feed(&ready(b'I'), 0);
         assert!(settled(&client, &server));
+    }
+
+    #[test]
+    fn copy_data_the_server_did_not_ask_for_never_settles() {
+        // CopyData outside a COPY, then a pipelined Execute and Sync: the server ignores the
+        // CopyData but answers the Sync after the Execute. Answered once (the Query), the
+        // session must not be taken for settled while that Execute still runs.
+        let (mut client, mut server) = pair();
+        client.feed(&message(b'Q', b"SELECT 1\0"), 0);
+        client.feed(&message(b'd', b""), 0);
+        feed_empty(&mut client, b"PBDES");
+        server.feed(&message(b'C', b"SELECT 1\0"), 0);
+        server.feed(&ready(b'I'), 0);
+        assert!(!settled(&client, &server), "the Execute is still running");
+        server.feed(&message(b'C', b"SELECT 1\0"), 0);
+        server.feed(&ready(b'I'), 0);
+        assert!(
+            !settled(&client, &server),
+            "a client that lied about a COPY keeps its session to the end"
+        );
     }
 
     #[test]

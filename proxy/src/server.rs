@@ -333,7 +333,11 @@ async fn session(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ProxyError> {
     let tls = shared.tls.read().expect("tls lock poisoned").clone();
-    let (opening, transport) = frontend::read_opening(client, tls.as_ref()).await?;
+    let login_timeout = shared.config().limits.client_login_timeout_ms;
+    let opening = frontend::read_opening(client, tls.as_ref());
+    let (opening, transport) = tokio::time::timeout(Duration::from_millis(login_timeout), opening)
+        .await
+        .map_err(|_| ProxyError::LoginTimeout(login_timeout))??;
     let parameters = match opening {
         Opening::Cancel { pid, secret } => {
             shared.cancels.forward(pid, secret).await;

@@ -1064,6 +1064,80 @@ fn copy_in_like_libpq(
     (stream, answers)
 }
 
+/// CopyData outside a COPY, which the server ignores, does not make the proxy take the
+/// client's requests for all answered: while a statement pipelined behind it still runs, the
+/// session is not lent to another client, who would get that statement's rows for its own.
+#[test]
+fn transaction_mode_is_not_fooled_by_copy_data_outside_a_copy() {
+    let fixture = transaction_mode(2, "pool_wait_timeout_ms = 5000");
+    let mut liar = TcpStream::connect(fixture.proxy.tcp_address.unwrap()).unwrap();
+    liar.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    liar.write_all(&startup_packet(
+        196608,
+        &[("user", "app"), ("database", "appdb")],
+    ))
+    .unwrap();
+    read_until_ready(&mut liar);
+    let sql = b"SELECT 'forged' || pg_sleep(1)::text";
+    let requests = [
+        protocol_message(b'Q', b"SELECT 1\0"),
+        protocol_message(b'd', b""),
+        protocol_message(b'P', &[&b"\0"[..], sql, b"\0\0\0"].concat()),
+        protocol_message(b'B', &[0u8; 8]),
+        protocol_message(b'E', b"\0\0\0\0\0"),
+        protocol_message(b'S', b""),
+    ]
+    .concat();
+    liar.write_all(&requests).unwrap();
+    read_until_ready(&mut liar);
+    // The pipelined statement sleeps on the liar's session; another client asks now.
+    let mut other = fixture.connect();
+    assert_eq!(scalar(&mut other, "SELECT 'mine'"), "mine");
+    let late = read_until_ready(&mut liar);
+    assert!(
+        late.iter()
+            .any(|(tag, body)| *tag == b'D' && body.windows(6).any(|w| w == b"forged")),
+        "the liar gets its own rows: {late:?}"
+    );
+}
+
+/// Clients that connect and say nothing are sent away after `client_login_timeout_ms`, so
+/// silent connections cannot hold every one of `max_clients` for good.
+#[test]
+fn silent_clients_are_sent_away_and_cannot_hold_every_slot() {
+    let extras = ProxyExtras {
+        limits: "max_clients = 2\nclient_login_timeout_ms = 500".into(),
+        ..ProxyExtras::default()
+    };
+    let fixture = fixture_with(r#""trust""#, &[], extras);
+    let silent: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(fixture.proxy.tcp_address.unwrap()).unwrap())
+        .collect();
+    // Both slots are taken by the silent two: this client is served once they are gone
+    // (without the timeout it would wait for good, hence the thread).
+    let port = fixture.port();
+    let (served, answer) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let connection = format!("host=127.0.0.1 port={port} user=whoever dbname=appdb");
+        let mut client = Client::connect(&connection, NoTls).unwrap();
+        let _ = served.send(scalar(&mut client, "SELECT 'served'"));
+    });
+    let answer = answer
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a client was never served while silent ones held every slot");
+    assert_eq!(answer, "served");
+    for mut stream in silent {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        assert_eq!(error_code(&answer), "57014");
+        assert!(String::from_utf8_lossy(&answer).contains("no startup packet within 500 ms"));
+    }
+}
+
 /// A client that prepares a named statement (tokio-postgres's `prepare` and `query`) keeps
 /// its server session from then on, since the statement lives there; when it leaves, the
 /// session is reset before it serves anyone else.
