@@ -7,9 +7,11 @@ pub enum ProxyError {
     Protocol(String),
     #[error("unsupported frontend protocol {major}.{minor}: the proxy speaks 3.0")]
     UnsupportedProtocol { major: u16, minor: u16 },
-    #[error("no route for database \"{database}\" and user \"{user}\"")]
+    // Names a client sent are written escaped ({:?}): one with a line break in it must not
+    // forge a line of the proxy's log.
+    #[error("no route for database {database:?} and user {user:?}")]
     UnknownRoute { database: String, user: String },
-    #[error("{identity} may not use the route for database \"{database}\"")]
+    #[error("{identity} may not use the route for database {database:?}")]
     NotAllowed { identity: String, database: String },
     #[error("the secrets store could not give the credential of \"{secret}\": {reason}")]
     Store { secret: String, reason: String },
@@ -75,5 +77,24 @@ impl ProxyError {
             ProxyError::Store { .. } | ProxyError::Unreachable { .. } => true,
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProxyError;
+
+    #[test]
+    fn names_from_clients_cannot_break_a_log_line() {
+        let error = ProxyError::UnknownRoute {
+            database: "app\n2026-11-26 INFO forged".into(),
+            user: "u\r".into(),
+        };
+        let text = error.to_string();
+        assert!(!text.contains('\n') && !text.contains('\r'), "{text}");
+        assert_eq!(
+            text,
+            r#"no route for database "app\n2026-11-26 INFO forged" and user "u\r""#
+        );
     }
 }

@@ -367,7 +367,7 @@ async fn session(
     let certificate = transport.certificate_name.as_deref();
     if !identity.allowed_on(certificate, route) {
         let identity = match certificate {
-            Some(name) => format!("{identity} with certificate \"{name}\""),
+            Some(name) => format!("{identity} with certificate {name:?}"),
             None => identity.to_string(),
         };
         return Err(ProxyError::NotAllowed { identity, database });
