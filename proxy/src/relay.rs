@@ -6,6 +6,7 @@
 use crate::backend::ServerStream;
 use crate::metrics::Metrics;
 use bytes::BytesMut;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Follows message boundaries in a byte stream of `tag, length, body` messages without
@@ -258,6 +259,10 @@ impl Relay {
     /// Relays, the request `next_request` read first if any, until a side leaves or, with
     /// `Until::TransactionEnds`, until the transaction is over (`Ended::TransactionDone`) and
     /// the client has prepared no named statement.
+    ///
+    /// The two directions run at once. A server busy writing answers reads no requests, so a
+    /// relay that stopped reading answers while it waited to hand the server a request would
+    /// wait for good, with a client that pipelines large requests and reads as it goes.
     pub async fn run<C>(
         &mut self,
         client: &mut C,
@@ -268,75 +273,118 @@ impl Relay {
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
-        self.from_client = Framing::client();
-        let from_client = &mut self.from_client;
-        let mut from_server = Framing::idle_server();
+        let sides = Mutex::new(Sides {
+            from_client: Framing::client(),
+            from_server: Framing::idle_server(),
+        });
         let waiting = std::mem::take(&mut self.waiting);
-        if waiting > 0 {
-            let chunk = &self.client_buffer[..waiting];
-            if let Some(ended) =
-                to_server(chunk, from_client, &from_server, server, metrics, until).await
-            {
-                return ended;
-            }
-        }
-        loop {
-            tokio::select! {
-                read = client.read(&mut self.client_buffer) => {
-                    let Ok(read) = read else { return Ended::Closed };
-                    if read == 0 {
-                        // The client vanished without Terminate; a half-sent message may be
-                        // pending, so the server connection is reusable only when settled.
-                        return if settled(from_client, &from_server) {
-                            Ended::ServerReusable
-                        } else {
-                            Ended::Closed
-                        };
-                    }
-                    let chunk = &self.client_buffer[..read];
-                    if let Some(ended) = to_server(chunk, from_client, &from_server, server, metrics, until).await {
-                        return ended;
-                    }
-                }
-                read = server.read(&mut self.server_buffer) => {
-                    let Ok(read) = read else { return Ended::Closed };
-                    if read == 0 {
-                        return Ended::Closed;
-                    }
-                    from_server.feed(&self.server_buffer[..read], 0);
-                    if !write_out(client, &self.server_buffer[..read]).await {
-                        return Ended::Closed;
-                    }
-                    Metrics::count(&metrics.bytes_to_client, read as u64);
-                    if until == Until::TransactionEnds
-                        && !from_client.prepared_named_statement
-                        && settled(from_client, &from_server)
-                    {
-                        return Ended::TransactionDone;
-                    }
+        let (client_buffer, server_buffer) = (&mut self.client_buffer, &mut self.server_buffer);
+        let (mut client_reader, mut client_writer) = tokio::io::split(client);
+        let (mut server_reader, mut server_writer) = tokio::io::split(server);
+        let requests = async {
+            if waiting > 0 {
+                let chunk = &client_buffer[..waiting];
+                if let Some(ended) =
+                    to_server(chunk, &sides, &mut server_writer, metrics, until).await
+                {
+                    return ended;
                 }
             }
-        }
+            loop {
+                let Ok(read) = client_reader.read(client_buffer).await else {
+                    return Ended::Closed;
+                };
+                if read == 0 {
+                    // The client vanished without Terminate; a half-sent message may be
+                    // pending, so the server connection is reusable only when settled.
+                    return if lock(&sides).settled() {
+                        Ended::ServerReusable
+                    } else {
+                        Ended::Closed
+                    };
+                }
+                let chunk = &client_buffer[..read];
+                if let Some(ended) =
+                    to_server(chunk, &sides, &mut server_writer, metrics, until).await
+                {
+                    return ended;
+                }
+            }
+        };
+        let answers = async {
+            loop {
+                let read = match server_reader.read(server_buffer).await {
+                    Ok(read) if read > 0 => read,
+                    _ => return Ended::Closed,
+                };
+                lock(&sides).from_server.feed(&server_buffer[..read], 0);
+                if !write_out(&mut client_writer, &server_buffer[..read]).await {
+                    return Ended::Closed;
+                }
+                Metrics::count(&metrics.bytes_to_client, read as u64);
+                let sides = lock(&sides);
+                if until == Until::TransactionEnds
+                    && !sides.from_client.prepared_named_statement
+                    && sides.settled()
+                {
+                    return Ended::TransactionDone;
+                }
+            }
+        };
+        let ended = tokio::select! {
+            ended = requests => ended,
+            ended = answers => ended,
+        };
+        self.from_client = sides
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+            .from_client;
+        ended
     }
+}
+
+/// Both directions' framing, shared by the two halves of a relay. Locked only between
+/// awaits, never across one.
+struct Sides {
+    from_client: Framing,
+    from_server: Framing,
+}
+
+impl Sides {
+    fn settled(&self) -> bool {
+        settled(&self.from_client, &self.from_server)
+    }
+}
+
+fn lock(sides: &Mutex<Sides>) -> MutexGuard<'_, Sides> {
+    // A panic elsewhere cannot leave the counts half updated: each update is one call.
+    sides.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Forwards a chunk from the client; `Some` when the client said Terminate, which is not
 /// forwarded: the server session outlives the client when it is settled.
-async fn to_server(
+async fn to_server<W: AsyncWrite + Unpin>(
     chunk: &[u8],
-    from_client: &mut Framing,
-    from_server: &Framing,
-    server: &mut ServerStream,
+    sides: &Mutex<Sides>,
+    server: &mut W,
     metrics: &Metrics,
     until: Until,
 ) -> Option<Ended> {
-    let was_pinned = from_client.prepared_named_statement;
-    if let Some(terminate_at) = from_client.feed(chunk, 0) {
+    let (terminate_at, newly_pinned) = {
+        let mut sides = lock(sides);
+        let was_pinned = sides.from_client.prepared_named_statement;
+        let terminate_at = sides.from_client.feed(chunk, 0);
+        (
+            terminate_at,
+            sides.from_client.prepared_named_statement && !was_pinned,
+        )
+    };
+    if let Some(terminate_at) = terminate_at {
         if !write_out(server, &chunk[..terminate_at]).await {
             return Some(Ended::Closed);
         }
         return Some(
-            if terminate_at + 5 == chunk.len() && settled(from_client, from_server) {
+            if terminate_at + 5 == chunk.len() && lock(sides).settled() {
                 Ended::ServerReusable
             } else {
                 Ended::Closed
@@ -347,7 +395,7 @@ async fn to_server(
         return Some(Ended::Closed);
     }
     Metrics::count(&metrics.bytes_to_server, chunk.len() as u64);
-    if until == Until::TransactionEnds && from_client.prepared_named_statement && !was_pinned {
+    if until == Until::TransactionEnds && newly_pinned {
         Metrics::count(&metrics.pinned_clients, 1);
     }
     None

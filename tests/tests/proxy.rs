@@ -130,6 +130,49 @@ impl Fixture {
     }
 }
 
+/// A client that pipelines many large requests while it reads large answers, as libpq's
+/// pipeline mode does, is relayed both ways at once: the proxy never stops reading the
+/// server's answers while it waits to hand the server more requests (the server, busy
+/// writing answers, reads no requests until they are taken).
+#[test]
+fn large_pipelined_requests_and_answers_flow_both_ways_at_once() {
+    let fixture = fixture(r#""trust""#);
+    let mut reader = TcpStream::connect(fixture.proxy.tcp_address.unwrap()).unwrap();
+    reader
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    reader
+        .write_all(&startup_packet(
+            196608,
+            &[("user", "app"), ("database", "appdb")],
+        ))
+        .unwrap();
+    read_until_ready(&mut reader);
+    // 30 MB of requests (each padded with a comment) for 100 MB of answers: more than the
+    // sockets between client, proxy and server can hold in either direction.
+    let queries = 100;
+    let padding = "-".repeat(300_000);
+    let query = format!("SELECT repeat('x', 1000000) /* {padding} */\0");
+    let mut writer = reader.try_clone().unwrap();
+    let sending = std::thread::spawn(move || {
+        for _ in 0..queries {
+            writer
+                .write_all(&protocol_message(b'Q', query.as_bytes()))
+                .unwrap();
+        }
+    });
+    for answered in 0..queries {
+        let answer = read_until_ready(&mut reader);
+        assert!(
+            answer
+                .iter()
+                .any(|(tag, body)| *tag == b'D' && body.len() > 1_000_000),
+            "answer {answered} has no row"
+        );
+    }
+    sending.join().unwrap();
+}
+
 #[test]
 fn clients_connect_without_a_password_and_everything_relays() {
     let fixture = fixture(r#""trust""#);
