@@ -33,10 +33,12 @@ unit-test: setup
 		cargo pgrx test pg15 --package pg_secrets --runas postgres --pgdata $(PGRX_TEST_DATA); \
 	else cargo pgrx test pg15 --package pg_secrets; fi
 
-# The proxy's own unit tests, then real clusters and real clients. Runs after unit-test has replaced the installed library with
+# The proxy's own unit tests, the proxy binary (one end-to-end test runs it as its own process
+# to send it signals), then real clusters and real clients. Runs after unit-test has replaced the installed library with
 # its test build, so it installs the release build first.
 e2e-test: install
 	@cargo test --release --package secrets-proxy
+	@cargo build --quiet --release --package secrets-proxy
 	@cargo test --release --package pg_secrets_e2e -- --test-threads=2
 
 bench: install

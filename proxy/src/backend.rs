@@ -255,9 +255,11 @@ async fn connect(
     Ok((stream, ServerAddress::Tcp(peer)))
 }
 
-/// Messages a server may send between AuthenticationOk and ReadyForQuery; PostgreSQL sends a
-/// few dozen.
+/// Messages, and bytes, a server may send between AuthenticationOk and ReadyForQuery.
+/// PostgreSQL sends a few dozen messages, well under 4 KiB; the greeting is kept for as long
+/// as the pooled session lives, so a server that sends more is not believed.
 const MAX_GREETING_MESSAGES: usize = 1000;
+const MAX_GREETING_BYTES: usize = 256 * 1024;
 
 /// Connects and logs in, all within `settings.timeout`: a server that accepts and then stalls
 /// (in the TLS handshake, the authentication or the greeting) is as unreachable as one that
@@ -418,6 +420,7 @@ async fn log_in(
     }
 
     let mut greeting = Vec::new();
+    let mut greeting_bytes = 0;
     let mut cancel_key = None;
     loop {
         if greeting.len() >= MAX_GREETING_MESSAGES {
@@ -426,6 +429,12 @@ async fn log_in(
             )));
         }
         let (tag, body) = read_message(&mut stream).await?;
+        greeting_bytes += body.len() + 5;
+        if greeting_bytes > MAX_GREETING_BYTES {
+            return Err(ProxyError::Backend(format!(
+                "more than {MAX_GREETING_BYTES} bytes before ReadyForQuery"
+            )));
+        }
         match tag {
             b'E' => return Err(refused(target, body)),
             b'K' if body.len() == 8 => {

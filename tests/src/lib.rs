@@ -11,6 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 pub use postgres::{Client, NoTls};
 
@@ -366,14 +367,110 @@ pub fn store_state(client: &mut Client) -> String {
 /// Polls `condition` every 50 ms until it holds, and fails the test naming `what` when it
 /// still does not after `timeout`: how a test waits for a background worker or a server.
 #[track_caller]
-pub fn wait_until(what: &str, timeout: std::time::Duration, mut condition: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + timeout;
     while !condition() {
         assert!(
             std::time::Instant::now() < deadline,
             "timed out after {timeout:?} waiting for {what}"
         );
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The credential JSON of login role `app` on `cluster`, as a pg_secrets secret holds it.
+pub fn credential_json(cluster: &Cluster, password: &str) -> String {
+    format!(
+        r#"{{"engine": "postgres", "host": "127.0.0.1", "port": {}, "dbname": "postgres", "username": "app", "password": "{password}"}}"#,
+        cluster.port
+    )
+}
+
+/// For the proxy tests: a cluster with login role `app` (password `pw-0`, kept in secret
+/// `db/app`) and a `proxy` role that may read secrets (password `proxy-pw`).
+pub fn cluster_with_app_credential(settings: &[&str]) -> Cluster {
+    let cluster = Cluster::start_with(KeySource::File(TEST_KEY.into()), settings);
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE app LOGIN PASSWORD 'pw-0';
+         CREATE ROLE proxy LOGIN PASSWORD 'proxy-pw' IN ROLE secrets_reader;
+         GRANT CREATE ON SCHEMA public TO app;",
+    )
+    .unwrap();
+    db.execute(
+        "SELECT secrets.create_secret('db/app', $1)",
+        &[&credential_json(&cluster, "pw-0")],
+    )
+    .unwrap();
+    cluster
+}
+
+/// secrets-proxy as its own process: the binary `make test` builds, next to this test's own
+/// directory. Killed when dropped, so a failing test leaves no proxy behind.
+pub struct ProxyProcess {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl ProxyProcess {
+    /// Starts it with `config_file`, whose clients listen on TCP `port`, and waits until it listens.
+    pub fn start(config_file: &Path, port: u16) -> ProxyProcess {
+        let binary = std::env::current_exe()
+            .unwrap()
+            .parent()
+            .and_then(std::path::Path::parent)
+            .unwrap()
+            .join("secrets-proxy");
+        let child = Command::new(&binary)
+            .arg("--config")
+            .arg(config_file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} (make test builds it): {e}", binary.display()));
+        let proxy = ProxyProcess { child, port };
+        wait_until("the proxy to listen", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        proxy
+    }
+
+    /// A client of route `database`, over TCP, as user `whoever`.
+    pub fn connect(&self, database: &str) -> Result<Client, postgres::Error> {
+        Client::connect(
+            &format!(
+                "host=127.0.0.1 port={} user=whoever dbname={database}",
+                self.port
+            ),
+            NoTls,
+        )
+    }
+
+    /// Sends a signal by name (`HUP`, `TERM`, `INT`).
+    pub fn signal(&self, name: &str) {
+        let sent = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{name}");
+    }
+
+    /// Waits for the process to exit, for `within` at most.
+    pub fn exits_within(&mut self, within: Duration, why: &str) -> std::process::ExitStatus {
+        let mut status = None;
+        wait_until(why, within, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status.unwrap()
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

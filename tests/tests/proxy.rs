@@ -3,8 +3,8 @@
 //! pgbench, raw sockets) connect to it without a password.
 
 use pg_secrets_e2e::{
-    http_get, startup_packet, wait_until, Cluster, KeySource, SUPERUSER, SUPERUSER_PASSWORD,
-    TEST_KEY,
+    cluster_with_app_credential, credential_json, http_get, startup_packet, wait_until, Cluster,
+    ProxyProcess, SUPERUSER, SUPERUSER_PASSWORD,
 };
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
@@ -16,13 +16,6 @@ use std::time::{Duration, Instant};
 struct Fixture {
     cluster: Cluster,
     proxy: RunningProxy,
-}
-
-fn credential_json(cluster: &Cluster, password: &str) -> String {
-    format!(
-        r#"{{"engine": "postgres", "host": "127.0.0.1", "port": {}, "dbname": "postgres", "username": "app", "password": "{password}"}}"#,
-        cluster.port
-    )
 }
 
 /// A cluster with login role `app` (password in secret `db/app`), a `proxy` role that may read
@@ -39,23 +32,18 @@ struct ProxyExtras {
 }
 
 fn fixture_with(allow: &str, settings: &[&str], extras: ProxyExtras) -> Fixture {
-    let cluster = Cluster::start_with(KeySource::File(TEST_KEY.into()), settings);
-    let mut db = cluster.superuser();
-    db.batch_execute(
-        "CREATE ROLE app LOGIN PASSWORD 'pw-0';
-         CREATE ROLE proxy LOGIN PASSWORD 'proxy-pw' IN ROLE secrets_reader;
-         GRANT CREATE ON SCHEMA public TO app;",
-    )
-    .unwrap();
-    db.execute(
-        "SELECT secrets.create_secret('db/app', $1)",
-        &[&credential_json(&cluster, "pw-0")],
-    )
-    .unwrap();
-    let config = Config::parse(&format!(
+    let cluster = cluster_with_app_credential(settings);
+    let config = Config::parse(&proxy_config(&cluster, "127.0.0.1:0", allow, &extras)).unwrap();
+    let proxy = RunningProxy::start(config).unwrap();
+    Fixture { cluster, proxy }
+}
+
+/// The proxy's configuration: clients on `tcp`, database `appdb` routed to secret `db/app`.
+fn proxy_config(cluster: &Cluster, tcp: &str, allow: &str, extras: &ProxyExtras) -> String {
+    format!(
         r#"
         [listen]
-        tcp = "127.0.0.1:0"
+        tcp = "{tcp}"
         unix_dir = "{dir}"
         admin = "127.0.0.1:0"
 
@@ -79,10 +67,7 @@ fn fixture_with(allow: &str, settings: &[&str], extras: ProxyExtras) -> Fixture 
         port = cluster.port,
         limits = extras.limits,
         route = extras.route,
-    ))
-    .unwrap();
-    let proxy = RunningProxy::start(config).unwrap();
-    Fixture { cluster, proxy }
+    )
 }
 
 impl Fixture {
@@ -91,6 +76,11 @@ impl Fixture {
     }
 
     fn connect(&self) -> Client {
+        self.try_connect()
+            .unwrap_or_else(|e| panic!("cannot connect through the proxy: {e}"))
+    }
+
+    fn try_connect(&self) -> Result<Client, postgres::Error> {
         Client::connect(
             &format!(
                 "host=127.0.0.1 port={} user=whoever dbname=appdb",
@@ -98,7 +88,6 @@ impl Fixture {
             ),
             NoTls,
         )
-        .unwrap_or_else(|e| panic!("cannot connect through the proxy: {e}"))
     }
 
     fn rotate(&self, password: &str) {
@@ -1242,5 +1231,134 @@ fn transaction_mode_sees_no_failure_while_the_password_rotates() {
             std::thread::sleep(Duration::from_millis(100));
         });
         assert!(rotations >= 5, "only {rotations} rotations");
+    }
+}
+
+/// The proxy's signals, sent to the real process: SIGHUP reloads the routes without dropping
+/// a connected client; SIGTERM turns new clients away, lets connected ones finish and exits
+/// when they have left, or closes them when the drain timeout has passed; SIGINT stops at
+/// once, drain timeout or not.
+#[test]
+fn signals_reload_drain_and_stop_the_proxy_process() {
+    let cluster = cluster_with_app_credential(&[]);
+    let port = pg_secrets_e2e::free_port();
+    let config_file = cluster.dir().join("proxy-process.toml");
+    let config = |drain_timeout_secs: u64| {
+        let extras = ProxyExtras {
+            limits: format!("drain_timeout_secs = {drain_timeout_secs}"),
+            ..ProxyExtras::default()
+        };
+        proxy_config(
+            &cluster,
+            &format!("127.0.0.1:{port}"),
+            r#""trust""#,
+            &extras,
+        )
+    };
+    let other_route =
+        "\n[[route]]\ndatabase = \"otherdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n";
+
+    // SIGHUP: a route added to the file serves new clients; the connected client stays.
+    std::fs::write(&config_file, config(60)).unwrap();
+    let mut proxy = ProxyProcess::start(&config_file, port);
+    let mut connected = proxy.connect("appdb").unwrap();
+    assert!(proxy.connect("otherdb").is_err(), "no such route yet");
+    std::fs::write(&config_file, config(60) + other_route).unwrap();
+    proxy.signal("HUP");
+    wait_until("the new route", Duration::from_secs(30), || {
+        proxy.connect("otherdb").is_ok()
+    });
+    assert_eq!(scalar(&mut connected, "SELECT 'still here'"), "still here");
+
+    // SIGTERM: new clients are turned away; the connected one finishes its transaction, and
+    // once it leaves the proxy exits, long before the 60 s drain timeout.
+    connected.batch_execute("BEGIN").unwrap();
+    proxy.signal("TERM");
+    wait_until(
+        "new clients to be turned away",
+        Duration::from_secs(30),
+        || proxy.connect("appdb").is_err(),
+    );
+    assert_eq!(scalar(&mut connected, "SELECT 'finishing'"), "finishing");
+    connected.batch_execute("COMMIT").unwrap();
+    drop(connected);
+    let status = proxy.exits_within(Duration::from_secs(20), "the proxy to exit once drained");
+    assert!(status.success(), "{status}");
+
+    // SIGTERM with a client that stays: closed when the 2 s drain timeout has passed.
+    std::fs::write(&config_file, config(2)).unwrap();
+    let mut proxy = ProxyProcess::start(&config_file, port);
+    let mut staying = proxy.connect("appdb").unwrap();
+    proxy.signal("TERM");
+    proxy.exits_within(Duration::from_secs(30), "the drain timeout");
+    assert!(
+        staying.simple_query("SELECT 1").is_err(),
+        "closed at the drain timeout"
+    );
+
+    // SIGINT: stops at once with a client connected, well before a 60 s drain timeout.
+    std::fs::write(&config_file, config(60)).unwrap();
+    let mut proxy = ProxyProcess::start(&config_file, port);
+    let mut interrupted = proxy.connect("appdb").unwrap();
+    proxy.signal("INT");
+    proxy.exits_within(Duration::from_secs(20), "SIGINT to stop the proxy");
+    assert!(interrupted.simple_query("SELECT 1").is_err());
+}
+
+/// A server that floods the proxy before its ReadyForQuery (over a thousand messages, or a few
+/// large ones past 256 KiB) is not believed: the client gets `08P01` naming the limit, and the
+/// proxy keeps nothing of it.
+#[test]
+fn a_server_flooding_its_greeting_is_refused() {
+    let fixture = fixture(r#""trust""#);
+    let mut db = fixture.cluster.superuser();
+    for (messages, value_bytes, limit) in [
+        (1001, 10, "more than 1000 messages before ReadyForQuery"),
+        (5, 60_000, "more than 262144 bytes before ReadyForQuery"),
+    ] {
+        let hostile = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = hostile.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut server in hostile.incoming().flatten() {
+                // The startup packet; then AuthenticationOk and the flood of ParameterStatus.
+                let mut length = [0u8; 4];
+                if server.read_exact(&mut length).is_err() {
+                    continue;
+                }
+                let mut startup =
+                    vec![0u8; (i32::from_be_bytes(length) as usize).saturating_sub(4)];
+                let _ = server.read_exact(&mut startup);
+                let parameter = [&b"flood\0"[..], &vec![b'x'; value_bytes], b"\0"].concat();
+                let mut greeting = protocol_message(b'R', &0i32.to_be_bytes());
+                for _ in 0..messages {
+                    greeting.extend(protocol_message(b'S', &parameter));
+                }
+                let _ = server.write_all(&greeting);
+                let _ = server.read_to_end(&mut Vec::new());
+            }
+        });
+        let credential = format!(
+            r#"{{"host": "127.0.0.1", "port": {port}, "username": "app", "password": "pw-0"}}"#
+        );
+        db.execute(
+            "SELECT secrets.put_secret_value('db/app', $1)",
+            &[&credential],
+        )
+        .unwrap();
+        // Once the proxy has heard of the change, logins go to the flooding server.
+        let mut refusal = None;
+        wait_until(limit, Duration::from_secs(30), || {
+            refusal = fixture.try_connect().err();
+            refusal
+                .as_ref()
+                .and_then(postgres::Error::as_db_error)
+                .is_some_and(|db| db.message().contains(limit))
+        });
+        let error = refusal.unwrap();
+        assert_eq!(
+            error.as_db_error().map(|db| db.code().code()),
+            Some("08P01"),
+            "{error}"
+        );
     }
 }

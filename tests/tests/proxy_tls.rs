@@ -3,7 +3,10 @@
 //! to servers, each `[server_tls]` mode against a server with TLS, one with another CA's
 //! certificate, one without TLS; and the SCRAM keys derived once per password.
 
-use pg_secrets_e2e::{http_get, Cluster, KeySource, TEST_KEY};
+use pg_secrets_e2e::{
+    cluster_with_app_credential, free_port, http_get, wait_until, Cluster, KeySource, ProxyProcess,
+    TEST_KEY,
+};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use secrets_proxy::{Config, RunningProxy};
 use std::fs;
@@ -88,19 +91,7 @@ fn psql(port: u16, connection: &str) -> (bool, String) {
 
 #[test]
 fn tls_clients_certificates_and_required_encryption() {
-    let cluster = Cluster::start();
-    let mut db = cluster.superuser();
-    db.batch_execute(
-        "CREATE ROLE app LOGIN PASSWORD 'pw-0';
-         CREATE ROLE proxy LOGIN PASSWORD 'proxy-pw' IN ROLE secrets_reader;",
-    )
-    .unwrap();
-    let credential = format!(
-        r#"{{"engine": "postgres", "host": "127.0.0.1", "port": {}, "dbname": "postgres", "username": "app", "password": "pw-0"}}"#,
-        cluster.port
-    );
-    db.execute("SELECT secrets.create_secret('db/app', $1)", &[&credential])
-        .unwrap();
+    let cluster = cluster_with_app_credential(&[]);
     let pki = make_pki(cluster.dir());
     let proxy = RunningProxy::start(
         Config::parse(&format!(
@@ -150,6 +141,63 @@ fn tls_clients_certificates_and_required_encryption() {
     assert!(
         !ok && (text.contains("certificate") || text.contains("SSL error")),
         "{text}"
+    );
+}
+
+/// SIGHUP reloads the proxy's certificate: once the files hold one from another CA, new
+/// clients see it, and a client connected before is not dropped.
+#[test]
+fn sighup_reloads_the_certificate_without_dropping_clients() {
+    let cluster = cluster_with_app_credential(&[]);
+    let (first_dir, second_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (first, second) = (make_pki(first_dir.path()), make_pki(second_dir.path()));
+    let (cert, key) = (
+        cluster.dir().join("proxy.pem"),
+        cluster.dir().join("proxy.key"),
+    );
+    let install = |pki: &Pki| {
+        fs::copy(&pki.server_cert, &cert).unwrap();
+        fs::copy(&pki.server_key, &key).unwrap();
+    };
+    install(&first);
+    let port = free_port();
+    let config_file = cluster.dir().join("proxy-tls.toml");
+    fs::write(
+        &config_file,
+        format!(
+            "[listen]\ntcp = \"127.0.0.1:{port}\"\n\
+             [store]\nhost = \"127.0.0.1\"\nport = {}\n{STORE_LOGIN}\n\
+             [tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
+             [[route]]\ndatabase = \"appdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n",
+            cluster.port,
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let proxy = ProxyProcess::start(&config_file, port);
+    let verified_by = |pki: &Pki| {
+        psql(
+            port,
+            &format!("sslmode=verify-full sslrootcert={}", pki.ca.display()),
+        )
+    };
+    let (ok, text) = verified_by(&first);
+    assert!(ok, "{text}");
+    let mut connected = proxy.connect("appdb").unwrap();
+
+    install(&second);
+    proxy.signal("HUP");
+    wait_until(
+        "the new certificate",
+        std::time::Duration::from_secs(30),
+        || verified_by(&second).0,
+    );
+    let (ok, text) = verified_by(&first);
+    assert!(!ok, "the old certificate is gone: {text}");
+    assert!(
+        connected.simple_query("SELECT 1").is_ok(),
+        "the client connected before the reload stays"
     );
 }
 
