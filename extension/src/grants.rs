@@ -108,6 +108,21 @@ pub fn grant_access(
         if expired == Some(true) {
             return Err(Error::InvalidParameter("valid_until is in the past".into()));
         }
+        // The access cache keeps expiries as microseconds since 1970 in an i64: 'infinity'
+        // and the last millennia of timestamptz's range do not fit (a grant without an end
+        // is one without valid_until).
+        let beyond = db::first_value::<bool>(client.select(
+            "SELECT $1 >= '10000-01-01'::timestamptz",
+            None,
+            &[valid_until.into()],
+        )?)?;
+        if beyond == Some(true) {
+            return Err(Error::InvalidParameter(
+                "valid_until must be before the year 10000; leave it NULL for a grant without \
+                 an end"
+                    .into(),
+            ));
+        }
         let id = db::first_value::<Uuid>(client.update(
             "INSERT INTO secrets.access_grant \
                     (id, name_pattern, grantee, actions, valid_until, granted_by) \

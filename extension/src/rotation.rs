@@ -219,10 +219,12 @@ pub fn cancel_rotate_secret(name: &str) -> Result<()> {
         client.update(
             "UPDATE secrets.rotation SET state = 'cancelled', \
                     finished_at = pg_catalog.clock_timestamp(), \
-                    note = 'cancelled by ' || current_user \
+                    note = 'cancelled by ' || $2 \
              WHERE secret_id = $1 AND state = 'running' AND step IN ('create', 'set')",
             None,
-            &[secret.id.into()],
+            // The caller, not current_user: inside this SECURITY DEFINER function that is
+            // the extension's owner.
+            &[secret.id.into(), caller_name().into()],
         )?;
         let still_running = !client
             .select(
@@ -247,12 +249,21 @@ pub fn abandon_for_put(client: &mut SpiClient<'_>, secret_id: Uuid, version: Uui
         "UPDATE secrets.rotation SET state = 'abandoned', \
                 finished_at = pg_catalog.clock_timestamp(), \
                 note = pg_catalog.format('abandoned: put_secret_value by %s wrote version %s', \
-                                         current_user, $2::text) \
+                                         $3, $2::text) \
          WHERE secret_id = $1 AND state = 'running'",
         None,
-        &[secret_id.into(), version.to_string().into()],
+        &[
+            secret_id.into(),
+            version.to_string().into(),
+            caller_name().into(),
+        ],
     )?;
     Ok(())
+}
+
+/// Who called the SQL function, for a rotation's notes.
+fn caller_name() -> String {
+    access::role_name(access::caller())
 }
 
 struct Run {
@@ -711,6 +722,7 @@ pub fn rotate_accessible_by(
             })
             .collect::<Result<_>>()
     })?;
+    let caller = access::caller();
     let mut statuses = Vec::new();
     for (name, id, owner, has_rotator) in readable {
         if read_by_role
@@ -728,6 +740,17 @@ pub fn rotate_accessible_by(
             access::Context::Anywhere,
         )?;
         if !could_read.allows() {
+            continue;
+        }
+        // Only what the caller may see is listed, or the names would be a probe: secrets it
+        // may describe, and with `only_accessed` (which tells who read what, an audit fact)
+        // those whose audit records it may read, the ones it may manage.
+        let secret = Some(access::Secret { id, owner });
+        let caller_sees = |action| {
+            access::decide(caller, action, &name, secret, access::Context::Session)
+                .map(|decision| decision.allows())
+        };
+        if !caller_sees(Action::Describe)? || (only_accessed && !caller_sees(Action::Manage)?) {
             continue;
         }
         let status = if !has_rotator {

@@ -458,6 +458,17 @@ fn grants_patterns_expiry_and_their_refusals() {
             "22023",
             "in the past",
         ),
+        // An end the access cache cannot hold would break every access decision: refused.
+        (
+            "SELECT secrets.grant_access('prod/*', 'payments', '{get}', 'infinity')",
+            "22023",
+            "before the year 10000",
+        ),
+        (
+            "SELECT secrets.grant_access('prod/*', 'payments', '{get}', '294000-01-01')",
+            "22023",
+            "before the year 10000",
+        ),
         (
             "SELECT secrets.grant_access('prod/*', 'nobody', '{get}')",
             "42704",

@@ -660,16 +660,18 @@ fn a_target_that_is_down_fails_cleanly_alarms_and_recovers() {
     // CURRENT is untouched.
     assert_eq!(current(&mut db, "db/down"), first);
 
-    // A manual put during the rotation wins, and the record says so.
+    // A manual put during the rotation wins, and the record says so and who put.
+    db.batch_execute("CREATE ROLE fixer IN ROLE secrets_admin; SET ROLE fixer")
+        .unwrap();
     db.execute("SELECT secrets.put_secret_value('db/down', $1)", &[&first])
         .unwrap();
+    db.batch_execute("RESET ROLE").unwrap();
     assert_eq!(
         rotation_field(&mut db, "db/down", &["last", "state"]).as_deref(),
         Some("abandoned")
     );
-    assert!(rotation_field(&mut db, "db/down", &["last", "note"])
-        .unwrap()
-        .contains("put_secret_value"));
+    let note = rotation_field(&mut db, "db/down", &["last", "note"]).unwrap();
+    assert!(note.contains("put_secret_value by fixer"), "{note}");
     assert!(rotation_field(&mut db, "db/down", &["in_progress"]).is_none());
 
     // With the target back, CURRENT logs in as before and a new rotation succeeds.
@@ -905,6 +907,18 @@ fn offboarding_rotates_what_the_role_could_read() {
         "42704",
         "does not exist",
     );
+    // A caller is shown only the secrets it may describe: the names are not a probe.
+    db.batch_execute("CREATE ROLE nosy IN ROLE secrets_user; SET ROLE nosy")
+        .unwrap();
+    let shown: i64 = db
+        .query_one(
+            "SELECT count(*) FROM secrets.rotate_secrets_accessible_by('leaver')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    db.batch_execute("RESET ROLE").unwrap();
+    assert_eq!(shown, 0, "nosy may describe none of the leaver's secrets");
     // A role that can read nothing gets nothing rotated.
     db.batch_execute("CREATE ROLE stranger").unwrap();
     let none: i64 = db
