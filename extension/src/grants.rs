@@ -100,22 +100,20 @@ pub fn grant_access(
 ) -> Result<Uuid> {
     Spi::connect_mut(|client| {
         authorize_grant(client, pattern)?;
-        let expired = db::first_value::<bool>(client.select(
-            "SELECT $1 <= pg_catalog.now()",
-            None,
-            &[valid_until.into()],
-        )?)?;
+        // One question for both bounds. The upper one: the access cache keeps expiries as
+        // microseconds since 1970 in an i64, which 'infinity' and the last millennia of
+        // timestamptz's range do not fit (a grant without an end is one without valid_until).
+        let (expired, beyond) = client
+            .select(
+                "SELECT $1 <= pg_catalog.now(), $1 >= '10000-01-01'::timestamptz",
+                None,
+                &[valid_until.into()],
+            )?
+            .first()
+            .get_two::<bool, bool>()?;
         if expired == Some(true) {
             return Err(Error::InvalidParameter("valid_until is in the past".into()));
         }
-        // The access cache keeps expiries as microseconds since 1970 in an i64: 'infinity'
-        // and the last millennia of timestamptz's range do not fit (a grant without an end
-        // is one without valid_until).
-        let beyond = db::first_value::<bool>(client.select(
-            "SELECT $1 >= '10000-01-01'::timestamptz",
-            None,
-            &[valid_until.into()],
-        )?)?;
         if beyond == Some(true) {
             return Err(Error::InvalidParameter(
                 "valid_until must be before the year 10000; leave it NULL for a grant without \
