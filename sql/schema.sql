@@ -58,6 +58,10 @@ CREATE TABLE secrets.secret (
     rotation_enabled boolean NOT NULL DEFAULT false,
     next_rotation_at timestamptz,
     last_rotated_at  timestamptz,
+    -- the version whose credential names what a database rotation may act on (server, role,
+    -- admin secret): CURRENT when a role with manage configured rotation, then each rotation's
+    -- result; a `put` naming another target is not rotated until rotation is configured again
+    rotation_target_version_id uuid,
     -- A copy of the CURRENT version's row, kept by the triggers below, so that reading
     -- CURRENT is one index probe instead of three. NULL when no version is CURRENT.
     current_version_id  uuid,

@@ -11,6 +11,7 @@ pub const CURRENT: &str = "CURRENT";
 pub const PREVIOUS: &str = "PREVIOUS";
 
 /// Deprecated (label-less) versions kept per secret, and the age below which none is pruned.
+/// A version a rotation's target is pinned to is never pruned.
 const KEEP_DEPRECATED: i64 = 100;
 
 pub fn holder(client: &SpiClient<'_>, secret_id: Uuid, label: &str) -> Result<Option<Uuid>> {
@@ -84,7 +85,9 @@ pub fn prune_deprecated(client: &mut SpiClient<'_>, secret_id: Option<Uuid>) -> 
                  FROM secrets.secret_version v \
                  WHERE ($1::uuid IS NULL OR v.secret_id = $1) \
                    AND NOT EXISTS (SELECT FROM secrets.version_label l \
-                                   WHERE l.version_id = v.id)) deprecated \
+                                   WHERE l.version_id = v.id) \
+                   AND NOT EXISTS (SELECT FROM secrets.secret s \
+                                   WHERE s.rotation_target_version_id = v.id)) deprecated \
              WHERE newest > $2) \
          AND created_at < pg_catalog.now() - interval '24 hours'",
         None,

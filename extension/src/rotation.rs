@@ -149,6 +149,11 @@ pub fn rotate_secret(name: &str, request: Request) -> Result<Option<Uuid>> {
                 "rotation_window spreads a schedule's start times; give a schedule with it".into(),
             ));
         }
+        // Naming the rotator (re)pins the target: the caller vouches for what CURRENT names.
+        let pin = match request.rotator {
+            Some(_) => Some(pin_target(client, &secret, &rotator)?),
+            None => None,
+        };
         let window_seconds = request.window_seconds.or(stored.window_seconds);
         let schedule = schedule_text
             .map(|text| check_schedule(text, window_seconds))
@@ -166,7 +171,9 @@ pub fn rotate_secret(name: &str, request: Request) -> Result<Option<Uuid>> {
             "UPDATE secrets.secret SET rotator = $2, rotation_schedule = $3, \
                     rotation_window = pg_catalog.make_interval(secs => $4), \
                     rotation_enabled = $3 IS NOT NULL, \
-                    next_rotation_at = pg_catalog.to_timestamp($5) \
+                    next_rotation_at = pg_catalog.to_timestamp($5), \
+                    rotation_target_version_id = CASE WHEN $6 THEN $7 \
+                                                      ELSE rotation_target_version_id END \
              WHERE id = $1",
             None,
             &[
@@ -175,6 +182,8 @@ pub fn rotate_secret(name: &str, request: Request) -> Result<Option<Uuid>> {
                 schedule_text.into(),
                 window_seconds.map(|seconds| seconds as f64).into(),
                 next_rotation_at.map(|seconds| seconds as f64).into(),
+                pin.is_some().into(),
+                pin.flatten().into(),
             ],
         )?;
         if !request.immediately {
@@ -188,6 +197,48 @@ pub fn rotate_secret(name: &str, request: Request) -> Result<Option<Uuid>> {
         run_steps(client, &mut run)?;
         Ok(Some(run.pending_version))
     })
+}
+
+/// The version a database rotator's target is pinned to: CURRENT, once the caller has been
+/// checked for the right to point a rotation at what it names. `None` for a command rotator.
+fn pin_target(
+    client: &SpiClient<'_>,
+    secret: &SecretRow,
+    rotator: &Rotator,
+) -> Result<Option<Uuid>> {
+    if !rotator.acts_on_named_target() {
+        return Ok(None);
+    }
+    let current = labels::holder(client, secret.id, CURRENT)?;
+    let value = current
+        .map(|version| store::version_value(client, secret, version))
+        .transpose()?;
+    rotators::check_configuration(
+        rotator,
+        &secret.name,
+        value.as_ref().map(|value| value.as_slice()),
+        access::caller(),
+    )?;
+    Ok(current)
+}
+
+/// The pinned version of a database rotation and its value, read at each step.
+fn pinned_target(
+    client: &SpiClient<'_>,
+    secret: &SecretRow,
+    rotator: &Rotator,
+) -> Result<Option<(Uuid, Zeroizing<Vec<u8>>)>> {
+    if !rotator.acts_on_named_target() {
+        return Ok(None);
+    }
+    let pinned: Option<Uuid> = crate::db::first_value(client.select(
+        "SELECT rotation_target_version_id FROM secrets.secret WHERE id = $1",
+        Some(1),
+        &[secret.id.into()],
+    )?)?;
+    pinned
+        .map(|version| Ok((version, store::version_value(client, secret, version)?)))
+        .transpose()
 }
 
 /// A rotation of this secret that is running, or that finished while this statement waited
@@ -341,13 +392,18 @@ fn perform_step(
         Step::Create => None,
         _ => Some(store::version_value(client, secret, run.pending_version)?),
     };
+    let pinned = pinned_target(client, secret, rotator)?;
     let context = StepContext {
         secret_name: &secret.name,
         owner: secret.owner,
         pending_version: Some(run.pending_version),
         current: current.as_ref().map(|value| value.as_slice()),
         pending: pending.as_ref().map(|value| value.as_slice()),
+        pinned: pinned
+            .as_ref()
+            .map(|(version, value)| (*version, value.as_slice())),
     };
+    rotators::check_target(rotator, run.step, &context)?;
     match run.step {
         Step::Create => {
             if !lock_secret(client, secret.id)? {
@@ -387,11 +443,16 @@ fn perform_step(
                 labels::remove_label(client, secret.id, PENDING)?;
             }
             rotators::act(rotator, Step::Finish, &context)?;
+            // The new version names the pinned target (checked above): the pin moves to it,
+            // so older versions may be pruned.
             client.update(
                 "UPDATE secrets.secret SET last_rotated_at = pg_catalog.now(), \
-                        changed_at = pg_catalog.now() WHERE id = $1",
+                        changed_at = pg_catalog.now(), \
+                        rotation_target_version_id = CASE \
+                            WHEN rotation_target_version_id IS NOT NULL THEN $2 END \
+                 WHERE id = $1",
                 None,
-                &[secret.id.into()],
+                &[secret.id.into(), run.pending_version.into()],
             )?;
             labels::prune_deprecated(client, Some(secret.id))?;
             labels::notify_changed(client, "rotate", &secret.name, Some(run.pending_version))?;
@@ -619,6 +680,7 @@ pub fn describe(client: &SpiClient<'_>, secret_id: Uuid) -> Result<JsonB> {
         "SELECT pg_catalog.jsonb_build_object( \
            'enabled', s.rotation_enabled, 'rotator', s.rotator, \
            'schedule', s.rotation_schedule, 'window', s.rotation_window, \
+           'target_version_id', s.rotation_target_version_id, \
            'next_rotation_at', s.next_rotation_at, 'last_rotated_at', s.last_rotated_at, \
            'in_progress', (SELECT pg_catalog.jsonb_build_object('id', r.id, 'step', r.step, \
                                'pending_version_id', r.pending_version_id, \

@@ -263,6 +263,179 @@ fn refused_local_rotations_change_nothing() {
     Client::connect(&cluster.connection_string("victim", "victim-pw"), NoTls).unwrap();
 }
 
+/// The id of the version of `name` carrying `stage`.
+fn version_with(db: &mut Client, name: &str, stage: &str) -> String {
+    db.query_one(
+        "SELECT version_id::text FROM secrets.list_secret_version_ids($1) \
+         WHERE $2 = ANY(version_stages)",
+        &[&name, &stage],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// Rotations act with the owner's rights on what the credential names, so configuring rotation
+/// pins that target: a `put` naming another role or admin secret is not rotated until a role
+/// with `manage`, which may itself act on the new target, configures rotation again.
+#[test]
+fn a_put_cannot_steer_a_rotation_away_from_its_pinned_target() {
+    let cluster = store_cluster(&[]);
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE app LOGIN PASSWORD 'app-pw'; \
+         CREATE ROLE app2 LOGIN PASSWORD 'app2-pw'; \
+         CREATE ROLE victim LOGIN PASSWORD 'victim-pw'",
+    )
+    .unwrap();
+    let app = r#"{"username":"app","password":"app-pw"}"#;
+    create_secret(&mut db, "db/app", app);
+    let admin = format!(
+        r#"{{"username":"{}","password":"{}"}}"#,
+        pg_secrets_e2e::SUPERUSER,
+        pg_secrets_e2e::SUPERUSER_PASSWORD
+    );
+    create_secret(&mut db, "db/admin", &admin);
+    create_secret(&mut db, "db/admin2", &admin);
+    create_secret(
+        &mut db,
+        "db/alt",
+        r#"{"username":"app2","password":"app2-pw","master_secret":"db/admin"}"#,
+    );
+    for (name, rotator) in [
+        ("db/app", "postgres-single-user"),
+        ("db/alt", "postgres-alternating-users"),
+    ] {
+        db.execute(
+            "SELECT secrets.rotate_secret($1, rotator => $2, rotate_immediately => false)",
+            &[&name, &rotator],
+        )
+        .unwrap();
+    }
+    let pinned = version_with(&mut db, "db/app", "CURRENT");
+    assert_eq!(
+        rotation_field(&mut db, "db/app", &["target_version_id"]).as_deref(),
+        Some(pinned.as_str())
+    );
+    let mut writer = cluster.login_role("writer", "IN ROLE secrets_user");
+    let mut manager = cluster.login_role("manager", "IN ROLE secrets_user");
+    db.batch_execute(
+        "SELECT secrets.grant_access('db/app', 'writer', '{put,rotate}'); \
+         SELECT secrets.grant_access('db/alt', 'writer', '{put,rotate}'); \
+         SELECT secrets.grant_access('db/app', 'manager', '{rotate,manage}'); \
+         SELECT secrets.grant_access('db/alt', 'manager', '{rotate,manage}')",
+    )
+    .unwrap();
+
+    // A writer names another role, or another admin secret the owner may read: the rotation
+    // refuses, names the field, and changes nothing.
+    for (name, value, field) in [
+        (
+            "db/app",
+            r#"{"username":"victim","password":"guess"}"#,
+            "username",
+        ),
+        (
+            "db/alt",
+            r#"{"username":"app2","password":"app2-pw","master_secret":"db/admin2"}"#,
+            "master_secret",
+        ),
+    ] {
+        writer
+            .execute("SELECT secrets.put_secret_value($1, $2)", &[&name, &value])
+            .unwrap();
+        let before = store_state(&mut db);
+        assert_sql_error(
+            writer.execute("SELECT secrets.rotate_secret($1)", &[&name]),
+            "55000",
+            &format!("the CURRENT value names another \"{field}\" than version"),
+        );
+        assert_eq!(store_state(&mut db), before, "{name}");
+    }
+    Client::connect(&cluster.connection_string("victim", "victim-pw"), NoTls)
+        .expect("the victim's password is unchanged");
+
+    // Configuring again pins the new target only for a caller that may act on it itself.
+    assert_sql_error(
+        manager.execute(
+            "SELECT secrets.rotate_secret('db/app', rotator => 'postgres-single-user')",
+            &[],
+        ),
+        "55000",
+        "role \"manager\" may not change the password of role \"victim\"",
+    );
+    assert_sql_error(
+        manager.execute(
+            "SELECT secrets.rotate_secret('db/alt', rotator => 'postgres-alternating-users')",
+            &[],
+        ),
+        "42501",
+        "permission denied: get on secret \"db/admin2\"",
+    );
+    assert_eq!(
+        rotation_field(&mut db, "db/app", &["target_version_id"]).as_deref(),
+        Some(pinned.as_str())
+    );
+
+    // The pinned version outlives pruning: back on its target (a password set by hand), with
+    // more than a hundred deprecated versions over a day old, the rotation proceeds.
+    writer
+        .execute("SELECT secrets.put_secret_value('db/app', $1)", &[&app])
+        .unwrap();
+    db.batch_execute(
+        "DO $$ BEGIN FOR i IN 1..101 LOOP \
+           PERFORM secrets.put_secret_value('db/app', '{\"username\":\"app\",\"password\":\"app-pw\"}', \
+                                            version_stages => '{}'); \
+         END LOOP; END $$; \
+         UPDATE secrets.secret_version SET created_at = now() - interval '2 days'",
+    )
+    .unwrap();
+    writer
+        .execute("SELECT secrets.put_secret_value('db/app', $1)", &[&app])
+        .unwrap();
+    let (kept, deprecated): (i64, i64) = {
+        let row = db
+            .query_one(
+                "SELECT count(*) FILTER (WHERE id::text = $1), \
+                        count(*) FILTER (WHERE NOT EXISTS (SELECT FROM secrets.version_label l \
+                                                           WHERE l.version_id = v.id)) \
+                 FROM secrets.secret_version v \
+                 WHERE secret_id = (SELECT id FROM secrets.secret WHERE name = 'db/app')",
+                &[&pinned],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(
+        (kept, deprecated),
+        (1, 101),
+        "pruned down to 100 and the pin"
+    );
+    writer
+        .execute("SELECT secrets.rotate_secret('db/app')", &[])
+        .unwrap();
+    let rotated = current(&mut db, "db/app");
+    login(&cluster, &rotated).expect("app rotated");
+    assert_ne!(password_of(&rotated), "app-pw");
+    Client::connect(&cluster.connection_string("victim", "victim-pw"), NoTls)
+        .expect("the victim's password is unchanged");
+    // Each rotation's result is the new pin.
+    assert_eq!(
+        rotation_field(&mut db, "db/app", &["target_version_id"]),
+        Some(version_with(&mut db, "db/app", "CURRENT"))
+    );
+
+    // A superuser, who may read db/admin2, re-pins: the rotation acts with the new admin.
+    db.execute(
+        "SELECT secrets.rotate_secret('db/alt', rotator => 'postgres-alternating-users')",
+        &[],
+    )
+    .unwrap();
+    wait_for_rotation(&mut db, "db/alt");
+    let alternated = current(&mut db, "db/alt");
+    assert!(alternated.contains(r#""username":"app2_clone""#));
+    login(&cluster, &alternated).expect("the clone logs in");
+}
+
 #[test]
 fn schedules_are_checked_and_a_rate_rotates_on_its_own() {
     let cluster = store_cluster(&[]);

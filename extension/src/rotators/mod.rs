@@ -75,6 +75,13 @@ impl Rotator {
         }
     }
 
+    /// Whether the rotator acts where the secret's value says (a database credential names
+    /// its server, role and admin secret), so that target is pinned when rotation is
+    /// configured. A command's program is chosen by the superuser and acts on its own.
+    pub fn acts_on_named_target(&self) -> bool {
+        !matches!(self, Rotator::Command(_))
+    }
+
     pub fn name(&self) -> String {
         match self {
             Rotator::PostgresSingleUser => "postgres-single-user".into(),
@@ -93,6 +100,9 @@ pub struct StepContext<'a> {
     pub current: Option<&'a [u8]>,
     /// The PENDING value, from the set step on.
     pub pending: Option<&'a [u8]>,
+    /// For a database rotator, the version whose target the rotation may act on, and its
+    /// value: the CURRENT version when rotation was configured, then each rotation's result.
+    pub pinned: Option<(Uuid, &'a [u8])>,
 }
 
 impl StepContext<'_> {
@@ -117,6 +127,63 @@ impl StepContext<'_> {
             .ok_or_else(|| self.failed(step, "the rotation has no PENDING version"))?;
         Credential::parse(pending).map_err(|why| self.failed(step, why))
     }
+}
+
+/// Configuring rotation pins its target, the server, role and admin secret that the CURRENT
+/// value names, on the caller's own rights: a role that may `put` can later write another
+/// target into the value, and rotations act with the owner's rights, so without the pin a
+/// `put` would steer them. Refusals are 55000, like a failing step's.
+pub fn check_configuration(
+    rotator: &Rotator,
+    secret_name: &str,
+    current: Option<&[u8]>,
+    caller: pgrx::pg_sys::Oid,
+) -> Result<()> {
+    if !rotator.acts_on_named_target() {
+        return Ok(());
+    }
+    let refused = |reason: String| Error::RotationFailed {
+        name: secret_name.to_string(),
+        step: "configure",
+        reason,
+    };
+    let current =
+        current.ok_or_else(|| refused("the secret has no CURRENT version to rotate".into()))?;
+    let credential = Credential::parse(current).map_err(refused)?;
+    postgres::check_caller_may_target(rotator, &credential, caller, refused)
+}
+
+/// A database rotation acts only on its pinned target: the CURRENT and PENDING values a step
+/// works from must name the same server, role and admin secret as the pinned version.
+pub fn check_target(rotator: &Rotator, step: Step, context: &StepContext) -> Result<()> {
+    if !rotator.acts_on_named_target() {
+        return Ok(());
+    }
+    let (pinned_version, pinned) = context.pinned.ok_or_else(|| {
+        context.failed(
+            step,
+            "no target is pinned for it; a role with manage on the secret must configure \
+             rotation with rotate_secret(name, rotator => ...)",
+        )
+    })?;
+    let pinned = Credential::parse(pinned).map_err(|why| context.failed(step, why))?;
+    let pinned = postgres::Target::of(rotator, &pinned);
+    for (label, value) in [("CURRENT", context.current), ("PENDING", context.pending)] {
+        let Some(value) = value else { continue };
+        let credential = Credential::parse(value).map_err(|why| context.failed(step, why))?;
+        if let Some(field) = postgres::Target::of(rotator, &credential).first_difference(&pinned) {
+            return Err(context.failed(
+                step,
+                format!(
+                    "the {label} value names another \"{field}\" than version {pinned_version}, \
+                     the target pinned when rotation was configured; a role with manage on the \
+                     secret who may act on the new target must configure rotation again with \
+                     rotate_secret(name, rotator => ...) to pin it"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether all four steps run in one transaction: a role of this very cluster, where the

@@ -9,8 +9,8 @@
 //! Passwords travel only as SCRAM-SHA-256 verifiers computed here, so no SQL text, log line
 //! or statistics view ever holds the plaintext.
 
-use super::{Credential, Step, StepContext};
-use crate::errors::Result;
+use super::{Credential, Rotator, Step, StepContext};
+use crate::errors::{Error, Result};
 use crate::password::{self, PasswordRules};
 use crate::settings;
 use pgrx::prelude::*;
@@ -46,6 +46,9 @@ fn quote_literal(text: &str) -> String {
 
 const CLONE_SUFFIX: &str = "_clone";
 
+const NEEDS_MASTER_SECRET: &str = "postgres-alternating-users needs \"master_secret\" in the \
+     credential: the name of a secret with admin credentials for the server";
+
 /// The role objects belong to: `app` for both `app` and `app_clone`.
 fn main_user(login: &str) -> &str {
     login.strip_suffix(CLONE_SUFFIX).unwrap_or(login)
@@ -58,6 +61,47 @@ fn other_login(login: &str) -> String {
     }
 }
 
+/// What a database rotation acts on: the server, the role (for alternating users, the main
+/// role of the pair), and the admin secret it logs in with. The password is not part of it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Target {
+    host: Option<String>,
+    port: u16,
+    dbname: String,
+    role: String,
+    master_secret: Option<String>,
+}
+
+impl Target {
+    pub fn of(rotator: &Rotator, credential: &Credential) -> Target {
+        let username = credential.username();
+        Target {
+            host: credential.host().map(str::to_string),
+            port: credential.port().expect("checked by parse"),
+            dbname: credential.dbname().to_string(),
+            role: match rotator {
+                Rotator::PostgresAlternatingUsers => main_user(username),
+                _ => username,
+            }
+            .to_string(),
+            master_secret: credential.master_secret().map(str::to_string),
+        }
+    }
+
+    /// The credential field of the first difference, by name: the values may be private.
+    pub fn first_difference(&self, other: &Target) -> Option<&'static str> {
+        [
+            ("host", self.host != other.host),
+            ("port", self.port != other.port),
+            ("dbname", self.dbname != other.dbname),
+            ("username", self.role != other.role),
+            ("master_secret", self.master_secret != other.master_secret),
+        ]
+        .into_iter()
+        .find_map(|(field, differs)| differs.then_some(field))
+    }
+}
+
 pub fn create_single_user(context: &StepContext) -> Result<Zeroizing<Vec<u8>>> {
     let current = context.current_credential(Step::Create)?;
     Ok(current.with_login(current.username(), &new_password()?))
@@ -66,11 +110,7 @@ pub fn create_single_user(context: &StepContext) -> Result<Zeroizing<Vec<u8>>> {
 pub fn create_alternating(context: &StepContext) -> Result<Zeroizing<Vec<u8>>> {
     let current = context.current_credential(Step::Create)?;
     if current.master_secret().is_none() {
-        return Err(context.failed(
-            Step::Create,
-            "postgres-alternating-users needs \"master_secret\" in the credential: the name of \
-             a secret with admin credentials for the server",
-        ));
+        return Err(context.failed(Step::Create, NEEDS_MASTER_SECRET));
     }
     Ok(current.with_login(&other_login(current.username()), &new_password()?))
 }
@@ -106,38 +146,10 @@ pub fn set_single_user(context: &StepContext) -> Result<()> {
 /// (superuser, CREATEROLE, or member of the role), and superusers are never rotated from a
 /// secret, so holding `rotate` on a secret is never a way to take over a more powerful role.
 fn alter_local_password(context: &StepContext, username: &str, verifier: &str) -> Result<()> {
+    may_change_local_password(username, context.owner, "the secret's owner", |why| {
+        context.failed(Step::Set, why)
+    })?;
     Spi::connect_mut(|client| {
-        let rows = client.select(
-            "SELECT r.rolsuper, \
-                    o.rolsuper OR o.rolcreaterole OR pg_catalog.pg_has_role(o.oid, r.oid, 'USAGE') \
-             FROM pg_catalog.pg_roles r, pg_catalog.pg_roles o \
-             WHERE r.rolname = $1 AND o.oid = $2",
-            Some(1),
-            &[username.into(), context.owner.into()],
-        )?;
-        let Some(row) = rows.into_iter().next() else {
-            return Err(context.failed(
-                Step::Set,
-                format!("role \"{username}\" does not exist in this cluster"),
-            ));
-        };
-        if row.get::<bool>(1)? == Some(true) {
-            return Err(context.failed(
-                Step::Set,
-                format!(
-                    "role \"{username}\" is a superuser; its password is not rotated from a secret"
-                ),
-            ));
-        }
-        if row.get::<bool>(2)? != Some(true) {
-            return Err(context.failed(
-                Step::Set,
-                format!(
-                    "the secret's owner may not change the password of role \"{username}\": it \
-                     needs CREATEROLE or membership in that role"
-                ),
-            ));
-        }
         client.update(
             &format!(
                 "ALTER ROLE {} PASSWORD {}",
@@ -149,6 +161,76 @@ fn alter_local_password(context: &StepContext, username: &str, verifier: &str) -
         )?;
         Ok(())
     })
+}
+
+/// Whether `actor` (named `who` in the refusal) may change the password of role `username` of
+/// this cluster: the role exists and is no superuser, and `actor` is a superuser, has
+/// CREATEROLE or is a member of the role. `refused` makes the error for a refusal.
+fn may_change_local_password(
+    username: &str,
+    actor: pg_sys::Oid,
+    who: &str,
+    refused: impl Fn(String) -> Error,
+) -> Result<()> {
+    let verdict = Spi::connect(|client| -> Result<Option<(bool, bool)>> {
+        let rows = client.select(
+            "SELECT r.rolsuper, \
+                    o.rolsuper OR o.rolcreaterole OR pg_catalog.pg_has_role(o.oid, r.oid, 'USAGE') \
+             FROM pg_catalog.pg_roles r, pg_catalog.pg_roles o \
+             WHERE r.rolname = $1 AND o.oid = $2",
+            Some(1),
+            &[username.into(), actor.into()],
+        )?;
+        let Some(row) = rows.into_iter().next() else {
+            return Ok(None);
+        };
+        Ok(Some((
+            row.get::<bool>(1)? == Some(true),
+            row.get::<bool>(2)? == Some(true),
+        )))
+    })?;
+    match verdict {
+        None => Err(refused(format!(
+            "role \"{username}\" does not exist in this cluster"
+        ))),
+        Some((true, _)) => Err(refused(format!(
+            "role \"{username}\" is a superuser; its password is not rotated from a secret"
+        ))),
+        Some((false, false)) => Err(refused(format!(
+            "{who} may not change the password of role \"{username}\": it needs CREATEROLE or \
+             membership in that role"
+        ))),
+        Some((false, true)) => Ok(()),
+    }
+}
+
+/// The configuring caller's side of a database rotation's target, checked when rotation is
+/// configured and the target pinned: the caller must itself be allowed to change the role's
+/// password here, or to read the admin secret that changes it, so configuring rotation never
+/// lends the owner's rights to anyone. `refused` makes the error for a target that cannot be.
+pub fn check_caller_may_target(
+    rotator: &Rotator,
+    credential: &Credential,
+    caller: pg_sys::Oid,
+    refused: impl Fn(String) -> Error,
+) -> Result<()> {
+    match rotator {
+        Rotator::PostgresSingleUser if credential.is_local() => {
+            let who = format!("role \"{}\"", crate::access::role_name(caller));
+            may_change_local_password(credential.username(), caller, &who, refused)
+        }
+        Rotator::PostgresAlternatingUsers => {
+            let master_name = credential
+                .master_secret()
+                .ok_or_else(|| refused(NEEDS_MASTER_SECRET.to_string()))?;
+            // The caller's own right to read the admin credential, not the owner's.
+            let admin = crate::store::read_current_as(caller, master_name)?;
+            Credential::parse(&admin)
+                .map(drop)
+                .map_err(|why| refused(format!("master_secret: {why}")))
+        }
+        Rotator::PostgresSingleUser | Rotator::Command(_) => Ok(()),
+    }
 }
 
 pub fn set_alternating(context: &StepContext) -> Result<()> {
@@ -322,6 +404,67 @@ mod tests {
         assert_eq!(other_login("app_clone"), "app");
         assert_eq!(main_user("app_clone"), "app");
         assert_eq!(main_user("app"), "app");
+    }
+
+    #[test]
+    fn targets_compare_where_the_rotation_acts_not_the_password() {
+        let target = |rotator: &Rotator, json: &str| {
+            Target::of(rotator, &Credential::parse(json.as_bytes()).unwrap())
+        };
+        let single = Rotator::PostgresSingleUser;
+        let pinned = target(&single, r#"{"host":"db1","username":"app","password":"a"}"#);
+        for (json, difference) in [
+            (
+                r#"{"host":"db1","port":"5432","username":"app","password":"b"}"#,
+                None,
+            ),
+            (
+                r#"{"host":"db1","dbname":"postgres","username":"app","password":"b"}"#,
+                None,
+            ),
+            (
+                r#"{"host":"db2","username":"app","password":"a"}"#,
+                Some("host"),
+            ),
+            (
+                r#"{"host":"db1","port":6432,"username":"app","password":"a"}"#,
+                Some("port"),
+            ),
+            (
+                r#"{"host":"db1","dbname":"x","username":"app","password":"a"}"#,
+                Some("dbname"),
+            ),
+            (
+                r#"{"host":"db1","username":"app_clone","password":"a"}"#,
+                Some("username"),
+            ),
+            (
+                r#"{"host":"db1","username":"app","password":"a","master_secret":"m"}"#,
+                Some("master_secret"),
+            ),
+        ] {
+            assert_eq!(
+                target(&single, json).first_difference(&pinned),
+                difference,
+                "{json}"
+            );
+        }
+        // Alternating users: either login of the pair is the same target.
+        let alternating = Rotator::PostgresAlternatingUsers;
+        let pinned = target(
+            &alternating,
+            r#"{"username":"app","password":"a","master_secret":"m"}"#,
+        );
+        let clone = target(
+            &alternating,
+            r#"{"username":"app_clone","password":"b","master_secret":"m"}"#,
+        );
+        assert_eq!(clone.first_difference(&pinned), None);
+        let other = target(
+            &alternating,
+            r#"{"username":"boss","password":"b","master_secret":"m"}"#,
+        );
+        assert_eq!(other.first_difference(&pinned), Some("username"));
     }
 
     #[test]
