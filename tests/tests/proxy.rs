@@ -11,6 +11,8 @@ use postgres::{Client, NoTls};
 use secrets_proxy::{Config, RunningProxy};
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 struct Fixture {
@@ -126,17 +128,7 @@ impl Fixture {
 #[test]
 fn large_pipelined_requests_and_answers_flow_both_ways_at_once() {
     let fixture = fixture(r#""trust""#);
-    let mut reader = TcpStream::connect(fixture.proxy.tcp_address.unwrap()).unwrap();
-    reader
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    reader
-        .write_all(&startup_packet(
-            196608,
-            &[("user", "app"), ("database", "appdb")],
-        ))
-        .unwrap();
-    read_until_ready(&mut reader);
+    let mut reader = raw_login(&fixture, Duration::from_secs(30));
     // 30 MB of requests (each padded with a comment) for 100 MB of answers: more than the
     // sockets between client, proxy and server can hold in either direction.
     let queries = 100;
@@ -498,6 +490,21 @@ fn pgbench_sees_no_failure_while_the_worker_rotates_the_password() {
         .unwrap()
         .get(0);
     assert_eq!(failures, 0, "no rotation step failed");
+}
+
+/// A raw protocol connection to the proxy, logged in as `app` to `appdb` and ready for
+/// queries, for tests that must send exactly the messages they choose.
+fn raw_login(fixture: &Fixture, read_timeout: Duration) -> TcpStream {
+    let mut stream = TcpStream::connect(fixture.proxy.tcp_address.unwrap()).unwrap();
+    stream.set_read_timeout(Some(read_timeout)).unwrap();
+    stream
+        .write_all(&startup_packet(
+            196608,
+            &[("user", "app"), ("database", "appdb")],
+        ))
+        .unwrap();
+    read_until_ready(&mut stream);
+    stream
 }
 
 /// Sends raw bytes and returns what the proxy answered before closing.
@@ -1069,17 +1076,7 @@ fn copy_in_like_libpq(
     sql: &str,
     data: &[u8],
 ) -> (TcpStream, Vec<(u8, Vec<u8>)>) {
-    let mut stream = TcpStream::connect(fixture.proxy.tcp_address.unwrap()).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-        .write_all(&startup_packet(
-            196608,
-            &[("user", "app"), ("database", "appdb")],
-        ))
-        .unwrap();
-    read_until_ready(&mut stream);
+    let mut stream = raw_login(fixture, Duration::from_secs(10));
     let no_formats_or_parameters = [0u8; 6];
     let requests = [
         protocol_message(b'P', &[b"\0", sql.as_bytes(), b"\0\0\0"].concat()),
@@ -1102,15 +1099,7 @@ fn copy_in_like_libpq(
 #[test]
 fn transaction_mode_is_not_fooled_by_copy_data_outside_a_copy() {
     let fixture = transaction_mode(2, "pool_wait_timeout_ms = 5000");
-    let mut liar = TcpStream::connect(fixture.proxy.tcp_address.unwrap()).unwrap();
-    liar.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    liar.write_all(&startup_packet(
-        196608,
-        &[("user", "app"), ("database", "appdb")],
-    ))
-    .unwrap();
-    read_until_ready(&mut liar);
+    let mut liar = raw_login(&fixture, Duration::from_secs(10));
     let sql = b"SELECT 'forged' || pg_sleep(1)::text";
     let requests = [
         protocol_message(b'Q', b"SELECT 1\0"),
@@ -1318,8 +1307,16 @@ fn a_server_flooding_its_greeting_is_refused() {
     ] {
         let hostile = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = hostile.local_addr().unwrap().port();
-        std::thread::spawn(move || {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let flooding = std::thread::spawn(move || {
             for mut server in hostile.incoming().flatten() {
+                if stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                server
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
                 // The startup packet; then AuthenticationOk and the flood of ParameterStatus.
                 let mut length = [0u8; 4];
                 if server.read_exact(&mut length).is_err() {
@@ -1360,5 +1357,9 @@ fn a_server_flooding_its_greeting_is_refused() {
             Some("08P01"),
             "{error}"
         );
+        // One more connection wakes the server up to see that it is done.
+        stop.store(true, Ordering::SeqCst);
+        drop(TcpStream::connect(("127.0.0.1", port)).unwrap());
+        flooding.join().unwrap();
     }
 }
