@@ -31,7 +31,8 @@ fn window_seconds(window: Option<Interval>) -> StoreResult<Option<i64>> {
 }
 
 /// Sets rotation (rotator, schedule, window) and, unless `rotate_immediately` is false,
-/// rotates now; returns the pending version of the rotation started (or joined).
+/// rotates now; returns the pending version of the rotation started (or joined). Naming the
+/// rotator pins the target CURRENT names; `new_target` allows pinning another than before.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn rotate_secret(
@@ -40,6 +41,7 @@ fn rotate_secret(
     schedule: default!(Option<&str>, "NULL"),
     rotation_window: default!(Option<Interval>, "NULL"),
     rotate_immediately: default!(Option<bool>, "true"),
+    new_target: default!(Option<bool>, "false"),
 ) -> Result<Option<Uuid>, ErrorReport> {
     sql(audit::audited("rotate", "rotate_secret", name, || {
         let name = valid_name(name)?;
@@ -50,6 +52,7 @@ fn rotate_secret(
                 schedule,
                 window_seconds: window_seconds(rotation_window)?,
                 immediately: required(rotate_immediately, "rotate_immediately")?,
+                new_target: required(new_target, "new_target")?,
             },
         )
     }))

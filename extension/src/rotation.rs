@@ -45,6 +45,8 @@ pub struct Request<'a> {
     pub schedule: Option<&'a str>,
     pub window_seconds: Option<i64>,
     pub immediately: bool,
+    /// Pin a target other than the one pinned before.
+    pub new_target: bool,
 }
 
 /// A secret's rotation settings as stored.
@@ -149,9 +151,15 @@ pub fn rotate_secret(name: &str, request: Request) -> Result<Option<Uuid>> {
                 "rotation_window spreads a schedule's start times; give a schedule with it".into(),
             ));
         }
+        if request.new_target && request.rotator.is_none() {
+            return Err(Error::InvalidParameter(
+                "new_target moves the pin that naming the rotator sets; pass rotator with it"
+                    .into(),
+            ));
+        }
         // Naming the rotator (re)pins the target: the caller vouches for what CURRENT names.
         let pin = match request.rotator {
-            Some(_) => Some(pin_target(client, &secret, &rotator)?),
+            Some(_) => Some(pin_target(client, &secret, &rotator, request.new_target)?),
             None => None,
         };
         let window_seconds = request.window_seconds.or(stored.window_seconds);
@@ -201,10 +209,14 @@ pub fn rotate_secret(name: &str, request: Request) -> Result<Option<Uuid>> {
 
 /// The version a database rotator's target is pinned to: CURRENT, once the caller has been
 /// checked for the right to point a rotation at what it names. `None` for a command rotator.
+/// Moving the pin to another target takes `new_target`, so that re-configuring (by habit, or
+/// on the advice of a failing step's message) never adopts what a writer put without meaning
+/// to.
 fn pin_target(
     client: &SpiClient<'_>,
     secret: &SecretRow,
     rotator: &Rotator,
+    new_target: bool,
 ) -> Result<Option<Uuid>> {
     if !rotator.acts_on_named_target() {
         return Ok(None);
@@ -213,10 +225,17 @@ fn pin_target(
     let value = current
         .map(|version| store::version_value(client, secret, version))
         .transpose()?;
+    let pinned = match new_target {
+        true => None,
+        false => pinned_target(client, secret, rotator)?,
+    };
     rotators::check_configuration(
         rotator,
         &secret.name,
         value.as_ref().map(|value| value.as_slice()),
+        pinned
+            .as_ref()
+            .map(|(version, value)| (*version, value.as_slice())),
         access::caller(),
     )?;
     Ok(current)
@@ -823,6 +842,7 @@ pub fn rotate_accessible_by(
                 schedule: None,
                 window_seconds: None,
                 immediately: true,
+                new_target: false,
             };
             match crate::db::in_subtransaction(|| rotate_secret(&name, request)) {
                 Ok(_) => rotation_status(&name)?,

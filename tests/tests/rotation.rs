@@ -354,22 +354,46 @@ fn a_put_cannot_steer_a_rotation_away_from_its_pinned_target() {
     Client::connect(&cluster.connection_string("victim", "victim-pw"), NoTls)
         .expect("the victim's password is unchanged");
 
-    // Configuring again pins the new target only for a caller that may act on it itself.
+    // Configuring again keeps the pin unless asked for a new target, and pins one only for a
+    // caller that may act on it itself.
+    for (name, rotator, sqlstate, words) in [
+        (
+            "db/app",
+            "postgres-single-user",
+            "55000",
+            "role \"manager\" may not change the password of role \"victim\"",
+        ),
+        (
+            "db/alt",
+            "postgres-alternating-users",
+            "42501",
+            "permission denied: get on secret \"db/admin2\"",
+        ),
+    ] {
+        assert_sql_error(
+            manager.execute(
+                "SELECT secrets.rotate_secret($1, rotator => $2)",
+                &[&name, &rotator],
+            ),
+            "55000",
+            "the target pinned before; to rotate the new target, pass new_target => true",
+        );
+        assert_sql_error(
+            manager.execute(
+                "SELECT secrets.rotate_secret($1, rotator => $2, new_target => true)",
+                &[&name, &rotator],
+            ),
+            sqlstate,
+            words,
+        );
+    }
     assert_sql_error(
         manager.execute(
-            "SELECT secrets.rotate_secret('db/app', rotator => 'postgres-single-user')",
+            "SELECT secrets.rotate_secret('db/app', new_target => true)",
             &[],
         ),
-        "55000",
-        "role \"manager\" may not change the password of role \"victim\"",
-    );
-    assert_sql_error(
-        manager.execute(
-            "SELECT secrets.rotate_secret('db/alt', rotator => 'postgres-alternating-users')",
-            &[],
-        ),
-        "42501",
-        "permission denied: get on secret \"db/admin2\"",
+        "22023",
+        "pass rotator with it",
     );
     assert_eq!(
         rotation_field(&mut db, "db/app", &["target_version_id"]).as_deref(),
@@ -426,7 +450,8 @@ fn a_put_cannot_steer_a_rotation_away_from_its_pinned_target() {
 
     // A superuser, who may read db/admin2, re-pins: the rotation acts with the new admin.
     db.execute(
-        "SELECT secrets.rotate_secret('db/alt', rotator => 'postgres-alternating-users')",
+        "SELECT secrets.rotate_secret('db/alt', rotator => 'postgres-alternating-users', \
+                new_target => true)",
         &[],
     )
     .unwrap();
@@ -434,6 +459,74 @@ fn a_put_cannot_steer_a_rotation_away_from_its_pinned_target() {
     let alternated = current(&mut db, "db/alt");
     assert!(alternated.contains(r#""username":"app2_clone""#));
     login(&cluster, &alternated).expect("the clone logs in");
+}
+
+/// A rotation logs in only where the server checks the password: with trust on this
+/// cluster's own socket, a credential naming that socket (or an admin secret with any password,
+/// reached through it) would otherwise let whoever wrote it act as that role.
+#[test]
+fn a_rotation_logs_in_only_where_the_password_is_checked() {
+    let cluster = store_cluster(&[]);
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE victim LOGIN PASSWORD 'victim-pw'; \
+         CREATE ROLE app2 LOGIN PASSWORD 'app2-pw'",
+    )
+    .unwrap();
+    let hba = cluster.data_dir().join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(&hba, format!("local all all trust\n{rules}")).unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    let socket = cluster.socket_dir().display().to_string();
+    create_secret(
+        &mut db,
+        "db/through-socket",
+        &credential(&socket, cluster.port, "victim", "not-the-password", ""),
+    );
+    create_secret(
+        &mut db,
+        "db/any-admin",
+        &format!(
+            r#"{{"username":"{}","password":"not-the-password"}}"#,
+            pg_secrets_e2e::SUPERUSER
+        ),
+    );
+    create_secret(
+        &mut db,
+        "db/alt",
+        r#"{"username":"app2","password":"app2-pw","master_secret":"db/any-admin"}"#,
+    );
+    for (name, rotator) in [
+        ("db/through-socket", "postgres-single-user"),
+        ("db/alt", "postgres-alternating-users"),
+    ] {
+        db.execute(
+            "SELECT secrets.rotate_secret($1, rotator => $2)",
+            &[&name, &rotator],
+        )
+        .unwrap();
+        wait_until("the set step to fail", Duration::from_secs(30), || {
+            rotation_field(&mut db, name, &["in_progress", "last_error"]).is_some_and(|error| {
+                error.contains("failed at step set")
+                    && error.contains("without asking for its password")
+            })
+        });
+        db.execute("SELECT secrets.cancel_rotate_secret($1)", &[&name])
+            .unwrap();
+    }
+    // Nothing happened on the server: the victim's password and the roles are as they were.
+    std::fs::write(&hba, rules).unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    Client::connect(&cluster.connection_string("victim", "victim-pw"), NoTls)
+        .expect("the victim's password is unchanged");
+    let clones: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname = 'app2_clone'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(clones, 0);
 }
 
 #[test]
@@ -606,7 +699,8 @@ fn alternating_users_keep_the_old_login_and_object_ownership() {
     create_secret(&mut db, "db/alt", &first);
 
     db.execute(
-        "SELECT secrets.rotate_secret('db/alt', rotator => 'postgres-alternating-users')",
+        "SELECT secrets.rotate_secret('db/alt', rotator => 'postgres-alternating-users', \
+                new_target => true)",
         &[],
     )
     .unwrap();

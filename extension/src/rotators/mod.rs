@@ -4,6 +4,7 @@
 //! Every step must be idempotent: after a crash the engine runs the recorded step again.
 
 mod command;
+mod connection;
 mod credential;
 mod postgres;
 
@@ -132,11 +133,14 @@ impl StepContext<'_> {
 /// Configuring rotation pins its target, the server, role and admin secret that the CURRENT
 /// value names, on the caller's own rights: a role that may `put` can later write another
 /// target into the value, and rotations act with the owner's rights, so without the pin a
-/// `put` would steer them. Refusals are 55000, like a failing step's.
+/// `put` would steer them. With `pinned` (the version pinned before, unless the caller asked
+/// for a new target), CURRENT must name the same target. Refusals are 55000, like a failing
+/// step's.
 pub fn check_configuration(
     rotator: &Rotator,
     secret_name: &str,
     current: Option<&[u8]>,
+    pinned: Option<(Uuid, &[u8])>,
     caller: pgrx::pg_sys::Oid,
 ) -> Result<()> {
     if !rotator.acts_on_named_target() {
@@ -149,7 +153,17 @@ pub fn check_configuration(
     };
     let current =
         current.ok_or_else(|| refused("the secret has no CURRENT version to rotate".into()))?;
-    let credential = Credential::parse(current).map_err(refused)?;
+    let credential = Credential::parse(current).map_err(&refused)?;
+    if let Some((pinned_version, pinned)) = pinned {
+        let pinned = Credential::parse(pinned).map_err(&refused)?;
+        let pinned = postgres::Target::of(rotator, &pinned);
+        if let Some(field) = postgres::Target::of(rotator, &credential).first_difference(&pinned) {
+            return Err(refused(format!(
+                "the CURRENT value names another \"{field}\" than version {pinned_version}, \
+                 the target pinned before; to rotate the new target, pass new_target => true"
+            )));
+        }
+    }
     postgres::check_caller_may_target(rotator, &credential, caller, refused)
 }
 
@@ -176,9 +190,9 @@ pub fn check_target(rotator: &Rotator, step: Step, context: &StepContext) -> Res
                 step,
                 format!(
                     "the {label} value names another \"{field}\" than version {pinned_version}, \
-                     the target pinned when rotation was configured; a role with manage on the \
-                     secret who may act on the new target must configure rotation again with \
-                     rotate_secret(name, rotator => ...) to pin it"
+                     the target pinned when rotation was configured; if the change is meant, a \
+                     role with manage on the secret who may act on the new target pins it with \
+                     rotate_secret(name, rotator => ..., new_target => true)"
                 ),
             ));
         }

@@ -9,12 +9,11 @@
 //! Passwords travel only as SCRAM-SHA-256 verifiers computed here, so no SQL text, log line
 //! or statistics view ever holds the plaintext.
 
+use super::connection::{describe, off_thread, Login};
 use super::{Credential, Rotator, Step, StepContext};
 use crate::errors::{Error, Result};
 use crate::password::{self, PasswordRules};
-use crate::settings;
 use pgrx::prelude::*;
-use postgres::error::SqlState;
 use zeroize::Zeroizing;
 
 /// 32 letters and digits: about 190 bits, and safe in any connection string.
@@ -127,17 +126,15 @@ pub fn set_single_user(context: &StepContext) -> Result<()> {
         quote_literal(&verifier)
     );
     let (as_current, as_pending) = (
-        config_for(&current, &current),
-        config_for(&pending, &pending),
+        Login::new(&current, &current),
+        Login::new(&pending, &pending),
     );
-    off_thread(move || match as_current.connect(postgres::NoTls) {
+    off_thread(move || match as_current.connect() {
         Ok(mut client) => client.batch_execute(&statement).map_err(|e| describe(&e)),
         // A run that crashed after changing the password but before recording it: CURRENT no
         // longer logs in, PENDING does, and the step is already done.
-        Err(error) if is_login_refused(&error) && as_pending.connect(postgres::NoTls).is_ok() => {
-            Ok(())
-        }
-        Err(error) => Err(describe(&error)),
+        Err(error) if error.is_login_refused() && as_pending.connect().is_ok() => Ok(()),
+        Err(error) => Err(error.to_string()),
     })
     .map_err(|why| context.failed(Step::Set, why))
 }
@@ -240,7 +237,7 @@ pub fn set_alternating(context: &StepContext) -> Result<()> {
         .map_err(|error| context.failed(Step::Set, format!("master_secret: {error}")))?;
     let admin = Credential::parse(&admin_value)
         .map_err(|why| context.failed(Step::Set, format!("master_secret: {why}")))?;
-    let as_admin = config_for(&admin, &pending);
+    let as_admin = Login::new(&admin, &pending);
     let login = pending.username().to_string();
     let main = main_user(&login).to_string();
     // A member of the main role that becomes it at login: whatever either login creates
@@ -263,9 +260,7 @@ pub fn set_alternating(context: &StepContext) -> Result<()> {
         quote_literal(&scram_verifier(pending.password()))
     );
     off_thread(move || {
-        let mut client = as_admin
-            .connect(postgres::NoTls)
-            .map_err(|e| describe(&e))?;
+        let mut client = as_admin.connect().map_err(|e| e.to_string())?;
         if login != main {
             let exists = client
                 .query_opt(
@@ -299,99 +294,15 @@ pub fn test_single_user(context: &StepContext) -> Result<()> {
 /// Logs in with PENDING and runs a query.
 pub fn test_login(context: &StepContext) -> Result<()> {
     let pending = context.pending_credential(Step::Test)?;
-    let as_pending = config_for(&pending, &pending);
+    let as_pending = Login::new(&pending, &pending);
     off_thread(move || {
-        as_pending
-            .connect(postgres::NoTls)
-            .and_then(|mut client| client.simple_query("SELECT 1").map(drop))
+        let mut client = as_pending.connect().map_err(|e| e.to_string())?;
+        client
+            .simple_query("SELECT 1")
+            .map(drop)
             .map_err(|e| describe(&e))
     })
     .map_err(|why| context.failed(Step::Test, why))
-}
-
-/// Network work on a thread of its own, so the backend can give up on it: at shutdown (the
-/// worker must never hold it up) or on a query cancel. The thread touches no PostgreSQL
-/// state; an abandoned one ends at its own connect or statement timeout.
-fn off_thread<T: Send + 'static>(
-    work: impl FnOnce() -> std::result::Result<T, String> + Send + 'static,
-) -> std::result::Result<T, String> {
-    let (done, outcome) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = done.send(work());
-    });
-    loop {
-        match outcome.recv_timeout(std::time::Duration::from_millis(50)) {
-            Ok(result) => return result,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if crate::worker::stop_requested() {
-                    return Err("stopped: the server is shutting down".into());
-                }
-                pgrx::check_for_interrupts!();
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                return Err("the connection thread ended without an answer".into())
-            }
-        }
-    }
-}
-
-/// How to reach the server `target` names with `login`'s user and password; an empty host is
-/// this cluster, reached through its own Unix socket. Built here, where settings and SPI may
-/// be read, and used on the connection thread.
-fn config_for(login: &Credential, target: &Credential) -> postgres::Config {
-    let timeout = settings::rotator_timeout();
-    let mut config = postgres::Config::new();
-    config
-        .user(login.username())
-        .password(login.password())
-        .dbname(target.dbname())
-        .application_name("pg_secrets rotation")
-        .connect_timeout(timeout)
-        .options(&format!("-c statement_timeout={}", timeout.as_millis()));
-    match target.host() {
-        Some(host) => {
-            config
-                .host(host)
-                .port(target.port().expect("checked by parse"));
-        }
-        None => {
-            let (socket_dir, port) = own_socket();
-            config.host(&socket_dir).port(port);
-        }
-    }
-    config
-}
-
-fn own_socket() -> (String, u16) {
-    let directories =
-        Spi::get_one::<String>("SELECT pg_catalog.current_setting('unix_socket_directories')")
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-    let socket_dir = directories
-        .split(',')
-        .map(str::trim)
-        .find(|dir| !dir.is_empty())
-        .unwrap_or("/var/run/postgresql")
-        .to_string();
-    let port = unsafe { pg_sys::PostPortNumber } as u16;
-    (socket_dir, port)
-}
-
-fn is_login_refused(error: &postgres::Error) -> bool {
-    matches!(
-        error.code(),
-        Some(code) if *code == SqlState::INVALID_PASSWORD
-            || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
-    )
-}
-
-/// The server's message or the connection failure; neither ever holds the password.
-fn describe(error: &postgres::Error) -> String {
-    match error.as_db_error() {
-        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => error.to_string(),
-    }
 }
 
 #[cfg(test)]
