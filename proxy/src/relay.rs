@@ -33,9 +33,10 @@ struct Framing {
     /// Client side: Syncs the server ignores because they came while it read COPY data,
     /// if the COPYs the client sent data for were real (see `settled`).
     syncs_ignored_in_copy: u64,
-    /// COPYs into the server: from the client, those it sent data for; from the server, those
-    /// it started (CopyInResponse, or CopyBothResponse).
-    copies_in: u64,
+    /// Client side: COPYs into the server it sent data for (or ended).
+    copies_with_data: u64,
+    /// Server side: COPYs into the server it started (CopyInResponse, or CopyBothResponse).
+    copies_started: u64,
     /// Client side: a Parse named its statement. A named statement lives in one server
     /// session, so in transaction mode the client keeps that session from then on.
     prepared_named_statement: bool,
@@ -119,7 +120,7 @@ impl Framing {
         self.last = Some((self.current_tag, self.current_first));
         match self.side {
             Side::Server if self.current_tag == b'Z' => self.round_trips += 1,
-            Side::Server if matches!(self.current_tag, b'G' | b'W') => self.copies_in += 1,
+            Side::Server if matches!(self.current_tag, b'G' | b'W') => self.copies_started += 1,
             Side::Client => {
                 // A Parse's body starts with the statement's name; "" is the unnamed one.
                 self.prepared_named_statement |=
@@ -151,7 +152,7 @@ impl Framing {
             }
             b'd' | b'c' | b'f' => {
                 if !self.in_copy_in {
-                    self.copies_in += 1;
+                    self.copies_with_data += 1;
                     self.syncs_ignored_in_copy += self.syncs_since_command;
                     self.syncs_since_command = 0;
                 }
@@ -180,7 +181,7 @@ fn settled(from_client: &Framing, from_server: &Framing) -> bool {
         && !from_client
             .last
             .is_some_and(|(tag, _)| BEFORE_SYNC.contains(&tag))
-        && from_client.copies_in == from_server.copies_in
+        && from_client.copies_with_data == from_server.copies_started
         && from_client
             .round_trips
             .checked_sub(from_client.syncs_ignored_in_copy)
