@@ -208,7 +208,8 @@ pub fn rotate_secret(name: &str, request: Request) -> Result<Option<Uuid>> {
 }
 
 /// The version a database rotator's target is pinned to: CURRENT, once the caller has been
-/// checked for the right to point a rotation at what it names. `None` for a command rotator.
+/// checked for the right to point a rotation at what it names. `None` for a command rotator,
+/// which is checked too.
 /// Moving the pin to another target takes `new_target`, so that re-configuring (by habit, or
 /// on the advice of a failing step's message) never adopts what a writer put without meaning
 /// to.
@@ -218,10 +219,10 @@ fn pin_target(
     rotator: &Rotator,
     new_target: bool,
 ) -> Result<Option<Uuid>> {
-    if !rotator.acts_on_named_target() {
-        return Ok(None);
-    }
-    let current = labels::holder(client, secret.id, CURRENT)?;
+    let current = match rotator.acts_on_named_target() {
+        true => labels::holder(client, secret.id, CURRENT)?,
+        false => None,
+    };
     let value = current
         .map(|version| store::version_value(client, secret, version))
         .transpose()?;

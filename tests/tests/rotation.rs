@@ -859,6 +859,17 @@ fn a_command_rotator_rotates_an_api_key_and_the_old_key_works_until_finish() {
             words,
         );
     }
+    // A name starting with '-' would reach the program as an option.
+    create_secret(&mut db, "-rf", "key-original");
+    let before = store_state(&mut db);
+    assert_sql_error(
+        db.execute(
+            "SELECT secrets.rotate_secret('-rf', rotator => 'command:payments-key')",
+            &[],
+        ),
+        "55000",
+        "starting with '-' is not passed to a rotator program",
+    );
     assert_eq!(store_state(&mut db), before);
 
     db.execute(

@@ -55,6 +55,20 @@ pub fn resolve(program: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The secret's name is the program's second argument, and a program that parses options
+/// would read one starting with '-' as an option (getopt moves options found anywhere to the
+/// front), so such a secret is not rotated by a program.
+pub fn check_name(secret_name: &str) -> std::result::Result<(), String> {
+    match secret_name.starts_with('-') {
+        true => Err(
+            "a secret name starting with '-' is not passed to a rotator program, \
+                     which would read it as an option"
+                .into(),
+        ),
+        false => Ok(()),
+    }
+}
+
 #[derive(serde::Serialize)]
 struct Input<'a> {
     step: &'a str,
@@ -79,6 +93,7 @@ impl Drop for Running {
 
 /// Runs one step; returns what the program printed (the new value, at create).
 pub fn run(program: &str, step: Step, context: &StepContext) -> Result<Zeroizing<Vec<u8>>> {
+    check_name(context.secret_name).map_err(|why| context.failed(step, why))?;
     let failed = |why: String| context.failed(step, format!("program \"{program}\" {why}"));
     let path = resolve(program)?;
     fn as_text(value: Option<&[u8]>) -> std::result::Result<Option<&str>, std::str::Utf8Error> {

@@ -143,14 +143,14 @@ pub fn check_configuration(
     pinned: Option<(Uuid, &[u8])>,
     caller: pgrx::pg_sys::Oid,
 ) -> Result<()> {
-    if !rotator.acts_on_named_target() {
-        return Ok(());
-    }
     let refused = |reason: String| Error::RotationFailed {
         name: secret_name.to_string(),
         step: "configure",
         reason,
     };
+    if let Rotator::Command(_) = rotator {
+        return command::check_name(secret_name).map_err(refused);
+    }
     let current =
         current.ok_or_else(|| refused("the secret has no CURRENT version to rotate".into()))?;
     let credential = Credential::parse(current).map_err(&refused)?;
