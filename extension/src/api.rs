@@ -1,7 +1,8 @@
-//! The SQL functions of schema `secrets`. Each one checks its arguments, calls the store, and
-//! turns errors into PostgreSQL errors with their SQLSTATE. All are SECURITY DEFINER with a
-//! fixed search path (`pg_catalog, pg_temp`; `pg_catalog` alone for the read functions), so a
-//! caller's schemas, operators, functions or temporary tables cannot change what they do.
+//! The SQL functions of schema `secrets`. Each one checks its arguments, calls the store as the
+//! extension's owner on behalf of its caller (`sql`, see `access::as_owner` for why they are
+//! SECURITY INVOKER), and turns errors into PostgreSQL errors with their SQLSTATE. All run with
+//! a fixed search path (`pg_catalog, pg_temp`; `pg_catalog` alone for the read functions), so
+//! a caller's schemas, operators, functions or temporary tables cannot change what they do.
 //!
 //! Pass secret values as bind parameters: a literal in the query text can reach the server
 //! log (log_statement) before any function runs.
@@ -13,6 +14,7 @@
 // them; a type alias would hide them from the SQL generator.
 #![allow(clippy::type_complexity)]
 
+use crate::access;
 use crate::audit;
 use crate::crypto::ValueKind;
 use crate::db::with_catalog_search_path;
@@ -25,8 +27,10 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{JsonB, Uuid};
 
-pub fn sql<T>(result: StoreResult<T>) -> Result<T, ErrorReport> {
-    result.map_err(ErrorReport::from)
+/// Runs a SQL function's body as the extension's owner on behalf of its caller
+/// (`access::as_owner`), and turns its error into a PostgreSQL error with its SQLSTATE.
+pub fn sql<T>(body: impl FnOnce() -> StoreResult<T>) -> Result<T, ErrorReport> {
+    access::as_owner(body).map_err(ErrorReport::from)
 }
 
 pub fn valid_name(name: Option<&str>) -> StoreResult<&str> {
@@ -35,7 +39,7 @@ pub fn valid_name(name: Option<&str>) -> StoreResult<&str> {
     Ok(name)
 }
 
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn create_secret(
     name: Option<&str>,
@@ -46,28 +50,30 @@ fn create_secret(
     key_id: default!(Option<&str>, "NULL"),
     client_request_token: default!(Option<&str>, "NULL"),
 ) -> Result<Option<Uuid>, ErrorReport> {
-    sql(audit::audited("create", "create_secret", name, || {
-        let name = valid_name(name)?;
-        let value = validate::value(secret_string, secret_binary, false)?;
-        validate::description(description)?;
-        let tags = match &tags {
-            Some(tags) => validate::tags(tags)?,
-            None => Default::default(),
-        };
-        validate::key_id(key_id)?;
-        validate::client_request_token(client_request_token)?;
-        store::create_secret(NewSecret {
-            name,
-            value,
-            description,
-            tags,
-            key_id,
-            token: client_request_token,
+    sql(|| {
+        audit::audited("create", "create_secret", name, || {
+            let name = valid_name(name)?;
+            let value = validate::value(secret_string, secret_binary, false)?;
+            validate::description(description)?;
+            let tags = match &tags {
+                Some(tags) => validate::tags(tags)?,
+                None => Default::default(),
+            };
+            validate::key_id(key_id)?;
+            validate::client_request_token(client_request_token)?;
+            store::create_secret(NewSecret {
+                name,
+                value,
+                description,
+                tags,
+                key_id,
+                token: client_request_token,
+            })
         })
-    }))
+    })
 }
 
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn put_secret_value(
     name: Option<&str>,
@@ -76,13 +82,15 @@ fn put_secret_value(
     version_stages: default!(Option<Vec<Option<String>>>, "'{CURRENT}'"),
     client_request_token: default!(Option<&str>, "NULL"),
 ) -> Result<Uuid, ErrorReport> {
-    sql(audit::audited("put", "put_secret_value", name, || {
-        let name = valid_name(name)?;
-        let value = validate::value(secret_string, secret_binary, true)?.expect("required");
-        let stages = validate::stages(&required(version_stages, "version_stages")?)?;
-        validate::client_request_token(client_request_token)?;
-        store::put_secret_value(name, value, stages, client_request_token)
-    }))
+    sql(|| {
+        audit::audited("put", "put_secret_value", name, || {
+            let name = valid_name(name)?;
+            let value = validate::value(secret_string, secret_binary, true)?.expect("required");
+            let stages = validate::stages(&required(version_stages, "version_stages")?)?;
+            validate::client_request_token(client_request_token)?;
+            store::put_secret_value(name, value, stages, client_request_token)
+        })
+    })
 }
 
 fn fetch(
@@ -100,18 +108,20 @@ fn fetch(
 
 // The read functions set their search path with `db::with_catalog_search_path` rather than a
 // `#[search_path]` clause, whose cost on every call slowed reads by 15% (README, Access control).
-#[pg_extern(security_definer)]
+#[pg_extern]
 fn get_secret_value(
     name: Option<&str>,
     version_id: default!(Option<Uuid>, "NULL"),
     version_stage: default!(Option<&str>, "NULL"),
 ) -> Result<String, ErrorReport> {
-    sql(with_catalog_search_path(|| {
-        audit::audited("get", "get_secret_value", name, || {
-            let mut fetched = fetch(name, version_id, version_stage, Some(ValueKind::String))?;
-            as_string(fetched.take_plaintext(), name.unwrap_or_default())
+    sql(|| {
+        with_catalog_search_path(|| {
+            audit::audited("get", "get_secret_value", name, || {
+                let mut fetched = fetch(name, version_id, version_stage, Some(ValueKind::String))?;
+                as_string(fetched.take_plaintext(), name.unwrap_or_default())
+            })
         })
-    }))
+    })
 }
 
 /// Strings are stored from `text`, so they are UTF-8 unless the row was tampered with.
@@ -119,18 +129,20 @@ fn as_string(bytes: Vec<u8>, name: &str) -> StoreResult<String> {
     String::from_utf8(bytes).map_err(|_| Error::Integrity(name.to_string()))
 }
 
-#[pg_extern(security_definer)]
+#[pg_extern]
 fn get_secret_binary(
     name: Option<&str>,
     version_id: default!(Option<Uuid>, "NULL"),
     version_stage: default!(Option<&str>, "NULL"),
 ) -> Result<Vec<u8>, ErrorReport> {
-    sql(with_catalog_search_path(|| {
-        audit::audited("get", "get_secret_binary", name, || {
-            fetch(name, version_id, version_stage, Some(ValueKind::Binary))
-                .map(|mut fetched| fetched.take_plaintext())
+    sql(|| {
+        with_catalog_search_path(|| {
+            audit::audited("get", "get_secret_binary", name, || {
+                fetch(name, version_id, version_stage, Some(ValueKind::Binary))
+                    .map(|mut fetched| fetched.take_plaintext())
+            })
         })
-    }))
+    })
 }
 
 type BatchRow = (
@@ -145,7 +157,7 @@ type BatchRow = (
 
 /// One row per name; a failure becomes a row with `error` and `sqlstate` instead of aborting
 /// the whole batch.
-#[pg_extern(security_definer)]
+#[pg_extern]
 fn batch_get_secret_value(
     names: Option<Vec<Option<String>>>,
 ) -> Result<
@@ -163,16 +175,21 @@ fn batch_get_secret_value(
     >,
     ErrorReport,
 > {
-    let names = sql(required(names, "names"))?;
+    let names = sql(|| required(names, "names"))?;
     if names.len() > validate::MAX_BATCH_NAMES {
-        return sql(Err(Error::LimitExceeded(format!(
-            "batch_get_secret_value reads at most {} names at once, {} were given",
-            validate::MAX_BATCH_NAMES,
-            names.len()
-        ))));
+        return sql(|| {
+            Err(Error::LimitExceeded(format!(
+                "batch_get_secret_value reads at most {} names at once, {} were given",
+                validate::MAX_BATCH_NAMES,
+                names.len()
+            )))
+        });
     }
-    let rows: Vec<BatchRow> =
-        with_catalog_search_path(|| names.into_iter().map(batch_row).collect());
+    let rows: Vec<BatchRow> = sql(|| {
+        Ok(with_catalog_search_path(|| {
+            names.into_iter().map(batch_row).collect()
+        }))
+    })?;
     Ok(TableIterator::new(rows))
 }
 
@@ -221,27 +238,29 @@ fn batch_row(name: Option<String>) -> BatchRow {
     }
 }
 
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn update_secret(
     name: Option<&str>,
     description: default!(Option<&str>, "NULL"),
     key_id: default!(Option<&str>, "NULL"),
 ) -> Result<(), ErrorReport> {
-    sql(audit::audited("manage", "update_secret", name, || {
-        let name = valid_name(name)?;
-        if description.is_none() && key_id.is_none() {
-            return Err(Error::InvalidParameter(
-                "give description, key_id or both".into(),
-            ));
-        }
-        validate::description(description)?;
-        validate::key_id(key_id)?;
-        store::update_secret(name, description, key_id)
-    }))
+    sql(|| {
+        audit::audited("manage", "update_secret", name, || {
+            let name = valid_name(name)?;
+            if description.is_none() && key_id.is_none() {
+                return Err(Error::InvalidParameter(
+                    "give description, key_id or both".into(),
+                ));
+            }
+            validate::description(description)?;
+            validate::key_id(key_id)?;
+            store::update_secret(name, description, key_id)
+        })
+    })
 }
 
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn update_secret_version_stage(
     name: Option<&str>,
@@ -249,28 +268,27 @@ fn update_secret_version_stage(
     move_to_version_id: default!(Option<Uuid>, "NULL"),
     remove_from_version_id: default!(Option<Uuid>, "NULL"),
 ) -> Result<(), ErrorReport> {
-    sql(audit::audited(
-        "put",
-        "update_secret_version_stage",
-        name,
-        || {
+    sql(|| {
+        audit::audited("put", "update_secret_version_stage", name, || {
             let name = valid_name(name)?;
             let stage = required(version_stage, "version_stage")?;
             validate::label(stage)?;
             store::update_version_stage(name, stage, move_to_version_id, remove_from_version_id)
-        },
-    ))
+        })
+    })
 }
 
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn describe_secret(name: Option<&str>) -> Result<JsonB, ErrorReport> {
-    sql(audit::audited("describe", "describe_secret", name, || {
-        valid_name(name).and_then(store::describe_secret)
-    }))
+    sql(|| {
+        audit::audited("describe", "describe_secret", name, || {
+            valid_name(name).and_then(store::describe_secret)
+        })
+    })
 }
 
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn list_secrets(
     name_prefix: default!(Option<&str>, "NULL"),
@@ -295,13 +313,12 @@ fn list_secrets(
     >,
     ErrorReport,
 > {
-    let include = sql(required(
-        include_planned_deletion,
-        "include_planned_deletion",
-    ))?;
-    let listed = sql(audit::audited("describe", "list_secrets", None, || {
-        store::list_secrets(name_prefix, tag_key, tag_value, include)
-    }))?;
+    let include = sql(|| required(include_planned_deletion, "include_planned_deletion"))?;
+    let listed = sql(|| {
+        audit::audited("describe", "list_secrets", None, || {
+            store::list_secrets(name_prefix, tag_key, tag_value, include)
+        })
+    })?;
     Ok(TableIterator::new(listed.into_iter().map(|s| {
         (
             s.name,
@@ -318,7 +335,7 @@ fn list_secrets(
     })))
 }
 
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn list_secret_version_ids(
     name: Option<&str>,
@@ -334,89 +351,91 @@ fn list_secret_version_ids(
     >,
     ErrorReport,
 > {
-    let versions = sql(audit::audited(
-        "describe",
-        "list_secret_version_ids",
-        name,
-        || {
+    let versions = sql(|| {
+        audit::audited("describe", "list_secret_version_ids", name, || {
             let name = valid_name(name)?;
             store::list_version_ids(name, required(include_deprecated, "include_deprecated")?)
-        },
-    ))?;
+        })
+    })?;
     Ok(TableIterator::new(versions))
 }
 
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn tag_secret(name: Option<&str>, tags: Option<JsonB>) -> Result<(), ErrorReport> {
-    sql(audit::audited("manage", "tag_secret", name, || {
-        let name = valid_name(name)?;
-        let tags = validate::tags(&required(tags, "tags")?)?;
-        store::tag_secret(name, tags)
-    }))
+    sql(|| {
+        audit::audited("manage", "tag_secret", name, || {
+            let name = valid_name(name)?;
+            let tags = validate::tags(&required(tags, "tags")?)?;
+            store::tag_secret(name, tags)
+        })
+    })
 }
 
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn untag_secret(
     name: Option<&str>,
     tag_keys: Option<Vec<Option<String>>>,
 ) -> Result<(), ErrorReport> {
-    sql(audit::audited("manage", "untag_secret", name, || {
-        let name = valid_name(name)?;
-        let keys = required(tag_keys, "tag_keys")?
-            .into_iter()
-            .map(|key| required(key, "tag_keys element"))
-            .collect::<StoreResult<Vec<String>>>()?;
-        store::untag_secret(name, keys)
-    }))
+    sql(|| {
+        audit::audited("manage", "untag_secret", name, || {
+            let name = valid_name(name)?;
+            let keys = required(tag_keys, "tag_keys")?
+                .into_iter()
+                .map(|key| required(key, "tag_keys element"))
+                .collect::<StoreResult<Vec<String>>>()?;
+            store::untag_secret(name, keys)
+        })
+    })
 }
 
 /// `recovery_window_days` NULL means the default of 30 days; giving it together with
 /// `force_delete_without_recovery` is refused, since the two contradict each other.
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn delete_secret(
     name: Option<&str>,
     recovery_window_days: default!(Option<i32>, "NULL"),
     force_delete_without_recovery: default!(Option<bool>, "false"),
 ) -> Result<TimestampWithTimeZone, ErrorReport> {
-    sql(audit::audited("delete", "delete_secret", name, || {
-        let name = valid_name(name)?;
-        let force = required(
-            force_delete_without_recovery,
-            "force_delete_without_recovery",
-        )?;
-        let window = validate::recovery_window(recovery_window_days, force)?;
-        store::delete_secret(name, window, force)
-    }))
+    sql(|| {
+        audit::audited("delete", "delete_secret", name, || {
+            let name = valid_name(name)?;
+            let force = required(
+                force_delete_without_recovery,
+                "force_delete_without_recovery",
+            )?;
+            let window = validate::recovery_window(recovery_window_days, force)?;
+            store::delete_secret(name, window, force)
+        })
+    })
 }
 
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn restore_secret(name: Option<&str>) -> Result<(), ErrorReport> {
-    sql(audit::audited("delete", "restore_secret", name, || {
-        valid_name(name).and_then(store::restore_secret)
-    }))
+    sql(|| {
+        audit::audited("delete", "restore_secret", name, || {
+            valid_name(name).and_then(store::restore_secret)
+        })
+    })
 }
 
 /// Removes the secrets whose recovery window has ended; returns how many.
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn purge_deleted_secrets() -> Result<i64, ErrorReport> {
-    sql(audit::audited(
-        "delete",
-        "purge_deleted_secrets",
-        None,
-        || {
+    sql(|| {
+        audit::audited("delete", "purge_deleted_secrets", None, || {
             crate::access::require_on_every_secret(crate::access::Action::Delete, "delete")?;
             store::purge_expired()
-        },
-    ))
+        })
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn get_random_password(
     password_length: default!(Option<i32>, 32),
@@ -428,7 +447,7 @@ fn get_random_password(
     include_space: default!(Option<bool>, false),
     require_each_included_type: default!(Option<bool>, true),
 ) -> Result<String, ErrorReport> {
-    sql((|| {
+    sql(|| {
         password::random_password(&PasswordRules {
             length: required(password_length, "password_length")?,
             exclude_characters: required(exclude_characters, "exclude_characters")?,
@@ -442,5 +461,5 @@ fn get_random_password(
                 "require_each_included_type",
             )?,
         })
-    })())
+    })
 }

@@ -33,7 +33,7 @@ fn window_seconds(window: Option<Interval>) -> StoreResult<Option<i64>> {
 /// Sets rotation (rotator, schedule, window) and, unless `rotate_immediately` is false,
 /// rotates now; returns the pending version of the rotation started (or joined). Naming the
 /// rotator pins the target CURRENT names; `new_target` allows pinning another than before.
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn rotate_secret(
     name: Option<&str>,
@@ -43,35 +43,36 @@ fn rotate_secret(
     rotate_immediately: default!(Option<bool>, "true"),
     new_target: default!(Option<bool>, "false"),
 ) -> Result<Option<Uuid>, ErrorReport> {
-    sql(audit::audited("rotate", "rotate_secret", name, || {
-        let name = valid_name(name)?;
-        rotation::rotate_secret(
-            name,
-            Request {
-                rotator,
-                schedule,
-                window_seconds: window_seconds(rotation_window)?,
-                immediately: required(rotate_immediately, "rotate_immediately")?,
-                new_target: required(new_target, "new_target")?,
-            },
-        )
-    }))
+    sql(|| {
+        audit::audited("rotate", "rotate_secret", name, || {
+            let name = valid_name(name)?;
+            rotation::rotate_secret(
+                name,
+                Request {
+                    rotator,
+                    schedule,
+                    window_seconds: window_seconds(rotation_window)?,
+                    immediately: required(rotate_immediately, "rotate_immediately")?,
+                    new_target: required(new_target, "new_target")?,
+                },
+            )
+        })
+    })
 }
 
 /// Turns scheduled rotation off and cancels a rotation that has not changed its target yet.
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn cancel_rotate_secret(name: Option<&str>) -> Result<(), ErrorReport> {
-    sql(audit::audited(
-        "manage",
-        "cancel_rotate_secret",
-        name,
-        || valid_name(name).and_then(rotation::cancel_rotate_secret),
-    ))
+    sql(|| {
+        audit::audited("manage", "cancel_rotate_secret", name, || {
+            valid_name(name).and_then(rotation::cancel_rotate_secret)
+        })
+    })
 }
 
 /// Every rotation of a secret, newest first: how each ended and why.
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn rotation_history(
     name: Option<&str>,
@@ -94,10 +95,12 @@ fn rotation_history(
     >,
     ErrorReport,
 > {
-    let entries = sql(audit::audited("describe", "rotation_history", name, || {
-        let name = valid_name(name)?;
-        rotation::history(name, required(max_results, "max_results")?)
-    }))?;
+    let entries = sql(|| {
+        audit::audited("describe", "rotation_history", name, || {
+            let name = valid_name(name)?;
+            rotation::history(name, required(max_results, "max_results")?)
+        })
+    })?;
     Ok(TableIterator::new(entries.into_iter().map(|entry| {
         (
             entry.id,
@@ -115,45 +118,44 @@ fn rotation_history(
 }
 
 /// Offboarding: rotates every secret `role` can read; one row per secret with its status.
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn rotate_secrets_accessible_by(
     role: Option<RegRole>,
     only_accessed: default!(Option<bool>, "false"),
 ) -> Result<TableIterator<'static, (name!(name, String), name!(status, String))>, ErrorReport> {
-    let rows = sql(audit::audited(
-        "rotate",
-        "rotate_secrets_accessible_by",
-        None,
-        || {
+    let rows = sql(|| {
+        audit::audited("rotate", "rotate_secrets_accessible_by", None, || {
             let role = required(role, "role")?;
             rotation::rotate_accessible_by(role.0, required(only_accessed, "only_accessed")?)
-        },
-    ))?;
+        })
+    })?;
     Ok(TableIterator::new(rows))
 }
 
 /// Re-wraps up to `batch_size` data keys under the active master key; call until
 /// `remaining` is 0.
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn rewrap_keys(
     batch_size: default!(Option<i32>, 1000),
 ) -> Result<TableIterator<'static, (name!(rewrapped, i64), name!(remaining, i64))>, ErrorReport> {
-    let counts = sql(audit::audited("manage", "rewrap_keys", None, || {
-        let batch_size = required(batch_size, "batch_size")?;
-        if !(1..=100_000).contains(&batch_size) {
-            return Err(Error::InvalidParameter(format!(
-                "batch_size must be between 1 and 100000, not {batch_size}"
-            )));
-        }
-        rewrap::rewrap_keys(batch_size)
-    }))?;
+    let counts = sql(|| {
+        audit::audited("manage", "rewrap_keys", None, || {
+            let batch_size = required(batch_size, "batch_size")?;
+            if !(1..=100_000).contains(&batch_size) {
+                return Err(Error::InvalidParameter(format!(
+                    "batch_size must be between 1 and 100000, not {batch_size}"
+                )));
+            }
+            rewrap::rewrap_keys(batch_size)
+        })
+    })?;
     Ok(TableIterator::once(counts))
 }
 
 /// Every master key id, whether it is configured and active, and what it still wraps.
-#[pg_extern(security_definer)]
+#[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
 fn key_status() -> Result<
     TableIterator<
@@ -168,12 +170,7 @@ fn key_status() -> Result<
     >,
     ErrorReport,
 > {
-    let keys = sql(audit::audited(
-        "describe",
-        "key_status",
-        None,
-        rewrap::key_status,
-    ))?;
+    let keys = sql(|| audit::audited("describe", "key_status", None, rewrap::key_status))?;
     Ok(TableIterator::new(keys.into_iter().map(|key| {
         (
             key.key_id,

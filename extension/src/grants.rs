@@ -360,6 +360,17 @@ pub fn request_access(
     duration: pgrx::datum::Interval,
     reason: &str,
 ) -> Result<Uuid> {
+    // With manage a requester could grant itself lasting access, outliving the approval.
+    if actions
+        .iter()
+        .any(|action| action == Action::Manage.as_str())
+    {
+        return Err(Error::InvalidParameter(
+            "manage cannot be requested: it would let the requester grant itself lasting \
+             access; ask an administrator for a grant"
+                .into(),
+        ));
+    }
     let seconds = interval_seconds(&duration)?;
     if !(60..=MAX_REQUEST_DAYS * 86_400).contains(&seconds) {
         return Err(Error::InvalidParameter(format!(
@@ -393,7 +404,7 @@ pub fn request_access(
 }
 
 /// Approves (`approve`) or denies a pending request. The decider needs `manage` on the secret
-/// and can never be the requester.
+/// and can never be the requester, a role the requester can act as, or the requester's session.
 pub fn decide_request(id: Uuid, approve: bool) -> Result<Option<Uuid>> {
     let caller = access::caller();
     Spi::connect_mut(|client| {
@@ -422,7 +433,16 @@ pub fn decide_request(id: Uuid, approve: bool) -> Result<Option<Uuid>> {
             )));
         };
         store::authorize(client, &name, Action::Manage, OnDeleted::Refuse)?;
-        if caller == requester || unsafe { pg_sys::has_privs_of_role(caller, requester) } {
+        // Nor anyone the requester can act as (SET ROLE to a group it belongs to), nor a
+        // session the requester logged in as.
+        let session_user = unsafe { pg_sys::GetSessionUserId() };
+        let same_person = caller == requester
+            || session_user == requester
+            || unsafe {
+                pg_sys::has_privs_of_role(caller, requester)
+                    || pg_sys::has_privs_of_role(requester, caller)
+            };
+        if same_person {
             return Err(Error::AccessDenied {
                 name,
                 action: "decide on your own access request",

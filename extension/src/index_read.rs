@@ -166,9 +166,39 @@ pub fn relation_oid(name: &'static CStr) -> Result<Oid> {
     Ok(oid)
 }
 
+thread_local! {
+    /// The owner of the extension's tables, looked up once per backend and forgotten with the
+    /// relation OIDs (an ALTER ... OWNER changes pg_class).
+    static TABLES_OWNER: std::cell::Cell<Option<Oid>> = const { std::cell::Cell::new(None) };
+}
+
+/// The role that owns the extension's tables: the one that created the extension.
+pub fn tables_owner() -> Result<Oid> {
+    if let Some(owner) = TABLES_OWNER.with(|owner| owner.get()) {
+        return Ok(owner);
+    }
+    let relation = relation_oid(c"secret")?;
+    // SAFETY: an existing relation's cache entry, held only while its owner is read.
+    let owner = unsafe {
+        let entry = pg_sys::RelationIdGetRelation(relation);
+        if entry.is_null() {
+            return Err(Error::SchemaMismatch {
+                table: qualified(c"secret"),
+                problem: "it cannot be opened".into(),
+            });
+        }
+        let owner = (*(*entry).rd_rel).relowner;
+        pg_sys::RelationClose(entry);
+        owner
+    };
+    TABLES_OWNER.with(|cached| cached.set(Some(owner)));
+    Ok(owner)
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn forget_relation_oids(_argument: Datum, _cache: i32, _hash: u32) {
     RELATION_OIDS.with(|oids| oids.borrow_mut().clear());
+    TABLES_OWNER.with(|owner| owner.set(None));
     COLUMN_POSITIONS.with(|positions| positions.borrow_mut().clear());
 }
 

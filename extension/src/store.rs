@@ -370,13 +370,35 @@ fn touch_changed(client: &mut SpiClient<'_>, secret_id: Uuid) -> Result<()> {
 /// Removes secrets whose recovery window has ended, with their versions and wrapped keys.
 pub fn purge_expired() -> Result<i64> {
     Spi::connect_mut(|client| {
-        let purged = client.update(
-            "DELETE FROM secrets.secret WHERE purge_at <= pg_catalog.now()",
-            None,
-            &[],
-        )?;
-        Ok(purged.len() as i64)
+        let purged: Vec<String> = client
+            .update(
+                "DELETE FROM secrets.secret WHERE purge_at <= pg_catalog.now() RETURNING name",
+                None,
+                &[],
+            )?
+            .map(|row| required(&row, 1))
+            .collect::<Result<_>>()?;
+        let count = purged.len() as i64;
+        forget_exact_grants(client, purged)?;
+        Ok(count)
     })
+}
+
+/// Grants on the exact names of secrets removed for good go with them: a later secret of the
+/// same name, perhaps another team's, must not inherit them. Wildcard patterns stay.
+fn forget_exact_grants(client: &mut SpiClient<'_>, names: Vec<String>) -> Result<()> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let forgotten = client.update(
+        "DELETE FROM secrets.access_grant WHERE name_pattern = ANY($1)",
+        None,
+        &[names.into()],
+    )?;
+    if !forgotten.is_empty() {
+        access::invalidate_grants();
+    }
+    Ok(())
 }
 
 pub struct NewSecret<'a> {
@@ -915,11 +937,13 @@ pub fn delete_secret(name: &str, window_days: i32, force: bool) -> Result<Timest
         let when = if force {
             // Removing the rows removes the wrapped data keys: no copy of a ciphertext
             // (a backup, a replica) can be decrypted with the master key alone any more.
-            db::first_value::<TimestampWithTimeZone>(client.update(
+            let when = db::first_value::<TimestampWithTimeZone>(client.update(
                 "DELETE FROM secrets.secret WHERE id = $1 RETURNING pg_catalog.now()",
                 None,
                 &[secret.id.into()],
-            )?)?
+            )?)?;
+            forget_exact_grants(client, vec![name.to_string()])?;
+            when
         } else {
             if let Some(purge_at) = secret.purge_at {
                 return Err(Error::ScheduledForDeletion {

@@ -225,7 +225,8 @@ fn matrix_cluster() -> Cluster {
         db.batch_execute(&format!("SET ROLE {role}")).unwrap();
         let id: String = db
             .query_one(
-                &format!("SELECT secrets.request_access($1, {all}, '1 hour', 'incident 42')::text"),
+                "SELECT secrets.request_access($1, '{get,describe,put,rotate,delete}', \
+                        '1 hour', 'incident 42')::text",
                 &[&secret],
             )
             .unwrap()
@@ -256,10 +257,17 @@ fn every_action_against_every_way_of_holding_access() {
         let secret = format!("m/{}", scenario.name);
         for action in ACTIONS {
             let outcome = attempt(&mut db, scenario.role, action, &secret);
-            let expected = if scenario.allowed {
+            // A request cannot ask for manage, so an approved one never gives it.
+            let allowed = scenario.allowed && !(scenario.name == "approved" && action == "manage");
+            let expected = if allowed {
                 None
             } else {
                 Some("42501".to_string())
+            };
+            let reason = if allowed == scenario.allowed {
+                scenario.reason
+            } else {
+                "no grant"
             };
             if outcome != expected {
                 failures.push(format!(
@@ -267,10 +275,10 @@ fn every_action_against_every_way_of_holding_access() {
                     scenario.name
                 ));
             }
-            let (allowed, reason) = check_access(&mut db, scenario.role, action, &secret);
-            if allowed != outcome.is_none() || !reason.contains(scenario.reason) {
+            let (said, said_why) = check_access(&mut db, scenario.role, action, &secret);
+            if said != outcome.is_none() || !said_why.contains(reason) {
                 failures.push(format!(
-                    "{} {action}: check_access said ({allowed}, {reason:?}) but the call gave {outcome:?}",
+                    "{} {action}: check_access said ({said}, {said_why:?}) but the call gave {outcome:?}",
                     scenario.name
                 ));
             }
@@ -580,7 +588,18 @@ fn requests_are_decided_by_managers_never_by_the_requester() {
         "55000",
         "already approved",
     );
-    // A manager cannot approve their own request.
+    // Manage cannot be requested: it would let the requester grant itself lasting access.
+    assert_sql_error(
+        other.query(
+            "SELECT secrets.request_access('team/db', '{get,manage}', '1 hour', 'x')",
+            &[],
+        ),
+        "22023",
+        "manage cannot be requested",
+    );
+    // A manager cannot approve their own request, nor as a group it can act as.
+    db.batch_execute("CREATE ROLE leads; GRANT leads TO owner_team; SELECT secrets.grant_access('team/*', 'leads', '{manage}')")
+        .unwrap();
     let own = request(&mut owner, "team/db");
     assert_sql_error(
         owner.query(
@@ -590,6 +609,16 @@ fn requests_are_decided_by_managers_never_by_the_requester() {
         "42501",
         "your own access request",
     );
+    owner.batch_execute("SET ROLE leads").unwrap();
+    assert_sql_error(
+        owner.query(
+            "SELECT secrets.approve_access_request($1::text::uuid)",
+            &[&own],
+        ),
+        "42501",
+        "your own access request",
+    );
+    owner.batch_execute("RESET ROLE").unwrap();
     // Both sides see the requests and decisions.
     let states = |client: &mut Client| -> Vec<String> {
         client
@@ -805,4 +834,131 @@ fn a_callers_search_path_and_objects_change_nothing() {
     assert_eq!(listed, 2);
     let (allowed, _) = check_access(&mut tricky, "tricky", "get", "t/one");
     assert!(allowed);
+}
+
+/// A secret is read with the rights of the role PostgreSQL runs the code as: inside another
+/// role's SECURITY DEFINER function that role, and in ANALYZE (autovacuum's, or a superuser's)
+/// the owner of the table whose index expression runs, never the superuser who started it.
+#[test]
+fn another_roles_code_reads_with_that_roles_rights() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.execute(
+        "SELECT secrets.create_secret('prod/db', 'the-production-password')",
+        &[],
+    )
+    .unwrap();
+    let mut mallory = cluster.login_role("mallory", "IN ROLE secrets_user");
+    db.batch_execute("GRANT CREATE ON SCHEMA public TO mallory")
+        .unwrap();
+    mallory
+        .batch_execute(
+            "CREATE FUNCTION public.borrowed() RETURNS text SECURITY DEFINER LANGUAGE sql \
+               AS $$ SELECT secrets.get_secret_value('prod/db') $$; \
+             CREATE FUNCTION public.peek(int) RETURNS text IMMUTABLE LANGUAGE plpgsql AS $$ \
+               BEGIN RETURN secrets.get_secret_value('prod/db'); \
+               EXCEPTION WHEN insufficient_privilege THEN RETURN 'denied'; END $$; \
+             CREATE TABLE public.bait (x int); \
+             CREATE INDEX bait_peek ON public.bait (public.peek(x)); \
+             INSERT INTO public.bait SELECT 1 FROM generate_series(1, 100);",
+        )
+        .unwrap();
+    // The superuser calls mallory's function: it runs as mallory, and so does the read.
+    assert_sql_error(
+        db.query_one("SELECT public.borrowed()", &[]),
+        "42501",
+        "permission denied: get on secret \"prod/db\"",
+    );
+    // The superuser analyzes mallory's table: her index expression runs as her.
+    db.batch_execute("ANALYZE public.bait").unwrap();
+    let statistics: String = db
+        .query_one(
+            "SELECT coalesce(string_agg(most_common_vals::text, ' '), '') FROM pg_stats \
+             WHERE tablename = 'bait_peek'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(statistics.contains("denied"), "{statistics}");
+    assert!(!statistics.contains("the-production-password"));
+    // Her own calls are hers, as before.
+    assert_sql_error(
+        mallory.query_one("SELECT public.borrowed()", &[]),
+        "42501",
+        "permission denied",
+    );
+}
+
+/// A revoke reaches a session that reloaded its grants inside a REPEATABLE READ transaction:
+/// what that transaction's snapshot showed serves only the rest of it.
+#[test]
+fn a_revoke_reaches_a_session_that_read_in_repeatable_read() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.execute("SELECT secrets.create_secret('rr/x', 'v')", &[])
+        .unwrap();
+    let mut reader = cluster.login_role("reader", "IN ROLE secrets_user");
+    db.execute(
+        "SELECT secrets.grant_access('rr/x', 'reader', '{get}')",
+        &[],
+    )
+    .unwrap();
+    let read = "SELECT secrets.get_secret_value('rr/x')";
+    reader.query_one(read, &[]).unwrap();
+    reader
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
+        .unwrap();
+    db.execute("SELECT secrets.revoke_access('rr/x', 'reader')", &[])
+        .unwrap();
+    // Inside the transaction its snapshot still shows the grant; either answer is consistent.
+    for _ in 0..2 {
+        let _ = reader.query_one(read, &[]);
+    }
+    reader.batch_execute("ROLLBACK").unwrap();
+    assert_sql_error(reader.query_one(read, &[]), "42501", "permission denied");
+}
+
+/// Grants on a secret's exact name go when the secret is removed for good, so a later secret
+/// of that name does not inherit them.
+#[test]
+fn a_new_secret_does_not_inherit_the_grants_of_a_removed_one_of_its_name() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    let mut bob = cluster.login_role("bob", "IN ROLE secrets_user");
+    for force in [true, false] {
+        db.batch_execute(
+            "SELECT secrets.create_secret('team/x', 'old'); \
+             SELECT secrets.grant_access('team/x', 'bob', '{get}');",
+        )
+        .unwrap();
+        bob.query_one("SELECT secrets.get_secret_value('team/x')", &[])
+            .unwrap();
+        if force {
+            db.batch_execute(
+                "SELECT secrets.delete_secret('team/x', force_delete_without_recovery => true)",
+            )
+            .unwrap();
+        } else {
+            // Past its recovery window, purged by the next deletion.
+            db.batch_execute(
+                "SELECT secrets.delete_secret('team/x', 7); \
+                 UPDATE secrets.secret SET purge_at = now() - interval '1 second', \
+                        deleted_at = now() - interval '8 days' WHERE name = 'team/x'; \
+                 SELECT secrets.purge_deleted_secrets();",
+            )
+            .unwrap();
+        }
+        db.execute("SELECT secrets.create_secret('team/x', 'new')", &[])
+            .unwrap();
+        assert_sql_error(
+            bob.query_one("SELECT secrets.get_secret_value('team/x')", &[]),
+            "42501",
+            "permission denied",
+        );
+        db.execute(
+            "SELECT secrets.delete_secret('team/x', force_delete_without_recovery => true)",
+            &[],
+        )
+        .unwrap();
+    }
 }

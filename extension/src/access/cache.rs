@@ -76,10 +76,40 @@ pub struct SessionInfo {
 
 type Policies = HashMap<Uuid, Rc<Policy<Oid>>>;
 
+/// A cache entry and how long it may be used. Loaded under a snapshot taken per statement
+/// (READ COMMITTED), it saw every commit whose invalidation this backend has received, and
+/// stays until the next invalidation. Loaded under REPEATABLE READ or SERIALIZABLE, it saw the
+/// transaction's snapshot, which can be older than an invalidation already received (a grant
+/// revoked since the transaction began), so it serves only the rest of that transaction.
+struct Loaded<T> {
+    value: Rc<T>,
+    /// The local transaction id it is limited to.
+    only_in: Option<pg_sys::LocalTransactionId>,
+}
+
+impl<T> Loaded<T> {
+    fn new(value: Rc<T>) -> Loaded<T> {
+        // SAFETY: backend globals, set while a transaction runs.
+        let only_in = unsafe {
+            (pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32)
+                .then(|| (*pg_sys::MyProc).lxid)
+        };
+        Loaded { value, only_in }
+    }
+
+    fn usable(&self) -> Option<Rc<T>> {
+        // SAFETY: as above.
+        let current = unsafe { (*pg_sys::MyProc).lxid };
+        self.only_in
+            .is_none_or(|lxid| lxid == current)
+            .then(|| self.value.clone())
+    }
+}
+
 thread_local! {
-    static GRANTS: RefCell<Option<Rc<GrantIndex>>> = const { RefCell::new(None) };
-    static POLICIES: RefCell<Option<Rc<Policies>>> = const { RefCell::new(None) };
-    static MEMBERSHIP: RefCell<HashMap<Oid, Rc<Membership>>> = RefCell::new(HashMap::new());
+    static GRANTS: RefCell<Option<Loaded<GrantIndex>>> = const { RefCell::new(None) };
+    static POLICIES: RefCell<Option<Loaded<Policies>>> = const { RefCell::new(None) };
+    static MEMBERSHIP: RefCell<HashMap<Oid, Loaded<Membership>>> = RefCell::new(HashMap::new());
     static SESSION: RefCell<Option<Rc<SessionInfo>>> = const { RefCell::new(None) };
     /// Role names by OID: every audit record names two roles.
     static ROLE_NAMES: RefCell<HashMap<Oid, String>> = RefCell::new(HashMap::new());
@@ -89,7 +119,7 @@ thread_local! {
 }
 
 pub fn grants() -> Result<Rc<GrantIndex>> {
-    if let Some(cached) = GRANTS.with(|grants| grants.borrow().clone()) {
+    if let Some(cached) = GRANTS.with(|grants| grants.borrow().as_ref().and_then(Loaded::usable)) {
         return Ok(cached);
     }
     let table_oid = relation_oid(c"access_grant")?;
@@ -121,12 +151,14 @@ pub fn grants() -> Result<Rc<GrantIndex>> {
         Ok(())
     })?;
     let index = Rc::new(index);
-    GRANTS.with(|grants| *grants.borrow_mut() = Some(index.clone()));
+    GRANTS.with(|grants| *grants.borrow_mut() = Some(Loaded::new(index.clone())));
     Ok(index)
 }
 
 fn all_policies() -> Result<Rc<Policies>> {
-    if let Some(cached) = POLICIES.with(|policies| policies.borrow().clone()) {
+    if let Some(cached) =
+        POLICIES.with(|policies| policies.borrow().as_ref().and_then(Loaded::usable))
+    {
         return Ok(cached);
     }
     let table_oid = relation_oid(c"resource_policy")?;
@@ -148,7 +180,7 @@ fn all_policies() -> Result<Rc<Policies>> {
         Ok(())
     })?;
     let policies = Rc::new(policies);
-    POLICIES.with(|cache| *cache.borrow_mut() = Some(policies.clone()));
+    POLICIES.with(|cache| *cache.borrow_mut() = Some(Loaded::new(policies.clone())));
     Ok(policies)
 }
 
@@ -163,7 +195,9 @@ pub fn resolve_role(name: &str) -> Option<Oid> {
 }
 
 pub fn membership(role: Oid) -> Result<Rc<Membership>> {
-    if let Some(cached) = MEMBERSHIP.with(|cache| cache.borrow().get(&role).cloned()) {
+    if let Some(cached) =
+        MEMBERSHIP.with(|cache| cache.borrow().get(&role).and_then(Loaded::usable))
+    {
         return Ok(cached);
     }
     let roles: Vec<Oid> = Spi::connect(|client| {
@@ -183,7 +217,11 @@ pub fn membership(role: Oid) -> Result<Rc<Membership>> {
         reader: member_of("secrets_reader"),
         roles,
     });
-    MEMBERSHIP.with(|cache| cache.borrow_mut().insert(role, membership.clone()));
+    MEMBERSHIP.with(|cache| {
+        cache
+            .borrow_mut()
+            .insert(role, Loaded::new(membership.clone()))
+    });
     Ok(membership)
 }
 

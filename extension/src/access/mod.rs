@@ -114,11 +114,54 @@ impl Actions {
     }
 }
 
-/// The role on whose behalf a function runs. The functions are SECURITY DEFINER, so
-/// `GetUserId()` is the extension owner; the outer user id is the caller's current_user
-/// (including `SET ROLE`), which a SECURITY DEFINER call does not change.
+thread_local! {
+    /// The callers of the SQL functions running now, innermost last (see `as_owner`).
+    static CALLERS: std::cell::RefCell<Vec<Oid>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The role on whose behalf a function runs: the current user PostgreSQL had when the SQL
+/// function was called (see `as_owner`); outside one (the workers), the current user.
 pub fn caller() -> Oid {
-    unsafe { pg_sys::GetOuterUserId() }
+    CALLERS
+        .with(|callers| callers.borrow().last().copied())
+        .unwrap_or_else(|| unsafe { pg_sys::GetUserId() })
+}
+
+/// Runs the body of a SQL function as the owner of the extension's tables, on behalf of the
+/// caller. The SQL functions are SECURITY INVOKER so that the caller is the current user
+/// PostgreSQL itself had at the call: inside another role's SECURITY DEFINER function that is
+/// the definer, and in maintenance that runs a table owner's code (ANALYZE evaluating an
+/// index expression, by autovacuum or a superuser) it is that owner. A SECURITY DEFINER
+/// function could only see the outer user, which is neither. A call from within the
+/// extension's own queries (a row-level security predicate) keeps the caller of the call
+/// that made them.
+pub fn as_owner<T>(body: impl FnOnce() -> Result<T>) -> Result<T> {
+    /// Puts back the user and security context when the body returns or unwinds.
+    struct Restore {
+        user: Oid,
+        context: i32,
+    }
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: only sets two backend globals back to what they were.
+            unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.context) };
+            CALLERS.with(|callers| callers.borrow_mut().pop());
+        }
+    }
+    let owner = crate::index_read::tables_owner()?;
+    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+    // SAFETY: reads two backend globals.
+    unsafe { pg_sys::GetUserIdAndSecContext(&mut user, &mut context) };
+    let nested = user == owner && CALLERS.with(|callers| !callers.borrow().is_empty());
+    let on_behalf_of = if nested { caller() } else { user };
+    CALLERS.with(|callers| callers.borrow_mut().push(on_behalf_of));
+    let _restore = Restore { user, context };
+    // SAFETY: what fmgr does for a SECURITY DEFINER function; the flag forbids SET ROLE
+    // until it is undone.
+    unsafe {
+        pg_sys::SetUserIdAndSecContext(owner, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32)
+    };
+    body()
 }
 
 /// How policy conditions are judged.
