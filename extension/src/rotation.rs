@@ -670,25 +670,24 @@ fn record_failure(client: &mut SpiClient<'_>, id: Uuid, error: &Error) -> Result
     let name: String = row.get(4)?.unwrap_or_default();
     pgrx::warning!("pg_secrets: {message}");
     if attempts >= ALARM_AFTER_FAILURES {
-        let payload = serde_json::json!({
-            "alarm": "rotation_failing",
-            "secret": name,
+        let details = serde_json::json!({
             "rotation_id": id.to_string(),
             "step": row.get::<String>(3)?,
             "failures": attempts,
             "gave_up": state == "failed",
             "error": message,
         });
-        client.update(
+        let event_id = crate::db::first_value::<i64>(client.update(
             "INSERT INTO secrets.alarm_event (rule_name, kind, secret_name, details) \
-             VALUES ('rotation_failing', 'rotation', $1, $2)",
+             VALUES ('rotation_failing', 'rotation', $1, $2) RETURNING id",
             None,
-            &[name.into(), JsonB(payload.clone()).into()],
-        )?;
-        client.select(
-            "SELECT pg_catalog.pg_notify('pg_secrets_alarm', $1)",
-            None,
-            &[payload.to_string().into()],
+            &[name.into(), JsonB(details).into()],
+        )?)?;
+        crate::audit::alarms::notify_alarm(
+            client,
+            event_id,
+            "rotation_failing",
+            "rotation_failing",
         )?;
     }
     Ok(())

@@ -776,6 +776,15 @@ fn alarm_rules_raise_notifications_and_anomalies() {
             "off_hours",
             format!(r#"{{"from": "{from}", "to": "{to}", "timezone": "UTC"}}"#),
         ),
+        // A shift across midnight that includes now: `from` after `to` (but at midnight).
+        (
+            "around the clock",
+            "off_hours",
+            format!(
+                r#"{{"from": "{hour:02}:00", "to": "{:02}:00", "timezone": "UTC"}}"#,
+                (hour + 23) % 24
+            ),
+        ),
     ] {
         db.execute(
             "SELECT secrets.create_alarm_rule($1, $2, $3::text::jsonb)",
@@ -845,6 +854,15 @@ fn alarm_rules_raise_notifications_and_anomalies() {
         Some("reader".into()),
         Some("s/1".into())
     )));
+    let around_the_clock: i64 = db
+        .query_one(
+            "SELECT count(*) FROM secrets.access_anomalies(now() - interval '1 hour') \
+             WHERE rule = 'around the clock'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(around_the_clock, 0, "a shift across midnight includes now");
     let first_reads = anomalies.iter().filter(|a| a.0 == "first_read").count();
     assert_eq!(
         first_reads, 1,
@@ -886,4 +904,53 @@ fn reads_on_a_standby_are_recorded_in_its_server_log() {
         logged >= reads,
         "{logged} of {reads} reads in the standby's log"
     );
+}
+
+/// A call's own text that would not fit a queue slot (an invalid name of any length) is
+/// shortened, not cut into an unreadable record; and offboarding by actual reads, left open in
+/// a transaction, does not hold up the worker, which evaluates the first-read rule meanwhile.
+#[test]
+fn an_oversized_call_is_shortened_and_offboarding_never_stalls_the_trail() {
+    let cluster = cluster_evaluating_alarms_every_second();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "SELECT secrets.create_alarm_rule('new reader', 'first_read'); \
+         SELECT secrets.create_secret('app/db', 'v');",
+    )
+    .unwrap();
+    let long_name = "a".repeat(3000);
+    assert_sql_error(
+        db.query_one("SELECT secrets.describe_secret($1)", &[&long_name]),
+        "22023",
+        "",
+    );
+    wait_for_records(
+        &mut db,
+        "action = 'describe' AND details->>'truncated' = 'true' \
+         AND length(secret_name) < 300 AND outcome = 'error'",
+        1,
+    );
+    let unreadable: i64 = db
+        .query_one(
+            "SELECT count(*) FROM secrets.audit_log WHERE action = 'unreadable'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(unreadable, 0);
+
+    let mut offboarding = cluster.superuser();
+    offboarding
+        .batch_execute(
+            "BEGIN; SELECT * FROM secrets.rotate_secrets_accessible_by('postgres', only_accessed => true)",
+        )
+        .unwrap();
+    // Long enough for the worker to evaluate the rule while the transaction is open.
+    std::thread::sleep(Duration::from_millis(2500));
+    for _ in 0..10 {
+        db.query_one("SELECT secrets.get_secret_value('app/db')", &[])
+            .unwrap();
+    }
+    wait_for_records(&mut db, "action = 'get' AND secret_name = 'app/db'", 10);
+    offboarding.batch_execute("ROLLBACK").unwrap();
 }

@@ -6,7 +6,8 @@
 //!   over the trailing `baseline` (and at least `min_count`);
 //! - `denials`: `count` denied attempts from one role (or one address, `"by": "address"`)
 //!   within `window` seconds;
-//! - `off_hours`: an allowed access outside `from`..`to` (`HH:MM`, in `timezone`).
+//! - `off_hours`: an allowed access outside `from`..`to` (`HH:MM`, in `timezone`; a `from`
+//!   after `to` is a night shift across midnight).
 //!
 //! A rule looks at records newer than the last ones it examined, so each access is judged once.
 //! A tripped rule becomes a row of `secrets.alarm_event` and a `NOTIFY pg_secrets_alarm`.
@@ -302,8 +303,11 @@ fn find_trips(
                         'first_at', min(at), 'hours', $3 || '-' || $4 || ' ' || $5) \
              FROM secrets.audit_record \
              WHERE id > $1 AND id <= $2 AND outcome = 'allowed' AND secret_id IS NOT NULL \
-               AND NOT ((at AT TIME ZONE $5)::time >= $3::time \
-                        AND (at AT TIME ZONE $5)::time < $4::time) \
+               AND NOT CASE WHEN $3::time <= $4::time \
+                            THEN (at AT TIME ZONE $5)::time >= $3::time \
+                                 AND (at AT TIME ZONE $5)::time < $4::time \
+                            ELSE (at AT TIME ZONE $5)::time >= $3::time \
+                                 OR (at AT TIME ZONE $5)::time < $4::time END \
              GROUP BY 1, 2, 3",
             None,
             &[
@@ -327,6 +331,24 @@ fn find_trips(
     .collect()
 }
 
+/// Tells listeners that an alarm was raised. PostgreSQL lets any role `LISTEN` on any channel,
+/// so the payload names only the event, its kind and its rule: who read what from where is in
+/// `access_anomalies`, for the roles that may see it.
+pub fn notify_alarm(
+    client: &SpiClient<'_>,
+    event_id: Option<i64>,
+    kind: &str,
+    rule: &str,
+) -> Result<()> {
+    let payload = json!({"alarm": kind, "rule": rule, "event_id": event_id});
+    client.select(
+        "SELECT pg_catalog.pg_notify('pg_secrets_alarm', $1)",
+        None,
+        &[payload.to_string().into()],
+    )?;
+    Ok(())
+}
+
 /// The worker: evaluates every enabled rule over the records since its last look. Returns
 /// how many alarms it raised.
 pub fn evaluate() -> Result<usize> {
@@ -335,7 +357,7 @@ pub fn evaluate() -> Result<usize> {
     crate::db::commit_locally();
     Spi::connect_mut(|client| {
         // Who-read-what is kept up to date only when a rule needs it (offboarding by actual
-        // reads updates it itself).
+        // reads also looks at the records stored since).
         let first_read_rules = crate::db::first_value::<bool>(client.select(
             "SELECT EXISTS (SELECT FROM secrets.alarm_rule WHERE enabled AND kind = 'first_read')",
             None,
@@ -373,18 +395,10 @@ pub fn evaluate() -> Result<usize> {
                 continue;
             }
             for trip in find_trips(client, &kind, &params.0, rule_id, after, upto)? {
-                let payload = json!({
-                    "alarm": kind,
-                    "rule": name,
-                    "role": trip.role,
-                    "address": trip.address,
-                    "secret": trip.secret_name,
-                    "details": trip.details,
-                });
-                client.update(
+                let event_id = crate::db::first_value::<i64>(client.update(
                     "INSERT INTO secrets.alarm_event \
                             (rule_id, rule_name, kind, role, address, secret_name, details) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
                     None,
                     &[
                         rule_id.into(),
@@ -395,12 +409,8 @@ pub fn evaluate() -> Result<usize> {
                         trip.secret_name.clone().into(),
                         JsonB(trip.details).into(),
                     ],
-                )?;
-                client.select(
-                    "SELECT pg_catalog.pg_notify('pg_secrets_alarm', $1)",
-                    None,
-                    &[payload.to_string().into()],
-                )?;
+                )?)?;
+                notify_alarm(client, event_id, &kind, &name)?;
                 raised += 1;
             }
             client.update(

@@ -192,7 +192,7 @@ pub fn record(
         return Ok(());
     }
     let session = access::session()?;
-    let record = Record {
+    let mut record = Record {
         at_micros: access::now_micros(),
         session_user: access::role_name(unsafe { pg_sys::GetSessionUserId() }).into(),
         current_user: access::role_name(access::caller()).into(),
@@ -227,8 +227,42 @@ pub fn record(
             }
             Ok(())
         }
-        None => queue::push(&record.to_queued(), settings::audit_queue_wait()),
+        None => {
+            let queued = queue::push(&fit_in_slot(&mut record), settings::audit_queue_wait());
+            // The call fails, or had failed already (then its own error is what the caller
+            // sees): the server log keeps the record of the attempt.
+            if queued.is_err() {
+                write_to_server_log(&[server_log_line(&record, &record.to_json())]);
+            }
+            queued
+        }
     }
+}
+
+/// The record as queued, shortened to fit a queue slot: a slot cuts what is longer, and a cut
+/// record is stored as unreadable. Only the caller's free-form text can be that long (an
+/// invalid secret name of any length, and error messages that repeat it), so the name is
+/// shortened and the details keep only the function, with `"truncated": true`.
+fn fit_in_slot(record: &mut Record) -> Vec<u8> {
+    let queued = record.to_queued();
+    if queued.len() <= queue::SLOT_BYTES {
+        return queued;
+    }
+    const KEPT_NAME_BYTES: usize = 256;
+    if let Some(name) = &record.secret_name {
+        let mut end = name.len().min(KEPT_NAME_BYTES);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        record.secret_name = Some(format!("{}…", &name[..end]).into());
+    }
+    let function = serde_json::from_str::<serde_json::Value>(&record.details)
+        .ok()
+        .and_then(|details| details.get("function").cloned());
+    record.details = serde_json::json!({"function": function, "truncated": true})
+        .to_string()
+        .into();
+    record.to_queued()
 }
 
 /// Why a session's records cannot reach `secrets.audit_record`: the worker drains the queue

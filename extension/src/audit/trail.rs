@@ -114,8 +114,11 @@ fn latest_anchor(client: &SpiClient<'_>) -> Result<Option<(i64, Vec<u8>)>> {
         .transpose()
 }
 
+/// Dated when it is stored: its own time is lost, and a record dated before the ones around
+/// it would make retention take them too.
 fn unreadable(why: &str) -> Record<'static> {
     Record {
+        at_micros: access::now_micros(),
         action: "unreadable".into(),
         outcome: "error".into(),
         details: serde_json::json!({ "error": why }).to_string().into(),
@@ -309,21 +312,28 @@ impl Drop for RetentionRunning {
 pub fn purge(older_than_seconds: f64) -> Result<i64> {
     access::require_on_every_secret(Action::Manage, "purge the audit log")?;
     Spi::connect_mut(|client| {
+        // The prefix ends before the first record inside the window, not at the last record
+        // outside it: records are dated by the backends that made them, so an early-dated one
+        // after recent ones must not take those with it.
         let through = crate::db::first_value::<i64>(client.select(
-            "SELECT max(id) FROM secrets.audit_record \
-             WHERE at < pg_catalog.now() - pg_catalog.make_interval(secs => $1)",
+            "SELECT coalesce((SELECT min(id) - 1 FROM secrets.audit_record \
+                              WHERE at >= pg_catalog.now() - pg_catalog.make_interval(secs => $1)), \
+                             (SELECT max(id) FROM secrets.audit_record))",
             None,
             &[older_than_seconds.into()],
         )?)?;
         let Some(through) = through else {
             return Ok(0);
         };
-        let anchor_hash = crate::db::first_value::<Vec<u8>>(client.select(
+        // None when nothing precedes the window, or a concurrent purge removed it already.
+        let Some(anchor_hash) = crate::db::first_value::<Vec<u8>>(client.select(
             "SELECT hash FROM secrets.audit_record WHERE id = $1",
             None,
             &[through.into()],
         )?)?
-        .expect("the row was just found");
+        else {
+            return Ok(0);
+        };
         let removed = {
             let _running = RetentionRunning::start();
             client
@@ -361,14 +371,20 @@ pub fn require_auditor(what: &'static str) -> Result<()> {
 }
 
 /// Secrets `role` read (a `get` that was allowed), according to the trail: for offboarding.
-/// Brings the readers table up to date first, so reads already in the trail count.
+/// The readers table, and the records stored since it was last brought up to date. It only
+/// reads: bringing the table up to date locks its progress row, and a caller that kept that
+/// lock in an open transaction would stop the audit worker, which takes it too.
 pub fn secrets_read_by(role: pg_sys::Oid) -> Result<Vec<Uuid>> {
     let name = access::role_name(role);
-    Spi::connect_mut(|client| {
-        update_readers(client)?;
+    Spi::connect(|client| {
         client
             .select(
-                "SELECT secret_id FROM secrets.audit_reader WHERE role = $1",
+                "SELECT secret_id FROM secrets.audit_reader WHERE role = $1 \
+                 UNION \
+                 SELECT a.secret_id FROM secrets.audit_record a \
+                 WHERE a.id > (SELECT through_id FROM secrets.audit_reader_progress) \
+                   AND a.action = 'get' AND a.outcome = 'allowed' AND a.secret_id IS NOT NULL \
+                   AND $1 IN (a.\"current_user\", a.\"session_user\")",
                 None,
                 &[name.into()],
             )?
@@ -378,8 +394,9 @@ pub fn secrets_read_by(role: pg_sys::Oid) -> Result<Vec<Uuid>> {
 }
 
 /// Adds to `secrets.audit_reader` the (role, secret) pairs of allowed reads stored since the
-/// last update. Returns the range of record ids examined, `(after, upto]`.
-pub fn update_readers(client: &mut SpiClient<'_>) -> Result<(i64, i64)> {
+/// last update. Returns the range of record ids examined, `(after, upto]`. Only the audit
+/// worker calls it.
+pub(super) fn update_readers(client: &mut SpiClient<'_>) -> Result<(i64, i64)> {
     let range = client
         .update(
             "UPDATE secrets.audit_reader_progress p \
