@@ -962,3 +962,31 @@ fn a_new_secret_does_not_inherit_the_grants_of_a_removed_one_of_its_name() {
         .unwrap();
     }
 }
+
+/// A policy names roles; a session that loaded it before a role of that name was created again
+/// applies it to the new role.
+#[test]
+fn a_policy_applies_to_a_role_created_again_under_its_name() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE carol IN ROLE secrets_admin; \
+         SELECT secrets.create_secret('svc/key', 'k'); \
+         SELECT secrets.put_resource_policy('svc/key', \
+           '{\"statements\": [{\"effect\": \"deny\", \"principals\": [\"carol\"], \"actions\": [\"get\"]}]}');",
+    )
+    .unwrap();
+    let mut boss = cluster.login_role("boss", "IN ROLE secrets_admin");
+    boss.query_one("SELECT secrets.get_secret_value('svc/key')", &[])
+        .unwrap();
+    db.batch_execute(
+        "DROP ROLE carol; CREATE ROLE carol IN ROLE secrets_admin; GRANT carol TO boss",
+    )
+    .unwrap();
+    boss.batch_execute("SET ROLE carol").unwrap();
+    assert_sql_error(
+        boss.query_one("SELECT secrets.get_secret_value('svc/key')", &[]),
+        "42501",
+        "permission denied",
+    );
+}

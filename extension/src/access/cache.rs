@@ -310,10 +310,13 @@ unsafe extern "C-unwind" fn relcache_changed(_argument: pg_sys::Datum, relation:
     }
 }
 
+/// Policies name roles, resolved when they are loaded: a role created, renamed or dropped
+/// since must be looked up again, or a `deny` naming a role created later would miss it.
 #[pg_guard]
 unsafe extern "C-unwind" fn roles_changed(_argument: pg_sys::Datum, _cache: i32, _hash: u32) {
     MEMBERSHIP.with(|cache| cache.borrow_mut().clear());
     ROLE_NAMES.with(|names| names.borrow_mut().clear());
+    POLICIES.with(|policies| policies.borrow_mut().take());
 }
 
 /// `role`'s name, found by `look_up` unless known since roles last changed (a rename
