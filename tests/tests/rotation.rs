@@ -699,8 +699,7 @@ fn alternating_users_keep_the_old_login_and_object_ownership() {
     create_secret(&mut db, "db/alt", &first);
 
     db.execute(
-        "SELECT secrets.rotate_secret('db/alt', rotator => 'postgres-alternating-users', \
-                new_target => true)",
+        "SELECT secrets.rotate_secret('db/alt', rotator => 'postgres-alternating-users')",
         &[],
     )
     .unwrap();
