@@ -386,6 +386,7 @@ async fn log_in(
                         })?;
                         let client_final = exchange
                             .client_final(&body, password, settings.scram)
+                            .await
                             .map_err(ProxyError::Backend)?;
                         frontend::sasl_response(&client_final, &mut out)
                     }

@@ -6,7 +6,10 @@
 //! proxy. The cache keeps the derived client and server keys per (salt, iterations, password),
 //! the password being represented by an HMAC under a key that exists only in this process's
 //! memory. A rotated password is a new cache key; old entries are simply never asked for again
-//! and leave with the bound on the cache's size.
+//! and leave with the bound on the cache's size. A derivation runs on a blocking thread, once
+//! for all the logins that need it at the same moment (after a rotation, every reconnecting
+//! client): PBKDF2 takes milliseconds, which on a runtime thread would stall every session it
+//! relays.
 
 use crate::metrics::Metrics;
 use base64::engine::general_purpose::STANDARD;
@@ -16,7 +19,8 @@ use rand::Rng;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use tokio::sync::OnceCell;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 /// The server chooses the iteration count; one far above PostgreSQL's default (4096) would
 /// let a hostile server make the proxy burn CPU.
@@ -76,7 +80,8 @@ pub struct ScramCache {
     /// Turns a password into a cache key without keeping anything that could be tested
     /// against guesses outside this process.
     tag_key: [u8; 32],
-    entries: Mutex<HashMap<CacheKey, DerivedKeys>>,
+    /// Each entry is set once; logins that find it unset wait for the one deriving it.
+    entries: Mutex<HashMap<CacheKey, Arc<OnceCell<DerivedKeys>>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -95,25 +100,41 @@ impl ScramCache {
         }
     }
 
-    fn keys(&self, password: &[u8], salt: &[u8], iterations: u32) -> DerivedKeys {
+    async fn keys(
+        &self,
+        password: &[u8],
+        salt: &[u8],
+        iterations: u32,
+    ) -> Result<DerivedKeys, String> {
         let key = CacheKey {
             salt: salt.to_vec(),
             iterations,
             password_tag: hmac(&self.tag_key, password),
         };
-        if let Some(keys) = self.entries.lock().expect("scram cache lock").get(&key) {
+        let entry = {
+            let mut entries = self.entries.lock().expect("scram cache lock");
+            if entries.len() >= MAX_ENTRIES && !entries.contains_key(&key) {
+                entries.clear();
+            }
+            Arc::clone(entries.entry(key).or_default())
+        };
+        if let Some(keys) = entry.get() {
             Metrics::count(&self.metrics.scram_cache_hits, 1);
-            return keys.clone();
+            return Ok(keys.clone());
         }
-        // Derived outside the lock: logins with other passwords do not wait for this one.
-        let keys = DerivedKeys::derive(password, salt, iterations);
-        Metrics::count(&self.metrics.scram_derivations, 1);
-        let mut entries = self.entries.lock().expect("scram cache lock");
-        if entries.len() >= MAX_ENTRIES {
-            entries.clear();
-        }
-        entries.insert(key, keys.clone());
-        keys
+        let keys = entry
+            .get_or_try_init(|| async {
+                let (password, salt) = (Zeroizing::new(password.to_vec()), salt.to_vec());
+                let keys = tokio::task::spawn_blocking(move || {
+                    DerivedKeys::derive(&password, &salt, iterations)
+                })
+                .await
+                .map_err(|_| "the SCRAM key derivation did not finish".to_string())?;
+                Metrics::count(&self.metrics.scram_derivations, 1);
+                Ok::<_, String>(keys)
+            })
+            .await?;
+        Ok(keys.clone())
     }
 }
 
@@ -203,7 +224,7 @@ impl ScramExchange {
     }
 
     /// The client-final message with its proof, for the server-first message.
-    pub fn client_final(
+    pub async fn client_final(
         &mut self,
         server_first: &[u8],
         password: &[u8],
@@ -243,7 +264,7 @@ impl ScramExchange {
             )));
         }
 
-        let keys = cache.keys(password, &salt, iterations);
+        let keys = cache.keys(password, &salt, iterations).await?;
         if matches!(self.binding, ChannelBinding::ServerEndPoint(_)) {
             Metrics::count(&cache.metrics.scram_channel_bound, 1);
         }
@@ -306,8 +327,8 @@ mod tests {
     const SERVER_FINAL: &str = "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=";
 
     /// The GS2 header and the `c` attribute for each channel-binding answer (RFC 5802 §7).
-    #[test]
-    fn channel_binding_headers() {
+    #[tokio::test]
+    async fn channel_binding_headers() {
         let cache = ScramCache::new(Arc::new(Metrics::default()));
         let cases = [
             (
@@ -336,6 +357,7 @@ mod tests {
             assert_eq!(first, format!("{header}n=,r={CLIENT_NONCE}"));
             let client_final = exchange
                 .client_final(SERVER_FIRST.as_bytes(), b"pencil", &cache)
+                .await
                 .unwrap();
             let expected = format!("c={},", STANDARD.encode(c_input));
             assert!(String::from_utf8(client_final)
@@ -344,8 +366,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn rfc_7677_example_and_the_cache() {
+    #[tokio::test]
+    async fn rfc_7677_example_and_the_cache() {
         let metrics = Arc::new(Metrics::default());
         let cache = ScramCache::new(Arc::clone(&metrics));
         for round in 0..2 {
@@ -354,6 +376,7 @@ mod tests {
             assert_eq!(exchange.client_first(), b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO");
             let client_final = exchange
                 .client_final(SERVER_FIRST.as_bytes(), b"pencil", &cache)
+                .await
                 .unwrap();
             assert_eq!(String::from_utf8(client_final).unwrap(), CLIENT_FINAL);
             assert!(!exchange.server_verified());
@@ -369,6 +392,7 @@ mod tests {
             ScramExchange::with_nonce("user", CLIENT_NONCE.into(), ChannelBinding::Unsupported);
         let other = exchange
             .client_final(SERVER_FIRST.as_bytes(), b"pencil2", &cache)
+            .await
             .unwrap();
         assert_ne!(String::from_utf8(other).unwrap(), CLIENT_FINAL);
         assert!(exchange
@@ -377,8 +401,8 @@ mod tests {
         assert_eq!(counted(&metrics.scram_derivations), 2);
     }
 
-    #[test]
-    fn hostile_server_messages_are_refused() {
+    #[tokio::test]
+    async fn hostile_server_messages_are_refused() {
         let metrics = Arc::new(Metrics::default());
         let cache = ScramCache::new(Arc::clone(&metrics));
         let cases = [
@@ -414,6 +438,7 @@ mod tests {
                 ScramExchange::with_nonce("", CLIENT_NONCE.into(), ChannelBinding::Unsupported);
             let error = exchange
                 .client_final(server_first.as_bytes(), b"pencil", &cache)
+                .await
                 .unwrap_err();
             assert!(error.contains(words), "{server_first}: {error}");
         }
@@ -424,5 +449,36 @@ mod tests {
             .verify_server_final(SERVER_FINAL.as_bytes())
             .is_err());
         assert!(!exchange.server_verified());
+    }
+
+    /// Logins that need the same keys at the same moment (every client reconnecting after a
+    /// rotation) wait for one derivation.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_logins_share_one_derivation() {
+        let metrics = Arc::new(Metrics::default());
+        let cache = Arc::new(ScramCache::new(Arc::clone(&metrics)));
+        let logins: Vec<_> = (0..8)
+            .map(|_| {
+                let cache = Arc::clone(&cache);
+                tokio::spawn(async move {
+                    let mut exchange = ScramExchange::with_nonce(
+                        "user",
+                        CLIENT_NONCE.into(),
+                        ChannelBinding::Unsupported,
+                    );
+                    exchange
+                        .client_final(SERVER_FIRST.as_bytes(), b"pencil", &cache)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        for login in logins {
+            assert_eq!(
+                String::from_utf8(login.await.unwrap()).unwrap(),
+                CLIENT_FINAL
+            );
+        }
+        assert_eq!(counted(&metrics.scram_derivations), 1);
     }
 }
