@@ -990,3 +990,31 @@ fn a_policy_applies_to_a_role_created_again_under_its_name() {
         "permission denied",
     );
 }
+
+/// A revoke committed while a reader's statement runs reaches the reader's next statement:
+/// grants are loaded under a snapshot taken when they are loaded, not the statement's.
+#[test]
+fn a_revoke_during_a_readers_statement_reaches_its_next_one() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.execute("SELECT secrets.create_secret('rc/x', 'v')", &[])
+        .unwrap();
+    let mut reader = cluster.login_role("reader", "IN ROLE secrets_user");
+    db.execute(
+        "SELECT secrets.grant_access('rc/x', 'reader', '{get}')",
+        &[],
+    )
+    .unwrap();
+    let read = "SELECT secrets.get_secret_value('rc/x')";
+    reader.query_one(read, &[]).unwrap();
+    let slow = std::thread::spawn(move || {
+        // Either answer is consistent for this statement; what it caches is the point.
+        let _ = reader.query_one("SELECT pg_sleep(2), secrets.get_secret_value('rc/x')", &[]);
+        reader
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    db.execute("SELECT secrets.revoke_access('rc/x', 'reader')", &[])
+        .unwrap();
+    let mut reader = slow.join().unwrap();
+    assert_sql_error(reader.query_one(read, &[]), "42501", "permission denied");
+}

@@ -76,11 +76,12 @@ pub struct SessionInfo {
 
 type Policies = HashMap<Uuid, Rc<Policy<Oid>>>;
 
-/// A cache entry and how long it may be used. Loaded under a snapshot taken per statement
-/// (READ COMMITTED), it saw every commit whose invalidation this backend has received, and
-/// stays until the next invalidation. Loaded under REPEATABLE READ or SERIALIZABLE, it saw the
-/// transaction's snapshot, which can be older than an invalidation already received (a grant
-/// revoked since the transaction began), so it serves only the rest of that transaction.
+/// A cache entry and how long it may be used. It is loaded under a snapshot taken at the load
+/// (`with_latest_snapshot`), so it saw every commit whose invalidation this backend has
+/// received, and stays until the next invalidation. Under REPEATABLE READ or SERIALIZABLE, a
+/// transaction that has written uses its own snapshot for every query whatever is pushed,
+/// which can be older than an invalidation already received (a grant revoked since the
+/// transaction began), so what it loads serves only the rest of that transaction.
 struct Loaded<T> {
     value: Rc<T>,
     /// The local transaction id it is limited to.
@@ -118,6 +119,32 @@ thread_local! {
     static POLICY_TABLE: Cell<Oid> = const { Cell::new(pg_sys::InvalidOid) };
 }
 
+/// Runs a cache load under a snapshot taken now. A statement's own snapshot can be older than
+/// an invalidation the backend accepts during the statement (a revoke committed while it ran):
+/// loaded under it, a revoked grant would be cached until the next change.
+fn with_latest_snapshot<T>(load: impl FnOnce() -> T) -> T {
+    /// Pops the snapshot when the load returns; when an error unwinds through it, the
+    /// (sub)transaction's abort pops it instead.
+    struct Pushed;
+    impl Drop for Pushed {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                // SAFETY: pushed by `with_latest_snapshot`; SPI pops what it pushes.
+                unsafe { pg_sys::PopActiveSnapshot() };
+            }
+        }
+    }
+    // A row-level security predicate can run in the leader of a parallel query, where
+    // PostgreSQL takes no new snapshot; the statement's then serves.
+    if unsafe { pg_sys::IsInParallelMode() } {
+        return load();
+    }
+    // SAFETY: inside a transaction, as every access decision is.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
+    let _pushed = Pushed;
+    load()
+}
+
 pub fn grants() -> Result<Rc<GrantIndex>> {
     if let Some(cached) = GRANTS.with(|grants| grants.borrow().as_ref().and_then(Loaded::usable)) {
         return Ok(cached);
@@ -125,30 +152,32 @@ pub fn grants() -> Result<Rc<GrantIndex>> {
     let table_oid = relation_oid(c"access_grant")?;
     GRANT_TABLE.with(|table| table.set(table_oid));
     let mut index = GrantIndex::default();
-    Spi::connect(|client| -> Result<()> {
-        let rows = client.select(
-            "SELECT id, name_pattern, grantee::oid, actions, \
+    with_latest_snapshot(|| {
+        Spi::connect(|client| -> Result<()> {
+            let rows = client.select(
+                "SELECT id, name_pattern, grantee::oid, actions, \
                     (pg_catalog.date_part('epoch', valid_until) * 1000000)::int8 \
              FROM secrets.access_grant",
-            None,
-            &[],
-        )?;
-        for row in rows {
-            let actions: Vec<String> = row.get(4)?.unwrap_or_default();
-            let grant = Grant {
-                id: required(&row, 1)?,
-                pattern: required(&row, 2)?,
-                grantee: required(&row, 3)?,
-                actions: Actions::parse(&actions).unwrap_or_default(),
-                valid_until: row.get(5)?,
-            };
-            index
-                .by_grantee
-                .entry(grant.grantee)
-                .or_default()
-                .push(Rc::new(grant));
-        }
-        Ok(())
+                None,
+                &[],
+            )?;
+            for row in rows {
+                let actions: Vec<String> = row.get(4)?.unwrap_or_default();
+                let grant = Grant {
+                    id: required(&row, 1)?,
+                    pattern: required(&row, 2)?,
+                    grantee: required(&row, 3)?,
+                    actions: Actions::parse(&actions).unwrap_or_default(),
+                    valid_until: row.get(5)?,
+                };
+                index
+                    .by_grantee
+                    .entry(grant.grantee)
+                    .or_default()
+                    .push(Rc::new(grant));
+            }
+            Ok(())
+        })
     })?;
     let index = Rc::new(index);
     GRANTS.with(|grants| *grants.borrow_mut() = Some(Loaded::new(index.clone())));
@@ -164,20 +193,22 @@ fn all_policies() -> Result<Rc<Policies>> {
     let table_oid = relation_oid(c"resource_policy")?;
     POLICY_TABLE.with(|table| table.set(table_oid));
     let mut policies = Policies::new();
-    Spi::connect(|client| -> Result<()> {
-        for row in client.select(
-            "SELECT secret_id, policy FROM secrets.resource_policy",
-            None,
-            &[],
-        )? {
-            let id: Uuid = required(&row, 1)?;
-            let document: pgrx::JsonB = required(&row, 2)?;
-            // Stored policies were validated; a role dropped since then simply matches no one.
-            if let Ok(policy) = policy::parse(&document.0, &mut resolve_role, &mut Vec::new()) {
-                policies.insert(id, Rc::new(policy));
+    with_latest_snapshot(|| {
+        Spi::connect(|client| -> Result<()> {
+            for row in client.select(
+                "SELECT secret_id, policy FROM secrets.resource_policy",
+                None,
+                &[],
+            )? {
+                let id: Uuid = required(&row, 1)?;
+                let document: pgrx::JsonB = required(&row, 2)?;
+                // Stored policies were validated; a role dropped since then simply matches no one.
+                if let Ok(policy) = policy::parse(&document.0, &mut resolve_role, &mut Vec::new()) {
+                    policies.insert(id, Rc::new(policy));
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     })?;
     let policies = Rc::new(policies);
     POLICIES.with(|cache| *cache.borrow_mut() = Some(Loaded::new(policies.clone())));
@@ -200,16 +231,18 @@ pub fn membership(role: Oid) -> Result<Rc<Membership>> {
     {
         return Ok(cached);
     }
-    let roles: Vec<Oid> = Spi::connect(|client| {
-        client
-            .select(
-                "SELECT oid FROM pg_catalog.pg_roles \
-                 WHERE pg_catalog.pg_has_role($1, oid, 'USAGE')",
-                None,
-                &[role.into()],
-            )?
-            .map(|row| required(&row, 1))
-            .collect::<Result<_>>()
+    let roles: Vec<Oid> = with_latest_snapshot(|| {
+        Spi::connect(|client| {
+            client
+                .select(
+                    "SELECT oid FROM pg_catalog.pg_roles \
+                     WHERE pg_catalog.pg_has_role($1, oid, 'USAGE')",
+                    None,
+                    &[role.into()],
+                )?
+                .map(|row| required(&row, 1))
+                .collect::<Result<_>>()
+        })
     })?;
     let member_of = |name: &str| resolve_role(name).is_some_and(|oid| roles.contains(&oid));
     let membership = Rc::new(Membership {
