@@ -293,8 +293,8 @@ pub fn cancel_rotate_secret(name: &str) -> Result<()> {
                     note = 'cancelled by ' || $2 \
              WHERE secret_id = $1 AND state = 'running' AND step IN ('create', 'set')",
             None,
-            // The caller, not current_user: inside this SECURITY DEFINER function that is
-            // the extension's owner.
+            // The caller, not current_user: inside the extension's functions that is the
+            // extension's owner.
             &[secret.id.into(), caller_name().into()],
         )?;
         let still_running = !client

@@ -954,3 +954,34 @@ fn an_oversized_call_is_shortened_and_offboarding_never_stalls_the_trail() {
     wait_for_records(&mut db, "action = 'get' AND secret_name = 'app/db'", 10);
     offboarding.batch_execute("ROLLBACK").unwrap();
 }
+
+/// Offboarding by actual reads still finds a read whose audit record has been purged: what
+/// each role read is kept when the records go.
+#[test]
+fn offboarding_by_actual_reads_outlives_the_purge_of_the_records() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE leaver LOGIN PASSWORD 'pw' IN ROLE secrets_reader; \
+         SELECT secrets.create_secret('app/db', 'v'); \
+         SELECT secrets.create_secret('app/other', 'v');",
+    )
+    .unwrap();
+    let mut leaver = cluster.connect("leaver", "pw");
+    leaver
+        .query_one("SELECT secrets.get_secret_value('app/db')", &[])
+        .unwrap();
+    wait_for_records(&mut db, "action = 'get' AND \"current_user\" = 'leaver'", 1);
+    db.query_one("SELECT secrets.purge_audit_log('0 seconds')", &[])
+        .unwrap();
+    let read: Vec<String> = db
+        .query(
+            "SELECT name FROM secrets.rotate_secrets_accessible_by('leaver', only_accessed => true)",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(read, vec!["app/db".to_string()]);
+}

@@ -312,6 +312,9 @@ impl Drop for RetentionRunning {
 pub fn purge(older_than_seconds: f64) -> Result<i64> {
     access::require_on_every_secret(Action::Manage, "purge the audit log")?;
     Spi::connect_mut(|client| {
+        // Who read what outlives the records it was read from: offboarding by actual reads
+        // looks there and at the records still kept.
+        update_readers(client)?;
         // The prefix ends before the first record inside the window, not at the last record
         // outside it: records are dated by the backends that made them, so an early-dated one
         // after recent ones must not take those with it.
