@@ -889,22 +889,29 @@ fn another_roles_code_reads_with_that_roles_rights() {
     );
 }
 
+/// A session of role `reader`, granted `get` on a new secret `name` and having read it once,
+/// so its grants are cached; and the statement that reads it.
+fn reader_granted_get(cluster: &Cluster, db: &mut Client, name: &str) -> (Client, String) {
+    db.execute("SELECT secrets.create_secret($1, 'v')", &[&name])
+        .unwrap();
+    let mut reader = cluster.login_role("reader", "IN ROLE secrets_user");
+    db.execute(
+        "SELECT secrets.grant_access($1, 'reader', '{get}')",
+        &[&name],
+    )
+    .unwrap();
+    let read = format!("SELECT secrets.get_secret_value('{name}')");
+    reader.query_one(&read, &[]).unwrap();
+    (reader, read)
+}
+
 /// A revoke reaches a session that reloaded its grants inside a REPEATABLE READ transaction:
 /// what that transaction's snapshot showed serves only the rest of it.
 #[test]
 fn a_revoke_reaches_a_session_that_read_in_repeatable_read() {
     let cluster = Cluster::start();
     let mut db = cluster.superuser();
-    db.execute("SELECT secrets.create_secret('rr/x', 'v')", &[])
-        .unwrap();
-    let mut reader = cluster.login_role("reader", "IN ROLE secrets_user");
-    db.execute(
-        "SELECT secrets.grant_access('rr/x', 'reader', '{get}')",
-        &[],
-    )
-    .unwrap();
-    let read = "SELECT secrets.get_secret_value('rr/x')";
-    reader.query_one(read, &[]).unwrap();
+    let (mut reader, read) = reader_granted_get(&cluster, &mut db, "rr/x");
     reader
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
         .unwrap();
@@ -912,10 +919,10 @@ fn a_revoke_reaches_a_session_that_read_in_repeatable_read() {
         .unwrap();
     // Inside the transaction its snapshot still shows the grant; either answer is consistent.
     for _ in 0..2 {
-        let _ = reader.query_one(read, &[]);
+        let _ = reader.query_one(&read, &[]);
     }
     reader.batch_execute("ROLLBACK").unwrap();
-    assert_sql_error(reader.query_one(read, &[]), "42501", "permission denied");
+    assert_sql_error(reader.query_one(&read, &[]), "42501", "permission denied");
 }
 
 /// Grants on a secret's exact name go when the secret is removed for good, so a later secret
@@ -997,16 +1004,7 @@ fn a_policy_applies_to_a_role_created_again_under_its_name() {
 fn a_revoke_during_a_readers_statement_reaches_its_next_one() {
     let cluster = Cluster::start();
     let mut db = cluster.superuser();
-    db.execute("SELECT secrets.create_secret('rc/x', 'v')", &[])
-        .unwrap();
-    let mut reader = cluster.login_role("reader", "IN ROLE secrets_user");
-    db.execute(
-        "SELECT secrets.grant_access('rc/x', 'reader', '{get}')",
-        &[],
-    )
-    .unwrap();
-    let read = "SELECT secrets.get_secret_value('rc/x')";
-    reader.query_one(read, &[]).unwrap();
+    let (mut reader, read) = reader_granted_get(&cluster, &mut db, "rc/x");
     let slow = std::thread::spawn(move || {
         // Either answer is consistent for this statement; what it caches is the point.
         let _ = reader.query_one("SELECT pg_sleep(2), secrets.get_secret_value('rc/x')", &[]);
@@ -1016,5 +1014,5 @@ fn a_revoke_during_a_readers_statement_reaches_its_next_one() {
     db.execute("SELECT secrets.revoke_access('rc/x', 'reader')", &[])
         .unwrap();
     let mut reader = slow.join().unwrap();
-    assert_sql_error(reader.query_one(read, &[]), "42501", "permission denied");
+    assert_sql_error(reader.query_one(&read, &[]), "42501", "permission denied");
 }

@@ -155,9 +155,7 @@ pub fn check_configuration(
         current.ok_or_else(|| refused("the secret has no CURRENT version to rotate".into()))?;
     let credential = Credential::parse(current).map_err(&refused)?;
     if let Some((pinned_version, pinned)) = pinned {
-        let pinned = Credential::parse(pinned).map_err(&refused)?;
-        let pinned = postgres::Target::of(rotator, &pinned);
-        if let Some(field) = postgres::Target::of(rotator, &credential).first_difference(&pinned) {
+        if let Some(field) = target_difference(rotator, pinned, current).map_err(&refused)? {
             return Err(refused(format!(
                 "the CURRENT value names another \"{field}\" than version {pinned_version}, \
                  the target pinned before; to rotate the new target, pass new_target => true"
@@ -180,12 +178,11 @@ pub fn check_target(rotator: &Rotator, step: Step, context: &StepContext) -> Res
              rotation with rotate_secret(name, rotator => ...)",
         )
     })?;
-    let pinned = Credential::parse(pinned).map_err(|why| context.failed(step, why))?;
-    let pinned = postgres::Target::of(rotator, &pinned);
     for (label, value) in [("CURRENT", context.current), ("PENDING", context.pending)] {
         let Some(value) = value else { continue };
-        let credential = Credential::parse(value).map_err(|why| context.failed(step, why))?;
-        if let Some(field) = postgres::Target::of(rotator, &credential).first_difference(&pinned) {
+        let difference =
+            target_difference(rotator, pinned, value).map_err(|why| context.failed(step, why))?;
+        if let Some(field) = difference {
             return Err(context.failed(
                 step,
                 format!(
@@ -198,6 +195,16 @@ pub fn check_target(rotator: &Rotator, step: Step, context: &StepContext) -> Res
         }
     }
     Ok(())
+}
+
+/// The first credential field in which `value` names another target than `pinned`, by name.
+fn target_difference(
+    rotator: &Rotator,
+    pinned: &[u8],
+    value: &[u8],
+) -> std::result::Result<Option<&'static str>, String> {
+    let pinned = postgres::Target::of(rotator, &Credential::parse(pinned)?);
+    Ok(postgres::Target::of(rotator, &Credential::parse(value)?).first_difference(&pinned))
 }
 
 /// Whether all four steps run in one transaction: a role of this very cluster, where the
