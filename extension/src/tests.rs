@@ -258,6 +258,21 @@ mod tests {
         );
     }
 
+    /// The SQLSTATE recorded for a call a PostgreSQL error ended, from its packed code.
+    #[test]
+    fn audit_sqlstate_text() {
+        use crate::audit::sqlstate_text;
+        use pgrx::PgSqlErrorCode::*;
+        for (code, text) in [
+            (ERRCODE_QUERY_CANCELED, "57014"),
+            (ERRCODE_LOCK_NOT_AVAILABLE, "55P03"),
+            (ERRCODE_INTERNAL_ERROR, "XX000"),
+            (ERRCODE_SUCCESSFUL_COMPLETION, "00000"),
+        ] {
+            assert_eq!(sqlstate_text(code as i32), text);
+        }
+    }
+
     #[pg_test]
     fn store_round_trip_in_sql() {
         let version = Spi::get_one::<pgrx::Uuid>(

@@ -180,6 +180,64 @@ fn rolled_back_and_denied_calls_are_recorded_and_no_value_is() {
     );
 }
 
+/// A call that a PostgreSQL error ends, here a lock timeout while another session holds the
+/// secrets table, is recorded as an error with that SQLSTATE, though its transaction aborts.
+#[test]
+fn a_call_ended_by_a_postgres_error_is_recorded() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.execute(
+        "SELECT secrets.create_secret('prod/locked', $1)",
+        &[&SECRET_VALUE],
+    )
+    .unwrap();
+    let mut reader = cluster.superuser();
+    // A first call fills what a session caches, so that the second waits inside the call.
+    reader
+        .query_one("SELECT secrets.get_secret_value('prod/locked')", &[])
+        .unwrap();
+    let mut locker = cluster.superuser();
+    let mut lock = locker.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE secrets.secret IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    reader.batch_execute("SET lock_timeout = '200ms'").unwrap();
+    assert_sql_error(
+        reader.query("SELECT secrets.get_secret_value('prod/locked')", &[]),
+        "55P03",
+        "lock timeout",
+    );
+    lock.rollback().unwrap();
+    wait_for_records(
+        &mut db,
+        "secret_name = 'prod/locked' AND action = 'get' AND outcome = 'error'",
+        1,
+    );
+    let row = db
+        .query_one(
+            "SELECT sqlstate, details->>'error', details->>'function' FROM secrets.audit_log \
+             WHERE secret_name = 'prod/locked' AND outcome = 'error'",
+            &[],
+        )
+        .unwrap();
+    let (sqlstate, error, function): (String, String, String) =
+        (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        (sqlstate.as_str(), function.as_str()),
+        ("55P03", "get_secret_value")
+    );
+    assert!(error.contains("lock timeout"), "{error}");
+    // The session goes on, and its next call is recorded as usual.
+    reader
+        .query_one("SELECT secrets.get_secret_value('prod/locked')", &[])
+        .unwrap();
+    wait_for_records(
+        &mut db,
+        "secret_name = 'prod/locked' AND action = 'get' AND outcome = 'allowed'",
+        2,
+    );
+    assert!(verify(&mut db).0);
+}
+
 #[test]
 fn nothing_is_dropped_under_load() {
     let cluster = Cluster::start();

@@ -22,7 +22,7 @@ pub mod policy;
 
 pub use cache::{
     application_name, invalidate_grants, invalidate_policies, now_micros,
-    register_invalidation_callbacks, session, POSTGRES_EPOCH_OFFSET_MICROS,
+    register_invalidation_callbacks, session, SessionInfo, POSTGRES_EPOCH_OFFSET_MICROS,
 };
 
 use crate::errors::Result;

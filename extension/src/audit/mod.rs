@@ -127,7 +127,9 @@ pub fn note(key: &str, value: serde_json::Value) {
 }
 
 /// Runs one call of a SQL function and records it. A call whose record cannot be queued
-/// fails, so nothing happens unaudited.
+/// fails, so nothing happens unaudited. A call that a PostgreSQL error ends (a cancel, a
+/// timeout, a statement that failed) or a panic is recorded as an `error` with that error's
+/// SQLSTATE before the error goes on to abort the caller's transaction.
 pub fn audited<T>(
     action: &str,
     function: &str,
@@ -137,8 +139,30 @@ pub fn audited<T>(
     if !settings::audit() {
         return body();
     }
+    // Before the call: once an error has ended it, the catalogs (role names, the client
+    // address) may not be readable until the transaction aborts.
+    let caller = Caller::capture()?;
     TOUCHED.with(|touched| touched.take());
-    let outcome = body();
+    let outcome = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(outcome) => outcome,
+        Err(unwinding) => {
+            let (sqlstate, message) = unwinding_error(unwinding.as_ref());
+            let mut touched = TOUCHED.with(|touched| touched.take());
+            let details = details_json(function, std::mem::take(&mut touched.notes), Some(message));
+            // Queuing touches only the queue's memory and lock. If it fails, the record is in
+            // the server log (`Caller::record`), and the error that ended the call is the one
+            // the caller must see.
+            let _ = caller.record(
+                action,
+                secret_name,
+                touched,
+                "error",
+                Some(&sqlstate),
+                details,
+            );
+            std::panic::resume_unwind(unwinding)
+        }
+    };
     let mut touched = TOUCHED.with(|touched| touched.take());
     let (result, sqlstate, error) = match &outcome {
         Ok(_) => ("allowed", None, None),
@@ -148,12 +172,42 @@ pub fn audited<T>(
         Err(error) => ("error", Some(error.sqlstate().1), Some(error.to_string())),
     };
     let details = details_json(function, std::mem::take(&mut touched.notes), error);
-    let recorded = record(action, secret_name, touched, result, sqlstate, details);
+    let recorded = caller.record(action, secret_name, touched, result, sqlstate, details);
     match (outcome, recorded) {
         (Err(error), _) => Err(error),
         (Ok(_), Err(error)) => Err(error),
         (Ok(value), Ok(())) => Ok(value),
     }
+}
+
+/// The SQLSTATE and message of what is unwinding a call: a PostgreSQL error, or an `ERROR`
+/// raised from Rust, as pgrx caught it; any other panic is an internal error (`XX000`). The
+/// message is PostgreSQL's own (a cancel, a timeout, a constraint's name); its detail, which
+/// can quote a row, is left out.
+fn unwinding_error(unwinding: &(dyn std::any::Any + Send)) -> (String, String) {
+    use pgrx::pg_sys::panic::CaughtError;
+    match unwinding.downcast_ref::<CaughtError>() {
+        Some(CaughtError::PostgresError(report) | CaughtError::ErrorReport(report)) => (
+            sqlstate_text(report.sql_error_code() as i32),
+            report.message().to_string(),
+        ),
+        _ => (
+            "XX000".to_string(),
+            "the call ended with an internal error".to_string(),
+        ),
+    }
+}
+
+/// A SQLSTATE's five characters from PostgreSQL's packed form (`MAKE_SQLSTATE`: six bits per
+/// character, the first lowest), as `unpack_sql_state` writes them.
+pub fn sqlstate_text(mut packed: i32) -> String {
+    (0..5)
+        .map(|_| {
+            let character = char::from(b'0' + (packed & 0x3F) as u8);
+            packed >>= 6;
+            character
+        })
+        .collect()
 }
 
 /// A record's details, a JSON object: what the call noted, the function called and the error
@@ -191,50 +245,85 @@ pub fn record(
     if !settings::audit() {
         return Ok(());
     }
-    let session = access::session()?;
-    let mut record = Record {
-        at_micros: access::now_micros(),
-        session_user: access::role_name(unsafe { pg_sys::GetSessionUserId() }).into(),
-        current_user: access::role_name(access::caller()).into(),
-        action: action.into(),
-        secret_name: secret_name.map(Cow::from),
-        secret_id: touched.secret_id.map(|id| uuid_text(id).into()),
-        version_id: touched.version_id.map(|id| uuid_text(id).into()),
-        version_stage: touched.version_stage.map(Cow::from),
-        outcome: outcome.into(),
-        sqlstate: sqlstate.map(Cow::from),
-        client_addr: session.address.as_deref().map(Cow::from),
-        client_port: session.port,
-        application_name: Some(access::application_name())
-            .filter(|name| !name.is_empty())
-            .map(Cow::from),
-        backend_pid: unsafe { pg_sys::MyProcPid },
-        details: details.into(),
-    };
-    match table_out_of_reach() {
-        // The server log is then the only place the record can go, whatever
-        // pg_secrets.audit_server_log says.
-        Some(reason) => {
-            write_to_server_log(&[server_log_line(&record, &record.to_json())]);
-            if !NOTED_LOG_ONLY.with(|noted| noted.replace(true)) {
-                let message =
-                    format!("pg_secrets: {reason}, so this session's audit records go to the server log only");
-                match reason {
-                    // Reading from a replica is normal; the client need not hear about it.
-                    OutOfReach::Standby => pgrx::log!("{message}"),
-                    OutOfReach::OtherDatabase => pgrx::warning!("{message}"),
-                }
-            }
-            Ok(())
-        }
-        None => {
-            let queued = queue::push(&fit_in_slot(&mut record), settings::audit_queue_wait());
-            // The call fails, or had failed already (then its own error is what the caller
-            // sees): the server log keeps the record of the attempt.
-            if queued.is_err() {
+    Caller::capture()?.record(action, secret_name, touched, outcome, sqlstate, details)
+}
+
+/// Who makes a call and from where: what each of its records says besides the call itself.
+struct Caller {
+    session_user: String,
+    current_user: String,
+    session: std::rc::Rc<access::SessionInfo>,
+    application_name: String,
+    out_of_reach: Option<OutOfReach>,
+}
+
+impl Caller {
+    fn capture() -> Result<Caller> {
+        Ok(Caller {
+            session_user: access::role_name(unsafe { pg_sys::GetSessionUserId() }),
+            current_user: access::role_name(access::caller()),
+            session: access::session()?,
+            application_name: access::application_name(),
+            out_of_reach: table_out_of_reach(),
+        })
+    }
+
+    /// Queues the record of a call, or writes it to the server log where the table is out of
+    /// reach.
+    fn record(
+        &self,
+        action: &str,
+        secret_name: Option<&str>,
+        touched: Touched,
+        outcome: &str,
+        sqlstate: Option<&str>,
+        details: String,
+    ) -> Result<()> {
+        let mut record = Record {
+            at_micros: access::now_micros(),
+            session_user: self.session_user.as_str().into(),
+            current_user: self.current_user.as_str().into(),
+            action: action.into(),
+            secret_name: secret_name.map(Cow::from),
+            secret_id: touched.secret_id.map(|id| uuid_text(id).into()),
+            version_id: touched.version_id.map(|id| uuid_text(id).into()),
+            version_stage: touched.version_stage.map(Cow::from),
+            outcome: outcome.into(),
+            sqlstate: sqlstate.map(Cow::from),
+            client_addr: self.session.address.as_deref().map(Cow::from),
+            client_port: self.session.port,
+            application_name: Some(self.application_name.as_str())
+                .filter(|name| !name.is_empty())
+                .map(Cow::from),
+            backend_pid: unsafe { pg_sys::MyProcPid },
+            details: details.into(),
+        };
+        match &self.out_of_reach {
+            // The server log is then the only place the record can go, whatever
+            // pg_secrets.audit_server_log says.
+            Some(reason) => {
                 write_to_server_log(&[server_log_line(&record, &record.to_json())]);
+                if !NOTED_LOG_ONLY.with(|noted| noted.replace(true)) {
+                    let message = format!(
+                        "pg_secrets: {reason}, so this session's audit records go to the server log only"
+                    );
+                    match reason {
+                        // Reading from a replica is normal; the client need not hear about it.
+                        OutOfReach::Standby => pgrx::log!("{message}"),
+                        OutOfReach::OtherDatabase => pgrx::warning!("{message}"),
+                    }
+                }
+                Ok(())
             }
-            queued
+            None => {
+                let queued = queue::push(&fit_in_slot(&mut record), settings::audit_queue_wait());
+                // The call fails, or had failed already (then its own error is what the caller
+                // sees): the server log keeps the record of the attempt.
+                if queued.is_err() {
+                    write_to_server_log(&[server_log_line(&record, &record.to_json())]);
+                }
+                queued
+            }
         }
     }
 }
