@@ -330,20 +330,33 @@ pub fn check(role: pg_sys::Oid, action: Action, name: &str) -> Result<(bool, Str
                 Action::Manage,
                 OnDeleted::Allow,
             )?)
+        }
+        .map(|s| Secret {
+            id: s.id,
+            owner: s.owner,
+        });
+        let basis = access::decide(role, action, name, secret, Context::Session)?;
+        // Which statement denies is shown only to a caller that may describe the secret: a
+        // deny statement naming the caller would otherwise tell it that a secret it may not
+        // see exists, which `get` and `describe` do not (they refuse a missing secret and a
+        // forbidden one alike). Without `describe`, both denials read as a missing secret's.
+        let may_describe = || {
+            access::decide(caller, Action::Describe, name, secret, Context::Session)
+                .map(|basis| basis.allows())
         };
-        let basis = access::decide(
-            role,
-            action,
-            name,
-            secret.map(|s| Secret {
-                id: s.id,
-                owner: s.owner,
-            }),
-            Context::Session,
-        )?;
-        Ok((basis.allows(), basis.describe()))
+        let reason = if asks_about_self && !basis.allows() && !may_describe()? {
+            NOT_ALLOWED_UNEXPLAINED.to_string()
+        } else {
+            basis.describe()
+        };
+        Ok((basis.allows(), reason))
     })
 }
+
+/// `check_access`'s reason for a denial the caller may not see the details of.
+const NOT_ALLOWED_UNEXPLAINED: &str = "no grant, resource policy statement or ownership allows \
+     it, or the secret's resource policy denies it (the statement is shown to roles that may \
+     describe the secret)";
 
 fn interval_seconds(duration: &pgrx::datum::Interval) -> Result<i64> {
     if duration.months() != 0 {

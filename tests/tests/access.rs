@@ -1016,3 +1016,43 @@ fn a_revoke_during_a_readers_statement_reaches_its_next_one() {
     let mut reader = slow.join().unwrap();
     assert_sql_error(reader.query_one(&read, &[]), "42501", "permission denied");
 }
+
+/// `check_access` about oneself names the resource-policy statement that denies only to a role
+/// that may describe the secret. To anyone else a denial on a secret that exists and a name no
+/// secret has read the same, as they do for `get`: the simulator tells no one which secrets
+/// exist.
+#[test]
+fn check_access_does_not_tell_a_role_which_secrets_exist() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        r#"CREATE ROLE prober LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+           CREATE ROLE watcher LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+           SELECT secrets.create_secret('hidden/db', 'v');
+           SELECT secrets.grant_access('hidden/*', 'watcher', '{describe}');
+           SELECT secrets.put_resource_policy('hidden/db', '{"statements": [{"effect": "deny",
+             "principals": ["prober", "watcher"], "actions": ["get"]}]}');"#,
+    )
+    .unwrap();
+    let mut prober = cluster.connect("prober", "pw");
+    let existing = check_access(&mut prober, "prober", "get", "hidden/db");
+    let missing = check_access(&mut prober, "prober", "get", "hidden/none");
+    assert!(!existing.0);
+    assert_eq!(existing, missing);
+    assert!(!existing.1.contains("statement 1"), "{}", existing.1);
+    for name in ["hidden/db", "hidden/none"] {
+        assert_sql_error(
+            prober.query(statement("get"), &[&name]),
+            "42501",
+            "permission denied",
+        );
+    }
+    let mut watcher = cluster.connect("watcher", "pw");
+    assert_eq!(
+        check_access(&mut watcher, "watcher", "get", "hidden/db"),
+        (
+            false,
+            "denied by statement 1 of the resource policy".to_string()
+        )
+    );
+}
