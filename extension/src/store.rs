@@ -802,17 +802,25 @@ pub fn describe_secret(name: &str) -> Result<JsonB> {
     })
 }
 
+/// A secret's metadata as `list_secrets` and the view `secret_list` show it.
 pub struct Listed {
     pub name: String,
     pub id: Uuid,
     pub description: Option<String>,
     pub tags: JsonB,
     pub owner: String,
+    pub owner_oid: pg_sys::Oid,
+    pub key_id: String,
     pub created_at: TimestampWithTimeZone,
     pub last_changed_at: TimestampWithTimeZone,
     pub last_accessed_on: Option<pgrx::datum::Date>,
     pub deleted_at: Option<TimestampWithTimeZone>,
     pub purge_at: Option<TimestampWithTimeZone>,
+    pub rotation_enabled: bool,
+    pub rotator: Option<String>,
+    pub rotation_schedule: Option<String>,
+    pub next_rotation_at: Option<TimestampWithTimeZone>,
+    pub last_rotated_at: Option<TimestampWithTimeZone>,
 }
 
 pub fn list_secrets(
@@ -825,7 +833,9 @@ pub fn list_secrets(
     Spi::connect(|client| {
         let rows = client.select(
             "SELECT name, id, description, tags, owner_role::text, created_at, changed_at, \
-                    last_accessed_on, deleted_at, purge_at, owner_role::oid \
+                    last_accessed_on, deleted_at, purge_at, owner_role::oid, key_id, \
+                    rotation_enabled, rotator, rotation_schedule, next_rotation_at, \
+                    last_rotated_at \
              FROM secrets.secret \
              WHERE ($1::text IS NULL OR pg_catalog.left(name, pg_catalog.length($1)) = $1) \
                AND ($2::text IS NULL OR tags ? $2) \
@@ -870,6 +880,13 @@ pub fn list_secrets(
                 last_accessed_on: row.get(8)?,
                 deleted_at: row.get(9)?,
                 purge_at: row.get(10)?,
+                owner_oid: owner,
+                key_id: required(&row, 12)?,
+                rotation_enabled: required(&row, 13)?,
+                rotator: row.get(14)?,
+                rotation_schedule: row.get(15)?,
+                next_rotation_at: row.get(16)?,
+                last_rotated_at: row.get(17)?,
             });
         }
         Ok(listed)
