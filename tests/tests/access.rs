@@ -1065,3 +1065,50 @@ fn check_access_does_not_tell_a_role_which_secrets_exist() {
         )
     );
 }
+
+/// A resource policy's deny on a group covers every member, also one that holds the membership
+/// without inheriting it (NOINHERIT: it may SET ROLE to the group): such a member cannot step
+/// out of the deny with a grant of its own. Allows stay with inheritance: the group's grant
+/// does not reach it.
+#[test]
+fn a_group_deny_covers_members_that_do_not_inherit() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE contractors;
+         CREATE ROLE temp LOGIN PASSWORD 'pw' NOINHERIT IN ROLE contractors;
+         -- On PostgreSQL 15 NOINHERIT covers every membership, secrets_user's too.
+         GRANT USAGE ON SCHEMA secrets TO temp;
+         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA secrets TO temp;
+         SELECT secrets.create_secret('prod/db', 'v1');
+         SELECT secrets.create_secret('prod/report', 'v2');
+         SELECT secrets.grant_access('prod/db', 'temp', '{get}');
+         SELECT secrets.grant_access('prod/report', 'contractors', '{get}');
+         SELECT secrets.put_resource_policy('prod/db', '{\"statements\": [{\"effect\": \"deny\",
+           \"principals\": [\"contractors\"], \"actions\": [\"get\"]}]}');",
+    )
+    .unwrap();
+    let mut temp = cluster.connect("temp", "pw");
+    for name in ["prod/db", "prod/report"] {
+        assert_sql_error(
+            temp.query(statement("get"), &[&name]),
+            "42501",
+            "permission denied",
+        );
+    }
+    assert_eq!(
+        check_access(&mut db, "temp", "get", "prod/db"),
+        (
+            false,
+            "denied by statement 1 of the resource policy".to_string()
+        )
+    );
+    // Without the deny, its own grant applies.
+    db.batch_execute("SELECT secrets.delete_resource_policy('prod/db')")
+        .unwrap();
+    let value: String = temp
+        .query_one(statement("get"), &[&"prod/db"])
+        .unwrap()
+        .get(0);
+    assert_eq!(value, "v1");
+}

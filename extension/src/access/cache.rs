@@ -62,7 +62,13 @@ impl GrantIndex {
 /// The roles whose privileges a role has (itself included), as `pg_has_role(.., 'USAGE')`
 /// says, and whether `secrets_admin` or `secrets_reader` is among them.
 pub struct Membership {
+    /// The roles whose privileges the role has: itself, and every role it belongs to through
+    /// INHERIT memberships. Grants, allows and ownership follow these.
     pub roles: Vec<Oid>,
+    /// Every role it belongs to, NOINHERIT memberships included (it can SET ROLE to them):
+    /// deny statements follow these, so a member cannot step out of its group's deny by
+    /// holding the membership without inheriting it.
+    pub member_of: Vec<Oid>,
     pub admin: bool,
     pub reader: bool,
 }
@@ -231,23 +237,29 @@ pub fn membership(role: Oid) -> Result<Rc<Membership>> {
     {
         return Ok(cached);
     }
-    let roles: Vec<Oid> = with_latest_snapshot(|| {
+    let member_of: Vec<(Oid, bool)> = with_latest_snapshot(|| {
         Spi::connect(|client| {
             client
                 .select(
-                    "SELECT oid FROM pg_catalog.pg_roles \
-                     WHERE pg_catalog.pg_has_role($1, oid, 'USAGE')",
+                    "SELECT oid, pg_catalog.pg_has_role($1, oid, 'USAGE') FROM pg_catalog.pg_roles \
+                     WHERE pg_catalog.pg_has_role($1, oid, 'MEMBER')",
                     None,
                     &[role.into()],
                 )?
-                .map(|row| required(&row, 1))
+                .map(|row| Ok((required(&row, 1)?, required(&row, 2)?)))
                 .collect::<Result<_>>()
         })
     })?;
-    let member_of = |name: &str| resolve_role(name).is_some_and(|oid| roles.contains(&oid));
+    let roles: Vec<Oid> = member_of
+        .iter()
+        .filter(|(_, inherited)| *inherited)
+        .map(|(oid, _)| *oid)
+        .collect();
+    let has_privileges_of = |name: &str| resolve_role(name).is_some_and(|oid| roles.contains(&oid));
     let membership = Rc::new(Membership {
-        admin: member_of("secrets_admin"),
-        reader: member_of("secrets_reader"),
+        admin: has_privileges_of("secrets_admin"),
+        reader: has_privileges_of("secrets_reader"),
+        member_of: member_of.into_iter().map(|(oid, _)| oid).collect(),
         roles,
     });
     MEMBERSHIP.with(|cache| {

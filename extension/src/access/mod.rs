@@ -242,34 +242,37 @@ pub fn decide(
         None => None,
     };
     let mut session = None;
-    let mut applies = |statement: &policy::Statement<Oid>,
-                       effect: policy::Effect|
-     -> Result<bool> {
-        let covers_role = match &statement.principals {
-            policy::Principals::Everyone => true,
-            policy::Principals::Roles(roles) => roles.iter().any(|r| membership.roles.contains(r)),
-        };
-        if statement.effect != effect || !statement.actions.contains(action) || !covers_role {
-            return Ok(false);
-        }
-        if statement.conditions.is_empty() {
-            return Ok(true);
-        }
-        Ok(match context {
-            Context::Anywhere => effect == policy::Effect::Allow,
-            Context::Session => {
-                if session.is_none() {
-                    session = Some(cache::session()?);
-                }
-                let session = session.as_ref().expect("just set");
-                statement.conditions.met_by(&policy::Session {
-                    source: session.source,
-                    application_name: &cache::application_name(),
-                    now_micros: cache::now_micros(),
-                })
+    let mut applies =
+        |statement: &policy::Statement<Oid>, effect: policy::Effect| -> Result<bool> {
+            let covered = match effect {
+                policy::Effect::Deny => &membership.member_of,
+                policy::Effect::Allow => &membership.roles,
+            };
+            let covers_role = match &statement.principals {
+                policy::Principals::Everyone => true,
+                policy::Principals::Roles(roles) => roles.iter().any(|r| covered.contains(r)),
+            };
+            if statement.effect != effect || !statement.actions.contains(action) || !covers_role {
+                return Ok(false);
             }
-        })
-    };
+            if statement.conditions.is_empty() {
+                return Ok(true);
+            }
+            Ok(match context {
+                Context::Anywhere => effect == policy::Effect::Allow,
+                Context::Session => {
+                    if session.is_none() {
+                        session = Some(cache::session()?);
+                    }
+                    let session = session.as_ref().expect("just set");
+                    statement.conditions.met_by(&policy::Session {
+                        source: session.source,
+                        application_name: &cache::application_name(),
+                        now_micros: cache::now_micros(),
+                    })
+                }
+            })
+        };
     if let Some(policy) = &policy {
         for (index, statement) in policy.statements.iter().enumerate() {
             if applies(statement, policy::Effect::Deny)? {
