@@ -651,6 +651,12 @@ fn requests_are_decided_by_managers_never_by_the_requester() {
         states(&mut owner),
         vec!["team/db:approved:other_team", "team/db:pending:owner_team"]
     );
+    // A superuser, who has the privileges of every role, still decides others' requests.
+    db.execute(
+        "SELECT secrets.approve_access_request($1::text::uuid)",
+        &[&own],
+    )
+    .unwrap();
     for (sql, words) in [
         (
             "SELECT secrets.request_access('team/db', '{get}', '10 seconds', 'x')",
