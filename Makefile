@@ -4,6 +4,7 @@
 PG_CONFIG := /usr/lib/postgresql/15/bin/pg_config
 # cargo pgrx needs sudo to write into PostgreSQL's directories unless we are root.
 SUDO_FLAG := $(if $(filter 0,$(shell id -u)),,--sudo)
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PGRX_TEST_DATA := $(CURDIR)/target/pgrx-test-data
 
 .PHONY: setup install run stop test unit-test e2e-test bench lint
@@ -11,10 +12,14 @@ PGRX_TEST_DATA := $(CURDIR)/target/pgrx-test-data
 setup:
 	@scripts/setup.sh
 
-# The release build is what runs, is tested end to end, and is measured.
+# The release build is what runs, is tested end to end, and is measured. cargo pgrx installs
+# the current version's script and the upgrade scripts (sql/pg_secrets--OLD--NEW.sql); the
+# scripts of earlier releases (sql/releases/) are installed too, so that an earlier version can
+# still be created, as the upgrade test does.
 install: setup
 	@cargo pgrx install --release --pg-config $(PG_CONFIG) $(SUDO_FLAG) --package pg_secrets >target/install.log 2>&1 \
 		|| { tail -50 target/install.log; exit 1; }
+	@$(SUDO) install -m 644 sql/releases/*.sql $(shell $(PG_CONFIG) --sharedir)/extension/
 	@echo "install: pg_secrets installed into PostgreSQL 15"
 
 run: install

@@ -106,6 +106,8 @@ CONF
     psql_demo -t -o /dev/null -v port="$PORT" <<'SQL'
 SET client_min_messages = warning;
 CREATE EXTENSION IF NOT EXISTS pg_secrets;
+-- A cluster made by an earlier release is brought up to this one.
+ALTER EXTENSION pg_secrets UPDATE;
 SELECT secrets.create_secret('demo/app/db',
          json_build_object('engine', 'postgres', 'host', '127.0.0.1', 'port', :port, 'dbname', 'postgres',
                            'username', 'app', 'password', secrets.get_random_password())::text,
