@@ -446,15 +446,15 @@ pub fn decide_request(id: Uuid, approve: bool) -> Result<Option<Uuid>> {
             )));
         };
         store::authorize(client, &name, Action::Manage, OnDeleted::Refuse)?;
-        // Nor anyone the requester can act as (SET ROLE to a group it belongs to), nor a
-        // session the requester logged in as. A superuser has the privileges of every role, yet
-        // may decide: it could grant the access outright.
+        // Nor anyone the requester can act as (SET ROLE to a group it belongs to, INHERIT or
+        // not) or who can act as the requester, nor a session the requester logged in as. A
+        // superuser can act as every role, yet may decide: it could grant the access outright.
         let session_user = unsafe { pg_sys::GetSessionUserId() };
         let same_person = caller == requester
             || session_user == requester
             || unsafe {
-                (!pg_sys::superuser_arg(caller) && pg_sys::has_privs_of_role(caller, requester))
-                    || pg_sys::has_privs_of_role(requester, caller)
+                (!pg_sys::superuser_arg(caller) && pg_sys::is_member_of_role(caller, requester))
+                    || pg_sys::is_member_of_role(requester, caller)
             };
         if same_person {
             return Err(Error::AccessDenied {

@@ -273,6 +273,18 @@ mod tests {
         }
     }
 
+    /// Which errors' messages the audit record keeps: those that cannot quote data.
+    #[test]
+    fn audit_keeps_only_messages_about_the_session() {
+        use crate::audit::message_is_about_the_session;
+        for kept in ["57014", "57P01", "55P03", "53200", "40001", "40P01"] {
+            assert!(message_is_about_the_session(kept), "{kept}");
+        }
+        for dropped in ["22P02", "22021", "23505", "XX000", "55000", "42501"] {
+            assert!(!message_is_about_the_session(dropped), "{dropped}");
+        }
+    }
+
     #[pg_test]
     fn store_round_trip_in_sql() {
         let version = Spi::get_one::<pgrx::Uuid>(

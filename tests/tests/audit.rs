@@ -566,6 +566,52 @@ fn reads_while_the_worker_is_stopped(cluster: &Cluster, reads: usize) -> String 
     worker
 }
 
+/// A full queue: with the worker stopped, reads fill the queue's 4,096 slots; the next read
+/// waits `pg_secrets.audit_queue_wait` and fails with `53400`, and one whose
+/// `statement_timeout` ends that wait first fails with `57014`. Neither happens unaudited: both
+/// records are in the server log at once. When the worker goes on, every queued record is
+/// stored, and the two failed calls are not.
+#[test]
+fn a_full_queue_fails_calls_and_keeps_their_records_in_the_server_log() {
+    let cluster = Cluster::start_with(
+        pg_secrets_e2e::KeySource::File(pg_secrets_e2e::TEST_KEY.into()),
+        &["pg_secrets.audit_queue_wait = 300"],
+    );
+    let mut db = cluster.superuser();
+    db.batch_execute("SELECT secrets.create_secret('full/key', 'v')")
+        .unwrap();
+    let worker = worker_pid(&mut db);
+    signal(&worker, "-STOP");
+    let mut filler = superuser_as_application(&cluster, "filler");
+    let read = "SELECT secrets.get_secret_value('full/key')";
+    let mut queued = 0i64;
+    let refused = loop {
+        match filler.query_one(read, &[]) {
+            Ok(_) => queued += 1,
+            Err(error) => break error,
+        }
+        assert!(queued <= 4096, "the queue holds 4,096 records");
+    };
+    assert!(queued > 4000, "{queued} reads before the queue was full");
+    assert_sql_error::<()>(Err(refused), "53400", "audit");
+    let mut impatient = superuser_as_application(&cluster, "impatient");
+    impatient
+        .batch_execute("SET statement_timeout = '100ms'")
+        .unwrap();
+    assert_sql_error(impatient.query(read, &[]), "57014", "statement timeout");
+    for application in ["filler", "impatient"] {
+        wait_until(
+            &format!("the server log line of {application}'s failed read"),
+            MINUTE,
+            || audit_log_lines(&cluster, application) == 1,
+        );
+    }
+    signal(&worker, "-CONT");
+    wait_for_records(&mut db, "application_name = 'filler'", queued);
+    wait_for_records(&mut db, "application_name = 'impatient'", 0);
+    assert!(verify(&mut db).0);
+}
+
 /// Waits until the table holds `expected` records of the crash test (the server restarting
 /// after a crash first), and returns how many it holds then.
 fn stored_after_restart(cluster: &Cluster, expected: i64) -> i64 {

@@ -5,21 +5,36 @@
 use pg_secrets_e2e::{assert_sql_error, Client, Cluster, KeySource, TEST_KEY};
 
 /// Every object of the extension as text, names instead of OIDs, so that two clusters can be
-/// compared: functions (signature, result, symbol or body, settings, privileges), relations
-/// (privileges, options, row-level security), columns (type, NOT NULL, privileges, default),
-/// constraints, indexes, views, policies, triggers, what pg_dump dumps, extension membership,
-/// and the extension's roles with their memberships.
+/// compared: functions (arguments with names and defaults, result, symbol or body, settings,
+/// privileges, kind, volatility, parallel safety, strictness, cost, comment), relations
+/// (privileges, options, row-level security, persistence, comment), the initial privileges
+/// pg_dump compares with, columns (type, NOT NULL, privileges, default), constraints, indexes,
+/// views, policies, triggers, what pg_dump dumps, extension membership, and the extension's
+/// roles with their attributes and memberships.
 const SCHEMA_FINGERPRINT: &str = r#"
 SELECT kind || ': ' || what FROM (
-  SELECT 'function', p.oid::regprocedure::text || ' -> ' || pg_get_function_result(p.oid)
-           || ' ' || p.prosrc || ' ' || coalesce(p.proconfig::text, '') || ' '
-           || coalesce(p.proacl::text, '') || ' ' || p.prosecdef::text || p.provolatile::text
-           || p.proparallel::text || p.proisstrict::text
+  SELECT 'function', p.proname || '(' || pg_get_function_arguments(p.oid) || ') -> '
+           || pg_get_function_result(p.oid) || ' ' || p.prosrc || ' '
+           || coalesce(p.proconfig::text, '') || ' ' || coalesce(p.proacl::text, '') || ' '
+           || p.prokind::text || p.prosecdef::text || p.provolatile::text
+           || p.proparallel::text || p.proisstrict::text || p.proleakproof::text || ' '
+           || p.procost || ' ' || p.prorows || ' '
+           || coalesce(obj_description(p.oid, 'pg_proc'), '')
     FROM pg_proc p WHERE p.pronamespace = 'secrets'::regnamespace
   UNION ALL
   SELECT 'relation', c.relname || ' ' || c.relkind::text || ' ' || coalesce(c.relacl::text, '') || ' '
            || coalesce(c.reloptions::text, '') || ' ' || c.relrowsecurity::text || c.relforcerowsecurity::text
+           || ' ' || c.relpersistence::text || ' ' || coalesce(obj_description(c.oid, 'pg_class'), '')
     FROM pg_class c WHERE c.relnamespace = 'secrets'::regnamespace
+  UNION ALL
+  SELECT 'initial privileges', pg_describe_object(i.classoid, i.objoid, i.objsubid) || ' '
+           || i.privtype::text || ' ' || i.initprivs::text
+    FROM pg_init_privs i
+    WHERE i.classoid = 'pg_proc'::regclass
+          AND i.objoid IN (SELECT oid FROM pg_proc WHERE pronamespace = 'secrets'::regnamespace)
+       OR i.classoid = 'pg_class'::regclass
+          AND i.objoid IN (SELECT oid FROM pg_class WHERE relnamespace = 'secrets'::regnamespace)
+       OR i.classoid = 'pg_namespace'::regclass AND i.objoid = 'secrets'::regnamespace
   UNION ALL
   SELECT 'column', c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
            || ' ' || a.attnotnull::text || ' ' || coalesce(a.attacl::text, '') || ' '
@@ -56,7 +71,9 @@ SELECT kind || ': ' || what FROM (
   UNION ALL
   SELECT 'schema', coalesce(nspacl::text, '') FROM pg_namespace WHERE nspname = 'secrets'
   UNION ALL
-  SELECT 'role', r.rolname || ' ' || r.rolcanlogin::text || ' ' || array(
+  SELECT 'role', r.rolname || ' ' || r.rolcanlogin::text || r.rolinherit::text
+           || r.rolsuper::text || r.rolcreaterole::text || r.rolcreatedb::text
+           || r.rolreplication::text || r.rolbypassrls::text || ' ' || array(
            SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
            WHERE m.member = r.oid ORDER BY 1)::text
     FROM pg_roles r WHERE r.rolname LIKE 'secrets\_%'

@@ -25,6 +25,7 @@ use pgrx::Uuid;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
+use std::time::Duration;
 
 /// One audit record as queued, stored and hashed. Field order is the canonical order of the
 /// hash chain: change it and old records stop verifying.
@@ -149,9 +150,10 @@ pub fn audited<T>(
             let (sqlstate, message) = unwinding_error(unwinding.as_ref());
             let mut touched = TOUCHED.with(|touched| touched.take());
             let details = details_json(function, std::mem::take(&mut touched.notes), Some(message));
-            // Queuing touches only the queue's memory and lock. If it fails, the record is in
-            // the server log (`Caller::record`), and the error that ended the call is the one
-            // the caller must see.
+            // Queuing touches only the queue's memory and lock, and does not wait for room: the
+            // call has failed already, and sleeping in its error would hold what the error left
+            // locked. If the record cannot be queued, it is in the server log
+            // (`Caller::record`), and the error that ended the call is the one to report.
             let _ = caller.record(
                 action,
                 secret_name,
@@ -159,6 +161,7 @@ pub fn audited<T>(
                 "error",
                 Some(&sqlstate),
                 details,
+                Duration::ZERO,
             );
             std::panic::resume_unwind(unwinding)
         }
@@ -172,7 +175,15 @@ pub fn audited<T>(
         Err(error) => ("error", Some(error.sqlstate().1), Some(error.to_string())),
     };
     let details = details_json(function, std::mem::take(&mut touched.notes), error);
-    let recorded = caller.record(action, secret_name, touched, result, sqlstate, details);
+    let recorded = caller.record(
+        action,
+        secret_name,
+        touched,
+        result,
+        sqlstate,
+        details,
+        settings::audit_queue_wait(),
+    );
     match (outcome, recorded) {
         (Err(error), _) => Err(error),
         (Ok(_), Err(error)) => Err(error),
@@ -181,21 +192,41 @@ pub fn audited<T>(
 }
 
 /// The SQLSTATE and message of what is unwinding a call: a PostgreSQL error, or an `ERROR`
-/// raised from Rust, as pgrx caught it; any other panic is an internal error (`XX000`). The
-/// message is PostgreSQL's own (a cancel, a timeout, a constraint's name); its detail, which
-/// can quote a row, is left out.
+/// raised from Rust; any other panic is an internal error (`XX000`). The message is kept only
+/// where it cannot quote data (`message_is_about_the_session`); the detail never is.
 fn unwinding_error(unwinding: &(dyn std::any::Any + Send)) -> (String, String) {
-    use pgrx::pg_sys::panic::CaughtError;
-    match unwinding.downcast_ref::<CaughtError>() {
-        Some(CaughtError::PostgresError(report) | CaughtError::ErrorReport(report)) => (
-            sqlstate_text(report.sql_error_code() as i32),
-            report.message().to_string(),
-        ),
-        _ => (
+    use pgrx::pg_sys::panic::{CaughtError, ErrorReportWithLevel};
+    let report = match unwinding.downcast_ref::<CaughtError>() {
+        Some(CaughtError::PostgresError(report) | CaughtError::ErrorReport(report)) => Some(report),
+        // An ERROR raised from Rust inside the call, not yet converted by pgrx.
+        _ => unwinding.downcast_ref::<ErrorReportWithLevel>(),
+    };
+    let Some(report) = report else {
+        return (
             "XX000".to_string(),
             "the call ended with an internal error".to_string(),
-        ),
-    }
+        );
+    };
+    let sqlstate = sqlstate_text(report.sql_error_code() as i32);
+    let message = if message_is_about_the_session(&sqlstate) {
+        report.message().to_string()
+    } else {
+        "the call ended with this PostgreSQL error; its message is not recorded, since it \
+         can quote what the call was given"
+            .to_string()
+    };
+    (sqlstate, message)
+}
+
+/// Errors whose messages are PostgreSQL's fixed text about the session, never about data: a
+/// cancel, a timeout or a shutdown (class 57), insufficient resources (53), a deadlock or a
+/// serialization failure (40), a lock not available (55P03). Other messages can quote input
+/// (an invalid value, bytes in the wrong encoding), so only their SQLSTATE is recorded.
+pub fn message_is_about_the_session(sqlstate: &str) -> bool {
+    ["57", "53", "40"]
+        .iter()
+        .any(|class| sqlstate.starts_with(class))
+        || sqlstate == "55P03"
 }
 
 /// A SQLSTATE's five characters from PostgreSQL's packed form (`MAKE_SQLSTATE`: six bits per
@@ -245,7 +276,15 @@ pub fn record(
     if !settings::audit() {
         return Ok(());
     }
-    Caller::capture()?.record(action, secret_name, touched, outcome, sqlstate, details)
+    Caller::capture()?.record(
+        action,
+        secret_name,
+        touched,
+        outcome,
+        sqlstate,
+        details,
+        settings::audit_queue_wait(),
+    )
 }
 
 /// Who makes a call and from where: what each of its records says besides the call itself.
@@ -268,8 +307,9 @@ impl Caller {
         })
     }
 
-    /// Queues the record of a call, or writes it to the server log where the table is out of
-    /// reach.
+    /// Queues the record of a call, waiting up to `wait` for room, or writes it to the server
+    /// log where the table is out of reach.
+    #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
         action: &str,
@@ -278,6 +318,7 @@ impl Caller {
         outcome: &str,
         sqlstate: Option<&str>,
         details: String,
+        wait: Duration,
     ) -> Result<()> {
         let mut record = Record {
             at_micros: access::now_micros(),
@@ -316,13 +357,16 @@ impl Caller {
                 Ok(())
             }
             None => {
-                let queued = queue::push(&fit_in_slot(&mut record), settings::audit_queue_wait());
+                let queued = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    queue::push(&fit_in_slot(&mut record), wait)
+                }));
                 // The call fails, or had failed already (then its own error is what the caller
-                // sees): the server log keeps the record of the attempt.
-                if queued.is_err() {
+                // sees): the server log keeps the record of the attempt. So it does when a
+                // cancel or a timeout ends the wait for room in the queue.
+                if !matches!(queued, Ok(Ok(()))) {
                     write_to_server_log(&[server_log_line(&record, &record.to_json())]);
                 }
-                queued
+                queued.unwrap_or_else(|unwinding| std::panic::resume_unwind(unwinding))
             }
         }
     }
