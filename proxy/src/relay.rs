@@ -40,6 +40,15 @@ struct Framing {
     /// Client side: a Parse named its statement. A named statement lives in one server
     /// session, so in transaction mode the client keeps that session from then on.
     prepared_named_statement: bool,
+    /// Client side: the COPYs into the server it had started (CopyInResponse or
+    /// CopyBothResponse) when these client bytes were fed; set by `Sides::feed_client`. A
+    /// client sends COPY data only after the server asked for it.
+    copies_started_by_server: u64,
+    /// Client side: the client sent what a well-behaved client never sends (COPY data the
+    /// server had not asked for, a message type the protocol has no place for), so the proxy
+    /// can no longer tell which answers are still to come. Such a session never settles: it is
+    /// closed when the client leaves, never lent to anyone else.
+    desynced: bool,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +63,10 @@ enum Side {
 /// Extended-protocol messages the server acts on only once a Sync follows: Parse, Bind,
 /// Execute, Describe, Close, Flush.
 const BEFORE_SYNC: &[u8] = b"PBEDCH";
+
+/// Every message a client may send once its session has started: those above, Sync, Query,
+/// FunctionCall, CopyData, CopyDone, CopyFail and Terminate.
+const CLIENT_MESSAGES: &[u8] = b"PBEDCHSQFdcfX";
 
 impl Framing {
     fn client() -> Framing {
@@ -152,13 +165,16 @@ impl Framing {
             }
             b'd' | b'c' | b'f' => {
                 if !self.in_copy_in {
+                    // Without the server's CopyInResponse first, the server ignores this and
+                    // answers the Syncs that the count below would set aside.
+                    self.desynced |= self.copies_with_data >= self.copies_started_by_server;
                     self.copies_with_data += 1;
                     self.syncs_ignored_in_copy += self.syncs_since_command;
                     self.syncs_since_command = 0;
                 }
                 self.in_copy_in = tag == b'd';
             }
-            _ => {}
+            tag => self.desynced |= !CLIENT_MESSAGES.contains(&tag),
         }
     }
 
@@ -177,7 +193,8 @@ impl Framing {
 /// A client that sent COPY data the server did not ask for never settles: it keeps its
 /// server session, which is closed when it leaves.
 fn settled(from_client: &Framing, from_server: &Framing) -> bool {
-    from_client.at_boundary()
+    !from_client.desynced
+        && from_client.at_boundary()
         && !from_client
             .last
             .is_some_and(|(tag, _)| BEFORE_SYNC.contains(&tag))
@@ -355,6 +372,13 @@ impl Sides {
     fn settled(&self) -> bool {
         settled(&self.from_client, &self.from_server)
     }
+
+    /// Follows bytes from the client, knowing what the server has asked for so far (the
+    /// server's bytes are fed before they are relayed, so before the client can answer them).
+    fn feed_client(&mut self, bytes: &[u8]) -> Option<usize> {
+        self.from_client.copies_started_by_server = self.from_server.copies_started;
+        self.from_client.feed(bytes, 0)
+    }
 }
 
 fn lock(sides: &Mutex<Sides>) -> MutexGuard<'_, Sides> {
@@ -374,7 +398,7 @@ async fn to_server<W: AsyncWrite + Unpin>(
     let (terminate_at, newly_pinned) = {
         let mut sides = lock(sides);
         let was_pinned = sides.from_client.prepared_named_statement;
-        let terminate_at = sides.from_client.feed(chunk, 0);
+        let terminate_at = sides.feed_client(chunk);
         (
             terminate_at,
             sides.from_client.prepared_named_statement && !was_pinned,
@@ -416,7 +440,7 @@ pub async fn reset(server: &mut ServerStream) -> bool {
     {
         return false;
     }
-    let mut framing = Framing::default();
+    let mut answer = Vec::new();
     let mut buffer = vec![0u8; 4096];
     loop {
         let read =
@@ -426,12 +450,45 @@ pub async fn reset(server: &mut ServerStream) -> bool {
                 Ok(Ok(read)) if read > 0 => read,
                 _ => return false,
             };
-        framing.feed(&buffer[..read], 0);
-        if framing.server_idle() {
-            // An ErrorResponse means the reset did not happen.
-            return !framing.saw_error;
+        answer.extend_from_slice(&buffer[..read]);
+        if answer.len() > MAX_RESET_ANSWER {
+            return false;
+        }
+        if let Some(clean) = answer_to_discard_all(&answer) {
+            return clean;
         }
     }
+}
+
+/// DISCARD ALL's answer is a few dozen bytes, with a ParameterStatus for each reported setting
+/// it resets.
+const MAX_RESET_ANSWER: usize = 64 * 1024;
+
+/// Whether `answer` is DISCARD ALL's answer and nothing else: its CommandComplete, then
+/// ReadyForQuery(idle), with only ParameterStatus and notices around them. Anything else (a
+/// row, an error, a ReadyForQuery first) answers something still pending, and the session is
+/// not clean. `None` while the answer is incomplete.
+fn answer_to_discard_all(mut answer: &[u8]) -> Option<bool> {
+    let mut completed = false;
+    while answer.len() >= 5 {
+        let length = i32::from_be_bytes([answer[1], answer[2], answer[3], answer[4]]);
+        let Some(end) = usize::try_from(length).ok().filter(|&length| length >= 4) else {
+            return Some(false);
+        };
+        let end = end + 1;
+        if answer.len() < end {
+            return None;
+        }
+        let (tag, body) = (answer[0], &answer[5..end]);
+        match tag {
+            b'S' | b'N' => {}
+            b'C' if !completed && body == b"DISCARD ALL\0" => completed = true,
+            b'Z' => return Some(completed && body == b"I" && end == answer.len()),
+            _ => return Some(false),
+        }
+        answer = &answer[end..];
+    }
+    None
 }
 
 #[cfg(test)]
@@ -457,134 +514,141 @@ mod tests {
     }
 
     /// A client and a server that has just been attached, idle.
-    fn pair() -> (Framing, Framing) {
-        (Framing::client(), Framing::idle_server())
+    fn pair() -> Sides {
+        Sides {
+            from_client: Framing::client(),
+            from_server: Framing::idle_server(),
+        }
+    }
+
+    /// Feeds one client message with an empty body per tag.
+    fn client_sends_empty(sides: &mut Sides, tags: &[u8]) {
+        for &tag in tags {
+            sides.feed_client(&message(tag, b""));
+        }
     }
 
     #[test]
     fn a_query_is_settled_once_its_ready_for_query_arrives() {
-        let (mut client, mut server) = pair();
-        assert!(
-            settled(&client, &server),
-            "an idle server with nothing asked"
-        );
-        client.feed(&message(b'Q', b"SELECT 1\0"), 0);
-        assert!(!settled(&client, &server), "asked, not yet answered");
-        server.feed(&message(b'T', b"..."), 0);
-        server.feed(&message(b'C', b"SELECT 1\0"), 0);
-        assert!(!settled(&client, &server));
-        server.feed(&ready(b'I'), 0);
-        assert!(settled(&client, &server));
+        let mut sides = pair();
+        assert!(sides.settled(), "an idle server with nothing asked");
+        sides.feed_client(&message(b'Q', b"SELECT 1\0"));
+        assert!(!sides.settled(), "asked, not yet answered");
+        sides.from_server.feed(&message(b'T', b"..."), 0);
+        sides.from_server.feed(&message(b'C', b"SELECT 1\0"), 0);
+        assert!(!sides.settled());
+        sides.from_server.feed(&ready(b'I'), 0);
+        assert!(sides.settled());
     }
 
     #[test]
     fn a_transaction_block_holds_the_server_until_it_ends() {
-        let (mut client, mut server) = pair();
-        client.feed(&message(b'Q', b"BEGIN\0"), 0);
-        server.feed(&ready(b'T'), 0);
-        assert!(!settled(&client, &server), "inside a transaction");
-        client.feed(&message(b'Q', b"SELECT x\0"), 0);
-        server.feed(&message(b'E', b"S..."), 0);
-        server.feed(&ready(b'E'), 0);
-        assert!(!settled(&client, &server), "inside a failed transaction");
-        client.feed(&message(b'Q', b"ROLLBACK\0"), 0);
-        server.feed(&ready(b'I'), 0);
-        assert!(settled(&client, &server));
+        let mut sides = pair();
+        sides.feed_client(&message(b'Q', b"BEGIN\0"));
+        sides.from_server.feed(&ready(b'T'), 0);
+        assert!(!sides.settled(), "inside a transaction");
+        sides.feed_client(&message(b'Q', b"SELECT x\0"));
+        sides.from_server.feed(&message(b'E', b"S..."), 0);
+        sides.from_server.feed(&ready(b'E'), 0);
+        assert!(!sides.settled(), "inside a failed transaction");
+        sides.feed_client(&message(b'Q', b"ROLLBACK\0"));
+        sides.from_server.feed(&ready(b'I'), 0);
+        assert!(sides.settled());
     }
 
     #[test]
     fn extended_protocol_waits_for_the_sync_and_its_answer() {
-        let (mut client, mut server) = pair();
+        let mut sides = pair();
         for tag in [b'P', b'B', b'D', b'E'] {
-            client.feed(&message(tag, b"x"), 0);
-            assert!(!settled(&client, &server), "after {}", tag as char);
+            sides.feed_client(&message(tag, b"x"));
+            assert!(!sides.settled(), "after {}", tag as char);
         }
-        feed_empty(&mut client, b"H");
-        feed_empty(&mut server, b"1");
-        assert!(!settled(&client, &server), "a Flush is not a Sync");
-        feed_empty(&mut client, b"S");
-        assert!(!settled(&client, &server));
-        server.feed(&ready(b'I'), 0);
-        assert!(settled(&client, &server));
+        client_sends_empty(&mut sides, b"H");
+        feed_empty(&mut sides.from_server, b"1");
+        assert!(!sides.settled(), "a Flush is not a Sync");
+        client_sends_empty(&mut sides, b"S");
+        assert!(!sides.settled());
+        sides.from_server.feed(&ready(b'I'), 0);
+        assert!(sides.settled());
     }
 
     #[test]
     fn pipelined_requests_are_settled_by_the_last_answer() {
-        let (mut client, mut server) = pair();
+        let mut sides = pair();
         let mut both = message(b'Q', b"SELECT 1\0");
         both.extend(message(b'Q', b"SELECT 2\0"));
-        client.feed(&both, 0);
-        server.feed(&ready(b'I'), 0);
-        assert!(!settled(&client, &server), "one of two answered");
-        server.feed(&ready(b'I'), 0);
-        assert!(settled(&client, &server));
+        sides.feed_client(&both);
+        sides.from_server.feed(&ready(b'I'), 0);
+        assert!(!sides.settled(), "one of two answered");
+        sides.from_server.feed(&ready(b'I'), 0);
+        assert!(sides.settled());
     }
 
     #[test]
     fn messages_split_anywhere_are_followed() {
-        let (mut client, mut server) = pair();
+        let mut sides = pair();
         let query = message(b'Q', b"SELECT 1\0");
-        client.feed(&query[..3], 0);
-        assert!(!settled(&client, &server), "half a header");
-        client.feed(&query[3..7], 0);
-        assert!(!settled(&client, &server), "half a body");
-        client.feed(&query[7..], 0);
+        sides.feed_client(&query[..3]);
+        assert!(!sides.settled(), "half a header");
+        sides.feed_client(&query[3..7]);
+        assert!(!sides.settled(), "half a body");
+        sides.feed_client(&query[7..]);
         let answer = ready(b'I');
         for byte in &answer[..answer.len() - 1] {
-            server.feed(std::slice::from_ref(byte), 0);
-            assert!(!settled(&client, &server));
+            sides.from_server.feed(std::slice::from_ref(byte), 0);
+            assert!(!sides.settled());
         }
-        server.feed(&answer[answer.len() - 1..], 0);
-        assert!(settled(&client, &server));
+        sides.from_server.feed(&answer[answer.len() - 1..], 0);
+        assert!(sides.settled());
     }
 
     #[test]
     fn copy_in_is_settled_after_copy_done_and_its_answer() {
-        let (mut client, mut server) = pair();
-        client.feed(&message(b'Q', b"COPY t FROM STDIN\0"), 0);
-        server.feed(&message(b'G', b"\0\0\0"), 0);
-        client.feed(&message(b'd', b"1\n"), 0);
-        feed_empty(&mut client, b"c");
-        assert!(!settled(&client, &server));
-        server.feed(&message(b'C', b"COPY 1\0"), 0);
-        server.feed(&ready(b'I'), 0);
-        assert!(settled(&client, &server));
+        let mut sides = pair();
+        sides.feed_client(&message(b'Q', b"COPY t FROM STDIN\0"));
+        sides.from_server.feed(&message(b'G', b"\0\0\0"), 0);
+        sides.feed_client(&message(b'd', b"1\n"));
+        client_sends_empty(&mut sides, b"c");
+        assert!(!sides.settled());
+        sides.from_server.feed(&message(b'C', b"COPY 1\0"), 0);
+        sides.from_server.feed(&ready(b'I'), 0);
+        assert!(sides.settled());
     }
 
     #[test]
     fn copy_in_over_the_extended_protocol_is_settled_once_the_copy_is_answered() {
         // tokio-postgres and libpq: Bind, Execute, Sync, the data, CopyDone, Sync. The first
         // Sync arrives while the server reads the copy, which ignores it.
-        let (mut client, mut server) = pair();
-        feed_empty(&mut client, b"BES");
-        feed_empty(&mut server, b"2");
-        server.feed(&message(b'G', b"\0\0\0"), 0);
-        client.feed(&message(b'd', b"1\n"), 0);
-        feed_empty(&mut client, b"S");
-        client.feed(&message(b'd', b"2\n"), 0);
-        feed_empty(&mut client, b"cS");
-        assert!(!settled(&client, &server));
-        server.feed(&message(b'C', b"COPY 2\0"), 0);
-        server.feed(&ready(b'I'), 0);
-        assert!(settled(&client, &server));
+        let mut sides = pair();
+        client_sends_empty(&mut sides, b"BES");
+        feed_empty(&mut sides.from_server, b"2");
+        sides.from_server.feed(&message(b'G', b"\0\0\0"), 0);
+        sides.feed_client(&message(b'd', b"1\n"));
+        client_sends_empty(&mut sides, b"S");
+        sides.feed_client(&message(b'd', b"2\n"));
+        client_sends_empty(&mut sides, b"cS");
+        assert!(!sides.settled());
+        sides.from_server.feed(&message(b'C', b"COPY 2\0"), 0);
+        sides.from_server.feed(&ready(b'I'), 0);
+        assert!(sides.settled());
         // And the session goes on counting right.
-        client.feed(&message(b'Q', b"SELECT 1\0"), 0);
-        assert!(!settled(&client, &server));
-        server.feed(&ready(b'I'), 0);
-        assert!(settled(&client, &server));
+        sides.feed_client(&message(b'Q', b"SELECT 1\0"));
+        assert!(!sides.settled());
+        sides.from_server.feed(&ready(b'I'), 0);
+        assert!(sides.settled());
     }
 
     #[test]
     fn copy_in_failed_by_the_client_is_settled_by_its_answer() {
-        let (mut client, mut server) = pair();
-        feed_empty(&mut client, b"BES");
-        server.feed(&message(b'G', b"\0\0\0"), 0);
-        client.feed(&message(b'f', b"changed my mind\0"), 0);
-        feed_empty(&mut client, b"S");
-        server.feed(&message(b'E', b"S..."), 0);
-        assert!(!settled(&client, &server));
-        server.feed(&ready(b'I'), 0);
-        assert!(settled(&client, &server));
+        let mut sides = pair();
+        client_sends_empty(&mut sides, b"BES");
+        sides.from_server.feed(&message(b'G', b"\0\0\0"), 0);
+        sides.feed_client(&message(b'f', b"changed my mind\0"));
+        client_sends_empty(&mut sides, b"S");
+        sides.from_server.feed(&message(b'E', b"S..."), 0);
+        assert!(!sides.settled());
+        sides.from_server.feed(&ready(b'I'), 0);
+        assert!(sides.settled());
     }
 
     #[test]
@@ -592,19 +656,91 @@ mod tests {
         // CopyData outside a COPY, then a pipelined Execute and Sync: the server ignores the
         // CopyData but answers the Sync after the Execute. Answered once (the Query), the
         // session must not be taken for settled while that Execute still runs.
-        let (mut client, mut server) = pair();
-        client.feed(&message(b'Q', b"SELECT 1\0"), 0);
-        client.feed(&message(b'd', b""), 0);
-        feed_empty(&mut client, b"PBDES");
-        server.feed(&message(b'C', b"SELECT 1\0"), 0);
-        server.feed(&ready(b'I'), 0);
-        assert!(!settled(&client, &server), "the Execute is still running");
-        server.feed(&message(b'C', b"SELECT 1\0"), 0);
-        server.feed(&ready(b'I'), 0);
+        let mut sides = pair();
+        sides.feed_client(&message(b'Q', b"SELECT 1\0"));
+        sides.feed_client(&message(b'd', b""));
+        client_sends_empty(&mut sides, b"PBDES");
+        sides.from_server.feed(&message(b'C', b"SELECT 1\0"), 0);
+        sides.from_server.feed(&ready(b'I'), 0);
+        assert!(!sides.settled(), "the Execute is still running");
+        sides.from_server.feed(&message(b'C', b"SELECT 1\0"), 0);
+        sides.from_server.feed(&ready(b'I'), 0);
         assert!(
-            !settled(&client, &server),
+            !sides.settled(),
             "a client that lied about a COPY keeps its session to the end"
         );
+    }
+
+    /// A client that sends COPY data the server never asked for, then starts a real COPY so
+    /// that the counts of COPYs agree, must still never settle: its Sync sent "inside" the
+    /// false COPY is answered, so counting it out would take the session for settled while
+    /// its last query still runs, and lend it, with that query's answer, to another client.
+    #[test]
+    fn copy_data_before_the_server_asked_desyncs_for_good() {
+        let mut sides = pair();
+        let mut request = message(b'd', b"");
+        request.extend(message(b'S', b""));
+        request.extend(message(b'Q', b"COPY t FROM STDIN\0"));
+        sides.feed_client(&request);
+        sides.from_server.feed(&ready(b'I'), 0);
+        sides.from_server.feed(&message(b'G', b"\0\0\0"), 0);
+        let mut data = message(b'd', b"1\n");
+        data.extend(message(b'c', b""));
+        data.extend(message(b'Q', b"SELECT 1\0"));
+        data.extend(message(b'Q', b"SELECT pg_sleep(1)\0"));
+        sides.feed_client(&data);
+        sides.from_server.feed(&message(b'C', b"COPY 1\0"), 0);
+        sides.from_server.feed(&ready(b'I'), 0);
+        sides.from_server.feed(&ready(b'I'), 0);
+        assert!(!sides.settled(), "the sleep's answer is still to come");
+        sides.from_server.feed(&ready(b'I'), 0);
+        assert!(!sides.settled(), "a desynced session never settles");
+    }
+
+    #[test]
+    fn copy_data_after_the_server_asked_is_a_copy() {
+        let mut sides = pair();
+        sides.feed_client(&message(b'Q', b"COPY t FROM STDIN\0"));
+        sides.from_server.feed(&message(b'G', b"\0\0\0"), 0);
+        let mut data = message(b'd', b"1\n");
+        data.extend(message(b'c', b""));
+        sides.feed_client(&data);
+        sides.from_server.feed(&message(b'C', b"COPY 1\0"), 0);
+        sides.from_server.feed(&ready(b'I'), 0);
+        assert!(sides.settled());
+    }
+
+    #[test]
+    fn a_message_type_clients_never_send_desyncs() {
+        let mut sides = pair();
+        sides.feed_client(&message(b'y', b""));
+        assert!(!sides.settled());
+    }
+
+    #[test]
+    fn only_discard_alls_own_answer_resets_a_session() {
+        let complete = message(b'C', b"DISCARD ALL\0");
+        let parameter = message(b'S', b"application_name\0\0");
+        let answer = |messages: &[&[u8]]| -> Vec<u8> { messages.concat() };
+        assert_eq!(
+            answer_to_discard_all(&answer(&[&complete, &ready(b'I')])),
+            Some(true)
+        );
+        assert_eq!(
+            answer_to_discard_all(&answer(&[&parameter, &complete, &parameter, &ready(b'I')])),
+            Some(true)
+        );
+        assert_eq!(answer_to_discard_all(&complete), None, "incomplete");
+        for other in [
+            answer(&[&ready(b'I'), &complete, &ready(b'I')]),
+            answer(&[&message(b'D', b"\0\0"), &complete, &ready(b'I')]),
+            answer(&[&message(b'E', b"S..."), &ready(b'I')]),
+            answer(&[&complete, &ready(b'T')]),
+            answer(&[&complete, &ready(b'I'), &ready(b'I')]),
+            answer(&[&message(b'C', b"SELECT 1\0"), &ready(b'I')]),
+        ] {
+            assert_eq!(answer_to_discard_all(&other), Some(false), "{other:?}");
+        }
     }
 
     #[test]

@@ -413,6 +413,11 @@ async fn session(
                 Until::EitherSideLeaves,
             )
             .await;
+        // Before the session can serve anyone else: a cancel request on its way for this
+        // client must not reach the next one.
+        if let Some(registration) = &registration {
+            registration.retarget(None).await;
+        }
         drop(registration);
         if ended == Ended::ServerReusable && relay::reset(&mut server.stream).await {
             shared.pool.checkin(pool_key, server, born);

@@ -1051,8 +1051,8 @@ fn protocol_message(tag: u8, body: &[u8]) -> Vec<u8> {
     message
 }
 
-/// Reads messages up to and including ReadyForQuery.
-fn read_until_ready(stream: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+/// Reads messages up to and including the first one tagged `last`.
+fn read_until(stream: &mut TcpStream, last: u8) -> Vec<(u8, Vec<u8>)> {
     let mut messages = Vec::new();
     loop {
         let mut header = [0u8; 5];
@@ -1061,16 +1061,21 @@ fn read_until_ready(stream: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
         let mut body = vec![0u8; length - 4];
         stream.read_exact(&mut body).unwrap();
         messages.push((header[0], body));
-        if header[0] == b'Z' {
+        if header[0] == last {
             return messages;
         }
     }
 }
 
+/// Reads messages up to and including ReadyForQuery.
+fn read_until_ready(stream: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+    read_until(stream, b'Z')
+}
+
 /// COPY FROM STDIN the way libpq's `PQexecParams` and `PQputCopyEnd` send it: an unnamed
-/// statement with Parse, Bind, Execute and Sync, the data, then CopyDone and a second Sync.
-/// The server ignores the first Sync while it reads the copy. Returns the connection, still
-/// open, and the server's answers.
+/// statement with Parse, Bind, Execute and Sync; once the server has asked for the data
+/// (CopyInResponse), the data, then CopyDone and a second Sync. The server ignores the first
+/// Sync while it reads the copy. Returns the connection, still open, and the server's answers.
 fn copy_in_like_libpq(
     fixture: &Fixture,
     sql: &str,
@@ -1078,18 +1083,23 @@ fn copy_in_like_libpq(
 ) -> (TcpStream, Vec<(u8, Vec<u8>)>) {
     let mut stream = raw_login(fixture, Duration::from_secs(10));
     let no_formats_or_parameters = [0u8; 6];
-    let requests = [
+    let start = [
         protocol_message(b'P', &[b"\0", sql.as_bytes(), b"\0\0\0"].concat()),
         protocol_message(b'B', &[&b"\0\0"[..], &no_formats_or_parameters].concat()),
         protocol_message(b'E', b"\0\0\0\0\0"),
         protocol_message(b'S', b""),
+    ]
+    .concat();
+    stream.write_all(&start).unwrap();
+    let mut answers = read_until(&mut stream, b'G');
+    let finish = [
         protocol_message(b'd', data),
         protocol_message(b'c', b""),
         protocol_message(b'S', b""),
     ]
     .concat();
-    stream.write_all(&requests).unwrap();
-    let answers = read_until_ready(&mut stream);
+    stream.write_all(&finish).unwrap();
+    answers.extend(read_until_ready(&mut stream));
     (stream, answers)
 }
 
@@ -1111,6 +1121,48 @@ fn transaction_mode_is_not_fooled_by_copy_data_outside_a_copy() {
     ]
     .concat();
     liar.write_all(&requests).unwrap();
+    read_until_ready(&mut liar);
+    // The pipelined statement sleeps on the liar's session; another client asks now.
+    let mut other = fixture.connect();
+    assert_eq!(scalar(&mut other, "SELECT 'mine'"), "mine");
+    let late = read_until_ready(&mut liar);
+    assert!(
+        late.iter()
+            .any(|(tag, body)| *tag == b'D' && body.windows(6).any(|w| w == b"forged")),
+        "the liar gets its own rows: {late:?}"
+    );
+}
+
+/// CopyData sent before any COPY, then a real COPY so that the counts of COPYs agree: the
+/// Sync sent "inside" the false COPY is answered all the same, so a proxy counting it out
+/// would take the session for settled while a statement pipelined behind it still runs, and
+/// lend it to another client, who would get the liar's rows as its own.
+#[test]
+fn transaction_mode_is_not_fooled_by_copy_data_sent_before_a_copy() {
+    let fixture = transaction_mode(2, "pool_wait_timeout_ms = 5000");
+    fixture
+        .connect()
+        .batch_execute("CREATE TABLE copied (x int)")
+        .unwrap();
+    let mut liar = raw_login(&fixture, Duration::from_secs(10));
+    let start = [
+        protocol_message(b'd', b""),
+        protocol_message(b'S', b""),
+        protocol_message(b'Q', b"COPY copied FROM STDIN\0"),
+    ]
+    .concat();
+    liar.write_all(&start).unwrap();
+    read_until_ready(&mut liar);
+    read_until(&mut liar, b'G');
+    let rest = [
+        protocol_message(b'd', b"1\n"),
+        protocol_message(b'c', b""),
+        protocol_message(b'Q', b"SELECT 1\0"),
+        protocol_message(b'Q', b"SELECT 'forged' || pg_sleep(1)::text\0"),
+    ]
+    .concat();
+    liar.write_all(&rest).unwrap();
+    read_until_ready(&mut liar);
     read_until_ready(&mut liar);
     // The pipelined statement sleeps on the liar's session; another client asks now.
     let mut other = fixture.connect();
