@@ -233,6 +233,10 @@ pub struct Limits {
     /// Idle server connections kept per (server, database, user, client parameters) for the
     /// next client; 0 turns session pooling off.
     pub pool_max_idle: usize,
+    /// Idle server connections kept in all, whatever their key: past it, the one idle longest
+    /// is closed to make room. Clients that each send other startup parameters would
+    /// otherwise park up to `pool_max_idle` connections per combination.
+    pub pool_max_idle_total: usize,
     /// A server connection is not reused after this long, so sessions logged in with a
     /// credential that has since rotated age out.
     pub server_lifetime_secs: u64,
@@ -251,6 +255,7 @@ impl Default for Limits {
             client_login_timeout_ms: 60_000,
             drain_timeout_secs: 30,
             pool_max_idle: 100,
+            pool_max_idle_total: 200,
             server_lifetime_secs: 3600,
             pool_wait_timeout_ms: 10_000,
         }

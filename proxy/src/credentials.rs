@@ -238,7 +238,9 @@ impl CredentialCache {
             .await;
         match result {
             Ok(row) => {
-                let text: String = row.get(0);
+                let text: String = row.try_get(0).map_err(|_| {
+                    FetchError::Refused(format!("secret \"{secret}\" read as no text"))
+                })?;
                 let json: CredentialJson = serde_json::from_str(&text).map_err(|_| {
                     FetchError::Refused(format!("secret \"{secret}\" is not credential JSON"))
                 })?;
@@ -320,6 +322,9 @@ impl CredentialCache {
                 result = &mut listen, if !listening => {
                     result?;
                     listening = true;
+                    // A change committed after the last clear but before this LISTEN took
+                    // effect was announced to nobody.
+                    self.entries.lock().expect("cache lock poisoned").clear();
                 }
                 message = messages.next() => match message {
                     Some(Ok(AsyncMessage::Notification(notification))) => {

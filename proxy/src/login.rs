@@ -85,6 +85,9 @@ pub async fn connect(
             return Ok((session, key, born));
         }
     }
+    // A session is as old as its login's start: a reload during the login may have changed
+    // the rules it was opened under (`Pool::clear`).
+    let started = Instant::now();
     let (session, key) = login_with_retry(
         route,
         store,
@@ -95,7 +98,7 @@ pub async fn connect(
         metrics,
     )
     .await?;
-    Ok((session, key, Instant::now()))
+    Ok((session, key, started))
 }
 
 async fn login_with_retry(

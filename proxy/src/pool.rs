@@ -16,22 +16,62 @@ use tokio::sync::Semaphore;
 pub struct Pooled {
     pub session: BackendSession,
     born: Instant,
+    idle_since: Instant,
+}
+
+/// The idle connections, by key, and how many there are in all.
+#[derive(Default)]
+struct Idle {
+    by_key: HashMap<String, Vec<Pooled>>,
+    count: usize,
+    /// The last `clear`: connections logged in before it are not taken back.
+    cleared_at: Option<Instant>,
+}
+
+impl Idle {
+    /// Drops the connection that has been idle longest, whatever its key.
+    fn evict_longest_idle(&mut self) {
+        let longest = self
+            .by_key
+            .iter()
+            .filter_map(|(key, connections)| Some((key, connections.first()?.idle_since)))
+            .min_by_key(|(_, since)| *since)
+            .map(|(key, _)| key.clone());
+        if let Some(key) = longest {
+            self.take_first(&key);
+        }
+    }
+
+    fn take_first(&mut self, key: &str) {
+        if let Some(connections) = self.by_key.get_mut(key) {
+            connections.remove(0);
+            self.count -= 1;
+            if connections.is_empty() {
+                self.by_key.remove(key);
+            }
+        }
+    }
 }
 
 pub struct Pool {
-    idle: Mutex<HashMap<String, Vec<Pooled>>>,
+    idle: Mutex<Idle>,
     lifetime: Duration,
     max_idle_per_key: usize,
+    /// Idle connections in all: each key is bounded, but keys are as many as the startup
+    /// parameters clients send, and every idle connection holds one of the server's
+    /// `max_connections`.
+    max_idle_total: usize,
     /// Per route: its pool_size and the slots left.
     slots: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
 }
 
 impl Pool {
-    pub fn new(lifetime: Duration, max_idle_per_key: usize) -> Pool {
+    pub fn new(lifetime: Duration, max_idle_per_key: usize, max_idle_total: usize) -> Pool {
         Pool {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(Idle::default()),
             lifetime,
             max_idle_per_key,
+            max_idle_total,
             slots: Mutex::new(HashMap::new()),
         }
     }
@@ -61,29 +101,60 @@ impl Pool {
     /// An idle, live connection for `key`, if there is one; stale ones are dropped on the way.
     pub fn checkout(&self, key: &str) -> Option<(BackendSession, Instant)> {
         let mut idle = self.idle.lock().expect("pool lock poisoned");
-        let connections = idle.get_mut(key)?;
+        let connections = idle.by_key.get_mut(key)?;
+        let mut taken = 0;
+        let mut found = None;
         while let Some(pooled) = connections.pop() {
+            taken += 1;
             if pooled.born.elapsed() < self.lifetime && pooled.session.stream.is_idle_and_open() {
-                return Some((pooled.session, pooled.born));
+                found = Some((pooled.session, pooled.born));
+                break;
             }
         }
-        None
+        if connections.is_empty() {
+            idle.by_key.remove(key);
+        }
+        idle.count -= taken;
+        found
     }
 
-    /// Drops every idle connection (after a configuration change they were not opened under).
+    /// Drops every idle connection, and refuses those in use when they come back: they were
+    /// opened under a configuration that has changed since (the TLS rules to servers).
     pub fn clear(&self) {
-        self.idle.lock().expect("pool lock poisoned").clear();
+        *self.idle.lock().expect("pool lock poisoned") = Idle {
+            cleared_at: Some(Instant::now()),
+            ..Idle::default()
+        };
     }
 
+    /// Keeps a connection for the next client with the same key: the newest of its key are
+    /// reused first; past `max_idle_total`, the one idle longest, of any key, makes room.
+    /// `born` is when its login began.
     pub fn checkin(&self, key: String, session: BackendSession, born: Instant) {
-        if self.max_idle_per_key == 0 || born.elapsed() >= self.lifetime {
+        if self.max_idle_per_key == 0 || self.max_idle_total == 0 || born.elapsed() >= self.lifetime
+        {
             return;
         }
         let mut idle = self.idle.lock().expect("pool lock poisoned");
-        let connections = idle.entry(key).or_default();
-        if connections.len() < self.max_idle_per_key {
-            connections.push(Pooled { session, born });
+        if idle.cleared_at.is_some_and(|cleared| born < cleared) {
+            return;
         }
+        if idle
+            .by_key
+            .get(&key)
+            .is_some_and(|connections| connections.len() >= self.max_idle_per_key)
+        {
+            return;
+        }
+        if idle.count >= self.max_idle_total {
+            idle.evict_longest_idle();
+        }
+        idle.by_key.entry(key).or_default().push(Pooled {
+            session,
+            born,
+            idle_since: Instant::now(),
+        });
+        idle.count += 1;
     }
 }
 

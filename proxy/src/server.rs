@@ -142,6 +142,7 @@ impl Proxy {
         let pool = Pool::new(
             Duration::from_secs(config.limits.server_lifetime_secs),
             config.limits.pool_max_idle,
+            config.limits.pool_max_idle_total,
         );
         let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
         let server_tls = crate::tls::server_connector(&config.server_tls)?;

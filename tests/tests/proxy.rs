@@ -1175,6 +1175,46 @@ fn transaction_mode_is_not_fooled_by_copy_data_sent_before_a_copy() {
     );
 }
 
+/// Session pooling keeps at most `pool_max_idle_total` idle server connections in all:
+/// clients that each send another `application_name` open a pool key each, and without the
+/// total every key would park its own connection, until the server ran out of
+/// `max_connections`.
+#[test]
+fn idle_server_connections_are_bounded_in_all_whatever_the_keys() {
+    let extras = ProxyExtras {
+        limits: "pool_max_idle_total = 3".into(),
+        ..ProxyExtras::default()
+    };
+    let fixture = fixture_with(r#""trust""#, &[], extras);
+    for index in 0..8 {
+        let mut client = Client::connect(
+            &format!(
+                "host=127.0.0.1 port={} user=whoever dbname=appdb application_name=churn{index}",
+                fixture.port()
+            ),
+            NoTls,
+        )
+        .unwrap();
+        assert_eq!(scalar(&mut client, "SELECT current_user"), "app");
+    }
+    wait_until(
+        "idle server sessions closed down to the total",
+        Duration::from_secs(10),
+        || app_sessions(&fixture) == 3,
+    );
+    // The newest are kept: the last client's parameters find their session.
+    let mut again = Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=whoever dbname=appdb application_name=churn7",
+            fixture.port()
+        ),
+        NoTls,
+    )
+    .unwrap();
+    assert_eq!(scalar(&mut again, "SELECT current_user"), "app");
+    assert_eq!(app_sessions(&fixture), 3, "a pooled session served it");
+}
+
 /// Clients that connect and say nothing are sent away after `client_login_timeout_ms`, so
 /// silent connections cannot hold every one of `max_clients` for good.
 #[test]
@@ -1344,6 +1384,51 @@ fn signals_reload_drain_and_stop_the_proxy_process() {
     proxy.signal("INT");
     proxy.exits_within(Duration::from_secs(20), "SIGINT to stop the proxy");
     assert!(interrupted.simple_query("SELECT 1").is_err());
+}
+
+/// A SIGHUP that changes `[server_tls]` drops the idle pooled sessions, and a session in use
+/// at the reload is not pooled when its client leaves: it was opened under the old rules.
+#[test]
+fn a_server_tls_reload_pools_no_session_opened_under_the_old_rules() {
+    let cluster = cluster_with_app_credential(&[]);
+    let port = pg_secrets_e2e::free_port();
+    let config_file = cluster.dir().join("proxy-process.toml");
+    let config = proxy_config(
+        &cluster,
+        &format!("127.0.0.1:{port}"),
+        r#""trust""#,
+        &ProxyExtras::default(),
+    );
+    std::fs::write(&config_file, &config).unwrap();
+    let mut proxy = ProxyProcess::start(&config_file, port);
+    let app_sessions = || -> i64 {
+        cluster
+            .superuser()
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let mut in_use = proxy.connect("appdb").unwrap();
+    assert_eq!(scalar(&mut in_use, "SELECT 'before'"), "before");
+    std::fs::write(
+        &config_file,
+        config + "\n[server_tls]\nsslmode = \"require\"\n",
+    )
+    .unwrap();
+    proxy.signal("HUP");
+    wait_until("the reload", Duration::from_secs(30), || {
+        proxy.connect("appdb").is_err()
+    });
+    assert_eq!(scalar(&mut in_use, "SELECT 'still here'"), "still here");
+    drop(in_use);
+    wait_until(
+        "the session opened before the reload to be closed, not pooled",
+        Duration::from_secs(10),
+        || app_sessions() == 0,
+    );
 }
 
 /// A server that floods the proxy before its ReadyForQuery (over a thousand messages, or a few
