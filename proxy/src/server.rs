@@ -627,13 +627,28 @@ async fn reload_on_sighup(path: PathBuf, shared: Arc<Shared>) {
     }
 }
 
+/// Admin requests served at once: scrapes and health checks are few, and a flood of
+/// connections to the admin port must not take memory or tasks without bound.
+const ADMIN_REQUESTS_AT_ONCE: usize = 64;
+
 async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
+    let requests = Arc::new(Semaphore::new(ADMIN_REQUESTS_AT_ONCE));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
+        let Ok(permit) = Arc::clone(&requests).acquire_owned().await else {
+            return;
+        };
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%error, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
+            let _permit = permit;
             // The request line is all that matters; read until the headers end (bounded).
             let mut request = Vec::with_capacity(1024);
             let mut chunk = [0u8; 1024];
