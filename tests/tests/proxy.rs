@@ -1122,10 +1122,15 @@ fn transaction_mode_is_not_fooled_by_copy_data_outside_a_copy() {
     .concat();
     liar.write_all(&requests).unwrap();
     read_until_ready(&mut liar);
-    // The pipelined statement sleeps on the liar's session; another client asks now.
+    another_client_is_not_lent_the_liars_session(&fixture, &mut liar);
+}
+
+/// While a statement pipelined by `liar` sleeps on its session, another client asks and gets
+/// its own answer; the liar then gets the statement's rows ('forged').
+fn another_client_is_not_lent_the_liars_session(fixture: &Fixture, liar: &mut TcpStream) {
     let mut other = fixture.connect();
     assert_eq!(scalar(&mut other, "SELECT 'mine'"), "mine");
-    let late = read_until_ready(&mut liar);
+    let late = read_until_ready(liar);
     assert!(
         late.iter()
             .any(|(tag, body)| *tag == b'D' && body.windows(6).any(|w| w == b"forged")),
@@ -1164,15 +1169,7 @@ fn transaction_mode_is_not_fooled_by_copy_data_sent_before_a_copy() {
     liar.write_all(&rest).unwrap();
     read_until_ready(&mut liar);
     read_until_ready(&mut liar);
-    // The pipelined statement sleeps on the liar's session; another client asks now.
-    let mut other = fixture.connect();
-    assert_eq!(scalar(&mut other, "SELECT 'mine'"), "mine");
-    let late = read_until_ready(&mut liar);
-    assert!(
-        late.iter()
-            .any(|(tag, body)| *tag == b'D' && body.windows(6).any(|w| w == b"forged")),
-        "the liar gets its own rows: {late:?}"
-    );
+    another_client_is_not_lent_the_liars_session(&fixture, &mut liar);
 }
 
 /// Session pooling keeps at most `pool_max_idle_total` idle server connections in all:
