@@ -1397,7 +1397,7 @@ fn a_server_tls_reload_pools_no_session_opened_under_the_old_rules() {
         &ProxyExtras::default(),
     );
     std::fs::write(&config_file, &config).unwrap();
-    let mut proxy = ProxyProcess::start(&config_file, port);
+    let proxy = ProxyProcess::start(&config_file, port);
     let app_sessions = || -> i64 {
         cluster
             .superuser()
