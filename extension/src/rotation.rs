@@ -521,23 +521,34 @@ pub fn start_due_rotations() -> Result<usize> {
             )?
             .map(|row| Ok((required(&row, 1)?, required(&row, 2)?)))
             .collect::<Result<_>>()?;
+        // One secret's trouble must not hold up the others: its next time is moved on (or
+        // cleared) before its rotation starts, and the start runs in a subtransaction.
         for (secret_id, rotator) in &due {
             let secret = store::secret_by_id(client, *secret_id)?;
             let stored = load_settings(client, *secret_id)?;
             let next = stored
                 .schedule
                 .as_deref()
-                .map(Schedule::parse)
-                .transpose()?
-                .map(|schedule| {
+                .map(|text| {
                     next_rotation(
                         &secret,
-                        &schedule,
+                        &Schedule::parse(text)?,
                         stored.window_seconds,
                         Some(now_seconds()),
                     )
                 })
-                .transpose()?;
+                .transpose()
+                .unwrap_or_else(|error| {
+                    crate::worker::warn(
+                        &format!(
+                            "secret \"{}\" has no next scheduled rotation; its schedule stops \
+                             until rotate_secret sets it again",
+                            secret.name
+                        ),
+                        error,
+                    );
+                    None
+                });
             client.update(
                 "UPDATE secrets.secret SET next_rotation_at = pg_catalog.to_timestamp($2) \
                  WHERE id = $1",
@@ -547,7 +558,15 @@ pub fn start_due_rotations() -> Result<usize> {
                     next.map(|seconds| seconds as f64).into(),
                 ],
             )?;
-            start(client, &secret, rotator)?;
+            if let Err(error) = crate::db::in_subtransaction(|| start(client, &secret, rotator)) {
+                crate::worker::warn(
+                    &format!(
+                        "scheduled rotation of secret \"{}\" did not start",
+                        secret.name
+                    ),
+                    error,
+                );
+            }
         }
         Ok(due.len())
     })

@@ -4,8 +4,8 @@
 
 use crate::errors::{Error, Result};
 use chrono::{DateTime, Utc};
+use croner::parser::{CronParser, Seconds, Year};
 use croner::Cron;
-use std::str::FromStr;
 
 /// A parsed schedule.
 #[derive(Debug)]
@@ -53,8 +53,14 @@ impl Schedule {
             return Ok(Schedule::Rate(count * unit_seconds));
         }
         if let Some(expression) = inner("cron(") {
-            let cron =
-                Cron::from_str(expression).map_err(|error| invalid(text, &format!("{error}")))?;
+            // Five fields, as the README says: croner's default also takes seconds and a year,
+            // and with a year a schedule fires a few times and then never again.
+            let cron = CronParser::builder()
+                .seconds(Seconds::Disallowed)
+                .year(Year::Disallowed)
+                .build()
+                .parse(expression)
+                .map_err(|error| invalid(text, &format!("{error}")))?;
             return Ok(Schedule::Cron(Box::new(cron)));
         }
         Err(invalid(text, "unknown form"))

@@ -560,6 +560,10 @@ fn schedules_are_checked_and_a_rate_rotates_on_its_own() {
             "days, hours, minutes or seconds",
         ),
         ("cron(not a cron)", None, "is not valid"),
+        // Five fields only: with a year a schedule fires a few times and then never again
+        // (and a sixth field would be seconds).
+        ("cron(0 0 1 1 * 2027)", None, "is not valid"),
+        ("cron(0 0 3 * * *)", None, "is not valid"),
         ("weekly", None, "is not valid"),
     ] {
         assert_sql_error(
@@ -899,6 +903,39 @@ fn a_command_rotator_rotates_an_api_key_and_the_old_key_works_until_finish() {
         .expect("the test step saw the old key working");
     assert!(last_old_check < revoked_at, "{events:?}");
     assert!(!store.server_log().contains(&new_key));
+}
+
+/// A rotator program that leaves a background job holding its output: the step ends when
+/// the program exits (the job is killed with the program's process group) rather than when
+/// the job would have, and nothing the program started outlives the step.
+#[test]
+fn a_rotator_programs_background_job_neither_holds_up_nor_outlives_the_step() {
+    let dir = rotator_dir();
+    let script = "#!/bin/sh\nsleep 301 &\nif [ \"$1\" = create ]; then echo key-from-a-lingering-program; fi\n";
+    let path = dir.path().join("lingering");
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let setting = format!("pg_secrets.rotator_dir = '{}'", dir.path().display());
+    let store = store_cluster(&[&setting]);
+    let mut db = store.superuser();
+    create_secret(&mut db, "api/lingering", "key-original");
+    db.execute(
+        "SELECT secrets.rotate_secret('api/lingering', rotator => 'command:lingering')",
+        &[],
+    )
+    .unwrap();
+    wait_for_rotation(&mut db, "api/lingering");
+    assert_eq!(
+        current(&mut db, "api/lingering"),
+        "key-from-a-lingering-program"
+    );
+    // Every process's command line, from /proc, for the job's own.
+    let jobs_left = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
+        .filter(|command| command == b"sleep\0301\0")
+        .count();
+    assert_eq!(jobs_left, 0, "the program's background job outlived it");
 }
 
 #[test]

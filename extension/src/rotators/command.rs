@@ -11,6 +11,7 @@ use crate::errors::{Error, Result};
 use crate::settings;
 use crate::validate::MAX_VALUE_BYTES;
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -78,14 +79,27 @@ struct Input<'a> {
     pending: Option<&'a str>,
 }
 
-/// Kills the program when the step is abandoned (timeout, query cancel, shutdown), so no
-/// rotator outlives the backend that started it.
+/// The program, leading a process group of its own: when it exits, and when the step is
+/// abandoned (timeout, query cancel, shutdown), the whole group is killed, so neither the
+/// program nor anything it left in the background (a job still holding its output, which
+/// would keep the step waiting) outlives the step.
 struct Running(Child);
+
+impl Running {
+    fn kill_group(&self) {
+        if let Ok(group) = i32::try_from(self.0.id()) {
+            // SAFETY: kill(2) of the group the program leads (`process_group(0)`); called
+            // while the program is running or just after it exited, before its id can be
+            // reused for a group.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+        }
+    }
+}
 
 impl Drop for Running {
     fn drop(&mut self) {
         if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
+            self.kill_group();
             let _ = self.0.wait();
         }
     }
@@ -122,27 +136,43 @@ pub fn run(program: &str, step: Step, context: &StepContext) -> Result<Zeroizing
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .map_err(|error| failed(format!("cannot start: {}", error.kind())))?,
     );
     // Pipes are fed and drained by threads, so a program that writes before reading, or
-    // prints a lot, cannot deadlock against us. The threads touch no PostgreSQL state.
+    // prints a lot, cannot deadlock against us. The threads touch no PostgreSQL state, and
+    // end when the pipes close, at the latest when the program's group is killed; nothing
+    // waits for the feeder.
     let mut stdin = running.0.stdin.take().expect("piped");
-    let feeder = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         let _ = stdin.write_all(&input);
     });
     let mut stdout = running.0.stdout.take().expect("piped");
-    let reader = std::thread::spawn(move || {
+    let (output_sender, output_receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let mut output = Zeroizing::new(Vec::new());
         let read = (&mut stdout)
             .take(MAX_VALUE_BYTES as u64 + 2)
             .read_to_end(&mut output);
         // Drain the rest so the program never blocks on a full pipe.
         let _ = std::io::copy(&mut stdout, &mut std::io::sink());
-        read.map(|_| output)
+        let _ = output_sender.send(read.map(|_| output));
     });
     let timeout = settings::rotator_timeout();
     let deadline = Instant::now() + timeout;
+    // Between two looks at the program: the step's time, the server's shutdown and the
+    // caller's cancel each end the wait.
+    let keep_waiting = || -> Result<()> {
+        if Instant::now() >= deadline {
+            return Err(failed(format!("timed out after {} s", timeout.as_secs())));
+        }
+        if crate::worker::stop_requested() {
+            return Err(failed("was stopped: the server is shutting down".into()));
+        }
+        pgrx::check_for_interrupts!();
+        Ok(())
+    };
     let status = loop {
         if let Some(status) = running
             .0
@@ -151,20 +181,20 @@ pub fn run(program: &str, step: Step, context: &StepContext) -> Result<Zeroizing
         {
             break status;
         }
-        if Instant::now() >= deadline {
-            return Err(failed(format!("timed out after {} s", timeout.as_secs())));
-        }
-        if crate::worker::stop_requested() {
-            return Err(failed("was stopped: the server is shutting down".into()));
-        }
-        pgrx::check_for_interrupts!();
+        keep_waiting()?;
         std::thread::sleep(Duration::from_millis(10));
     };
-    let _ = feeder.join();
-    let output = reader
-        .join()
-        .map_err(|_| failed("output could not be read".into()))?
-        .map_err(|error| failed(format!("output could not be read: {}", error.kind())))?;
+    running.kill_group();
+    let output = loop {
+        match output_receiver.recv_timeout(Duration::from_millis(10)) {
+            Ok(output) => break output,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => keep_waiting()?,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(failed("output could not be read".into()))
+            }
+        }
+    }
+    .map_err(|error| failed(format!("output could not be read: {}", error.kind())))?;
     if !status.success() {
         return Err(failed(match status.code() {
             Some(code) => format!("exited with status {code}"),
