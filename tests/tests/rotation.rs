@@ -933,7 +933,7 @@ fn a_rotator_programs_background_job_neither_holds_up_nor_outlives_the_step() {
     let jobs_left = std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
-        .filter(|command| command == b"sleep\0301\0")
+        .filter(|command| command == b"sleep\x00301\x00")
         .count();
     assert_eq!(jobs_left, 0, "the program's background job outlived it");
 }
