@@ -276,8 +276,10 @@ fn concurrent_rotation(client: &SpiClient<'_>, secret_id: Uuid) -> Result<Option
 }
 
 /// `cancel_rotate_secret`: turns the schedule off (settings are kept, so `rotate_secret` turns
-/// it back on) and cancels a rotation that has not reached the target yet. One that has
-/// changed the target is left to finish: stopping it would leave CURRENT stale.
+/// it back on) and cancels a rotation that has not reached the target yet: still creating
+/// its value, or at `set` with no attempt made. One that may have changed the target (a `set`
+/// that failed may have changed it before its answer was lost) is left to finish: stopping
+/// it would leave CURRENT with a password the target no longer accepts.
 pub fn cancel_rotate_secret(name: &str) -> Result<()> {
     Spi::connect_mut(|client| {
         let secret = store::authorize(client, name, Action::Manage, OnDeleted::Allow)?;
@@ -291,7 +293,8 @@ pub fn cancel_rotate_secret(name: &str) -> Result<()> {
             "UPDATE secrets.rotation SET state = 'cancelled', \
                     finished_at = pg_catalog.clock_timestamp(), \
                     note = 'cancelled by ' || $2 \
-             WHERE secret_id = $1 AND state = 'running' AND step IN ('create', 'set')",
+             WHERE secret_id = $1 AND state = 'running' \
+               AND (step = 'create' OR (step = 'set' AND attempts = 0))",
             None,
             // The caller, not current_user: inside the extension's functions that is the
             // extension's owner.
@@ -306,8 +309,9 @@ pub fn cancel_rotate_secret(name: &str) -> Result<()> {
             .is_empty();
         if still_running {
             pgrx::notice!(
-                "the rotation of secret \"{name}\" in progress has already changed its target \
-                 and will finish; the schedule is off"
+                "the rotation of secret \"{name}\" in progress may already have changed its \
+                 target and will finish; the schedule is off. To stop it anyway, put the value \
+                 the target accepts with put_secret_value"
             );
         }
         Ok(())
@@ -660,8 +664,12 @@ pub fn work_on(id: Uuid) -> Result<Outcome> {
     })
 }
 
-/// Counts a failure, schedules the retry with a doubling delay, gives up after
-/// `MAX_FAILURES`, and from `ALARM_AFTER_FAILURES` on raises `pg_secrets_alarm`.
+/// Counts a failure, schedules the retry with a doubling delay, and from
+/// `ALARM_AFTER_FAILURES` on raises `pg_secrets_alarm`. It gives up after `MAX_FAILURES` only
+/// while creating the new value: from `set` on the target may already accept only the new
+/// password (an attempt whose answer was lost), and a rotation given up there would leave
+/// CURRENT with one the target refuses. It goes on at the longest delay, alarming, until the
+/// target answers or a `put_secret_value` settles it.
 fn record_failure(client: &mut SpiClient<'_>, id: Uuid, error: &Error) -> Result<()> {
     let message = error.to_string();
     let row = client
@@ -669,8 +677,9 @@ fn record_failure(client: &mut SpiClient<'_>, id: Uuid, error: &Error) -> Result
             "UPDATE secrets.rotation r SET attempts = r.attempts + 1, last_error = $2, \
                     next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => \
                         LEAST($3 * 2 ^ r.attempts, $4)), \
-                    state = CASE WHEN r.attempts + 1 >= $5 THEN 'failed' ELSE 'running' END, \
-                    finished_at = CASE WHEN r.attempts + 1 >= $5 \
+                    state = CASE WHEN r.attempts + 1 >= $5 AND r.step = 'create' \
+                                 THEN 'failed' ELSE 'running' END, \
+                    finished_at = CASE WHEN r.attempts + 1 >= $5 AND r.step = 'create' \
                                        THEN pg_catalog.clock_timestamp() END \
              FROM secrets.secret s WHERE r.id = $1 AND s.id = r.secret_id \
              RETURNING r.attempts, r.state, r.step, s.name",

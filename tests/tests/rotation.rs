@@ -985,6 +985,30 @@ fn a_target_that_is_down_fails_cleanly_alarms_and_recovers() {
     );
     // CURRENT is untouched.
     assert_eq!(current(&mut db, "db/down"), first);
+    // Cancelling now turns the schedule off but leaves the rotation running: a set that
+    // failed may have changed the target before its answer was lost.
+    db.execute("SELECT secrets.cancel_rotate_secret('db/down')", &[])
+        .unwrap();
+    assert_eq!(
+        rotation_field(&mut db, "db/down", &["in_progress", "step"]).as_deref(),
+        Some("set")
+    );
+    // Nor does it give up at set after eight failures, for the same reason: the eighth failure
+    // (made due at once here) leaves it running, to be retried.
+    db.batch_execute(
+        "UPDATE secrets.rotation SET attempts = 7, next_attempt_at = now() \
+         WHERE state = 'running' \
+           AND secret_id = (SELECT id FROM secrets.secret WHERE name = 'db/down')",
+    )
+    .unwrap();
+    wait_until("the eighth failure", Duration::from_secs(60), || {
+        rotation_field(&mut db, "db/down", &["in_progress", "failures"]).as_deref() == Some("8")
+    });
+    assert_eq!(
+        rotation_field(&mut db, "db/down", &["in_progress", "step"]).as_deref(),
+        Some("set"),
+        "still running after eight failures at set"
+    );
 
     // A manual put during the rotation wins, and the record says so and who put.
     db.batch_execute("CREATE ROLE fixer IN ROLE secrets_admin; SET ROLE fixer")
