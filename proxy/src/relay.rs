@@ -19,8 +19,6 @@ struct Framing {
     last: Option<(u8, Option<u8>)>,
     current_tag: u8,
     current_first: Option<u8>,
-    /// An ErrorResponse went by.
-    saw_error: bool,
     side: Side,
     /// Complete messages that ask for a ReadyForQuery (from the client: Query, FunctionCall,
     /// and a Sync the server will not ignore) or are one (from the server): when both sides
@@ -53,9 +51,7 @@ struct Framing {
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
 enum Side {
-    /// Only boundaries and the last message are followed.
     #[default]
-    Uncounted,
     Client,
     Server,
 }
@@ -106,7 +102,6 @@ impl Framing {
                     ]);
                     self.current_tag = self.header[0];
                     self.current_first = None;
-                    self.saw_error |= self.current_tag == b'E';
                     self.body_left = (length.max(4) - 4) as usize;
                     self.header.clear();
                     if self.body_left == 0 {

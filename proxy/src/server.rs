@@ -272,6 +272,13 @@ impl ClientListener {
     }
 }
 
+/// After a failed accept (out of file descriptors and the like): a warning and a pause, so
+/// the loop does not spin on an error that persists.
+async fn back_off_after_accept(error: &std::io::Error, listener: &str) {
+    tracing::warn!(%error, listener, "accept failed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
 async fn accept_clients(
     listener: ClientListener,
     shared: Arc<Shared>,
@@ -285,9 +292,7 @@ async fn accept_clients(
         let (stream, identity) = match listener.accept(&shared).await {
             Ok(accepted) => accepted,
             Err(error) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                back_off_after_accept(&error, "clients").await;
                 continue;
             }
         };
@@ -640,9 +645,7 @@ async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
         let mut stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(error) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(%error, "admin accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                back_off_after_accept(&error, "admin").await;
                 continue;
             }
         };

@@ -59,8 +59,8 @@ impl GrantIndex {
     }
 }
 
-/// The roles whose privileges a role has (itself included), as `pg_has_role(.., 'USAGE')`
-/// says, and whether `secrets_admin` or `secrets_reader` is among them.
+/// The roles a role belongs to, with and without their privileges, and whether it has the
+/// privileges of `secrets_admin` or `secrets_reader`.
 pub struct Membership {
     /// The roles whose privileges the role has: itself, and every role it belongs to through
     /// INHERIT memberships. Grants, allows and ownership follow these.
@@ -151,73 +151,79 @@ fn with_latest_snapshot<T>(load: impl FnOnce() -> T) -> T {
     load()
 }
 
-pub fn grants() -> Result<Rc<GrantIndex>> {
-    if let Some(cached) = GRANTS.with(|grants| grants.borrow().as_ref().and_then(Loaded::usable)) {
+/// What `slot` holds while it may be used, or what `load` loads (under a fresh snapshot), kept
+/// there from then on.
+fn cached<T>(
+    slot: &'static std::thread::LocalKey<RefCell<Option<Loaded<T>>>>,
+    load: impl FnOnce() -> Result<T>,
+) -> Result<Rc<T>> {
+    if let Some(cached) = slot.with(|slot| slot.borrow().as_ref().and_then(Loaded::usable)) {
         return Ok(cached);
     }
+    let value = Rc::new(with_latest_snapshot(load)?);
+    slot.with(|slot| *slot.borrow_mut() = Some(Loaded::new(value.clone())));
+    Ok(value)
+}
+
+pub fn grants() -> Result<Rc<GrantIndex>> {
+    cached(&GRANTS, load_grants)
+}
+
+fn load_grants() -> Result<GrantIndex> {
     let table_oid = relation_oid(c"access_grant")?;
     GRANT_TABLE.with(|table| table.set(table_oid));
     let mut index = GrantIndex::default();
-    with_latest_snapshot(|| {
-        Spi::connect(|client| -> Result<()> {
-            let rows = client.select(
-                "SELECT id, name_pattern, grantee::oid, actions, \
+    Spi::connect(|client| -> Result<()> {
+        let rows = client.select(
+            "SELECT id, name_pattern, grantee::oid, actions, \
                     (pg_catalog.date_part('epoch', valid_until) * 1000000)::int8 \
              FROM secrets.access_grant",
-                None,
-                &[],
-            )?;
-            for row in rows {
-                let actions: Vec<String> = row.get(4)?.unwrap_or_default();
-                let grant = Grant {
-                    id: required(&row, 1)?,
-                    pattern: required(&row, 2)?,
-                    grantee: required(&row, 3)?,
-                    actions: Actions::parse(&actions).unwrap_or_default(),
-                    valid_until: row.get(5)?,
-                };
-                index
-                    .by_grantee
-                    .entry(grant.grantee)
-                    .or_default()
-                    .push(Rc::new(grant));
-            }
-            Ok(())
-        })
+            None,
+            &[],
+        )?;
+        for row in rows {
+            let actions: Vec<String> = row.get(4)?.unwrap_or_default();
+            let grant = Grant {
+                id: required(&row, 1)?,
+                pattern: required(&row, 2)?,
+                grantee: required(&row, 3)?,
+                actions: Actions::parse(&actions).unwrap_or_default(),
+                valid_until: row.get(5)?,
+            };
+            index
+                .by_grantee
+                .entry(grant.grantee)
+                .or_default()
+                .push(Rc::new(grant));
+        }
+        Ok(())
     })?;
-    let index = Rc::new(index);
-    GRANTS.with(|grants| *grants.borrow_mut() = Some(Loaded::new(index.clone())));
     Ok(index)
 }
 
 fn all_policies() -> Result<Rc<Policies>> {
-    if let Some(cached) =
-        POLICIES.with(|policies| policies.borrow().as_ref().and_then(Loaded::usable))
-    {
-        return Ok(cached);
-    }
+    cached(&POLICIES, load_policies)
+}
+
+fn load_policies() -> Result<Policies> {
     let table_oid = relation_oid(c"resource_policy")?;
     POLICY_TABLE.with(|table| table.set(table_oid));
     let mut policies = Policies::new();
-    with_latest_snapshot(|| {
-        Spi::connect(|client| -> Result<()> {
-            for row in client.select(
-                "SELECT secret_id, policy FROM secrets.resource_policy",
-                None,
-                &[],
-            )? {
-                let id: Uuid = required(&row, 1)?;
-                let document: pgrx::JsonB = required(&row, 2)?;
-                // Stored policies were validated; a role dropped since then simply matches no one.
-                if let Ok(policy) = policy::parse(&document.0, &mut resolve_role, &mut Vec::new()) {
-                    policies.insert(id, Rc::new(policy));
-                }
+    Spi::connect(|client| -> Result<()> {
+        for row in client.select(
+            "SELECT secret_id, policy FROM secrets.resource_policy",
+            None,
+            &[],
+        )? {
+            let id: Uuid = required(&row, 1)?;
+            let document: pgrx::JsonB = required(&row, 2)?;
+            // Stored policies were validated; a role dropped since then simply matches no one.
+            if let Ok(policy) = policy::parse(&document.0, &mut resolve_role, &mut Vec::new()) {
+                policies.insert(id, Rc::new(policy));
             }
-            Ok(())
-        })
+        }
+        Ok(())
     })?;
-    let policies = Rc::new(policies);
-    POLICIES.with(|cache| *cache.borrow_mut() = Some(Loaded::new(policies.clone())));
     Ok(policies)
 }
 

@@ -343,7 +343,7 @@ impl Caller {
             // The server log is then the only place the record can go, whatever
             // pg_secrets.audit_server_log says.
             Some(reason) => {
-                write_to_server_log(&[server_log_line(&record, &record.to_json())]);
+                log_only(&record);
                 if !NOTED_LOG_ONLY.with(|noted| noted.replace(true)) {
                     let message = format!(
                         "pg_secrets: {reason}, so this session's audit records go to the server log only"
@@ -364,12 +364,17 @@ impl Caller {
                 // sees): the server log keeps the record of the attempt. So it does when a
                 // cancel or a timeout ends the wait for room in the queue.
                 if !matches!(queued, Ok(Ok(()))) {
-                    write_to_server_log(&[server_log_line(&record, &record.to_json())]);
+                    log_only(&record);
                 }
                 queued.unwrap_or_else(|unwinding| std::panic::resume_unwind(unwinding))
             }
         }
     }
+}
+
+/// Writes a record that will not reach the table to the server log at once.
+fn log_only(record: &Record) {
+    write_to_server_log(&[server_log_line(record, &record.to_json())]);
 }
 
 /// The record as queued, shortened to fit a queue slot: a slot cuts what is longer, and a cut
