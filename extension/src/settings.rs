@@ -1,7 +1,7 @@
 //! Every setting of pg_secrets, registered in one place with a typed accessor each.
 //! Key settings are postmaster-only: keys are read once at server start, never from SQL.
 
-use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::CString;
 
 static KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -15,6 +15,10 @@ static MIN_ROTATION_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(3600);
 static ROTATION_RETRY_DELAY: GucSetting<i32> = GucSetting::<i32>::new(60);
 static ROTATOR_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static ROTATOR_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(30);
+static ROTATOR_SSLMODE: GucSetting<RotatorSslMode> =
+    GucSetting::<RotatorSslMode>::new(RotatorSslMode::VerifyFull);
+static ROTATOR_SSL_ROOT_CERT: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"system"));
 static AUDIT: GucSetting<bool> = GucSetting::<bool>::new(true);
 static AUDIT_SERVER_LOG: GucSetting<bool> = GucSetting::<bool>::new(true);
 static AUDIT_QUEUE_WAIT: GucSetting<i32> = GucSetting::<i32>::new(5000);
@@ -109,6 +113,22 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
+    GucRegistry::define_enum_guc(
+        c"pg_secrets.rotator_sslmode",
+        c"TLS on the database rotators' connections to servers over TCP.",
+        c"verify-full: encrypted, the certificate chains to pg_secrets.rotator_ssl_root_cert and names the host; require: encrypted, SCRAM with channel binding, md5 and cleartext refused; disable: plaintext. Unix sockets never use TLS.",
+        &ROTATOR_SSLMODE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_secrets.rotator_ssl_root_cert",
+        c"CA certificates (PEM file) that rotation targets' certificates must chain to.",
+        c"`system`: the operating system's trusted certificates. Used by rotator_sslmode = verify-full.",
+        &ROTATOR_SSL_ROOT_CERT,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"pg_secrets.audit",
         c"Record every call of a function that touches a secret in the audit trail.",
@@ -201,6 +221,36 @@ pub fn audit_queue_wait() -> std::time::Duration {
 
 pub fn alarm_interval() -> std::time::Duration {
     std::time::Duration::from_secs(ALARM_INTERVAL.get() as u64)
+}
+
+/// `pg_secrets.rotator_sslmode`: libpq's sslmode names, and what each requires of a server.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Debug)]
+pub enum RotatorSslMode {
+    #[name = c"disable"]
+    Disable,
+    #[name = c"require"]
+    Require,
+    #[name = c"verify-full"]
+    VerifyFull,
+}
+
+impl RotatorSslMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            RotatorSslMode::Disable => "disable",
+            RotatorSslMode::Require => "require",
+            RotatorSslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+pub fn rotator_sslmode() -> RotatorSslMode {
+    ROTATOR_SSLMODE.get()
+}
+
+/// A file, or `system` for the operating system's trusted certificates.
+pub fn rotator_ssl_root_cert() -> String {
+    string_setting(&ROTATOR_SSL_ROOT_CERT).unwrap_or_else(|| "system".to_string())
 }
 
 pub fn rotator_timeout() -> std::time::Duration {

@@ -9,16 +9,11 @@
 //! a CA and the host name.
 
 use crate::config::{ServerSslMode, ServerTls, Store, Tls};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WantsClientCert;
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use pg_secrets_tls::{encryption_only, load_roots, verifying};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{
-    ClientConfig, ConfigBuilder, DigitallySignedStruct, RootCertStore, ServerConfig,
-    SignatureScheme, WantsVerifier,
-};
+use rustls::{ClientConfig, ServerConfig};
 use std::path::Path;
 use std::sync::Arc;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -48,20 +43,6 @@ pub fn acceptor(tls: &Tls) -> Result<TlsAcceptor, String> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-fn load_roots(path: &Path, setting: &str) -> Result<RootCertStore, String> {
-    let failed = |e: &dyn std::fmt::Display| format!("{setting} {}: {e}", path.display());
-    let mut roots = RootCertStore::empty();
-    for certificate in CertificateDer::pem_file_iter(path).map_err(|e| failed(&e))? {
-        roots
-            .add(certificate.map_err(|e| failed(&e))?)
-            .map_err(|e| failed(&e))?;
-    }
-    if roots.is_empty() {
-        return Err(failed(&"no certificate in the file"));
-    }
-    Ok(roots)
-}
-
 /// A certificate chain and its private key, from PEM files.
 fn load_identity(
     cert_file: &Path,
@@ -87,19 +68,6 @@ pub fn store_connector(store: &Store) -> Result<Option<MakeRustlsConnect>, Strin
     Ok(client_config(&store.tls(), "[store]")?.map(MakeRustlsConnect::new))
 }
 
-fn client_builder() -> Result<ConfigBuilder<ClientConfig, WantsVerifier>, String> {
-    ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())
-}
-
-fn encryption_only() -> Result<ConfigBuilder<ClientConfig, WantsClientCert>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(client_builder()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(EncryptionOnly(provider))))
-}
-
 /// The rustls configuration a sslmode asks for; `None` for plaintext. `section` names the
 /// configuration section in errors.
 fn client_config(tls: &ServerTls, section: &str) -> Result<Option<ClientConfig>, String> {
@@ -111,8 +79,7 @@ fn client_config(tls: &ServerTls, section: &str) -> Result<Option<ClientConfig>,
                 .ca_file
                 .as_deref()
                 .expect("validated: verify-full has a CA");
-            client_builder()?
-                .with_root_certificates(load_roots(path, &format!("{section} ca_file"))?)
+            verifying(load_roots(path, &format!("{section} ca_file"))?)?
         }
     };
     Ok(Some(match (&tls.cert_file, &tls.key_file) {
@@ -124,56 +91,6 @@ fn client_config(tls: &ServerTls, section: &str) -> Result<Option<ClientConfig>,
         }
         _ => builder.with_no_client_auth(),
     }))
-}
-
-/// `sslmode = "require"`: any certificate is accepted, as libpq's `require` does, but the
-/// handshake's own signatures are still checked so the session keys are the server's.
-#[derive(Debug)]
-struct EncryptionOnly(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for EncryptionOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        certificate: &CertificateDer<'_>,
-        signature: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            certificate,
-            signature,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        certificate: &CertificateDer<'_>,
-        signature: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            certificate,
-            signature,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// SCRAM channel binding data of type `tls-server-end-point` (RFC 5929 §4.1): the hash of the

@@ -13,6 +13,8 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+pub mod pki;
+
 pub use postgres::{Client, NoTls};
 
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";

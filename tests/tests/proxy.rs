@@ -456,6 +456,8 @@ fn pgbench_sees_no_failure_while_the_worker_rotates_the_password() {
         &[
             "pg_secrets.worker_naptime = 1",
             "pg_secrets.rotation_retry_delay = 1",
+            // The credential names 127.0.0.1, served without TLS.
+            "pg_secrets.rotator_sslmode = disable",
         ],
         ProxyExtras::default(),
     );

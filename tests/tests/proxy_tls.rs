@@ -3,67 +3,14 @@
 //! to servers, each `[server_tls]` mode against a server with TLS, one with another CA's
 //! certificate, one without TLS; and the SCRAM keys derived once per password.
 
+use pg_secrets_e2e::pki::{make_pki, Pki};
 use pg_secrets_e2e::{
     cluster_with_app_credential, free_port, http_get, wait_until, Cluster, KeySource, ProxyProcess,
     TEST_KEY,
 };
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use secrets_proxy::{Config, RunningProxy};
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::process::Command;
-
-struct Pki {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-}
-
-fn write_private(path: &Path, text: &str) {
-    fs::write(path, text).unwrap();
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
-}
-
-/// A CA, a server certificate for localhost, and a client certificate for "payments-service".
-fn make_pki(dir: &Path) -> Pki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "pg_secrets test CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-
-    let server_key = KeyPair::generate().unwrap();
-    let server_cert = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&server_key, &issuer)
-        .unwrap();
-    let client_key = KeyPair::generate().unwrap();
-    let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    client_params
-        .distinguished_name
-        .push(DnType::CommonName, "payments-service");
-    let client_cert = client_params.signed_by(&client_key, &issuer).unwrap();
-
-    let pki = Pki {
-        ca: dir.join("ca.pem"),
-        server_cert: dir.join("server.pem"),
-        server_key: dir.join("server.key"),
-        client_cert: dir.join("client.pem"),
-        client_key: dir.join("client.key"),
-    };
-    fs::write(&pki.ca, ca_cert.pem()).unwrap();
-    fs::write(&pki.server_cert, server_cert.pem()).unwrap();
-    write_private(&pki.server_key, &server_key.serialize_pem());
-    fs::write(&pki.client_cert, client_cert.pem()).unwrap();
-    write_private(&pki.client_key, &client_key.serialize_pem());
-    pki
-}
 
 fn psql(port: u16, connection: &str) -> (bool, String) {
     let output = Command::new("psql")
@@ -249,15 +196,9 @@ fn set_server_host(cluster: &Cluster, host: &str, port: u16) {
 fn tls_cluster() -> (Cluster, Pki, postgres::Client) {
     let mut cluster = Cluster::start();
     let pki = make_pki(cluster.dir());
-    cluster.configure(
-        KeySource::File(TEST_KEY.into()),
-        &[
-            "ssl = on",
-            &format!("ssl_cert_file = '{}'", pki.server_cert.display()),
-            &format!("ssl_key_file = '{}'", pki.server_key.display()),
-            &format!("ssl_ca_file = '{}'", pki.ca.display()),
-        ],
-    );
+    let settings = pki.server_settings();
+    let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+    cluster.configure(KeySource::File(TEST_KEY.into()), &settings);
     cluster.restart();
     let mut db = cluster.superuser();
     db.batch_execute(

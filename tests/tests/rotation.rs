@@ -2,6 +2,7 @@
 //! private cluster as a remote target), the background worker, crashes, failures, schedules,
 //! offboarding and master-key rotation.
 
+use pg_secrets_e2e::pki::make_pki;
 use pg_secrets_e2e::{
     assert_sql_error, free_port, store_state, wait_until, Client, Cluster, KeySource, NoTls,
 };
@@ -12,10 +13,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The store's settings in these tests: a worker that wakes every second, retries quickly.
+/// The store's settings in these tests: a worker that wakes every second, retries quickly,
+/// and reaches the targets these tests start on 127.0.0.1 without TLS (the TLS test sets its
+/// own sslmode after these).
 const FAST_WORKER: &[&str] = &[
     "pg_secrets.worker_naptime = 1",
     "pg_secrets.rotation_retry_delay = 1",
+    "pg_secrets.rotator_sslmode = disable",
 ];
 
 fn store_cluster(extra: &[&str]) -> Cluster {
@@ -669,6 +673,174 @@ fn a_remote_single_user_rotates_through_the_worker() {
     assert!(log.contains("ALTER ROLE CURRENT_USER PASSWORD 'SCRAM-SHA-256$4096:"));
     assert!(!log.contains(&password_of(&now)));
     assert!(!store.server_log().contains(&password_of(&now)));
+}
+
+/// The rotation's error once a step has failed.
+fn wait_for_rotation_error(db: &mut Client, name: &str) -> String {
+    let mut error = None;
+    wait_until("the rotation to fail", Duration::from_secs(60), || {
+        error = rotation_field(db, name, &["in_progress", "last_error"]);
+        error.is_some()
+    });
+    error.unwrap()
+}
+
+fn set_rotator_sslmode(db: &mut Client, mode: &str) {
+    db.batch_execute(&format!(
+        "ALTER SYSTEM SET pg_secrets.rotator_sslmode = '{mode}'"
+    ))
+    .unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+}
+
+/// A target reached over TCP gets the TLS `pg_secrets.rotator_sslmode` asks for:
+/// `verify-full` (the default) checks the certificate against the configured CA and the host
+/// name and refuses a server without TLS; `require` takes any certificate but binds SCRAM to
+/// the TLS session, so it refuses a server that asks for the password in cleartext.
+#[test]
+fn remote_rotations_use_tls_as_rotator_sslmode_asks() {
+    // The certificates live in the target's directory, which its server may read.
+    let mut tls_target = target_cluster();
+    let pki = make_pki(tls_target.dir());
+    let mut settings = pki.server_settings();
+    settings.extend([
+        "log_statement = 'all'".into(),
+        "log_connections = on".into(),
+    ]);
+    let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+    tls_target.configure(KeySource::None, &settings);
+    tls_target.restart();
+    tls_target
+        .superuser()
+        .batch_execute(
+            "CREATE ROLE app LOGIN PASSWORD 'first-password';
+             CREATE ROLE app_by_ip LOGIN PASSWORD 'first-password';
+             CREATE ROLE app_bound LOGIN PASSWORD 'first-password';
+             CREATE ROLE clear LOGIN PASSWORD 'clear-password';",
+        )
+        .unwrap();
+    // `clear` is asked for its password in cleartext, over TLS.
+    let hba = tls_target.data_dir().join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("hostssl all clear 127.0.0.1/32 password\n{rules}"),
+    )
+    .unwrap();
+    tls_target
+        .superuser()
+        .batch_execute("SELECT pg_reload_conf()")
+        .unwrap();
+    let plain_target = target_cluster();
+    plain_target
+        .superuser()
+        .batch_execute("CREATE ROLE app LOGIN PASSWORD 'first-password'")
+        .unwrap();
+    let store = store_cluster(&[
+        "pg_secrets.rotator_sslmode = 'verify-full'",
+        &format!("pg_secrets.rotator_ssl_root_cert = '{}'", pki.ca.display()),
+    ]);
+    let mut db = store.superuser();
+    let rotate =
+        |db: &mut Client, name: &str, host: &str, port: u16, user: &str, password: &str| {
+            let first = credential(host, port, user, password, "");
+            create_secret(db, name, &first);
+            db.execute(
+                "SELECT secrets.rotate_secret($1, rotator => 'postgres-single-user')",
+                &[&name],
+            )
+            .unwrap();
+            first
+        };
+
+    // verify-full: the certificate names localhost and chains to the CA.
+    rotate(
+        &mut db,
+        "db/tls",
+        "localhost",
+        tls_target.port,
+        "app",
+        "first-password",
+    );
+    wait_for_rotation(&mut db, "db/tls");
+    login(&tls_target, &current(&mut db, "db/tls")).expect("CURRENT logs in");
+    // Not at 127.0.0.1, which the certificate does not name; nor where there is no TLS.
+    let by_ip = rotate(
+        &mut db,
+        "db/by-ip",
+        "127.0.0.1",
+        tls_target.port,
+        "app_by_ip",
+        "first-password",
+    );
+    let error = wait_for_rotation_error(&mut db, "db/by-ip");
+    assert!(error.contains("invalid peer certificate"), "{error}");
+    assert!(
+        error.contains("pg_secrets.rotator_sslmode is verify-full"),
+        "{error}"
+    );
+    assert_eq!(current(&mut db, "db/by-ip"), by_ip);
+    let plain = rotate(
+        &mut db,
+        "db/plain",
+        "127.0.0.1",
+        plain_target.port,
+        "app",
+        "first-password",
+    );
+    let error = wait_for_rotation_error(&mut db, "db/plain");
+    assert!(error.contains("server does not support TLS"), "{error}");
+    assert!(error.contains("must offer TLS"), "{error}");
+    assert_eq!(current(&mut db, "db/plain"), plain);
+
+    // require: any certificate, SCRAM bound to the session; cleartext is refused before the
+    // password is sent.
+    set_rotator_sslmode(&mut db, "require");
+    rotate(
+        &mut db,
+        "db/bound",
+        "127.0.0.1",
+        tls_target.port,
+        "app_bound",
+        "first-password",
+    );
+    wait_for_rotation(&mut db, "db/bound");
+    login(&tls_target, &current(&mut db, "db/bound")).expect("CURRENT logs in");
+    let clear = rotate(
+        &mut db,
+        "db/clear",
+        "127.0.0.1",
+        tls_target.port,
+        "clear",
+        "clear-password",
+    );
+    let error = wait_for_rotation_error(&mut db, "db/clear");
+    assert!(error.contains("channel binding"), "{error}");
+    assert_eq!(current(&mut db, "db/clear"), clear);
+
+    // Every connection a rotation made was encrypted, and `clear` never got in.
+    let log = tls_target.server_log();
+    let rotations: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("application_name=pg_secrets rotation"))
+        .collect();
+    assert!(rotations.len() >= 4, "{log}");
+    assert!(
+        rotations.iter().all(|line| line.contains("SSL enabled")),
+        "{rotations:#?}"
+    );
+    assert!(!log.contains("connection authorized: user=clear"), "{log}");
+
+    // disable: plaintext, as the administrator asked; the failed rotation resumes.
+    set_rotator_sslmode(&mut db, "disable");
+    // Due now rather than after its doubling delay.
+    db.batch_execute(
+        "UPDATE secrets.rotation SET next_attempt_at = now() WHERE state = 'running' \
+           AND secret_id = (SELECT id FROM secrets.secret WHERE name = 'db/plain')",
+    )
+    .unwrap();
+    wait_for_rotation(&mut db, "db/plain");
+    login(&plain_target, &current(&mut db, "db/plain")).expect("CURRENT logs in");
 }
 
 #[test]

@@ -31,6 +31,8 @@ fn twenty_databases_api_keys_cross_team_access_audit_and_offboarding() {
             "pg_secrets.worker_naptime = 1",
             "pg_secrets.rotation_retry_delay = 1",
             "pg_secrets.alarm_interval = 1",
+            // The twenty databases are a cluster on 127.0.0.1 without TLS.
+            "pg_secrets.rotator_sslmode = disable",
         ],
     );
     let databases = Cluster::start_bare(KeySource::None, &[]);

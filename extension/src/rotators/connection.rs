@@ -1,18 +1,24 @@
 //! The connections the database rotators make to their targets: how a credential becomes a
-//! login, the rule that a login is made only where the server checks its password, and the
-//! thread each connection runs on.
+//! login, TLS to servers over TCP (`pg_secrets.rotator_sslmode`), the rule that a login is
+//! made only where the server checks its password, and the thread each connection runs on.
 
 use super::Credential;
-use crate::settings;
+use crate::settings::{self, RotatorSslMode};
 use pgrx::prelude::*;
+use postgres::config::{ChannelBinding, SslMode};
 use postgres::error::SqlState;
 use std::fmt;
+use tokio_postgres_rustls::MakeRustlsConnect;
 use zeroize::Zeroizing;
 
 /// A user and password on the server a credential names.
 pub struct Login {
     /// Everything but the password, which `connect` adds only once the server asks for it.
     config: postgres::Config,
+    /// `None`: plaintext, on a Unix socket or where `rotator_sslmode = disable`.
+    tls: Option<MakeRustlsConnect>,
+    /// What was asked of a server over TCP, for errors; `None` on a Unix socket.
+    sslmode: Option<RotatorSslMode>,
     user: String,
     password: Zeroizing<String>,
 }
@@ -20,8 +26,9 @@ pub struct Login {
 impl Login {
     /// `login`'s user and password on the server `target` names; an empty host is this
     /// cluster, reached through its own Unix socket. Built here, where settings and SPI may be
-    /// read, and used on the connection thread.
-    pub fn new(login: &Credential, target: &Credential) -> Login {
+    /// read, and used on the connection thread. Fails only when the TLS settings cannot be
+    /// used (a CA file that cannot be read).
+    pub fn new(login: &Credential, target: &Credential) -> Result<Login, String> {
         let timeout = settings::rotator_timeout();
         let mut config = postgres::Config::new();
         config
@@ -30,22 +37,31 @@ impl Login {
             .application_name("pg_secrets rotation")
             .connect_timeout(timeout)
             .options(&format!("-c statement_timeout={}", timeout.as_millis()));
+        let (mut tls, mut sslmode) = (None, None);
         match target.host() {
             Some(host) => {
                 config
                     .host(host)
                     .port(target.port().expect("checked by parse"));
+                // A host that is a directory is a Unix socket, where TLS has nothing to add.
+                if !host.starts_with('/') {
+                    let mode = settings::rotator_sslmode();
+                    tls = tls_over_tcp(&mut config, mode)?;
+                    sslmode = Some(mode);
+                }
             }
             None => {
                 let (socket_dir, port) = own_socket();
                 config.host(&socket_dir).port(port);
             }
         }
-        Login {
+        Ok(Login {
             config,
+            tls,
+            sslmode,
             user: login.username().to_string(),
             password: Zeroizing::new(login.password().to_string()),
-        }
+        })
     }
 
     /// Connects, but only where the server checks the password. It first connects without
@@ -55,21 +71,61 @@ impl Login {
     /// is the rule dblink and postgres_fdw apply to non-superusers. PostgreSQL logs nothing
     /// when a client leaves as it is asked for a password (psql does that too).
     pub fn connect(&self) -> Result<postgres::Client, ConnectError> {
-        match self.config.connect(postgres::NoTls) {
+        match self.open(&self.config) {
             Ok(_) => {
                 return Err(ConnectError::PasswordNotChecked {
                     user: self.user.clone(),
                 })
             }
-            Err(error) if asked_for_password(&error) => {}
-            Err(error) => return Err(ConnectError::Server(error)),
+            Err(ConnectError::Server(error)) if asked_for_password(&error) => {}
+            Err(error) => return Err(error),
         }
         let mut config = self.config.clone();
         config.password(self.password.as_str());
-        config
-            .connect(postgres::NoTls)
-            .map_err(ConnectError::Server)
+        self.open(&config)
     }
+
+    fn open(&self, config: &postgres::Config) -> Result<postgres::Client, ConnectError> {
+        let opened = match &self.tls {
+            Some(tls) => config.connect(tls.clone()),
+            None => config.connect(postgres::NoTls),
+        };
+        opened.map_err(|error| match self.sslmode {
+            Some(sslmode) if is_tls_failure(&error) => ConnectError::Tls { error, sslmode },
+            _ => ConnectError::Server(error),
+        })
+    }
+}
+
+/// What `pg_secrets.rotator_sslmode` asks of a server reached over TCP. A rotation sends the
+/// target its admin's or its user's password (if the server asks for it in cleartext or md5)
+/// and learns the new one's verifier: in plaintext, anyone on the path could take either.
+fn tls_over_tcp(
+    config: &mut postgres::Config,
+    sslmode: RotatorSslMode,
+) -> Result<Option<MakeRustlsConnect>, String> {
+    let builder = match sslmode {
+        RotatorSslMode::Disable => {
+            config.ssl_mode(SslMode::Disable);
+            return Ok(None);
+        }
+        // Any certificate, but SCRAM bound to this TLS session: a login someone in the middle
+        // relays fails, and md5 or cleartext, which cannot be bound, are refused.
+        RotatorSslMode::Require => {
+            config.channel_binding(ChannelBinding::Require);
+            pg_secrets_tls::encryption_only()?
+        }
+        RotatorSslMode::VerifyFull => {
+            const SETTING: &str = "pg_secrets.rotator_ssl_root_cert";
+            let roots = match settings::rotator_ssl_root_cert().as_str() {
+                "system" => pg_secrets_tls::system_roots(SETTING)?,
+                file => pg_secrets_tls::load_roots(std::path::Path::new(file), SETTING)?,
+            };
+            pg_secrets_tls::verifying(roots)?
+        }
+    };
+    config.ssl_mode(SslMode::Require);
+    Ok(Some(MakeRustlsConnect::new(builder.with_no_client_auth())))
 }
 
 /// Whether a connection made without a password failed because the server asked for one:
@@ -82,7 +138,14 @@ fn asked_for_password(error: &postgres::Error) -> bool {
 
 pub enum ConnectError {
     Server(postgres::Error),
-    PasswordNotChecked { user: String },
+    /// No TLS where `sslmode` asked for it, or a certificate it does not accept.
+    Tls {
+        error: postgres::Error,
+        sslmode: RotatorSslMode,
+    },
+    PasswordNotChecked {
+        user: String,
+    },
 }
 
 impl ConnectError {
@@ -100,6 +163,20 @@ impl fmt::Display for ConnectError {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConnectError::Server(error) => formatter.write_str(&describe(error)),
+            ConnectError::Tls { error, sslmode } => write!(
+                formatter,
+                "{} (pg_secrets.rotator_sslmode is {}: a target reached over TCP must offer \
+                 TLS{}; see the README's Rotation section)",
+                describe(error),
+                sslmode.name(),
+                match sslmode {
+                    RotatorSslMode::VerifyFull => {
+                        " with a certificate that chains to pg_secrets.rotator_ssl_root_cert \
+                         and names the host"
+                    }
+                    _ => "",
+                }
+            ),
             ConnectError::PasswordNotChecked { user } => write!(
                 formatter,
                 "the server let user \"{user}\" in without asking for its password (trust, \
@@ -110,11 +187,29 @@ impl fmt::Display for ConnectError {
     }
 }
 
+/// A handshake that failed, or a server without TLS: the client library tells these from other
+/// failures only in its message.
+fn is_tls_failure(error: &postgres::Error) -> bool {
+    error.as_db_error().is_none() && error.to_string().starts_with("error performing TLS")
+}
+
 /// The server's message or the connection failure; neither ever holds the password.
 pub fn describe(error: &postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => error.to_string(),
+        // The client library keeps the cause (the TLS alert, the refused connection) apart.
+        None => {
+            let mut text = error.to_string();
+            let mut cause = std::error::Error::source(error);
+            while let Some(reason) = cause {
+                let said = reason.to_string();
+                if !text.contains(&said) {
+                    text = format!("{text}: {said}");
+                }
+                cause = reason.source();
+            }
+            text
+        }
     }
 }
 

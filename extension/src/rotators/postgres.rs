@@ -126,8 +126,8 @@ pub fn set_single_user(context: &StepContext) -> Result<()> {
         quote_literal(&verifier)
     );
     let (as_current, as_pending) = (
-        Login::new(&current, &current),
-        Login::new(&pending, &pending),
+        Login::new(&current, &current).map_err(|why| context.failed(Step::Set, why))?,
+        Login::new(&pending, &pending).map_err(|why| context.failed(Step::Set, why))?,
     );
     off_thread(move || match as_current.connect() {
         Ok(mut client) => client.batch_execute(&statement).map_err(|e| describe(&e)),
@@ -237,7 +237,7 @@ pub fn set_alternating(context: &StepContext) -> Result<()> {
         .map_err(|error| context.failed(Step::Set, format!("master_secret: {error}")))?;
     let admin = Credential::parse(&admin_value)
         .map_err(|why| context.failed(Step::Set, format!("master_secret: {why}")))?;
-    let as_admin = Login::new(&admin, &pending);
+    let as_admin = Login::new(&admin, &pending).map_err(|why| context.failed(Step::Set, why))?;
     let login = pending.username().to_string();
     let main = main_user(&login).to_string();
     // A member of the main role that becomes it at login: whatever either login creates
@@ -294,7 +294,8 @@ pub fn test_single_user(context: &StepContext) -> Result<()> {
 /// Logs in with PENDING and runs a query.
 pub fn test_login(context: &StepContext) -> Result<()> {
     let pending = context.pending_credential(Step::Test)?;
-    let as_pending = Login::new(&pending, &pending);
+    let as_pending =
+        Login::new(&pending, &pending).map_err(|why| context.failed(Step::Test, why))?;
     off_thread(move || {
         let mut client = as_pending.connect().map_err(|e| e.to_string())?;
         client
