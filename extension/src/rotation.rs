@@ -289,17 +289,25 @@ pub fn cancel_rotate_secret(name: &str) -> Result<()> {
             None,
             &[secret.id.into()],
         )?;
-        client.update(
+        let cancelled = client.update(
             "UPDATE secrets.rotation SET state = 'cancelled', \
                     finished_at = pg_catalog.clock_timestamp(), \
                     note = 'cancelled by ' || $2 \
              WHERE secret_id = $1 AND state = 'running' \
-               AND (step = 'create' OR (step = 'set' AND attempts = 0))",
+               AND (step = 'create' OR (step = 'set' AND attempts = 0)) \
+             RETURNING pending_version_id",
             None,
             // The caller, not current_user: inside the extension's functions that is the
             // extension's owner.
             &[secret.id.into(), caller_name().into()],
         )?;
+        for row in cancelled {
+            if let Some(pending) = row.get::<Uuid>(1)? {
+                if take_pending_label(client, secret.id, pending)? {
+                    labels::notify_changed(client, "cancel_rotation", &secret.name, None)?;
+                }
+            }
+        }
         let still_running = !client
             .select(
                 "SELECT FROM secrets.rotation WHERE secret_id = $1 AND state = 'running'",
@@ -318,14 +326,28 @@ pub fn cancel_rotate_secret(name: &str) -> Result<()> {
     })
 }
 
-/// `put_secret_value` during a rotation wins: the rotation stops and its record says why.
-pub fn abandon_for_put(client: &mut SpiClient<'_>, secret_id: Uuid, version: Uuid) -> Result<()> {
-    client.update(
+/// A `put_secret_value` that labels its version `CURRENT` or `PENDING` during a rotation wins:
+/// the rotation stops, its record says why, and its version loses `PENDING` (the put's own
+/// labels are moved after this). A put under other labels leaves the rotation alone.
+pub fn abandon_for_put(
+    client: &mut SpiClient<'_>,
+    secret_id: Uuid,
+    version: Uuid,
+    stages: &[String],
+) -> Result<()> {
+    let takes_over = stages.iter().any(|stage| stage == CURRENT || stage == PENDING)
+        // The put's version becomes CURRENT anyway.
+        || labels::holder(client, secret_id, CURRENT)?.is_none();
+    if !takes_over {
+        return Ok(());
+    }
+    let abandoned = client.update(
         "UPDATE secrets.rotation SET state = 'abandoned', \
                 finished_at = pg_catalog.clock_timestamp(), \
                 note = pg_catalog.format('abandoned: put_secret_value by %s wrote version %s', \
                                          $3, $2::text) \
-         WHERE secret_id = $1 AND state = 'running'",
+         WHERE secret_id = $1 AND state = 'running' \
+         RETURNING pending_version_id",
         None,
         &[
             secret_id.into(),
@@ -333,7 +355,24 @@ pub fn abandon_for_put(client: &mut SpiClient<'_>, secret_id: Uuid, version: Uui
             caller_name().into(),
         ],
     )?;
+    for row in abandoned {
+        if let Some(pending) = row.get::<Uuid>(1)? {
+            take_pending_label(client, secret_id, pending)?;
+        }
+    }
     Ok(())
+}
+
+/// Takes `PENDING` off a rotation's version, if that version still holds it: once the
+/// rotation has finished or stopped, nothing is being rotated in, and whoever falls back to
+/// `PENDING` at login (secrets-proxy) must not try a value no rotation will set. Returns
+/// whether it did.
+fn take_pending_label(client: &mut SpiClient<'_>, secret_id: Uuid, pending: Uuid) -> Result<bool> {
+    if labels::holder(client, secret_id, PENDING)? != Some(pending) {
+        return Ok(false);
+    }
+    labels::remove_label(client, secret_id, PENDING)?;
+    Ok(true)
 }
 
 /// Who called the SQL function, for a rotation's notes.
@@ -463,9 +502,7 @@ fn perform_step(
                 CURRENT,
                 run.pending_version,
             )?;
-            if labels::holder(client, secret.id, PENDING)? == Some(run.pending_version) {
-                labels::remove_label(client, secret.id, PENDING)?;
-            }
+            take_pending_label(client, secret.id, run.pending_version)?;
             rotators::act(rotator, Step::Finish, &context)?;
             // The new version names the pinned target (checked above): the pin moves to it,
             // so older versions may be pruned.

@@ -492,7 +492,7 @@ pub fn put_secret_value(
         }
         let version = insert_version(client, &secret, &value, token, new_uuid())?;
         audit::touched(secret.id, Some(version), stages.first().map(String::as_str));
-        rotation::abandon_for_put(client, secret.id, version)?;
+        rotation::abandon_for_put(client, secret.id, version, &stages)?;
         for stage in &stages {
             labels::move_label(client, name, secret.id, stage, version)?;
         }

@@ -675,6 +675,65 @@ fn a_remote_single_user_rotates_through_the_worker() {
     assert!(!store.server_log().contains(&password_of(&now)));
 }
 
+/// How many versions of secret `name` carry `label` (0 or 1).
+fn versions_labelled(db: &mut Client, name: &str, label: &str) -> i64 {
+    db.query_one(
+        "SELECT count(*) FROM secrets.list_secret_version_ids($1, include_deprecated => true) \
+         WHERE $2 = ANY (version_stages)",
+        &[&name, &label],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// A rotation cancelled before it touched its target stops, and takes PENDING off its
+/// version, telling listeners (secrets-proxy falls back to PENDING at login).
+#[test]
+fn cancelling_a_rotation_before_the_target_takes_pending_off() {
+    // A worker that does not come round during the test: the rotation waits at `set`.
+    let store = store_cluster(&["pg_secrets.worker_naptime = 3600"]);
+    let mut db = store.superuser();
+    let first = credential("127.0.0.1", free_port(), "app", "first-password", "");
+    create_secret(&mut db, "db/held", &first);
+    db.execute(
+        "SELECT secrets.rotate_secret('db/held', rotator => 'postgres-single-user')",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        rotation_field(&mut db, "db/held", &["in_progress", "step"]).as_deref(),
+        Some("set")
+    );
+    assert_eq!(versions_labelled(&mut db, "db/held", "PENDING"), 1);
+    let mut listener = store.superuser();
+    listener.batch_execute("LISTEN pg_secrets_changed").unwrap();
+
+    db.execute("SELECT secrets.cancel_rotate_secret('db/held')", &[])
+        .unwrap();
+    assert_eq!(
+        rotation_field(&mut db, "db/held", &["last", "state"]).as_deref(),
+        Some("cancelled")
+    );
+    assert_eq!(versions_labelled(&mut db, "db/held", "PENDING"), 0);
+    assert_eq!(current(&mut db, "db/held"), first);
+    let mut notifications = listener.notifications();
+    let change = notifications
+        .timeout_iter(Duration::from_secs(10))
+        .next()
+        .unwrap()
+        .expect("a change notification");
+    assert!(
+        change.payload().contains(r#""event":"cancel_rotation""#),
+        "{}",
+        change.payload()
+    );
+    assert!(
+        change.payload().contains(r#""name":"db/held""#),
+        "{}",
+        change.payload()
+    );
+}
+
 /// The rotation's error once a step has failed.
 fn wait_for_rotation_error(db: &mut Client, name: &str) -> String {
     let mut error = None;
@@ -1182,6 +1241,18 @@ fn a_target_that_is_down_fails_cleanly_alarms_and_recovers() {
         "still running after eight failures at set"
     );
 
+    // A put under another label leaves the rotation running, and its PENDING in place.
+    db.execute(
+        "SELECT secrets.put_secret_value('db/down', $1, version_stages => '{STAGING}')",
+        &[&first],
+    )
+    .unwrap();
+    assert_eq!(
+        rotation_field(&mut db, "db/down", &["in_progress", "step"]).as_deref(),
+        Some("set")
+    );
+    assert_eq!(versions_labelled(&mut db, "db/down", "PENDING"), 1);
+
     // A manual put during the rotation wins, and the record says so and who put.
     db.batch_execute("CREATE ROLE fixer IN ROLE secrets_admin; SET ROLE fixer")
         .unwrap();
@@ -1195,6 +1266,8 @@ fn a_target_that_is_down_fails_cleanly_alarms_and_recovers() {
     let note = rotation_field(&mut db, "db/down", &["last", "note"]).unwrap();
     assert!(note.contains("put_secret_value by fixer"), "{note}");
     assert!(rotation_field(&mut db, "db/down", &["in_progress"]).is_none());
+    // The abandoned version no longer claims to be on its way in.
+    assert_eq!(versions_labelled(&mut db, "db/down", "PENDING"), 0);
 
     // With the target back, CURRENT logs in as before and a new rotation succeeds.
     target.restart();
