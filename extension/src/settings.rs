@@ -235,6 +235,8 @@ pub enum RotatorSslMode {
 }
 
 impl RotatorSslMode {
+    /// The setting's value as written, for errors built on a rotation's connection thread,
+    /// where the setting itself must not be read.
     pub fn name(self) -> &'static str {
         match self {
             RotatorSslMode::Disable => "disable",

@@ -20,7 +20,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 pub fn acceptor(tls: &Tls) -> Result<TlsAcceptor, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = pg_secrets_tls::provider();
     let (certificates, key) = load_identity(&tls.cert_file, &tls.key_file, "[tls]")?;
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()

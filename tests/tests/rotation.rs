@@ -775,15 +775,19 @@ fn remote_rotations_use_tls_as_rotator_sslmode_asks() {
             "CREATE ROLE app LOGIN PASSWORD 'first-password';
              CREATE ROLE app_by_ip LOGIN PASSWORD 'first-password';
              CREATE ROLE app_bound LOGIN PASSWORD 'first-password';
-             CREATE ROLE clear LOGIN PASSWORD 'clear-password';",
+             CREATE ROLE clear LOGIN PASSWORD 'clear-password';
+             CREATE ROLE trusted LOGIN PASSWORD 'trusted-password';",
         )
         .unwrap();
-    // `clear` is asked for its password in cleartext, over TLS.
+    // `clear` is asked for its password in cleartext over TLS, `trusted` for none.
     let hba = tls_target.data_dir().join("pg_hba.conf");
     let rules = std::fs::read_to_string(&hba).unwrap();
     std::fs::write(
         &hba,
-        format!("hostssl all clear 127.0.0.1/32 password\n{rules}"),
+        format!(
+            "hostssl all clear 127.0.0.1/32 password\n\
+             hostssl all trusted 127.0.0.1/32 trust\n{rules}"
+        ),
     )
     .unwrap();
     tls_target
@@ -876,6 +880,17 @@ fn remote_rotations_use_tls_as_rotator_sslmode_asks() {
     let error = wait_for_rotation_error(&mut db, "db/clear");
     assert!(error.contains("channel binding"), "{error}");
     assert_eq!(current(&mut db, "db/clear"), clear);
+    // A server that lets the login in without a password is still refused for that reason.
+    rotate(
+        &mut db,
+        "db/trusted",
+        "127.0.0.1",
+        tls_target.port,
+        "trusted",
+        "trusted-password",
+    );
+    let error = wait_for_rotation_error(&mut db, "db/trusted");
+    assert!(error.contains("without asking for its password"), "{error}");
 
     // Every connection a rotation made was encrypted, and `clear` never got in.
     let log = tls_target.server_log();
@@ -1664,6 +1679,21 @@ fn rotation_waiting_on_a_silent_target(db: &mut Client) -> std::net::TcpStream {
     )
     .unwrap();
     silent.accept().unwrap().0
+}
+
+/// A target that accepts connections and never answers fails the step after
+/// `pg_secrets.rotator_timeout`: the client library bounds only the TCP connect, so without
+/// the step's own deadline the rotation worker would wait on it for good.
+#[test]
+fn a_silent_target_fails_the_step_after_rotator_timeout() {
+    let store = store_cluster(&["pg_secrets.rotator_timeout = 2"]);
+    let mut db = store.superuser();
+    let _connection = rotation_waiting_on_a_silent_target(&mut db);
+    let error = wait_for_rotation_error(&mut db, "db/silent");
+    assert!(
+        error.contains("did not answer within pg_secrets.rotator_timeout (2 s)"),
+        "{error}"
+    );
 }
 
 /// A target that accepts connections and never answers: the worker waits on it in a step, and

@@ -14,8 +14,6 @@ use rustls::{
 use std::path::Path;
 use std::sync::Arc;
 
-pub use rustls;
-
 /// The certificates of a PEM file, as roots to verify servers or clients against. `setting`
 /// names where the path came from, for errors.
 pub fn load_roots(path: &Path, setting: &str) -> Result<RootCertStore, String> {
@@ -56,7 +54,8 @@ fn client_builder() -> Result<ConfigBuilder<ClientConfig, WantsVerifier>, String
         .map_err(|e| e.to_string())
 }
 
-fn provider() -> Arc<CryptoProvider> {
+/// The cryptography every configuration here uses: ring.
+pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

@@ -82,6 +82,13 @@ impl Login {
         }
         let mut config = self.config.clone();
         config.password(self.password.as_str());
+        // Under `require`: any certificate, but SCRAM bound to this TLS session, so a login
+        // someone in the middle relays fails, and md5 or cleartext, which cannot be bound, are
+        // refused before the password is sent. Not for the probe above: without a password
+        // there is nothing to bind, and a server that lets it in must be told apart.
+        if self.sslmode == Some(RotatorSslMode::Require) {
+            config.channel_binding(ChannelBinding::Require);
+        }
         self.open(&config)
     }
 
@@ -109,12 +116,8 @@ fn tls_over_tcp(
             config.ssl_mode(SslMode::Disable);
             return Ok(None);
         }
-        // Any certificate, but SCRAM bound to this TLS session: a login someone in the middle
-        // relays fails, and md5 or cleartext, which cannot be bound, are refused.
-        RotatorSslMode::Require => {
-            config.channel_binding(ChannelBinding::Require);
-            pg_secrets_tls::encryption_only()?
-        }
+        // The login binds SCRAM to the session (`connect`).
+        RotatorSslMode::Require => pg_secrets_tls::encryption_only()?,
         RotatorSslMode::VerifyFull => {
             const SETTING: &str = "pg_secrets.rotator_ssl_root_cert";
             let roots = match settings::rotator_ssl_root_cert().as_str() {
@@ -188,7 +191,8 @@ impl fmt::Display for ConnectError {
 }
 
 /// A handshake that failed, or a server without TLS: the client library tells these from other
-/// failures only in its message.
+/// failures only in its message. It reports the failure at the host's last address only (a
+/// certificate refused at 127.0.0.1 reads "connection refused" if `::1` came after it).
 fn is_tls_failure(error: &postgres::Error) -> bool {
     error.as_db_error().is_none() && error.to_string().starts_with("error performing TLS")
 }
@@ -213,12 +217,18 @@ pub fn describe(error: &postgres::Error) -> String {
     }
 }
 
-/// Network work on a thread of its own, so the backend can give up on it: at shutdown (the
-/// worker must never hold it up) or on a query cancel. The thread touches no PostgreSQL
-/// state; an abandoned one ends at its own connect or statement timeout.
+/// Network work on a thread of its own, so the backend can give up on it: after
+/// `pg_secrets.rotator_timeout`, at shutdown (the worker must never hold it up) or on a query
+/// cancel. The client library bounds only the TCP connect, and the statement timeout needs a
+/// server that answers: a target that accepts the connection and then says nothing (in the
+/// TLS handshake, the login or a statement) would otherwise hold the step, and the worker
+/// with it, for good. The thread touches no PostgreSQL state; an abandoned one ends when the
+/// target answers or closes the connection.
 pub fn off_thread<T: Send + 'static>(
     work: impl FnOnce() -> std::result::Result<T, String> + Send + 'static,
 ) -> std::result::Result<T, String> {
+    let timeout = settings::rotator_timeout();
+    let deadline = std::time::Instant::now() + timeout;
     let (done, outcome) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = done.send(work());
@@ -229,6 +239,12 @@ pub fn off_thread<T: Send + 'static>(
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 if crate::worker::stop_requested() {
                     return Err("stopped: the server is shutting down".into());
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(format!(
+                        "the target did not answer within pg_secrets.rotator_timeout ({} s)",
+                        timeout.as_secs()
+                    ));
                 }
                 pgrx::check_for_interrupts!();
             }
