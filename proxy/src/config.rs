@@ -228,6 +228,10 @@ pub struct Limits {
     /// How long a new client may take to send its startup packet (and finish TLS): a client
     /// that connects and stays silent would otherwise hold one of `max_clients` for good.
     pub client_login_timeout_ms: u64,
+    /// Clients of one source (IP address, or OS user on the Unix socket) that may be waiting
+    /// to send their startup packet at once: one host's silent connections cannot take every
+    /// `max_clients` slot.
+    pub max_pending_logins_per_source: usize,
     /// How long SIGTERM waits for sessions to finish.
     pub drain_timeout_secs: u64,
     /// Idle server connections kept per (server, database, user, client parameters) for the
@@ -253,6 +257,7 @@ impl Default for Limits {
             backend_connect_timeout_ms: 5_000,
             max_clients: 10_000,
             client_login_timeout_ms: 60_000,
+            max_pending_logins_per_source: 100,
             drain_timeout_secs: 30,
             pool_max_idle: 100,
             pool_max_idle_total: 200,
@@ -355,6 +360,9 @@ impl Config {
         }
         if self.limits.client_login_timeout_ms == 0 {
             return Err("[limits] client_login_timeout_ms must be at least 1".into());
+        }
+        if self.limits.max_pending_logins_per_source == 0 {
+            return Err("[limits] max_pending_logins_per_source must be at least 1".into());
         }
         if self.store.pool_size == 0 {
             return Err("[store] pool_size must be at least 1".into());
@@ -477,6 +485,7 @@ mod tests {
         );
         assert_eq!(config.limits.pool_wait_timeout_ms, 10_000);
         assert_eq!(config.limits.client_login_timeout_ms, 60_000);
+        assert_eq!(config.limits.max_pending_logins_per_source, 100);
         assert_eq!(
             config.route("app", "reporting").unwrap().secret,
             "db/app-ro"
@@ -582,6 +591,10 @@ mod tests {
             (
                 format!("{BASE}\n[limits]\nclient_login_timeout_ms = 0"),
                 "[limits] client_login_timeout_ms must be at least 1",
+            ),
+            (
+                format!("{BASE}\n[limits]\nmax_pending_logins_per_source = 0"),
+                "[limits] max_pending_logins_per_source must be at least 1",
             ),
             (
                 format!("{BASE}\n{}pool_mode = \"statement\"", route("\"trust\"")),

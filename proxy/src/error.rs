@@ -44,6 +44,11 @@ pub enum ProxyError {
     },
     #[error("no startup packet within {0} ms ([limits] client_login_timeout_ms)")]
     LoginTimeout(u64),
+    #[error(
+        "too many connections from {from} that have not sent a startup packet yet (at most \
+         {limit}: [limits] max_pending_logins_per_source)"
+    )]
+    TooManyPendingLogins { from: String, limit: usize },
     #[error("the proxy is shutting down")]
     ShuttingDown,
     #[error("this proxy requires TLS: connect with sslmode=require or stronger")]
@@ -62,7 +67,7 @@ impl ProxyError {
             ProxyError::Unreachable { .. } | ProxyError::ServerTls { .. } => "08001",
             ProxyError::LoginRefused { sqlstate, .. } => sqlstate,
             ProxyError::Backend(_) => "08P01",
-            ProxyError::PoolTimeout { .. } => "53300",
+            ProxyError::PoolTimeout { .. } | ProxyError::TooManyPendingLogins { .. } => "53300",
             ProxyError::ShuttingDown => "57P01",
             // What PostgreSQL says when authentication_timeout passes.
             ProxyError::LoginTimeout(_) => "57014",

@@ -10,6 +10,7 @@ pub mod error;
 pub mod frontend;
 pub mod login;
 pub mod metrics;
+pub mod pending;
 pub mod pool;
 pub mod relay;
 pub mod scram;

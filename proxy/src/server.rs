@@ -16,6 +16,7 @@ use crate::error::ProxyError;
 use crate::frontend::{self, ClientStream, Opening};
 use crate::login::{self, LoginSettings};
 use crate::metrics::Metrics;
+use crate::pending::PendingLogins;
 use crate::pool::Pool;
 use crate::relay::{self, Ended, Relay, Until};
 use crate::scram::ScramCache;
@@ -53,6 +54,15 @@ impl std::fmt::Display for Identity {
 }
 
 impl Identity {
+    /// Where the client comes from, as `[limits] max_pending_logins_per_source` counts it:
+    /// its IP address (not the port, which each connection changes), or its OS user.
+    fn source(&self) -> String {
+        match self {
+            Identity::Trust(address) | Identity::Unknown(address) => address.ip().to_string(),
+            Identity::Peer(user) => format!("peer user \"{user}\""),
+        }
+    }
+
     /// Whether the route lets this client in, by its transport identity or by the common name
     /// of the TLS client certificate it presented.
     fn allowed_on(&self, certificate: Option<&str>, route: &Route) -> bool {
@@ -80,6 +90,7 @@ pub struct Shared {
     credentials: Arc<CredentialCache>,
     cancels: Arc<CancelRegistry>,
     pool: Pool,
+    pending_logins: PendingLogins,
     pub metrics: Arc<Metrics>,
 }
 
@@ -154,6 +165,7 @@ impl Proxy {
             config: RwLock::new(Arc::new(config)),
             credentials,
             cancels: Arc::new(CancelRegistry::default()),
+            pending_logins: PendingLogins::default(),
             metrics,
         });
         Ok(Proxy {
@@ -339,11 +351,16 @@ async fn session(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ProxyError> {
     let tls = shared.tls.read().expect("tls lock poisoned").clone();
-    let login_timeout = shared.config().limits.client_login_timeout_ms;
+    let limits = shared.config().limits.clone();
+    let pending = shared
+        .pending_logins
+        .enter(identity.source(), limits.max_pending_logins_per_source)?;
+    let login_timeout = limits.client_login_timeout_ms;
     let opening = frontend::read_opening(client, tls.as_ref());
     let (opening, transport) = tokio::time::timeout(Duration::from_millis(login_timeout), opening)
         .await
         .map_err(|_| ProxyError::LoginTimeout(login_timeout))??;
+    drop(pending);
     let parameters = match opening {
         Opening::Cancel { pid, secret } => {
             shared.cancels.forward(pid, secret).await;

@@ -608,9 +608,9 @@ fn bad_clients_get_a_clear_error_and_everyone_else_is_served() {
     );
 }
 
-#[test]
-fn peer_identity_on_the_unix_socket() {
-    let me = std::env::var("USER")
+/// The operating-system user this test runs as: what the proxy sees on its Unix socket.
+fn os_user() -> String {
+    std::env::var("USER")
         .ok()
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| {
@@ -624,9 +624,12 @@ fn peer_identity_on_the_unix_socket() {
             .unwrap()
             .trim()
             .to_string()
-        });
-    let fixture = fixture(&format!("\"peer:{me}\""));
-    let dir = fixture
+        })
+}
+
+/// The directory of the proxy's Unix socket, as a libpq host.
+fn socket_dir(fixture: &Fixture) -> String {
+    fixture
         .proxy
         .unix_path
         .as_ref()
@@ -634,7 +637,14 @@ fn peer_identity_on_the_unix_socket() {
         .parent()
         .unwrap()
         .display()
-        .to_string();
+        .to_string()
+}
+
+#[test]
+fn peer_identity_on_the_unix_socket() {
+    let me = os_user();
+    let fixture = fixture(&format!("\"peer:{me}\""));
+    let dir = socket_dir(&fixture);
     let mut client = Client::connect(
         &format!(
             "host={dir} port={} user=whoever dbname=appdb",
@@ -1248,6 +1258,74 @@ fn silent_clients_are_sent_away_and_cannot_hold_every_slot() {
         assert_eq!(error_code(&answer), "57014");
         assert!(String::from_utf8_lossy(&answer).contains("no startup packet within 500 ms"));
     }
+}
+
+/// One host's silent connections cannot lock everyone else out: past
+/// `max_pending_logins_per_source` connections from one address that have not sent a startup
+/// packet, the next from that address is refused at once with 53300, while clients from
+/// elsewhere (here the Unix socket) are served, and the address is served again once its
+/// silent connections are gone.
+#[test]
+fn one_source_cannot_hold_every_slot_with_silent_connections() {
+    let extras = ProxyExtras {
+        limits: "max_clients = 10\nmax_pending_logins_per_source = 3".into(),
+        ..ProxyExtras::default()
+    };
+    let fixture = fixture_with(&format!(r#""trust", "peer:{}""#, os_user()), &[], extras);
+    let address = fixture.proxy.tcp_address.unwrap();
+    let silent: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(address).unwrap())
+        .collect();
+    // Once the proxy has taken the three in, the fourth is refused at once.
+    let admin = fixture.proxy.admin_address.unwrap();
+    wait_until("the three to be taken in", Duration::from_secs(10), || {
+        http_get(admin, "/metrics").contains("secrets_proxy_active_clients 3\n")
+    });
+    let mut fourth = TcpStream::connect(address).unwrap();
+    fourth
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut refused = Vec::new();
+    let _ = fourth.read_to_end(&mut refused);
+    assert_eq!(error_code(&refused), "53300");
+    let text = String::from_utf8_lossy(&refused);
+    assert!(
+        text.contains("too many connections from 127.0.0.1"),
+        "{text}"
+    );
+    assert!(text.contains("max_pending_logins_per_source"), "{text}");
+    // A libpq client from the same address is refused the same way.
+    let error = Client::connect(
+        &format!("host=127.0.0.1 port={} user=u dbname=appdb", fixture.port()),
+        NoTls,
+    )
+    .err()
+    .expect("a fourth client from 127.0.0.1 should be refused");
+    assert_eq!(error.as_db_error().unwrap().code().code(), "53300");
+    // Another source is served.
+    let mut local = Client::connect(
+        &format!(
+            "host={} port={} user=u dbname=appdb",
+            socket_dir(&fixture),
+            fixture.port()
+        ),
+        NoTls,
+    )
+    .unwrap();
+    assert_eq!(scalar(&mut local, "SELECT 'served'"), "served");
+    // Once the silent ones leave, the address is served again.
+    drop(silent);
+    wait_until(
+        "127.0.0.1 to be served again",
+        Duration::from_secs(10),
+        || {
+            Client::connect(
+                &format!("host=127.0.0.1 port={} user=u dbname=appdb", fixture.port()),
+                NoTls,
+            )
+            .is_ok()
+        },
+    );
 }
 
 /// A client that prepares a named statement (tokio-postgres's `prepare` and `query`) keeps
