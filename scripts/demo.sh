@@ -55,6 +55,8 @@ user = "secrets_proxy"
 database = "demo"
 secret = "demo/app/db"
 allow = ["trust"]
+host = "127.0.0.1"
+port = $PORT
 
 # The same database for clients that say they are "pooled": transaction pooling, where
 # every such client shares five server sessions.
@@ -63,6 +65,8 @@ database = "demo"
 user = "pooled"
 secret = "demo/app/db"
 allow = ["trust"]
+host = "127.0.0.1"
+port = $PORT
 pool_mode = "transaction"
 pool_size = 5
 TOML
@@ -103,16 +107,31 @@ CONF
     fi
     # A login role `app` whose password only pg_secrets knows, and the role the proxy reads
     # credentials as (over the Unix socket, no password).
-    psql_demo -t -o /dev/null -v port="$PORT" <<'SQL'
+    psql_demo -t -o /dev/null <<'SQL'
 SET client_min_messages = warning;
 CREATE EXTENSION IF NOT EXISTS pg_secrets;
 -- A cluster made by an earlier release is brought up to this one.
 ALTER EXTENSION pg_secrets UPDATE;
+-- No host: the credential names this cluster, so a rotation changes the password and the
+-- secret in one local transaction. The proxy's routes name the address to reach it at.
 SELECT secrets.create_secret('demo/app/db',
-         json_build_object('engine', 'postgres', 'host', '127.0.0.1', 'port', :port, 'dbname', 'postgres',
+         json_build_object('engine', 'postgres', 'dbname', 'postgres',
                            'username', 'app', 'password', secrets.get_random_password())::text,
          description => 'Sample database credential created by make run')
  WHERE NOT EXISTS (SELECT FROM secrets.list_secrets('demo/app/db'));
+-- Demo clusters made before 0.2.0 named 127.0.0.1 in the credential, and rotations over TCP
+-- now need TLS, which the demo server does not offer: the credential loses the address (same
+-- password) and rotation is pointed at it again.
+DO $migrate$
+BEGIN
+    IF secrets.get_secret_value('demo/app/db')::jsonb ? 'host' THEN
+        PERFORM secrets.put_secret_value('demo/app/db',
+                  (secrets.get_secret_value('demo/app/db')::jsonb - 'host' - 'port')::text);
+        PERFORM secrets.rotate_secret('demo/app/db', 'postgres-single-user', 'rate(1 days)',
+                                      rotate_immediately => false, new_target => true);
+    END IF;
+END
+$migrate$;
 DO $demo$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app') THEN
