@@ -62,6 +62,10 @@ pub enum Error {
     SchemaMismatch { table: String, problem: String },
     #[error("access request {id} is already {state}")]
     RequestDecided { id: String, state: String },
+    #[error(
+        "stage PENDING of secret \"{name}\" belongs to its rotation in progress (at step {step})"
+    )]
+    PendingOfRotation { name: String, step: String },
     /// A PostgreSQL error caught in a subtransaction, kept as its message to be recorded.
     #[error("{0}")]
     Caught(String),
@@ -84,6 +88,7 @@ impl Error {
             | Error::ScheduledForDeletion { .. }
             | Error::NotDeleted(_)
             | Error::RequestDecided { .. }
+            | Error::PendingOfRotation { .. }
             | Error::SchemaMismatch { .. } => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "55000"),
             Error::NullArgument(_) => (ERRCODE_NULL_VALUE_NOT_ALLOWED, "22004"),
             Error::InvalidParameter(_) => (ERRCODE_INVALID_PARAMETER_VALUE, "22023"),
@@ -119,6 +124,7 @@ impl Error {
             Error::AuditQueueUnavailable => "The server log says why (permissions, disk space); fix it and restart the server.",
             Error::AuditQueueFull => "Check that the pg_secrets audit worker runs (pg_stat_activity) in the database named by pg_secrets.database.",
             Error::RotationFailed { .. } => "Nothing changed: the CURRENT version is the one before the rotation.",
+            Error::PendingOfRotation { .. } => "Let the rotation finish, or take over from it by labelling your version CURRENT (put_secret_value or update_secret_version_stage).",
             Error::SchemaMismatch { .. } => "Undo the change to the table; if the library and the extension's tables come from different versions, reinstall the extension.",
             Error::Integrity(_) => "Restore the secret's rows from a backup; the stored data cannot be trusted.",
             _ => return None,

@@ -276,10 +276,10 @@ fn concurrent_rotation(client: &SpiClient<'_>, secret_id: Uuid) -> Result<Option
 }
 
 /// `cancel_rotate_secret`: turns the schedule off (settings are kept, so `rotate_secret` turns
-/// it back on) and cancels a rotation that has not reached the target yet: still creating
-/// its value, or at `set` with no attempt made. One that may have changed the target (a `set`
-/// that failed may have changed it before its answer was lost) is left to finish: stopping
-/// it would leave CURRENT with a password the target no longer accepts.
+/// it back on) and cancels a rotation still creating its value. One at `set` or later may have
+/// changed the target, even with no attempt recorded (a crash during `set` rolls the record
+/// back, not the target), so it is left to finish: stopping it would leave CURRENT with a
+/// password the target no longer accepts.
 pub fn cancel_rotate_secret(name: &str) -> Result<()> {
     Spi::connect_mut(|client| {
         let secret = store::authorize(client, name, Action::Manage, OnDeleted::Allow)?;
@@ -289,25 +289,16 @@ pub fn cancel_rotate_secret(name: &str) -> Result<()> {
             None,
             &[secret.id.into()],
         )?;
-        let cancelled = client.update(
+        client.update(
             "UPDATE secrets.rotation SET state = 'cancelled', \
                     finished_at = pg_catalog.clock_timestamp(), \
                     note = 'cancelled by ' || $2 \
-             WHERE secret_id = $1 AND state = 'running' \
-               AND (step = 'create' OR (step = 'set' AND attempts = 0)) \
-             RETURNING pending_version_id",
+             WHERE secret_id = $1 AND state = 'running' AND step = 'create'",
             None,
             // The caller, not current_user: inside the extension's functions that is the
             // extension's owner.
             &[secret.id.into(), caller_name().into()],
         )?;
-        for row in cancelled {
-            if let Some(pending) = row.get::<Uuid>(1)? {
-                if take_pending_label(client, secret.id, pending)? {
-                    labels::notify_changed(client, "cancel_rotation", &secret.name, None)?;
-                }
-            }
-        }
         let still_running = !client
             .select(
                 "SELECT FROM secrets.rotation WHERE secret_id = $1 AND state = 'running'",
@@ -326,53 +317,64 @@ pub fn cancel_rotate_secret(name: &str) -> Result<()> {
     })
 }
 
-/// A `put_secret_value` that labels its version `CURRENT` or `PENDING` during a rotation wins:
-/// the rotation stops, its record says why, and its version loses `PENDING` (the put's own
-/// labels are moved after this). A put under other labels leaves the rotation alone.
-pub fn abandon_for_put(
+/// Labels moved while a rotation runs (`put_secret_value`, `update_secret_version_stage`;
+/// `did` says what, for the rotation's record). Moving `CURRENT` takes over: the rotation stops,
+/// recorded as `abandoned`, and its version loses `PENDING`. Moving `PENDING` alone is refused:
+/// it is the rotation's, whose steps go on by version id, so the label would name a value no
+/// rotation sets. Other labels leave the rotation alone.
+pub fn labels_moved_during_rotation(
     client: &mut SpiClient<'_>,
     secret_id: Uuid,
-    version: Uuid,
-    stages: &[String],
+    secret_name: &str,
+    labels: &[&str],
+    did: &str,
 ) -> Result<()> {
-    let takes_over = stages.iter().any(|stage| stage == CURRENT || stage == PENDING)
-        // The put's version becomes CURRENT anyway.
-        || labels::holder(client, secret_id, CURRENT)?.is_none();
-    if !takes_over {
+    let Some((step, pending)) = client
+        .select(
+            "SELECT step, pending_version_id FROM secrets.rotation \
+             WHERE secret_id = $1 AND state = 'running'",
+            Some(1),
+            &[secret_id.into()],
+        )?
+        .next()
+        .map(|row| -> Result<_> { Ok((required::<String>(&row, 1)?, row.get::<Uuid>(2)?)) })
+        .transpose()?
+    else {
         return Ok(());
-    }
-    let abandoned = client.update(
-        "UPDATE secrets.rotation SET state = 'abandoned', \
-                finished_at = pg_catalog.clock_timestamp(), \
-                note = pg_catalog.format('abandoned: put_secret_value by %s wrote version %s', \
-                                         $3, $2::text) \
-         WHERE secret_id = $1 AND state = 'running' \
-         RETURNING pending_version_id",
-        None,
-        &[
-            secret_id.into(),
-            version.to_string().into(),
-            caller_name().into(),
-        ],
-    )?;
-    for row in abandoned {
-        if let Some(pending) = row.get::<Uuid>(1)? {
+    };
+    if labels.contains(&CURRENT) {
+        client.update(
+            "UPDATE secrets.rotation SET state = 'abandoned', \
+                    finished_at = pg_catalog.clock_timestamp(), note = $2 \
+             WHERE secret_id = $1 AND state = 'running'",
+            None,
+            &[
+                secret_id.into(),
+                format!("abandoned: {did} (by {})", caller_name()).into(),
+            ],
+        )?;
+        if let Some(pending) = pending {
             take_pending_label(client, secret_id, pending)?;
         }
+        return Ok(());
+    }
+    if labels.contains(&PENDING) {
+        return Err(Error::PendingOfRotation {
+            name: secret_name.to_string(),
+            step,
+        });
     }
     Ok(())
 }
 
 /// Takes `PENDING` off a rotation's version, if that version still holds it: once the
-/// rotation has finished or stopped, nothing is being rotated in, and whoever falls back to
-/// `PENDING` at login (secrets-proxy) must not try a value no rotation will set. Returns
-/// whether it did.
-fn take_pending_label(client: &mut SpiClient<'_>, secret_id: Uuid, pending: Uuid) -> Result<bool> {
-    if labels::holder(client, secret_id, PENDING)? != Some(pending) {
-        return Ok(false);
+/// rotation has finished or been taken over, nothing is being rotated in, and whoever falls
+/// back to `PENDING` at login (secrets-proxy) must not try a value no rotation will set.
+fn take_pending_label(client: &mut SpiClient<'_>, secret_id: Uuid, pending: Uuid) -> Result<()> {
+    if labels::holder(client, secret_id, PENDING)? == Some(pending) {
+        labels::remove_label(client, secret_id, PENDING)?;
     }
-    labels::remove_label(client, secret_id, PENDING)?;
-    Ok(true)
+    Ok(())
 }
 
 /// Who called the SQL function, for a rotation's notes.

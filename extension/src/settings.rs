@@ -105,7 +105,7 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"pg_secrets.rotator_timeout",
-        c"Time a rotator program or a connection to a rotation target may take.",
+        c"Time a rotator program may take, and a rotation step's network work on its target.",
         c"",
         &ROTATOR_TIMEOUT,
         1,

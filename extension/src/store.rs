@@ -492,13 +492,20 @@ pub fn put_secret_value(
         }
         let version = insert_version(client, &secret, &value, token, new_uuid())?;
         audit::touched(secret.id, Some(version), stages.first().map(String::as_str));
-        rotation::abandon_for_put(client, secret.id, version, &stages)?;
-        for stage in &stages {
-            labels::move_label(client, name, secret.id, stage, version)?;
-        }
+        let mut moved: Vec<&str> = stages.iter().map(String::as_str).collect();
         // The first version of a secret is what readers get, whatever else it is labelled.
-        if labels::holder(client, secret.id, CURRENT)?.is_none() {
-            labels::move_label(client, name, secret.id, CURRENT, version)?;
+        if !moved.contains(&CURRENT) && labels::holder(client, secret.id, CURRENT)?.is_none() {
+            moved.push(CURRENT);
+        }
+        rotation::labels_moved_during_rotation(
+            client,
+            secret.id,
+            name,
+            &moved,
+            &format!("put_secret_value wrote version {version}"),
+        )?;
+        for stage in moved {
+            labels::move_label(client, name, secret.id, stage, version)?;
         }
         labels::prune_deprecated(client, Some(secret.id))?;
         touch_changed(client, secret.id)?;
@@ -729,6 +736,13 @@ pub fn update_version_stage(
                 "stage {stage} of secret \"{name}\" is not on version {remove_from}"
             )));
         }
+        let did = match move_to {
+            Some(target) => {
+                format!("update_secret_version_stage moved {stage} to version {target}")
+            }
+            None => format!("update_secret_version_stage removed {stage}"),
+        };
+        rotation::labels_moved_during_rotation(client, secret.id, name, &[stage], &did)?;
         match move_to {
             Some(target) => {
                 if !version_exists(client, secret.id, target)? {

@@ -55,10 +55,19 @@ impl std::fmt::Display for Identity {
 
 impl Identity {
     /// Where the client comes from, as `[limits] max_pending_logins_per_source` counts it:
-    /// its IP address (not the port, which each connection changes), or its OS user.
+    /// its IPv4 address (not the port, which each connection changes), its IPv6 /64 (one host
+    /// commonly holds a whole one), or its OS user.
     fn source(&self) -> String {
         match self {
-            Identity::Trust(address) | Identity::Unknown(address) => address.ip().to_string(),
+            Identity::Trust(address) | Identity::Unknown(address) => {
+                match address.ip().to_canonical() {
+                    std::net::IpAddr::V4(address) => address.to_string(),
+                    std::net::IpAddr::V6(address) => {
+                        let [a, b, c, d, ..] = address.segments();
+                        format!("{a:x}:{b:x}:{c:x}:{d:x}::/64")
+                    }
+                }
+            }
             Identity::Peer(user) => format!("peer user \"{user}\""),
         }
     }
@@ -692,5 +701,20 @@ async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
             );
             let _ = stream.write_all(response.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Identity;
+
+    #[test]
+    fn a_source_is_an_ipv4_address_an_ipv6_slash_64_or_a_peer_user() {
+        let source = |address: &str| Identity::Unknown(address.parse().unwrap()).source();
+        assert_eq!(source("10.1.2.3:5432"), "10.1.2.3");
+        assert_eq!(source("[::ffff:10.1.2.3]:5432"), "10.1.2.3");
+        assert_eq!(source("[2001:db8:1:2:aaaa::1]:5432"), "2001:db8:1:2::/64");
+        assert_eq!(source("[2001:db8:1:2:bbbb::9]:1"), "2001:db8:1:2::/64");
+        assert_eq!(Identity::Peer("app".into()).source(), "peer user \"app\"");
     }
 }

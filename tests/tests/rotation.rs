@@ -686,17 +686,19 @@ fn versions_labelled(db: &mut Client, name: &str, label: &str) -> i64 {
     .get(0)
 }
 
-/// A rotation cancelled before it touched its target stops, and takes PENDING off its
-/// version, telling listeners (secrets-proxy falls back to PENDING at login).
+/// A rotation at `set` is not cancelled even before any attempt is recorded: a crash during
+/// `set` rolls back the record of the attempt, not the change on the target. Cancelling turns
+/// the schedule off; the rotation, and its PENDING, stay.
 #[test]
-fn cancelling_a_rotation_before_the_target_takes_pending_off() {
-    // A worker that does not come round during the test: the rotation waits at `set`.
-    let store = store_cluster(&["pg_secrets.worker_naptime = 3600"]);
+fn cancelling_leaves_a_rotation_at_set_to_finish() {
+    // The workers serve another database, so no attempt is made here during the test.
+    let store = store_cluster(&["pg_secrets.database = 'elsewhere'"]);
     let mut db = store.superuser();
     let first = credential("127.0.0.1", free_port(), "app", "first-password", "");
     create_secret(&mut db, "db/held", &first);
     db.execute(
-        "SELECT secrets.rotate_secret('db/held', rotator => 'postgres-single-user')",
+        "SELECT secrets.rotate_secret('db/held', rotator => 'postgres-single-user', \
+                schedule => 'rate(1 days)')",
         &[],
     )
     .unwrap();
@@ -704,34 +706,22 @@ fn cancelling_a_rotation_before_the_target_takes_pending_off() {
         rotation_field(&mut db, "db/held", &["in_progress", "step"]).as_deref(),
         Some("set")
     );
-    assert_eq!(versions_labelled(&mut db, "db/held", "PENDING"), 1);
-    let mut listener = store.superuser();
-    listener.batch_execute("LISTEN pg_secrets_changed").unwrap();
-
+    assert_eq!(
+        rotation_field(&mut db, "db/held", &["in_progress", "failures"]).as_deref(),
+        Some("0")
+    );
     db.execute("SELECT secrets.cancel_rotate_secret('db/held')", &[])
         .unwrap();
     assert_eq!(
-        rotation_field(&mut db, "db/held", &["last", "state"]).as_deref(),
-        Some("cancelled")
+        rotation_field(&mut db, "db/held", &["in_progress", "step"]).as_deref(),
+        Some("set")
     );
-    assert_eq!(versions_labelled(&mut db, "db/held", "PENDING"), 0);
+    assert_eq!(versions_labelled(&mut db, "db/held", "PENDING"), 1);
+    assert_eq!(
+        rotation_field(&mut db, "db/held", &["enabled"]).as_deref(),
+        Some("false")
+    );
     assert_eq!(current(&mut db, "db/held"), first);
-    let mut notifications = listener.notifications();
-    let change = notifications
-        .timeout_iter(Duration::from_secs(10))
-        .next()
-        .unwrap()
-        .expect("a change notification");
-    assert!(
-        change.payload().contains(r#""event":"cancel_rotation""#),
-        "{}",
-        change.payload()
-    );
-    assert!(
-        change.payload().contains(r#""name":"db/held""#),
-        "{}",
-        change.payload()
-    );
 }
 
 /// The rotation's error once a step has failed.
@@ -1267,6 +1257,33 @@ fn a_target_that_is_down_fails_cleanly_alarms_and_recovers() {
         Some("set")
     );
     assert_eq!(versions_labelled(&mut db, "db/down", "PENDING"), 1);
+    // PENDING is the rotation's: neither a put nor a stage move may take it, and nothing
+    // changes.
+    assert_sql_error(
+        db.execute(
+            "SELECT secrets.put_secret_value('db/down', $1, version_stages => '{PENDING}')",
+            &[&first],
+        ),
+        "55000",
+        "stage PENDING of secret \"db/down\" belongs to its rotation in progress (at step set)",
+    );
+    let staging = version_with(&mut db, "db/down", "STAGING");
+    assert_sql_error(
+        db.execute(
+            "SELECT secrets.update_secret_version_stage('db/down', 'PENDING', \
+                    move_to_version_id => $1::text::uuid, \
+                    remove_from_version_id => (secrets.describe_secret('db/down') \
+                        #>> '{rotation,in_progress,pending_version_id}')::uuid)",
+            &[&staging],
+        ),
+        "55000",
+        "belongs to its rotation in progress",
+    );
+    assert_eq!(
+        rotation_field(&mut db, "db/down", &["in_progress", "step"]).as_deref(),
+        Some("set")
+    );
+    assert_eq!(versions_labelled(&mut db, "db/down", "PENDING"), 1);
 
     // A manual put during the rotation wins, and the record says so and who put.
     db.batch_execute("CREATE ROLE fixer IN ROLE secrets_admin; SET ROLE fixer")
@@ -1279,7 +1296,8 @@ fn a_target_that_is_down_fails_cleanly_alarms_and_recovers() {
         Some("abandoned")
     );
     let note = rotation_field(&mut db, "db/down", &["last", "note"]).unwrap();
-    assert!(note.contains("put_secret_value by fixer"), "{note}");
+    assert!(note.contains("put_secret_value wrote version"), "{note}");
+    assert!(note.contains("(by fixer)"), "{note}");
     assert!(rotation_field(&mut db, "db/down", &["in_progress"]).is_none());
     // The abandoned version no longer claims to be on its way in.
     assert_eq!(versions_labelled(&mut db, "db/down", "PENDING"), 0);

@@ -223,15 +223,21 @@ pub fn describe(error: &postgres::Error) -> String {
 /// server that answers: a target that accepts the connection and then says nothing (in the
 /// TLS handshake, the login or a statement) would otherwise hold the step, and the worker
 /// with it, for good. The thread touches no PostgreSQL state; an abandoned one ends when the
-/// target answers or closes the connection.
+/// target answers or closes the connection, and `work` checks `StillWanted` before each change
+/// it commits, so a target that answers late is not changed after the step was given up (and
+/// perhaps taken over by a put).
 pub fn off_thread<T: Send + 'static>(
-    work: impl FnOnce() -> std::result::Result<T, String> + Send + 'static,
+    work: impl FnOnce(&StillWanted) -> std::result::Result<T, String> + Send + 'static,
 ) -> std::result::Result<T, String> {
     let timeout = settings::rotator_timeout();
     let deadline = std::time::Instant::now() + timeout;
+    let wanted = StillWanted::default();
+    // Set on every way out of this function: an answer, a deadline, a shutdown, or the
+    // PostgreSQL error a cancel raises from check_for_interrupts.
+    let _given_up = GiveUpOnDrop(wanted.clone());
     let (done, outcome) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = done.send(work());
+        let _ = done.send(work(&wanted));
     });
     loop {
         match outcome.recv_timeout(std::time::Duration::from_millis(50)) {
@@ -252,6 +258,28 @@ pub fn off_thread<T: Send + 'static>(
                 return Err("the connection thread ended without an answer".into())
             }
         }
+    }
+}
+
+/// Whether the backend still waits for the connection thread's answer.
+#[derive(Clone, Default)]
+pub struct StillWanted(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl StillWanted {
+    /// An error once the backend has given up on this work.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("given up: the step ended before the target answered".into());
+        }
+        Ok(())
+    }
+}
+
+struct GiveUpOnDrop(StillWanted);
+
+impl Drop for GiveUpOnDrop {
+    fn drop(&mut self) {
+        (self.0).0.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -9,7 +9,7 @@
 //! Passwords travel only as SCRAM-SHA-256 verifiers computed here, so no SQL text, log line
 //! or statistics view ever holds the plaintext.
 
-use super::connection::{describe, off_thread, Login};
+use super::connection::{describe, off_thread, Login, StillWanted};
 use super::{Credential, Rotator, Step, StepContext};
 use crate::errors::{Error, Result};
 use crate::password::{self, PasswordRules};
@@ -129,8 +129,8 @@ pub fn set_single_user(context: &StepContext) -> Result<()> {
         Login::new(&current, &current).map_err(|why| context.failed(Step::Set, why))?,
         Login::new(&pending, &pending).map_err(|why| context.failed(Step::Set, why))?,
     );
-    off_thread(move || match as_current.connect() {
-        Ok(mut client) => client.batch_execute(&statement).map_err(|e| describe(&e)),
+    off_thread(move |wanted| match as_current.connect() {
+        Ok(mut client) => commit_if_wanted(&mut client, &[statement.as_str()], wanted),
         // A run that crashed after changing the password but before recording it: CURRENT no
         // longer logs in, PENDING does, and the step is already done.
         Err(error) if error.is_login_refused() && as_pending.connect().is_ok() => Ok(()),
@@ -259,8 +259,9 @@ pub fn set_alternating(context: &StepContext) -> Result<()> {
         quote_ident(&login),
         quote_literal(&scram_verifier(pending.password()))
     );
-    off_thread(move || {
+    off_thread(move |wanted| {
         let mut client = as_admin.connect().map_err(|e| e.to_string())?;
+        let mut statements = Vec::new();
         if login != main {
             let exists = client
                 .query_opt(
@@ -270,16 +271,31 @@ pub fn set_alternating(context: &StepContext) -> Result<()> {
                 .map_err(|e| describe(&e))?
                 .is_some();
             if !exists {
-                for statement in &create_clone {
-                    client.batch_execute(statement).map_err(|e| describe(&e))?;
-                }
+                statements.extend(create_clone.iter().map(String::as_str));
             }
         }
-        client
-            .batch_execute(&set_password)
-            .map_err(|e| describe(&e))
+        statements.push(&set_password);
+        commit_if_wanted(&mut client, &statements, wanted)
     })
     .map_err(|why| context.failed(Step::Set, why))
+}
+
+/// Runs `statements` on the target in one transaction, committed only if the step still
+/// waits for it: a target that answers after the step was given up is left as it was.
+fn commit_if_wanted(
+    client: &mut postgres::Client,
+    statements: &[&str],
+    wanted: &StillWanted,
+) -> std::result::Result<(), String> {
+    wanted.check()?;
+    let mut transaction = client.transaction().map_err(|e| describe(&e))?;
+    for statement in statements {
+        transaction
+            .batch_execute(statement)
+            .map_err(|e| describe(&e))?;
+    }
+    wanted.check()?;
+    transaction.commit().map_err(|e| describe(&e))
 }
 
 /// For a role of this cluster the new password commits together with the label move, so
@@ -296,7 +312,7 @@ pub fn test_login(context: &StepContext) -> Result<()> {
     let pending = context.pending_credential(Step::Test)?;
     let as_pending =
         Login::new(&pending, &pending).map_err(|why| context.failed(Step::Test, why))?;
-    off_thread(move || {
+    off_thread(move |_| {
         let mut client = as_pending.connect().map_err(|e| e.to_string())?;
         client
             .simple_query("SELECT 1")
