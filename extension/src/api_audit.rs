@@ -47,6 +47,13 @@ fn purge_audit_log(older_than: Option<Interval>) -> Result<i64, ErrorReport> {
             }
             let seconds =
                 f64::from(older_than.days()) * 86_400.0 + older_than.micros() as f64 / 1e6;
+            // Further back than timestamptz reaches from now would be PostgreSQL's 22008.
+            if seconds > trail::MAX_RETENTION_DAYS as f64 * 86_400.0 {
+                return Err(crate::errors::Error::InvalidParameter(format!(
+                    "older_than must be at most {} days",
+                    trail::MAX_RETENTION_DAYS
+                )));
+            }
             trail::purge(seconds)
         })
     })

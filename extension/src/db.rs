@@ -16,6 +16,15 @@ pub fn first_value<T: FromDatum + IntoDatum>(table: SpiTupleTable<'_>) -> Result
     Ok(table.first().get_one::<T>()?)
 }
 
+/// The first column of the first row a read-only query returns, or `None` for no row: what
+/// `Spi::get_one_with_args` would be if it did not make "no row" an error.
+pub fn select_value<T: FromDatum + IntoDatum>(
+    query: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> Result<Option<T>> {
+    Spi::connect(|client| first_value(client.select(query, Some(1), args)?))
+}
+
 /// A row of a query's result: what `select` iterates over, or the table positioned on a row.
 pub trait ResultRow {
     fn column<T: FromDatum + IntoDatum>(&self, ordinal: usize) -> Result<Option<T>>;
@@ -77,7 +86,10 @@ pub fn with_catalog_search_path<T>(body: impl FnOnce() -> T) -> T {
 }
 
 /// Runs `body` in a subtransaction: an error inside it, Rust or PostgreSQL, rolls back only
-/// what `body` did and comes back as an `Err`, so the caller can record it and go on.
+/// what `body` did and comes back as an `Err`, so the caller can record it and go on. A cancel,
+/// a statement timeout or another operator intervention (class 57) is not caught: it rolls
+/// back what `body` did and goes on to end the whole statement, as its sender asked, rather
+/// than fail one item of a loop that then carries on.
 pub fn in_subtransaction<T>(body: impl FnOnce() -> Result<T>) -> Result<T> {
     // SAFETY: the pattern of PL/pgSQL's exception blocks: remember the memory context and
     // resource owner, begin, and restore both after commit or rollback.
@@ -85,18 +97,11 @@ pub fn in_subtransaction<T>(body: impl FnOnce() -> Result<T>) -> Result<T> {
         unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
     unsafe { pg_sys::BeginInternalSubTransaction(std::ptr::null()) };
     let body = std::panic::AssertUnwindSafe(body);
-    let outcome = PgTryBuilder::new(body)
-        .catch_others(|caught| {
-            Err(Error::Caught(match caught {
-                CaughtError::PostgresError(report) | CaughtError::ErrorReport(report) => {
-                    report.message().to_string()
-                }
-                CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
-            }))
-        })
+    let outcome = PgTryBuilder::new(move || Ok(body()))
+        .catch_others(|caught| Err(Box::new(caught)))
         .execute();
     unsafe {
-        if outcome.is_ok() {
+        if matches!(outcome, Ok(Ok(_))) {
             pg_sys::ReleaseCurrentSubTransaction();
         } else {
             pg_sys::RollbackAndReleaseCurrentSubTransaction();
@@ -104,7 +109,20 @@ pub fn in_subtransaction<T>(body: impl FnOnce() -> Result<T>) -> Result<T> {
         pg_sys::MemoryContextSwitchTo(memory_context);
         pg_sys::CurrentResourceOwner = resource_owner;
     }
-    outcome
+    match outcome {
+        Ok(result) => result,
+        Err(caught) => {
+            let report = match caught.as_ref() {
+                CaughtError::PostgresError(report) | CaughtError::ErrorReport(report) => report,
+                CaughtError::RustPanic { ereport, .. } => ereport,
+            };
+            let sqlstate = crate::audit::sqlstate_text(report.sql_error_code() as i32);
+            if sqlstate.starts_with("57") {
+                (*caught).rethrow();
+            }
+            Err(Error::Caught(report.message().to_string()))
+        }
+    }
 }
 
 /// Makes the current transaction's commit wait for the local WAL flush only, never for a

@@ -67,14 +67,21 @@ fn authorize_grant(client: &mut SpiClient<'_>, pattern: &str) -> Result<()> {
     store::authorize(client, pattern, Action::Manage, OnDeleted::Allow).map(drop)
 }
 
-/// A grantee must be able to call the functions to use a grant.
+/// A grantee must exist (`regrole` takes a number as it is, and a requester may have been
+/// dropped since asking) and be able to call the functions to use a grant.
 fn ensure_function_access(client: &mut SpiClient<'_>, grantee: pg_sys::Oid) -> Result<()> {
     let member = db::first_value::<bool>(client.select(
-        "SELECT pg_catalog.pg_has_role($1, 'secrets_user', 'USAGE')",
+        "SELECT pg_catalog.pg_has_role(oid, 'secrets_user', 'USAGE') \
+         FROM pg_catalog.pg_roles WHERE oid = $1",
         None,
         &[grantee.into()],
     )?)?;
-    if member != Some(true) {
+    let Some(member) = member else {
+        return Err(Error::InvalidParameter(format!(
+            "the grantee, role with OID {grantee}, does not exist"
+        )));
+    };
+    if !member {
         let role = access::role_name(grantee);
         client.update(
             &format!("GRANT secrets_user TO {}", quote_ident(&role)),

@@ -760,9 +760,9 @@ fn record_failure(client: &mut SpiClient<'_>, id: Uuid, error: &Error) -> Result
     Ok(())
 }
 
-/// The `rotation` part of `describe_secret`.
-pub fn describe(client: &SpiClient<'_>, secret_id: Uuid) -> Result<JsonB> {
-    Ok(crate::db::first_value::<JsonB>(client.select(
+/// The `rotation` part of `describe_secret`; `None` if the secret is gone.
+pub fn describe(client: &SpiClient<'_>, secret_id: Uuid) -> Result<Option<JsonB>> {
+    crate::db::first_value::<JsonB>(client.select(
         "SELECT pg_catalog.jsonb_build_object( \
            'enabled', s.rotation_enabled, 'rotator', s.rotator, \
            'schedule', s.rotation_schedule, 'window', s.rotation_window, \
@@ -783,8 +783,7 @@ pub fn describe(client: &SpiClient<'_>, secret_id: Uuid) -> Result<JsonB> {
          FROM secrets.secret s WHERE s.id = $1",
         Some(1),
         &[secret_id.into()],
-    )?)?
-    .expect("the secret exists"))
+    )?)
 }
 
 /// One rotation of a secret, as `rotation_history` shows it.
@@ -922,7 +921,7 @@ pub fn rotate_accessible_by(
 }
 
 fn rotation_status(name: &str) -> Result<String> {
-    let state = Spi::get_one_with_args::<String>(
+    let state = crate::db::select_value::<String>(
         "SELECT r.state FROM secrets.rotation r JOIN secrets.secret s ON s.id = r.secret_id \
          WHERE s.name = $1 ORDER BY r.started_at DESC LIMIT 1",
         &[name.into()],

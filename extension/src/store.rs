@@ -222,7 +222,11 @@ fn version_for_token(
     else {
         return Ok(None);
     };
-    let stored = stored_version(client, version_id)?.expect("the version was just found");
+    // Pruned since the query above (the worker prunes without the secret's lock): as if no
+    // version had the token.
+    let Some(stored) = stored_version(client, version_id)? else {
+        return Ok(None);
+    };
     let kind = stored.kind;
     let plaintext = stored.open(secret.id, &secret.name)?;
     let same =
@@ -685,7 +689,7 @@ fn find_version<'a>(
 }
 
 fn scheduled_for_deletion(name: &str, secret_id: Uuid) -> Result<Error> {
-    let purge_at = Spi::get_one_with_args::<String>(
+    let purge_at = crate::db::select_value::<String>(
         "SELECT purge_at::text FROM secrets.secret WHERE id = $1",
         &[secret_id.into()],
     )?;
@@ -808,9 +812,12 @@ pub fn describe_secret(name: &str) -> Result<JsonB> {
                 Some(1),
                 &[secret.id.into()],
             )?)?;
-        let mut description = description.expect("the secret row exists");
+        // Each query has its own snapshot: a forced deletion may have committed in between.
+        let gone = || Error::NotFound(name.to_string());
+        let mut description = description.ok_or_else(gone)?;
+        let rotation = rotation::describe(client, secret.id)?.ok_or_else(gone)?;
         if let serde_json::Value::Object(fields) = &mut description.0 {
-            fields.insert("rotation".into(), rotation::describe(client, secret.id)?.0);
+            fields.insert("rotation".into(), rotation.0);
         }
         Ok(description)
     })

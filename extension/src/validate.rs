@@ -154,21 +154,23 @@ pub fn label(label: &str) -> Result<()> {
     Ok(())
 }
 
-/// The stages of a new version: valid, without duplicates, at most 20.
+/// The stages of a new version: valid, without duplicates, at most 20 (none stores a version
+/// that is deprecated at once, to be labelled later). The limit is checked as the stages are
+/// read, so a huge array costs no more than 21 of them (finding duplicates compares each stage
+/// with those kept).
 pub fn stages(stages: &[Option<String>]) -> Result<Vec<String>> {
-    let mut out: Vec<String> = Vec::with_capacity(stages.len());
+    let mut out: Vec<String> = Vec::new();
     for stage in stages {
         let stage = required(stage.as_deref(), "version_stages element")?;
         label(stage)?;
         if !out.iter().any(|seen| seen == stage) {
+            if out.len() == MAX_LABELS_PER_VERSION {
+                return Err(Error::LimitExceeded(format!(
+                    "a version carries at most {MAX_LABELS_PER_VERSION} stages, more were given"
+                )));
+            }
             out.push(stage.to_string());
         }
-    }
-    if out.len() > MAX_LABELS_PER_VERSION {
-        return Err(Error::LimitExceeded(format!(
-            "a version carries at most {MAX_LABELS_PER_VERSION} stages, {} were given",
-            out.len()
-        )));
     }
     Ok(out)
 }
@@ -190,7 +192,7 @@ pub fn client_request_token(token: Option<&str>) -> Result<()> {
 
 pub fn key_id(key_id: Option<&str>) -> Result<()> {
     match key_id {
-        Some(id) if id.is_empty() || id.len() > 64 => Err(Error::InvalidParameter(
+        Some(id) if id.is_empty() || id.chars().count() > 64 => Err(Error::InvalidParameter(
             "key_id is 1 to 64 characters".into(),
         )),
         _ => Ok(()),

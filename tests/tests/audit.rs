@@ -434,6 +434,11 @@ fn retention_removes_a_prefix_and_the_rest_still_verifies() {
         "22023",
         "older_than",
     );
+    assert_sql_error(
+        db.query("SELECT secrets.purge_audit_log('3650000 days')", &[]),
+        "22023",
+        "older_than must be at most 36500 days",
+    );
     let removed: i64 = db
         .query_one("SELECT secrets.purge_audit_log('0 seconds')", &[])
         .unwrap()
@@ -502,6 +507,16 @@ fn a_role_sees_the_records_of_what_it_manages_and_auditors_see_all() {
         "42501",
         "verify the audit log",
     );
+    // Records outlive their secret: once b/key is purged, they are decided by its name, and
+    // reading the log is no error for anyone.
+    team_b
+        .batch_execute(
+            "SELECT secrets.delete_secret('b/key', force_delete_without_recovery => true)",
+        )
+        .unwrap();
+    assert_eq!(names(&mut team_b), vec!["b/key"]);
+    assert_eq!(names(&mut team_a), vec!["a/key"]);
+    assert_eq!(names(&mut auditor), vec!["a/key", "b/key"]);
 }
 
 fn superuser_as_application(cluster: &Cluster, application_name: &str) -> Client {
@@ -901,6 +916,8 @@ fn alarm_rules_raise_notifications_and_anomalies() {
         ("SELECT secrets.create_alarm_rule('x', 'rate', '{\"factor\": 0}')", "22023", "between 1 and 1000"),
         ("SELECT secrets.create_alarm_rule('burst', 'first_read')", "22023", "already exists"),
         ("SELECT secrets.create_alarm_rule('x', 'off_hours', '{\"timezone\": \"Mars/Olympus\"}')", "22023", "time zone"),
+        ("SELECT secrets.create_alarm_rule('x', 'off_hours', '{\"from\": 8, \"timezone\": 5}')", "22023", "\"from\" must be a string"),
+        ("SELECT secrets.create_alarm_rule('x', 'denials', '{\"by\": 1}')", "22023", "\"by\" must be a string"),
         ("SELECT secrets.drop_alarm_rule('nope')", "22023", "no alarm rule"),
     ] {
         assert_sql_error(db.query(sql, &[]), sqlstate, words);

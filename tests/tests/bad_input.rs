@@ -309,6 +309,23 @@ fn deletion_versions_labels_and_tokens() {
         "54000",
         "at most 20 stages",
     );
+    // A huge array is refused at its 21st distinct stage, not compared pairwise in full.
+    refused(
+        &mut db,
+        "SELECT secrets.put_secret_value('app/db', 'v', \
+                version_stages => ARRAY(SELECT 'S' || g FROM generate_series(1, 1000000) g))",
+        &[],
+        "54000",
+        "at most 20 stages",
+    );
+    // regrole takes a number as it is: a role that does not exist (or was dropped).
+    refused(
+        &mut db,
+        "SELECT secrets.grant_access('app/db', '999999', '{get}')",
+        &[],
+        "22023",
+        "role with OID 999999, does not exist",
+    );
 
     refused(
         &mut db,

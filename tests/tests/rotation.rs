@@ -1474,6 +1474,48 @@ fn two_concurrent_rotate_calls_make_one_rotation() {
     login(&cluster, &current(&mut db, "db/app")).expect("CURRENT logs in");
 }
 
+/// A cancel or a statement timeout ends offboarding as a whole, as its sender asked, rather
+/// than failing the one secret being rotated while the loop goes on to the next.
+#[test]
+fn a_statement_timeout_ends_offboarding_rather_than_one_secret() {
+    let dir = rotator_dir();
+    let slow = dir.path().join("slow");
+    std::fs::write(&slow, "#!/bin/sh\nsleep 30\n").unwrap();
+    std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let store = store_cluster(&[&format!(
+        "pg_secrets.rotator_dir = '{}'",
+        dir.path().display()
+    )]);
+    let mut db = store.superuser();
+    db.batch_execute("CREATE ROLE leaver LOGIN PASSWORD 'leaver-pw' IN ROLE secrets_reader")
+        .unwrap();
+    for name in ["api/one", "api/two"] {
+        create_secret(&mut db, name, "key");
+        db.execute(
+            "SELECT secrets.rotate_secret($1, rotator => 'command:slow', \
+                    rotate_immediately => false)",
+            &[&name],
+        )
+        .unwrap();
+    }
+    // Before, the call went on for both programs' 30 s and returned two "failed" rows.
+    db.batch_execute("SET statement_timeout = '1s'").unwrap();
+    assert_sql_error(
+        db.query(
+            "SELECT * FROM secrets.rotate_secrets_accessible_by('leaver')",
+            &[],
+        ),
+        "57014",
+        "statement timeout",
+    );
+    db.batch_execute("RESET statement_timeout").unwrap();
+    let rotations: i64 = db
+        .query_one("SELECT count(*) FROM secrets.rotation", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(rotations, 0, "the call was rolled back as a whole");
+}
+
 #[test]
 fn offboarding_rotates_what_the_role_could_read() {
     let cluster = store_cluster(&[]);

@@ -42,8 +42,18 @@ fn number(params: &Map<String, Value>, key: &str, default: f64, range: (f64, f64
     Ok(value)
 }
 
+/// A text parameter, `default` when absent; another type is an error, not the default.
+fn text<'a>(params: &'a Map<String, Value>, key: &str, default: &'a str) -> Result<&'a str> {
+    match params.get(key) {
+        None => Ok(default),
+        Some(value) => value
+            .as_str()
+            .ok_or_else(|| invalid(format!("alarm parameter \"{key}\" must be a string"))),
+    }
+}
+
 fn clock(params: &Map<String, Value>, key: &str, default: &str) -> Result<String> {
-    let text = params.get(key).and_then(Value::as_str).unwrap_or(default);
+    let text = text(params, key, default)?;
     chrono::NaiveTime::parse_from_str(text, "%H:%M")
         .map(|_| text.to_string())
         .map_err(|_| {
@@ -93,7 +103,7 @@ pub fn normalize(kind: &str, params: &Value) -> Result<Value> {
             })
         }
         "denials" => {
-            let by = params.get("by").and_then(Value::as_str).unwrap_or("role");
+            let by = text(params, "by", "role")?;
             if by != "role" && by != "address" {
                 return Err(invalid(
                     "alarm parameter \"by\" must be \"role\" or \"address\"".into(),
@@ -108,7 +118,7 @@ pub fn normalize(kind: &str, params: &Value) -> Result<Value> {
         _ => json!({
             "from": clock(params, "from", "08:00")?,
             "to": clock(params, "to", "18:00")?,
-            "timezone": params.get("timezone").and_then(Value::as_str).unwrap_or("UTC"),
+            "timezone": text(params, "timezone", "UTC")?,
         }),
     })
 }

@@ -307,6 +307,9 @@ impl Drop for RetentionRunning {
     }
 }
 
+/// The longest `older_than` `purge_audit_log` takes: a hundred years.
+pub const MAX_RETENTION_DAYS: i64 = 36_500;
+
 /// `purge_audit_log(older_than)`: removes the whole prefix of records older than that, keeps
 /// an anchor so the rest still verifies, and returns how many it removed.
 pub fn purge(older_than_seconds: f64) -> Result<i64> {
@@ -438,22 +441,15 @@ pub fn may_read(secret_id: Option<Uuid>, secret_name: Option<&str>) -> Result<bo
     let (Some(secret_id), Some(name)) = (secret_id, secret_name) else {
         return Ok(false);
     };
-    let owner = Spi::get_one_with_args::<pg_sys::Oid>(
+    let owner = crate::db::select_value::<pg_sys::Oid>(
         "SELECT owner_role::oid FROM secrets.secret WHERE id = $1",
         &[secret_id.into()],
     )?;
-    let Some(owner) = owner else {
-        return Ok(false);
-    };
-    Ok(access::decide(
-        caller,
-        Action::Manage,
-        name,
-        Some(Secret {
-            id: secret_id,
-            owner,
-        }),
-        Context::Session,
-    )?
-    .allows())
+    // A secret since purged is decided by its name alone: grants on name patterns still say
+    // who manages what went by that name.
+    let secret = owner.map(|owner| Secret {
+        id: secret_id,
+        owner,
+    });
+    Ok(access::decide(caller, Action::Manage, name, secret, Context::Session)?.allows())
 }
