@@ -740,13 +740,16 @@ pub fn update_version_stage(
                 "stage {stage} of secret \"{name}\" is not on version {remove_from}"
             )));
         }
-        let did = match move_to {
-            Some(target) => {
-                format!("update_secret_version_stage moved {stage} to version {target}")
-            }
-            None => format!("update_secret_version_stage removed {stage}"),
-        };
-        rotation::labels_moved_during_rotation(client, secret.id, name, &[stage], &did)?;
+        // A move onto the version that holds the stage changes nothing, rotation included.
+        if move_to.is_none() || move_to != holder {
+            let did = match move_to {
+                Some(target) => {
+                    format!("update_secret_version_stage moved {stage} to version {target}")
+                }
+                None => format!("update_secret_version_stage removed {stage}"),
+            };
+            rotation::labels_moved_during_rotation(client, secret.id, name, &[stage], &did)?;
+        }
         match move_to {
             Some(target) => {
                 if !version_exists(client, secret.id, target)? {

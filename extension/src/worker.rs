@@ -119,13 +119,21 @@ pub fn extension_installed() -> Option<bool> {
     })
 }
 
-/// One transaction with errors caught, logged and rolled back.
+/// One transaction with errors caught, logged and rolled back. A cancel sent to the worker
+/// (`pg_cancel_backend`) stops the work at hand, which `in_subtransaction` has rolled back
+/// and passes on: here it is logged like any error, and the worker goes on with the rest.
 pub fn in_transaction<T>(what: &str, body: impl FnOnce() -> Result<T>) -> Option<T> {
-    BackgroundWorker::transaction(AssertUnwindSafe(|| match in_subtransaction(body) {
-        Ok(value) => Some(value),
-        Err(error) => {
-            warn(what, error);
-            None
+    BackgroundWorker::transaction(AssertUnwindSafe(|| {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| in_subtransaction(body))) {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(error)) => {
+                warn(what, error);
+                None
+            }
+            Err(_cancelled) => {
+                warn(what, "cancelled (pg_cancel_backend)");
+                None
+            }
         }
     }))
 }

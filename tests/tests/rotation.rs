@@ -1279,6 +1279,14 @@ fn a_target_that_is_down_fails_cleanly_alarms_and_recovers() {
         "55000",
         "belongs to its rotation in progress",
     );
+    // Nor does a stage move that changes nothing (CURRENT onto the version holding it).
+    let current_version = version_with(&mut db, "db/down", "CURRENT");
+    db.execute(
+        "SELECT secrets.update_secret_version_stage('db/down', 'CURRENT', \
+                move_to_version_id => $1::text::uuid)",
+        &[&current_version],
+    )
+    .unwrap();
     assert_eq!(
         rotation_field(&mut db, "db/down", &["in_progress", "step"]).as_deref(),
         Some("set")
@@ -1472,6 +1480,64 @@ fn two_concurrent_rotate_calls_make_one_rotation() {
     };
     assert_eq!((rotations, stored_versions), (1, 2));
     login(&cluster, &current(&mut db, "db/app")).expect("CURRENT logs in");
+}
+
+/// Whether a process runs whose command line holds `arguments` in a row (read from /proc).
+fn running_with_arguments(arguments: &[&str]) -> bool {
+    let wanted: Vec<u8> = arguments.join("\0").into_bytes();
+    std::fs::read_dir("/proc").unwrap().flatten().any(|entry| {
+        std::fs::read(entry.path().join("cmdline")).is_ok_and(|cmdline| {
+            cmdline
+                .windows(wanted.len())
+                .any(|window| window == wanted.as_slice())
+        })
+    })
+}
+
+/// The rotation worker's pid, from pg_stat_activity.
+fn rotation_worker_pid(db: &mut Client) -> i32 {
+    db.query_one(
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_secrets worker'",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// A cancel sent to the rotation worker (`pg_cancel_backend`) stops the step at hand, which
+/// is logged, and the worker goes on: it neither exits nor stops serving other work.
+#[test]
+fn a_cancelled_worker_step_is_logged_and_the_worker_goes_on() {
+    let dir = rotator_dir();
+    let slow = dir.path().join("slow");
+    std::fs::write(&slow, "#!/bin/sh\nsleep 30\n").unwrap();
+    std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let store = store_cluster(&[&format!(
+        "pg_secrets.rotator_dir = '{}'",
+        dir.path().display()
+    )]);
+    let mut db = store.superuser();
+    create_secret(&mut db, "api/slow", "key");
+    db.execute(
+        "SELECT secrets.rotate_secret('api/slow', rotator => 'command:slow', \
+                schedule => 'rate(1 days)', rotate_immediately => false)",
+        &[],
+    )
+    .unwrap();
+    // Due now: the worker starts it and waits on the program.
+    db.batch_execute("UPDATE secrets.secret SET next_rotation_at = now() WHERE name = 'api/slow'")
+        .unwrap();
+    let pid = rotation_worker_pid(&mut db);
+    wait_until(
+        "the worker to run the program",
+        Duration::from_secs(30),
+        || running_with_arguments(&["create", "api/slow"]),
+    );
+    db.execute("SELECT pg_cancel_backend($1)", &[&pid]).unwrap();
+    wait_until("the cancel to be logged", Duration::from_secs(30), || {
+        store.server_log().contains("cancelled (pg_cancel_backend)")
+    });
+    assert_eq!(rotation_worker_pid(&mut db), pid, "the worker went on");
 }
 
 /// A cancel or a statement timeout ends offboarding as a whole, as its sender asked, rather

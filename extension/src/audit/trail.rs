@@ -445,11 +445,15 @@ pub fn may_read(secret_id: Option<Uuid>, secret_name: Option<&str>) -> Result<bo
         "SELECT owner_role::oid FROM secrets.secret WHERE id = $1",
         &[secret_id.into()],
     )?;
-    // A secret since purged is decided by its name alone: grants on name patterns still say
-    // who manages what went by that name.
-    let secret = owner.map(|owner| Secret {
+    // A secret since purged took its owner and its resource policy (and the policy's denials)
+    // with it: what remains cannot say who managed it, so its records are for those who
+    // manage every secret.
+    let Some(owner) = owner else {
+        return access::may_on_any(caller, Action::Manage);
+    };
+    let secret = Secret {
         id: secret_id,
         owner,
-    });
-    Ok(access::decide(caller, Action::Manage, name, secret, Context::Session)?.allows())
+    };
+    Ok(access::decide(caller, Action::Manage, name, Some(secret), Context::Session)?.allows())
 }
