@@ -318,6 +318,26 @@ fn default_dbname() -> String {
     "postgres".into()
 }
 
+/// A TOML error without the text of the file: the parser's own message quotes the offending
+/// line, and its value, which on `password = ...` is the store's password. A value on such a
+/// line is not described at all.
+fn parse_error(text: &str, error: &toml::de::Error) -> String {
+    let Some(span) = error.span() else {
+        return error.message().to_string();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_number = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or_default();
+    let message = if line.trim_start().starts_with("password") {
+        "the value of password must be a quoted string"
+    } else {
+        error.message()
+    };
+    format!("line {line_number}, column {column}: {message}")
+}
+
 impl Config {
     pub fn from_file(path: &std::path::Path) -> Result<Config, String> {
         let text = std::fs::read_to_string(path)
@@ -326,7 +346,7 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, String> {
-        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        let config: Config = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
         config.validate()?;
         Ok(config)
     }
@@ -451,6 +471,26 @@ mod tests {
 
     fn with(extra: &str) -> Result<Config, String> {
         Config::parse(&format!("{BASE}\n{extra}"))
+    }
+
+    #[test]
+    fn parse_errors_never_quote_the_store_password() {
+        for bad in [
+            "password = hunter2",
+            "password = 12345",
+            "password = \"hunt\\qer2\"",
+        ] {
+            let error = with(bad).unwrap_err();
+            assert!(
+                !error.contains("hunt") && !error.contains("12345"),
+                "{error}"
+            );
+            assert!(error.contains("password"), "{error}");
+        }
+        // Other lines keep the parser's message, with where it is.
+        let error = with("port = \"x\"").unwrap_err();
+        assert!(error.starts_with("line "), "{error}");
+        assert!(error.contains("invalid type"), "{error}");
     }
 
     #[test]

@@ -59,6 +59,29 @@ enum FetchError {
     Refused(String),
 }
 
+/// How long the secrets store may take to give a connection, and then to answer the query.
+const STORE_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A store error as refused (the store said no: access, login or the secret itself; the last
+/// known credential must not serve) or unreachable (the store could not answer now: a
+/// connection failure, a shutdown, a cancel, a full audit queue; the last known credential
+/// serves for a while).
+fn classify(error: &tokio_postgres::Error) -> FetchError {
+    let Some(db) = error.as_db_error() else {
+        return FetchError::Unreachable(error.to_string());
+    };
+    let code = db.code().code();
+    let described = format!("{} ({code})", db.message());
+    if ["08", "40", "53", "57", "58"]
+        .iter()
+        .any(|class| code.starts_with(class))
+    {
+        FetchError::Unreachable(described)
+    } else {
+        FetchError::Refused(described)
+    }
+}
+
 /// A cache key: secret name and staging label.
 type Key = (String, &'static str);
 
@@ -225,17 +248,33 @@ impl CredentialCache {
     }
 
     async fn fetch(&self, secret: &str, stage: &'static str) -> Fetched {
-        let client = self
-            .connections
-            .get()
+        // The pool bounds only the wait for a free connection and the client library only the
+        // TCP connect: a store that stops answering (in the TLS handshake, the login or the
+        // query) would hold every login of the secret, past the retry budget and without the
+        // last known credential serving.
+        let unanswered = || {
+            FetchError::Unreachable(format!(
+                "the secrets store did not answer within {} s",
+                STORE_ANSWER_TIMEOUT.as_secs()
+            ))
+        };
+        let client = tokio::time::timeout(STORE_ANSWER_TIMEOUT, self.connections.get())
             .await
-            .map_err(|e| FetchError::Unreachable(e.to_string()))?;
-        let result = client
-            .query_one(
-                "SELECT secrets.get_secret_value($1, version_stage => $2)",
-                &[&secret, &stage],
-            )
-            .await;
+            .map_err(|_| unanswered())?
+            .map_err(|e| match e {
+                deadpool_postgres::PoolError::Backend(error) => classify(&error),
+                other => FetchError::Unreachable(other.to_string()),
+            })?;
+        let parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&secret, &stage];
+        let query = client.query_one(
+            "SELECT secrets.get_secret_value($1, version_stage => $2)",
+            &parameters,
+        );
+        let Ok(result) = tokio::time::timeout(STORE_ANSWER_TIMEOUT, query).await else {
+            // Not back into the pool: the connection may be one whose peer is gone.
+            drop(deadpool_postgres::Object::take(client));
+            return Err(unanswered());
+        };
         match result {
             Ok(row) => {
                 let text: String = row.try_get(0).map_err(|_| {
@@ -267,10 +306,7 @@ impl CredentialCache {
             {
                 Ok(None)
             }
-            Err(e) => Err(match e.as_db_error() {
-                Some(db) => FetchError::Refused(format!("{} ({})", db.message(), db.code().code())),
-                None => FetchError::Unreachable(e.to_string()),
-            }),
+            Err(e) => Err(classify(&e)),
         }
     }
 

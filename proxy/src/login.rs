@@ -51,11 +51,10 @@ fn pool_key(
         "{:?}\0{}\0{}\0{}\0{}",
         route.pool_mode, target.host, target.port, target.dbname, credential.username
     );
+    // Each name and value with its length: a name may hold `=` and a value anything but NUL,
+    // so joined they could read as another pair.
     for (name, value) in client_parameters {
-        key.push('\0');
-        key.push_str(name);
-        key.push('=');
-        key.push_str(value);
+        key.push_str(&format!("\0{}:{name}\0{}:{value}", name.len(), value.len()));
     }
     key
 }
@@ -136,11 +135,14 @@ async fn login_with_retry(
                     ));
                 }
                 Err(error) if error.retryable() => {
-                    metrics.retry(match error {
-                        ProxyError::LoginRefused { .. } => "refused",
-                        _ => "unreachable",
-                    });
-                    credentials.invalidate_if_used(&route.secret, &credential);
+                    // Only a refused login says the credential may have changed; a server
+                    // that is down says nothing about it.
+                    if let ProxyError::LoginRefused { .. } = error {
+                        metrics.retry("refused");
+                        credentials.invalidate_if_used(&route.secret, &credential);
+                    } else {
+                        metrics.retry("unreachable");
+                    }
                     last_error = Some(error);
                 }
                 Err(error) => return Err(error),

@@ -788,6 +788,60 @@ fn the_last_known_credential_serves_for_a_while_when_the_store_is_down() {
     );
 }
 
+/// A secrets store that stops answering (its backends frozen, the connections open) counts as
+/// unreachable after a few seconds: the last known credential serves, where the login used to
+/// wait on the store for good.
+#[test]
+fn a_store_that_stops_answering_is_unreachable_and_the_last_credential_serves() {
+    let fixture = fixture(r#""trust""#);
+    fixture.connect().query_one("SELECT 1", &[]).unwrap();
+    let mut db = fixture.cluster.superuser();
+    // The proxy's pooled store connections, not the one listening for changes.
+    let frozen: Vec<String> = db
+        .query(
+            "SELECT pid::text FROM pg_stat_activity \
+             WHERE usename = 'proxy' AND query NOT LIKE 'LISTEN%'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(!frozen.is_empty());
+    let signal = |name: &str| {
+        for pid in &frozen {
+            std::process::Command::new("kill")
+                .args([name, pid])
+                .status()
+                .unwrap();
+        }
+    };
+    signal("-STOP");
+    // A change (the same credential again) drops the cached one: the next login asks the store.
+    db.execute(
+        "SELECT secrets.put_secret_value('db/app', $1)",
+        &[&credential_json(&fixture.cluster, "pw-0")],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let port = fixture.port();
+    let (done, answer) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let connection = format!("host=127.0.0.1 port={port} user=u dbname=appdb");
+        let result = Client::connect(&connection, NoTls).map(|mut client| {
+            let served: String = client.query_one("SELECT 'served'", &[]).unwrap().get(0);
+            served
+        });
+        let _ = done.send(result.map_err(|e| e.to_string()));
+    });
+    let answer = answer.recv_timeout(Duration::from_secs(30));
+    signal("-CONT");
+    assert_eq!(
+        answer.expect("the login waited on the frozen store"),
+        Ok("served".to_string())
+    );
+}
+
 /// Servers that ask for cleartext, md5 or nothing at all (trust) are logged in to as they ask,
 /// by default and when `[server_login] methods` lists that method alone, and
 /// `methods = ["scram-sha-256"]` refuses each of them before the password is used: the client
