@@ -462,6 +462,9 @@ pub fn decide_request(id: Uuid, approve: bool) -> Result<Option<Uuid>> {
             || unsafe {
                 (!pg_sys::superuser_arg(caller) && pg_sys::is_member_of_role(caller, requester))
                     || pg_sys::is_member_of_role(requester, caller)
+                    // A person who asked as one of its groups and decides as another.
+                    || (!pg_sys::superuser_arg(session_user)
+                        && pg_sys::is_member_of_role(session_user, requester))
             };
         if same_person {
             return Err(Error::AccessDenied {

@@ -889,15 +889,20 @@ pub fn rotate_accessible_by(
         if !could_read.allows() {
             continue;
         }
-        // Only what the caller may see is listed, or the names would be a probe: secrets it
-        // may describe, and with `only_accessed` (which tells who read what, an audit fact)
-        // those whose audit records it may read, the ones it may manage.
+        // Only the secrets the caller may manage are listed: which roles can read what is for
+        // those who decide it (as `check_access` about another role is), and a list of names it
+        // may not see would be a probe. `only_accessed` (who read what, an audit fact) needs
+        // the same: the caller may read those secrets' audit records.
         let secret = Some(access::Secret { id, owner });
-        let caller_sees = |action| {
-            access::decide(caller, action, &name, secret, access::Context::Session)
-                .map(|decision| decision.allows())
-        };
-        if !caller_sees(Action::Describe)? || (only_accessed && !caller_sees(Action::Manage)?) {
+        let may_manage = access::decide(
+            caller,
+            Action::Manage,
+            &name,
+            secret,
+            access::Context::Session,
+        )?
+        .allows();
+        if !may_manage {
             continue;
         }
         let status = if !has_rotator {

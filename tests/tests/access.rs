@@ -1118,3 +1118,100 @@ fn a_group_deny_covers_members_that_do_not_inherit() {
         .get(0);
     assert_eq!(value, "v1");
 }
+
+/// A deny that names a person follows it into the groups it acts as: `SET ROLE` to a group
+/// holding a grant does not step out of it. It binds the person's own session only: the group
+/// itself, logged in by someone else, keeps its grant.
+#[test]
+fn a_deny_on_a_person_follows_it_through_set_role() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE billing_team LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         CREATE ROLE alice LOGIN PASSWORD 'pw' IN ROLE billing_team;
+         SELECT secrets.create_secret('prod/billing/db', 'v1');
+         SELECT secrets.grant_access('prod/billing/*', 'billing_team', '{get}');
+         SELECT secrets.put_resource_policy('prod/billing/db', '{\"statements\": [{\"effect\": \"deny\",
+           \"principals\": [\"alice\"], \"actions\": [\"get\"]}]}');",
+    )
+    .unwrap();
+    let mut alice = cluster.connect("alice", "pw");
+    assert_sql_error(
+        alice.query(statement("get"), &[&"prod/billing/db"]),
+        "42501",
+        "permission denied",
+    );
+    alice.batch_execute("SET ROLE billing_team").unwrap();
+    assert_sql_error(
+        alice.query(statement("get"), &[&"prod/billing/db"]),
+        "42501",
+        "permission denied",
+    );
+    let mut team = cluster.connect("billing_team", "pw");
+    let value: String = team
+        .query_one(statement("get"), &[&"prod/billing/db"])
+        .unwrap()
+        .get(0);
+    assert_eq!(value, "v1");
+}
+
+/// A person who asked for access as one of its groups cannot approve it as another group
+/// that manages the secret: the four-eyes rule follows the session's user.
+#[test]
+fn a_request_cannot_be_approved_by_its_requester_through_another_group() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE asking_group IN ROLE secrets_user;
+         CREATE ROLE managing_group IN ROLE secrets_user;
+         CREATE ROLE mallory LOGIN PASSWORD 'pw' IN ROLE asking_group, managing_group;
+         SELECT secrets.create_secret('team/db', 'v');
+         SELECT secrets.grant_access('team/db', 'managing_group', '{manage}');",
+    )
+    .unwrap();
+    let mut mallory = cluster.connect("mallory", "pw");
+    mallory.batch_execute("SET ROLE asking_group").unwrap();
+    let id: String = mallory
+        .query_one(
+            "SELECT secrets.request_access('team/db', '{get}', '1 hour', 'me')::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    mallory.batch_execute("SET ROLE managing_group").unwrap();
+    assert_sql_error(
+        mallory.query(
+            "SELECT secrets.approve_access_request($1::text::uuid)",
+            &[&id],
+        ),
+        "42501",
+        "decide on your own access request",
+    );
+}
+
+/// Offboarding lists what the leaving role can read only to those who manage it: a role that
+/// may merely describe every secret (secrets_reader) learns nothing about who reads what.
+#[test]
+fn offboarding_lists_only_what_the_caller_manages() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE payments_app LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         CREATE ROLE curious LOGIN PASSWORD 'pw' IN ROLE secrets_reader;
+         SELECT secrets.create_secret('prod/payments/key', 'v');
+         SELECT secrets.grant_access('prod/payments/*', 'payments_app', '{get}');",
+    )
+    .unwrap();
+    let listed = |client: &mut Client| -> i64 {
+        client
+            .query_one(
+                "SELECT count(*) FROM secrets.rotate_secrets_accessible_by('payments_app')",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let mut curious = cluster.connect("curious", "pw");
+    assert_eq!(listed(&mut curious), 0);
+    assert_eq!(listed(&mut db), 1);
+}

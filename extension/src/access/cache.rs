@@ -123,6 +123,21 @@ thread_local! {
     /// The tables the caches were loaded from, so invalidation callbacks need no catalog access.
     static GRANT_TABLE: Cell<Oid> = const { Cell::new(pg_sys::InvalidOid) };
     static POLICY_TABLE: Cell<Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    /// Counts the invalidations that emptied a cache (`keepable`).
+    static INVALIDATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Whether what was loaded since `INVALIDATIONS` read `before` may be kept for later calls. Not
+/// when an invalidation arrived during the load: its query took the table's lock, which is
+/// when invalidations are accepted, after its snapshot was taken, so it may predate the change
+/// (a revoke). Nor when loaded in parallel mode, where the statement's own, older snapshot
+/// served. Either way it serves the call that loaded it, as the statement's snapshot would.
+fn keepable(before: u64) -> bool {
+    INVALIDATIONS.with(Cell::get) == before && !unsafe { pg_sys::IsInParallelMode() }
+}
+
+fn count_invalidation() {
+    INVALIDATIONS.with(|count| count.set(count.get() + 1));
 }
 
 /// Runs a cache load under a snapshot taken now. A statement's own snapshot can be older than
@@ -160,8 +175,11 @@ fn cached<T>(
     if let Some(cached) = slot.with(|slot| slot.borrow().as_ref().and_then(Loaded::usable)) {
         return Ok(cached);
     }
+    let before = INVALIDATIONS.with(Cell::get);
     let value = Rc::new(with_latest_snapshot(load)?);
-    slot.with(|slot| *slot.borrow_mut() = Some(Loaded::new(value.clone())));
+    if keepable(before) {
+        slot.with(|slot| *slot.borrow_mut() = Some(Loaded::new(value.clone())));
+    }
     Ok(value)
 }
 
@@ -243,6 +261,7 @@ pub fn membership(role: Oid) -> Result<Rc<Membership>> {
     {
         return Ok(cached);
     }
+    let before = INVALIDATIONS.with(Cell::get);
     let member_of: Vec<(Oid, bool)> = with_latest_snapshot(|| {
         Spi::connect(|client| {
             client
@@ -268,11 +287,13 @@ pub fn membership(role: Oid) -> Result<Rc<Membership>> {
         member_of: member_of.into_iter().map(|(oid, _)| oid).collect(),
         roles,
     });
-    MEMBERSHIP.with(|cache| {
-        cache
-            .borrow_mut()
-            .insert(role, Loaded::new(membership.clone()))
-    });
+    if keepable(before) {
+        MEMBERSHIP.with(|cache| {
+            cache
+                .borrow_mut()
+                .insert(role, Loaded::new(membership.clone()))
+        });
+    }
     Ok(membership)
 }
 
@@ -353,11 +374,16 @@ fn invalidate(table: &'static std::ffi::CStr) {
 #[pg_guard]
 unsafe extern "C-unwind" fn relcache_changed(_argument: pg_sys::Datum, relation: Oid) {
     let all = relation == pg_sys::InvalidOid;
-    if all || GRANT_TABLE.with(Cell::get) == relation {
+    let (grant_table, policy_table) = (GRANT_TABLE.with(Cell::get), POLICY_TABLE.with(Cell::get));
+    // Before the first load the tables are not known yet: any relation may be one of them.
+    let unknown = grant_table == pg_sys::InvalidOid || policy_table == pg_sys::InvalidOid;
+    if all || unknown || grant_table == relation {
         GRANTS.with(|grants| grants.borrow_mut().take());
+        count_invalidation();
     }
-    if all || POLICY_TABLE.with(Cell::get) == relation {
+    if all || unknown || policy_table == relation {
         POLICIES.with(|policies| policies.borrow_mut().take());
+        count_invalidation();
     }
 }
 
@@ -368,6 +394,7 @@ unsafe extern "C-unwind" fn roles_changed(_argument: pg_sys::Datum, _cache: i32,
     MEMBERSHIP.with(|cache| cache.borrow_mut().clear());
     ROLE_NAMES.with(|names| names.borrow_mut().clear());
     POLICIES.with(|policies| policies.borrow_mut().take());
+    count_invalidation();
 }
 
 /// `role`'s name, found by `look_up` unless known since roles last changed (a rename

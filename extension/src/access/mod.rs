@@ -241,16 +241,35 @@ pub fn decide(
         Some(secret) => cache::policy_of(secret.id)?,
         None => None,
     };
+    // For the caller in its own session, a deny that names the person follows it into the
+    // roles it acts as (SET ROLE to a group, a SECURITY DEFINER function): the session user's
+    // groups are denied too. Not when deciding for another role (a simulation, a rotation on
+    // the owner's behalf), and superusers are bound by no policy.
+    let session_user = unsafe { pg_sys::GetSessionUserId() };
+    let session_membership = match context {
+        Context::Session
+            if role == caller()
+                && session_user != role
+                && !unsafe { pg_sys::superuser_arg(session_user) } =>
+        {
+            Some(cache::membership(session_user)?)
+        }
+        _ => None,
+    };
     let mut session = None;
     let mut applies =
         |statement: &policy::Statement<Oid>, effect: policy::Effect| -> Result<bool> {
-            let covered = match effect {
-                policy::Effect::Deny => &membership.member_of,
-                policy::Effect::Allow => &membership.roles,
-            };
-            let covers_role = match &statement.principals {
-                policy::Principals::Everyone => true,
-                policy::Principals::Roles(roles) => roles.iter().any(|r| covered.contains(r)),
+            let covers_role = match (&statement.principals, effect) {
+                (policy::Principals::Everyone, _) => true,
+                (policy::Principals::Roles(roles), policy::Effect::Deny) => roles.iter().any(|r| {
+                    membership.member_of.contains(r)
+                        || session_membership
+                            .as_ref()
+                            .is_some_and(|session| session.member_of.contains(r))
+                }),
+                (policy::Principals::Roles(roles), policy::Effect::Allow) => {
+                    roles.iter().any(|r| membership.roles.contains(r))
+                }
             };
             if statement.effect != effect || !statement.actions.contains(action) || !covers_role {
                 return Ok(false);
