@@ -377,12 +377,15 @@ unsafe extern "C-unwind" fn relcache_changed(_argument: pg_sys::Datum, relation:
     let (grant_table, policy_table) = (GRANT_TABLE.with(Cell::get), POLICY_TABLE.with(Cell::get));
     // Before the first load the tables are not known yet: any relation may be one of them.
     let unknown = grant_table == pg_sys::InvalidOid || policy_table == pg_sys::InvalidOid;
-    if all || unknown || grant_table == relation {
+    let grants = all || unknown || grant_table == relation;
+    let policies = all || unknown || policy_table == relation;
+    if grants {
         GRANTS.with(|grants| grants.borrow_mut().take());
-        count_invalidation();
     }
-    if all || unknown || policy_table == relation {
+    if policies {
         POLICIES.with(|policies| policies.borrow_mut().take());
+    }
+    if grants || policies {
         count_invalidation();
     }
 }
