@@ -23,6 +23,8 @@ pub enum Error {
     VersionNotFound { name: String, what: String },
     #[error("permission denied: {action} on secret \"{name}\"")]
     AccessDenied { name: String, action: &'static str },
+    #[error("permission denied: secret \"{name}\": {reason}")]
+    BeyondOwnAccess { name: String, reason: String },
     #[error("secret \"{0}\" already exists")]
     AlreadyExists(String),
     #[error("secret \"{name}\" is scheduled for deletion at {purge_at}")]
@@ -96,7 +98,9 @@ impl Error {
             Error::NotFound(_) | Error::VersionNotFound { .. } => {
                 (ERRCODE_UNDEFINED_OBJECT, "42704")
             }
-            Error::AccessDenied { .. } => (ERRCODE_INSUFFICIENT_PRIVILEGE, "42501"),
+            Error::AccessDenied { .. } | Error::BeyondOwnAccess { .. } => {
+                (ERRCODE_INSUFFICIENT_PRIVILEGE, "42501")
+            }
             Error::AlreadyExists(_) => (ERRCODE_DUPLICATE_OBJECT, "42710"),
             Error::IdempotencyConflict(_) => (ERRCODE_UNIQUE_VIOLATION, "23505"),
             Error::NotString(_) | Error::NotBinary(_) => (ERRCODE_DATATYPE_MISMATCH, "42804"),

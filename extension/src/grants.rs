@@ -53,10 +53,12 @@ pub fn validate_actions(actions: &[Option<String>]) -> Result<Vec<String>> {
 
 /// Who may grant on a pattern: a superuser or `secrets_admin` on any pattern; anyone else only
 /// on the exact name of a secret they may `manage`.
-fn authorize_grant(client: &mut SpiClient<'_>, pattern: &str) -> Result<()> {
+/// Returns the secret whose `manage` right allowed it, `None` for a role that may manage
+/// every secret: what a grant may hand on is bounded by that right (`within_own_manage`).
+fn authorize_grant(client: &mut SpiClient<'_>, pattern: &str) -> Result<Option<Secret>> {
     let caller = access::caller();
     if access::may_on_any(caller, Action::Manage)? {
-        return Ok(());
+        return Ok(None);
     }
     if access::pattern::has_wildcard(pattern) {
         return Err(Error::AccessDenied {
@@ -64,7 +66,34 @@ fn authorize_grant(client: &mut SpiClient<'_>, pattern: &str) -> Result<()> {
             action: "grant on a wildcard pattern (needs secrets_admin)",
         });
     }
-    store::authorize(client, pattern, Action::Manage, OnDeleted::Allow).map(drop)
+    store::authorize(client, pattern, Action::Manage, OnDeleted::Allow)
+        .map(|row| Some(row.subject()))
+}
+
+/// Refuses access handed on beyond the caller's own `manage` right on `secret` (see
+/// `access::Delegation`): a grant or an approval ending at `ends` (Unix microseconds; `None`
+/// for no end, as a resource policy has).
+fn within_own_manage(name: &str, secret: Secret, ends: Option<i64>) -> Result<()> {
+    let reason = match access::delegation(access::caller(), name, secret)? {
+        access::Delegation::Unlimited => return Ok(()),
+        access::Delegation::Until(limit) if ends.is_some_and(|ends| ends <= limit) => return Ok(()),
+        access::Delegation::Until(limit) => format!(
+            "your manage access to it ends at {}, and what you grant must end by then (a grant \
+             with valid_until, an approval whose duration ends in time; a resource policy has \
+             no end)",
+            chrono::DateTime::from_timestamp_micros(limit)
+                .map(|at| at.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                .unwrap_or_default()
+        ),
+        access::Delegation::Nothing => "your manage access to it comes from resource policy \
+             statements with conditions, which what you grant would not carry; an owner or a \
+             member of secrets_admin can grant it"
+            .to_string(),
+    };
+    Err(Error::BeyondOwnAccess {
+        name: name.to_string(),
+        reason,
+    })
 }
 
 /// A grantee must exist (`regrole` takes a number as it is, and a requester may have been
@@ -106,18 +135,20 @@ pub fn grant_access(
     valid_until: Option<TimestampWithTimeZone>,
 ) -> Result<Uuid> {
     Spi::connect_mut(|client| {
-        authorize_grant(client, pattern)?;
+        let bounded_by = authorize_grant(client, pattern)?;
         // One question for both bounds. The upper one: the access cache keeps expiries as
         // microseconds since 1970 in an i64, which 'infinity' and the last millennia of
         // timestamptz's range do not fit (a grant without an end is one without valid_until).
-        let (expired, beyond) = client
+        let (expired, beyond, ends) = client
             .select(
-                "SELECT $1 <= pg_catalog.now(), $1 >= '10000-01-01'::timestamptz",
+                "SELECT $1 <= pg_catalog.now(), $1 >= '10000-01-01'::timestamptz, \
+                        CASE WHEN pg_catalog.isfinite($1) \
+                             THEN (pg_catalog.date_part('epoch', $1) * 1000000)::int8 END",
                 None,
                 &[valid_until.into()],
             )?
             .first()
-            .get_two::<bool, bool>()?;
+            .get_three::<bool, bool, i64>()?;
         if expired == Some(true) {
             return Err(Error::InvalidParameter("valid_until is in the past".into()));
         }
@@ -127,6 +158,9 @@ pub fn grant_access(
                  an end"
                     .into(),
             ));
+        }
+        if let Some(secret) = bounded_by {
+            within_own_manage(pattern, secret, ends)?;
         }
         let id = db::first_value::<Uuid>(client.update(
             "INSERT INTO secrets.access_grant \
@@ -285,6 +319,7 @@ pub fn put_policy(name: &str, document: JsonB, block_public_policy: bool) -> Res
     }
     Spi::connect_mut(|client| {
         let secret = store::authorize(client, name, Action::Manage, OnDeleted::Refuse)?;
+        within_own_manage(name, secret.subject(), None)?;
         client.update(
             "INSERT INTO secrets.resource_policy (secret_id, policy, changed_by) \
              VALUES ($1, $2, $3::oid::regrole) \
@@ -312,6 +347,8 @@ pub fn get_policy(name: &str) -> Result<Option<JsonB>> {
 pub fn delete_policy(name: &str) -> Result<()> {
     Spi::connect_mut(|client| {
         let secret = store::authorize(client, name, Action::Manage, OnDeleted::Allow)?;
+        // A policy's deny statements are access too: lifting them hands it on.
+        within_own_manage(name, secret.subject(), None)?;
         client.update(
             "DELETE FROM secrets.resource_policy WHERE secret_id = $1",
             None,
@@ -452,7 +489,7 @@ pub fn decide_request(id: Uuid, approve: bool) -> Result<Option<Uuid>> {
                 "there is no access request {id}"
             )));
         };
-        store::authorize(client, &name, Action::Manage, OnDeleted::Refuse)?;
+        let secret = store::authorize(client, &name, Action::Manage, OnDeleted::Refuse)?;
         // Nor anyone the requester can act as (SET ROLE to a group it belongs to, INHERIT or
         // not) or who can act as the requester, nor a session the requester logged in as. A
         // superuser can act as every role, yet may decide: it could grant the access outright.
@@ -479,6 +516,8 @@ pub fn decide_request(id: Uuid, approve: bool) -> Result<Option<Uuid>> {
             });
         }
         let grant_id = if approve {
+            let ends = access::now_micros() + (seconds * 1e6) as i64;
+            within_own_manage(&name, secret.subject(), Some(ends))?;
             let grant_id = store::new_uuid();
             client.update(
                 "INSERT INTO secrets.access_grant \

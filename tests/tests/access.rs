@@ -1215,3 +1215,116 @@ fn offboarding_lists_only_what_the_caller_manages() {
     assert_eq!(listed(&mut curious), 0);
     assert_eq!(listed(&mut db), 1);
 }
+
+/// A role that may manage a secret only for a while, or only under a policy's conditions,
+/// cannot hand on more than that: not a grant without an end (to itself or anyone), not an
+/// approval outlasting its own access, not a resource policy. A refused call changes nothing.
+#[test]
+fn a_manager_hands_on_no_more_than_its_own_manage_right() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE temp_manager LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         CREATE ROLE cond_manager LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         CREATE ROLE perm_manager LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         CREATE ROLE asker LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         CREATE ROLE friend;
+         SELECT secrets.create_secret('team/db', 'v');
+         SELECT secrets.grant_access('team/db', 'temp_manager', '{manage}', now() + interval '1 hour');
+         SELECT secrets.grant_access('team/db', 'perm_manager', '{manage}');
+         SELECT secrets.put_resource_policy('team/db', '{\"statements\": [{\"effect\": \"allow\",
+           \"principals\": [\"cond_manager\"], \"actions\": [\"manage\"],
+           \"conditions\": {\"source_cidr\": \"127.0.0.0/8\"}}]}');",
+    )
+    .unwrap();
+    let grants = |db: &mut Client| -> Vec<String> {
+        db.query(
+            "SELECT grantee || ':' || array_to_string(actions, ',') || ':' || (valid_until IS NULL)
+             FROM secrets.list_access_grants() ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+    };
+    let before = grants(&mut db);
+    let policy = "SELECT secrets.put_resource_policy('team/db', '{\"statements\": [{\"effect\": \
+                  \"allow\", \"principals\": [\"friend\"], \"actions\": [\"get\"]}]}')";
+
+    let mut temp = cluster.connect("temp_manager", "pw");
+    for (statement, expected) in [
+        (
+            "SELECT secrets.grant_access('team/db', 'temp_manager', '{manage}')",
+            "ends at",
+        ),
+        (
+            "SELECT secrets.grant_access('team/db', 'friend', '{get}')",
+            "must end by then",
+        ),
+        (
+            "SELECT secrets.grant_access('team/db', 'friend', '{get}', now() + interval '2 hours')",
+            "must end by then",
+        ),
+        (policy, "a resource policy has no end"),
+        (
+            "SELECT secrets.delete_resource_policy('team/db')",
+            "ends at",
+        ),
+    ] {
+        assert_sql_error(temp.query(statement, &[]), "42501", expected);
+    }
+    assert_eq!(grants(&mut db), before, "a refused grant changed nothing");
+    temp.batch_execute(
+        "SELECT secrets.grant_access('team/db', 'friend', '{get}', now() + interval '30 minutes')",
+    )
+    .unwrap();
+
+    // Approving: only a request whose access ends before the approver's does.
+    let mut asker = cluster.connect("asker", "pw");
+    let mut request = |duration: &str| -> String {
+        asker
+            .query_one(
+                "SELECT secrets.request_access('team/db', '{get}', $1::text::interval, 'on call')::text",
+                &[&duration],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let (long, short) = (request("2 hours"), request("20 minutes"));
+    let approve = "SELECT secrets.approve_access_request($1::text::uuid)";
+    assert_sql_error(temp.query(approve, &[&long]), "42501", "must end by then");
+    temp.query(approve, &[&short]).unwrap();
+
+    // Manage only under a policy's conditions: usable, not delegable.
+    let mut conditional = cluster.connect("cond_manager", "pw");
+    conditional
+        .batch_execute("SELECT secrets.tag_secret('team/db', '{\"checked\": \"yes\"}')")
+        .unwrap();
+    assert_sql_error(
+        conditional.query(
+            "SELECT secrets.grant_access('team/db', 'friend', '{get}', now() + interval '1 minute')",
+            &[],
+        ),
+        "42501",
+        "resource policy statements with conditions",
+    );
+    assert_sql_error(
+        conditional.query(approve, &[&long]),
+        "42501",
+        "with conditions",
+    );
+
+    // Manage without an end hands on without one.
+    let mut permanent = cluster.connect("perm_manager", "pw");
+    permanent
+        .batch_execute("SELECT secrets.grant_access('team/db', 'friend', '{describe}')")
+        .unwrap();
+    permanent.query(approve, &[&long]).unwrap();
+    permanent.batch_execute(policy).unwrap();
+    let after = grants(&mut db);
+    assert!(
+        after.contains(&"friend:describe,get:true".to_string()),
+        "{after:?}"
+    );
+}

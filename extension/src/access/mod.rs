@@ -259,17 +259,16 @@ pub fn decide(
     let mut session = None;
     let mut applies =
         |statement: &policy::Statement<Oid>, effect: policy::Effect| -> Result<bool> {
-            let covers_role = match (&statement.principals, effect) {
-                (policy::Principals::Everyone, _) => true,
-                (policy::Principals::Roles(roles), policy::Effect::Deny) => roles.iter().any(|r| {
+            let covers_role = match effect {
+                policy::Effect::Deny => statement.principals.include(|r| {
                     membership.member_of.contains(r)
                         || session_membership
                             .as_ref()
                             .is_some_and(|session| session.member_of.contains(r))
                 }),
-                (policy::Principals::Roles(roles), policy::Effect::Allow) => {
-                    roles.iter().any(|r| membership.roles.contains(r))
-                }
+                policy::Effect::Allow => statement
+                    .principals
+                    .include(|r| membership.roles.contains(r)),
             };
             if statement.effect != effect || !statement.actions.contains(action) || !covers_role {
                 return Ok(false);
@@ -330,6 +329,61 @@ pub fn decide(
         return Ok(Basis::Role("secrets_reader"));
     }
     Ok(Basis::Nothing)
+}
+
+/// How far a role may hand on its `manage` right on a secret, by a grant, by approving a
+/// request or by a resource policy: no further than the right itself reaches. Otherwise a role
+/// given `manage` for an hour could grant itself, or anyone, access for good.
+#[derive(Debug, PartialEq)]
+pub enum Delegation {
+    /// Without limit: superusers, `secrets_admin`, the owner, a grant without an end, a policy
+    /// statement without conditions.
+    Unlimited,
+    /// Until this time (Unix microseconds), the latest end of the time-bound grants giving it.
+    Until(i64),
+    /// Not at all: only policy statements with conditions give it, and what is handed on would
+    /// not carry them.
+    Nothing,
+}
+
+/// `role`'s `Delegation` on `secret`, named `name`. The caller has checked that the role
+/// may manage it (so no deny applies).
+pub fn delegation(role: Oid, name: &str, secret: Secret) -> Result<Delegation> {
+    if may_on_any(role, Action::Manage)? {
+        return Ok(Delegation::Unlimited);
+    }
+    let membership = cache::membership(role)?;
+    if membership.roles.contains(&secret.owner) {
+        return Ok(Delegation::Unlimited);
+    }
+    let by_unconditional_statement = cache::policy_of(secret.id)?.is_some_and(|policy| {
+        policy.statements.iter().any(|statement| {
+            statement.effect == policy::Effect::Allow
+                && statement.actions.contains(Action::Manage)
+                && statement.conditions.is_empty()
+                && statement
+                    .principals
+                    .include(|r| membership.roles.contains(r))
+        })
+    });
+    if by_unconditional_statement {
+        return Ok(Delegation::Unlimited);
+    }
+    let (grants, now) = (cache::grants()?, cache::now_micros());
+    let mut latest_end = None;
+    for member_of in &membership.roles {
+        for grant in grants.for_grantee(*member_of) {
+            if !grant.actions.contains(Action::Manage) || !pattern::matches(&grant.pattern, name) {
+                continue;
+            }
+            match grant.valid_until {
+                None => return Ok(Delegation::Unlimited),
+                Some(until) if now < until => latest_end = latest_end.max(Some(until)),
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(latest_end.map_or(Delegation::Nothing, Delegation::Until))
 }
 
 /// Whether `role` has the privileges of the role named `group`.

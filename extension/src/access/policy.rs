@@ -22,6 +22,16 @@ pub enum Principals<R> {
     Roles(Vec<R>),
 }
 
+impl<R> Principals<R> {
+    /// Whether the statement names everyone, or a role `is_one` says the caller is.
+    pub fn include(&self, mut is_one: impl FnMut(&R) -> bool) -> bool {
+        match self {
+            Principals::Everyone => true,
+            Principals::Roles(roles) => roles.iter().any(&mut is_one),
+        }
+    }
+}
+
 /// Where a session comes from, for `source_cidr`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
