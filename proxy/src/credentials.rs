@@ -25,6 +25,18 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 /// accept the pending password, or still the previous one.
 pub const STAGES: [&str; 3] = ["CURRENT", "PENDING", "PREVIOUS"];
 
+/// How long a stage other than CURRENT that logged in is tried first (see
+/// `CredentialCache::stage_order`), unless a change notification or a refusal ends it sooner.
+const PREFERRED_STAGE_FOR: Duration = Duration::from_secs(10);
+
+/// `STAGES` with `stage` moved to the front.
+fn first(stage: &'static str) -> [&'static str; 3] {
+    let mut order = STAGES;
+    let at = order.iter().position(|s| *s == stage).unwrap_or(0);
+    order[..=at].rotate_right(1);
+    order
+}
+
 /// The credential JSON of DESIGN.md.
 #[derive(Deserialize)]
 struct CredentialJson {
@@ -103,6 +115,11 @@ pub struct CredentialCache {
     entries: Mutex<HashMap<Key, Entry>>,
     /// The last credential the store gave for each (secret, stage), and when.
     last_known: Mutex<HashMap<Key, (Arc<Credential>, Instant)>>,
+    /// Per secret, the stage other than CURRENT that last logged in, and when. In a rotation's
+    /// window (the server has the new password, the labels have not moved yet) CURRENT is
+    /// refused: trying it first would cost every new login a refused login at the server,
+    /// which its log and any lockout count, and a store fetch.
+    preferred_stage: Mutex<HashMap<String, (&'static str, Instant)>>,
     metrics: Arc<Metrics>,
     connections: deadpool_postgres::Pool,
 }
@@ -143,9 +160,30 @@ impl CredentialCache {
             stale_limit,
             entries: Mutex::new(HashMap::new()),
             last_known: Mutex::new(HashMap::new()),
+            preferred_stage: Mutex::new(HashMap::new()),
             metrics,
             connections,
         }))
+    }
+
+    /// The stages a login of `secret` tries, in order: `STAGES`, except that a stage other
+    /// than CURRENT that logged in lately comes first.
+    pub fn stage_order(&self, secret: &str) -> [&'static str; 3] {
+        let preferred = self.preferred_stage.lock().expect("cache lock poisoned");
+        match preferred.get(secret) {
+            Some(&(stage, since)) if since.elapsed() < PREFERRED_STAGE_FOR => first(stage),
+            _ => STAGES,
+        }
+    }
+
+    /// A login of `secret` with `stage` was accepted.
+    pub fn logged_in_with(&self, secret: &str, stage: &'static str) {
+        let mut preferred = self.preferred_stage.lock().expect("cache lock poisoned");
+        if stage == STAGES[0] {
+            preferred.remove(secret);
+        } else {
+            preferred.insert(secret.to_string(), (stage, Instant::now()));
+        }
     }
 
     /// The credential of `secret` at `stage`, from the cache or the store.
@@ -237,6 +275,7 @@ impl CredentialCache {
         });
         if holds_used {
             entries.retain(|(name, _), _| name != secret);
+            self.forget_preferred_stage(Some(secret));
         }
     }
 
@@ -245,6 +284,25 @@ impl CredentialCache {
             .lock()
             .expect("cache lock poisoned")
             .retain(|(name, _), _| name != secret);
+        self.forget_preferred_stage(Some(secret));
+    }
+
+    fn invalidate_all(&self) {
+        self.entries.lock().expect("cache lock poisoned").clear();
+        self.forget_preferred_stage(None);
+    }
+
+    /// A change or a refusal ends what a past login taught about `secret` (every secret for
+    /// `None`).
+    fn forget_preferred_stage(&self, secret: Option<&str>) {
+        let mut preferred = self.preferred_stage.lock().expect("cache lock poisoned");
+        match secret {
+            Some(secret) => preferred.remove(secret),
+            None => {
+                preferred.clear();
+                None
+            }
+        };
     }
 
     async fn fetch(&self, secret: &str, stage: &'static str) -> Fetched {
@@ -322,7 +380,7 @@ impl CredentialCache {
                     Err(error) => tracing::warn!(%error, "listening to pg_secrets_changed failed"),
                 }
                 // Whatever was cached may have changed while nobody listened.
-                cache.entries.lock().expect("cache lock poisoned").clear();
+                cache.invalidate_all();
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -360,7 +418,7 @@ impl CredentialCache {
                     listening = true;
                     // A change committed after the last clear but before this LISTEN took
                     // effect was announced to nobody.
-                    self.entries.lock().expect("cache lock poisoned").clear();
+                    self.invalidate_all();
                 }
                 message = messages.next() => match message {
                     Some(Ok(AsyncMessage::Notification(notification))) => {
@@ -381,9 +439,9 @@ impl CredentialCache {
                     tracing::debug!(secret = name, "credential changed; cache entry dropped");
                     self.invalidate(name);
                 }
-                None => self.entries.lock().expect("cache lock poisoned").clear(),
+                None => self.invalidate_all(),
             },
-            Err(_) => self.entries.lock().expect("cache lock poisoned").clear(),
+            Err(_) => self.invalidate_all(),
         }
     }
 }
@@ -411,4 +469,16 @@ fn store_config(store: &Store, password: Option<&str>, tls: bool) -> tokio_postg
         }
     }
     config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_preferred_stage_goes_first_and_the_rest_keep_their_order() {
+        assert_eq!(first("CURRENT"), ["CURRENT", "PENDING", "PREVIOUS"]);
+        assert_eq!(first("PENDING"), ["PENDING", "CURRENT", "PREVIOUS"]);
+        assert_eq!(first("PREVIOUS"), ["PREVIOUS", "CURRENT", "PENDING"]);
+    }
 }

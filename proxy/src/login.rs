@@ -1,6 +1,8 @@
 //! Logging in through a rotation. A refused login (28P01, 28000) before anything reached the
 //! client is not the client's problem yet: the proxy drops the cached credential, tries
-//! CURRENT, PENDING and PREVIOUS, and backs off within a budget before giving up.
+//! CURRENT, PENDING and PREVIOUS, and backs off within a budget before giving up. A stage
+//! other than CURRENT that logged in is tried first for a while (`stage_order`), so a
+//! rotation's window costs one refused login, not one per client.
 
 use crate::backend::{self, BackendSession, ConnectSettings, Target};
 use crate::config::{Route, Store};
@@ -113,7 +115,7 @@ async fn login_with_retry(
     let mut delay = Duration::from_millis(25);
     let mut last_error: Option<ProxyError> = None;
     loop {
-        for stage in STAGES {
+        for stage in credentials.stage_order(&route.secret) {
             let credential = match credentials.get(&route.secret, stage).await {
                 Ok(Some(credential)) => credential,
                 Ok(None) => continue,
@@ -126,6 +128,8 @@ async fn login_with_retry(
             let target = target(route, &credential, store, client_database);
             match backend::login(&target, &credential, client_parameters, &settings.connect).await {
                 Ok(session) => {
+                    credentials.logged_in_with(&route.secret, stage);
+                    metrics.server_login(stage);
                     if stage != STAGES[0] {
                         tracing::info!(route = %route.database, stage, "logged in with a non-CURRENT credential during a rotation");
                     }

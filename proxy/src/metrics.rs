@@ -1,6 +1,7 @@
 //! Counters and a latency histogram for Prometheus, served as text on the admin port with
 //! `/health`.
 
+use crate::credentials::STAGES;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -73,6 +74,9 @@ pub struct Metrics {
     pub scram_cache_hits: AtomicU64,
     /// SCRAM logins to servers bound to their TLS session (`tls-server-end-point`).
     pub scram_channel_bound: AtomicU64,
+    /// Server logins by the staging label of the credential that logged in, in `STAGES`
+    /// order: PENDING and PREVIOUS show a rotation under way.
+    pub server_logins_by_stage: [AtomicU64; 3],
     pub bytes_to_server: AtomicU64,
     pub bytes_to_client: AtomicU64,
     /// From a client's startup to a server connection ready for it (pool or new login,
@@ -88,6 +92,12 @@ impl Metrics {
             _ => &self.store_retries,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn server_login(&self, stage: &str) {
+        if let Some(at) = STAGES.iter().position(|s| *s == stage) {
+            self.server_logins_by_stage[at].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub fn count(counter: &AtomicU64, amount: u64) {
@@ -127,6 +137,10 @@ impl Metrics {
              secrets_proxy_scram_keys_total{{result=\"cached\"}} {}\n\
              # TYPE secrets_proxy_scram_channel_bound_logins_total counter\n\
              secrets_proxy_scram_channel_bound_logins_total {}\n\
+             # TYPE secrets_proxy_server_logins_total counter\n\
+             secrets_proxy_server_logins_total{{stage=\"CURRENT\"}} {}\n\
+             secrets_proxy_server_logins_total{{stage=\"PENDING\"}} {}\n\
+             secrets_proxy_server_logins_total{{stage=\"PREVIOUS\"}} {}\n\
              # TYPE secrets_proxy_relay_bytes_total counter\n\
              secrets_proxy_relay_bytes_total{{direction=\"to_server\"}} {}\n\
              secrets_proxy_relay_bytes_total{{direction=\"to_client\"}} {}\n",
@@ -147,6 +161,9 @@ impl Metrics {
             get(&self.scram_derivations),
             get(&self.scram_cache_hits),
             get(&self.scram_channel_bound),
+            get(&self.server_logins_by_stage[0]),
+            get(&self.server_logins_by_stage[1]),
+            get(&self.server_logins_by_stage[2]),
             get(&self.bytes_to_server),
             get(&self.bytes_to_client),
         ) + &self.login_seconds.render("secrets_proxy_login_seconds")

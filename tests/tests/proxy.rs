@@ -376,6 +376,71 @@ fn logins_ride_through_rotation_and_old_sessions_stay() {
     );
 }
 
+/// The value of counter `line` (its name and labels) in the proxy's metrics.
+fn counter(fixture: &Fixture, line: &str) -> u64 {
+    let metrics = http_get(fixture.proxy.admin_address.unwrap(), "/metrics");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {line} in {metrics}"))
+}
+
+/// In a rotation's window (the server has the new password, CURRENT still the old one) the
+/// first login learns that PENDING works; the logins after it try PENDING first, so the server
+/// sees one refused login, not one per client. Once the labels move, CURRENT comes first again.
+#[test]
+fn a_rotation_window_costs_one_refused_login_not_one_per_client() {
+    let fixture = fixture_with(
+        r#""trust""#,
+        &[],
+        ProxyExtras {
+            limits: "pool_max_idle = 0".into(),
+            ..ProxyExtras::default()
+        },
+    );
+    fixture.connect().query_one("SELECT 1", &[]).unwrap();
+    let refused = r#"secrets_proxy_login_retries_total{reason="refused"}"#;
+    assert_eq!(counter(&fixture, refused), 0);
+
+    let mut db = fixture.cluster.superuser();
+    let pending: String = db
+        .query_one(
+            "SELECT secrets.put_secret_value('db/app', $1, version_stages => '{PENDING}')::text",
+            &[&credential_json(&fixture.cluster, "pw-window")],
+        )
+        .unwrap()
+        .get(0);
+    db.batch_execute("ALTER ROLE app PASSWORD 'pw-window'")
+        .unwrap();
+    for _ in 0..5 {
+        fixture.connect().query_one("SELECT 1", &[]).unwrap();
+    }
+    assert_eq!(counter(&fixture, refused), 1, "one refused login for five");
+
+    // The labels move; the notification ends the preference, and CURRENT (now the new
+    // password) logs in first, with no refusal.
+    db.execute(
+        "SELECT secrets.update_secret_version_stage('db/app', 'CURRENT', $1::text::uuid,
+           (SELECT version_id FROM secrets.list_secret_version_ids('db/app')
+            WHERE 'CURRENT' = ANY(version_stages)))",
+        &[&pending],
+    )
+    .unwrap();
+    let by_pending = r#"secrets_proxy_server_logins_total{stage="PENDING"}"#;
+    let pending_logins = counter(&fixture, by_pending);
+    assert_eq!(pending_logins, 5, "every login in the window used PENDING");
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..3 {
+        fixture.connect().query_one("SELECT 1", &[]).unwrap();
+    }
+    assert_eq!(counter(&fixture, refused), 1);
+    assert_eq!(
+        counter(&fixture, by_pending),
+        pending_logins,
+        "no login used PENDING after the labels moved"
+    );
+}
+
 /// A new connection per transaction, for four clients.
 const RECONNECTING: &[&str] = &["-C", "-c", "4"];
 
