@@ -261,26 +261,30 @@ async fn connect(
 const MAX_GREETING_MESSAGES: usize = 1000;
 const MAX_GREETING_BYTES: usize = 256 * 1024;
 
-/// Connects and logs in, all within `settings.timeout`: a server that accepts and then stalls
-/// (in the TLS handshake, the authentication or the greeting) is as unreachable as one that
-/// does not answer.
+/// Connects and logs in, all within `settings.timeout` or `budget_left`, whichever ends
+/// first: a server that accepts and then stalls (in the TLS handshake, the authentication or
+/// the greeting) is as unreachable as one that does not answer, and a client waits no longer
+/// than the login retry budget for it.
 pub async fn login(
     target: &Target,
     credential: &Credential,
     client_parameters: &BTreeMap<String, String>,
     settings: &ConnectSettings<'_>,
+    budget_left: Duration,
 ) -> Result<BackendSession, ProxyError> {
+    let limit = settings.timeout.min(budget_left);
     tokio::time::timeout(
-        settings.timeout,
+        limit,
         log_in(target, credential, client_parameters, settings),
     )
     .await
     .map_err(|_| ProxyError::Unreachable {
         address: format!("{}:{}", target.host, target.port),
-        reason: format!(
-            "no ready session within {} ms",
-            settings.timeout.as_millis()
-        ),
+        reason: if limit < settings.timeout {
+            "no ready session before the login retry budget ran out".to_string()
+        } else {
+            format!("no ready session within {} ms", limit.as_millis())
+        },
     })?
 }
 

@@ -381,6 +381,9 @@ impl Config {
         if self.limits.client_login_timeout_ms == 0 {
             return Err("[limits] client_login_timeout_ms must be at least 1".into());
         }
+        if self.limits.backend_connect_timeout_ms == 0 {
+            return Err("[limits] backend_connect_timeout_ms must be at least 1".into());
+        }
         if self.limits.max_pending_logins_per_source == 0 {
             return Err("[limits] max_pending_logins_per_source must be at least 1".into());
         }
@@ -631,6 +634,10 @@ mod tests {
             (
                 format!("{BASE}\n[limits]\nclient_login_timeout_ms = 0"),
                 "[limits] client_login_timeout_ms must be at least 1",
+            ),
+            (
+                format!("{BASE}\n[limits]\nbackend_connect_timeout_ms = 0"),
+                "[limits] backend_connect_timeout_ms must be at least 1",
             ),
             (
                 format!("{BASE}\n[limits]\nmax_pending_logins_per_source = 0"),

@@ -114,6 +114,7 @@ async fn login_with_retry(
     let deadline = Instant::now() + settings.budget;
     let mut delay = Duration::from_millis(25);
     let mut last_error: Option<ProxyError> = None;
+    let mut attempted = false;
     loop {
         for stage in credentials.stage_order(&route.secret) {
             let credential = match credentials.get(&route.secret, stage).await {
@@ -125,8 +126,26 @@ async fn login_with_retry(
                     break;
                 }
             };
+            // The first attempt has the server's connect timeout whatever the budget (a budget
+            // of 0 means no retries); a later one only what is left of the budget.
+            let budget_left = if attempted {
+                deadline.saturating_duration_since(Instant::now())
+            } else {
+                settings.connect.timeout
+            };
+            if budget_left.is_zero() {
+                break;
+            }
+            attempted = true;
             let target = target(route, &credential, store, client_database);
-            match backend::login(&target, &credential, client_parameters, &settings.connect).await {
+            let login = backend::login(
+                &target,
+                &credential,
+                client_parameters,
+                &settings.connect,
+                budget_left,
+            );
+            match login.await {
                 Ok(session) => {
                     credentials.logged_in_with(&route.secret, stage);
                     metrics.server_login(stage);

@@ -441,6 +441,52 @@ fn a_rotation_window_costs_one_refused_login_not_one_per_client() {
     );
 }
 
+/// A server that accepts connections and then says nothing holds a login for at most the
+/// retry budget, not for the connect timeout of every stage in turn: CURRENT has its 4.5 s
+/// timeout, PENDING and PREVIOUS share the 0.5 s left of the 5 s budget (before, 13.5 s).
+#[test]
+fn a_silent_server_holds_a_login_no_longer_than_the_retry_budget() {
+    let fixture = fixture_with(
+        r#""trust""#,
+        &[],
+        ProxyExtras {
+            limits: "backend_connect_timeout_ms = 4500".into(),
+            ..ProxyExtras::default()
+        },
+    );
+    // Never accepted: the kernel completes the handshakes, and nothing is ever said.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let credential = format!(
+        r#"{{"host": "127.0.0.1", "port": {}, "username": "app", "password": "pw-0"}}"#,
+        silent.local_addr().unwrap().port()
+    );
+    let mut db = fixture.cluster.superuser();
+    for stages in ["{CURRENT}", "{CURRENT}", "{PENDING}"] {
+        db.execute(
+            "SELECT secrets.put_secret_value('db/app', $1, version_stages => $2::text::text[])",
+            &[&credential, &stages],
+        )
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let Err(error) = fixture.try_connect() else {
+        panic!("a login to a server that says nothing succeeded");
+    };
+    let waited = started.elapsed();
+    let message = error.as_db_error().map(|db| db.message().to_string());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("before the login retry budget ran out")),
+        "{error}"
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "the login took {waited:?}, past the 5 s budget"
+    );
+}
+
 /// A new connection per transaction, for four clients.
 const RECONNECTING: &[&str] = &["-C", "-c", "4"];
 
