@@ -53,6 +53,10 @@ pub enum ProxyError {
     ShuttingDown,
     #[error("this proxy requires TLS: connect with sslmode=require or stronger")]
     TlsRequired,
+    #[error("the setting {0:?} is not passed to the server: it would hold a server connection past the proxy's login")]
+    RefusedSetting(String),
+    #[error("the switch {0:?} in options is not passed to the server: only -c name=value and --name=value are")]
+    UnsupportedOption(String),
 }
 
 impl ProxyError {
@@ -69,6 +73,8 @@ impl ProxyError {
             ProxyError::Backend(_) => "08P01",
             ProxyError::PoolTimeout { .. } | ProxyError::TooManyPendingLogins { .. } => "53300",
             ProxyError::ShuttingDown => "57P01",
+            ProxyError::RefusedSetting(_) => "42501",
+            ProxyError::UnsupportedOption(_) => "0A000",
             // What PostgreSQL says when authentication_timeout passes.
             ProxyError::LoginTimeout(_) => "57014",
         }

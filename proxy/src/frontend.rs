@@ -161,6 +161,7 @@ fn parse_startup(length: i32, body: &[u8]) -> Result<BTreeMap<String, String>, P
             "replication connections are not proxied".into(),
         ));
     }
+    crate::startup_settings::check(&startup.parameters)?;
     Ok(startup.parameters)
 }
 

@@ -15,6 +15,7 @@ pub mod pool;
 pub mod relay;
 pub mod scram;
 pub mod server;
+pub mod startup_settings;
 pub mod tls;
 
 pub use config::Config;

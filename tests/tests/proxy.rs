@@ -487,6 +487,60 @@ fn a_silent_server_holds_a_login_no_longer_than_the_retry_budget() {
     );
 }
 
+/// A client's settings reach the server (`options` and plain startup parameters), except a
+/// login delay, which would hold a server connection slot past the proxy's login timeout;
+/// refused with 42501, and the proxy serves the next client.
+#[test]
+fn settings_reach_the_server_but_a_login_delay_is_refused() {
+    let fixture = fixture(r#""trust""#);
+    let url = |options: &str| {
+        format!(
+            "host=127.0.0.1 port={} user=whoever dbname=appdb options='{options}'",
+            fixture.port()
+        )
+    };
+    let mut client =
+        Client::connect(&url("-c statement_timeout=1234 --work-mem=2MB"), NoTls).unwrap();
+    let settings: (String, String) = {
+        let row = client
+            .query_one(
+                "SELECT current_setting('statement_timeout'), current_setting('work_mem')",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(settings, ("1234ms".to_string(), "2MB".to_string()));
+    for (options, sqlstate) in [
+        ("-c post_auth_delay=30", "42501"),
+        ("--POST-AUTH-DELAY=30", "42501"),
+        ("-W 30", "0A000"),
+    ] {
+        let Err(error) = Client::connect(&url(options), NoTls) else {
+            panic!("{options} was let through");
+        };
+        assert_eq!(
+            error.as_db_error().map(|db| db.code().code()),
+            Some(sqlstate),
+            "{options}: {error}"
+        );
+    }
+    let mut packet = startup_packet(
+        3 << 16,
+        &[
+            ("user", "whoever"),
+            ("database", "appdb"),
+            ("post_auth_delay", "30"),
+        ],
+    );
+    let mut raw = TcpStream::connect(("127.0.0.1", fixture.port())).unwrap();
+    raw.write_all(&packet).unwrap();
+    packet.clear();
+    raw.read_to_end(&mut packet).unwrap();
+    assert!(String::from_utf8_lossy(&packet).contains("42501"));
+    fixture.connect().query_one("SELECT 1", &[]).unwrap();
+}
+
 /// A new connection per transaction, for four clients.
 const RECONNECTING: &[&str] = &["-C", "-c", "4"];
 
