@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PG_BIN=/usr/lib/postgresql/15/bin
-ROOT="$PWD/.pg"
+# PG_SECRETS_DEMO_DIR: where the cluster lives instead of .pg/ (the test of `make run` uses it).
+ROOT="${PG_SECRETS_DEMO_DIR:-$PWD/.pg}"
 DATA="$ROOT/data"
 KEY_FILE="$ROOT/master.key"
 PORT="${PG_SECRETS_PORT:-54329}"
@@ -155,13 +156,13 @@ SQL
     if [ "$(id -u)" -eq 0 ]; then connect="runuser -u postgres -- $connect"; fi
     cat <<TXT
 
-pg_secrets is running: PostgreSQL 15 on 127.0.0.1:$PORT, data in .pg/, key in .pg/master.key.
+pg_secrets is running: PostgreSQL 15 on 127.0.0.1:$PORT, data in $ROOT/, key in $KEY_FILE.
 
 Connect:   $connect
 
 secrets-proxy listens on 127.0.0.1:$PROXY_PORT; connect as the application would, with no password:
            psql -h 127.0.0.1 -p $PROXY_PORT -d demo -c 'SELECT current_user'
-           (logs in as "app" with the password in secret demo/app/db; log: .pg/proxy.log)
+           (logs in as "app" with the password in secret demo/app/db; log: $ROOT/proxy.log)
            psql -h 127.0.0.1 -p $PROXY_PORT -d demo -U pooled -c 'SELECT pg_backend_pid()'
            (transaction pooling: every "pooled" client shares five server sessions)
 

@@ -1,7 +1,7 @@
 //! Managing access: identity-based grants, resource policies, requests with approval, and the
 //! policy simulator. Deciding access is `access`; this module writes what it reads.
 
-use crate::access::{self, policy, Action, Actions, Context, Secret};
+use crate::access::{self, policy, Action, Actions, Context, HandedOn, Secret};
 use crate::db;
 use crate::db::required;
 use crate::errors::{Error, Result};
@@ -54,7 +54,8 @@ pub fn validate_actions(actions: &[Option<String>]) -> Result<Vec<String>> {
 /// Who may grant on a pattern: a superuser or `secrets_admin` on any pattern; anyone else only
 /// on the exact name of a secret they may `manage`.
 /// Returns the secret whose `manage` right allowed it, `None` for a role that may manage
-/// every secret: what a grant may hand on is bounded by that right (`within_own_manage`).
+/// every secret: what a grant may hand on is bounded by that right
+/// (`access::within_own_manage`).
 fn authorize_grant(client: &mut SpiClient<'_>, pattern: &str) -> Result<Option<Secret>> {
     let caller = access::caller();
     if access::may_on_any(caller, Action::Manage)? {
@@ -68,32 +69,6 @@ fn authorize_grant(client: &mut SpiClient<'_>, pattern: &str) -> Result<Option<S
     }
     store::authorize(client, pattern, Action::Manage, OnDeleted::Allow)
         .map(|row| Some(row.subject()))
-}
-
-/// Refuses access handed on beyond the caller's own `manage` right on `secret` (see
-/// `access::Delegation`): a grant or an approval ending at `ends` (Unix microseconds; `None`
-/// for no end, as a resource policy has).
-fn within_own_manage(name: &str, secret: Secret, ends: Option<i64>) -> Result<()> {
-    let reason = match access::delegation(access::caller(), name, secret)? {
-        access::Delegation::Unlimited => return Ok(()),
-        access::Delegation::Until(limit) if ends.is_some_and(|ends| ends <= limit) => return Ok(()),
-        access::Delegation::Until(limit) => format!(
-            "your manage access to it ends at {}, and what you grant must end by then (a grant \
-             with valid_until, an approval whose duration ends in time; a resource policy has \
-             no end)",
-            chrono::DateTime::from_timestamp_micros(limit)
-                .map(|at| at.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-                .unwrap_or_default()
-        ),
-        access::Delegation::Nothing => "your manage access to it comes from resource policy \
-             statements with conditions, which what you grant would not carry; an owner or a \
-             member of secrets_admin can grant it"
-            .to_string(),
-    };
-    Err(Error::BeyondOwnAccess {
-        name: name.to_string(),
-        reason,
-    })
 }
 
 /// A grantee must exist (`regrole` takes a number as it is, and a requester may have been
@@ -160,7 +135,7 @@ pub fn grant_access(
             ));
         }
         if let Some(secret) = bounded_by {
-            within_own_manage(pattern, secret, ends)?;
+            access::within_own_manage(pattern, Some(secret), HandedOn::Access { ends })?;
         }
         let id = db::first_value::<Uuid>(client.update(
             "INSERT INTO secrets.access_grant \
@@ -171,6 +146,8 @@ pub fn grant_access(
                                  secrets.access_grant.actions || EXCLUDED.actions) a ORDER BY a), \
                    valid_until = EXCLUDED.valid_until, granted_by = EXCLUDED.granted_by, \
                    granted_at = pg_catalog.now() \
+               WHERE secrets.access_grant.valid_until IS NOT DISTINCT FROM EXCLUDED.valid_until \
+                  OR secrets.access_grant.actions OPERATOR(pg_catalog.<@) EXCLUDED.actions \
              RETURNING id",
             None,
             &[
@@ -182,7 +159,17 @@ pub fn grant_access(
                 access::caller().into(),
             ],
         )?)?
-        .expect("RETURNING gives a row");
+        // Granting again adds actions and sets the end of them all: not for actions the
+        // caller did not name, whose end it would change silently (a 30-minute `get` made
+        // permanent by a grant of `describe`, or a permanent one cut short).
+        .ok_or_else(|| {
+            Error::InvalidParameter(format!(
+                "\"{pattern}\" is already granted to role {} with other actions and another \
+                 valid_until, which this grant would change: give the same valid_until, name \
+                 all of its actions, or revoke it first",
+                access::role_name(grantee)
+            ))
+        })?;
         ensure_function_access(client, grantee)?;
         access::invalidate_grants();
         Ok(id)
@@ -319,7 +306,7 @@ pub fn put_policy(name: &str, document: JsonB, block_public_policy: bool) -> Res
     }
     Spi::connect_mut(|client| {
         let secret = store::authorize(client, name, Action::Manage, OnDeleted::Refuse)?;
-        within_own_manage(name, secret.subject(), None)?;
+        access::within_own_manage(name, Some(secret.subject()), HandedOn::Policy)?;
         client.update(
             "INSERT INTO secrets.resource_policy (secret_id, policy, changed_by) \
              VALUES ($1, $2, $3::oid::regrole) \
@@ -348,7 +335,7 @@ pub fn delete_policy(name: &str) -> Result<()> {
     Spi::connect_mut(|client| {
         let secret = store::authorize(client, name, Action::Manage, OnDeleted::Allow)?;
         // A policy's deny statements are access too: lifting them hands it on.
-        within_own_manage(name, secret.subject(), None)?;
+        access::within_own_manage(name, Some(secret.subject()), HandedOn::Policy)?;
         client.update(
             "DELETE FROM secrets.resource_policy WHERE secret_id = $1",
             None,
@@ -517,7 +504,11 @@ pub fn decide_request(id: Uuid, approve: bool) -> Result<Option<Uuid>> {
         }
         let grant_id = if approve {
             let ends = access::now_micros() + (seconds * 1e6) as i64;
-            within_own_manage(&name, secret.subject(), Some(ends))?;
+            access::within_own_manage(
+                &name,
+                Some(secret.subject()),
+                HandedOn::Access { ends: Some(ends) },
+            )?;
             let grant_id = store::new_uuid();
             client.update(
                 "INSERT INTO secrets.access_grant \

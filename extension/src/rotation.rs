@@ -10,7 +10,7 @@
 //! secret row, and give way (SKIP LOCKED) when a writer holds it, so a worker never deadlocks
 //! with `put_secret_value`, which takes the secret row first.
 
-use crate::access::{self, Action};
+use crate::access::{self, Action, HandedOn};
 use crate::db::required;
 use crate::errors::{Error, Result};
 use crate::labels::{self, CURRENT};
@@ -134,6 +134,9 @@ pub fn rotate_secret(name: &str, request: Request) -> Result<Option<Uuid>> {
                 name: name.to_string(),
                 action: Action::Manage.as_str(),
             });
+        }
+        if configures {
+            access::within_own_manage(name, Some(secret.subject()), HandedOn::Rotation)?;
         }
         let stored = load_settings(client, secret.id)?;
         let rotator = match request.rotator.or(stored.rotator.as_deref()) {

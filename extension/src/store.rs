@@ -449,6 +449,7 @@ pub fn create_secret(new: NewSecret<'_>) -> Result<Option<Uuid>> {
             }
             return Err(Error::AlreadyExists(new.name.to_string()));
         }
+        access::within_own_manage(new.name, None, access::HandedOn::Ownership)?;
         let secret = SecretRow {
             id: new_uuid(),
             name: new.name.to_string(),

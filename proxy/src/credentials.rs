@@ -12,6 +12,7 @@ use futures_util::StreamExt;
 use secrecy::SecretString;
 use serde::Deserialize;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
@@ -25,17 +26,11 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 /// accept the pending password, or still the previous one.
 pub const STAGES: [&str; 3] = ["CURRENT", "PENDING", "PREVIOUS"];
 
-/// How long a stage other than CURRENT that logged in is tried first (see
-/// `CredentialCache::stage_order`), unless a change notification or a refusal ends it sooner.
-const PREFERRED_STAGE_FOR: Duration = Duration::from_secs(10);
-
-/// `STAGES` with `stage` moved to the front.
-fn first(stage: &'static str) -> [&'static str; 3] {
-    let mut order = STAGES;
-    let at = order.iter().position(|s| *s == stage).unwrap_or(0);
-    order[..=at].rotate_right(1);
-    order
-}
+/// How long PENDING goes first once a login found CURRENT refused and PENDING accepted
+/// (see `CredentialCache::pending_first`), unless a change notification or a refusal ends it
+/// sooner. Counted from that login, not renewed by the logins it spares.
+const PENDING_FIRST_FOR: Duration = Duration::from_secs(10);
+const PENDING_FIRST: [&str; 3] = ["PENDING", "CURRENT", "PREVIOUS"];
 
 /// The credential JSON of DESIGN.md.
 #[derive(Deserialize)]
@@ -115,11 +110,15 @@ pub struct CredentialCache {
     entries: Mutex<HashMap<Key, Entry>>,
     /// The last credential the store gave for each (secret, stage), and when.
     last_known: Mutex<HashMap<Key, (Arc<Credential>, Instant)>>,
-    /// Per secret, the stage other than CURRENT that last logged in, and when. In a rotation's
-    /// window (the server has the new password, the labels have not moved yet) CURRENT is
-    /// refused: trying it first would cost every new login a refused login at the server,
-    /// which its log and any lockout count, and a store fetch.
-    preferred_stage: Mutex<HashMap<String, (&'static str, Instant)>>,
+    /// Per (secret, route), since when PENDING goes first. In a rotation's window (the server
+    /// has the new password, the labels have not moved yet) CURRENT is refused: trying it
+    /// first would cost every new login a refused login at the server, which its log and any
+    /// lockout count, and a store fetch. Only PENDING: a login that fell back to PREVIOUS says
+    /// the server lags the secret, not that the next login should.
+    pending_first: Mutex<HashMap<(String, String), Instant>>,
+    /// Counts invalidations, so that a login that began before one does not record what it
+    /// learned after it.
+    generation: AtomicU64,
     metrics: Arc<Metrics>,
     connections: deadpool_postgres::Pool,
 }
@@ -160,29 +159,42 @@ impl CredentialCache {
             stale_limit,
             entries: Mutex::new(HashMap::new()),
             last_known: Mutex::new(HashMap::new()),
-            preferred_stage: Mutex::new(HashMap::new()),
+            pending_first: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
             metrics,
             connections,
         }))
     }
 
-    /// The stages a login of `secret` tries, in order: `STAGES`, except that a stage other
-    /// than CURRENT that logged in lately comes first.
-    pub fn stage_order(&self, secret: &str) -> [&'static str; 3] {
-        let preferred = self.preferred_stage.lock().expect("cache lock poisoned");
-        match preferred.get(secret) {
-            Some(&(stage, since)) if since.elapsed() < PREFERRED_STAGE_FOR => first(stage),
+    /// The stages a login of `secret` for `route` tries, in order: `STAGES`, or PENDING
+    /// first for a while after a login found CURRENT refused and PENDING accepted.
+    pub fn stage_order(&self, secret: &str, route: &str) -> [&'static str; 3] {
+        let pending_first = self.pending_first.lock().expect("cache lock poisoned");
+        match pending_first.get(&(secret.to_string(), route.to_string())) {
+            Some(since) if since.elapsed() < PENDING_FIRST_FOR => PENDING_FIRST,
             _ => STAGES,
         }
     }
 
-    /// A login of `secret` with `stage` was accepted.
-    pub fn logged_in_with(&self, secret: &str, stage: &'static str) {
-        let mut preferred = self.preferred_stage.lock().expect("cache lock poisoned");
-        if stage == STAGES[0] {
-            preferred.remove(secret);
-        } else {
-            preferred.insert(secret.to_string(), (stage, Instant::now()));
+    /// Where invalidations stand: read before fetching the credential a login tries.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// A login of `secret` for `route` found CURRENT refused and PENDING accepted, with a
+    /// PENDING credential fetched at `generation`: PENDING goes first from now on, unless
+    /// something was invalidated since (the labels may have moved) or it already does.
+    pub fn pending_accepted(&self, secret: &str, route: &str, generation: u64) {
+        let mut pending_first = self.pending_first.lock().expect("cache lock poisoned");
+        if self.generation() != generation {
+            return;
+        }
+        let key = (secret.to_string(), route.to_string());
+        if !pending_first
+            .get(&key)
+            .is_some_and(|since| since.elapsed() < PENDING_FIRST_FOR)
+        {
+            pending_first.insert(key, Instant::now());
         }
     }
 
@@ -292,17 +304,15 @@ impl CredentialCache {
         self.forget_preferred_stage(None);
     }
 
-    /// A change or a refusal ends what a past login taught about `secret` (every secret for
-    /// `None`).
+    /// A change or a refusal ends what past logins taught about `secret` (every secret for
+    /// `None`). The count moves under the lock `pending_accepted` checks it under.
     fn forget_preferred_stage(&self, secret: Option<&str>) {
-        let mut preferred = self.preferred_stage.lock().expect("cache lock poisoned");
+        let mut pending_first = self.pending_first.lock().expect("cache lock poisoned");
+        self.generation.fetch_add(1, Ordering::SeqCst);
         match secret {
-            Some(secret) => preferred.remove(secret),
-            None => {
-                preferred.clear();
-                None
-            }
-        };
+            Some(secret) => pending_first.retain(|(name, _), _| name != secret),
+            None => pending_first.clear(),
+        }
     }
 
     async fn fetch(&self, secret: &str, stage: &'static str) -> Fetched {
@@ -469,16 +479,4 @@ fn store_config(store: &Store, password: Option<&str>, tls: bool) -> tokio_postg
         }
     }
     config
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_preferred_stage_goes_first_and_the_rest_keep_their_order() {
-        assert_eq!(first("CURRENT"), ["CURRENT", "PENDING", "PREVIOUS"]);
-        assert_eq!(first("PENDING"), ["PENDING", "CURRENT", "PREVIOUS"]);
-        assert_eq!(first("PREVIOUS"), ["PREVIOUS", "CURRENT", "PENDING"]);
-    }
 }

@@ -1,8 +1,8 @@
 //! Logging in through a rotation. A refused login (28P01, 28000) before anything reached the
 //! client is not the client's problem yet: the proxy drops the cached credential, tries
-//! CURRENT, PENDING and PREVIOUS, and backs off within a budget before giving up. A stage
-//! other than CURRENT that logged in is tried first for a while (`stage_order`), so a
-//! rotation's window costs one refused login, not one per client.
+//! CURRENT, PENDING and PREVIOUS, and backs off within a budget before giving up. Once a
+//! login found CURRENT refused and PENDING accepted, PENDING goes first for a while
+//! (`stage_order`), so a rotation's window costs one refused login, not one per client.
 
 use crate::backend::{self, BackendSession, ConnectSettings, Target};
 use crate::config::{Route, Store};
@@ -115,8 +115,10 @@ async fn login_with_retry(
     let mut delay = Duration::from_millis(25);
     let mut last_error: Option<ProxyError> = None;
     let mut attempted = false;
+    let mut current_refused = false;
     loop {
-        for stage in credentials.stage_order(&route.secret) {
+        for stage in credentials.stage_order(&route.secret, &route.database) {
+            let generation = credentials.generation();
             let credential = match credentials.get(&route.secret, stage).await {
                 Ok(Some(credential)) => credential,
                 Ok(None) => continue,
@@ -136,6 +138,7 @@ async fn login_with_retry(
             if budget_left.is_zero() {
                 break;
             }
+            let cut_short = attempted && budget_left < settings.connect.timeout;
             attempted = true;
             let target = target(route, &credential, store, client_database);
             let login = backend::login(
@@ -147,7 +150,9 @@ async fn login_with_retry(
             );
             match login.await {
                 Ok(session) => {
-                    credentials.logged_in_with(&route.secret, stage);
+                    if current_refused && stage == "PENDING" {
+                        credentials.pending_accepted(&route.secret, &route.database, generation);
+                    }
                     metrics.server_login(stage);
                     if stage != STAGES[0] {
                         tracing::info!(route = %route.database, stage, "logged in with a non-CURRENT credential during a rotation");
@@ -163,10 +168,15 @@ async fn login_with_retry(
                     if let ProxyError::LoginRefused { .. } = error {
                         metrics.retry("refused");
                         credentials.invalidate_if_used(&route.secret, &credential);
+                        current_refused |= stage == STAGES[0];
                     } else {
                         metrics.retry("unreachable");
                     }
-                    last_error = Some(error);
+                    // An attempt cut short by the budget says less than what came before it
+                    // (a refusal's own SQLSTATE, say).
+                    if !(cut_short && last_error.is_some()) {
+                        last_error = Some(error);
+                    }
                 }
                 Err(error) => return Err(error),
             }

@@ -53,6 +53,14 @@ fn give_to_server_user(path: &Path) {
     }
 }
 
+/// An empty temporary directory the server programs may write in (as root: owned by
+/// `postgres`).
+pub fn server_temp_dir(prefix: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    give_to_server_user(dir.path());
+    dir
+}
+
 fn run(command: &mut Command) -> Output {
     let output = command
         .output()

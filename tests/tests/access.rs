@@ -1230,7 +1230,7 @@ fn a_manager_hands_on_no_more_than_its_own_manage_right() {
          CREATE ROLE asker LOGIN PASSWORD 'pw' IN ROLE secrets_user;
          CREATE ROLE friend;
          SELECT secrets.create_secret('team/db', 'v');
-         SELECT secrets.grant_access('team/db', 'temp_manager', '{manage}', now() + interval '1 hour');
+         SELECT secrets.grant_access('team/db', 'temp_manager', '{manage,rotate}', now() + interval '1 hour');
          SELECT secrets.grant_access('team/db', 'perm_manager', '{manage}');
          SELECT secrets.put_resource_policy('team/db', '{\"statements\": [{\"effect\": \"allow\",
            \"principals\": [\"cond_manager\"], \"actions\": [\"manage\"],
@@ -1274,6 +1274,15 @@ fn a_manager_hands_on_no_more_than_its_own_manage_right() {
     ] {
         assert_sql_error(temp.query(statement, &[]), "42501", expected);
     }
+    assert_sql_error(
+        temp.query(
+            "SELECT secrets.rotate_secret('team/db', 'postgres-single-user', 'rate(1 days)',
+                                          rotate_immediately => false)",
+            &[],
+        ),
+        "42501",
+        "a rotation schedule runs on with the owner's rights",
+    );
     assert_eq!(grants(&mut db), before, "a refused grant changed nothing");
     temp.batch_execute(
         "SELECT secrets.grant_access('team/db', 'friend', '{get}', now() + interval '30 minutes')",
@@ -1307,18 +1316,45 @@ fn a_manager_hands_on_no_more_than_its_own_manage_right() {
             &[],
         ),
         "42501",
-        "resource policy statements with conditions",
+        "only under the conditions of resource policy statements",
     );
     assert_sql_error(
         conditional.query(approve, &[&long]),
         "42501",
-        "with conditions",
+        "under the conditions",
     );
 
-    // Manage without an end hands on without one.
+    // Manage on a pattern for a while does not make a permanent owner of a new secret.
+    db.batch_execute(
+        "SELECT secrets.grant_access('team/*', 'temp_manager', '{manage}', now() + interval '1 hour')",
+    )
+    .unwrap();
+    assert_sql_error(
+        temp.query("SELECT secrets.create_secret('team/new', 'v')", &[]),
+        "42501",
+        "creating it would make you its owner for good",
+    );
+    let created: i64 = db
+        .query_one("SELECT count(*) FROM secrets.list_secrets('team/new')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(created, 0);
+
+    // Manage without an end hands on without one; granting again does not change the end of
+    // actions the grant does not name (friend's get for 30 minutes).
     let mut permanent = cluster.connect("perm_manager", "pw");
+    let before = grants(&mut db);
+    assert_sql_error(
+        permanent.query(
+            "SELECT secrets.grant_access('team/db', 'friend', '{describe}')",
+            &[],
+        ),
+        "22023",
+        "already granted to role friend with other actions and another valid_until",
+    );
+    assert_eq!(grants(&mut db), before);
     permanent
-        .batch_execute("SELECT secrets.grant_access('team/db', 'friend', '{describe}')")
+        .batch_execute("SELECT secrets.grant_access('team/db', 'friend', '{describe,get}')")
         .unwrap();
     permanent.query(approve, &[&long]).unwrap();
     permanent.batch_execute(policy).unwrap();

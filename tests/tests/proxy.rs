@@ -474,11 +474,14 @@ fn a_silent_server_holds_a_login_no_longer_than_the_retry_budget() {
         panic!("a login to a server that says nothing succeeded");
     };
     let waited = started.elapsed();
-    let message = error.as_db_error().map(|db| db.message().to_string());
+    let db_error = error.as_db_error();
+    assert_eq!(
+        db_error.map(|db| db.code().code()),
+        Some("08001"),
+        "{error}"
+    );
     assert!(
-        message
-            .as_deref()
-            .is_some_and(|m| m.contains("before the login retry budget ran out")),
+        db_error.is_some_and(|db| db.message().contains("no ready session")),
         "{error}"
     );
     assert!(

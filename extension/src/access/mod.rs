@@ -332,7 +332,8 @@ pub fn decide(
 }
 
 /// How far a role may hand on its `manage` right on a secret, by a grant, by approving a
-/// request or by a resource policy: no further than the right itself reaches. Otherwise a role
+/// request, by a resource policy, by a rotation that runs on with the owner's rights, or by
+/// creating a secret it then owns: no further than the right itself reaches. Otherwise a role
 /// given `manage` for an hour could grant itself, or anyone, access for good.
 #[derive(Debug, PartialEq)]
 pub enum Delegation {
@@ -346,28 +347,30 @@ pub enum Delegation {
     Nothing,
 }
 
-/// `role`'s `Delegation` on `secret`, named `name`. The caller has checked that the role
-/// may manage it (so no deny applies).
-pub fn delegation(role: Oid, name: &str, secret: Secret) -> Result<Delegation> {
+/// `role`'s `Delegation` on the secret named `name` (`None` for a name no secret has yet).
+/// The caller has checked that the role may manage it (so no deny applies).
+pub fn delegation(role: Oid, name: &str, secret: Option<Secret>) -> Result<Delegation> {
     if may_on_any(role, Action::Manage)? {
         return Ok(Delegation::Unlimited);
     }
     let membership = cache::membership(role)?;
-    if membership.roles.contains(&secret.owner) {
-        return Ok(Delegation::Unlimited);
-    }
-    let by_unconditional_statement = cache::policy_of(secret.id)?.is_some_and(|policy| {
-        policy.statements.iter().any(|statement| {
-            statement.effect == policy::Effect::Allow
-                && statement.actions.contains(Action::Manage)
-                && statement.conditions.is_empty()
-                && statement
-                    .principals
-                    .include(|r| membership.roles.contains(r))
-        })
-    });
-    if by_unconditional_statement {
-        return Ok(Delegation::Unlimited);
+    if let Some(secret) = secret {
+        if membership.roles.contains(&secret.owner) {
+            return Ok(Delegation::Unlimited);
+        }
+        let by_unconditional_statement = cache::policy_of(secret.id)?.is_some_and(|policy| {
+            policy.statements.iter().any(|statement| {
+                statement.effect == policy::Effect::Allow
+                    && statement.actions.contains(Action::Manage)
+                    && statement.conditions.is_empty()
+                    && statement
+                        .principals
+                        .include(|r| membership.roles.contains(r))
+            })
+        });
+        if by_unconditional_statement {
+            return Ok(Delegation::Unlimited);
+        }
     }
     let (grants, now) = (cache::grants()?, cache::now_micros());
     let mut latest_end = None;
@@ -384,6 +387,56 @@ pub fn delegation(role: Oid, name: &str, secret: Secret) -> Result<Delegation> {
         }
     }
     Ok(latest_end.map_or(Delegation::Nothing, Delegation::Until))
+}
+
+/// What a manager hands on, for `within_own_manage`.
+pub enum HandedOn {
+    /// A grant or an approval, ending at this time (Unix microseconds) or never.
+    Access {
+        ends: Option<i64>,
+    },
+    Policy,
+    Rotation,
+    Ownership,
+}
+
+/// Refuses, for the caller, what `handed` would reach beyond its own `manage` right on the
+/// secret named `name` (see `Delegation`).
+pub fn within_own_manage(name: &str, secret: Option<Secret>, handed: HandedOn) -> Result<()> {
+    let basis = match delegation(caller(), name, secret)? {
+        Delegation::Unlimited => return Ok(()),
+        Delegation::Until(limit) => {
+            if let HandedOn::Access { ends: Some(ends) } = handed {
+                if ends <= limit {
+                    return Ok(());
+                }
+            }
+            format!(
+                "your manage access to it ends at {}",
+                chrono::DateTime::from_timestamp_micros(limit)
+                    .map(|at| at.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                    .unwrap_or_default()
+            )
+        }
+        Delegation::Nothing => {
+            "your manage access to it holds only under the conditions of resource policy \
+             statements"
+                .to_string()
+        }
+    };
+    let why = match handed {
+        HandedOn::Access { .. } => {
+            "what you grant must end by then (a grant's valid_until, an approval's duration) \
+             and carries no conditions"
+        }
+        HandedOn::Policy => "a resource policy has no end and outlives them",
+        HandedOn::Rotation => "a rotation schedule runs on with the owner's rights, without end",
+        HandedOn::Ownership => "creating it would make you its owner for good",
+    };
+    Err(crate::errors::Error::BeyondOwnAccess {
+        name: name.to_string(),
+        reason: format!("{basis}; {why}"),
+    })
 }
 
 /// Whether `role` has the privileges of the role named `group`.
