@@ -190,9 +190,9 @@ impl CredentialCache {
             return;
         }
         let key = (secret.to_string(), route.to_string());
-        if !pending_first
+        if pending_first
             .get(&key)
-            .is_some_and(|since| since.elapsed() < PENDING_FIRST_FOR)
+            .is_none_or(|since| since.elapsed() >= PENDING_FIRST_FOR)
         {
             pending_first.insert(key, Instant::now());
         }
