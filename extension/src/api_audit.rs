@@ -39,14 +39,22 @@ fn purge_audit_log(older_than: Option<Interval>) -> Result<i64, ErrorReport> {
     sql(|| {
         audit::audited("manage", "purge_audit_log", None, || {
             let older_than = required(older_than, "older_than")?;
-            if older_than.months() != 0 || older_than.days() < 0 || older_than.micros() < 0 {
+            let seconds =
+                f64::from(older_than.days()) * 86_400.0 + older_than.micros() as f64 / 1e6;
+            if older_than.months() != 0 || seconds < 0.0 {
                 return Err(crate::errors::Error::InvalidParameter(
-                    "older_than must be a positive interval of days, hours, minutes or seconds"
+                    "older_than must be an interval of days, hours, minutes or seconds, not \
+                     negative"
                         .into(),
                 ));
             }
-            let seconds =
-                f64::from(older_than.days()) * 86_400.0 + older_than.micros() as f64 / 1e6;
+            let youngest = crate::settings::audit_min_retention_seconds();
+            if seconds < youngest {
+                return Err(crate::errors::Error::InvalidParameter(format!(
+                    "older_than must be at least pg_secrets.audit_min_retention ({youngest} s): \
+                     recent records are kept whoever asks"
+                )));
+            }
             // Further back than timestamptz reaches from now would be PostgreSQL's 22008.
             if seconds > trail::MAX_RETENTION_DAYS as f64 * 86_400.0 {
                 return Err(crate::errors::Error::InvalidParameter(format!(

@@ -714,11 +714,14 @@ pub fn work_on(id: Uuid) -> Result<Outcome> {
 /// target answers or a `put_secret_value` settles it.
 fn record_failure(client: &mut SpiClient<'_>, id: Uuid, error: &Error) -> Result<()> {
     let message = error.to_string();
+    // The doubling stops at 2^30 (past any longest delay): a target down for weeks counts
+    // over a thousand failures, and 2^1024 overflows float8, which would fail this update
+    // and leave the rotation retried every round without a word.
     let row = client
         .update(
             "UPDATE secrets.rotation r SET attempts = r.attempts + 1, last_error = $2, \
                     next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => \
-                        LEAST($3 * 2 ^ r.attempts, $4)), \
+                        LEAST($3 * 2 ^ LEAST(r.attempts, 30), $4)), \
                     state = CASE WHEN r.attempts + 1 >= $5 AND r.step = 'create' \
                                  THEN 'failed' ELSE 'running' END, \
                     finished_at = CASE WHEN r.attempts + 1 >= $5 AND r.step = 'create' \

@@ -13,6 +13,7 @@ static DATABASE: GucSetting<Option<CString>> =
 static WORKER_NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(5);
 static MIN_ROTATION_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(3600);
 static ROTATION_RETRY_DELAY: GucSetting<i32> = GucSetting::<i32>::new(60);
+static AUDIT_MIN_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400);
 static ROTATOR_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static ROTATOR_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(30);
 static ROTATOR_SSLMODE: GucSetting<RotatorSslMode> =
@@ -92,6 +93,16 @@ pub fn init() {
         &ROTATION_RETRY_DELAY,
         1,
         3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_secrets.audit_min_retention",
+        c"Youngest records purge_audit_log may remove: a secrets_admin cannot erase recent reads.",
+        c"",
+        &AUDIT_MIN_RETENTION,
+        0,
+        i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
@@ -201,6 +212,10 @@ pub fn min_rotation_interval() -> i64 {
 
 pub fn rotation_retry_delay() -> i64 {
     ROTATION_RETRY_DELAY.get().into()
+}
+
+pub fn audit_min_retention_seconds() -> f64 {
+    AUDIT_MIN_RETENTION.get().into()
 }
 
 pub fn rotator_dir() -> Option<String> {

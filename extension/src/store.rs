@@ -116,9 +116,13 @@ pub fn authorize(
 ) -> Result<SecretRow> {
     let caller = access::caller();
     let row = find_secret(client, name, action != Action::Describe)?;
+    // Named in the record before the decision: a denied attempt is then visible to the
+    // secret's managers in the trail (never to the caller, who may not manage it).
+    if let Some(row) = &row {
+        audit::touched(row.id, None, None);
+    }
     check_access(caller, name, action, row.as_ref().map(SecretRow::subject))?;
     let row = row.expect("check_access refuses a missing secret");
-    audit::touched(row.id, None, None);
     match (&row.purge_at, on_deleted) {
         (Some(purge_at), OnDeleted::Refuse) => Err(Error::ScheduledForDeletion {
             name: name.to_string(),
@@ -579,6 +583,9 @@ pub fn get_secret(
             })
         },
     )?;
+    if let Some(head) = &head {
+        audit::touched(head.id, None, None);
+    }
     check_access(
         access::caller(),
         name,

@@ -32,6 +32,15 @@ fn cluster_evaluating_alarms_every_second() -> Cluster {
     )
 }
 
+/// A cluster whose purge_audit_log may remove records of any age (by default the last 30
+/// days are kept).
+fn cluster_purging_anything() -> Cluster {
+    Cluster::start_with(
+        pg_secrets_e2e::KeySource::File(pg_secrets_e2e::TEST_KEY.into()),
+        &["pg_secrets.audit_min_retention = 0"],
+    )
+}
+
 fn verify(db: &mut Client) -> (bool, i64, Option<i64>) {
     let row = db
         .query_one(
@@ -415,7 +424,7 @@ fn the_trail_is_append_only_and_tampering_is_found() {
 
 #[test]
 fn retention_removes_a_prefix_and_the_rest_still_verifies() {
-    let cluster = Cluster::start();
+    let cluster = cluster_purging_anything();
     let mut db = cluster.superuser();
     db.batch_execute(
         "SELECT secrets.create_secret('r/' || i, 'v') FROM generate_series(1, 5) i;
@@ -432,7 +441,12 @@ fn retention_removes_a_prefix_and_the_rest_still_verifies() {
     assert_sql_error(
         db.query("SELECT secrets.purge_audit_log('-1 day')", &[]),
         "22023",
-        "older_than",
+        "not negative",
+    );
+    assert_sql_error(
+        db.query("SELECT secrets.purge_audit_log('1 day -30 hours')", &[]),
+        "22023",
+        "not negative",
     );
     assert_sql_error(
         db.query("SELECT secrets.purge_audit_log('3650000 days')", &[]),
@@ -499,6 +513,29 @@ fn a_role_sees_the_records_of_what_it_manages_and_auditors_see_all() {
     };
     assert_eq!(names(&mut team_a), vec!["a/key"]);
     assert_eq!(names(&mut team_b), vec!["b/key"]);
+    // team_b's denied attempt on a/key is team_a's to see (it names the secret), not team_b's.
+    assert_sql_error(
+        team_b.query("SELECT secrets.get_secret_value('a/key')", &[]),
+        "42501",
+        "permission denied",
+    );
+    wait_for_records(&mut db, "secret_name = 'a/key' AND outcome = 'denied'", 1);
+    let denied = |client: &mut Client| -> i64 {
+        client
+            .query_one(
+                "SELECT count(*) FROM secrets.audit_log \
+                 WHERE outcome = 'denied' AND \"session_user\" = 'team_b'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(
+        denied(&mut team_a),
+        1,
+        "the manager sees the denied attempt"
+    );
+    assert_eq!(denied(&mut team_b), 0);
     let mut auditor = cluster.connect("auditor", "pw");
     assert_eq!(names(&mut auditor), vec!["a/key", "b/key"]);
     assert!(verify(&mut auditor).0);
@@ -1081,7 +1118,7 @@ fn an_oversized_call_is_shortened_and_offboarding_never_stalls_the_trail() {
 /// each role read is kept when the records go.
 #[test]
 fn offboarding_by_actual_reads_outlives_the_purge_of_the_records() {
-    let cluster = Cluster::start();
+    let cluster = cluster_purging_anything();
     let mut db = cluster.superuser();
     db.batch_execute(
         "CREATE ROLE leaver LOGIN PASSWORD 'pw' IN ROLE secrets_reader; \
@@ -1106,4 +1143,100 @@ fn offboarding_by_actual_reads_outlives_the_purge_of_the_records() {
         .map(|row| row.get(0))
         .collect();
     assert_eq!(read, vec!["app/db".to_string()]);
+}
+
+/// A purge_audit_log left in an open transaction holds the readers' progress row, which the
+/// worker also updates for first-read rules: the worker skips that evaluation rather than wait,
+/// so the queue keeps draining and audited calls keep working.
+#[test]
+fn a_purge_left_open_does_not_stop_the_trail() {
+    let cluster = cluster_evaluating_alarms_every_second();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "SELECT secrets.create_secret('open/db', 'v');
+         SELECT secrets.create_alarm_rule('open-first-read', 'first_read');",
+    )
+    .unwrap();
+    // Records younger than pg_secrets.audit_min_retention (30 days) are kept whoever asks.
+    assert_sql_error(
+        db.query("SELECT secrets.purge_audit_log('29 days 23 hours')", &[]),
+        "22023",
+        "older_than must be at least pg_secrets.audit_min_retention (2592000 s)",
+    );
+    let mut purger = cluster.superuser();
+    purger
+        .batch_execute("BEGIN; SELECT secrets.purge_audit_log('30 days');")
+        .unwrap();
+    // Two evaluations' worth, so the worker has met the lock.
+    std::thread::sleep(Duration::from_millis(2500));
+    for _ in 0..20 {
+        db.query_one("SELECT secrets.get_secret_value('open/db')", &[])
+            .unwrap();
+    }
+    wait_for_records(&mut db, "action = 'get' AND secret_name = 'open/db'", 20);
+    purger.batch_execute("COMMIT").unwrap();
+    // Once the purge is over, the rule catches up with the reads.
+    let last_read: i64 = db
+        .query_one(
+            "SELECT max(id) FROM secrets.audit_log WHERE secret_name = 'open/db'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    wait_until("the first-read rule to catch up", MINUTE, || {
+        db.query_one(
+            "SELECT checked_through FROM secrets.alarm_rule WHERE name = 'open-first-read'",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            >= last_read
+    });
+}
+
+/// A burst of denials is found however long after it the rule is evaluated: each new denial
+/// counts the window that ends with it, not the window that ends at the evaluation. And a
+/// person is counted once whatever group it acts as.
+#[test]
+fn a_burst_of_denials_trips_its_rule_even_when_evaluated_later() {
+    let cluster = cluster_evaluating_alarms_every_second();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE group_a IN ROLE secrets_user;
+         CREATE ROLE group_b IN ROLE secrets_user;
+         CREATE ROLE prober LOGIN PASSWORD 'pw' IN ROLE group_a, group_b;
+         SELECT secrets.create_secret('burst/db', 'v');
+         SELECT secrets.create_alarm_rule('burst', 'denials', '{\"count\": 3, \"window\": 1}');",
+    )
+    .unwrap();
+    // The worker skips a rule another transaction holds: it is evaluated only after the
+    // window of the burst has long passed.
+    let mut holder = cluster.superuser();
+    holder
+        .batch_execute("BEGIN; SELECT FROM secrets.alarm_rule WHERE name = 'burst' FOR UPDATE;")
+        .unwrap();
+    let mut prober = cluster.connect("prober", "pw");
+    for group in ["group_a", "group_b", "group_a"] {
+        prober.batch_execute(&format!("SET ROLE {group}")).unwrap();
+        assert!(prober
+            .query("SELECT secrets.get_secret_value('burst/db')", &[])
+            .is_err());
+    }
+    wait_for_records(
+        &mut db,
+        "secret_name = 'burst/db' AND outcome = 'denied'",
+        3,
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    holder.batch_execute("COMMIT").unwrap();
+    wait_until("the denials alarm", MINUTE, || {
+        db.query_one(
+            "SELECT count(*) FROM secrets.access_anomalies(now() - interval '1 hour') \
+             WHERE rule = 'burst' AND role = 'prober'",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            == 1
+    });
 }

@@ -45,7 +45,7 @@ fn values_names_descriptions_and_tags() {
         "SELECT secrets.create_secret('big/no', $1)",
         &[&too_big],
         "54000",
-        "at most 65536 bytes",
+        "at most 65536 bytes, this one is longer",
     );
     refused(
         &mut db,

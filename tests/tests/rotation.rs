@@ -1245,6 +1245,30 @@ fn a_target_that_is_down_fails_cleanly_alarms_and_recovers() {
         Some("set"),
         "still running after eight failures at set"
     );
+    // Weeks of a target down: past a thousand failures the doubling delay must not overflow
+    // (2^1024 does in float8), or the failure could not be recorded at all.
+    db.batch_execute(
+        "UPDATE secrets.rotation SET attempts = 1100, next_attempt_at = now() \
+         WHERE state = 'running' \
+           AND secret_id = (SELECT id FROM secrets.secret WHERE name = 'db/down')",
+    )
+    .unwrap();
+    wait_until("failure 1101", Duration::from_secs(60), || {
+        rotation_field(&mut db, "db/down", &["in_progress", "failures"]).as_deref() == Some("1101")
+    });
+    let retry_in: f64 = db
+        .query_one(
+            "SELECT extract(epoch FROM next_attempt_at - now())::float8 FROM secrets.rotation \
+             WHERE state = 'running' \
+               AND secret_id = (SELECT id FROM secrets.secret WHERE name = 'db/down')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        retry_in > 60.0,
+        "the retry waits the longest delay, not {retry_in} s"
+    );
 
     // A put under another label leaves the rotation running, and its PENDING in place.
     db.execute(

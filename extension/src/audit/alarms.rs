@@ -4,8 +4,8 @@
 //! - `first_read`: a role reads a secret it has never read before (`secrets.audit_reader`);
 //! - `rate`: a role's reads in the last `window` seconds exceed `factor` times its average
 //!   over the trailing `baseline` (and at least `min_count`);
-//! - `denials`: `count` denied attempts from one role (or one address, `"by": "address"`)
-//!   within `window` seconds;
+//! - `denials`: `count` denied attempts from one login role (or one address, `"by":
+//!   "address"`) within `window` seconds of each other;
 //! - `off_hours`: an allowed access outside `from`..`to` (`HH:MM`, in `timezone`; a `from`
 //!   after `to` is a night shift across midnight).
 //!
@@ -279,23 +279,33 @@ fn find_trips(
                 rule_id.into(),
             ],
         )?,
+        // Each new denial counts the denials from its source in the window that ends with it,
+        // so a burst is found however long after it the rule is evaluated. A role is the
+        // session's login role: SET ROLE from group to group does not spread the attempts.
         "denials" => client.select(
-            "WITH denied AS ( \
-                 SELECT CASE WHEN $3 = 'address' THEN coalesce(client_addr, 'local') \
-                             ELSE \"current_user\" END AS who, pg_catalog.count(*) AS attempts \
-                 FROM secrets.audit_record \
-                 WHERE outcome = 'denied' \
-                   AND at > pg_catalog.now() - pg_catalog.make_interval(secs => $4) \
-                 GROUP BY 1) \
+            "WITH new_denials AS ( \
+                 SELECT min(at) AS since FROM secrets.audit_record \
+                 WHERE id > $1 AND id <= $2 AND outcome = 'denied'), \
+             denied AS ( \
+                 SELECT a.id, a.at, CASE WHEN $3 = 'address' THEN coalesce(a.client_addr, 'local') \
+                                         ELSE a.\"session_user\" END AS who \
+                 FROM secrets.audit_record a, new_denials n \
+                 WHERE a.outcome = 'denied' AND a.id <= $2 \
+                   AND a.at >= n.since - pg_catalog.make_interval(secs => $4)), \
+             counted AS ( \
+                 SELECT id, who, pg_catalog.count(*) OVER (PARTITION BY who ORDER BY at \
+                     RANGE BETWEEN pg_catalog.make_interval(secs => $4) PRECEDING AND CURRENT ROW) \
+                     AS attempts \
+                 FROM denied), \
+             tripped AS ( \
+                 SELECT who, max(attempts) AS attempts FROM counted WHERE id > $1 GROUP BY who) \
              SELECT CASE WHEN $3 = 'role' THEN who END, CASE WHEN $3 = 'address' THEN who END, \
                     NULL::text, \
                     pg_catalog.json_build_object('denied_attempts', attempts, 'window_seconds', $4) \
-             FROM denied \
+             FROM tripped \
              WHERE attempts >= $5 \
-               AND EXISTS (SELECT FROM secrets.audit_record n WHERE n.id > $1 AND n.id <= $2 \
-                           AND n.outcome = 'denied') \
                AND NOT EXISTS (SELECT FROM secrets.alarm_event e WHERE e.rule_id = $6 \
-                               AND coalesce(e.role, e.address) = denied.who \
+                               AND coalesce(e.role, e.address) = tripped.who \
                                AND e.at > pg_catalog.now() - pg_catalog.make_interval(secs => $4))",
             None,
             &[
@@ -374,6 +384,20 @@ pub fn evaluate() -> Result<usize> {
             &[],
         )?)?;
         if first_read_rules == Some(true) {
+            // A purge_audit_log in a transaction still open holds the progress row: the
+            // worker does not wait for it (draining the queue waits on this loop, and every
+            // audited call on the queue), and evaluates next round instead.
+            let free = client
+                .update(
+                    "SELECT FROM secrets.audit_reader_progress FOR UPDATE SKIP LOCKED",
+                    None,
+                    &[],
+                )?
+                .len()
+                > 0;
+            if !free {
+                return Ok(0);
+            }
             super::trail::update_readers(client)?;
         }
         let upto = crate::db::first_value::<i64>(client.select(

@@ -169,7 +169,7 @@ pub fn audited<T>(
     let mut touched = TOUCHED.with(|touched| touched.take());
     let (result, sqlstate, error) = match &outcome {
         Ok(_) => ("allowed", None, None),
-        Err(error @ Error::AccessDenied { .. }) => {
+        Err(error @ (Error::AccessDenied { .. } | Error::BeyondOwnAccess { .. })) => {
             ("denied", Some("42501"), Some(error.to_string()))
         }
         Err(error) => ("error", Some(error.sqlstate().1), Some(error.to_string())),
