@@ -387,14 +387,13 @@ pub fn evaluate() -> Result<usize> {
             // A purge_audit_log in a transaction still open holds the progress row: the
             // worker does not wait for it (draining the queue waits on this loop, and every
             // audited call on the queue), and evaluates next round instead.
-            let free = client
+            let free = !client
                 .update(
                     "SELECT FROM secrets.audit_reader_progress FOR UPDATE SKIP LOCKED",
                     None,
                     &[],
                 )?
-                .len()
-                > 0;
+                .is_empty();
             if !free {
                 return Ok(0);
             }
