@@ -248,6 +248,59 @@ pub struct Limits {
     pub pool_wait_timeout_ms: u64,
 }
 
+impl Limits {
+    /// For a reload: keeps `running`'s values of the limits the proxy built its parts from at
+    /// start (the client slots, the pool, the credential cache, the drain), and names those
+    /// the new file changed; they take effect at the next start.
+    pub fn keep_startup_only(&mut self, running: &Limits) -> Vec<&'static str> {
+        fn keep<T: PartialEq + Copy>(
+            name: &'static str,
+            new: &mut T,
+            running: T,
+        ) -> Option<&'static str> {
+            let changed = *new != running;
+            *new = running;
+            changed.then_some(name)
+        }
+        [
+            keep("max_clients", &mut self.max_clients, running.max_clients),
+            keep(
+                "drain_timeout_secs",
+                &mut self.drain_timeout_secs,
+                running.drain_timeout_secs,
+            ),
+            keep(
+                "pool_max_idle",
+                &mut self.pool_max_idle,
+                running.pool_max_idle,
+            ),
+            keep(
+                "pool_max_idle_total",
+                &mut self.pool_max_idle_total,
+                running.pool_max_idle_total,
+            ),
+            keep(
+                "server_lifetime_secs",
+                &mut self.server_lifetime_secs,
+                running.server_lifetime_secs,
+            ),
+            keep(
+                "credential_ttl_secs",
+                &mut self.credential_ttl_secs,
+                running.credential_ttl_secs,
+            ),
+            keep(
+                "stale_credential_secs",
+                &mut self.stale_credential_secs,
+                running.stale_credential_secs,
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -416,13 +469,24 @@ impl Config {
             }
             // Each transaction hands its server session back to the idle pool; one the pool
             // may not keep would be closed, and the next transaction would log in anew.
-            if route.pool_mode == PoolMode::Transaction
-                && route.pool_size > self.limits.pool_max_idle
-            {
-                return Err(format!(
-                    "{place}: pool_mode \"transaction\" needs [limits] pool_max_idle (now {}) at least its pool_size ({})",
-                    self.limits.pool_max_idle, route.pool_size
-                ));
+            if route.pool_mode == PoolMode::Transaction {
+                let keeps = [
+                    ("pool_max_idle", self.limits.pool_max_idle),
+                    ("pool_max_idle_total", self.limits.pool_max_idle_total),
+                ];
+                for (key, kept) in keeps {
+                    if route.pool_size > kept {
+                        return Err(format!(
+                            "{place}: pool_mode \"transaction\" needs [limits] {key} (now {kept}) at least its pool_size ({})",
+                            route.pool_size
+                        ));
+                    }
+                }
+                if self.limits.server_lifetime_secs == 0 {
+                    return Err(format!(
+                        "{place}: pool_mode \"transaction\" needs [limits] server_lifetime_secs above 0: a session that may not be kept logs in again for every transaction"
+                    ));
+                }
             }
             let duplicate = self.routes[..index]
                 .iter()
@@ -653,6 +717,20 @@ mod tests {
                     route("\"trust\"")
                 ),
                 "needs [limits] pool_max_idle (now 5) at least its pool_size (20)",
+            ),
+            (
+                format!(
+                    "{BASE}\n[limits]\npool_max_idle_total = 0\n{}pool_mode = \"transaction\"",
+                    route("\"trust\"")
+                ),
+                "needs [limits] pool_max_idle_total (now 0) at least its pool_size (20)",
+            ),
+            (
+                format!(
+                    "{BASE}\n[limits]\nserver_lifetime_secs = 0\n{}pool_mode = \"transaction\"",
+                    route("\"trust\"")
+                ),
+                "needs [limits] server_lifetime_secs above 0",
             ),
         ];
         for (text, words) in cases {

@@ -10,7 +10,6 @@ use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use futures_util::StreamExt;
 use secrecy::SecretString;
-use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,14 +31,55 @@ pub const STAGES: [&str; 3] = ["CURRENT", "PENDING", "PREVIOUS"];
 const PENDING_FIRST_FOR: Duration = Duration::from_secs(10);
 const PENDING_FIRST: [&str; 3] = ["PENDING", "CURRENT", "PREVIOUS"];
 
-/// The credential JSON of DESIGN.md.
-#[derive(Deserialize)]
+/// The fields of the credential JSON of DESIGN.md that a login needs.
 struct CredentialJson {
     host: Option<String>,
     port: Option<u16>,
     dbname: Option<String>,
     username: String,
     password: String,
+}
+
+/// The credential in `text`, read as the extension's rotators read it (`port` a number or a
+/// string of one, `username` not empty: a secret that rotates must also log in), or why it is
+/// not one. The reason names fields, never quotes a value.
+fn parse_credential(text: &str) -> Result<CredentialJson, String> {
+    use serde_json::Value;
+    let not = |why: String| format!("not credential JSON ({why})");
+    let value: Value =
+        serde_json::from_str(text).map_err(|_| not("it does not parse as JSON".into()))?;
+    let fields = value
+        .as_object()
+        .ok_or_else(|| not("it is not a JSON object".into()))?;
+    let text = |name: &str| -> Result<Option<String>, String> {
+        match fields.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(text)) => Ok(Some(text.clone())),
+            Some(_) => Err(not(format!("\"{name}\" is not a string"))),
+        }
+    };
+    let port = match fields.get("port") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(number)) => Some(number.as_u64().and_then(|n| u16::try_from(n).ok())),
+        Some(Value::String(text)) => Some(text.parse().ok()),
+        Some(_) => Some(None),
+    };
+    let port = match port {
+        None => None,
+        Some(Some(port)) if port != 0 => Some(port),
+        Some(_) => return Err(not("\"port\" is not a port number".into())),
+    };
+    let username = text("username")?
+        .filter(|name| !name.is_empty())
+        .ok_or_else(|| not("no \"username\"".into()))?;
+    let password = text("password")?.ok_or_else(|| not("no \"password\"".into()))?;
+    Ok(CredentialJson {
+        host: text("host")?,
+        port,
+        dbname: text("dbname")?,
+        username,
+        password,
+    })
 }
 
 pub struct Credential {
@@ -233,20 +273,22 @@ impl CredentialCache {
             Err(error) => {
                 // A failed fetch is not cached: the next login asks the store again.
                 self.forget_entry(secret, stage, &cell);
-                let reason = match error {
+                match error {
                     FetchError::Unreachable(reason) => {
                         if let Some(credential) = self.stale(&key) {
                             tracing::warn!(secret, stage, %reason, "secrets store unreachable; using the last known credential");
                             return Ok(Some(credential));
                         }
-                        reason
+                        Err(ProxyError::Store {
+                            secret: secret.to_string(),
+                            reason,
+                        })
                     }
-                    FetchError::Refused(reason) => reason,
-                };
-                Err(ProxyError::Store {
-                    secret: secret.to_string(),
-                    reason,
-                })
+                    FetchError::Refused(reason) => Err(ProxyError::StoreRefused {
+                        secret: secret.to_string(),
+                        reason,
+                    }),
+                }
             }
         }
     }
@@ -348,9 +390,8 @@ impl CredentialCache {
                 let text: String = row.try_get(0).map_err(|_| {
                     FetchError::Refused(format!("secret \"{secret}\" read as no text"))
                 })?;
-                let json: CredentialJson = serde_json::from_str(&text).map_err(|_| {
-                    FetchError::Refused(format!("secret \"{secret}\" is not credential JSON"))
-                })?;
+                let json = parse_credential(&text)
+                    .map_err(|why| FetchError::Refused(format!("secret \"{secret}\" is {why}")))?;
                 let credential = Arc::new(Credential {
                     host: json.host.filter(|h| !h.is_empty()),
                     port: json.port,
@@ -479,4 +520,46 @@ fn store_config(store: &Store, password: Option<&str>, tls: bool) -> tokio_postg
         }
     }
     config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_read_as_the_rotators_read_them() {
+        let port = |json: &str| parse_credential(json).map(|c| c.port).ok();
+        let login = r#""username": "app", "password": "pw""#;
+        assert_eq!(port(&format!("{{{login}}}")), Some(None));
+        assert_eq!(
+            port(&format!("{{{login}, \"port\": 6432}}")),
+            Some(Some(6432))
+        );
+        assert_eq!(
+            port(&format!("{{{login}, \"port\": \"6432\"}}")),
+            Some(Some(6432))
+        );
+        for bad in ["0", "\"0\"", "70000", "\"x\"", "true", "-1"] {
+            let why = parse_credential(&format!("{{{login}, \"port\": {bad}}}")).err();
+            assert_eq!(
+                why.as_deref(),
+                Some("not credential JSON (\"port\" is not a port number)"),
+                "{bad}"
+            );
+        }
+        for (json, why) in [
+            (r#"{"username": "", "password": "pw"}"#, "no \"username\""),
+            (r#"{"password": "pw"}"#, "no \"username\""),
+            (r#"{"username": "app"}"#, "no \"password\""),
+            (
+                r#"{"username": "app", "password": 12345678}"#,
+                "\"password\" is not a string",
+            ),
+            (r#"["app", "s3cr3t"]"#, "it is not a JSON object"),
+            (r#"{"password": "s3cr3t""#, "it does not parse as JSON"),
+        ] {
+            let error = parse_credential(json).err().unwrap();
+            assert_eq!(error, format!("not credential JSON ({why})"));
+        }
+    }
 }

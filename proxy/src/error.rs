@@ -15,8 +15,10 @@ pub enum ProxyError {
     NotAllowed { identity: String, database: String },
     #[error("the secrets store could not give the credential of \"{secret}\": {reason}")]
     Store { secret: String, reason: String },
-    #[error("secret \"{0}\" does not hold database credentials (JSON with username and password)")]
-    BadCredential(String),
+    /// The store answered, and the answer will not change by asking again (no such secret,
+    /// no `get` on it, not credential JSON): no retry.
+    #[error("the secrets store refused the credential of \"{secret}\": {reason}")]
+    StoreRefused { secret: String, reason: String },
     #[error("could not reach the database server {address}: {reason}")]
     Unreachable { address: String, reason: String },
     /// The database server refused the login; `sqlstate` and `message` are its own.
@@ -67,7 +69,7 @@ impl ProxyError {
             ProxyError::NotAllowed { .. }
             | ProxyError::TlsRequired
             | ProxyError::AuthMethodNotAllowed { .. } => "28000",
-            ProxyError::Store { .. } | ProxyError::BadCredential(_) => "08006",
+            ProxyError::Store { .. } | ProxyError::StoreRefused { .. } => "08006",
             ProxyError::Unreachable { .. } | ProxyError::ServerTls { .. } => "08001",
             ProxyError::LoginRefused { sqlstate, .. } => sqlstate,
             ProxyError::Backend(_) => "08P01",

@@ -117,17 +117,27 @@ async fn login_with_retry(
     let mut attempted = false;
     let mut current_refused = false;
     loop {
+        // Whether anything in this round could turn out otherwise if asked again: a round in
+        // which the store only refused (no such secret, no `get` on it, not credential JSON)
+        // ends the login at once rather than keep the client for the whole budget.
+        let mut worth_retrying = false;
         for stage in credentials.stage_order(&route.secret, &route.database) {
             let generation = credentials.generation();
             let credential = match credentials.get(&route.secret, stage).await {
                 Ok(Some(credential)) => credential,
                 Ok(None) => continue,
+                Err(error @ ProxyError::StoreRefused { .. }) => {
+                    last_error.get_or_insert(error);
+                    continue;
+                }
                 Err(error) => {
                     metrics.retry("store");
                     last_error = Some(error);
+                    worth_retrying = true;
                     break;
                 }
             };
+            worth_retrying = true;
             // The first attempt has the server's connect timeout whatever the budget (a budget
             // of 0 means no retries); a later one only what is left of the budget.
             let budget_left = if attempted {
@@ -181,7 +191,7 @@ async fn login_with_retry(
                 Err(error) => return Err(error),
             }
         }
-        if Instant::now() + delay > deadline {
+        if (!worth_retrying && last_error.is_some()) || Instant::now() + delay > deadline {
             return Err(last_error.unwrap_or_else(|| ProxyError::Store {
                 secret: route.secret.clone(),
                 reason: "the secret has no CURRENT, PENDING or PREVIOUS version".into(),

@@ -26,7 +26,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Logs on stderr (stdout is check-config's answer), colored only on a terminal: a log
+    // file or a journal gets plain lines.
+    let stderr_is_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(stderr_is_terminal)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

@@ -621,7 +621,21 @@ async fn reload_on_sighup(path: PathBuf, shared: Arc<Shared>) {
         return;
     };
     while hangups.recv().await.is_some() {
-        match Config::from_file(&path) {
+        // Listeners, the store connection and the limits the running parts were built with
+        // stay as they are; the rest is checked as it will run (a transaction-mode route
+        // against the pool the proxy has, not the one the file asks for).
+        let merged = Config::from_file(&path).and_then(|mut new| {
+            let running = shared.config();
+            new.listen = running.listen.clone();
+            new.store = running.store.clone();
+            let at_restart = new.limits.keep_startup_only(&running.limits);
+            if !at_restart.is_empty() {
+                tracing::warn!(limits = ?at_restart, "these [limits] take effect at the next start, not on reload");
+            }
+            new.validate()?;
+            Ok(new)
+        });
+        match merged {
             Ok(new) => {
                 let certificates = new
                     .tls
@@ -645,13 +659,9 @@ async fn reload_on_sighup(path: PathBuf, shared: Arc<Shared>) {
                         continue;
                     }
                 }
-                let mut current = shared.config.write().expect("config lock poisoned");
-                // Listeners and the store connection stay as bound; routes and limits change.
-                let mut merged = new.clone();
-                merged.listen = current.listen.clone();
-                merged.store = current.store.clone();
-                *current = Arc::new(merged);
-                tracing::info!(routes = new.routes.len(), "configuration reloaded");
+                let routes = new.routes.len();
+                *shared.config.write().expect("config lock poisoned") = Arc::new(new);
+                tracing::info!(routes, "configuration reloaded");
             }
             Err(error) => tracing::error!(%error, "configuration not reloaded"),
         }

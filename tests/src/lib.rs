@@ -420,6 +420,7 @@ pub fn cluster_with_app_credential(settings: &[&str]) -> Cluster {
 pub struct ProxyProcess {
     child: std::process::Child,
     port: u16,
+    log: PathBuf,
 }
 
 impl ProxyProcess {
@@ -431,14 +432,15 @@ impl ProxyProcess {
             .and_then(std::path::Path::parent)
             .unwrap()
             .join("secrets-proxy");
+        let log = config_file.with_extension("log");
         let child = Command::new(&binary)
             .arg("--config")
             .arg(config_file)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("{} (make test builds it): {e}", binary.display()));
-        let proxy = ProxyProcess { child, port };
+        let proxy = ProxyProcess { child, port, log };
         wait_until("the proxy to listen", Duration::from_secs(30), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
@@ -454,6 +456,11 @@ impl ProxyProcess {
             ),
             NoTls,
         )
+    }
+
+    /// What it has logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Sends a signal by name (`HUP`, `TERM`, `INT`).

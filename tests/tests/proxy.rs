@@ -544,6 +544,52 @@ fn settings_reach_the_server_but_a_login_delay_is_refused() {
     fixture.connect().query_one("SELECT 1", &[]).unwrap();
 }
 
+/// The proxy reads the credential JSON as the rotators do (a port given as a string logs in),
+/// and a secret the store refuses for good (not credential JSON) ends the login at once with
+/// 08006 naming the field, never the value, rather than after the whole retry budget.
+#[test]
+fn a_credential_is_read_as_the_rotators_read_it_and_a_bad_one_fails_at_once() {
+    let fixture = fixture(r#""trust""#);
+    let mut db = fixture.cluster.superuser();
+    let with_port_text = format!(
+        r#"{{"host": "127.0.0.1", "port": "{}", "dbname": "postgres", "username": "app", "password": "pw-0"}}"#,
+        fixture.cluster.port
+    );
+    db.execute(
+        "SELECT secrets.put_secret_value('db/app', $1)",
+        &[&with_port_text],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    fixture.connect().query_one("SELECT 1", &[]).unwrap();
+
+    // Twice, so that PREVIOUS is no credential either (a bad CURRENT alone falls back to it).
+    for _ in 0..2 {
+        db.execute(
+            "SELECT secrets.put_secret_value('db/app', $1)",
+            &[&r#"{"username": "app", "password": 31337}"#],
+        )
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let Err(error) = fixture.try_connect() else {
+        panic!("logged in with a credential that is not one");
+    };
+    let waited = started.elapsed();
+    let db_error = error.as_db_error().expect("a server error");
+    assert_eq!(db_error.code().code(), "08006");
+    assert!(
+        db_error.message().contains("\"password\" is not a string")
+            && !db_error.message().contains("31337"),
+        "{error}"
+    );
+    assert!(
+        waited < Duration::from_secs(4),
+        "a refusal that cannot change waited {waited:?}, as if for the 5 s budget"
+    );
+}
+
 /// A new connection per transaction, for four clients.
 const RECONNECTING: &[&str] = &["-C", "-c", "4"];
 
@@ -1649,6 +1695,34 @@ fn signals_reload_drain_and_stop_the_proxy_process() {
         proxy.connect("otherdb").is_ok()
     });
     assert_eq!(scalar(&mut connected, "SELECT 'still here'"), "still here");
+
+    // A limit the running parts were built with is kept until the next start, and the file
+    // is checked against it: a transaction-mode route larger than the pool the proxy has is
+    // refused, whatever pool_max_idle the file now asks for.
+    let growing = format!(
+        "{}\n[[route]]\ndatabase = \"bigdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n\
+         pool_mode = \"transaction\"\npool_size = 500\n",
+        config(60).replace(
+            "drain_timeout_secs = 60",
+            "drain_timeout_secs = 60\npool_max_idle = 500\npool_max_idle_total = 1000"
+        )
+    );
+    std::fs::write(&config_file, growing).unwrap();
+    proxy.signal("HUP");
+    wait_until("the refused reload", Duration::from_secs(30), || {
+        proxy.log().contains("configuration not reloaded")
+    });
+    let log = proxy.log();
+    assert!(log.contains("take effect at the next start"), "{log}");
+    assert!(
+        log.contains("pool_max_idle (now 100) at least its pool_size (500)"),
+        "{log}"
+    );
+    assert!(
+        proxy.connect("bigdb").is_err(),
+        "the refused file changed nothing"
+    );
+    assert!(proxy.connect("otherdb").is_ok());
 
     // SIGTERM: new clients are turned away; the connected one finishes its transaction, and
     // once it leaves the proxy exits, long before the 60 s drain timeout.
