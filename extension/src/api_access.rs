@@ -6,7 +6,7 @@
 #![allow(clippy::result_large_err)]
 #![allow(clippy::type_complexity)]
 
-use crate::access::Action;
+use crate::access::{self, Action};
 use crate::api::{sql, valid_name};
 use crate::audit;
 use crate::errors::Error;
@@ -145,7 +145,7 @@ fn check_access(
 ) -> Result<TableIterator<'static, (name!(allowed, bool), name!(reason, String))>, ErrorReport> {
     let answer = sql(|| {
         audit::audited("describe", "check_access", name, || {
-            let role = required(role, "role")?;
+            let role = access::existing_role(required(role, "role")?.0)?;
             let action = required(action, "action")?;
             let action = Action::parse(action).ok_or_else(|| {
                 Error::InvalidParameter(format!(
@@ -153,7 +153,7 @@ fn check_access(
                  and manage"
                 ))
             })?;
-            grants::check(role.0, action, valid_name(name)?)
+            grants::check(role, action, valid_name(name)?)
         })
     })?;
     Ok(TableIterator::once(answer))

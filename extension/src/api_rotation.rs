@@ -5,6 +5,7 @@
 #![allow(clippy::result_large_err)]
 #![allow(clippy::type_complexity)]
 
+use crate::access;
 use crate::api::{sql, valid_name};
 use crate::audit;
 use crate::errors::{Error, Result as StoreResult};
@@ -126,8 +127,8 @@ fn rotate_secrets_accessible_by(
 ) -> Result<TableIterator<'static, (name!(name, String), name!(status, String))>, ErrorReport> {
     let rows = sql(|| {
         audit::audited("rotate", "rotate_secrets_accessible_by", None, || {
-            let role = required(role, "role")?;
-            rotation::rotate_accessible_by(role.0, required(only_accessed, "only_accessed")?)
+            let role = access::existing_role(required(role, "role")?.0)?;
+            rotation::rotate_accessible_by(role, required(only_accessed, "only_accessed")?)
         })
     })?;
     Ok(TableIterator::new(rows))

@@ -565,6 +565,12 @@ pub type RequestRow = (
 /// The requests the caller made (or a role it belongs to made), and those on secrets it may
 /// manage.
 pub fn list_requests(state: Option<&str>) -> Result<Vec<RequestRow>> {
+    const STATES: [&str; 3] = ["pending", "approved", "denied"];
+    if let Some(state) = state.filter(|state| !STATES.contains(state)) {
+        return Err(Error::InvalidParameter(format!(
+            "unknown request state \"{state}\"; states are pending, approved and denied"
+        )));
+    }
     let caller = access::caller();
     Spi::connect_mut(|client| {
         let rows: Vec<(RequestRow, pg_sys::Oid)> = client

@@ -184,7 +184,7 @@ pub fn client_request_token(token: Option<&str>) -> Result<()> {
                 || !token.bytes().all(|b| b.is_ascii_graphic()) =>
         {
             Err(Error::InvalidParameter(format!(
-                "client_request_token is 1 to {MAX_TOKEN_CHARS} printable ASCII characters"
+                "client_request_token is 1 to {MAX_TOKEN_CHARS} printable ASCII characters, space excluded"
             )))
         }
         _ => Ok(()),

@@ -612,3 +612,29 @@ fn tables_the_library_does_not_recognise() {
         "a stored row has NULL in column 7 of a pg_secrets query, where its table does not allow one",
     );
 }
+
+/// A role given as a number no role has is refused, not judged as a role without
+/// memberships; an unknown request state is refused, not an empty list.
+#[test]
+fn roles_that_do_not_exist_and_unknown_request_states() {
+    let (_cluster, mut db) = fixture();
+    for sql in [
+        "SELECT * FROM secrets.check_access(999999::oid::regrole, 'get', 'app/db')",
+        "SELECT * FROM secrets.rotate_secrets_accessible_by(999999::oid::regrole)",
+    ] {
+        refused(
+            &mut db,
+            sql,
+            &[],
+            "22023",
+            "role with OID 999999 does not exist",
+        );
+    }
+    refused(
+        &mut db,
+        "SELECT * FROM secrets.list_access_requests('Pending')",
+        &[],
+        "22023",
+        "unknown request state \"Pending\"; states are pending, approved and denied",
+    );
+}

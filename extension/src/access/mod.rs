@@ -439,6 +439,20 @@ pub fn within_own_manage(name: &str, secret: Option<Secret>, handed: HandedOn) -
     })
 }
 
+/// A role given as `regrole`, which takes any number as it is: a number no role has is refused
+/// (22023), not judged as a role without memberships (one that a policy allowing everyone
+/// would let read everything).
+pub fn existing_role(role: Oid) -> Result<Oid> {
+    // SAFETY: a syscache lookup; NULL (noerr) when no role has this OID.
+    if unsafe { pg_sys::GetUserNameFromId(role, true) }.is_null() {
+        return Err(crate::errors::Error::InvalidParameter(format!(
+            "role with OID {} does not exist",
+            role.to_u32()
+        )));
+    }
+    Ok(role)
+}
+
 /// Whether `role` has the privileges of the role named `group`.
 pub fn is_member(role: Oid, group: &str) -> Result<bool> {
     if unsafe { pg_sys::superuser_arg(role) } {

@@ -204,22 +204,56 @@ pub fn run(program: &str, step: Step, context: &StepContext) -> Result<Zeroizing
     if step != Step::Create {
         return Ok(Zeroizing::new(Vec::new()));
     }
-    let mut value = output;
+    new_value(output).map_err(failed)
+}
+
+/// The value a program printed at the create step, without one trailing line ending, or why
+/// it is none: the same rules as a string value put from SQL.
+fn new_value(mut value: Zeroizing<Vec<u8>>) -> std::result::Result<Zeroizing<Vec<u8>>, String> {
     for ending in [b'\n', b'\r'] {
         if value.last() == Some(&ending) {
             value.pop();
         }
     }
     if value.is_empty() {
-        return Err(failed("printed no value at the create step".into()));
+        return Err("printed no value at the create step".into());
     }
     if value.len() > MAX_VALUE_BYTES {
-        return Err(failed(format!(
+        return Err(format!(
             "printed more than {MAX_VALUE_BYTES} bytes at the create step"
-        )));
+        ));
     }
     if std::str::from_utf8(&value).is_err() {
-        return Err(failed("printed a value that is not UTF-8 text".into()));
+        return Err("printed a value that is not UTF-8 text".into());
+    }
+    // A string value from SQL never holds NUL (text cannot); one that did would read one way
+    // in text format and another in binary.
+    if value.contains(&0) {
+        return Err("printed a value with a NUL byte".into());
     }
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_printed_value_follows_the_rules_of_a_string_value() {
+        let value = |bytes: &[u8]| new_value(Zeroizing::new(bytes.to_vec()));
+        assert_eq!(value(b"key-1\r\n").unwrap().as_slice(), b"key-1");
+        assert_eq!(value(b"key-1\n\n").unwrap().as_slice(), b"key-1\n");
+        for (bytes, why) in [
+            (&b"\n"[..], "printed no value"),
+            (
+                &[b'x'; MAX_VALUE_BYTES + 1][..],
+                "printed more than 65536 bytes",
+            ),
+            (&b"\xff\xfe"[..], "not UTF-8 text"),
+            (&b"abc\0def"[..], "a NUL byte"),
+        ] {
+            let error = value(bytes).unwrap_err();
+            assert!(error.contains(why), "{error}");
+        }
+    }
 }
