@@ -348,21 +348,51 @@ pub fn labelled_value(
 
 /// The CURRENT value of secret `name` on behalf of `role` (not the caller): a rotation reads
 /// the admin credential named by `master_secret` with the rights of the rotated secret's
-/// owner, so naming someone else's admin secret gains nothing.
+/// owner, so naming someone else's admin secret gains nothing. The read is recorded in the
+/// audit trail as a read of that secret, allowed or not, naming the role whose rights it used.
 pub fn read_current_as(role: pg_sys::Oid, name: &str) -> Result<Zeroizing<Vec<u8>>> {
     Spi::connect_mut(|client| {
         let secret = find_secret(client, name, false)?;
-        check_access(
+        let read = check_access(
             role,
             name,
             Action::Get,
             secret.as_ref().map(SecretRow::subject),
+        )
+        .and_then(|()| {
+            let secret = secret
+                .as_ref()
+                .expect("check_access refuses a missing secret");
+            labels::holder(client, secret.id, CURRENT)?.ok_or_else(|| Error::VersionNotFound {
+                name: name.to_string(),
+                what: format!("with stage {CURRENT}"),
+            })
+        });
+        let (outcome, sqlstate) = audit::outcome_of(read.as_ref().err());
+        let mut details = serde_json::json!({
+            "function": "rotation",
+            "on_behalf_of": access::role_name(role),
+        });
+        if let Err(error) = &read {
+            details["error"] = error.to_string().into();
+        }
+        let version_id = read.as_ref().ok().copied();
+        audit::record(
+            "get",
+            Some(name),
+            audit::Touched {
+                secret_id: secret.as_ref().map(|secret| secret.id),
+                version_id,
+                version_stage: version_id.map(|_| CURRENT.to_string()),
+                notes: Default::default(),
+            },
+            outcome,
+            sqlstate,
+            details.to_string(),
         )?;
+        let version_id = read?;
         let secret = secret.expect("check_access refuses a missing secret");
-        labelled_value(client, &secret, CURRENT)?.ok_or_else(|| Error::VersionNotFound {
-            name: name.to_string(),
-            what: format!("with stage {CURRENT}"),
-        })
+        version_value(client, &secret, version_id)
     })
 }
 

@@ -973,6 +973,25 @@ fn alternating_users_keep_the_old_login_and_object_ownership() {
     login(&target, &third).expect("the main user logs in with its new password");
     login(&target, &second).expect("the clone still logs in");
     assert!(login(&target, &first).is_err());
+
+    // Every read of the admin secret the rotations made is in the audit trail, naming the
+    // role whose rights it used (the rotated secret's owner).
+    wait_until(
+        "the admin secret's reads in the trail",
+        Duration::from_secs(60),
+        || {
+            db.query_one(
+                "SELECT count(*) FROM secrets.audit_log WHERE secret_name = 'db/admin' \
+               AND action = 'get' AND outcome = 'allowed' AND version_stage = 'CURRENT' \
+               AND details->>'function' = 'rotation' \
+               AND details->>'on_behalf_of' = $1",
+                &[&pg_secrets_e2e::SUPERUSER],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+                >= 2
+        },
+    );
 }
 
 /// A stand-in for a payment provider's key API: issues, checks and revokes keys over a line

@@ -167,13 +167,8 @@ pub fn audited<T>(
         }
     };
     let mut touched = TOUCHED.with(|touched| touched.take());
-    let (result, sqlstate, error) = match &outcome {
-        Ok(_) => ("allowed", None, None),
-        Err(error @ (Error::AccessDenied { .. } | Error::BeyondOwnAccess { .. })) => {
-            ("denied", Some("42501"), Some(error.to_string()))
-        }
-        Err(error) => ("error", Some(error.sqlstate().1), Some(error.to_string())),
-    };
+    let (result, sqlstate) = outcome_of(outcome.as_ref().err());
+    let error = outcome.as_ref().err().map(Error::to_string);
     let details = details_json(function, std::mem::take(&mut touched.notes), error);
     let recorded = caller.record(
         action,
@@ -265,6 +260,17 @@ pub fn details_json(
 
 /// Captures a record with this session's particulars and queues it. `details` is a JSON
 /// object.
+/// A record's outcome and SQLSTATE for a call that ended with `error` (`None`: it succeeded).
+pub fn outcome_of(error: Option<&Error>) -> (&'static str, Option<&'static str>) {
+    match error {
+        None => ("allowed", None),
+        Some(Error::AccessDenied { .. } | Error::BeyondOwnAccess { .. }) => {
+            ("denied", Some("42501"))
+        }
+        Some(error) => ("error", Some(error.sqlstate().1)),
+    }
+}
+
 pub fn record(
     action: &str,
     secret_name: Option<&str>,
