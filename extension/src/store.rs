@@ -590,7 +590,13 @@ pub fn get_secret(
     expect: Option<ValueKind>,
 ) -> Result<Fetched> {
     let snapshot = index_read::begin_read();
-    let today = unsafe { pg_sys::GetSQLCurrentDate() };
+    // The day in UTC, as the UPDATE below writes it: the session's TimeZone, which any client
+    // sets, must not move a secret's last access to another day.
+    let today = {
+        const MICROS_PER_DAY: i64 = 86_400_000_000;
+        let started = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+        started.div_euclid(MICROS_PER_DAY) as i32
+    };
     let wants_current = version_id.is_none() && stage.unwrap_or(CURRENT) == CURRENT;
     let head = index_read::probe(
         &snapshot,
@@ -647,7 +653,8 @@ pub fn get_secret(
     let plaintext = stored.open(head.id, name)?;
     if head.access_is_stale && !read_only_transaction() {
         Spi::run_with_args(
-            "UPDATE secrets.secret SET last_accessed_on = current_date WHERE id = $1",
+            "UPDATE secrets.secret \
+             SET last_accessed_on = (pg_catalog.now() AT TIME ZONE 'UTC')::date WHERE id = $1",
             &[head.id.into()],
         )?;
     }

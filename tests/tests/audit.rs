@@ -1240,3 +1240,60 @@ fn a_burst_of_denials_trips_its_rule_even_when_evaluated_later() {
             == 1
     });
 }
+
+/// A secret's last access is a UTC date, written by the first read of the day and not again
+/// that day (the row is not rewritten: its xmin stays), whatever time zone the reader's
+/// session is in; a read in a read-only transaction reads without writing it.
+#[test]
+fn last_accessed_is_a_utc_date_written_once_a_day() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute("SELECT secrets.create_secret('seen/db', 'v')")
+        .unwrap();
+    let state = |db: &mut Client| -> (Option<String>, String) {
+        let row = db
+            .query_one(
+                "SELECT last_accessed_on::text, xmin::text FROM secrets.secret WHERE name = 'seen/db'",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(state(&mut db).0, None, "never read");
+    // A zone whose date differs from UTC's right now: 12 hours behind before noon UTC, 14
+    // hours ahead after.
+    let zone: String = db
+        .query_one(
+            "SELECT CASE WHEN extract(hour FROM now() AT TIME ZONE 'UTC') < 12 \
+                         THEN 'Etc/GMT+12' ELSE 'Etc/GMT-14' END",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    db.batch_execute(&format!("SET TimeZone = '{zone}'"))
+        .unwrap();
+    db.batch_execute("BEGIN READ ONLY; SELECT secrets.get_secret_value('seen/db'); COMMIT;")
+        .unwrap();
+    assert_eq!(
+        state(&mut db).0,
+        None,
+        "a read-only transaction writes nothing"
+    );
+    db.query_one("SELECT secrets.get_secret_value('seen/db')", &[])
+        .unwrap();
+    let utc_today: String = db
+        .query_one("SELECT ((now() AT TIME ZONE 'UTC')::date)::text", &[])
+        .unwrap()
+        .get(0);
+    let (accessed, written_by) = state(&mut db);
+    assert_eq!(accessed.as_deref(), Some(utc_today.as_str()), "in {zone}");
+    for _ in 0..3 {
+        db.query_one("SELECT secrets.get_secret_value('seen/db')", &[])
+            .unwrap();
+    }
+    assert_eq!(
+        state(&mut db).1,
+        written_by,
+        "not written again the same day"
+    );
+}
