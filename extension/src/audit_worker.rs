@@ -88,6 +88,11 @@ fn drain_queue() {
             warn("freeing stored records", error);
             return;
         }
+        if let Some(head) = &drained.head {
+            if let Err(error) = audit::head::write(head) {
+                warn("recording the end of the audit chain", error);
+            }
+        }
         audit::write_to_server_log(&drained.log_lines);
         if drained.count < trail::DRAIN_BATCH {
             return;

@@ -1297,3 +1297,60 @@ fn last_accessed_is_a_utc_date_written_once_a_day() {
         "not written again the same day"
     );
 }
+
+/// The chain's end is also kept outside the database: removing the newest records no longer
+/// verifies (the table alone would: what is left is a whole chain), and records stored after
+/// the removal do not chain over the gap.
+#[test]
+fn removing_the_newest_records_or_rewriting_the_end_is_found() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute("SELECT secrets.create_secret('end/' || i, 'v') FROM generate_series(1, 5) i")
+        .unwrap();
+    wait_for_records(&mut db, "secret_name LIKE 'end/%'", 5);
+    let newest = |db: &mut Client| -> i64 {
+        db.query_one("SELECT max(id) FROM secrets.audit_record", &[])
+            .unwrap()
+            .get(0)
+    };
+    // The worker records the end just after each commit.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(verify(&mut db).0);
+    wait_for_records(&mut db, "details->>'function' = 'verify_audit_log'", 1);
+    std::thread::sleep(Duration::from_millis(500));
+    let end = newest(&mut db);
+    db.batch_execute("ALTER TABLE secrets.audit_record DISABLE TRIGGER ALL")
+        .unwrap();
+
+    // The newest record changed (with a hash of the right length): found where it is.
+    db.execute(
+        "UPDATE secrets.audit_record SET \"current_user\" = 'nobody', \
+                hash = sha256(prev_hash || '\\x00'::bytea) WHERE id = $1",
+        &[&end],
+    )
+    .unwrap();
+    let (ok, _, first_bad) = verify(&mut db);
+    assert!(!ok);
+    assert_eq!(first_bad, Some(end), "found at the recorded end");
+
+    // The two newest records removed: the chain stops short of the recorded end, and the
+    // records stored since (verify's own) leave the removed ids unused.
+    db.execute(
+        "DELETE FROM secrets.audit_record WHERE id > $1",
+        &[&(end - 2)],
+    )
+    .unwrap();
+    assert_eq!(verify(&mut db).2, Some(end - 1), "the first removed id");
+    wait_until("records after the removal", MINUTE, || {
+        newest(&mut db) > end
+    });
+    let reused: i64 = db
+        .query_one(
+            "SELECT count(*) FROM secrets.audit_record WHERE id IN ($1, $2)",
+            &[&(end - 1), &end],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(reused, 0, "new records took ids after the recorded end");
+    assert_eq!(verify(&mut db).2, Some(end - 1));
+}

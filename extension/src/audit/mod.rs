@@ -14,6 +14,7 @@
 
 pub mod alarms;
 mod append;
+pub mod head;
 pub mod queue;
 pub mod trail;
 

@@ -88,17 +88,23 @@ fn drain_statements(client: &SpiClient<'_>) -> Result<&'static DrainStatements> 
 }
 
 /// The last stored id and hash: the newest row, else the newest retention anchor, else the
-/// start of the chain.
+/// start of the chain; but never short of the end recorded outside the database (`head`).
+/// Records removed from the end of the table leave their ids unused, so `verify_audit_log`
+/// finds the gap, rather than new records chaining cleanly over it.
 fn chain_end(client: &SpiClient<'_>, statements: &DrainStatements) -> Result<(i64, Vec<u8>)> {
     let newest = client
         .select(&statements.newest_record, None, &[])?
         .next()
         .map(|row| -> Result<_> { Ok((required(&row, 1)?, required(&row, 2)?)) })
         .transpose()?;
-    if let Some(end) = newest {
-        return Ok(end);
-    }
-    Ok(latest_anchor(client)?.unwrap_or((0, GENESIS.to_vec())))
+    let stored = match newest {
+        Some(end) => end,
+        None => latest_anchor(client)?.unwrap_or((0, GENESIS.to_vec())),
+    };
+    Ok(match super::head::read() {
+        Some(head) if head.id > stored.0 => (head.id, head.hash.to_vec()),
+        _ => stored,
+    })
 }
 
 fn latest_anchor(client: &SpiClient<'_>) -> Result<Option<(i64, Vec<u8>)>> {
@@ -131,6 +137,8 @@ fn unreadable(why: &str) -> Record<'static> {
 pub struct Drained {
     pub count: usize,
     pub log_lines: Vec<Vec<u8>>,
+    /// The chain's new end, for `head::write` once committed.
+    pub head: Option<super::head::Head>,
 }
 
 /// The worker: moves up to one batch from the queue to the table, in the current transaction,
@@ -155,6 +163,7 @@ pub fn drain_batch() -> Result<Drained> {
             return Ok(Drained {
                 count: 0,
                 log_lines: Vec::new(),
+                head: None,
             });
         }
         // The commit waits for its local WAL flush (whatever synchronous_commit says elsewhere):
@@ -211,13 +220,18 @@ pub fn drain_batch() -> Result<Drained> {
         Ok(Drained {
             count: queued.len(),
             log_lines,
+            head: Some(super::head::Head { id, hash: previous }),
         })
     })
 }
 
-/// `verify_audit_log()`: walks the chain; returns (ok, rows checked, first bad id).
+/// `verify_audit_log()`: walks the chain; returns (ok, rows checked, first bad id). The
+/// chain must reach the end the worker last recorded outside the database (`head`), with the
+/// hash it recorded there: the newest records removed, or records changed with every hash
+/// after them computed anew, are found too.
 pub fn verify() -> Result<(bool, i64, Option<i64>)> {
     require_auditor("verify the audit log")?;
+    let head = super::head::read();
     Spi::connect(|client| {
         let anchor = latest_anchor(client)?;
         let (mut expected_id, mut expected_prev) = match &anchor {
@@ -226,6 +240,13 @@ pub fn verify() -> Result<(bool, i64, Option<i64>)> {
         };
         let mut checked = 0i64;
         let mut after = expected_id - 1;
+        // Whether the walk has met the recorded end with the recorded hash (an end the
+        // retention has since removed says nothing).
+        let head_reached = |id: i64, hash: &[u8]| {
+            head.as_ref()
+                .is_none_or(|head| head.id < id || (head.id == id && head.hash[..] == *hash))
+        };
+        let mut reached = head_reached(expected_id - 1, &expected_prev);
         loop {
             let rows = client.select(
                 "SELECT id, (EXTRACT(epoch FROM at) * 1000000)::int8, \"session_user\", \
@@ -237,7 +258,16 @@ pub fn verify() -> Result<(bool, i64, Option<i64>)> {
                 &[after.into()],
             )?;
             if rows.is_empty() {
-                return Ok((true, checked, None));
+                return Ok(match (&head, reached) {
+                    (_, true) => (true, checked, None),
+                    // Short of the recorded end: the records after the last one are gone.
+                    (Some(head), false) if head.id >= expected_id => {
+                        (false, checked, Some(expected_id))
+                    }
+                    // The recorded end is there, with another hash: changed at or before it.
+                    (Some(head), false) => (false, checked, Some(head.id)),
+                    (None, false) => unreachable!("no recorded end is always reached"),
+                });
             }
             for row in rows {
                 let id: i64 = required(&row, 1)?;
@@ -272,6 +302,9 @@ pub fn verify() -> Result<(bool, i64, Option<i64>)> {
                 {
                     let first_bad = if id != expected_id { expected_id } else { id };
                     return Ok((false, checked, Some(first_bad)));
+                }
+                if head.as_ref().is_some_and(|head| head.id == id) {
+                    reached = head_reached(id, &hash);
                 }
                 expected_id = id + 1;
                 expected_prev = hash;
