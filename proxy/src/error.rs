@@ -16,8 +16,9 @@ pub enum ProxyError {
     #[error("the secrets store could not give the credential of \"{secret}\": {reason}")]
     Store { secret: String, reason: String },
     /// The store answered, and the answer will not change by asking again (no such secret,
-    /// no `get` on it, not credential JSON): no retry.
-    #[error("the secrets store refused the credential of \"{secret}\": {reason}")]
+    /// no `get` on it, not credential JSON, the proxy's own login refused): no retry. Said
+    /// to the client as `Store` is.
+    #[error("the secrets store could not give the credential of \"{secret}\": {reason}")]
     StoreRefused { secret: String, reason: String },
     #[error("could not reach the database server {address}: {reason}")]
     Unreachable { address: String, reason: String },
