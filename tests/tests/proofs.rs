@@ -102,6 +102,60 @@ fn a_version_moved_or_copied_to_another_secret_fails() {
     );
 }
 
+/// `pg_secrets.key_command`: the key printed by a program run at server start (a secret
+/// manager's command line, a KMS decrypt). A program that fails or prints no UTF-8, or the
+/// setting given together with `key_file`, leaves no key loaded, and every call says why.
+#[test]
+fn a_key_command_loads_the_key_and_its_failures_are_named() {
+    let mut cluster = Cluster::start();
+    cluster
+        .superuser()
+        .batch_execute("SELECT secrets.create_secret('k', 'v')")
+        .unwrap();
+    let script = |name: &str, body: &str| -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let path = cluster.dir().join(name);
+        fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o700)).unwrap();
+        path.display().to_string()
+    };
+    let printing = script("print-key.sh", &format!("echo '{TEST_KEY}'"));
+    let not_utf8 = script("print-garbage.sh", "printf '\\377\\376'");
+    let setting = |command: &str| format!("pg_secrets.key_command = '{command}'");
+
+    // configure() gives the directory, scripts included, to the server's user.
+    cluster.configure(KeySource::None, &[&setting(&printing)]);
+    cluster.restart();
+    assert_eq!(get(&mut cluster.superuser(), "k").unwrap(), "v");
+
+    for (command, why) in [
+        (
+            "exit 3".to_string(),
+            "pg_secrets.key_command failed: exit status: 3",
+        ),
+        (
+            not_utf8,
+            "pg_secrets.key_command printed something that is not UTF-8",
+        ),
+    ] {
+        cluster.configure(KeySource::None, &[&setting(&command)]);
+        cluster.restart();
+        assert_sql_error(get(&mut cluster.superuser(), "k"), "F0000", why);
+    }
+    cluster.configure(KeySource::File(TEST_KEY.into()), &[&setting(&printing)]);
+    cluster.restart();
+    assert_sql_error(
+        get(&mut cluster.superuser(), "k"),
+        "F0000",
+        "set only one of pg_secrets.key_file and pg_secrets.key_command",
+    );
+    let hex_key = TEST_KEY.split(':').nth(1).unwrap();
+    assert!(
+        !cluster.server_log().contains(hex_key),
+        "the key never reaches the server log"
+    );
+}
+
 #[test]
 fn wrong_missing_and_unreadable_master_keys_are_named() {
     let mut cluster = Cluster::start();
