@@ -638,3 +638,67 @@ fn roles_that_do_not_exist_and_unknown_request_states() {
         "unknown request state \"Pending\"; states are pending, approved and denied",
     );
 }
+
+/// Store-wide functions are refused to a role that does not hold every secret, and requests
+/// that name nothing, or a requester since dropped, are refused; nothing changes.
+#[test]
+fn store_wide_functions_and_requests_that_name_nothing() {
+    let (cluster, mut db) = fixture();
+    db.batch_execute(
+        "CREATE ROLE plain_user LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         CREATE ROLE gone LOGIN PASSWORD 'pw' IN ROLE secrets_user;",
+    )
+    .unwrap();
+    let mut plain = cluster.connect("plain_user", "pw");
+    for sql in [
+        "SELECT secrets.purge_deleted_secrets()",
+        "SELECT * FROM secrets.rewrap_keys()",
+        "SELECT * FROM secrets.key_status()",
+    ] {
+        let before = store_state(&mut db);
+        assert_sql_error(plain.query(sql, &[]), "42501", "permission denied");
+        assert_eq!(store_state(&mut db), before, "{sql}");
+    }
+    refused(
+        &mut db,
+        "SELECT secrets.approve_access_request('00000000-0000-0000-0000-000000000001')",
+        &[],
+        "22023",
+        "there is no access request 00000000-0000-0000-0000-000000000001",
+    );
+    let mut gone = cluster.connect("gone", "pw");
+    let request: String = gone
+        .query_one(
+            "SELECT secrets.request_access('app/db', '{get}', '1 hour', 'on call')::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    drop(gone);
+    db.batch_execute("DROP ROLE gone").unwrap();
+    refused(
+        &mut db,
+        &format!("SELECT secrets.approve_access_request('{request}')"),
+        &[],
+        "22023",
+        "does not exist",
+    );
+    let current: String = db
+        .query_one(
+            "SELECT version_id::text FROM secrets.list_secret_version_ids('app/db') \
+             WHERE 'CURRENT' = ANY(version_stages)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    refused(
+        &mut db,
+        &format!(
+            "SELECT secrets.update_secret_version_stage('app/db', 'CURRENT', '{current}', \
+             remove_from_version_id => '00000000-0000-0000-0000-000000000002')"
+        ),
+        &[],
+        "22023",
+        "stage CURRENT of secret \"app/db\" is not on version 00000000-0000-0000-0000-000000000002",
+    );
+}
