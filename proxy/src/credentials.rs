@@ -58,16 +58,19 @@ fn parse_credential(text: &str) -> Result<CredentialJson, String> {
             Some(_) => Err(not(format!("\"{name}\" is not a string"))),
         }
     };
+    let port_number = |value: &Value| -> Option<u16> {
+        match value {
+            Value::Number(number) => number.as_u64().and_then(|n| u16::try_from(n).ok()),
+            Value::String(text) => text.parse().ok(),
+            _ => None,
+        }
+        .filter(|port| *port != 0)
+    };
     let port = match fields.get("port") {
         None | Some(Value::Null) => None,
-        Some(Value::Number(number)) => Some(number.as_u64().and_then(|n| u16::try_from(n).ok())),
-        Some(Value::String(text)) => Some(text.parse().ok()),
-        Some(_) => Some(None),
-    };
-    let port = match port {
-        None => None,
-        Some(Some(port)) if port != 0 => Some(port),
-        Some(_) => return Err(not("\"port\" is not a port number".into())),
+        Some(value) => {
+            Some(port_number(value).ok_or_else(|| not("\"port\" is not a port number".into()))?)
+        }
     };
     let username = text("username")?
         .filter(|name| !name.is_empty())

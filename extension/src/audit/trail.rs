@@ -220,7 +220,11 @@ pub fn drain_batch() -> Result<Drained> {
         Ok(Drained {
             count: queued.len(),
             log_lines,
-            head: Some(super::head::Head { id, hash: previous }),
+            head: super::head::audit_table().map(|table| super::head::Head {
+                table,
+                id,
+                hash: previous,
+            }),
         })
     })
 }
@@ -258,15 +262,12 @@ pub fn verify() -> Result<(bool, i64, Option<i64>)> {
                 &[after.into()],
             )?;
             if rows.is_empty() {
-                return Ok(match (&head, reached) {
-                    (_, true) => (true, checked, None),
+                return Ok(match head.as_ref().filter(|_| !reached) {
+                    None => (true, checked, None),
                     // Short of the recorded end: the records after the last one are gone.
-                    (Some(head), false) if head.id >= expected_id => {
-                        (false, checked, Some(expected_id))
-                    }
+                    Some(head) if head.id >= expected_id => (false, checked, Some(expected_id)),
                     // The recorded end is there, with another hash: changed at or before it.
-                    (Some(head), false) => (false, checked, Some(head.id)),
-                    (None, false) => unreachable!("no recorded end is always reached"),
+                    Some(head) => (false, checked, Some(head.id)),
                 });
             }
             for row in rows {
