@@ -307,6 +307,7 @@ pub fn put_policy(name: &str, document: JsonB, block_public_policy: bool) -> Res
     Spi::connect_mut(|client| {
         let secret = store::authorize(client, name, Action::Manage, OnDeleted::Refuse)?;
         access::within_own_manage(name, Some(secret.subject()), HandedOn::Policy)?;
+        access::not_lifting_own_denial(name, secret.subject())?;
         client.update(
             "INSERT INTO secrets.resource_policy (secret_id, policy, changed_by) \
              VALUES ($1, $2, $3::oid::regrole) \
@@ -336,6 +337,7 @@ pub fn delete_policy(name: &str) -> Result<()> {
         let secret = store::authorize(client, name, Action::Manage, OnDeleted::Allow)?;
         // A policy's deny statements are access too: lifting them hands it on.
         access::within_own_manage(name, Some(secret.subject()), HandedOn::Policy)?;
+        access::not_lifting_own_denial(name, secret.subject())?;
         client.update(
             "DELETE FROM secrets.resource_policy WHERE secret_id = $1",
             None,

@@ -1364,3 +1364,75 @@ fn a_manager_hands_on_no_more_than_its_own_manage_right() {
         "{after:?}"
     );
 }
+
+/// A policy's deny binds the managers it names: a role with `manage` that a policy denies
+/// `get` cannot lift the deny by replacing or deleting the policy, as itself or through a
+/// group it acts as. A manager the policy does not name changes it, and so does
+/// `secrets_admin`.
+#[test]
+fn a_manager_cannot_lift_a_deny_that_binds_it() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE ops LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         CREATE ROLE contractor LOGIN PASSWORD 'pw' IN ROLE ops;
+         CREATE ROLE lead LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         CREATE ROLE security LOGIN PASSWORD 'pw' IN ROLE secrets_admin;
+         SELECT secrets.create_secret('prod/db', 'v1');
+         SELECT secrets.grant_access('prod/db', 'ops', '{get,manage}');
+         SELECT secrets.grant_access('prod/db', 'lead', '{manage}');
+         SELECT secrets.put_resource_policy('prod/db', '{\"statements\": [{\"effect\": \"deny\",
+           \"principals\": [\"contractor\"], \"actions\": [\"get\"],
+           \"conditions\": {\"source_cidr\": \"10.0.0.0/8\"}},
+           {\"effect\": \"deny\", \"principals\": [\"ops\"], \"actions\": [\"get\"]}]}');",
+    )
+    .unwrap();
+    let policy = |db: &mut Client| -> String {
+        db.query_one("SELECT secrets.get_resource_policy('prod/db')::text", &[])
+            .unwrap()
+            .get(0)
+    };
+    let before = policy(&mut db);
+    let replace = "SELECT secrets.put_resource_policy('prod/db', '{\"statements\": [{\"effect\": \
+                   \"allow\", \"principals\": [\"lead\"], \"actions\": [\"get\"]}]}')";
+    let delete = "SELECT secrets.delete_resource_policy('prod/db')";
+    let mut ops = cluster.connect("ops", "pw");
+    assert_sql_error(
+        ops.query(statement("get"), &[&"prod/db"]),
+        "42501",
+        "permission denied",
+    );
+    for attempt in [replace, delete] {
+        assert_sql_error(
+            ops.query(attempt, &[]),
+            "42501",
+            "statement 2 of its resource policy denies you",
+        );
+    }
+    // A conditional deny binds too (a new policy would drop its condition), and so does a
+    // deny on the person acting as its group.
+    let mut contractor = cluster.connect("contractor", "pw");
+    contractor.batch_execute("SET ROLE ops").unwrap();
+    assert_sql_error(
+        contractor.query(delete, &[]),
+        "42501",
+        "statement 1 of its resource policy denies you",
+    );
+    assert_eq!(policy(&mut db), before, "a refused change changed nothing");
+
+    let mut lead = cluster.connect("lead", "pw");
+    lead.batch_execute(replace).unwrap();
+    assert!(policy(&mut db).contains("lead"));
+    db.batch_execute(
+        "SELECT secrets.put_resource_policy('prod/db', '{\"statements\": [{\"effect\": \"deny\",
+           \"principals\": [\"lead\", \"security\"], \"actions\": [\"get\"]}]}')",
+    )
+    .unwrap();
+    let mut security = cluster.connect("security", "pw");
+    security.batch_execute(delete).unwrap();
+    let value: String = ops
+        .query_one(statement("get"), &[&"prod/db"])
+        .unwrap()
+        .get(0);
+    assert_eq!(value, "v1", "without the policy, ops's grant applies");
+}

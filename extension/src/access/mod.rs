@@ -236,36 +236,17 @@ pub fn decide(
     if unsafe { pg_sys::superuser_arg(role) } {
         return Ok(Basis::Superuser);
     }
-    let membership = cache::membership(role)?;
+    let deny_reach = DenyReach::of(role, context)?;
+    let membership = &deny_reach.membership;
     let policy = match secret {
         Some(secret) => cache::policy_of(secret.id)?,
         None => None,
-    };
-    // For the caller in its own session, a deny that names the person follows it into the
-    // roles it acts as (SET ROLE to a group, a SECURITY DEFINER function): the session user's
-    // groups are denied too. Not when deciding for another role (a simulation, a rotation on
-    // the owner's behalf), and superusers are bound by no policy.
-    let session_user = unsafe { pg_sys::GetSessionUserId() };
-    let session_membership = match context {
-        Context::Session
-            if role == caller()
-                && session_user != role
-                && !unsafe { pg_sys::superuser_arg(session_user) } =>
-        {
-            Some(cache::membership(session_user)?)
-        }
-        _ => None,
     };
     let mut session = None;
     let mut applies =
         |statement: &policy::Statement<Oid>, effect: policy::Effect| -> Result<bool> {
             let covers_role = match effect {
-                policy::Effect::Deny => statement.principals.include(|r| {
-                    membership.member_of.contains(r)
-                        || session_membership
-                            .as_ref()
-                            .is_some_and(|session| session.member_of.contains(r))
-                }),
+                policy::Effect::Deny => deny_reach.covers(&statement.principals),
                 policy::Effect::Allow => statement
                     .principals
                     .include(|r| membership.roles.contains(r)),
@@ -329,6 +310,75 @@ pub fn decide(
         return Ok(Basis::Role("secrets_reader"));
     }
     Ok(Basis::Nothing)
+}
+
+/// Whom a deny statement binds when deciding for a role: every role it belongs to, and for
+/// the caller in its own session the session user's too. A deny that names the person follows
+/// it into the roles it acts as (SET ROLE to a group, a SECURITY DEFINER function). Not when
+/// deciding for another role (a simulation, a rotation on the owner's behalf), and superusers
+/// are bound by no policy.
+struct DenyReach {
+    membership: Rc<cache::Membership>,
+    session_membership: Option<Rc<cache::Membership>>,
+}
+
+impl DenyReach {
+    fn of(role: Oid, context: Context) -> Result<DenyReach> {
+        let session_user = unsafe { pg_sys::GetSessionUserId() };
+        let session_membership = match context {
+            Context::Session
+                if role == caller()
+                    && session_user != role
+                    && !unsafe { pg_sys::superuser_arg(session_user) } =>
+            {
+                Some(cache::membership(session_user)?)
+            }
+            _ => None,
+        };
+        Ok(DenyReach {
+            membership: cache::membership(role)?,
+            session_membership,
+        })
+    }
+
+    fn covers(&self, principals: &policy::Principals<Oid>) -> bool {
+        principals.include(|r| {
+            self.membership.member_of.contains(r)
+                || self
+                    .session_membership
+                    .as_ref()
+                    .is_some_and(|session| session.member_of.contains(r))
+        })
+    }
+}
+
+/// A resource policy's deny statements bind the roles they name, the owner and managers
+/// included: replacing or deleting the policy would lift them. So a policy that denies the
+/// caller anything, under any condition, is changed only by a role that may manage every
+/// secret, never by the role it binds.
+pub fn not_lifting_own_denial(name: &str, secret: Secret) -> Result<()> {
+    let role = caller();
+    if may_on_any(role, Action::Manage)? {
+        return Ok(());
+    }
+    let Some(policy) = cache::policy_of(secret.id)? else {
+        return Ok(());
+    };
+    let reach = DenyReach::of(role, Context::Session)?;
+    let binding = policy.statements.iter().position(|statement| {
+        statement.effect == policy::Effect::Deny && reach.covers(&statement.principals)
+    });
+    match binding {
+        None => Ok(()),
+        Some(index) => Err(crate::errors::Error::BeyondOwnAccess {
+            name: name.to_string(),
+            reason: format!(
+                "statement {} of its resource policy denies you; a policy is changed or deleted \
+                 only by a role it does not bind, or by secrets_admin",
+                index + 1
+            ),
+        }),
+    }
 }
 
 /// How far a role may hand on its `manage` right on a secret, by a grant, by approving a
