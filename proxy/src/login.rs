@@ -164,8 +164,20 @@ async fn login_with_retry(
                         credentials.pending_accepted(&route.secret, &route.database, generation);
                     }
                     metrics.server_login(stage);
-                    if stage != STAGES[0] {
-                        tracing::info!(route = %route.database, stage, "logged in with a non-CURRENT credential during a rotation");
+                    match stage {
+                        "CURRENT" => {}
+                        // The server still has the old password: a rotation that moved the
+                        // labels without reaching the server, or a password set back by hand.
+                        // Logins keep working, but only until PREVIOUS moves on.
+                        "PREVIOUS" => tracing::warn!(
+                            route = %route.database,
+                            secret = %route.secret,
+                            "the server refused CURRENT and accepted PREVIOUS: the secret's \
+                             CURRENT value is not the server's password"
+                        ),
+                        _ => {
+                            tracing::info!(route = %route.database, stage, "logged in with a non-CURRENT credential during a rotation")
+                        }
                     }
                     return Ok((
                         session,

@@ -590,6 +590,46 @@ fn a_credential_is_read_as_the_rotators_read_it_and_a_bad_one_fails_at_once() {
     );
 }
 
+/// A CURRENT value the server refuses while it accepts PREVIOUS (a rotation whose password
+/// change never reached the server) still logs clients in, and the proxy warns, naming the
+/// route and the secret but no value: the next label move would break every login.
+#[test]
+fn a_login_with_previous_is_warned_about() {
+    let cluster = cluster_with_app_credential(&[]);
+    let port = pg_secrets_e2e::free_port();
+    let config_file = cluster.dir().join("proxy-previous.toml");
+    let config = proxy_config(
+        &cluster,
+        &format!("127.0.0.1:{port}"),
+        r#""trust""#,
+        &ProxyExtras::default(),
+    );
+    std::fs::write(&config_file, &config).unwrap();
+    let proxy = ProxyProcess::start(&config_file, port);
+    cluster
+        .superuser()
+        .execute(
+            "SELECT secrets.put_secret_value('db/app', $1)",
+            &[&credential_json(&cluster, "never-set-on-the-server")],
+        )
+        .unwrap();
+    let mut client = proxy.connect("appdb").unwrap();
+    assert_eq!(scalar(&mut client, "SELECT current_user::text"), "app");
+    wait_until("the warning", Duration::from_secs(10), || {
+        proxy.log().contains("accepted PREVIOUS")
+    });
+    let log = proxy.log();
+    let warning = log
+        .lines()
+        .find(|line| line.contains("accepted PREVIOUS"))
+        .unwrap();
+    assert!(
+        warning.contains("WARN") && warning.contains("db/app") && warning.contains("appdb"),
+        "{warning}"
+    );
+    assert!(!log.contains("never-set-on-the-server") && !log.contains("pw-0"));
+}
+
 /// A new connection per transaction, for four clients.
 const RECONNECTING: &[&str] = &["-C", "-c", "4"];
 
