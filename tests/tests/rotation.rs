@@ -557,6 +557,9 @@ fn schedules_are_checked_and_a_rate_rotates_on_its_own() {
             "more often than pg_secrets.min_rotation_interval",
         ),
         ("rate(2 hours)", Some("3 hours"), "rotation_window must be"),
+        // The 24-hour cap on its own: the interval would leave room for it.
+        ("rate(30 days)", Some("25 hours"), "between 0 and 24 hours"),
+        ("cron(0 0 30 2 *)", None, "cron schedule never fires"),
         ("rate(2 hours)", Some("-1 hours"), "rotation_window must be"),
         (
             "rate(2 hours)",
