@@ -208,6 +208,11 @@ fn refused_local_rotations_change_nothing() {
         r#"{"username":"ghost","password":"x"}"#,
     );
     create_secret(&mut db, "api/not-json", "plain-api-key");
+    create_secret(
+        &mut db,
+        "db/team",
+        r#"{"username":"team","password":"team-pw"}"#,
+    );
     let before = store_state(&mut db);
     for (name, rotator, sqlstate, words) in [
         ("db/boss", "postgres-single-user", "55000", "is a superuser"),
@@ -222,6 +227,12 @@ fn refused_local_rotations_change_nothing() {
             "postgres-single-user",
             "55000",
             "not a credential JSON",
+        ),
+        (
+            "db/team",
+            "postgres-alternating-users",
+            "55000",
+            "needs \"master_secret\" in the credential",
         ),
         ("db/boss", "lambda", "22023", "unknown rotator"),
         (
@@ -1132,6 +1143,22 @@ fn a_command_rotator_rotates_an_api_key_and_the_old_key_works_until_finish() {
         ),
         "55000",
         "starting with '-' is not passed to a rotator program",
+    );
+    assert_eq!(store_state(&mut db), before);
+    // A program reads and prints text: a binary value is not handed to it.
+    db.execute(
+        "SELECT secrets.create_secret('api/binary', secret_binary => '\\x00ff')",
+        &[],
+    )
+    .unwrap();
+    let before = store_state(&mut db);
+    assert_sql_error(
+        db.execute(
+            "SELECT secrets.rotate_secret('api/binary', rotator => 'command:payments-key')",
+            &[],
+        ),
+        "55000",
+        "cannot rotate a binary value",
     );
     assert_eq!(store_state(&mut db), before);
 
