@@ -58,6 +58,16 @@ mod tests {
                 "{error}"
             );
         }
+        let id = |chars: usize| "k".repeat(chars);
+        assert!(parse_keys(&format!("{}:{KEY_A}", id(64)), None).is_ok());
+        for refused in [id(65), String::new()] {
+            let error = parse_keys(&format!("{refused}:{KEY_A}"), None).err();
+            assert!(
+                error.is_some_and(|error| error.contains("a key id is 1 to 64 characters")),
+                "a key id of {} characters",
+                refused.len()
+            );
+        }
     }
 
     #[test]

@@ -448,6 +448,20 @@ impl Config {
         }
         for (index, route) in self.routes.iter().enumerate() {
             let place = format!("route {} (database {:?})", index + 1, route.database);
+            // An empty name matches no client and names no secret: a typo, not a wish.
+            let names = [
+                ("database", Some(&route.database)),
+                ("secret", Some(&route.secret)),
+                ("user", route.user.as_ref()),
+                ("host", route.host.as_ref()),
+                ("dbname", route.dbname.as_ref()),
+            ];
+            if let Some((key, _)) = names
+                .iter()
+                .find(|(_, name)| name.is_some_and(|name| name.is_empty()))
+            {
+                return Err(format!("{place}: {key} must not be empty"));
+            }
             if route.allow.is_empty() {
                 return Err(format!("{place}: allow lists nobody"));
             }
@@ -620,6 +634,18 @@ mod tests {
                 "not both",
             ),
             (format!("{BASE}\n{}", route("")), "allow lists nobody"),
+            (
+                format!("{BASE}\n{}", route("\"trust\"").replace("\"d\"", "\"\"")),
+                "database must not be empty",
+            ),
+            (
+                format!("{BASE}\n{}", route("\"trust\"").replace("\"s\"", "\"\"")),
+                "secret must not be empty",
+            ),
+            (
+                format!("{BASE}\n{}user = \"\"", route("\"trust\"")),
+                "user must not be empty",
+            ),
             (format!("{BASE}\n{}", route("\"md5\"")), "is not \"trust\""),
             (
                 format!("{BASE}\n{}", route("\"peer:\"")),

@@ -20,8 +20,6 @@ pub const MAX_STARTUP_PACKET: usize = 10_000;
 const SSL_REQUEST: i32 = 80_877_103;
 const GSSENC_REQUEST: i32 = 80_877_104;
 const CANCEL_REQUEST: i32 = 80_877_102;
-/// An SSL and a GSS request may each come once before the startup packet.
-const MAX_NEGOTIATIONS: usize = 2;
 
 pub enum Opening {
     Startup(BTreeMap<String, String>),
@@ -88,7 +86,10 @@ pub async fn read_opening(
     tls: Option<&TlsAcceptor>,
 ) -> Result<(Opening, Transport), ProxyError> {
     let mut transport = Transport::default();
-    for _ in 0..=MAX_NEGOTIATIONS {
+    // An SSL and a GSS request may each come once before the startup packet, as PostgreSQL
+    // has it: a client asking again is not negotiating, and is not answered.
+    let (mut ssl_asked, mut gss_asked) = (false, false);
+    loop {
         let length = check_length(
             stream
                 .read_i32()
@@ -100,8 +101,19 @@ pub async fn read_opening(
             .read_exact(&mut body)
             .await
             .map_err(|_| closed("in the middle of a packet"))?;
-        match (parse_packet(&body)?, tls) {
-            (Packet::SslRequest, Some(acceptor)) if !transport.encrypted => {
+        let packet = parse_packet(&body)?;
+        let asked_before = match packet {
+            Packet::SslRequest => std::mem::replace(&mut ssl_asked, true),
+            Packet::GssEncRequest => std::mem::replace(&mut gss_asked, true),
+            _ => false,
+        };
+        if asked_before {
+            return Err(ProxyError::Protocol(
+                "the same encryption request came twice".into(),
+            ));
+        }
+        match (packet, tls) {
+            (Packet::SslRequest, Some(acceptor)) => {
                 stream
                     .write_all(b"S")
                     .await
@@ -136,7 +148,6 @@ pub async fn read_opening(
             }
         }
     }
-    Err(ProxyError::Protocol("too many encryption requests".into()))
 }
 
 fn parse_startup(length: i32, body: &[u8]) -> Result<BTreeMap<String, String>, ProxyError> {

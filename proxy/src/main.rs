@@ -39,7 +39,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let path = match (cli.command, cli.config) {
         (Some(Command::CheckConfig { file }), _) => {
-            return match Config::from_file(&file) {
+            let checked = Config::from_file(&file)
+                .and_then(|config| Proxy::check_files(&config).map(|()| config));
+            return match checked {
                 Ok(config) => {
                     println!("{}: ok, {} routes", file.display(), config.routes.len());
                     ExitCode::SUCCESS

@@ -118,6 +118,17 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// Reads what `bind` reads besides its sockets (the store's password file, every TLS
+    /// certificate, key and CA), for `check-config`: a file it passes does not fail at start
+    /// on a missing or unreadable file.
+    pub fn check_files(config: &Config) -> Result<(), String> {
+        config.store_password()?;
+        config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
+        crate::tls::server_connector(&config.server_tls)?;
+        crate::tls::store_connector(&config.store)?;
+        Ok(())
+    }
+
     /// Binds every listener the configuration names; nothing is served until `serve`.
     pub async fn bind(config: Config, config_path: Option<PathBuf>) -> Result<Proxy, String> {
         let store_password = config.store_password()?;

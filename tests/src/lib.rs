@@ -423,15 +423,20 @@ pub struct ProxyProcess {
     log: PathBuf,
 }
 
+/// The `secrets-proxy` binary of this build (`make test` builds it before the tests).
+pub fn proxy_binary() -> std::path::PathBuf {
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(std::path::Path::parent)
+        .unwrap()
+        .join("secrets-proxy")
+}
+
 impl ProxyProcess {
     /// Starts it with `config_file`, whose clients listen on TCP `port`, and waits until it listens.
     pub fn start(config_file: &Path, port: u16) -> ProxyProcess {
-        let binary = std::env::current_exe()
-            .unwrap()
-            .parent()
-            .and_then(std::path::Path::parent)
-            .unwrap()
-            .join("secrets-proxy");
+        let binary = proxy_binary();
         let log = config_file.with_extension("log");
         let child = Command::new(&binary)
             .arg("--config")

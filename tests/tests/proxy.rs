@@ -846,6 +846,28 @@ fn bad_clients_get_a_clear_error_and_everyone_else_is_served() {
     let answer = raw_exchange(&fixture, &ssl_then_route);
     assert_eq!(answer[0], b'N');
     assert_eq!(error_code(&answer[1..]), "3D000");
+    // A GSSENCRequest is declined the same way (libpq's gssencmode=prefer then asks for SSL),
+    // and each may come once: a repeated one gets no answer but the error.
+    let request = |code: i32| [8i32.to_be_bytes(), code.to_be_bytes()].concat();
+    let (ssl, gss) = (request(80_877_103), request(80_877_104));
+    let gss_ssl_then_route = [
+        gss.clone(),
+        ssl.clone(),
+        startup_packet(3 << 16, &[("user", "u"), ("database", "nope")]),
+    ]
+    .concat();
+    let answer = raw_exchange(&fixture, &gss_ssl_then_route);
+    assert_eq!(&answer[..2], b"NN");
+    assert_eq!(error_code(&answer[2..]), "3D000");
+    for (requests, declined) in [
+        ([ssl.clone(), gss.clone(), ssl.clone()], 2),
+        ([gss.clone(), gss, ssl], 1),
+    ] {
+        let answer = raw_exchange(&fixture, &requests.concat());
+        assert_eq!(&answer[..declined], &b"NN"[..declined]);
+        assert_eq!(error_code(&answer[declined..]), "08P01");
+        assert!(String::from_utf8_lossy(&answer).contains("the same encryption request came twice"));
+    }
     // A client that requires TLS gives up on 'N' with a clear message of its own.
     let error = Client::connect(
         &format!(
@@ -1797,6 +1819,80 @@ fn signals_reload_drain_and_stop_the_proxy_process() {
     proxy.signal("INT");
     proxy.exits_within(Duration::from_secs(20), "SIGINT to stop the proxy");
     assert!(interrupted.simple_query("SELECT 1").is_err());
+}
+
+/// `check-config` answers as a deployment script needs: 0 and "ok" for a file the proxy starts
+/// with; 1 naming the problem for one it would not start with, a TLS file or the store's
+/// password file that cannot be read included (before, those passed and the start failed); 2
+/// with the usage for no arguments. `--config` with a bad file exits 1 without listening.
+#[test]
+fn check_config_says_whether_the_proxy_would_start() {
+    let cluster = cluster_with_app_credential(&[]);
+    let good = proxy_config(
+        &cluster,
+        "127.0.0.1:0",
+        r#""trust""#,
+        &ProxyExtras::default(),
+    );
+    let missing = cluster.dir().join("missing.pem");
+    let cases = [
+        ("good", good.clone(), 0, "ok, 1 routes"),
+        (
+            "empty-database",
+            good.replace("\"appdb\"", "\"\""),
+            1,
+            "database must not be empty",
+        ),
+        (
+            "tls-missing",
+            format!(
+                "{good}\n[tls]\ncert_file = \"{0}\"\nkey_file = \"{0}\"\n",
+                missing.display()
+            ),
+            1,
+            "[tls] cert_file",
+        ),
+        (
+            "password-file-missing",
+            good.replace(
+                "password = \"proxy-pw\"",
+                &format!("password_file = \"{}\"", missing.display()),
+            ),
+            1,
+            "password_file",
+        ),
+    ];
+    for (name, text, code, words) in cases {
+        let file = cluster.dir().join(format!("check-{name}.toml"));
+        std::fs::write(&file, text).unwrap();
+        let output = std::process::Command::new(pg_secrets_e2e::proxy_binary())
+            .arg("check-config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(if code == 0 {
+            &output.stdout
+        } else {
+            &output.stderr
+        })
+        .into_owned();
+        assert_eq!(output.status.code(), Some(code), "{name}: {said}");
+        assert!(said.contains(words), "{name}: {said}");
+        assert!(!said.contains("proxy-pw"), "{name}: {said}");
+        if code != 0 {
+            let started = std::process::Command::new(pg_secrets_e2e::proxy_binary())
+                .arg("--config")
+                .arg(&file)
+                .output()
+                .unwrap();
+            assert_eq!(started.status.code(), Some(1), "{name}");
+        }
+    }
+    let usage = std::process::Command::new(pg_secrets_e2e::proxy_binary())
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&usage.stderr).contains("usage: secrets-proxy"));
 }
 
 /// A SIGHUP that changes `[server_tls]` drops the idle pooled sessions, and a session in use

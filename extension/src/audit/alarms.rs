@@ -484,6 +484,59 @@ mod tests {
             ("denials", json!({"by": "planet"}), "\"by\""),
             ("off_hours", json!({"from": "25:00"}), "a time such as"),
             ("first_read", json!([]), "JSON object"),
+            (
+                "rate",
+                json!({"factor": "x"}),
+                "\"factor\" must be a number",
+            ),
+            ("rate", json!({"factor": 1001}), "between 1 and 1000"),
+            (
+                "rate",
+                json!({"window": 9}),
+                "\"window\" must be between 10 and 86400",
+            ),
+            ("rate", json!({"window": 86401}), "between 10 and 86400"),
+            (
+                "rate",
+                json!({"baseline": 59}),
+                "\"baseline\" must be between 60 and 7776000",
+            ),
+            (
+                "rate",
+                json!({"baseline": 7776001}),
+                "between 60 and 7776000",
+            ),
+            (
+                "rate",
+                json!({"min_count": 0}),
+                "\"min_count\" must be between 1 and 1000000000",
+            ),
+            (
+                "rate",
+                json!({"min_count": 1e9 + 1.0}),
+                "between 1 and 1000000000",
+            ),
+            (
+                "denials",
+                json!({"count": 0}),
+                "\"count\" must be between 1 and 1000000",
+            ),
+            (
+                "denials",
+                json!({"count": 1000001}),
+                "between 1 and 1000000",
+            ),
+            (
+                "denials",
+                json!({"window": 0}),
+                "\"window\" must be between 1 and 86400",
+            ),
+            ("denials", json!({"window": 86401}), "between 1 and 86400"),
+            (
+                "off_hours",
+                json!({"timezone": 5}),
+                "\"timezone\" must be a string",
+            ),
         ] {
             let error = normalize(kind, &params).unwrap_err().to_string();
             assert!(error.contains(words), "{kind}: {error}");
