@@ -723,6 +723,33 @@ fn resource_policies_are_validated_and_deny_beats_every_allow() {
         .map(|row| row.get(0))
         .collect();
     assert!(bad_action[0].contains("unknown action \"read\""));
+    // put refuses whatever validate reports, naming the statement, and stores nothing.
+    for (policy, words) in [
+        (
+            r#"{"statements": [{"effect": "allow", "principals": ["app"], "actions": ["get"]},
+                               {"effect": "deny", "principals": ["ghost"], "actions": ["get"]}]}"#,
+            "statement 2: unknown role \"ghost\"",
+        ),
+        (
+            r#"{"statements": [{"effect": "allow", "principals": ["app"], "actions": ["read"]}]}"#,
+            "statement 1: unknown action \"read\"",
+        ),
+        (r#"{"statements": {}}"#, "nothing else"),
+    ] {
+        assert_sql_error(
+            db.query(
+                "SELECT secrets.put_resource_policy('svc/key', $1::text::jsonb)",
+                &[&policy],
+            ),
+            "22023",
+            words,
+        );
+    }
+    let stored: Option<String> = db
+        .query_one("SELECT secrets.get_resource_policy('svc/key')::text", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, None);
     let public = r#"{"statements": [{"effect": "allow", "principals": "*", "actions": ["get"]}]}"#;
     assert_sql_error(
         db.query(

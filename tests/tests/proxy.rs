@@ -1789,12 +1789,23 @@ fn signals_reload_drain_and_stop_the_proxy_process() {
     // SIGTERM: new clients are turned away; the connected one finishes its transaction, and
     // once it leaves the proxy exits, long before the 60 s drain timeout.
     connected.batch_execute("BEGIN").unwrap();
+    let mut opening = TcpStream::connect(("127.0.0.1", port)).unwrap();
     proxy.signal("TERM");
     wait_until(
         "new clients to be turned away",
         Duration::from_secs(30),
         || proxy.connect("appdb").is_err(),
     );
+    // A client that connected before and starts up after is told why, with 57P01.
+    opening
+        .write_all(&startup_packet(
+            3 << 16,
+            &[("user", "u"), ("database", "appdb")],
+        ))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = opening.read_to_end(&mut answer);
+    assert_eq!(error_code(&answer), "57P01");
     assert_eq!(scalar(&mut connected, "SELECT 'finishing'"), "finishing");
     connected.batch_execute("COMMIT").unwrap();
     drop(connected);
@@ -1819,6 +1830,43 @@ fn signals_reload_drain_and_stop_the_proxy_process() {
     proxy.signal("INT");
     proxy.exits_within(Duration::from_secs(20), "SIGINT to stop the proxy");
     assert!(interrupted.simple_query("SELECT 1").is_err());
+}
+
+/// `trust` holds for loopback clients only: a client reaching the proxy on another address of
+/// the machine is refused with 28000, unless `allow_trust_from_non_loopback` says otherwise.
+#[test]
+fn trust_is_refused_to_clients_beyond_loopback() {
+    // The machine's own address on its default route (a UDP connect sends nothing).
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    probe
+        .connect("198.51.100.1:9")
+        .expect("a non-loopback IPv4 address on this machine");
+    let address = probe.local_addr().unwrap().ip();
+    assert!(!address.is_loopback(), "{address}");
+    let cluster = cluster_with_app_credential(&[]);
+    // The proxy is returned too: dropping it would close the client's connection.
+    let connect = |config: &str| {
+        let proxy = RunningProxy::start(Config::parse(config).unwrap()).unwrap();
+        let client = Client::connect(
+            &format!(
+                "host={address} port={} user=app dbname=appdb",
+                proxy.tcp_address.unwrap().port()
+            ),
+            NoTls,
+        );
+        (proxy, client)
+    };
+    let config = proxy_config(&cluster, "0.0.0.0:0", r#""trust""#, &ProxyExtras::default());
+    let error = connect(&config).1.err().expect("trust beyond loopback");
+    let db_error = error.as_db_error().expect("a server error");
+    assert_eq!(db_error.code().code(), "28000", "{error}");
+    let forced = config.replace(
+        "[listen]",
+        "[listen]\n        allow_trust_from_non_loopback = true",
+    );
+    let (_proxy, client) = connect(&forced);
+    let mut client = client.unwrap();
+    assert_eq!(scalar(&mut client, "SELECT current_user::text"), "app");
 }
 
 /// `check-config` answers as a deployment script needs: 0 and "ok" for a file the proxy starts

@@ -400,6 +400,19 @@ mod tests {
                 json!({"statements": [{"effect": "allow", "principals": "*", "actions": ["get"], "conditions": {"not_before": "tomorrow"}}]}),
                 "RFC 3339",
             ),
+            (json!({"statements": [5]}), "a statement must be an object"),
+            (
+                json!({"statements": [{"effect": "allow", "principals": "*", "actions": ["get"], "conditions": []}]}),
+                "conditions must be an object",
+            ),
+            (
+                json!({"statements": [{"effect": "allow", "principals": "*", "actions": [1]}]}),
+                "actions must be strings",
+            ),
+            (
+                json!({"statements": [{"effect": "allow", "principals": "*", "actions": ["get"], "conditions": {"source_cidr": 5}}]}),
+                "source_cidr must be a string or an array of strings",
+            ),
         ] {
             let error = parse(&document, &mut resolve, &mut Vec::new()).unwrap_err();
             assert!(
