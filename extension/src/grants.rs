@@ -276,7 +276,18 @@ fn resolve(name: &str) -> Option<pg_sys::Oid> {
 
 /// `validate_resource_policy`: everything wrong with a policy, as (statement, problem) rows;
 /// statement 0 is the document itself.
+/// The largest resource policy, as compact JSON (AWS Secrets Manager's limit): every backend
+/// that decides on the secret keeps it parsed.
+pub const MAX_POLICY_BYTES: usize = 20_480;
+
 pub fn validate_policy(document: &serde_json::Value) -> Vec<(i32, String)> {
+    let size = document.to_string().len();
+    if size > MAX_POLICY_BYTES {
+        return vec![(
+            0,
+            format!("a policy is at most {MAX_POLICY_BYTES} bytes of JSON, this one has {size}"),
+        )];
+    }
     let mut findings = Vec::new();
     if let Err(fatal) = policy::parse(document, &mut resolve, &mut findings) {
         findings.push(fatal);

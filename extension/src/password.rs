@@ -6,6 +6,8 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 
 pub const MAX_PASSWORD_LENGTH: i32 = 4096;
+/// As AWS Secrets Manager has it; more could only repeat characters.
+pub const MAX_EXCLUDED_CHARACTERS: usize = 4096;
 const PUNCTUATION: &str = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~";
 
 pub struct PasswordRules<'a> {
@@ -24,6 +26,12 @@ pub fn random_password(rules: &PasswordRules) -> Result<String> {
         return Err(Error::InvalidParameter(format!(
             "password_length must be between 1 and {MAX_PASSWORD_LENGTH}, not {}",
             rules.length
+        )));
+    }
+    let excluded = rules.exclude_characters.chars().count();
+    if excluded > MAX_EXCLUDED_CHARACTERS {
+        return Err(Error::InvalidParameter(format!(
+            "exclude_characters is at most {MAX_EXCLUDED_CHARACTERS} characters, not {excluded}"
         )));
     }
     let classes: Vec<Vec<char>> = [

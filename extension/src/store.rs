@@ -898,6 +898,20 @@ pub fn list_secrets(
     tag_value: Option<&str>,
     include_planned_deletion: bool,
 ) -> Result<Vec<Listed>> {
+    // A filter longer than anything it compares with would match nothing: a mistake.
+    let filters = [
+        ("name_prefix", name_prefix, validate::MAX_NAME_CHARS),
+        ("tag_key", tag_key, validate::MAX_TAG_KEY_CHARS),
+        ("tag_value", tag_value, validate::MAX_TAG_VALUE_CHARS),
+    ];
+    for (argument, filter, most) in filters {
+        let chars = filter.map_or(0, |filter| filter.chars().count());
+        if chars > most {
+            return Err(Error::InvalidParameter(format!(
+                "{argument} is at most {most} characters, not {chars}"
+            )));
+        }
+    }
     let caller = access::caller();
     Spi::connect(|client| {
         let rows = client.select(

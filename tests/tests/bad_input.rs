@@ -677,6 +677,43 @@ fn limits_just_inside_and_just_beyond() {
         &[],
     )
     .unwrap();
+
+    let password = "SELECT secrets.get_random_password(exclude_characters => $1)";
+    db.execute(password, &[&"!".repeat(4096)]).unwrap();
+    refused(
+        &mut db,
+        password,
+        &[&"!".repeat(4097)],
+        "22023",
+        "at most 4096 characters, not 4097",
+    );
+
+    for (filter, most) in [("name_prefix", 512), ("tag_key", 128), ("tag_value", 256)] {
+        let list = format!("SELECT count(*) FROM secrets.list_secrets({filter} => $1)");
+        db.query_one(&list, &[&long(most)]).unwrap();
+        refused(
+            &mut db,
+            &list,
+            &[&long(most + 1)],
+            "22023",
+            &format!("{filter} is at most {most} characters, not {}", most + 1),
+        );
+    }
+
+    // A resource policy of 20,480 bytes of JSON is stored; one byte more is refused.
+    let policy = |bytes: usize| {
+        let frame = r#"{"statements":[{"effect":"allow","principals":["secrets_user"],"actions":["get"],"conditions":{"application_name":"PAD"}}]}"#;
+        frame.replace("PAD", &"a".repeat(bytes + 3 - frame.len()))
+    };
+    let put_policy = "SELECT secrets.put_resource_policy('app/db', $1::text::jsonb)";
+    db.execute(put_policy, &[&policy(20_480)]).unwrap();
+    refused(
+        &mut db,
+        put_policy,
+        &[&policy(20_481)],
+        "22023",
+        "at most 20480 bytes of JSON, this one has 20481",
+    );
 }
 
 /// Settings out of their range are refused by PostgreSQL before they are stored, so a typo in
