@@ -72,10 +72,16 @@ fn parse_credential(text: &str) -> Result<CredentialJson, String> {
             Some(port_number(value).ok_or_else(|| not("\"port\" is not a port number".into()))?)
         }
     };
+    match text("engine")?.as_deref() {
+        None | Some("postgres") | Some("postgresql") => {}
+        Some(_) => return Err(not("its \"engine\" is not postgres".into())),
+    }
     let username = text("username")?
         .filter(|name| !name.is_empty())
         .ok_or_else(|| not("no \"username\"".into()))?;
-    let password = text("password")?.ok_or_else(|| not("no \"password\"".into()))?;
+    let password = text("password")?
+        .filter(|password| !password.is_empty())
+        .ok_or_else(|| not("no \"password\"".into()))?;
     Ok(CredentialJson {
         host: text("host")?,
         port,
@@ -535,6 +541,10 @@ mod tests {
         let login = r#""username": "app", "password": "pw""#;
         assert_eq!(port(&format!("{{{login}}}")), Some(None));
         assert_eq!(
+            port(&format!("{{{login}, \"engine\": \"postgresql\"}}")),
+            Some(None)
+        );
+        assert_eq!(
             port(&format!("{{{login}, \"port\": 6432}}")),
             Some(Some(6432))
         );
@@ -554,6 +564,11 @@ mod tests {
             (r#"{"username": "", "password": "pw"}"#, "no \"username\""),
             (r#"{"password": "pw"}"#, "no \"username\""),
             (r#"{"username": "app"}"#, "no \"password\""),
+            (r#"{"username": "app", "password": ""}"#, "no \"password\""),
+            (
+                r#"{"engine": "mysql", "username": "app", "password": "pw"}"#,
+                "its \"engine\" is not postgres",
+            ),
             (
                 r#"{"username": "app", "password": 12345678}"#,
                 "\"password\" is not a string",
