@@ -1988,9 +1988,9 @@ fn a_server_tls_reload_pools_no_session_opened_under_the_old_rules() {
     );
 }
 
-/// A server that floods the proxy before its ReadyForQuery (over a thousand messages, or a few
-/// large ones past 256 KiB) is not believed: the client gets `08P01` naming the limit, and the
-/// proxy keeps nothing of it.
+/// A server that floods the proxy before its ReadyForQuery (over a thousand messages, a few
+/// large ones past 256 KiB, or one that says it is over 1 MiB long) is not believed: the client
+/// gets `08P01` naming the limit, and the proxy keeps nothing of it (nor allocates the 1 MiB).
 #[test]
 fn a_server_flooding_its_greeting_is_refused() {
     let fixture = fixture(r#""trust""#);
@@ -1998,6 +1998,8 @@ fn a_server_flooding_its_greeting_is_refused() {
     for (messages, value_bytes, limit) in [
         (1001, 10, "more than 1000 messages before ReadyForQuery"),
         (5, 60_000, "more than 262144 bytes before ReadyForQuery"),
+        // A header alone, its length 1 MiB and a byte.
+        (0, 0, "message length 1048577"),
     ] {
         let hostile = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = hostile.local_addr().unwrap().port();
@@ -2023,6 +2025,10 @@ fn a_server_flooding_its_greeting_is_refused() {
                 let mut greeting = protocol_message(b'R', &0i32.to_be_bytes());
                 for _ in 0..messages {
                     greeting.extend(protocol_message(b'S', &parameter));
+                }
+                if messages == 0 {
+                    greeting.push(b'S');
+                    greeting.extend(((1i32 << 20) + 1).to_be_bytes());
                 }
                 let _ = server.write_all(&greeting);
                 let _ = server.read_to_end(&mut Vec::new());
