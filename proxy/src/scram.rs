@@ -432,6 +432,8 @@ mod tests {
                 "r=rOprNGfwEbeRWgbNEkqOx,s=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA,i=4096",
                 "a salt of 66 bytes",
             ),
+            ("r=rOprNGfwEbeRWgbNEkqOx,s=,i=4096", "a salt of 0 bytes"),
+            ("r=rOprNGfwEbeRWgbNEkqOx,i=4096", "no salt"),
         ];
         for (server_first, words) in cases {
             let mut exchange =
