@@ -619,6 +619,52 @@ fn reads_while_the_worker_is_stopped(cluster: &Cluster, reads: usize) -> String 
     worker
 }
 
+/// A queue file the server cannot open at start (here a directory stands in its place) does
+/// not make the trail lossy: every audited call is refused with 58030, nothing changes, and the
+/// server log says why. With the file usable again and the server restarted, calls work.
+#[test]
+fn an_unusable_queue_file_refuses_calls_rather_than_lose_records() {
+    let mut cluster = Cluster::start();
+    cluster
+        .superuser()
+        .batch_execute("SELECT secrets.create_secret('app/db', 'v1')")
+        .unwrap();
+    cluster.stop("fast");
+    let queue = cluster.data_dir().join("pg_secrets_audit.queue");
+    std::fs::remove_file(&queue).unwrap();
+    std::fs::create_dir(&queue).unwrap();
+    cluster.restart();
+    let mut db = cluster.superuser();
+    let before = pg_secrets_e2e::store_state(&mut db);
+    for call in [
+        "SELECT secrets.get_secret_value('app/db')",
+        "SELECT secrets.put_secret_value('app/db', 'v2')::text",
+        "SELECT secrets.create_secret('app/other', 'v')::text",
+    ] {
+        assert_sql_error(
+            db.query(call, &[]),
+            "58030",
+            "pg_secrets_audit.queue in the data directory could not be opened at server start",
+        );
+    }
+    assert_eq!(pg_secrets_e2e::store_state(&mut db), before);
+    let log = cluster.server_log();
+    assert!(
+        log.contains("cannot map the audit queue file pg_secrets_audit.queue: Is a directory"),
+        "the server log says why: {log}"
+    );
+    drop(db);
+    cluster.stop("fast");
+    std::fs::remove_dir(&queue).unwrap();
+    cluster.restart();
+    let value: String = cluster
+        .superuser()
+        .query_one("SELECT secrets.get_secret_value('app/db')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(value, "v1");
+}
+
 /// A full queue: with the worker stopped, reads fill the queue's 4,096 slots; the next read
 /// waits `pg_secrets.audit_queue_wait` and fails with `53400`, and one whose
 /// `statement_timeout` ends that wait first fails with `57014`. Neither happens unaudited: both
