@@ -274,12 +274,12 @@ fn resolve(name: &str) -> Option<pg_sys::Oid> {
     (oid != pg_sys::InvalidOid).then_some(oid)
 }
 
-/// `validate_resource_policy`: everything wrong with a policy, as (statement, problem) rows;
-/// statement 0 is the document itself.
 /// The largest resource policy, as compact JSON (AWS Secrets Manager's limit): every backend
 /// that decides on the secret keeps it parsed.
 pub const MAX_POLICY_BYTES: usize = 20_480;
 
+/// `validate_resource_policy`: everything wrong with a policy, as (statement, problem) rows;
+/// statement 0 is the document itself.
 pub fn validate_policy(document: &serde_json::Value) -> Vec<(i32, String)> {
     let size = document.to_string().len();
     if size > MAX_POLICY_BYTES {
@@ -318,7 +318,29 @@ pub fn put_policy(name: &str, document: JsonB, block_public_policy: bool) -> Res
     Spi::connect_mut(|client| {
         let secret = store::authorize(client, name, Action::Manage, OnDeleted::Refuse)?;
         access::within_own_manage(name, Some(secret.subject()), HandedOn::Policy)?;
-        access::not_lifting_own_denial(name, secret.subject())?;
+        let binding = access::denials_binding_caller(secret.subject())?;
+        if !binding.is_empty() {
+            let current: Option<JsonB> = db::first_value(client.select(
+                "SELECT policy FROM secrets.resource_policy WHERE secret_id = $1",
+                None,
+                &[secret.id.into()],
+            )?)?;
+            let statements = |policy: &serde_json::Value| policy["statements"].as_array().cloned();
+            let (before, after) = (
+                current
+                    .and_then(|policy| statements(&policy.0))
+                    .unwrap_or_default(),
+                statements(&document.0).unwrap_or_default(),
+            );
+            // A binding statement must stay, word for word (JSON equality: key order and
+            // spacing aside); where it stands in the new policy does not matter.
+            if let Some(&lifted) = binding
+                .iter()
+                .find(|&&index| before.get(index).is_none_or(|kept| !after.contains(kept)))
+            {
+                return Err(access::lifts_own_denial(name, lifted));
+            }
+        }
         client.update(
             "INSERT INTO secrets.resource_policy (secret_id, policy, changed_by) \
              VALUES ($1, $2, $3::oid::regrole) \
@@ -348,7 +370,9 @@ pub fn delete_policy(name: &str) -> Result<()> {
         let secret = store::authorize(client, name, Action::Manage, OnDeleted::Allow)?;
         // A policy's deny statements are access too: lifting them hands it on.
         access::within_own_manage(name, Some(secret.subject()), HandedOn::Policy)?;
-        access::not_lifting_own_denial(name, secret.subject())?;
+        if let Some(&lifted) = access::denials_binding_caller(secret.subject())?.first() {
+            return Err(access::lifts_own_denial(name, lifted));
+        }
         client.update(
             "DELETE FROM secrets.resource_policy WHERE secret_id = $1",
             None,

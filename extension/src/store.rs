@@ -590,7 +590,8 @@ pub fn get_secret(
     expect: Option<ValueKind>,
 ) -> Result<Fetched> {
     let snapshot = index_read::begin_read();
-    // The day in UTC, as the UPDATE below writes it: the session's TimeZone, which any client
+    // The transaction's day in UTC (PostgreSQL's date: days since 2000-01-01), compared with
+    // the stored one and written by the UPDATE below: the session's TimeZone, which any client
     // sets, must not move a secret's last access to another day.
     let today = {
         const MICROS_PER_DAY: i64 = 86_400_000_000;
@@ -653,9 +654,11 @@ pub fn get_secret(
     let plaintext = stored.open(head.id, name)?;
     if head.access_is_stale && !read_only_transaction() {
         Spi::run_with_args(
-            "UPDATE secrets.secret \
-             SET last_accessed_on = (pg_catalog.now() AT TIME ZONE 'UTC')::date WHERE id = $1",
-            &[head.id.into()],
+            "UPDATE secrets.secret SET last_accessed_on = $2 WHERE id = $1",
+            &[
+                head.id.into(),
+                pgrx::datum::Date::saturating_from_raw(today).into(),
+            ],
         )?;
     }
     Ok(Fetched {

@@ -224,8 +224,17 @@ mod tests {
             chain_hash(&previous, 41, &record.to_json()),
             <[u8; 32]>::from(expected.finalize())
         );
-        let line = crate::audit::server_log_line(&record, &record.to_json());
+        let line = crate::audit::server_log_line(&record, &record.to_json(), None);
         assert!(line.starts_with(b"2023-11-14 22:13:20.123 UTC [4242] LOG:  pg_secrets audit: {"));
+        // A stored record's line carries its id and hash inside the JSON object.
+        let stored =
+            crate::audit::server_log_line(&record, &record.to_json(), Some((41, &[0xab; 32])));
+        let text = String::from_utf8(stored).unwrap();
+        let (_, json) = text.split_once("pg_secrets audit: ").unwrap();
+        let json: serde_json::Value = serde_json::from_str(json.trim_end()).unwrap();
+        assert_eq!(json["id"], 41);
+        assert_eq!(json["hash"], "ab".repeat(32));
+        assert_eq!(json["backend_pid"], 4242);
         // The date is kept per second: lines in the same second, the next one, before 1970,
         // and a time no calendar here can show (the line then starts at the pid).
         for (at_micros, start) in [
@@ -243,6 +252,7 @@ mod tests {
                     ..record.clone()
                 },
                 b"{}",
+                None,
             );
             assert!(
                 line.starts_with(start),

@@ -127,6 +127,8 @@ async fn login_with_retry(
                 Ok(Some(credential)) => credential,
                 Ok(None) => continue,
                 Err(error @ ProxyError::StoreRefused { .. }) => {
+                    // The reason names a field, never a value.
+                    tracing::warn!(route = %route.database, stage, %error, "a stage of the route's secret is not a usable credential");
                     last_error.get_or_insert(error);
                     continue;
                 }
@@ -168,15 +170,16 @@ async fn login_with_retry(
                         "CURRENT" => {}
                         // The server still has the old password: a rotation that moved the
                         // labels without reaching the server, or a password set back by hand.
-                        // Logins keep working, but only until PREVIOUS moves on.
-                        "PREVIOUS" => tracing::warn!(
+                        // Logins keep working, but only until PREVIOUS moves on. (A CURRENT
+                        // that is no credential is logged above.)
+                        "PREVIOUS" if current_refused => tracing::warn!(
                             route = %route.database,
                             secret = %route.secret,
                             "the server refused CURRENT and accepted PREVIOUS: the secret's \
                              CURRENT value is not the server's password"
                         ),
                         _ => {
-                            tracing::info!(route = %route.database, stage, "logged in with a non-CURRENT credential during a rotation")
+                            tracing::info!(route = %route.database, stage, "logged in with a non-CURRENT credential")
                         }
                     }
                     return Ok((

@@ -355,14 +355,26 @@ impl Drop for Cluster {
     }
 }
 
-/// A fingerprint of everything the store holds, to show that a refused call changed nothing.
+/// A fingerprint of everything the store holds (secrets, versions, labels, rotation settings,
+/// grants, policies, requests, alarm rules; not what the workers advance on their own), to
+/// show that a refused call changed nothing.
 pub fn store_state(client: &mut Client) -> String {
     client
         .query_one(
             "SELECT concat_ws(' | ', \
                (SELECT string_agg(concat_ws(',', name, description, tags, owner_role, key_id, \
-                                            changed_at, last_accessed_on, purge_at), ';' ORDER BY name) \
+                                            changed_at, last_accessed_on, purge_at, \
+                                            rotation_enabled, rotator, rotation_schedule), \
+                                  ';' ORDER BY name) \
                 FROM secrets.secret), \
+               (SELECT string_agg(concat_ws(',', name_pattern, grantee, actions, valid_until), ';' \
+                                  ORDER BY name_pattern, grantee::text) FROM secrets.access_grant), \
+               (SELECT string_agg(concat_ws(',', secret_id, policy), ';' ORDER BY secret_id) \
+                FROM secrets.resource_policy), \
+               (SELECT string_agg(concat_ws(',', id, state), ';' ORDER BY id) \
+                FROM secrets.access_request), \
+               (SELECT string_agg(concat_ws(',', name, kind, params, enabled), ';' ORDER BY name) \
+                FROM secrets.alarm_rule), \
                (SELECT string_agg(concat_ws(',', id, secret_id, key_id, md5(ciphertext), \
                                             client_request_token), ';' ORDER BY id) \
                 FROM secrets.secret_version), \

@@ -1394,8 +1394,8 @@ fn a_manager_hands_on_no_more_than_its_own_manage_right() {
 
 /// A policy's deny binds the managers it names: a role with `manage` that a policy denies
 /// `get` cannot lift the deny by replacing or deleting the policy, as itself or through a
-/// group it acts as. A manager the policy does not name changes it, and so does
-/// `secrets_admin`.
+/// group it acts as; it may change the rest. A manager the policy does not name changes it,
+/// and so does `secrets_admin`.
 #[test]
 fn a_manager_cannot_lift_a_deny_that_binds_it() {
     let cluster = Cluster::start();
@@ -1446,6 +1446,19 @@ fn a_manager_cannot_lift_a_deny_that_binds_it() {
         "statement 1 of its resource policy denies you",
     );
     assert_eq!(policy(&mut db), before, "a refused change changed nothing");
+    // A change that keeps every statement binding the caller (word for word, wherever it
+    // stands) is its to make: ops drops the contractor's deny and adds an allow.
+    ops.batch_execute(
+        "SELECT secrets.put_resource_policy('prod/db', '{\"statements\": [
+           {\"effect\": \"allow\", \"principals\": [\"lead\"], \"actions\": [\"describe\"]},
+           {\"actions\": [\"get\"], \"principals\": [\"ops\"], \"effect\": \"deny\"}]}')",
+    )
+    .unwrap();
+    assert_sql_error(
+        ops.query(statement("get"), &[&"prod/db"]),
+        "42501",
+        "permission denied",
+    );
 
     let mut lead = cluster.connect("lead", "pw");
     lead.batch_execute(replace).unwrap();

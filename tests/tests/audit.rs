@@ -571,6 +571,48 @@ fn superuser_as_application(cluster: &Cluster, application_name: &str) -> Client
     .unwrap()
 }
 
+/// Each stored record's server-log line carries the id and chain hash of its row, so a log
+/// shipper's copy can be matched with the table; a line any role can forge with `RAISE LOG`
+/// has no row of that hash.
+#[test]
+fn server_log_lines_carry_the_id_and_hash_of_their_row() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "SET application_name = 'line-check';
+         SELECT secrets.create_secret('app/db', 'v');
+         SELECT secrets.get_secret_value('app/db');
+         DO $$ BEGIN RAISE LOG 'pg_secrets audit: {\"action\":\"get\",\"application_name\":\"line-check\",\"id\":1,\"hash\":\"00\"}'; END $$;",
+    )
+    .unwrap();
+    let lines = || -> Vec<serde_json::Value> {
+        cluster
+            .server_log()
+            .lines()
+            .filter_map(|line| line.split_once("pg_secrets audit: "))
+            .filter_map(|(_, json)| serde_json::from_str::<serde_json::Value>(json).ok())
+            .filter(|json| json["application_name"] == "line-check")
+            .collect()
+    };
+    wait_until("the records' lines", Duration::from_secs(30), || {
+        lines().len() == 3
+    });
+    let mut matched = Vec::new();
+    for line in lines() {
+        let stored: Option<String> = db
+            .query_opt(
+                "SELECT encode(hash, 'hex') FROM secrets.audit_record WHERE id = $1",
+                &[&line["id"].as_i64().unwrap()],
+            )
+            .unwrap()
+            .map(|row| row.get(0));
+        if stored.as_deref() == line["hash"].as_str() {
+            matched.push(line["action"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(matched, ["create", "get"], "the forged line matches no row");
+}
+
 /// Audit lines of allowed calls by this application in the cluster's server log.
 fn audit_log_lines(cluster: &Cluster, application_name: &str) -> usize {
     let application = format!("\"application_name\":\"{application_name}\"");

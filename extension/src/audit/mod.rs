@@ -381,7 +381,7 @@ impl Caller {
 
 /// Writes a record that will not reach the table to the server log at once.
 fn log_only(record: &Record) {
-    write_to_server_log(&[server_log_line(record, &record.to_json())]);
+    write_to_server_log(&[server_log_line(record, &record.to_json(), None)]);
 }
 
 /// The record as queued, shortened to fit a queue slot: a slot cuts what is longer, and a cut
@@ -446,13 +446,22 @@ fn table_out_of_reach() -> Option<OutOfReach> {
     None
 }
 
-/// A record as one line of the server log: the server's own line prefix, then its JSON.
-pub fn server_log_line(record: &Record, json: &[u8]) -> Vec<u8> {
+/// A record as one line of the server log: the server's own line prefix, then its JSON. A
+/// record stored in the table carries its `id` and chain `hash` (hex) there too, so the line
+/// can be matched with its row: any role can `RAISE LOG` a line that looks like one, but not
+/// give it the id and hash of a stored record of that content.
+pub fn server_log_line(record: &Record, json: &[u8], stored: Option<(i64, &[u8; 32])>) -> Vec<u8> {
     use std::io::Write;
-    let mut line = Vec::with_capacity(json.len() + 80);
+    let mut line = Vec::with_capacity(json.len() + 160);
     write_log_time(record.at_micros, &mut line);
     let _ = write!(line, "[{}] LOG:  pg_secrets audit: ", record.backend_pid);
-    line.extend_from_slice(json);
+    match (stored, json.split_last()) {
+        (Some((id, hash)), Some((b'}', fields))) => {
+            line.extend_from_slice(fields);
+            let _ = write!(line, ",\"id\":{id},\"hash\":\"{}\"}}", hex::encode(hash));
+        }
+        _ => line.extend_from_slice(json),
+    }
     line.push(b'\n');
     line
 }

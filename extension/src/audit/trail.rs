@@ -194,11 +194,11 @@ pub fn drain_batch() -> Result<Drained> {
                 }),
             };
             let json = record.to_json();
-            if log {
-                log_lines.push(super::server_log_line(&record, &json));
-            }
             id += 1;
             let hash = chain_hash(&previous, id, &json);
+            if log {
+                log_lines.push(super::server_log_line(&record, &json, Some((id, &hash))));
+            }
             rows.push(ChainedRecord {
                 id,
                 record,
