@@ -921,7 +921,20 @@ pub fn rotate_accessible_by(
                 immediately: true,
                 new_target: false,
             };
-            match crate::db::in_subtransaction(|| rotate_secret(&name, request)) {
+            // Each rotation is a record of its own, naming the secret (its managers see it
+            // among its records) and the role offboarded; the call's own record names none.
+            let started = crate::db::in_subtransaction(|| {
+                crate::audit::audited(
+                    "rotate",
+                    "rotate_secrets_accessible_by",
+                    Some(&name),
+                    || {
+                        crate::audit::note("offboarded_role", access::role_name(role).into());
+                        rotate_secret(&name, request)
+                    },
+                )
+            });
+            match started {
                 Ok(_) => rotation_status(&name)?,
                 Err(error) => format!("failed: {error}"),
             }

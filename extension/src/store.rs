@@ -406,18 +406,39 @@ fn touch_changed(client: &mut SpiClient<'_>, secret_id: Uuid) -> Result<()> {
 }
 
 /// Removes secrets whose recovery window has ended, with their versions and wrapped keys.
-pub fn purge_expired() -> Result<i64> {
+/// Removes for good the secrets whose recovery window has ended, their versions and wrapped
+/// keys with them. Each removal is an audit record of its own under the secret (`delete`,
+/// `details` naming `purged_by`: the worker, or the function that purged on its way): the
+/// moment a value became unrecoverable is what its managers will ask for. Like every record,
+/// it is written when the call runs: a transaction that rolls back undoes the removal, not
+/// the record.
+pub fn purge_expired(purged_by: &str) -> Result<i64> {
     Spi::connect_mut(|client| {
-        let purged: Vec<String> = client
+        let purged: Vec<(String, Uuid)> = client
             .update(
-                "DELETE FROM secrets.secret WHERE purge_at <= pg_catalog.now() RETURNING name",
+                "DELETE FROM secrets.secret WHERE purge_at <= pg_catalog.now() RETURNING name, id",
                 None,
                 &[],
             )?
-            .map(|row| required(&row, 1))
+            .map(|row| Ok((required(&row, 1)?, required(&row, 2)?)))
             .collect::<Result<_>>()?;
+        let details = serde_json::json!({"function": "purge", "purged_by": purged_by}).to_string();
+        for (name, id) in &purged {
+            let touched = audit::Touched {
+                secret_id: Some(*id),
+                ..Default::default()
+            };
+            audit::record(
+                "delete",
+                Some(name),
+                touched,
+                "allowed",
+                None,
+                details.clone(),
+            )?;
+        }
         let count = purged.len() as i64;
-        forget_exact_grants(client, purged)?;
+        forget_exact_grants(client, purged.into_iter().map(|(name, _)| name).collect())?;
         Ok(count)
     })
 }
@@ -457,7 +478,8 @@ pub fn create_secret(new: NewSecret<'_>) -> Result<Option<Uuid>> {
         });
     }
     let key = keys::key_for_writing(new.key_id)?;
-    purge_expired()?;
+    // A name whose recovery window has ended is free again, whether the worker came by or not.
+    purge_expired("create_secret")?;
     Spi::connect_mut(|client| {
         if let Some(existing) = find_secret(client, new.name, true)? {
             if let Some(purge_at) = existing.purge_at {
@@ -1034,7 +1056,7 @@ pub fn untag_secret(name: &str, keys: Vec<String>) -> Result<()> {
 }
 
 pub fn delete_secret(name: &str, window_days: i32, force: bool) -> Result<TimestampWithTimeZone> {
-    purge_expired()?;
+    purge_expired("delete_secret")?;
     Spi::connect_mut(|client| {
         let secret = authorize(client, name, Action::Delete, OnDeleted::Allow)?;
         let when = if force {

@@ -1689,6 +1689,28 @@ fn offboarding_rotates_what_the_role_could_read() {
         ]
     );
     login(&cluster, &current(&mut db, "db/app")).expect("rotated");
+    // The rotation it started is recorded under the secret, naming the leaver; the call's own
+    // record names no secret (before, it carried the id of the last secret it looked at).
+    let offboarding_records = |db: &mut Client| -> Vec<String> {
+        db.query(
+            "SELECT concat_ws(':', coalesce(secret_name, '-'), secret_id IS NOT NULL, outcome,
+                              details->>'offboarded_role')
+             FROM secrets.audit_log
+             WHERE details->>'function' = 'rotate_secrets_accessible_by' ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+    };
+    wait_until("the records", Duration::from_secs(30), || {
+        offboarding_records(&mut db).len() == 2
+    });
+    assert_eq!(
+        offboarding_records(&mut db),
+        ["db/app:t:allowed:leaver", "-:f:allowed"]
+    );
     // only_accessed: what the leaver actually read, according to the audit trail.
     let accessed = |db: &mut Client| -> Vec<String> {
         db.query(
@@ -1756,6 +1778,24 @@ fn the_worker_purges_secrets_whose_recovery_window_ended() {
             .get::<_, i64>(0)
             == 0
     });
+    // The removal for good is in the trail, under the secret, by the worker.
+    let purge_record = |db: &mut Client| -> Option<String> {
+        db.query_opt(
+            "SELECT concat_ws(':', secret_name, secret_id IS NOT NULL, outcome,
+                              details->>'purged_by')
+             FROM secrets.audit_log WHERE action = 'delete' AND details->>'function' = 'purge'",
+            &[],
+        )
+        .unwrap()
+        .map(|row| row.get(0))
+    };
+    wait_until("the purge's record", Duration::from_secs(30), || {
+        purge_record(&mut db).is_some()
+    });
+    assert_eq!(
+        purge_record(&mut db).unwrap(),
+        "old/key:t:allowed:worker"
+    );
 }
 
 #[test]
