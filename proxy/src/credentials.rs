@@ -82,10 +82,13 @@ fn parse_credential(text: &str) -> Result<CredentialJson, String> {
     let password = text("password")?
         .filter(|password| !password.is_empty())
         .ok_or_else(|| not("no \"password\"".into()))?;
+    // Empty is absent, as the rotators read it: no host is the store's server, no dbname the
+    // database the client asked for.
+    let non_empty = |name: &str| Ok::<_, String>(text(name)?.filter(|text| !text.is_empty()));
     Ok(CredentialJson {
-        host: text("host")?,
+        host: non_empty("host")?,
         port,
-        dbname: text("dbname")?,
+        dbname: non_empty("dbname")?,
         username,
         password,
     })
@@ -544,6 +547,9 @@ mod tests {
             port(&format!("{{{login}, \"engine\": \"postgresql\"}}")),
             Some(None)
         );
+        let empty = parse_credential(&format!("{{{login}, \"host\": \"\", \"dbname\": \"\"}}"));
+        let empty = empty.unwrap();
+        assert_eq!((empty.host, empty.dbname), (None, None));
         assert_eq!(
             port(&format!("{{{login}, \"port\": 6432}}")),
             Some(Some(6432))
