@@ -72,6 +72,21 @@ fn proxy_config(cluster: &Cluster, tcp: &str, allow: &str, extras: &ProxyExtras)
     )
 }
 
+/// The proxy as its own process, configured as `fixture` configures it (loopback clients
+/// trusted), from `<name>.toml` in the cluster's directory: the process, the file and its text.
+fn proxy_process(cluster: &Cluster, name: &str) -> (ProxyProcess, std::path::PathBuf, String) {
+    let port = pg_secrets_e2e::free_port();
+    let config_file = cluster.dir().join(format!("{name}.toml"));
+    let config = proxy_config(
+        cluster,
+        &format!("127.0.0.1:{port}"),
+        r#""trust""#,
+        &ProxyExtras::default(),
+    );
+    std::fs::write(&config_file, &config).unwrap();
+    (ProxyProcess::start(&config_file, port), config_file, config)
+}
+
 impl Fixture {
     fn port(&self) -> u16 {
         self.proxy.tcp_address.unwrap().port()
@@ -596,16 +611,7 @@ fn a_credential_is_read_as_the_rotators_read_it_and_a_bad_one_fails_at_once() {
 #[test]
 fn a_login_with_previous_is_warned_about() {
     let cluster = cluster_with_app_credential(&[]);
-    let port = pg_secrets_e2e::free_port();
-    let config_file = cluster.dir().join("proxy-previous.toml");
-    let config = proxy_config(
-        &cluster,
-        &format!("127.0.0.1:{port}"),
-        r#""trust""#,
-        &ProxyExtras::default(),
-    );
-    std::fs::write(&config_file, &config).unwrap();
-    let proxy = ProxyProcess::start(&config_file, port);
+    let (proxy, _, _) = proxy_process(&cluster, "proxy-previous");
     cluster
         .superuser()
         .execute(
@@ -1958,16 +1964,7 @@ fn check_config_says_whether_the_proxy_would_start() {
 #[test]
 fn a_server_tls_reload_pools_no_session_opened_under_the_old_rules() {
     let cluster = cluster_with_app_credential(&[]);
-    let port = pg_secrets_e2e::free_port();
-    let config_file = cluster.dir().join("proxy-process.toml");
-    let config = proxy_config(
-        &cluster,
-        &format!("127.0.0.1:{port}"),
-        r#""trust""#,
-        &ProxyExtras::default(),
-    );
-    std::fs::write(&config_file, &config).unwrap();
-    let proxy = ProxyProcess::start(&config_file, port);
+    let (proxy, config_file, config) = proxy_process(&cluster, "proxy-process");
     let app_sessions = || -> i64 {
         cluster
             .superuser()

@@ -1792,10 +1792,7 @@ fn the_worker_purges_secrets_whose_recovery_window_ended() {
     wait_until("the purge's record", Duration::from_secs(30), || {
         purge_record(&mut db).is_some()
     });
-    assert_eq!(
-        purge_record(&mut db).unwrap(),
-        "old/key:t:allowed:worker"
-    );
+    assert_eq!(purge_record(&mut db).unwrap(), "old/key:t:allowed:worker");
 }
 
 #[test]
