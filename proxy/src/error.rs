@@ -65,7 +65,9 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn sqlstate(&self) -> &str {
         match self {
-            ProxyError::Protocol(_) | ProxyError::UnsupportedProtocol { .. } => "08P01",
+            ProxyError::Protocol(_) => "08P01",
+            // As PostgreSQL answers a protocol version (or a request code) it does not serve.
+            ProxyError::UnsupportedProtocol { .. } => "0A000",
             ProxyError::UnknownRoute { .. } => "3D000",
             ProxyError::NotAllowed { .. }
             | ProxyError::TlsRequired

@@ -87,7 +87,8 @@ pub async fn read_opening(
 ) -> Result<(Opening, Transport), ProxyError> {
     let mut transport = Transport::default();
     // An SSL and a GSS request may each come once before the startup packet, as PostgreSQL
-    // has it: a client asking again is not negotiating, and is not answered.
+    // has it: it answers a repeated request code as the protocol version it is not, and so
+    // does the proxy, unanswered otherwise.
     let (mut ssl_asked, mut gss_asked) = (false, false);
     loop {
         let length = check_length(
@@ -102,15 +103,17 @@ pub async fn read_opening(
             .await
             .map_err(|_| closed("in the middle of a packet"))?;
         let packet = parse_packet(&body)?;
-        let asked_before = match packet {
+        let refused = match packet {
             Packet::SslRequest => std::mem::replace(&mut ssl_asked, true),
             Packet::GssEncRequest => std::mem::replace(&mut gss_asked, true),
             _ => false,
         };
-        if asked_before {
-            return Err(ProxyError::Protocol(
-                "the same encryption request came twice".into(),
-            ));
+        if refused {
+            let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+            return Err(ProxyError::UnsupportedProtocol {
+                major: (code >> 16) as u16,
+                minor: code as u16,
+            });
         }
         match (packet, tls) {
             (Packet::SslRequest, Some(acceptor)) => {
@@ -243,15 +246,20 @@ mod tests {
 
     #[test]
     fn refusals_have_protocol_sqlstates() {
-        for body in [
-            startup(2 << 16, &[("user", "u")]),
-            startup(3 << 16, &[("database", "d")]),
-            startup(3 << 16, &[("user", "u"), ("replication", "true")]),
-            vec![0, 3, 0],
-            vec![0u8; MAX_STARTUP_PACKET],
+        for (body, sqlstate) in [
+            // A version the proxy does not speak: 0A000, as PostgreSQL answers.
+            (startup(2 << 16, &[("user", "u")]), "0A000"),
+            // A packet past 10,000 bytes.
+            (vec![0u8; MAX_STARTUP_PACKET], "08P01"),
+            (startup(3 << 16, &[("database", "d")]), "08P01"),
+            (
+                startup(3 << 16, &[("user", "u"), ("replication", "true")]),
+                "08P01",
+            ),
+            (vec![0, 3, 0], "08P01"),
         ] {
             let error = parse_packet(&body).unwrap_err();
-            assert_eq!(error.sqlstate(), "08P01", "{error}");
+            assert_eq!(error.sqlstate(), sqlstate, "{error}");
         }
         assert!(
             check_length(-1).is_err() && check_length(7).is_err() && check_length(10_001).is_err()
