@@ -346,6 +346,19 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // A failing test's clusters are deleted with it: what their servers said (a crash,
+        // a worker's error) is shown with the failure.
+        if std::thread::panicking() {
+            let log = self.server_log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(200)..];
+            eprintln!(
+                "--- the last {} lines of the server log of the cluster on port {}:\n{}",
+                tail.len(),
+                self.port,
+                tail.join("\n")
+            );
+        }
         if self.running {
             let _ = server_command("pg_ctl")
                 .args(["stop", "-w", "-s", "-m", "immediate", "-D"])
