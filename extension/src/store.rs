@@ -405,7 +405,6 @@ fn touch_changed(client: &mut SpiClient<'_>, secret_id: Uuid) -> Result<()> {
     Ok(())
 }
 
-/// Removes secrets whose recovery window has ended, with their versions and wrapped keys.
 /// Removes for good the secrets whose recovery window has ended, their versions and wrapped
 /// keys with them. Each removal is an audit record of its own under the secret (`delete`,
 /// `details` naming `purged_by`: the worker, or the function that purged on its way): the
