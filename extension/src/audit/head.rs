@@ -6,11 +6,23 @@
 //! against this file. The file may lag the table (a crash between a commit and its write),
 //! never lead it. It names the table by OID: a trail created anew (the extension dropped and
 //! created again) is not held to another table's end.
+//!
+//! The file is one fixed-width line, overwritten in place with a single write and checked by
+//! its CRC. Writing a new file and renaming it over the old one for each batch spent more of
+//! the worker's time allocating inodes in the file system than storing the batch; a line
+//! that a reader catches half rewritten (or that a power loss tore) fails its CRC instead.
 
 use crate::index_read::relation_oid;
 use pgrx::pg_sys;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 const FILE_NAME: &str = "pg_secrets_audit.head";
+
+/// Tries at reading a line that fails its CRC before giving up: the worker may be rewriting
+/// it at that moment.
+const READ_ATTEMPTS: usize = 3;
 
 #[derive(Debug, PartialEq)]
 pub struct Head {
@@ -26,25 +38,52 @@ pub fn audit_table() -> Option<u32> {
     relation_oid(c"audit_record").ok().map(pg_sys::Oid::to_u32)
 }
 
-/// The worker, once the batch ending with `head` has committed. Written to a new file and
-/// renamed over the old one, so a reader never sees half of it.
-pub fn write(head: &Head) -> std::io::Result<()> {
-    let temporary = format!("{FILE_NAME}.new");
-    std::fs::write(
-        &temporary,
-        format!("{} {} {}\n", head.table, head.id, hex::encode(head.hash)),
-    )?;
-    std::fs::rename(temporary, FILE_NAME)
+/// The worker, once the batch ending with `head` has committed. Every line has the same
+/// length, so each write covers the whole of the last one (and of a shorter line an earlier
+/// release wrote by renaming).
+pub fn write(head: &Head) -> io::Result<()> {
+    thread_local! {
+        static FILE: std::cell::OnceCell<File> = const { std::cell::OnceCell::new() };
+    }
+    FILE.with(|file| {
+        let file = match file.get() {
+            Some(file) => file,
+            None => {
+                let opened = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .open(FILE_NAME)?;
+                file.get_or_init(|| opened)
+            }
+        };
+        file.write_all_at(line(head).as_bytes(), 0)
+    })
 }
 
 /// The last end the worker wrote for this database's audit table, if any. In a transaction.
 pub fn read() -> Option<Head> {
-    let text = std::fs::read_to_string(FILE_NAME).ok()?;
-    parse(&text, audit_table()?)
+    let table = audit_table()?;
+    (0..READ_ATTEMPTS).find_map(|_| parse(&std::fs::read_to_string(FILE_NAME).ok()?, table))
+}
+
+fn line(head: &Head) -> String {
+    let fields = format!(
+        "{:010} {:020} {}",
+        head.table,
+        head.id,
+        hex::encode(head.hash)
+    );
+    format!("{fields} {:08x}\n", crc32fast::hash(fields.as_bytes()))
 }
 
 fn parse(text: &str, table: u32) -> Option<Head> {
-    let mut fields = text.split_whitespace();
+    let (fields, crc) = text.lines().next()?.rsplit_once(' ')?;
+    if u32::from_str_radix(crc, 16).ok()? != crc32fast::hash(fields.as_bytes()) {
+        return None;
+    }
+    let mut fields = fields.split(' ');
     if fields.next()?.parse::<u32>().ok()? != table {
         return None;
     }
@@ -58,19 +97,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_head_is_read_only_for_its_own_table() {
-        let hash = [7u8; 32];
-        let text = format!("16384 42 {}\n", hex::encode(hash));
-        assert_eq!(
-            parse(&text, 16384),
-            Some(Head {
-                table: 16384,
-                id: 42,
-                hash
-            })
-        );
+    fn a_head_is_read_only_for_its_own_table_and_intact() {
+        let head = Head {
+            table: 16384,
+            id: 42,
+            hash: [7u8; 32],
+        };
+        let text = line(&head);
+        assert_eq!(parse(&text, 16384), Some(head));
         assert_eq!(parse(&text, 16385), None, "another table's");
-        for damaged in ["", "16384", "16384 x 00", "16384 42 abcd", "16384 42 zz"] {
+        let longest = line(&Head {
+            table: u32::MAX,
+            id: i64::MAX,
+            hash: [0xff; 32],
+        });
+        assert_eq!(text.len(), longest.len(), "every line has the same length");
+        let changed = text.replacen("42", "43", 1);
+        assert_eq!(parse(&changed, 16384), None, "a changed id fails the CRC");
+        for damaged in ["", "16384", "16384 42 abcd", &text[..text.len() / 2]] {
             assert_eq!(parse(damaged, 16384), None, "{damaged:?}");
         }
     }
