@@ -21,6 +21,22 @@ pub mod tls;
 pub use config::Config;
 pub use server::Proxy;
 
+/// The runtime that serves the proxy, with `[listen] threads` (one per core when absent). One
+/// thread is a runtime without worker threads, where the listeners' and the sessions' tasks
+/// take turns on the calling thread. SCRAM derivations run on blocking threads either way.
+pub fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(threads) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Runtime::new(),
+    }
+}
+
 /// A proxy serving on its own thread and runtime, for tests and benchmarks; dropping it shuts
 /// the proxy down.
 pub struct RunningProxy {
@@ -36,11 +52,7 @@ impl RunningProxy {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
         let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("a tokio runtime");
+            let runtime = runtime(config.listen.threads).expect("a tokio runtime");
             runtime.block_on(async move {
                 match Proxy::bind(config, None).await {
                     Ok(proxy) => {

@@ -65,7 +65,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let runtime = match secrets_proxy::runtime(config.listen.threads) {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     runtime.block_on(async move {
         let proxy = match Proxy::bind(config, Some(path)).await {
             Ok(proxy) => proxy,

@@ -637,6 +637,9 @@ async fn reload_on_sighup(path: PathBuf, shared: Arc<Shared>) {
         // against the pool the proxy has, not the one the file asks for).
         let merged = Config::from_file(&path).and_then(|mut new| {
             let running = shared.config();
+            if new.listen != running.listen {
+                tracing::warn!("[listen] takes effect at the next start, not on reload");
+            }
             new.listen = running.listen.clone();
             new.store = running.store.clone();
             let at_restart = new.limits.keep_startup_only(&running.limits);

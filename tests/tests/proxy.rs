@@ -26,9 +26,11 @@ fn fixture(allow: &str) -> Fixture {
     fixture_with(allow, &[], ProxyExtras::default())
 }
 
-/// More proxy configuration: lines for `[limits]` and for the route.
+/// More proxy configuration: lines for `[listen]`, for `[limits]` and for the route.
 #[derive(Default)]
 struct ProxyExtras {
+    /// Lines for `[listen]`.
+    listen: String,
     limits: String,
     route: String,
 }
@@ -48,6 +50,7 @@ fn proxy_config(cluster: &Cluster, tcp: &str, allow: &str, extras: &ProxyExtras)
         tcp = "{tcp}"
         unix_dir = "{dir}"
         admin = "127.0.0.1:0"
+        {listen}
 
         [store]
         host = "127.0.0.1"
@@ -67,6 +70,7 @@ fn proxy_config(cluster: &Cluster, tcp: &str, allow: &str, extras: &ProxyExtras)
         "#,
         dir = cluster.dir().display(),
         port = cluster.port,
+        listen = extras.listen,
         limits = extras.limits,
         route = extras.route,
     )
@@ -696,7 +700,16 @@ fn pgbench_while(
 
 #[test]
 fn pgbench_sees_no_failure_while_the_password_rotates_over_and_over() {
-    let fixture = fixture(r#""trust""#);
+    // The single-threaded runtime, where every other test has a thread per core: the logins
+    // retrying through each change take turns with the relaying of every session.
+    let fixture = fixture_with(
+        r#""trust""#,
+        &[],
+        ProxyExtras {
+            listen: "threads = 1".into(),
+            ..ProxyExtras::default()
+        },
+    );
     let mut count = 0;
     let rotations = pgbench_while(&fixture, 5, RECONNECTING, || {
         count += 1;
@@ -1230,6 +1243,7 @@ fn transaction_mode(pool_size: usize, limits: &str) -> Fixture {
     let extras = ProxyExtras {
         limits: limits.into(),
         route: format!("pool_mode = \"transaction\"\npool_size = {pool_size}"),
+        ..ProxyExtras::default()
     };
     fixture_with(r#""trust""#, &[], extras)
 }
@@ -1753,17 +1767,24 @@ fn signals_reload_drain_and_stop_the_proxy_process() {
     let other_route =
         "\n[[route]]\ndatabase = \"otherdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n";
 
-    // SIGHUP: a route added to the file serves new clients; the connected client stays.
+    // SIGHUP: a route added to the file serves new clients; the connected client stays. The
+    // listeners and their threads stay as they started, and the log says so.
     std::fs::write(&config_file, config(60)).unwrap();
     let mut proxy = ProxyProcess::start(&config_file, port);
     let mut connected = proxy.connect("appdb").unwrap();
     assert!(proxy.connect("otherdb").is_err(), "no such route yet");
-    std::fs::write(&config_file, config(60) + other_route).unwrap();
+    let more_threads = config(60).replace("[listen]", "[listen]\nthreads = 3");
+    std::fs::write(&config_file, more_threads + other_route).unwrap();
     proxy.signal("HUP");
     wait_until("the new route", Duration::from_secs(30), || {
         proxy.connect("otherdb").is_ok()
     });
     assert_eq!(scalar(&mut connected, "SELECT 'still here'"), "still here");
+    let log = proxy.log();
+    assert!(
+        log.contains("[listen] takes effect at the next start"),
+        "{log}"
+    );
 
     // A limit the running parts were built with is kept until the next start, and the file
     // is checked against it: a transaction-mode route larger than the pool the proxy has is
