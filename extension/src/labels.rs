@@ -1,7 +1,8 @@
 //! Staging labels: moving them, the automatic CURRENT -> PREVIOUS shift, pruning of versions
 //! that lost every label, and the change notification.
 
-use crate::db;
+use crate::audit;
+use crate::db::{self, required};
 use crate::errors::{Error, Result};
 use crate::validate::MAX_LABELS_PER_VERSION;
 use pgrx::spi::SpiClient;
@@ -75,24 +76,39 @@ pub fn remove_label(client: &mut SpiClient<'_>, secret_id: Uuid, label: &str) ->
 }
 
 /// Deletes deprecated versions beyond the newest 100 of a secret (of every secret when
-/// `secret_id` is `None`), never one younger than 24 hours.
-pub fn prune_deprecated(client: &mut SpiClient<'_>, secret_id: Option<Uuid>) -> Result<()> {
-    client.update(
-        "DELETE FROM secrets.secret_version WHERE id IN ( \
-             SELECT id FROM ( \
-                 SELECT v.id, pg_catalog.row_number() OVER ( \
-                            PARTITION BY v.secret_id ORDER BY v.created_at DESC) AS newest \
-                 FROM secrets.secret_version v \
-                 WHERE ($1::uuid IS NULL OR v.secret_id = $1) \
-                   AND NOT EXISTS (SELECT FROM secrets.version_label l \
-                                   WHERE l.version_id = v.id) \
-                   AND NOT EXISTS (SELECT FROM secrets.secret s \
-                                   WHERE s.rotation_target_version_id = v.id)) deprecated \
-             WHERE newest > $2) \
-         AND created_at < pg_catalog.now() - interval '24 hours'",
-        None,
-        &[secret_id.into(), KEEP_DEPRECATED.into()],
-    )?;
+/// `secret_id` is `None`), never one younger than 24 hours. Each removal is an audit record of
+/// its own (`delete` of that version, `details.function = "prune"`), naming what pruned it:
+/// the worker, or the call that left the version deprecated.
+pub fn prune_deprecated(
+    client: &mut SpiClient<'_>,
+    secret_id: Option<Uuid>,
+    pruned_by: &str,
+) -> Result<()> {
+    let pruned: Vec<(String, Uuid, Uuid)> = client
+        .update(
+            "DELETE FROM secrets.secret_version v USING secrets.secret s \
+             WHERE s.id = v.secret_id AND v.id IN ( \
+                 SELECT id FROM ( \
+                     SELECT d.id, pg_catalog.row_number() OVER ( \
+                                PARTITION BY d.secret_id ORDER BY d.created_at DESC) AS newest \
+                     FROM secrets.secret_version d \
+                     WHERE ($1::uuid IS NULL OR d.secret_id = $1) \
+                       AND NOT EXISTS (SELECT FROM secrets.version_label l \
+                                       WHERE l.version_id = d.id) \
+                       AND NOT EXISTS (SELECT FROM secrets.secret p \
+                                       WHERE p.rotation_target_version_id = d.id)) deprecated \
+                 WHERE newest > $2) \
+             AND v.created_at < pg_catalog.now() - interval '24 hours' \
+             RETURNING s.name, s.id, v.id",
+            None,
+            &[secret_id.into(), KEEP_DEPRECATED.into()],
+        )?
+        .map(|row| Ok((required(&row, 1)?, required(&row, 2)?, required(&row, 3)?)))
+        .collect::<Result<_>>()?;
+    let details = serde_json::json!({"function": "prune", "pruned_by": pruned_by});
+    for (name, secret_id, version_id) in pruned {
+        audit::removed_for_good(&name, secret_id, Some(version_id), &details)?;
+    }
     Ok(())
 }
 

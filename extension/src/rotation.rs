@@ -520,7 +520,7 @@ fn perform_step(
                 None,
                 &[secret.id.into(), run.pending_version.into()],
             )?;
-            labels::prune_deprecated(client, Some(secret.id))?;
+            labels::prune_deprecated(client, Some(secret.id), "rotation")?;
             labels::notify_changed(client, "rotate", &secret.name, Some(run.pending_version))?;
         }
     }

@@ -421,20 +421,9 @@ pub fn purge_expired(purged_by: &str) -> Result<i64> {
             )?
             .map(|row| Ok((required(&row, 1)?, required(&row, 2)?)))
             .collect::<Result<_>>()?;
-        let details = serde_json::json!({"function": "purge", "purged_by": purged_by}).to_string();
+        let details = serde_json::json!({"function": "purge", "purged_by": purged_by});
         for (name, id) in &purged {
-            let touched = audit::Touched {
-                secret_id: Some(*id),
-                ..Default::default()
-            };
-            audit::record(
-                "delete",
-                Some(name),
-                touched,
-                "allowed",
-                None,
-                details.clone(),
-            )?;
+            audit::removed_for_good(name, *id, None, &details)?;
         }
         let count = purged.len() as i64;
         forget_exact_grants(client, purged.into_iter().map(|(name, _)| name).collect())?;
@@ -567,7 +556,7 @@ pub fn put_secret_value(
         for stage in moved {
             labels::move_label(client, name, secret.id, stage, version)?;
         }
-        labels::prune_deprecated(client, Some(secret.id))?;
+        labels::prune_deprecated(client, Some(secret.id), "put_secret_value")?;
         touch_changed(client, secret.id)?;
         labels::notify_changed(client, "put", name, Some(version))?;
         Ok(version)
@@ -842,7 +831,7 @@ pub fn update_version_stage(
             }
             None => labels::remove_label(client, secret.id, stage)?,
         }
-        labels::prune_deprecated(client, Some(secret.id))?;
+        labels::prune_deprecated(client, Some(secret.id), "update_secret_version_stage")?;
         touch_changed(client, secret.id)?;
         labels::notify_changed(client, "stage", name, move_to.or(remove_from))
     })

@@ -152,6 +152,6 @@ fn run_round() {
         crate::store::purge_expired("worker")
     });
     in_transaction("pruning deprecated versions", || {
-        Spi::connect_mut(|client| crate::labels::prune_deprecated(client, None))
+        Spi::connect_mut(|client| crate::labels::prune_deprecated(client, None, "worker"))
     });
 }

@@ -1,8 +1,9 @@
 //! The store as a DBA and an application use it: versions, labels, idempotency, deletion,
 //! listing, batch reads and notifications, over real connections to a real cluster.
 
-use pg_secrets_e2e::{assert_sql_error, Cluster};
+use pg_secrets_e2e::{assert_sql_error, wait_until, Cluster};
 use postgres::fallible_iterator::FallibleIterator;
+use std::time::Duration;
 
 fn get(client: &mut impl postgres::GenericClient, name: &str) -> String {
     client
@@ -578,6 +579,24 @@ fn deprecated_versions_beyond_100_are_pruned_after_a_day() {
     // CURRENT + PREVIOUS + the newest 100 deprecated
     assert_eq!(count(&mut db), 102);
     assert_eq!(get(&mut db, "busy"), "v111");
+    // Each pruned version is a record of its own in the trail, naming the call that pruned it.
+    let pruned = |db: &mut postgres::Client| -> Vec<String> {
+        db.query(
+            "SELECT concat_ws(':', secret_name, outcome, details->>'pruned_by', \
+                    version_id IN (SELECT id FROM secrets.secret_version)) \
+             FROM secrets.audit_log \
+             WHERE action = 'delete' AND details->>'function' = 'prune'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+    };
+    wait_until("the prune's records", Duration::from_secs(30), || {
+        pruned(&mut db).len() >= 10
+    });
+    assert_eq!(pruned(&mut db), vec!["busy:allowed:put_secret_value:f"; 10]);
 }
 
 #[test]

@@ -294,6 +294,30 @@ pub fn record(
     )
 }
 
+/// Records a removal for good that no caller asked for by name: a secret purged once its
+/// recovery window ended (`version_id` `None`), or a deprecated version pruned. `details` says
+/// which and by what.
+pub fn removed_for_good(
+    secret_name: &str,
+    secret_id: Uuid,
+    version_id: Option<Uuid>,
+    details: &serde_json::Value,
+) -> Result<()> {
+    let touched = Touched {
+        secret_id: Some(secret_id),
+        version_id,
+        ..Default::default()
+    };
+    record(
+        "delete",
+        Some(secret_name),
+        touched,
+        "allowed",
+        None,
+        details.to_string(),
+    )
+}
+
 /// Who makes a call and from where: what each of its records says besides the call itself.
 struct Caller {
     session_user: String,
