@@ -302,10 +302,10 @@ CREATE TABLE secrets.audit_anchor (
 CREATE FUNCTION secrets.audit_is_append_only() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $append_only$
 BEGIN
-    IF TG_OP = 'DELETE' AND secrets.audit_retention_running() THEN
+    IF TG_OP = 'DELETE' AND TG_TABLE_NAME = 'audit_record' AND secrets.audit_retention_running() THEN
         RETURN OLD;
     END IF;
-    RAISE EXCEPTION 'the audit trail is append-only: % on secrets.audit_record is not allowed', TG_OP
+    RAISE EXCEPTION 'the audit trail is append-only: % on secrets.% is not allowed', TG_OP, TG_TABLE_NAME
         USING ERRCODE = 'insufficient_privilege',
               HINT = 'Old records are removed with secrets.purge_audit_log(older_than).';
 END
@@ -316,6 +316,16 @@ CREATE TRIGGER audit_record_no_truncate BEFORE TRUNCATE ON secrets.audit_record
     FOR EACH STATEMENT EXECUTE FUNCTION secrets.audit_is_append_only();
 ALTER TABLE secrets.audit_record ENABLE ALWAYS TRIGGER audit_record_no_change;
 ALTER TABLE secrets.audit_record ENABLE ALWAYS TRIGGER audit_record_no_truncate;
+-- What the retention removed stays on record the same way: an anchor is never changed or
+-- removed, so who purged which prefix, and the hash the rest chains to, cannot be rewritten.
+-- (Anchors are inserted by purge_audit_log and by a restore; verify_audit_log refuses one that
+-- claims records removed that are still there.)
+CREATE TRIGGER audit_anchor_no_change BEFORE UPDATE OR DELETE ON secrets.audit_anchor
+    FOR EACH ROW EXECUTE FUNCTION secrets.audit_is_append_only();
+CREATE TRIGGER audit_anchor_no_truncate BEFORE TRUNCATE ON secrets.audit_anchor
+    FOR EACH STATEMENT EXECUTE FUNCTION secrets.audit_is_append_only();
+ALTER TABLE secrets.audit_anchor ENABLE ALWAYS TRIGGER audit_anchor_no_change;
+ALTER TABLE secrets.audit_anchor ENABLE ALWAYS TRIGGER audit_anchor_no_truncate;
 REVOKE EXECUTE ON FUNCTION secrets.audit_is_append_only() FROM PUBLIC;
 
 -- Alarm rules, evaluated by the worker over records newer than `checked_through`, and what

@@ -475,6 +475,28 @@ fn retention_removes_a_prefix_and_the_rest_still_verifies() {
         .unwrap()
         .get(0);
     assert!(details.contains("removed_count"), "{details}");
+
+    // What the retention removed stays on record: its anchor is append-only too.
+    for sql in [
+        "UPDATE secrets.audit_anchor SET removed_by = 'clerk'",
+        "DELETE FROM secrets.audit_anchor",
+        "TRUNCATE secrets.audit_anchor",
+    ] {
+        assert_sql_error(db.execute(sql, &[]), "42501", "append-only");
+    }
+    // An anchor put in by hand, claiming records removed that are still there (so that the
+    // walk would start past them), is found.
+    let first_kept: i64 = db
+        .query_one("SELECT min(id) FROM secrets.audit_record", &[])
+        .unwrap()
+        .get(0);
+    db.batch_execute(
+        "INSERT INTO secrets.audit_anchor (removed_through, anchor_hash, removed_count, removed_by) \
+         SELECT max(id), (SELECT hash FROM secrets.audit_record ORDER BY id DESC LIMIT 1), 0, 'postgres' \
+         FROM secrets.audit_record",
+    )
+    .unwrap();
+    assert_eq!(verify(&mut db), (false, 0, Some(first_kept)));
 }
 
 #[test]

@@ -238,6 +238,18 @@ pub fn verify() -> Result<(bool, i64, Option<i64>)> {
     let head = super::head::read();
     Spi::connect(|client| {
         let anchor = latest_anchor(client)?;
+        if let Some((through, _)) = &anchor {
+            // An anchor says the records up to it were removed: one still there means the
+            // anchor is false, put in to start the walk past records that were changed.
+            let still_there: Option<i64> = crate::db::first_value(client.select(
+                "SELECT min(id) FROM secrets.audit_record WHERE id <= $1",
+                None,
+                &[(*through).into()],
+            )?)?;
+            if let Some(id) = still_there {
+                return Ok((false, 0, Some(id)));
+            }
+        }
         let (mut expected_id, mut expected_prev) = match &anchor {
             Some((through, hash)) => (through + 1, hash.clone()),
             None => (1, GENESIS.to_vec()),
