@@ -31,6 +31,11 @@ pub const STAGES: [&str; 3] = ["CURRENT", "PENDING", "PREVIOUS"];
 const PENDING_FIRST_FOR: Duration = Duration::from_secs(10);
 const PENDING_FIRST: [&str; 3] = ["PENDING", "CURRENT", "PREVIOUS"];
 
+/// The warning that a route's server refused CURRENT and accepted PREVIOUS is logged at most
+/// this often per (secret, route): until the secret is fixed every new server login finds it
+/// so, and the logins metric counts each one.
+const PREVIOUS_WARNING_EVERY: Duration = Duration::from_secs(60);
+
 /// The fields of the credential JSON of DESIGN.md that a login needs.
 struct CredentialJson {
     host: Option<String>,
@@ -168,6 +173,9 @@ pub struct CredentialCache {
     /// lockout count, and a store fetch. Only PENDING: a login that fell back to PREVIOUS says
     /// the server lags the secret, not that the next login should.
     pending_first: Mutex<HashMap<(String, String), Instant>>,
+    /// Per (secret, route), when the last PREVIOUS warning was logged, and the logins that
+    /// found the same since without one.
+    previous_warned: Mutex<HashMap<(String, String), (Instant, u64)>>,
     /// Counts invalidations, so that a login that began before one does not record what it
     /// learned after it.
     generation: AtomicU64,
@@ -212,6 +220,7 @@ impl CredentialCache {
             entries: Mutex::new(HashMap::new()),
             last_known: Mutex::new(HashMap::new()),
             pending_first: Mutex::new(HashMap::new()),
+            previous_warned: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             metrics,
             connections,
@@ -247,6 +256,27 @@ impl CredentialCache {
             .is_none_or(|since| since.elapsed() >= PENDING_FIRST_FOR)
         {
             pending_first.insert(key, Instant::now());
+        }
+    }
+
+    /// A login of `secret` for `route` found CURRENT refused and PREVIOUS accepted: whether to
+    /// warn now (`Some` with the logins that found the same since the last warning) or not yet.
+    pub fn previous_accepted(&self, secret: &str, route: &str) -> Option<u64> {
+        let mut warned = self.previous_warned.lock().expect("cache lock poisoned");
+        let key = (secret.to_string(), route.to_string());
+        match warned.get_mut(&key) {
+            Some((at, unwarned)) if at.elapsed() < PREVIOUS_WARNING_EVERY => {
+                *unwarned += 1;
+                None
+            }
+            Some((at, unwarned)) => {
+                *at = Instant::now();
+                Some(std::mem::take(unwarned))
+            }
+            None => {
+                warned.insert(key, (Instant::now(), 0));
+                Some(0)
+            }
         }
     }
 

@@ -172,12 +172,19 @@ async fn login_with_retry(
                         // labels without reaching the server, or a password set back by hand.
                         // Logins keep working, but only until PREVIOUS moves on. (A CURRENT
                         // that is no credential is logged above.)
-                        "PREVIOUS" if current_refused => tracing::warn!(
-                            route = %route.database,
-                            secret = %route.secret,
-                            "the server refused CURRENT and accepted PREVIOUS: the secret's \
-                             CURRENT value is not the server's password"
-                        ),
+                        "PREVIOUS" if current_refused => {
+                            if let Some(unwarned) =
+                                credentials.previous_accepted(&route.secret, &route.database)
+                            {
+                                tracing::warn!(
+                                    route = %route.database,
+                                    secret = %route.secret,
+                                    logins_since_last_warning = unwarned,
+                                    "the server refused CURRENT and accepted PREVIOUS: the \
+                                     secret's CURRENT value is not the server's password"
+                                )
+                            }
+                        }
                         _ => {
                             tracing::info!(route = %route.database, stage, "logged in with a non-CURRENT credential")
                         }
