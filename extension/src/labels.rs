@@ -78,7 +78,7 @@ pub fn remove_label(client: &mut SpiClient<'_>, secret_id: Uuid, label: &str) ->
 /// Deletes deprecated versions beyond the newest 100 of a secret (of every secret when
 /// `secret_id` is `None`), never one younger than 24 hours. Each removal is an audit record of
 /// its own (`delete` of that version, `details.function = "prune"`), naming what pruned it:
-/// the worker, or the call that left the version deprecated.
+/// the worker's round, or the call during which it was pruned.
 pub fn prune_deprecated(
     client: &mut SpiClient<'_>,
     secret_id: Option<Uuid>,

@@ -154,7 +154,7 @@ pub struct Listen {
     /// HTTP address for `/metrics` and `/health`.
     pub admin: Option<SocketAddr>,
     /// Threads that relay the sessions and serve the admin port; one per core when absent.
-    /// One thread, as PgBouncer has, used 13 to 18% less CPU a transaction on two cores
+    /// One thread, as PgBouncer has, used 13 to 16% less CPU a transaction on two cores
     /// shared with the database (no wake-up crosses threads), but served 10 to 14% fewer
     /// transactions to 50 busy clients.
     pub threads: Option<usize>,

@@ -26,7 +26,8 @@ pub use server::Proxy;
 /// take turns on the calling thread. SCRAM derivations run on blocking threads either way.
 pub fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     match threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread()
+        // 0 is refused by `Config::validate`; here it means one rather than a panic.
+        Some(0 | 1) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
         Some(threads) => tokio::runtime::Builder::new_multi_thread()

@@ -570,12 +570,15 @@ fn deprecated_versions_beyond_100_are_pruned_after_a_day() {
         .get(0)
     };
     assert_eq!(count(&mut db), 111, "nothing younger than a day is pruned");
+    // In one transaction, so that the worker's own pruning round cannot see the aged
+    // versions before the put prunes them.
     db.batch_execute(
-        "UPDATE secrets.secret_version SET created_at = created_at - interval '2 days'",
+        "BEGIN;
+         UPDATE secrets.secret_version SET created_at = created_at - interval '2 days';
+         SELECT secrets.put_secret_value('busy', 'v111');
+         COMMIT;",
     )
     .unwrap();
-    db.execute("SELECT secrets.put_secret_value('busy', 'v111')", &[])
-        .unwrap();
     // CURRENT + PREVIOUS + the newest 100 deprecated
     assert_eq!(count(&mut db), 102);
     assert_eq!(get(&mut db, "busy"), "v111");

@@ -14,9 +14,9 @@
 
 use crate::index_read::relation_oid;
 use pgrx::pg_sys;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 
 const FILE_NAME: &str = "pg_secrets_audit.head";
 
@@ -39,33 +39,44 @@ pub fn audit_table() -> Option<u32> {
 }
 
 /// The worker, once the batch ending with `head` has committed. Every line has the same
-/// length, so each write covers the whole of the last one (and of a shorter line an earlier
-/// release wrote by renaming).
+/// length, so each write covers the whole of the last one (and the shorter line an earlier
+/// release wrote). The file is opened for each write, so one removed or replaced meanwhile is
+/// written anew; PostgreSQL's umask gives it the data directory's mode.
 pub fn write(head: &Head) -> io::Result<()> {
-    thread_local! {
-        static FILE: std::cell::OnceCell<File> = const { std::cell::OnceCell::new() };
-    }
-    FILE.with(|file| {
-        let file = match file.get() {
-            Some(file) => file,
-            None => {
-                let opened = OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .mode(0o600)
-                    .open(FILE_NAME)?;
-                file.get_or_init(|| opened)
-            }
-        };
-        file.write_all_at(line(head).as_bytes(), 0)
-    })
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(FILE_NAME)?
+        .write_all_at(line(head).as_bytes(), 0)
 }
 
 /// The last end the worker wrote for this database's audit table, if any. In a transaction.
+/// A line that stays damaged (a power loss tore it; the worker's next batch writes it whole)
+/// counts as none, with a warning: the newest records then go unchecked against it.
 pub fn read() -> Option<Head> {
     let table = audit_table()?;
-    (0..READ_ATTEMPTS).find_map(|_| parse(&std::fs::read_to_string(FILE_NAME).ok()?, table))
+    for attempt in 0..READ_ATTEMPTS {
+        let text = match std::fs::read_to_string(FILE_NAME) {
+            Ok(text) => text,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return None,
+            Err(_) => String::new(),
+        };
+        match parse(&text, table) {
+            Ok(head) => return head,
+            // Perhaps caught while the worker rewrites it: a write of 106 bytes is soon done.
+            Err(()) if attempt + 1 < READ_ATTEMPTS => {
+                std::thread::sleep(std::time::Duration::from_millis(1))
+            }
+            Err(()) => {}
+        }
+    }
+    pgrx::warning!(
+        "the end of the audit chain recorded in {FILE_NAME} in the data directory cannot be \
+         read; the newest audit records are not checked against it until the audit worker \
+         stores its next batch"
+    );
+    None
 }
 
 fn line(head: &Head) -> String {
@@ -78,18 +89,31 @@ fn line(head: &Head) -> String {
     format!("{fields} {:08x}\n", crc32fast::hash(fields.as_bytes()))
 }
 
-fn parse(text: &str, table: u32) -> Option<Head> {
-    let (fields, crc) = text.lines().next()?.rsplit_once(' ')?;
-    if u32::from_str_radix(crc, 16).ok()? != crc32fast::hash(fields.as_bytes()) {
-        return None;
-    }
-    let mut fields = fields.split(' ');
-    if fields.next()?.parse::<u32>().ok()? != table {
-        return None;
-    }
-    let id = fields.next()?.parse().ok()?;
-    let hash = hex::decode(fields.next()?).ok()?.try_into().ok()?;
-    Some(Head { table, id, hash })
+/// The end a line records for `table`: `Ok(None)` when it records another table's, `Err` when
+/// it is damaged. A line without a CRC is one written before the file was rewritten in place.
+fn parse(text: &str, table: u32) -> Result<Option<Head>, ()> {
+    let line = text.lines().next().ok_or(())?;
+    let fields: Vec<&str> = line.split(' ').collect();
+    let (recorded, id, hash) = match fields[..] {
+        [recorded, id, hash, crc] => {
+            let fields_text = &line[..line.len() - crc.len() - 1];
+            if u32::from_str_radix(crc, 16).map_err(|_| ())?
+                != crc32fast::hash(fields_text.as_bytes())
+            {
+                return Err(());
+            }
+            (recorded, id, hash)
+        }
+        [recorded, id, hash] => (recorded, id, hash),
+        _ => return Err(()),
+    };
+    let recorded: u32 = recorded.parse().map_err(|_| ())?;
+    let id = id.parse().map_err(|_| ())?;
+    let hash = hex::decode(hash)
+        .ok()
+        .and_then(|hash| hash.try_into().ok())
+        .ok_or(())?;
+    Ok((recorded == table).then_some(Head { table, id, hash }))
 }
 
 #[cfg(test)]
@@ -104,8 +128,8 @@ mod tests {
             hash: [7u8; 32],
         };
         let text = line(&head);
-        assert_eq!(parse(&text, 16384), Some(head));
-        assert_eq!(parse(&text, 16385), None, "another table's");
+        assert_eq!(parse(&text, 16384), Ok(Some(head)));
+        assert_eq!(parse(&text, 16385), Ok(None), "another table's");
         let longest = line(&Head {
             table: u32::MAX,
             id: i64::MAX,
@@ -113,9 +137,36 @@ mod tests {
         });
         assert_eq!(text.len(), longest.len(), "every line has the same length");
         let changed = text.replacen("42", "43", 1);
-        assert_eq!(parse(&changed, 16384), None, "a changed id fails the CRC");
+        assert_eq!(
+            parse(&changed, 16384),
+            Err(()),
+            "a changed id fails the CRC"
+        );
         for damaged in ["", "16384", "16384 42 abcd", &text[..text.len() / 2]] {
-            assert_eq!(parse(damaged, 16384), None, "{damaged:?}");
+            assert_eq!(parse(damaged, 16384), Err(()), "{damaged:?}");
         }
+    }
+
+    #[test]
+    fn a_line_from_before_the_crc_is_still_read() {
+        let hash = [9u8; 32];
+        let old = format!("16384 42 {}\n", hex::encode(hash));
+        assert_eq!(
+            parse(&old, 16384),
+            Ok(Some(Head {
+                table: 16384,
+                id: 42,
+                hash
+            }))
+        );
+        assert!(
+            old.len()
+                < line(&Head {
+                    table: 16384,
+                    id: 42,
+                    hash
+                })
+                .len()
+        );
     }
 }
