@@ -5,7 +5,7 @@
 //! query: waiters share a `OnceCell`. Fetches run on a small deadpool-postgres pool of store
 //! connections; notifications arrive on one dedicated connection outside the pool.
 
-use crate::config::Store;
+use crate::config::{Route, Store};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use futures_util::StreamExt;
@@ -32,9 +32,21 @@ const PENDING_FIRST_FOR: Duration = Duration::from_secs(10);
 const PENDING_FIRST: [&str; 3] = ["PENDING", "CURRENT", "PREVIOUS"];
 
 /// The warning that a route's server refused CURRENT and accepted PREVIOUS is logged at most
-/// this often per (secret, route): until the secret is fixed every new server login finds it
+/// this often per route: until the secret is fixed every new server login finds it
 /// so, and the logins metric counts each one.
 const PREVIOUS_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// What the per-route lessons are kept under: the route's secret, database and user (routes
+/// are told apart by database and user, and two may share a secret but not a server).
+type RouteKey = (String, String, Option<String>);
+
+fn route_key(route: &Route) -> RouteKey {
+    (
+        route.secret.clone(),
+        route.database.clone(),
+        route.user.clone(),
+    )
+}
 
 /// The fields of the credential JSON of DESIGN.md that a login needs.
 struct CredentialJson {
@@ -167,15 +179,15 @@ pub struct CredentialCache {
     entries: Mutex<HashMap<Key, Entry>>,
     /// The last credential the store gave for each (secret, stage), and when.
     last_known: Mutex<HashMap<Key, (Arc<Credential>, Instant)>>,
-    /// Per (secret, route), since when PENDING goes first. In a rotation's window (the server
+    /// Per route, since when PENDING goes first. In a rotation's window (the server
     /// has the new password, the labels have not moved yet) CURRENT is refused: trying it
     /// first would cost every new login a refused login at the server, which its log and any
     /// lockout count, and a store fetch. Only PENDING: a login that fell back to PREVIOUS says
     /// the server lags the secret, not that the next login should.
-    pending_first: Mutex<HashMap<(String, String), Instant>>,
-    /// Per (secret, route), when the last PREVIOUS warning was logged, and the logins that
+    pending_first: Mutex<HashMap<RouteKey, Instant>>,
+    /// Per route, when the last PREVIOUS warning was logged, and the logins that
     /// found the same since without one.
-    previous_warned: Mutex<HashMap<(String, String), (Instant, u64)>>,
+    previous_warned: Mutex<HashMap<RouteKey, (Instant, u64)>>,
     /// Counts invalidations, so that a login that began before one does not record what it
     /// learned after it.
     generation: AtomicU64,
@@ -227,11 +239,11 @@ impl CredentialCache {
         }))
     }
 
-    /// The stages a login of `secret` for `route` tries, in order: `STAGES`, or PENDING
+    /// The stages a login for `route` tries, in order: `STAGES`, or PENDING
     /// first for a while after a login found CURRENT refused and PENDING accepted.
-    pub fn stage_order(&self, secret: &str, route: &str) -> [&'static str; 3] {
+    pub fn stage_order(&self, route: &Route) -> [&'static str; 3] {
         let pending_first = self.pending_first.lock().expect("cache lock poisoned");
-        match pending_first.get(&(secret.to_string(), route.to_string())) {
+        match pending_first.get(&route_key(route)) {
             Some(since) if since.elapsed() < PENDING_FIRST_FOR => PENDING_FIRST,
             _ => STAGES,
         }
@@ -242,15 +254,15 @@ impl CredentialCache {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// A login of `secret` for `route` found CURRENT refused and PENDING accepted, with a
+    /// A login for `route` found CURRENT refused and PENDING accepted, with a
     /// PENDING credential fetched at `generation`: PENDING goes first from now on, unless
     /// something was invalidated since (the labels may have moved) or it already does.
-    pub fn pending_accepted(&self, secret: &str, route: &str, generation: u64) {
+    pub fn pending_accepted(&self, route: &Route, generation: u64) {
         let mut pending_first = self.pending_first.lock().expect("cache lock poisoned");
         if self.generation() != generation {
             return;
         }
-        let key = (secret.to_string(), route.to_string());
+        let key = route_key(route);
         if pending_first
             .get(&key)
             .is_none_or(|since| since.elapsed() >= PENDING_FIRST_FOR)
@@ -259,11 +271,11 @@ impl CredentialCache {
         }
     }
 
-    /// A login of `secret` for `route` found CURRENT refused and PREVIOUS accepted: whether to
+    /// A login for `route` found CURRENT refused and PREVIOUS accepted: whether to
     /// warn now (`Some` with the logins that found the same since the last warning) or not yet.
-    pub fn previous_accepted(&self, secret: &str, route: &str) -> Option<u64> {
+    pub fn previous_accepted(&self, route: &Route) -> Option<u64> {
         let mut warned = self.previous_warned.lock().expect("cache lock poisoned");
-        let key = (secret.to_string(), route.to_string());
+        let key = route_key(route);
         match warned.get_mut(&key) {
             Some((at, unwarned)) if at.elapsed() < PREVIOUS_WARNING_EVERY => {
                 *unwarned += 1;
@@ -394,7 +406,7 @@ impl CredentialCache {
         let mut pending_first = self.pending_first.lock().expect("cache lock poisoned");
         self.generation.fetch_add(1, Ordering::SeqCst);
         match secret {
-            Some(secret) => pending_first.retain(|(name, _), _| name != secret),
+            Some(secret) => pending_first.retain(|(name, _, _), _| name != secret),
             None => pending_first.clear(),
         }
     }

@@ -121,7 +121,7 @@ async fn login_with_retry(
         // which the store only refused (no such secret, no `get` on it, not credential JSON)
         // ends the login at once rather than keep the client for the whole budget.
         let mut worth_retrying = false;
-        for stage in credentials.stage_order(&route.secret, &route.database) {
+        for stage in credentials.stage_order(route) {
             let generation = credentials.generation();
             let credential = match credentials.get(&route.secret, stage).await {
                 Ok(Some(credential)) => credential,
@@ -163,7 +163,7 @@ async fn login_with_retry(
             match login.await {
                 Ok(session) => {
                     if current_refused && stage == "PENDING" {
-                        credentials.pending_accepted(&route.secret, &route.database, generation);
+                        credentials.pending_accepted(route, generation);
                     }
                     metrics.server_login(stage);
                     match stage {
@@ -173,11 +173,10 @@ async fn login_with_retry(
                         // Logins keep working, but only until PREVIOUS moves on. (A CURRENT
                         // that is no credential is logged above.)
                         "PREVIOUS" if current_refused => {
-                            if let Some(unwarned) =
-                                credentials.previous_accepted(&route.secret, &route.database)
-                            {
+                            if let Some(unwarned) = credentials.previous_accepted(route) {
                                 tracing::warn!(
                                     route = %route.database,
+                                    user = ?route.user,
                                     secret = %route.secret,
                                     logins_since_last_warning = unwarned,
                                     "the server refused CURRENT and accepted PREVIOUS: the \
