@@ -103,13 +103,14 @@ pub async fn read_opening(
             .await
             .map_err(|_| closed("in the middle of a packet"))?;
         let packet = parse_packet(&body)?;
-        let refused = match packet {
-            Packet::SslRequest => std::mem::replace(&mut ssl_asked, true),
-            Packet::GssEncRequest => std::mem::replace(&mut gss_asked, true),
-            _ => false,
+        let repeated = match packet {
+            Packet::SslRequest => std::mem::replace(&mut ssl_asked, true).then_some(SSL_REQUEST),
+            Packet::GssEncRequest => {
+                std::mem::replace(&mut gss_asked, true).then_some(GSSENC_REQUEST)
+            }
+            _ => None,
         };
-        if refused {
-            let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+        if let Some(code) = repeated {
             return Err(ProxyError::UnsupportedProtocol {
                 major: (code >> 16) as u16,
                 minor: code as u16,

@@ -402,6 +402,16 @@ pub fn store_state(client: &mut Client) -> String {
 /// Polls `condition` every 50 ms until it holds, and fails the test naming `what` when it
 /// still does not after `timeout`: how a test waits for a background worker or a server.
 #[track_caller]
+/// The first column of every row `sql` returns, as text.
+pub fn first_column(client: &mut Client, sql: &str) -> Vec<String> {
+    client
+        .query(sql, &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
 pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + timeout;
     while !condition() {

@@ -4,7 +4,8 @@
 
 use pg_secrets_e2e::pki::make_pki;
 use pg_secrets_e2e::{
-    assert_sql_error, free_port, store_state, wait_until, Client, Cluster, KeySource, NoTls,
+    assert_sql_error, first_column, free_port, store_state, wait_until, Client, Cluster, KeySource,
+    NoTls,
 };
 use postgres::fallible_iterator::FallibleIterator;
 use std::io::{BufRead, BufReader, Write};
@@ -1691,18 +1692,14 @@ fn offboarding_rotates_what_the_role_could_read() {
     login(&cluster, &current(&mut db, "db/app")).expect("rotated");
     // The rotation it started is recorded under the secret, naming the leaver; the call's own
     // record names no secret (before, it carried the id of the last secret it looked at).
-    let offboarding_records = |db: &mut Client| -> Vec<String> {
-        db.query(
+    let offboarding_records = |db: &mut Client| {
+        first_column(
+            db,
             "SELECT concat_ws(':', coalesce(secret_name, '-'), secret_id IS NOT NULL, outcome,
                               details->>'offboarded_role')
              FROM secrets.audit_log
              WHERE details->>'function' = 'rotate_secrets_accessible_by' ORDER BY id",
-            &[],
         )
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect()
     };
     wait_until("the records", Duration::from_secs(30), || {
         offboarding_records(&mut db).len() == 2

@@ -1,7 +1,7 @@
 //! The store as a DBA and an application use it: versions, labels, idempotency, deletion,
 //! listing, batch reads and notifications, over real connections to a real cluster.
 
-use pg_secrets_e2e::{assert_sql_error, wait_until, Cluster};
+use pg_secrets_e2e::{assert_sql_error, first_column, wait_until, Cluster};
 use postgres::fallible_iterator::FallibleIterator;
 use std::time::Duration;
 
@@ -583,18 +583,14 @@ fn deprecated_versions_beyond_100_are_pruned_after_a_day() {
     assert_eq!(count(&mut db), 102);
     assert_eq!(get(&mut db, "busy"), "v111");
     // Each pruned version is a record of its own in the trail, naming the call that pruned it.
-    let pruned = |db: &mut postgres::Client| -> Vec<String> {
-        db.query(
+    let pruned = |db: &mut postgres::Client| {
+        first_column(
+            db,
             "SELECT concat_ws(':', secret_name, outcome, details->>'pruned_by', \
                     version_id IN (SELECT id FROM secrets.secret_version)) \
              FROM secrets.audit_log \
              WHERE action = 'delete' AND details->>'function' = 'prune'",
-            &[],
         )
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect()
     };
     wait_until("the prune's records", Duration::from_secs(30), || {
         pruned(&mut db).len() >= 10
