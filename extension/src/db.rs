@@ -120,7 +120,11 @@ pub fn in_subtransaction<T>(body: impl FnOnce() -> Result<T>) -> Result<T> {
             if sqlstate.starts_with("57") {
                 (*caught).rethrow();
             }
-            Err(Error::Caught(report.message().to_string()))
+            Err(Error::Caught {
+                message: report.message().to_string(),
+                code: report.sql_error_code(),
+                sqlstate,
+            })
         }
     }
 }

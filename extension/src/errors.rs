@@ -68,9 +68,14 @@ pub enum Error {
         "stage PENDING of secret \"{name}\" belongs to its rotation in progress (at step {step})"
     )]
     PendingOfRotation { name: String, step: String },
-    /// A PostgreSQL error caught in a subtransaction, kept as its message to be recorded.
-    #[error("{0}")]
-    Caught(String),
+    /// A PostgreSQL error caught in a subtransaction, kept with its own SQLSTATE to be
+    /// recorded: a rotation step that fails on a unique violation is recorded as `23505`.
+    #[error("{message}")]
+    Caught {
+        message: String,
+        code: PgSqlErrorCode,
+        sqlstate: String,
+    },
     #[error("pg_secrets internal SPI failure: {0}")]
     Spi(#[from] pgrx::spi::SpiError),
 }
@@ -83,7 +88,7 @@ fn for_secret(name: &Option<String>) -> String {
 
 impl Error {
     /// The SQLSTATE as PostgreSQL's code and as the five characters users see.
-    pub fn sqlstate(&self) -> (PgSqlErrorCode, &'static str) {
+    pub fn sqlstate(&self) -> (PgSqlErrorCode, &str) {
         use PgSqlErrorCode::*;
         match self {
             Error::NotPreloaded
@@ -111,7 +116,8 @@ impl Error {
             Error::RotationFailed { .. } => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "55000"),
             Error::AuditQueueFull => (ERRCODE_CONFIGURATION_LIMIT_EXCEEDED, "53400"),
             Error::AuditQueueUnavailable => (ERRCODE_IO_ERROR, "58030"),
-            Error::Spi(_) | Error::Caught(_) => (ERRCODE_INTERNAL_ERROR, "XX000"),
+            Error::Caught { code, sqlstate, .. } => (*code, sqlstate),
+            Error::Spi(_) => (ERRCODE_INTERNAL_ERROR, "XX000"),
         }
     }
 

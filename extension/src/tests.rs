@@ -348,7 +348,11 @@ mod tests {
             in_subtransaction(|| Ok(Spi::get_one::<i64>("SELECT count(*) FROM unit_temporary")?))
         };
         let (equality, temporary) = with_catalog_search_path(|| {
-            assert!(in_subtransaction(|| Ok(Spi::run("SELECT 1/0")?)).is_err());
+            // The caught error keeps PostgreSQL's own SQLSTATE (division_by_zero), so what
+            // records it says what happened rather than "internal error".
+            let caught = in_subtransaction(|| Ok(Spi::run("SELECT 1/0")?)).unwrap_err();
+            assert_eq!(caught.sqlstate().1, "22012");
+            assert_eq!(caught.to_string(), "division by zero");
             (text_equality(), temporary_table())
         });
         assert_eq!(equality.unwrap(), Some(true));

@@ -259,10 +259,8 @@ pub fn details_json(
     serde_json::Value::Object(notes).to_string()
 }
 
-/// Captures a record with this session's particulars and queues it. `details` is a JSON
-/// object.
 /// A record's outcome and SQLSTATE for a call that ended with `error` (`None`: it succeeded).
-pub fn outcome_of(error: Option<&Error>) -> (&'static str, Option<&'static str>) {
+pub fn outcome_of(error: Option<&Error>) -> (&'static str, Option<&str>) {
     match error {
         None => ("allowed", None),
         Some(Error::AccessDenied { .. } | Error::BeyondOwnAccess { .. }) => {
@@ -272,6 +270,8 @@ pub fn outcome_of(error: Option<&Error>) -> (&'static str, Option<&'static str>)
     }
 }
 
+/// Captures a record with this session's particulars and queues it. `details` is a JSON
+/// object.
 pub fn record(
     action: &str,
     secret_name: Option<&str>,
