@@ -685,6 +685,8 @@ async fn reload_on_sighup(path: PathBuf, shared: Arc<Shared>) {
 /// Admin requests served at once: scrapes and health checks are few, and a flood of
 /// connections to the admin port must not take memory or tasks without bound.
 const ADMIN_REQUESTS_AT_ONCE: usize = 64;
+/// Bytes of an admin request read for its request line and headers.
+const ADMIN_REQUEST_BYTES: usize = 8192;
 
 async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
     let requests = Arc::new(Semaphore::new(ADMIN_REQUESTS_AT_ONCE));
@@ -705,14 +707,22 @@ async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
             // The request line is all that matters; read until the headers end (bounded).
             let mut request = Vec::with_capacity(1024);
             let mut chunk = [0u8; 1024];
-            while request.len() < 8192 && !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            while request.len() < ADMIN_REQUEST_BYTES
+                && !request.windows(4).any(|w| w == b"\r\n\r\n")
+            {
                 match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await {
                     Ok(Ok(read)) if read > 0 => request.extend_from_slice(&chunk[..read]),
                     _ => break,
                 }
             }
             let line = String::from_utf8_lossy(&request);
-            let (status, body) = if line.starts_with("GET /metrics") {
+            let complete = request.windows(4).any(|w| w == b"\r\n\r\n");
+            let (status, body) = if !complete && request.len() >= ADMIN_REQUEST_BYTES {
+                (
+                    "431 Request Header Fields Too Large",
+                    "request too large\n".to_string(),
+                )
+            } else if line.starts_with("GET /metrics") {
                 ("200 OK", shared.metrics.render())
             } else if line.starts_with("GET /health") {
                 ("200 OK", "ok\n".to_string())
@@ -724,6 +734,13 @@ async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
                 body.len()
             );
             let _ = stream.write_all(response.as_bytes()).await;
+            // Closed with unread bytes, the socket would be reset, and the client could lose
+            // the answer: end our side, then read what is left (briefly) until the client closes.
+            let _ = stream.shutdown().await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while matches!(stream.read(&mut chunk).await, Ok(read) if read > 0) {}
+            })
+            .await;
         });
     }
 }
