@@ -733,8 +733,43 @@ mod tests {
             answer(&[&complete, &ready(b'T')]),
             answer(&[&complete, &ready(b'I'), &ready(b'I')]),
             answer(&[&message(b'C', b"SELECT 1\0"), &ready(b'I')]),
+            // A length below its own four bytes, and a negative one.
+            answer(&[&[b'S', 0, 0, 0, 3], &complete, &ready(b'I')]),
+            answer(&[&[b'S', 0xff, 0xff, 0xff, 0xfb], &complete, &ready(b'I')]),
         ] {
             assert_eq!(answer_to_discard_all(&other), Some(false), "{other:?}");
+        }
+    }
+
+    /// `reset` sends DISCARD ALL and keeps the session only for its own answer, read up to
+    /// MAX_RESET_ANSWER bytes: a server that sends more before its answer ends is given up
+    /// on, even if the answer would have ended well.
+    #[tokio::test]
+    async fn reset_reads_a_bounded_answer() {
+        use crate::backend::ServerStream;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let discarded = [message(b'C', b"DISCARD ALL\0"), ready(b'I')].concat();
+        let setting = message(b'S', &[b'x'; 1000]);
+        for (answer, clean) in [
+            ([setting.clone(), discarded.clone()].concat(), true),
+            (
+                [setting.repeat(MAX_RESET_ANSWER / 1000 + 1), discarded].concat(),
+                false,
+            ),
+        ] {
+            let (proxy_end, mut server_end) = tokio::net::UnixStream::pair().unwrap();
+            let server = tokio::spawn(async move {
+                let mut query = [0u8; 17];
+                server_end.read_exact(&mut query).await.unwrap();
+                assert_eq!(&query[5..], b"DISCARD ALL\0");
+                server_end.write_all(&answer).await.unwrap();
+                // Held open: the proxy must stop on the answer's size, not on its end.
+                let _ = server_end.read(&mut [0u8; 1]).await;
+            });
+            let mut stream = ServerStream::Unix(proxy_end);
+            assert_eq!(reset(&mut stream).await, clean);
+            drop(stream);
+            server.await.unwrap();
         }
     }
 

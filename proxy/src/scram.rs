@@ -434,6 +434,11 @@ mod tests {
             ),
             ("r=rOprNGfwEbeRWgbNEkqOx,s=,i=4096", "a salt of 0 bytes"),
             ("r=rOprNGfwEbeRWgbNEkqOx,i=4096", "no salt"),
+            ("s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096", "no nonce"),
+            (
+                "r=rOprNGfwEbeRWgbNEkqOx,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=many",
+                "iteration count",
+            ),
         ];
         for (server_first, words) in cases {
             let mut exchange =
@@ -444,6 +449,13 @@ mod tests {
                 .unwrap_err();
             assert!(error.contains(words), "{server_first}: {error}");
         }
+        let mut exchange =
+            ScramExchange::with_nonce("", CLIENT_NONCE.into(), ChannelBinding::Unsupported);
+        let error = exchange
+            .client_final(b"r=\xff", b"pencil", &cache)
+            .await
+            .unwrap_err();
+        assert!(error.contains("not UTF-8"), "{error}");
         assert_eq!(counted(&metrics.scram_derivations), 0);
         let mut exchange =
             ScramExchange::with_nonce("", CLIENT_NONCE.into(), ChannelBinding::Unsupported);
@@ -451,6 +463,47 @@ mod tests {
             .verify_server_final(SERVER_FINAL.as_bytes())
             .is_err());
         assert!(!exchange.server_verified());
+        // After a good server-first message, a final message that is not the server's proof.
+        for (server_final, words) in [
+            (&b"v=\xff"[..], "not UTF-8"),
+            (
+                b"e=invalid-proof",
+                "refused the SCRAM exchange: invalid-proof",
+            ),
+            (b"x=nothing", "no verifier"),
+            (b"v=!!", "no verifier"),
+        ] {
+            let mut exchange =
+                ScramExchange::with_nonce("user", CLIENT_NONCE.into(), ChannelBinding::Unsupported);
+            exchange
+                .client_final(SERVER_FIRST.as_bytes(), b"pencil", &cache)
+                .await
+                .unwrap();
+            let error = exchange.verify_server_final(server_final).unwrap_err();
+            assert!(error.contains(words), "{error}");
+            assert!(!exchange.server_verified());
+        }
+    }
+
+    /// The cache holds at most MAX_ENTRIES keys: a server that hands out a new salt at every
+    /// login cannot make it grow without bound; a full cache starts over.
+    #[tokio::test]
+    async fn the_cache_is_bounded() {
+        let metrics = Arc::new(Metrics::default());
+        let cache = ScramCache::new(Arc::clone(&metrics));
+        for salt in 0..=MAX_ENTRIES as u32 {
+            cache.keys(b"pencil", &salt.to_be_bytes(), 1).await.unwrap();
+            let held = cache.entries.lock().unwrap().len();
+            assert!(held <= MAX_ENTRIES, "{held} entries");
+        }
+        assert_eq!(cache.entries.lock().unwrap().len(), 1);
+        // Each new salt was derived; the one entry left is still served from the cache.
+        assert_eq!(counted(&metrics.scram_derivations), MAX_ENTRIES as u64 + 1);
+        cache
+            .keys(b"pencil", &(MAX_ENTRIES as u32).to_be_bytes(), 1)
+            .await
+            .unwrap();
+        assert_eq!(counted(&metrics.scram_cache_hits), 1);
     }
 
     /// Logins that need the same keys at the same moment (every client reconnecting after a

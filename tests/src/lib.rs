@@ -399,11 +399,8 @@ pub fn store_state(client: &mut Client) -> String {
         .get(0)
 }
 
-/// Polls `condition` every 50 ms until it holds, and fails the test naming `what` when it
-/// still does not after `timeout`: how a test waits for a background worker or a server.
-#[track_caller]
-/// The first column of every row `sql` returns, as text.
-pub fn first_column(client: &mut Client, sql: &str) -> Vec<String> {
+/// The first column of every row `sql` returns, as text, read in a session or a transaction.
+pub fn first_column(client: &mut impl postgres::GenericClient, sql: &str) -> Vec<String> {
     client
         .query(sql, &[])
         .unwrap()
@@ -412,6 +409,9 @@ pub fn first_column(client: &mut Client, sql: &str) -> Vec<String> {
         .collect()
 }
 
+/// Polls `condition` every 50 ms until it holds, and fails the test naming `what` when it
+/// still does not after `timeout`: how a test waits for a background worker or a server.
+#[track_caller]
 pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + timeout;
     while !condition() {

@@ -2,7 +2,7 @@
 //! holding) access, `check_access` agreeing with what happened, row-level security on the list
 //! view, the approval flow, policy validation and security-definer hygiene.
 
-use pg_secrets_e2e::{assert_sql_error, store_state, Client, Cluster};
+use pg_secrets_e2e::{assert_sql_error, first_column, store_state, Client, Cluster};
 
 const ACTIONS: [&str; 6] = ["get", "describe", "put", "rotate", "delete", "manage"];
 
@@ -305,12 +305,7 @@ fn the_list_view_shows_exactly_what_a_role_may_describe() {
     let visible = |db: &mut Client, role: &str, query: &str| -> Vec<String> {
         let mut tx = db.transaction().unwrap();
         tx.batch_execute(&format!("SET LOCAL ROLE {role}")).unwrap();
-        let names = tx
-            .query(query, &[])
-            .unwrap()
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
+        let names = first_column(&mut tx, query);
         tx.rollback().unwrap();
         names
     };
@@ -412,12 +407,7 @@ fn grants_patterns_expiry_and_their_refusals() {
     payments
         .query_one("SELECT secrets.describe_secret('prod/stripe/key')", &[])
         .unwrap();
-    let listed: Vec<String> = payments
-        .query("SELECT name_pattern || ' ' || array_to_string(actions, ',') FROM secrets.list_access_grants()", &[])
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let listed: Vec<String> = first_column(&mut payments, "SELECT name_pattern || ' ' || array_to_string(actions, ',') FROM secrets.list_access_grants()");
     assert_eq!(listed, vec!["prod/stripe/* describe,get".to_string()]);
     // Revoking one action keeps the other; revoking the rest removes the grant.
     db.execute(
@@ -630,15 +620,7 @@ fn requests_are_decided_by_managers_never_by_the_requester() {
     owner.batch_execute("RESET ROLE").unwrap();
     // Both sides see the requests and decisions.
     let states = |client: &mut Client| -> Vec<String> {
-        client
-            .query(
-                "SELECT secret_name || ':' || state || ':' || requester FROM secrets.list_access_requests() ORDER BY requested_at",
-                &[],
-            )
-            .unwrap()
-            .iter()
-            .map(|row| row.get(0))
-            .collect()
+        first_column(client, "SELECT secret_name || ':' || state || ':' || requester FROM secrets.list_access_requests() ORDER BY requested_at")
     };
     assert_eq!(
         states(&mut other),
@@ -713,15 +695,10 @@ fn resource_policies_are_validated_and_deny_beats_every_allow() {
             ),
         ]
     );
-    let bad_action: Vec<String> = db
-        .query(
-            r#"SELECT problem FROM secrets.validate_resource_policy('{"statements": [{"effect": "allow", "principals": "*", "actions": ["read"]}]}')"#,
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let bad_action: Vec<String> = first_column(
+        &mut db,
+        r#"SELECT problem FROM secrets.validate_resource_policy('{"statements": [{"effect": "allow", "principals": "*", "actions": ["read"]}]}')"#,
+    );
     assert!(bad_action[0].contains("unknown action \"read\""));
     // put refuses whatever validate reports, naming the statement, and stores nothing.
     for (policy, words) in [
@@ -1265,15 +1242,11 @@ fn a_manager_hands_on_no_more_than_its_own_manage_right() {
     )
     .unwrap();
     let grants = |db: &mut Client| -> Vec<String> {
-        db.query(
+        first_column(
+            db,
             "SELECT grantee || ':' || array_to_string(actions, ',') || ':' || (valid_until IS NULL)
              FROM secrets.list_access_grants() ORDER BY 1",
-            &[],
         )
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect()
     };
     let before = grants(&mut db);
     let policy = "SELECT secrets.put_resource_policy('team/db', '{\"statements\": [{\"effect\": \

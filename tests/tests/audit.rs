@@ -2,7 +2,7 @@
 //! value, nothing dropped under load, append-only for everyone, tampering detected, retention
 //! of whole prefixes, visibility per role, and what survives an immediate-mode stop.
 
-use pg_secrets_e2e::{assert_sql_error, wait_until, Client, Cluster};
+use pg_secrets_e2e::{assert_sql_error, first_column, wait_until, Client, Cluster};
 use std::time::{Duration, Instant};
 
 const SECRET_VALUE: &str = "audit-marker-value-0f3a9c";
@@ -523,15 +523,7 @@ fn a_role_sees_the_records_of_what_it_manages_and_auditors_see_all() {
         .unwrap();
     wait_for_records(&mut db, "secret_name IN ('a/key', 'b/key')", 3);
     let names = |client: &mut Client| -> Vec<String> {
-        client
-            .query(
-                "SELECT DISTINCT secret_name FROM secrets.audit_log WHERE secret_id IS NOT NULL ORDER BY 1",
-                &[],
-            )
-            .unwrap()
-            .iter()
-            .map(|row| row.get(0))
-            .collect()
+        first_column(client, "SELECT DISTINCT secret_name FROM secrets.audit_log WHERE secret_id IS NOT NULL ORDER BY 1")
     };
     assert_eq!(names(&mut team_a), vec!["a/key"]);
     assert_eq!(names(&mut team_b), vec!["b/key"]);
@@ -898,14 +890,7 @@ fn a_queue_file_left_by_an_operating_system_crash_is_read_for_what_it_holds() {
     assert_eq!(stored_after_restart(&cluster, 9), 9);
     let mut db = cluster.superuser();
     let unreadable = |db: &mut Client| -> Vec<String> {
-        db.query(
-            "SELECT details->>'error' FROM secrets.audit_log WHERE action = 'unreadable' ORDER BY id",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect()
+        first_column(db, "SELECT details->>'error' FROM secrets.audit_log WHERE action = 'unreadable' ORDER BY id")
     };
     wait_until("the stale slot stored as unreadable", MINUTE, || {
         !unreadable(&mut db).is_empty()
@@ -1243,15 +1228,10 @@ fn offboarding_by_actual_reads_outlives_the_purge_of_the_records() {
     wait_for_records(&mut db, "action = 'get' AND \"current_user\" = 'leaver'", 1);
     db.query_one("SELECT secrets.purge_audit_log('0 seconds')", &[])
         .unwrap();
-    let read: Vec<String> = db
-        .query(
-            "SELECT name FROM secrets.rotate_secrets_accessible_by('leaver', only_accessed => true)",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let read: Vec<String> = first_column(
+        &mut db,
+        "SELECT name FROM secrets.rotate_secrets_accessible_by('leaver', only_accessed => true)",
+    );
     assert_eq!(read, vec!["app/db".to_string()]);
 }
 

@@ -261,6 +261,22 @@ fn deletion_versions_labels_and_tokens() {
         "22023",
         "version stage",
     );
+    // Both a version id and a stage: the stage must be on that version.
+    let current: String = db
+        .query_one(
+            "SELECT version_id::text FROM secrets.list_secret_version_ids('app/db') \
+             WHERE 'CURRENT' = ANY(version_stages)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    refused(
+        &mut db,
+        "SELECT secrets.get_secret_value('app/db', $1::text::uuid, 'PREVIOUS')",
+        &[&current],
+        "42704",
+        &format!("has no version {current} with stage PREVIOUS"),
+    );
     refused(&mut db, "SELECT secrets.update_secret_version_stage('app/db', 'X', '00000000-0000-4000-8000-000000000000')", &[], "42704", "has no version");
     refused(
         &mut db,

@@ -195,6 +195,19 @@ fn wrong_missing_and_unreadable_master_keys_are_named() {
         .contains("pg_secrets.key_file"));
     assert!(cluster.server_log().contains("no master key loaded"));
 
+    // A key file that is not there is named.
+    let absent = cluster.dir().join("absent.key");
+    cluster.configure(
+        KeySource::None,
+        &[&format!("pg_secrets.key_file = '{}'", absent.display())],
+    );
+    cluster.restart();
+    assert_sql_error(
+        get(&mut cluster.superuser(), "k"),
+        "F0000",
+        &format!("cannot read pg_secrets.key_file \"{}\"", absent.display()),
+    );
+
     // A key file others can read is refused, with the reason.
     cluster.configure(KeySource::File(TEST_KEY.into()), &[]);
     let key_file = cluster.dir().join("master.key");

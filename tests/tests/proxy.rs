@@ -3,8 +3,8 @@
 //! pgbench, raw sockets) connect to it without a password.
 
 use pg_secrets_e2e::{
-    cluster_with_app_credential, credential_json, http_get, startup_packet, wait_until, Cluster,
-    ProxyProcess, SUPERUSER, SUPERUSER_PASSWORD,
+    cluster_with_app_credential, credential_json, first_column, http_get, startup_packet,
+    wait_until, Cluster, ProxyProcess, SUPERUSER, SUPERUSER_PASSWORD,
 };
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
@@ -271,6 +271,50 @@ fn clients_connect_without_a_password_and_everything_relays() {
     assert!(http_get(fixture.proxy.admin_address.unwrap(), "/health").ends_with("ok\n"));
 }
 
+/// The admin port answers `/metrics` and `/health`, and 404 to anything else. It reads at most
+/// 8 KiB of a request, and serves 64 requests at once: a 65th connection waits until one of
+/// them ends, so a flood of idle connections cannot take tasks or memory without bound.
+#[test]
+fn the_admin_port_answers_what_it_knows_and_bounds_the_rest() {
+    let fixture = fixture(r#""trust""#);
+    let admin = fixture.proxy.admin_address.unwrap();
+    let answer_of = |stream: &mut TcpStream, within: Duration| -> String {
+        stream.set_read_timeout(Some(within)).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    assert!(http_get(admin, "/elsewhere").starts_with("HTTP/1.1 404 Not Found"));
+    // Headers that do not end within 8 KiB are refused once 8 KiB have come, not after the 5 s
+    // a silent client is given.
+    let mut endless = TcpStream::connect(admin).unwrap();
+    endless
+        .write_all(format!("GET /health HTTP/1.1\r\nx: {}", "a".repeat(9000)).as_bytes())
+        .unwrap();
+    let answer = answer_of(&mut endless, Duration::from_secs(3));
+    assert!(
+        answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large"),
+        "{answer}"
+    );
+    // 64 silent connections take every slot; a 65th request waits...
+    let mut silent: Vec<TcpStream> = (0..64)
+        .map(|_| TcpStream::connect(admin).unwrap())
+        .collect();
+    let mut waiting = TcpStream::connect(admin).unwrap();
+    waiting.write_all(b"GET /health HTTP/1.1\r\n\r\n").unwrap();
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    assert!(
+        waiting.read(&mut [0u8; 1]).is_err(),
+        "a 65th request was served while 64 were open"
+    );
+    // ...until one of them ends.
+    drop(silent.pop());
+    assert!(answer_of(&mut waiting, Duration::from_secs(10)).ends_with("ok\n"));
+    drop(silent);
+}
+
 #[test]
 fn cancel_requests_reach_the_right_server_session() {
     let fixture = fixture(r#""trust""#);
@@ -402,6 +446,33 @@ fn counter(fixture: &Fixture, line: &str) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {line} in {metrics}"))
+}
+
+/// What the proxy keeps ages out: a cached credential is fetched again after
+/// `credential_ttl_secs` without any notification, and a pooled server session is not reused
+/// past `server_lifetime_secs`, so a session logged in with a rotated-out password ends.
+#[test]
+fn cached_credentials_and_pooled_sessions_age_out() {
+    let fixture = fixture_with(
+        r#""trust""#,
+        &[],
+        ProxyExtras {
+            limits: "credential_ttl_secs = 3\nserver_lifetime_secs = 5".into(),
+            ..ProxyExtras::default()
+        },
+    );
+    let misses = r#"secrets_proxy_credential_cache_total{result="miss"}"#;
+    let backend_pid = || scalar(&mut fixture.connect(), "SELECT pg_backend_pid()");
+    let first = backend_pid();
+    let fetched = counter(&fixture, misses);
+    assert!(fetched >= 1);
+    // At once: the same server session, the credential from the cache.
+    assert_eq!(backend_pid(), first);
+    assert_eq!(counter(&fixture, misses), fetched);
+    std::thread::sleep(Duration::from_secs(6));
+    // Past both: fetched again, and a new server session.
+    assert_ne!(backend_pid(), first);
+    assert!(counter(&fixture, misses) > fetched);
 }
 
 /// In a rotation's window (the server has the new password, CURRENT still the old one) the
@@ -1102,16 +1173,11 @@ fn a_store_that_stops_answering_is_unreachable_and_the_last_credential_serves() 
     fixture.connect().query_one("SELECT 1", &[]).unwrap();
     let mut db = fixture.cluster.superuser();
     // The proxy's pooled store connections, not the one listening for changes.
-    let frozen: Vec<String> = db
-        .query(
-            "SELECT pid::text FROM pg_stat_activity \
+    let frozen: Vec<String> = first_column(
+        &mut db,
+        "SELECT pid::text FROM pg_stat_activity \
              WHERE usename = 'proxy' AND query NOT LIKE 'LISTEN%'",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    );
     assert!(!frozen.is_empty());
     let signal = |name: &str| {
         for pid in &frozen {
@@ -1918,8 +1984,9 @@ fn trust_is_refused_to_clients_beyond_loopback() {
 
 /// `check-config` answers as a deployment script needs: 0 and "ok" for a file the proxy starts
 /// with; 1 naming the problem for one it would not start with, a TLS file or the store's
-/// password file that cannot be read included (before, those passed and the start failed); 2
-/// with the usage for no arguments. `--config` with a bad file exits 1 without listening.
+/// password file that cannot be read, a key that is not the certificate's, or a CA file with
+/// no certificate included (before, those passed and the start failed), and for a file that is
+/// not there; 2 with the usage for no arguments. `--config` with a bad file exits 1 without listening.
 #[test]
 fn check_config_says_whether_the_proxy_would_start() {
     let cluster = cluster_with_app_credential(&[]);
@@ -1930,6 +1997,16 @@ fn check_config_says_whether_the_proxy_would_start() {
         &ProxyExtras::default(),
     );
     let missing = cluster.dir().join("missing.pem");
+    let empty = cluster.dir().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let pki = pg_secrets_e2e::pki::make_pki(cluster.dir());
+    let tls = |cert: &std::path::Path, key: &std::path::Path, extra: &str| {
+        format!(
+            "{good}\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n{extra}",
+            cert.display(),
+            key.display()
+        )
+    };
     let cases = [
         ("good", good.clone(), 0, "ok, 1 routes"),
         (
@@ -1956,10 +2033,38 @@ fn check_config_says_whether_the_proxy_would_start() {
             1,
             "password_file",
         ),
+        (
+            "tls-key-of-another-certificate",
+            tls(&pki.server_cert, &pki.client_key, ""),
+            1,
+            "[tls] cert_file/key_file",
+        ),
+        (
+            "client-ca-without-certificates",
+            tls(
+                &pki.server_cert,
+                &pki.server_key,
+                &format!("client_ca_file = \"{}\"\n", empty.display()),
+            ),
+            1,
+            "[tls] client_ca_file",
+        ),
+        (
+            "server-ca-without-certificates",
+            format!(
+                "{good}\n[server_tls]\nsslmode = \"verify-full\"\nca_file = \"{}\"\n",
+                empty.display()
+            ),
+            1,
+            "no certificate in the file",
+        ),
+        ("config-file-missing", String::new(), 1, "cannot read"),
     ];
     for (name, text, code, words) in cases {
         let file = cluster.dir().join(format!("check-{name}.toml"));
-        std::fs::write(&file, text).unwrap();
+        if !text.is_empty() {
+            std::fs::write(&file, text).unwrap();
+        }
         let output = std::process::Command::new(pg_secrets_e2e::proxy_binary())
             .arg("check-config")
             .arg(&file)
@@ -2026,68 +2131,81 @@ fn a_server_tls_reload_pools_no_session_opened_under_the_old_rules() {
     );
 }
 
-/// A server that floods the proxy before its ReadyForQuery (over a thousand messages, a few
-/// large ones past 256 KiB, or one that says it is over 1 MiB long) is not believed: the client
-/// gets `08P01` naming the limit, and the proxy keeps nothing of it (nor allocates the 1 MiB).
-#[test]
-fn a_server_flooding_its_greeting_is_refused() {
-    let fixture = fixture(r#""trust""#);
-    let mut db = fixture.cluster.superuser();
-    for (messages, value_bytes, limit) in [
-        (1001, 10, "more than 1000 messages before ReadyForQuery"),
-        (5, 60_000, "more than 262144 bytes before ReadyForQuery"),
-        // A header alone, its length 1 MiB and a byte.
-        (0, 0, "message length 1048577"),
-    ] {
-        let hostile = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = hostile.local_addr().unwrap().port();
+/// A server on a free port that answers every login with `turns`: the first after the
+/// startup packet, each next one after one more message from the proxy. Serves until dropped.
+struct HostileServer {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    serving: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HostileServer {
+    fn start(turns: Vec<Vec<u8>>) -> HostileServer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
-        let flooding = std::thread::spawn(move || {
-            for mut server in hostile.incoming().flatten() {
+        let serving = std::thread::spawn(move || {
+            for mut server in listener.incoming().flatten() {
                 if stopped.load(Ordering::SeqCst) {
                     break;
                 }
                 server
                     .set_read_timeout(Some(Duration::from_secs(10)))
                     .unwrap();
-                // The startup packet; then AuthenticationOk and the flood of ParameterStatus.
-                let mut length = [0u8; 4];
-                if server.read_exact(&mut length).is_err() {
+                // The startup packet has no tag; what the proxy sends next has one.
+                let read_message = |server: &mut TcpStream, tagged: bool| -> bool {
+                    let mut header = vec![0u8; if tagged { 5 } else { 4 }];
+                    if server.read_exact(&mut header).is_err() {
+                        return false;
+                    }
+                    let length = &header[header.len() - 4..];
+                    let length = i32::from_be_bytes(length.try_into().unwrap());
+                    let mut body = vec![0u8; (length as usize).saturating_sub(4)];
+                    server.read_exact(&mut body).is_ok()
+                };
+                if !read_message(&mut server, false) {
                     continue;
                 }
-                let mut startup =
-                    vec![0u8; (i32::from_be_bytes(length) as usize).saturating_sub(4)];
-                let _ = server.read_exact(&mut startup);
-                let parameter = [&b"flood\0"[..], &vec![b'x'; value_bytes], b"\0"].concat();
-                let mut greeting = protocol_message(b'R', &0i32.to_be_bytes());
-                for _ in 0..messages {
-                    greeting.extend(protocol_message(b'S', &parameter));
+                for (turn, answer) in turns.iter().enumerate() {
+                    if turn > 0 && !read_message(&mut server, true) {
+                        break;
+                    }
+                    let _ = server.write_all(answer);
                 }
-                if messages == 0 {
-                    greeting.push(b'S');
-                    greeting.extend(((1i32 << 20) + 1).to_be_bytes());
-                }
-                let _ = server.write_all(&greeting);
                 let _ = server.read_to_end(&mut Vec::new());
             }
         });
+        HostileServer {
+            port,
+            stop,
+            serving: Some(serving),
+        }
+    }
+
+    /// Points the fixture's route secret at this server, and waits until a client of the proxy
+    /// is refused with `08P01` and a message containing `words`.
+    fn refuses_logins_with(&self, fixture: &Fixture, words: &str) {
         let credential = format!(
-            r#"{{"host": "127.0.0.1", "port": {port}, "username": "app", "password": "pw-0"}}"#
+            r#"{{"host": "127.0.0.1", "port": {}, "username": "app", "password": "pw-0"}}"#,
+            self.port
         );
-        db.execute(
-            "SELECT secrets.put_secret_value('db/app', $1)",
-            &[&credential],
-        )
-        .unwrap();
-        // Once the proxy has heard of the change, logins go to the flooding server.
+        fixture
+            .cluster
+            .superuser()
+            .execute(
+                "SELECT secrets.put_secret_value('db/app', $1)",
+                &[&credential],
+            )
+            .unwrap();
+        // Once the proxy has heard of the change, logins go to this server.
         let mut refusal = None;
-        wait_until(limit, Duration::from_secs(30), || {
+        wait_until(words, Duration::from_secs(30), || {
             refusal = fixture.try_connect().err();
             refusal
                 .as_ref()
                 .and_then(postgres::Error::as_db_error)
-                .is_some_and(|db| db.message().contains(limit))
+                .is_some_and(|db| db.message().contains(words))
         });
         let error = refusal.unwrap();
         assert_eq!(
@@ -2095,9 +2213,94 @@ fn a_server_flooding_its_greeting_is_refused() {
             Some("08P01"),
             "{error}"
         );
+    }
+}
+
+impl Drop for HostileServer {
+    fn drop(&mut self) {
         // One more connection wakes the server up to see that it is done.
-        stop.store(true, Ordering::SeqCst);
-        drop(TcpStream::connect(("127.0.0.1", port)).unwrap());
-        flooding.join().unwrap();
+        self.stop.store(true, Ordering::SeqCst);
+        drop(TcpStream::connect(("127.0.0.1", self.port)));
+        if let Some(serving) = self.serving.take() {
+            let _ = serving.join();
+        }
+    }
+}
+
+fn authentication(code: i32, data: &[u8]) -> Vec<u8> {
+    protocol_message(b'R', &[&code.to_be_bytes()[..], data].concat())
+}
+
+/// A server that floods the proxy before its ReadyForQuery (over a thousand messages, a few
+/// large ones past 256 KiB, or one that says it is over 1 MiB long) is not believed: the client
+/// gets `08P01` naming the limit, and the proxy keeps nothing of it (nor allocates the 1 MiB).
+#[test]
+fn a_server_flooding_its_greeting_is_refused() {
+    let fixture = fixture(r#""trust""#);
+    for (messages, value_bytes, limit) in [
+        (1001, 10, "more than 1000 messages before ReadyForQuery"),
+        (5, 60_000, "more than 262144 bytes before ReadyForQuery"),
+        // A header alone, its length 1 MiB and a byte.
+        (0, 0, "message length 1048577"),
+    ] {
+        let parameter = [&b"flood\0"[..], &vec![b'x'; value_bytes], b"\0"].concat();
+        let mut greeting = authentication(0, b"");
+        for _ in 0..messages {
+            greeting.extend(protocol_message(b'S', &parameter));
+        }
+        if messages == 0 {
+            greeting.push(b'S');
+            greeting.extend(((1i32 << 20) + 1).to_be_bytes());
+        }
+        HostileServer::start(vec![greeting]).refuses_logins_with(&fixture, limit);
+    }
+}
+
+/// A server (or whoever answers in its place) that strays from the login protocol is refused
+/// with `08P01`: above all, once SCRAM has begun it can neither switch to a cleartext or md5
+/// request to collect the password nor say AuthenticationOk before proving it knows it.
+#[test]
+fn a_server_straying_from_the_login_protocol_is_refused() {
+    let fixture = fixture(r#""trust""#);
+    let scram = authentication(10, b"SCRAM-SHA-256\0\0");
+    for (turns, words) in [
+        (
+            vec![scram.clone(), authentication(3, b"")],
+            "authentication request 3 in the middle of SCRAM",
+        ),
+        (
+            vec![scram.clone(), authentication(5, b"salt")],
+            "authentication request 5 in the middle of SCRAM",
+        ),
+        (
+            vec![scram, authentication(0, b"")],
+            "authentication request 0 in the middle of SCRAM",
+        ),
+        (
+            vec![authentication(10, b"SCRAM-SHA-1\0\0")],
+            "the server offers no SCRAM-SHA-256",
+        ),
+        (
+            vec![authentication(11, b"r=x")],
+            "SASL continue without a start",
+        ),
+        (
+            vec![authentication(12, b"v=x")],
+            "SASL final without a start",
+        ),
+        (
+            vec![authentication(7, b"")],
+            "unsupported authentication request 7",
+        ),
+        (
+            vec![protocol_message(b'R', &[0, 0])],
+            "short authentication request",
+        ),
+        (
+            vec![protocol_message(b'Z', b"I")],
+            "unexpected message 'Z' during login",
+        ),
+    ] {
+        HostileServer::start(turns).refuses_logins_with(&fixture, words);
     }
 }

@@ -89,6 +89,27 @@ fn tls_clients_certificates_and_required_encryption() {
         !ok && (text.contains("certificate") || text.contains("SSL error")),
         "{text}"
     );
+
+    // A client certificate from another CA fails the handshake with a TLS alert, and the
+    // proxy goes on serving the others.
+    let (ok, text) = psql(
+        port,
+        &format!(
+            "sslmode=verify-full sslrootcert={ca} sslcert={} sslkey={}",
+            other_pki.client_cert.display(),
+            other_pki.client_key.display()
+        ),
+    );
+    assert!(!ok && text.contains("alert"), "{text}");
+    let (ok, text) = psql(
+        port,
+        &format!(
+            "sslmode=verify-full sslrootcert={ca} sslcert={} sslkey={}",
+            pki.client_cert.display(),
+            pki.client_key.display()
+        ),
+    );
+    assert!(ok, "{text}");
 }
 
 /// SIGHUP reloads the proxy's certificate: once the files hold one from another CA, new

@@ -342,6 +342,25 @@ fn a_put_cannot_steer_a_rotation_away_from_its_pinned_target() {
     )
     .unwrap();
 
+    // Rotating is not configuring: `rotate` alone starts a rotation with the rotator, schedule
+    // and window the secret has, and may not set them.
+    let before = store_state(&mut db);
+    for configures in [
+        "rotator => 'postgres'",
+        "schedule => 'rate(1 days)'",
+        "rotation_window => '1 hour'",
+    ] {
+        assert_sql_error(
+            writer.execute(
+                &format!("SELECT secrets.rotate_secret('db/app', {configures})"),
+                &[],
+            ),
+            "42501",
+            "permission denied: manage on secret \"db/app\"",
+        );
+    }
+    assert_eq!(store_state(&mut db), before);
+
     // A writer names another role, or another admin secret the owner may read: the rotation
     // refuses, names the field, and changes nothing.
     for (name, value, field) in [
@@ -910,6 +929,31 @@ fn remote_rotations_use_tls_as_rotator_sslmode_asks() {
     );
     assert!(!log.contains("connection authorized: user=clear"), "{log}");
 
+    // verify-full with a CA file that holds no certificate: the step names the setting.
+    let empty_ca = store.dir().join("empty-ca.pem");
+    std::fs::write(&empty_ca, "").unwrap();
+    db.batch_execute(&format!(
+        "ALTER SYSTEM SET pg_secrets.rotator_ssl_root_cert = '{}'",
+        empty_ca.display()
+    ))
+    .unwrap();
+    set_rotator_sslmode(&mut db, "verify-full");
+    let no_roots = rotate(
+        &mut db,
+        "db/no-roots",
+        "localhost",
+        tls_target.port,
+        "app",
+        "first-password",
+    );
+    let error = wait_for_rotation_error(&mut db, "db/no-roots");
+    assert!(
+        error.contains("pg_secrets.rotator_ssl_root_cert")
+            && error.contains("no certificate in the file"),
+        "{error}"
+    );
+    assert_eq!(current(&mut db, "db/no-roots"), no_roots);
+
     // disable: plaintext, as the administrator asked; the failed rotation resumes.
     set_rotator_sslmode(&mut db, "disable");
     // Due now rather than after its doubling delay.
@@ -1222,6 +1266,64 @@ fn a_rotator_programs_background_job_neither_holds_up_nor_outlives_the_step() {
         .filter(|command| command == b"sleep\x00301\x00")
         .count();
     assert_eq!(jobs_left, 0, "the program's background job outlived it");
+}
+
+/// A rotator program that fails, is killed or outlasts `pg_secrets.rotator_timeout` fails the
+/// rotation with what happened, and nothing changes; a `pg_secrets.rotator_dir` that does not
+/// exist refuses command rotators when they are configured.
+#[test]
+fn a_rotator_program_that_fails_is_killed_or_hangs_changes_nothing() {
+    let dir = rotator_dir();
+    for (program, script) in [
+        ("fails", "#!/bin/sh\nexit 3\n"),
+        ("killed", "#!/bin/sh\nkill -9 $$\n"),
+        ("hangs", "#!/bin/sh\nexec sleep 30\n"),
+    ] {
+        let path = dir.path().join(program);
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let setting = format!("pg_secrets.rotator_dir = '{}'", dir.path().display());
+    let store = store_cluster(&[&setting, "pg_secrets.rotator_timeout = 2"]);
+    let mut db = store.superuser();
+    for (program, error) in [
+        ("fails", "exited with status 3"),
+        ("killed", "was killed by a signal"),
+        ("hangs", "timed out after 2 s"),
+    ] {
+        let name = format!("api/{program}");
+        create_secret(&mut db, &name, "key-original");
+        let before = store_state(&mut db);
+        // The first step runs in the call, so the caller hears what went wrong.
+        assert_sql_error(
+            db.execute(
+                "SELECT secrets.rotate_secret($1, rotator => $2)",
+                &[&name, &format!("command:{program}")],
+            ),
+            "55000",
+            &format!("failed at step create: program \"{program}\" {error}"),
+        );
+        assert_eq!(store_state(&mut db), before, "{program}");
+        assert_eq!(current(&mut db, &name), "key-original");
+    }
+
+    db.batch_execute("ALTER SYSTEM SET pg_secrets.rotator_dir = '/nonexistent/rotators'")
+        .unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_until("the reload", Duration::from_secs(30), || {
+        first_column(&mut db, "SHOW pg_secrets.rotator_dir") == ["/nonexistent/rotators"]
+    });
+    create_secret(&mut db, "api/nowhere", "key-original");
+    let before = store_state(&mut db);
+    assert_sql_error(
+        db.execute(
+            "SELECT secrets.rotate_secret('api/nowhere', rotator => 'command:fails')",
+            &[],
+        ),
+        "22023",
+        "pg_secrets.rotator_dir does not exist",
+    );
+    assert_eq!(store_state(&mut db), before);
 }
 
 #[test]
@@ -1710,14 +1812,7 @@ fn offboarding_rotates_what_the_role_could_read() {
     );
     // only_accessed: what the leaver actually read, according to the audit trail.
     let accessed = |db: &mut Client| -> Vec<String> {
-        db.query(
-            "SELECT name FROM secrets.rotate_secrets_accessible_by('leaver', only_accessed => true)",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect()
+        first_column(db, "SELECT name FROM secrets.rotate_secrets_accessible_by('leaver', only_accessed => true)")
     };
     assert!(accessed(&mut db).is_empty(), "the leaver has read nothing");
     db.batch_execute("SET ROLE leaver; SELECT secrets.get_secret_value('api/manual'); RESET ROLE")

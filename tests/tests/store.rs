@@ -427,40 +427,33 @@ fn list_filters_tags_and_batch_reads() {
          SELECT secrets.create_secret('prod/bin', secret_binary => '\\x0102');",
     )
     .unwrap();
-    let names = |db: &mut postgres::Client, sql: &str| -> Vec<String> {
-        db.query(sql, &[])
-            .unwrap()
-            .iter()
-            .map(|row| row.get(0))
-            .collect()
-    };
     assert_eq!(
-        names(&mut db, "SELECT name FROM secrets.list_secrets('prod/db/')"),
+        first_column(&mut db, "SELECT name FROM secrets.list_secrets('prod/db/')"),
         ["prod/db/a", "prod/db/b"]
     );
     assert_eq!(
-        names(
+        first_column(
             &mut db,
             "SELECT name FROM secrets.list_secrets(tag_key => 'env')"
         ),
         ["dev/db/a", "prod/db/a"]
     );
     assert_eq!(
-        names(
+        first_column(
             &mut db,
             "SELECT name FROM secrets.list_secrets(tag_key => 'team', tag_value => 'search')"
         ),
         ["prod/db/b"]
     );
     assert_eq!(
-        names(
+        first_column(
             &mut db,
             "SELECT name FROM secrets.list_secrets(tag_value => 'dev')"
         ),
         ["dev/db/a"]
     );
     // A prefix is a prefix, not a pattern.
-    assert!(names(&mut db, "SELECT name FROM secrets.list_secrets('%')").is_empty());
+    assert!(first_column(&mut db, "SELECT name FROM secrets.list_secrets('%')").is_empty());
 
     db.execute(
         "SELECT secrets.tag_secret('prod/db/b', '{\"env\": \"prod\"}')",
@@ -470,7 +463,7 @@ fn list_filters_tags_and_batch_reads() {
     db.execute("SELECT secrets.untag_secret('prod/db/a', '{team}')", &[])
         .unwrap();
     assert_eq!(
-        names(
+        first_column(
             &mut db,
             "SELECT name FROM secrets.list_secrets(tag_key => 'team')"
         ),

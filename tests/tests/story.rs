@@ -3,7 +3,9 @@
 //! only some roles may read, another team's access on approval, a full audit trail with an
 //! alarm, and a developer who leaves.
 
-use pg_secrets_e2e::{assert_sql_error, wait_until, Client, Cluster, KeySource, NoTls, TEST_KEY};
+use pg_secrets_e2e::{
+    assert_sql_error, first_column, wait_until, Client, Cluster, KeySource, NoTls, TEST_KEY,
+};
 use postgres::fallible_iterator::FallibleIterator;
 use std::time::Duration;
 
@@ -172,16 +174,11 @@ fn twenty_databases_api_keys_cross_team_access_audit_and_offboarding() {
             .get::<_, i64>(0)
             == 2
     });
-    let outcomes: Vec<String> = security
-        .query(
-            "SELECT outcome FROM secrets.audit_log WHERE secret_name = 'prod/db/1' \
+    let outcomes: Vec<String> = first_column(
+        &mut security,
+        "SELECT outcome FROM secrets.audit_log WHERE secret_name = 'prod/db/1' \
              AND \"current_user\" = 'dev_lambda' AND action = 'get' ORDER BY id",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    );
     assert_eq!(outcomes, vec!["denied", "allowed"]);
     let (ok,): (bool,) = {
         let row = security

@@ -2,7 +2,7 @@
 //! `ALTER EXTENSION pg_secrets UPDATE`, keeps every secret, grant and record, and ends with the
 //! schema a fresh install of the current version has, object for object.
 
-use pg_secrets_e2e::{assert_sql_error, Client, Cluster, KeySource, TEST_KEY};
+use pg_secrets_e2e::{assert_sql_error, first_column, Client, Cluster, KeySource, TEST_KEY};
 
 /// Every object of the extension as text, names instead of OIDs, so that two clusters can be
 /// compared: functions (arguments with names and defaults, result, symbol or body, settings,
@@ -81,11 +81,7 @@ SELECT kind || ': ' || what FROM (
 "#;
 
 fn fingerprint(db: &mut Client) -> Vec<String> {
-    db.query(SCHEMA_FINGERPRINT, &[])
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect()
+    first_column(db, SCHEMA_FINGERPRINT)
 }
 
 fn version(db: &mut Client) -> String {
@@ -151,12 +147,7 @@ fn an_earlier_release_updates_in_place_to_the_current_schema() {
     };
     assert_eq!(read(&mut app, "CURRENT"), "second");
     assert_eq!(read(&mut db, "PREVIOUS"), "first");
-    let listed: Vec<String> = app
-        .query("SELECT name FROM secrets.secret_list", &[])
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let listed: Vec<String> = first_column(&mut app, "SELECT name FROM secrets.secret_list");
     assert_eq!(listed, vec!["prod/db".to_string()]);
     assert_sql_error(
         app.query("SELECT name FROM secrets.secret", &[]),
