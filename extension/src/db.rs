@@ -112,17 +112,33 @@ pub fn in_subtransaction<T>(body: impl FnOnce() -> Result<T>) -> Result<T> {
     match outcome {
         Ok(result) => result,
         Err(caught) => {
-            let report = match caught.as_ref() {
-                CaughtError::PostgresError(report) | CaughtError::ErrorReport(report) => report,
-                CaughtError::RustPanic { ereport, .. } => ereport,
+            let (report, from_postgres) = match caught.as_ref() {
+                CaughtError::PostgresError(report) => (report, true),
+                CaughtError::ErrorReport(report) => (report, false),
+                CaughtError::RustPanic { ereport, .. } => (ereport, false),
             };
             let sqlstate = crate::audit::sqlstate_text(report.sql_error_code() as i32);
             if sqlstate.starts_with("57") {
                 (*caught).rethrow();
             }
+            // The error is recorded and shown again (a rotation's last error, the worker's
+            // log): PostgreSQL's own messages can quote input, ours and our panics' never do.
+            let code = report.sql_error_code();
+            let message = if from_postgres && !crate::audit::message_is_about_the_session(&sqlstate)
+            {
+                let condition = format!("{code:?}");
+                let condition = condition.strip_prefix("ERRCODE_").unwrap_or(&condition);
+                format!(
+                    "PostgreSQL error {sqlstate} ({}); its message is left out, since it can \
+                     quote input",
+                    condition.to_lowercase()
+                )
+            } else {
+                report.message().to_string()
+            };
             Err(Error::Caught {
-                message: report.message().to_string(),
-                code: report.sql_error_code(),
+                message,
+                code,
                 sqlstate,
             })
         }
