@@ -437,7 +437,7 @@ mod tests {
             ("s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096", "no nonce"),
             (
                 "r=rOprNGfwEbeRWgbNEkqOx,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=many",
-                "iteration count",
+                "server: iteration count",
             ),
         ];
         for (server_first, words) in cases {

@@ -28,7 +28,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -694,7 +694,7 @@ async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
         let Ok(permit) = Arc::clone(&requests).acquire_owned().await else {
             return;
         };
-        let mut stream = match listener.accept().await {
+        let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(error) => {
                 back_off_after_accept(&error, "admin").await;
@@ -704,50 +704,86 @@ async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
             let _permit = permit;
-            // The request line is all that matters; read until the headers end (bounded).
-            let mut request = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 1024];
-            while request.len() < ADMIN_REQUEST_BYTES
-                && !request.windows(4).any(|w| w == b"\r\n\r\n")
-            {
-                match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await {
-                    Ok(Ok(read)) if read > 0 => request.extend_from_slice(&chunk[..read]),
-                    _ => break,
-                }
-            }
-            let line = String::from_utf8_lossy(&request);
-            let complete = request.windows(4).any(|w| w == b"\r\n\r\n");
-            let (status, body) = if !complete && request.len() >= ADMIN_REQUEST_BYTES {
-                (
-                    "431 Request Header Fields Too Large",
-                    "request too large\n".to_string(),
-                )
-            } else if line.starts_with("GET /metrics") {
-                ("200 OK", shared.metrics.render())
-            } else if line.starts_with("GET /health") {
-                ("200 OK", "ok\n".to_string())
-            } else {
-                ("404 Not Found", "not found\n".to_string())
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            // Closed with unread bytes, the socket would be reset, and the client could lose
-            // the answer: end our side, then read what is left (briefly) until the client closes.
-            let _ = stream.shutdown().await;
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                while matches!(stream.read(&mut chunk).await, Ok(read) if read > 0) {}
-            })
-            .await;
+            answer_admin_request(stream, &shared).await;
         });
     }
 }
 
+/// Time an admin client has to send its request, and again to take the answer.
+const ADMIN_CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn answer_admin_request(mut stream: TcpStream, shared: &Shared) {
+    // The request line is all that matters; read until the headers end, within the bounds.
+    let headers_end = |bytes: &[u8]| bytes.windows(4).any(|w| w == b"\r\n\r\n");
+    let mut request = vec![0u8; ADMIN_REQUEST_BYTES];
+    let mut received = 0;
+    let _ = tokio::time::timeout(ADMIN_CLIENT_TIMEOUT, async {
+        while received < request.len() && !headers_end(&request[..received]) {
+            match stream.read(&mut request[received..]).await {
+                Ok(read) if read > 0 => received += read,
+                _ => break,
+            }
+        }
+    })
+    .await;
+    let request = &request[..received];
+    let (status, body) = if received == ADMIN_REQUEST_BYTES && !headers_end(request) {
+        (
+            "431 Request Header Fields Too Large",
+            "request too large\n".to_string(),
+        )
+    } else {
+        match get_path(request) {
+            Some("/metrics") => ("200 OK", shared.metrics.render()),
+            Some("/health") => ("200 OK", "ok\n".to_string()),
+            _ => ("404 Not Found", "not found\n".to_string()),
+        }
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(ADMIN_CLIENT_TIMEOUT, stream.write_all(response.as_bytes())).await;
+    // Closed with unread bytes, the socket would be reset, and the client could lose the
+    // answer: end our side, then read what is left (briefly) until the client closes.
+    let _ = stream.shutdown().await;
+    let mut rest = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(stream.read(&mut rest).await, Ok(read) if read > 0) {}
+    })
+    .await;
+}
+
+/// The path of a `GET` request line, without its query string.
+fn get_path(request: &[u8]) -> Option<&str> {
+    let line = request.split(|&byte| byte == b'\r').next()?;
+    let mut words = std::str::from_utf8(line).ok()?.split(' ');
+    if words.next()? != "GET" {
+        return None;
+    }
+    words.next()?.split('?').next()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Identity;
+    use super::{get_path, Identity};
+
+    #[test]
+    fn an_admin_request_is_routed_by_its_exact_path() {
+        assert_eq!(
+            get_path(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n"),
+            Some("/metrics")
+        );
+        assert_eq!(
+            get_path(b"GET /metrics?debug=1 HTTP/1.1\r\n"),
+            Some("/metrics")
+        );
+        assert_eq!(get_path(b"GET /healthz HTTP/1.1\r\n"), Some("/healthz"));
+        assert_eq!(get_path(b"POST /health HTTP/1.1\r\n"), None);
+        assert_eq!(get_path(b"GET"), None);
+        assert_eq!(get_path(b"\xff\xfe"), None);
+        assert_eq!(get_path(b""), None);
+    }
 
     #[test]
     fn a_source_is_an_ipv4_address_an_ipv6_slash_64_or_a_peer_user() {

@@ -377,7 +377,8 @@ pub fn store_state(client: &mut Client) -> String {
             "SELECT concat_ws(' | ', \
                (SELECT string_agg(concat_ws(',', name, description, tags, owner_role, key_id, \
                                             changed_at, last_accessed_on, purge_at, \
-                                            rotation_enabled, rotator, rotation_schedule), \
+                                            rotation_enabled, rotator, rotation_schedule, \
+                                            rotation_window), \
                                   ';' ORDER BY name) \
                 FROM secrets.secret), \
                (SELECT string_agg(concat_ws(',', name_pattern, grantee, actions, valid_until), ';' \

@@ -90,8 +90,8 @@ fn tls_clients_certificates_and_required_encryption() {
         "{text}"
     );
 
-    // A client certificate from another CA fails the handshake with a TLS alert, and the
-    // proxy goes on serving the others.
+    // A client certificate from another CA fails the handshake (with TLS 1.3 the client may
+    // see the alert, or only the connection closed), and the proxy goes on serving the others.
     let (ok, text) = psql(
         port,
         &format!(
@@ -100,7 +100,10 @@ fn tls_clients_certificates_and_required_encryption() {
             other_pki.client_key.display()
         ),
     );
-    assert!(!ok && text.contains("alert"), "{text}");
+    assert!(
+        !ok && (text.contains("alert") || text.contains("SSL") || text.contains("closed")),
+        "{text}"
+    );
     let (ok, text) = psql(
         port,
         &format!(
