@@ -56,12 +56,14 @@ thread_local! {
         const { RefCell::new(Vec::new()) };
 }
 
-/// The position (from 0) of `column` in `relation`, whose descriptor is `desc`.
+/// The position (from 0) of `column` in `relation`, whose descriptor is `desc`; when first
+/// found, its type must be one `accepts` (the type it is read as, or one of the same form).
 fn column_position(
     table: &'static CStr,
     relation: Oid,
     desc: pg_sys::TupleDesc,
     column: &'static CStr,
+    accepts: fn(Oid) -> bool,
 ) -> Result<usize> {
     let known = COLUMN_POSITIONS.with(|positions| {
         positions
@@ -74,6 +76,19 @@ fn column_position(
         return Ok(position);
     }
     let position = column_index(table, desc, column)?;
+    // SAFETY: position indexes the descriptor's attributes (column_index found it there).
+    let type_oid = unsafe { (*desc).attrs.as_slice((*desc).natts as usize)[position].atttypid };
+    if !accepts(type_oid) {
+        // Read as another type, a value would be taken for what it is not: by reference,
+        // that reads memory at whatever its bytes say.
+        return Err(Error::SchemaMismatch {
+            table: qualified(table),
+            problem: format!(
+                "its column {} is not of the type the library reads",
+                column.to_string_lossy()
+            ),
+        });
+    }
     COLUMN_POSITIONS.with(|positions| {
         positions
             .borrow_mut()
@@ -98,26 +113,34 @@ fn column_index(table: &CStr, desc: pg_sys::TupleDesc, column: &CStr) -> Result<
     })
 }
 
+/// Whether a column of type `type_oid` may be read as `T`: the same type, or one PostgreSQL
+/// stores the same way.
+fn reads_as<T: IntoDatum>(type_oid: Oid) -> bool {
+    T::is_compatible_with(type_oid) || unsafe { pg_sys::IsBinaryCoercible(type_oid, T::type_oid()) }
+}
+
 impl Row {
-    /// The column's value, converted without a type check: callers name columns whose
-    /// types the schema fixes.
-    pub fn get<T: FromDatum>(&self, column: &'static CStr) -> Result<Option<T>> {
-        let index = column_position(self.table, self.relation, self.desc, column)?;
+    /// The column's value. Its type is checked once per backend and table definition (a
+    /// superuser's `ALTER COLUMN ... TYPE` gives a schema mismatch, not a misread value); each
+    /// column is read as one type.
+    pub fn get<T: FromDatum + IntoDatum>(&self, column: &'static CStr) -> Result<Option<T>> {
+        let index = column_position(self.table, self.relation, self.desc, column, reads_as::<T>)?;
         Ok(self.value_at(index))
     }
 
     /// A column the schema declares NOT NULL: NULL there is a schema mismatch, not a panic.
-    pub fn required<T: FromDatum>(&self, column: &'static CStr) -> Result<T> {
+    pub fn required<T: FromDatum + IntoDatum>(&self, column: &'static CStr) -> Result<T> {
         self.get(column)?.ok_or_else(|| Error::SchemaMismatch {
             table: qualified(self.table),
             problem: format!("column {} holds a NULL", column.to_string_lossy()),
         })
     }
 
-    /// Like `get`, but a column the table lacks reads as NULL: tables created by an older
-    /// build may lack newer columns.
-    pub fn get_if_present<T: FromDatum>(&self, column: &'static CStr) -> Option<T> {
-        let index = column_position(self.table, self.relation, self.desc, column).ok()?;
+    /// Like `get`, but a column the table lacks (or has with another type) reads as NULL:
+    /// tables created by an older build may lack newer columns.
+    pub fn get_if_present<T: FromDatum + IntoDatum>(&self, column: &'static CStr) -> Option<T> {
+        let index =
+            column_position(self.table, self.relation, self.desc, column, reads_as::<T>).ok()?;
         self.value_at(index)
     }
 
@@ -254,21 +277,24 @@ pub fn probe<R>(
         let desc = (*relation).rd_att;
         let mut scan_keys: Vec<pg_sys::ScanKeyData> = Vec::with_capacity(keys.len());
         for key in keys {
-            let (column, procedure, datum, collation): (&CStr, u32, Datum, Oid) = match key {
+            type KeyColumn<'a> = (&'a CStr, fn(Oid) -> bool, u32, Datum, Oid);
+            let (column, accepts, procedure, datum, collation): KeyColumn = match key {
                 Key::Text(column, value) => (
                     column,
+                    reads_as::<&str>,
                     pg_sys::F_TEXTEQ,
                     value.into_datum().expect("text is never NULL"),
                     pg_sys::DEFAULT_COLLATION_OID,
                 ),
                 Key::Uuid(column, value) => (
                     column,
+                    reads_as::<Uuid>,
                     pg_sys::F_UUID_EQ,
                     value.into_datum().expect("uuid is never NULL"),
                     pg_sys::InvalidOid,
                 ),
             };
-            let position = match column_position(table, table_oid, desc, column) {
+            let position = match column_position(table, table_oid, desc, column, accepts) {
                 Ok(position) => position,
                 Err(error) => {
                     pg_sys::table_close(relation, pg_sys::AccessShareLock as i32);

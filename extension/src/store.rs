@@ -621,7 +621,10 @@ pub fn get_secret(
                 deleted: row
                     .get::<pgrx::datum::TimestampWithTimeZone>(c"purge_at")?
                     .is_some(),
-                access_is_stale: row.get::<i32>(c"last_accessed_on")? != Some(today),
+                access_is_stale: row
+                    .get::<pgrx::datum::Date>(c"last_accessed_on")?
+                    .map(|day| day.to_pg_epoch_days())
+                    != Some(today),
                 current: if wants_current {
                     current_copy(row)?
                 } else {

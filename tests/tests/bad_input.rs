@@ -839,6 +839,19 @@ fn tables_the_library_does_not_recognise() {
             by_version.as_str(),
             "table secrets.secret_version is not as this pg_secrets library writes it: it does not exist",
         ),
+        // Read as text, a `name` (64 bytes in place) or a number would be taken for a pointer.
+        (
+            "ALTER TABLE secrets.secret ALTER COLUMN current_key_id TYPE name",
+            "ALTER TABLE secrets.secret ALTER COLUMN current_key_id TYPE text",
+            "SELECT secrets.get_secret_value('app/db')",
+            "table secrets.secret is not as this pg_secrets library writes it: its column current_key_id is not of the type the library reads",
+        ),
+        (
+            "ALTER TABLE secrets.secret_version ALTER COLUMN key_id TYPE bigint USING 0",
+            "ALTER TABLE secrets.secret_version ALTER COLUMN key_id TYPE text USING 'test'",
+            by_version.as_str(),
+            "table secrets.secret_version is not as this pg_secrets library writes it: its column key_id is not of the type the library reads",
+        ),
     ] {
         // Read first, so that this session has the table's columns cached: the change must
         // reach that cache.
