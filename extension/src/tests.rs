@@ -295,13 +295,17 @@ mod tests {
 
     /// Which errors' messages the audit record keeps: those that cannot quote data.
     #[test]
-    fn audit_keeps_only_messages_about_the_session() {
-        use crate::audit::message_is_about_the_session;
-        for kept in ["57014", "57P01", "55P03", "53200", "40001", "40P01"] {
-            assert!(message_is_about_the_session(kept), "{kept}");
+    fn audit_keeps_only_messages_that_quote_no_input() {
+        use crate::audit::message_quotes_no_input;
+        for kept in [
+            "57014", "57P01", "55P03", "53200", "40001", "40P01", "23505", "23514",
+        ] {
+            assert!(message_quotes_no_input(kept), "{kept}");
         }
-        for dropped in ["22P02", "22021", "23505", "XX000", "55000", "42501"] {
-            assert!(!message_is_about_the_session(dropped), "{dropped}");
+        for dropped in [
+            "22P02", "22021", "XX000", "55000", "42501", "42601", "P0001",
+        ] {
+            assert!(!message_quotes_no_input(dropped), "{dropped}");
         }
     }
 

@@ -189,7 +189,7 @@ pub fn audited<T>(
 
 /// The SQLSTATE and message of what is unwinding a call: a PostgreSQL error, or an `ERROR`
 /// raised from Rust; any other panic is an internal error (`XX000`). The message is kept only
-/// where it cannot quote data (`message_is_about_the_session`); the detail never is.
+/// where it cannot quote data (`message_quotes_no_input`); the detail never is.
 fn unwinding_error(unwinding: &(dyn std::any::Any + Send)) -> (String, String) {
     use pgrx::pg_sys::panic::{CaughtError, ErrorReportWithLevel};
     let report = match unwinding.downcast_ref::<CaughtError>() {
@@ -204,7 +204,7 @@ fn unwinding_error(unwinding: &(dyn std::any::Any + Send)) -> (String, String) {
         );
     };
     let sqlstate = sqlstate_text(report.sql_error_code() as i32);
-    let message = if message_is_about_the_session(&sqlstate) {
+    let message = if message_quotes_no_input(&sqlstate) {
         report.message().to_string()
     } else {
         "the call ended with this PostgreSQL error; its message is not recorded, since it \
@@ -214,12 +214,14 @@ fn unwinding_error(unwinding: &(dyn std::any::Any + Send)) -> (String, String) {
     (sqlstate, message)
 }
 
-/// Errors whose messages are PostgreSQL's fixed text about the session, never about data: a
-/// cancel, a timeout or a shutdown (class 57), insufficient resources (53), a deadlock or a
-/// serialization failure (40), a lock not available (55P03). Other messages can quote input
-/// (an invalid value, bytes in the wrong encoding), so only their SQLSTATE is recorded.
-pub fn message_is_about_the_session(sqlstate: &str) -> bool {
-    ["57", "53", "40"]
+/// Errors whose PostgreSQL messages never quote data: a cancel, a timeout or a shutdown
+/// (class 57), insufficient resources (53), a deadlock or a serialization failure (40), a lock
+/// not available (55P03), and a constraint violated (23: the message names the relation and
+/// the constraint; the values are in the detail, which is never kept). Other messages can
+/// quote input (an invalid value, bytes in the wrong encoding), so only their SQLSTATE is
+/// recorded.
+pub fn message_quotes_no_input(sqlstate: &str) -> bool {
+    ["57", "53", "40", "23"]
         .iter()
         .any(|class| sqlstate.starts_with(class))
         || sqlstate == "55P03"
