@@ -124,7 +124,9 @@ pub fn in_subtransaction<T>(body: impl FnOnce() -> Result<T>) -> Result<T> {
             // The error is recorded and shown again (a rotation's last error, the worker's
             // log): PostgreSQL's own messages can quote input, ours and our panics' never do.
             let code = report.sql_error_code();
-            let message = if from_postgres && !crate::audit::message_quotes_no_input(&sqlstate) {
+            let message = if from_postgres
+                && !crate::audit::message_quotes_no_input(&sqlstate, report.domain())
+            {
                 let condition = format!("{code:?}");
                 let condition = condition.strip_prefix("ERRCODE_").unwrap_or(&condition);
                 format!(

@@ -300,12 +300,17 @@ mod tests {
         for kept in [
             "57014", "57P01", "55P03", "53200", "40001", "40P01", "23505", "23514",
         ] {
-            assert!(message_quotes_no_input(kept), "{kept}");
+            assert!(message_quotes_no_input(kept, Some("postgres-15")), "{kept}");
+            assert!(message_quotes_no_input(kept, None), "{kept}");
+            assert!(!message_quotes_no_input(kept, Some("plpgsql-15")), "{kept}");
         }
         for dropped in [
             "22P02", "22021", "XX000", "55000", "42501", "42601", "P0001",
         ] {
-            assert!(!message_quotes_no_input(dropped), "{dropped}");
+            assert!(
+                !message_quotes_no_input(dropped, Some("postgres-15")),
+                "{dropped}"
+            );
         }
     }
 
@@ -352,16 +357,7 @@ mod tests {
             in_subtransaction(|| Ok(Spi::get_one::<i64>("SELECT count(*) FROM unit_temporary")?))
         };
         let (equality, temporary) = with_catalog_search_path(|| {
-            // The caught error keeps PostgreSQL's own SQLSTATE (division_by_zero), so what
-            // records it says what happened rather than "internal error"; its message, which
-            // for other errors of the class can quote input, is left out.
-            let caught = in_subtransaction(|| Ok(Spi::run("SELECT 1/0")?)).unwrap_err();
-            assert_eq!(caught.sqlstate().1, "22012");
-            assert_eq!(
-                caught.to_string(),
-                "PostgreSQL error 22012 (division_by_zero); its message is left out, since it \
-                 can quote input"
-            );
+            assert!(in_subtransaction(|| Ok(Spi::run("SELECT 1/0")?)).is_err());
             (text_equality(), temporary_table())
         });
         assert_eq!(equality.unwrap(), Some(true));
@@ -376,6 +372,44 @@ mod tests {
         assert!(text_equality().is_err());
         assert_eq!(with_catalog_search_path(text_equality).unwrap(), Some(true));
         assert!(text_equality().is_err());
+    }
+
+    /// A PostgreSQL error caught in a subtransaction keeps its own SQLSTATE, so what records it
+    /// says what happened rather than "internal error"; its message only when PostgreSQL's
+    /// own text for that class quotes no input.
+    #[pg_test]
+    fn a_caught_error_keeps_its_sqlstate_and_only_a_message_that_quotes_no_input() {
+        use crate::db::in_subtransaction;
+        let caught = in_subtransaction(|| Ok(Spi::run("SELECT 1/0")?)).unwrap_err();
+        assert_eq!(caught.sqlstate().1, "22012");
+        assert_eq!(
+            caught.to_string(),
+            "PostgreSQL error 22012 (division_by_zero); its message is left out, since it can \
+             quote input"
+        );
+        // A constraint's violation is named; a PL/pgSQL RAISE in the same class is not
+        // PostgreSQL's own text, and could quote anything.
+        let violated = in_subtransaction(|| {
+            Ok(Spi::run(
+                "CREATE TEMP TABLE unit_checked (x int CONSTRAINT unit_positive CHECK (x > 0));
+                 INSERT INTO unit_checked VALUES (-1)",
+            )?)
+        })
+        .unwrap_err();
+        assert_eq!(violated.sqlstate().1, "23514");
+        assert!(
+            violated.to_string().contains("\"unit_positive\""),
+            "{violated}"
+        );
+        let raised = in_subtransaction(|| {
+            Ok(Spi::run(
+                "DO $$BEGIN RAISE EXCEPTION 'quoting %', 'unit-marker' \
+                 USING ERRCODE = 'check_violation'; END$$",
+            )?)
+        })
+        .unwrap_err();
+        assert_eq!(raised.sqlstate().1, "23514");
+        assert!(!raised.to_string().contains("unit-marker"), "{raised}");
     }
 
     #[pg_test]

@@ -204,7 +204,7 @@ fn unwinding_error(unwinding: &(dyn std::any::Any + Send)) -> (String, String) {
         );
     };
     let sqlstate = sqlstate_text(report.sql_error_code() as i32);
-    let message = if message_quotes_no_input(&sqlstate) {
+    let message = if message_quotes_no_input(&sqlstate, report.domain()) {
         report.message().to_string()
     } else {
         "the call ended with this PostgreSQL error; its message is not recorded, since it \
@@ -219,12 +219,15 @@ fn unwinding_error(unwinding: &(dyn std::any::Any + Send)) -> (String, String) {
 /// not available (55P03), and a constraint violated (23: the message names the relation and
 /// the constraint; the values are in the detail, which is never kept). Other messages can
 /// quote input (an invalid value, bytes in the wrong encoding), so only their SQLSTATE is
-/// recorded.
-pub fn message_quotes_no_input(sqlstate: &str) -> bool {
-    ["57", "53", "40", "23"]
-        .iter()
-        .any(|class| sqlstate.starts_with(class))
-        || sqlstate == "55P03"
+/// recorded. That holds for PostgreSQL's own messages (message domain `postgres-<major>`, or
+/// none for an error raised from Rust), not for a procedural language's: a PL/pgSQL `RAISE`
+/// may give any SQLSTATE to any text.
+pub fn message_quotes_no_input(sqlstate: &str, domain: Option<&str>) -> bool {
+    domain.is_none_or(|domain| domain.starts_with("postgres-"))
+        && (["57", "53", "40", "23"]
+            .iter()
+            .any(|class| sqlstate.starts_with(class))
+            || sqlstate == "55P03")
 }
 
 /// A SQLSTATE's five characters from PostgreSQL's packed form (`MAKE_SQLSTATE`: six bits per
