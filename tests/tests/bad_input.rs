@@ -3,6 +3,17 @@
 use pg_secrets_e2e::{assert_sql_error, store_state, Cluster, KeySource};
 use postgres::types::ToSql;
 
+/// The id of the version `name`'s CURRENT label is on.
+fn current_version_id(db: &mut postgres::Client, name: &str) -> String {
+    db.query_one(
+        "SELECT version_id::text FROM secrets.list_secret_version_ids($1) \
+         WHERE 'CURRENT' = ANY(version_stages)",
+        &[&name],
+    )
+    .unwrap()
+    .get(0)
+}
+
 /// Runs `sql` with `params`, expects `sqlstate` and `words`, and checks the store is untouched.
 #[track_caller]
 fn refused(
@@ -262,14 +273,7 @@ fn deletion_versions_labels_and_tokens() {
         "version stage",
     );
     // Both a version id and a stage: the stage must be on that version.
-    let current: String = db
-        .query_one(
-            "SELECT version_id::text FROM secrets.list_secret_version_ids('app/db') \
-             WHERE 'CURRENT' = ANY(version_stages)",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let current = current_version_id(&mut db, "app/db");
     refused(
         &mut db,
         "SELECT secrets.get_secret_value('app/db', $1::text::uuid, 'PREVIOUS')",
@@ -959,14 +963,7 @@ fn store_wide_functions_and_requests_that_name_nothing() {
         "22023",
         "does not exist",
     );
-    let current: String = db
-        .query_one(
-            "SELECT version_id::text FROM secrets.list_secret_version_ids('app/db') \
-             WHERE 'CURRENT' = ANY(version_stages)",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let current = current_version_id(&mut db, "app/db");
     refused(
         &mut db,
         &format!(

@@ -56,16 +56,20 @@ fn tls_clients_certificates_and_required_encryption() {
     .unwrap();
     let port = proxy.tcp_address.unwrap().port();
     let ca = pki.ca.display();
+    // psql verifying the proxy against our CA and presenting the client certificate of `client`.
+    let with_certificate_of = |client: &Pki| {
+        psql(
+            port,
+            &format!(
+                "sslmode=verify-full sslrootcert={ca} sslcert={} sslkey={}",
+                client.client_cert.display(),
+                client.client_key.display()
+            ),
+        )
+    };
 
     // The payments service, verifying the proxy and presenting its certificate, gets in.
-    let (ok, text) = psql(
-        port,
-        &format!(
-            "sslmode=verify-full sslrootcert={ca} sslcert={} sslkey={}",
-            pki.client_cert.display(),
-            pki.client_key.display()
-        ),
-    );
+    let (ok, text) = with_certificate_of(&pki);
     assert!(ok, "{text}");
     // The proxy speaks plaintext to this server; what matters is who logged in.
     assert!(text.starts_with("app"), "{text}");
@@ -92,26 +96,12 @@ fn tls_clients_certificates_and_required_encryption() {
 
     // A client certificate from another CA fails the handshake (with TLS 1.3 the client may
     // see the alert, or only the connection closed), and the proxy goes on serving the others.
-    let (ok, text) = psql(
-        port,
-        &format!(
-            "sslmode=verify-full sslrootcert={ca} sslcert={} sslkey={}",
-            other_pki.client_cert.display(),
-            other_pki.client_key.display()
-        ),
-    );
+    let (ok, text) = with_certificate_of(&other_pki);
     assert!(
         !ok && (text.contains("alert") || text.contains("SSL") || text.contains("closed")),
         "{text}"
     );
-    let (ok, text) = psql(
-        port,
-        &format!(
-            "sslmode=verify-full sslrootcert={ca} sslcert={} sslkey={}",
-            pki.client_cert.display(),
-            pki.client_key.display()
-        ),
-    );
+    let (ok, text) = with_certificate_of(&pki);
     assert!(ok, "{text}");
 }
 
