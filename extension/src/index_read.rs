@@ -48,29 +48,32 @@ fn qualified(name: &CStr) -> String {
 
 thread_local! {
     /// Where the columns this code names are in their tables: (relation, address of the
-    /// column's name, position). Names are `&'static CStr` literals, so their address
-    /// identifies them; finding a column by comparing names was a few percent of a read.
-    /// Entries of a relation go whenever its relcache entry is invalidated (ALTER TABLE does
-    /// that), and all go with the relation OIDs (`forget_relation_oids`).
-    static COLUMN_POSITIONS: RefCell<Vec<(Oid, *const std::ffi::c_char, usize)>> =
+    /// column's name, the type it is read as, position), each entry made once its type was
+    /// checked. Names are `&'static CStr` literals, so their address identifies them; finding
+    /// a column by comparing names was a few percent of a read. Entries of a relation go
+    /// whenever its relcache entry is invalidated (ALTER TABLE does that), and all go with the
+    /// relation OIDs (`forget_relation_oids`).
+    static COLUMN_POSITIONS: RefCell<Vec<(Oid, *const std::ffi::c_char, Oid, usize)>> =
         const { RefCell::new(Vec::new()) };
 }
 
-/// The position (from 0) of `column` in `relation`, whose descriptor is `desc`; when first
-/// found, its type must be one `accepts` (the type it is read as, or one of the same form).
-fn column_position(
+/// The position (from 0) of `column` in `relation`, whose descriptor is `desc`, to be read
+/// as `T`: when first found for `T`, the column's type must be `T`'s or one stored the same way.
+fn column_position<T: IntoDatum>(
     table: &'static CStr,
     relation: Oid,
     desc: pg_sys::TupleDesc,
     column: &'static CStr,
-    accepts: fn(Oid) -> bool,
 ) -> Result<usize> {
+    let read_as = T::type_oid();
     let known = COLUMN_POSITIONS.with(|positions| {
         positions
             .borrow()
             .iter()
-            .find(|&&(oid, name, _)| oid == relation && name == column.as_ptr())
-            .map(|&(_, _, position)| position)
+            .find(|&&(oid, name, as_type, _)| {
+                oid == relation && name == column.as_ptr() && as_type == read_as
+            })
+            .map(|&(_, _, _, position)| position)
     });
     if let Some(position) = known {
         return Ok(position);
@@ -78,7 +81,7 @@ fn column_position(
     let position = column_index(table, desc, column)?;
     // SAFETY: position indexes the descriptor's attributes (column_index found it there).
     let type_oid = unsafe { (*desc).attrs.as_slice((*desc).natts as usize)[position].atttypid };
-    if !accepts(type_oid) {
+    if !reads_as::<T>(type_oid) {
         // Read as another type, a value would be taken for what it is not: by reference,
         // that reads memory at whatever its bytes say.
         return Err(Error::SchemaMismatch {
@@ -92,7 +95,7 @@ fn column_position(
     COLUMN_POSITIONS.with(|positions| {
         positions
             .borrow_mut()
-            .push((relation, column.as_ptr(), position))
+            .push((relation, column.as_ptr(), read_as, position))
     });
     Ok(position)
 }
@@ -120,11 +123,11 @@ fn reads_as<T: IntoDatum>(type_oid: Oid) -> bool {
 }
 
 impl Row {
-    /// The column's value. Its type is checked once per backend and table definition (a
-    /// superuser's `ALTER COLUMN ... TYPE` gives a schema mismatch, not a misread value); each
-    /// column is read as one type.
+    /// The column's value. Its type is checked once per backend, table definition and type
+    /// read as (a superuser's `ALTER COLUMN ... TYPE` gives a schema mismatch, not a misread
+    /// value).
     pub fn get<T: FromDatum + IntoDatum>(&self, column: &'static CStr) -> Result<Option<T>> {
-        let index = column_position(self.table, self.relation, self.desc, column, reads_as::<T>)?;
+        let index = column_position::<T>(self.table, self.relation, self.desc, column)?;
         Ok(self.value_at(index))
     }
 
@@ -139,8 +142,7 @@ impl Row {
     /// Like `get`, but a column the table lacks (or has with another type) reads as NULL:
     /// tables created by an older build may lack newer columns.
     pub fn get_if_present<T: FromDatum + IntoDatum>(&self, column: &'static CStr) -> Option<T> {
-        let index =
-            column_position(self.table, self.relation, self.desc, column, reads_as::<T>).ok()?;
+        let index = column_position::<T>(self.table, self.relation, self.desc, column).ok()?;
         self.value_at(index)
     }
 
@@ -230,7 +232,7 @@ unsafe extern "C-unwind" fn forget_column_positions(_argument: Datum, relation: 
     COLUMN_POSITIONS.with(|positions| {
         positions
             .borrow_mut()
-            .retain(|&(oid, _, _)| relation != pg_sys::InvalidOid && oid != relation)
+            .retain(|&(oid, _, _, _)| relation != pg_sys::InvalidOid && oid != relation)
     });
 }
 
@@ -277,24 +279,22 @@ pub fn probe<R>(
         let desc = (*relation).rd_att;
         let mut scan_keys: Vec<pg_sys::ScanKeyData> = Vec::with_capacity(keys.len());
         for key in keys {
-            type KeyColumn<'a> = (&'a CStr, fn(Oid) -> bool, u32, Datum, Oid);
-            let (column, accepts, procedure, datum, collation): KeyColumn = match key {
-                Key::Text(column, value) => (
-                    column,
-                    reads_as::<&str>,
-                    pg_sys::F_TEXTEQ,
-                    value.into_datum().expect("text is never NULL"),
-                    pg_sys::DEFAULT_COLLATION_OID,
-                ),
-                Key::Uuid(column, value) => (
-                    column,
-                    reads_as::<Uuid>,
-                    pg_sys::F_UUID_EQ,
-                    value.into_datum().expect("uuid is never NULL"),
-                    pg_sys::InvalidOid,
-                ),
-            };
-            let position = match column_position(table, table_oid, desc, column, accepts) {
+            let (position, procedure, datum, collation): (Result<usize>, u32, Datum, Oid) =
+                match key {
+                    Key::Text(column, value) => (
+                        column_position::<&str>(table, table_oid, desc, column),
+                        pg_sys::F_TEXTEQ,
+                        value.into_datum().expect("text is never NULL"),
+                        pg_sys::DEFAULT_COLLATION_OID,
+                    ),
+                    Key::Uuid(column, value) => (
+                        column_position::<Uuid>(table, table_oid, desc, column),
+                        pg_sys::F_UUID_EQ,
+                        value.into_datum().expect("uuid is never NULL"),
+                        pg_sys::InvalidOid,
+                    ),
+                };
+            let position = match position {
                 Ok(position) => position,
                 Err(error) => {
                     pg_sys::table_close(relation, pg_sys::AccessShareLock as i32);
