@@ -119,6 +119,7 @@ fn column_index(table: &CStr, desc: pg_sys::TupleDesc, column: &CStr) -> Result<
 /// Whether a column of type `type_oid` may be read as `T`: the same type, or one PostgreSQL
 /// stores the same way.
 fn reads_as<T: IntoDatum>(type_oid: Oid) -> bool {
+    // SAFETY: a catalog lookup of two type OIDs, made inside the reading transaction.
     T::is_compatible_with(type_oid) || unsafe { pg_sys::IsBinaryCoercible(type_oid, T::type_oid()) }
 }
 

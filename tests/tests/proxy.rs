@@ -2158,10 +2158,12 @@ fn a_server_tls_reload_pools_no_session_opened_under_the_old_rules() {
 }
 
 /// A server on a free port that answers every login with `turns`: the first after the
-/// startup packet, each next one after one more message from the proxy. Serves until dropped.
+/// startup packet, each next one after one more message from the proxy. Keeps every byte the
+/// proxy sent it. Serves until dropped.
 struct HostileServer {
     port: u16,
     stop: Arc<AtomicBool>,
+    received: Arc<std::sync::Mutex<Vec<u8>>>,
     serving: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -2171,6 +2173,8 @@ impl HostileServer {
         let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = received.clone();
         let serving = std::thread::spawn(move || {
             for mut server in listener.incoming().flatten() {
                 if stopped.load(Ordering::SeqCst) {
@@ -2188,7 +2192,9 @@ impl HostileServer {
                     let length = &header[header.len() - 4..];
                     let length = i32::from_be_bytes(length.try_into().unwrap());
                     let mut body = vec![0u8; (length as usize).saturating_sub(4)];
-                    server.read_exact(&mut body).is_ok()
+                    let whole = server.read_exact(&mut body).is_ok();
+                    kept.lock().unwrap().extend(header.iter().chain(&body));
+                    whole
                 };
                 if !read_message(&mut server, false) {
                     continue;
@@ -2199,12 +2205,15 @@ impl HostileServer {
                     }
                     let _ = server.write_all(answer);
                 }
-                let _ = server.read_to_end(&mut Vec::new());
+                let mut rest = Vec::new();
+                let _ = server.read_to_end(&mut rest);
+                kept.lock().unwrap().extend(rest);
             }
         });
         HostileServer {
             port,
             stop,
+            received,
             serving: Some(serving),
         }
     }
@@ -2289,6 +2298,7 @@ fn a_server_flooding_its_greeting_is_refused() {
 fn a_server_straying_from_the_login_protocol_is_refused() {
     let fixture = fixture(r#""trust""#);
     let scram = authentication(10, b"SCRAM-SHA-256\0\0");
+    let mut heard = Vec::new();
     for (turns, words) in [
         (
             vec![scram.clone(), authentication(3, b"")],
@@ -2327,6 +2337,15 @@ fn a_server_straying_from_the_login_protocol_is_refused() {
             "unexpected message 'Z' during login",
         ),
     ] {
-        HostileServer::start(turns).refuses_logins_with(&fixture, words);
+        let server = HostileServer::start(turns);
+        server.refuses_logins_with(&fixture, words);
+        // Stopped, it has kept all that the proxy sent before closing each connection.
+        let received = server.received.clone();
+        drop(server);
+        heard.extend(received.lock().unwrap().iter());
     }
+    // The logins reached these servers (their startup packets did), the password never did.
+    let heard = String::from_utf8_lossy(&heard);
+    assert!(heard.contains("user\0app\0"), "{heard}");
+    assert!(!heard.contains("pw-0"), "{heard}");
 }

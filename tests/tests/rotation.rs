@@ -346,7 +346,7 @@ fn a_put_cannot_steer_a_rotation_away_from_its_pinned_target() {
     // and window the secret has, and may not set them.
     let before = store_state(&mut db);
     for configures in [
-        "rotator => 'postgres'",
+        "rotator => 'postgres-single-user'",
         "schedule => 'rate(1 days)'",
         "rotation_window => '1 hour'",
     ] {
