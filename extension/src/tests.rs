@@ -293,6 +293,19 @@ mod tests {
         }
     }
 
+    /// The audit worker appends to the collector's log file only where a line ends.
+    #[test]
+    fn a_log_file_ends_a_line_only_after_a_newline() {
+        let path =
+            std::env::temp_dir().join(format!("pg_secrets_ends_a_line_{}", std::process::id()));
+        for (content, ends) in [(&b""[..], true), (b"a line\n", true), (b"half a li", false)] {
+            std::fs::write(&path, content).unwrap();
+            let file = std::fs::File::open(&path).unwrap();
+            assert_eq!(crate::audit::log_file::ends_a_line(&file).unwrap(), ends);
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+
     /// Which errors' messages the audit record keeps: those that cannot quote data.
     #[test]
     fn audit_keeps_only_messages_that_quote_no_input() {

@@ -15,6 +15,7 @@
 pub mod alarms;
 mod append;
 pub mod head;
+pub mod log_file;
 pub mod queue;
 pub mod trail;
 

@@ -5,7 +5,8 @@
 //! 1. Reading a 1 KB secret: `secrets.get_secret_value` against a plain table lookup and
 //!    pgcrypto's `pgp_sym_decrypt`, with custom scripts; and, for access control, a read by a
 //!    member of a group holding a grant (among 1,000 other grants and 100 policies) against
-//!    the same read by the secret's owner; and the same read with the audit trail off and on.
+//!    the same read by the secret's owner; and the same read with the audit trail off, on, and
+//!    on without its server-log line.
 //!    Then how many audit records per second the worker drains to the table under load.
 //! 2. Connecting through secrets-proxy against connecting directly and through PgBouncer in
 //!    session mode: `pgbench -S` with 10 and 50 clients, and with a new connection per
@@ -172,39 +173,48 @@ fn read_benchmark(cluster: &Cluster, scripts: &Path, seconds: &str, rounds: u32)
     let plain = "SELECT value FROM plain_values WHERE name = 'bench/' || :i;";
     // Two clients saturate this machine's two cores; with one, a core is left for the audit
     // worker, as a server with headroom has.
-    let read = |label, sql, role, clients, audit, baseline| ReadRow {
+    let read = |label, sql, role, clients, trail, baseline| ReadRow {
         label,
         sql,
         role,
         clients,
-        audit,
+        trail,
         baseline,
     };
+    use Trail::{Off, On, WithoutLogLine};
     let reads = [
-        read("plain SELECT value FROM t WHERE name = $1", plain, None, "2", true, 0),
-        read("secrets.get_secret_value(name), as superuser", get_bench, None, "2", true, 0),
+        read("plain SELECT value FROM t WHERE name = $1", plain, None, "2", On, 0),
+        read("secrets.get_secret_value(name), as superuser", get_bench, None, "2", On, 0),
         read(
             "pgcrypto pgp_sym_decrypt(value, key)",
             "SELECT pgp_sym_decrypt(value, 'bench-passphrase') FROM pgcrypto_values WHERE name = 'bench/' || :i;",
             None,
             "2",
-            true,
+            On,
             0,
         ),
-        read("get_secret_value by the owner role", get_acl, Some("bench_owner"), "2", true, 0),
+        read("get_secret_value by the owner role", get_acl, Some("bench_owner"), "2", On, 0),
         read(
             "get_secret_value via a group grant; 1,000 other grants, 100 policies (ratio: vs owner)",
             get_acl,
             Some("bench_member"),
             "2",
-            true,
+            On,
             3,
         ),
-        read("get_secret_value, as superuser, audit off", get_bench, None, "2", false, 0),
-        read("get_secret_value, as superuser, audit on (ratio: vs audit off)", get_bench, None, "2", true, 5),
-        read("1 client: plain SELECT", plain, None, "1", true, 7),
-        read("1 client: get_secret_value, audit off (ratio: vs plain, 1 client)", get_bench, None, "1", false, 7),
-        read("1 client: get_secret_value, audit on (ratio: vs audit off, 1 client)", get_bench, None, "1", true, 8),
+        read("get_secret_value, as superuser, audit off", get_bench, None, "2", Off, 0),
+        read("get_secret_value, as superuser, audit on (ratio: vs audit off)", get_bench, None, "2", On, 5),
+        read(
+            "get_secret_value, audit on without its server-log line (ratio: vs audit off)",
+            get_bench,
+            None,
+            "2",
+            WithoutLogLine,
+            5,
+        ),
+        read("1 client: plain SELECT", plain, None, "1", On, 8),
+        read("1 client: get_secret_value, audit off (ratio: vs plain, 1 client)", get_bench, None, "1", Off, 8),
+        read("1 client: get_secret_value, audit on (ratio: vs audit off, 1 client)", get_bench, None, "1", On, 9),
     ];
     let rows: Vec<Row> = reads
         .iter()
@@ -217,7 +227,7 @@ fn read_benchmark(cluster: &Cluster, scripts: &Path, seconds: &str, rounds: u32)
                     sql,
                     role,
                     clients,
-                    audit,
+                    trail,
                     ..
                 },
             )| {
@@ -227,7 +237,7 @@ fn read_benchmark(cluster: &Cluster, scripts: &Path, seconds: &str, rounds: u32)
                 Row {
                     label: label.to_string(),
                     pgbench: Box::new(move || {
-                        set_audit(port, audit);
+                        set_trail(port, trail);
                         let mut command = Command::new("pgbench");
                         command
                             .args(["-n", "-M", "prepared", "-c", clients, "-j", clients, "-T"])
@@ -253,21 +263,37 @@ fn read_benchmark(cluster: &Cluster, scripts: &Path, seconds: &str, rounds: u32)
 }
 
 /// One row of the read benchmark: a pgbench script run as `role` (the superuser when `None`)
-/// by `clients` clients, with the audit trail on or off; its ratio is to row `baseline`.
+/// by `clients` clients, with the audit trail as `trail` says; its ratio is to row `baseline`.
 #[derive(Clone, Copy)]
 struct ReadRow {
     label: &'static str,
     sql: &'static str,
     role: Option<&'static str>,
     clients: &'static str,
-    audit: bool,
+    trail: Trail,
     baseline: usize,
 }
 
-/// Turns the audit trail on or off for new sessions (it is a reload-time setting).
-fn set_audit(port: u16, on: bool) {
+/// The audit trail as a read row runs with. Without the server-log line the trail's cost is
+/// the capture and the worker's table writes alone, which shows how much of it the logging
+/// collector takes.
+#[derive(Clone, Copy)]
+enum Trail {
+    Off,
+    On,
+    WithoutLogLine,
+}
+
+/// Sets the audit trail for new sessions (both settings are reload-time ones).
+fn set_trail(port: u16, trail: Trail) {
+    let (audit, server_log) = match trail {
+        Trail::Off => (false, true),
+        Trail::On => (true, true),
+        Trail::WithoutLogLine => (true, false),
+    };
     for sql in [
-        format!("ALTER SYSTEM SET pg_secrets.audit = {on}"),
+        format!("ALTER SYSTEM SET pg_secrets.audit = {audit}"),
+        format!("ALTER SYSTEM SET pg_secrets.audit_server_log = {server_log}"),
         "SELECT pg_reload_conf()".to_string(),
     ] {
         let mut psql = Command::new("psql");
@@ -288,7 +314,7 @@ fn set_audit(port: u16, on: bool) {
 /// application does), and looking up 100 names that do not exist (an error record each: the
 /// cheapest records to produce, so the queue and the worker, not the readers, set the pace).
 fn audit_drain_benchmark(cluster: &Cluster, scripts: &Path, seconds: &str) {
-    set_audit(cluster.port, true);
+    set_trail(cluster.port, Trail::On);
     let mut db = cluster.superuser();
     // Its own secrets, so it reads real values whatever other parts ran.
     db.batch_execute(
