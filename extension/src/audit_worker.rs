@@ -93,7 +93,7 @@ fn drain_queue() {
                 warn("recording the end of the audit chain", error);
             }
         }
-        audit::log_file::append(&drained.log_lines);
+        audit::log_pipe::write(&drained.log_lines);
         if drained.count < trail::DRAIN_BATCH {
             return;
         }

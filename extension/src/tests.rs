@@ -293,17 +293,48 @@ mod tests {
         }
     }
 
-    /// The audit worker appends to the collector's log file only where a line ends.
+    /// Server-log lines go to the collector as messages of whole lines that fit a protocol
+    /// chunk; a longer line is one message in several chunks, only the last marked as ending it.
     #[test]
-    fn a_log_file_ends_a_line_only_after_a_newline() {
-        let path =
-            std::env::temp_dir().join(format!("pg_secrets_ends_a_line_{}", std::process::id()));
-        for (content, ends) in [(&b""[..], true), (b"a line\n", true), (b"half a li", false)] {
-            std::fs::write(&path, content).unwrap();
-            let file = std::fs::File::open(&path).unwrap();
-            assert_eq!(crate::audit::log_file::ends_a_line(&file).unwrap(), ends);
+    fn server_log_lines_are_sent_in_whole_line_chunks() {
+        use crate::audit::log_pipe::{chunks, groups};
+        let line = |byte: u8, length: usize| {
+            let mut line = vec![byte; length - 1];
+            line.push(b'\n');
+            line
+        };
+        let lines = [
+            line(b'a', 3000),
+            line(b'b', 1000),
+            line(b'c', 100),
+            line(b'd', 9000),
+        ];
+        let grouped = groups(&lines, 4087);
+        let lengths: Vec<usize> = grouped.iter().map(Vec::len).collect();
+        assert_eq!(lengths, [4000, 100, 9000]);
+        assert_eq!(grouped[0], [lines[0].clone(), lines[1].clone()].concat());
+
+        let sent = chunks(&grouped[2], 4242);
+        let lengths: Vec<usize> = sent.iter().map(Vec::len).collect();
+        assert_eq!(lengths, [4096, 4096, 9000 - 2 * 4087 + 9]);
+        let mut payload = Vec::new();
+        for (index, chunk) in sent.iter().enumerate() {
+            assert_eq!(chunk[..2], [0, 0]);
+            let length = u16::from_ne_bytes([chunk[2], chunk[3]]) as usize;
+            assert_eq!(length, chunk.len() - 9);
+            assert_eq!(i32::from_ne_bytes(chunk[4..8].try_into().unwrap()), 4242);
+            let flags = chunk[8] as u32;
+            assert_eq!(
+                flags & pg_sys::PIPE_PROTO_DEST_STDERR,
+                pg_sys::PIPE_PROTO_DEST_STDERR
+            );
+            assert_eq!(
+                flags & pg_sys::PIPE_PROTO_IS_LAST != 0,
+                index == sent.len() - 1
+            );
+            payload.extend_from_slice(&chunk[9..]);
         }
-        std::fs::remove_file(&path).unwrap();
+        assert_eq!(payload, lines[3]);
     }
 
     /// Which errors' messages the audit record keeps: those that cannot quote data.

@@ -627,66 +627,53 @@ fn server_log_lines_carry_the_id_and_hash_of_their_row() {
     assert_eq!(matched, ["create", "get"], "the forged line matches no row");
 }
 
-/// The file the logging collector writes now, as `current_logfiles` names it, and its text.
-fn current_log_file(cluster: &Cluster) -> (String, String) {
+/// The file the logging collector writes now, as `current_logfiles` names it.
+fn current_log_file(cluster: &Cluster) -> Vec<u8> {
     let listed = std::fs::read_to_string(cluster.data_dir().join("current_logfiles")).unwrap();
     let path = listed
         .lines()
         .find_map(|line| line.strip_prefix("stderr "))
-        .unwrap()
-        .to_string();
-    let text = std::fs::read_to_string(cluster.data_dir().join(&path)).unwrap_or_default();
-    (path, text)
+        .unwrap();
+    std::fs::read(cluster.data_dir().join(path)).unwrap_or_default()
 }
 
-/// The `get` records' lines of this application in a log text, each a whole JSON object.
-fn get_lines(log: &str, application_name: &str) -> usize {
-    log.lines()
-        .filter_map(|line| line.split_once("pg_secrets audit: "))
-        .filter_map(|(_, json)| serde_json::from_str::<serde_json::Value>(json).ok())
-        .filter(|json| json["application_name"] == application_name && json["action"] == "get")
-        .count()
-}
-
-/// The audit worker appends its lines to the collector's current file itself: after a
-/// rotation they go to the new file, and a message the collector writes in parts (one longer
-/// than its 4 KB buffer) next to them is still whole.
+/// The audit worker sends its lines to the logging collector in the collector's own protocol,
+/// as every server process sends its messages: they reach the file as whole lines, with no
+/// protocol bytes, next to a message long enough to take the collector several chunks.
 #[test]
-fn server_log_lines_follow_a_rotation_and_leave_long_messages_whole() {
+fn server_log_lines_reach_the_collectors_file_whole() {
     let cluster = Cluster::start();
-    let mut db = superuser_as_application(&cluster, "rotation-check");
-    db.batch_execute(
-        "SELECT secrets.create_secret('app/db', 'v');
-         SELECT secrets.get_secret_value('app/db');",
-    )
-    .unwrap();
-    wait_until("the read's line", Duration::from_secs(30), || {
-        get_lines(&current_log_file(&cluster).1, "rotation-check") == 1
-    });
-    let (before, _) = current_log_file(&cluster);
-    // Log file names are made to the second.
-    std::thread::sleep(Duration::from_millis(1100));
-    db.batch_execute("SELECT pg_rotate_logfile()").unwrap();
-    wait_until("the rotation", Duration::from_secs(30), || {
-        current_log_file(&cluster).0 != before
-    });
+    let mut db = superuser_as_application(&cluster, "whole-check");
     let long_message = format!("long-start {} long-end", "x".repeat(10_000));
     db.batch_execute(&format!(
-        "DO $$ BEGIN RAISE LOG '{long_message}'; END $$;
-         SELECT secrets.get_secret_value('app/db');
-         SELECT secrets.get_secret_value('app/db');"
+        "SELECT secrets.create_secret('app/db', 'v');
+         DO $$ BEGIN RAISE LOG '{long_message}'; END $$;
+         SELECT secrets.get_secret_value('app/db') FROM generate_series(1, 50);"
     ))
     .unwrap();
-    wait_until(
-        "the reads' lines in the new file",
-        Duration::from_secs(30),
-        || get_lines(&current_log_file(&cluster).1, "rotation-check") == 2,
-    );
-    let (_, after) = current_log_file(&cluster);
-    assert!(
-        after.contains(&long_message),
-        "the long message is written whole"
-    );
+    let reads = |log: &str| {
+        log.lines()
+            .filter_map(|line| line.split_once("pg_secrets audit: "))
+            .filter_map(|(_, json)| serde_json::from_str::<serde_json::Value>(json).ok())
+            .filter(|json| json["application_name"] == "whole-check" && json["action"] == "get")
+            .count()
+    };
+    wait_until("the reads' lines", Duration::from_secs(30), || {
+        reads(&String::from_utf8_lossy(&current_log_file(&cluster))) == 50
+    });
+    let log = current_log_file(&cluster);
+    assert!(!log.contains(&0), "no protocol header reaches the file");
+    let log = String::from_utf8(log).unwrap();
+    for line in log
+        .lines()
+        .filter(|line| line.contains("pg_secrets audit: "))
+    {
+        assert!(
+            line.starts_with("20") && line.contains(" UTC ["),
+            "each audit line is a line of its own: {line:.80}"
+        );
+    }
+    assert!(log.contains(&long_message), "the long message is whole");
 }
 
 /// Audit lines of allowed calls by this application in the cluster's server log.

@@ -15,7 +15,7 @@
 pub mod alarms;
 mod append;
 pub mod head;
-pub mod log_file;
+pub mod log_pipe;
 pub mod queue;
 pub mod trail;
 
@@ -411,7 +411,7 @@ impl Caller {
 
 /// Writes a record that will not reach the table to the server log at once.
 fn log_only(record: &Record) {
-    write_to_server_log(&[server_log_line(record, &record.to_json(), None)]);
+    log_pipe::write(&[server_log_line(record, &record.to_json(), None)]);
 }
 
 /// The record as queued, shortened to fit a queue slot: a slot cuts what is longer, and a cut
@@ -541,27 +541,6 @@ fn write_log_time(at_micros: i64, line: &mut Vec<u8>) {
             line.extend_from_slice(b" UTC ");
         }
     });
-}
-
-/// Writes lines to the server's log stream (stderr, which the logging collector reads when it
-/// runs) in as few write(2) calls as can be whole: a write of at most PIPE_BUF bytes reaches
-/// the collector's pipe without other processes' output inside it. A record's line fits unless
-/// it nears the 2,032-byte record limit and has much to escape; such a line is written alone.
-pub fn write_to_server_log(lines: &[Vec<u8>]) {
-    use std::io::Write;
-    const PIPE_BUF: usize = 4096;
-    let mut chunk = Vec::with_capacity(PIPE_BUF);
-    let mut stderr = std::io::stderr().lock();
-    for line in lines {
-        if !chunk.is_empty() && chunk.len() + line.len() > PIPE_BUF {
-            let _ = stderr.write_all(&chunk);
-            chunk.clear();
-        }
-        chunk.extend_from_slice(line);
-    }
-    if !chunk.is_empty() {
-        let _ = stderr.write_all(&chunk);
-    }
 }
 
 /// Whether the worker drains this database's queue into a table: it works in one database.
