@@ -294,47 +294,74 @@ mod tests {
     }
 
     /// Server-log lines go to the collector as messages of whole lines that fit a protocol
-    /// chunk; a longer line is one message in several chunks, only the last marked as ending it.
+    /// chunk; a longer line is one message in several chunks, only the last marked as ending
+    /// it. Without the collector they are written as they are, in groups of whole lines.
     #[test]
     fn server_log_lines_are_sent_in_whole_line_chunks() {
-        use crate::audit::log_pipe::{chunks, groups};
+        use crate::audit::log_pipe::{write_lines, CHUNK_BYTES, HEADER_BYTES, PAYLOAD_BYTES};
+        /// Each write made, as made.
+        #[derive(Default)]
+        struct Writes(Vec<Vec<u8>>);
+        impl std::io::Write for Writes {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.push(bytes.to_vec());
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
         let line = |byte: u8, length: usize| {
             let mut line = vec![byte; length - 1];
             line.push(b'\n');
             line
         };
+        let long = 2 * PAYLOAD_BYTES + 826;
         let lines = [
             line(b'a', 3000),
             line(b'b', 1000),
             line(b'c', 100),
-            line(b'd', 9000),
+            line(b'd', long),
         ];
-        let grouped = groups(&lines, 4087);
-        let lengths: Vec<usize> = grouped.iter().map(Vec::len).collect();
-        assert_eq!(lengths, [4000, 100, 9000]);
-        assert_eq!(grouped[0], [lines[0].clone(), lines[1].clone()].concat());
 
-        let sent = chunks(&grouped[2], 4242);
-        let lengths: Vec<usize> = sent.iter().map(Vec::len).collect();
-        assert_eq!(lengths, [4096, 4096, 9000 - 2 * 4087 + 9]);
-        let mut payload = Vec::new();
-        for (index, chunk) in sent.iter().enumerate() {
-            assert_eq!(chunk[..2], [0, 0]);
-            let length = u16::from_ne_bytes([chunk[2], chunk[3]]) as usize;
-            assert_eq!(length, chunk.len() - 9);
-            assert_eq!(i32::from_ne_bytes(chunk[4..8].try_into().unwrap()), 4242);
-            let flags = chunk[8] as u32;
-            assert_eq!(
-                flags & pg_sys::PIPE_PROTO_DEST_STDERR,
-                pg_sys::PIPE_PROTO_DEST_STDERR
-            );
-            assert_eq!(
-                flags & pg_sys::PIPE_PROTO_IS_LAST != 0,
-                index == sent.len() - 1
-            );
-            payload.extend_from_slice(&chunk[9..]);
-        }
-        assert_eq!(payload, lines[3]);
+        let mut sent = Writes::default();
+        write_lines(&mut sent, &lines, Some(4242));
+        // (payload, ends its message) of each chunk, each written whole.
+        let chunks: Vec<(Vec<u8>, bool)> = sent
+            .0
+            .iter()
+            .map(|chunk| {
+                assert!(chunk.len() <= CHUNK_BYTES);
+                assert_eq!(chunk[..2], [0, 0]);
+                let length = u16::from_ne_bytes([chunk[2], chunk[3]]) as usize;
+                assert_eq!(length, chunk.len() - HEADER_BYTES);
+                assert_eq!(i32::from_ne_bytes(chunk[4..8].try_into().unwrap()), 4242);
+                let flags = chunk[8] as u32;
+                assert_eq!(
+                    flags & !pg_sys::PIPE_PROTO_IS_LAST,
+                    pg_sys::PIPE_PROTO_DEST_STDERR
+                );
+                (
+                    chunk[HEADER_BYTES..].to_vec(),
+                    flags & pg_sys::PIPE_PROTO_IS_LAST != 0,
+                )
+            })
+            .collect();
+        let ends: Vec<bool> = chunks.iter().map(|(_, ends)| *ends).collect();
+        assert_eq!(ends, [true, true, false, false, true]);
+        assert_eq!(chunks[0].0, [lines[0].clone(), lines[1].clone()].concat());
+        assert_eq!(chunks[1].0, lines[2]);
+        let long_line: Vec<u8> = chunks[2..]
+            .iter()
+            .flat_map(|(payload, _)| payload.clone())
+            .collect();
+        assert_eq!(long_line, lines[3]);
+
+        let mut written = Writes::default();
+        write_lines(&mut written, &lines, None);
+        let lengths: Vec<usize> = written.0.iter().map(Vec::len).collect();
+        assert_eq!(lengths, [4000, 100, long]);
+        assert_eq!(written.0.concat(), lines.concat());
     }
 
     /// Which errors' messages the audit record keeps: those that cannot quote data.
