@@ -665,23 +665,16 @@ fn server_log_lines_reach_the_collectors_file_whole() {
          SELECT secrets.get_secret_value('app/db') FROM generate_series(1, 50);"
     ))
     .unwrap();
-    let reads = |log: &str| {
-        log.lines()
-            .filter_map(|line| line.split_once("pg_secrets audit: "))
-            .filter_map(|(_, json)| serde_json::from_str::<serde_json::Value>(json).ok())
-            .filter(|json| json["application_name"] == "whole-check" && json["action"] == "get")
-            .count()
-    };
-    wait_until("the reads' lines", Duration::from_secs(30), || {
-        reads(&cluster.server_log()) == 50
+    // The create's line and the 50 reads'.
+    wait_until("the calls' lines", Duration::from_secs(30), || {
+        audit_log_lines(&cluster, "whole-check") == 51
     });
     let log = cluster.server_log();
     assert!(!log.contains('\0'), "no protocol header reaches the file");
-    for line in log
+    for (line, (prefix, json)) in log
         .lines()
-        .filter(|line| line.contains("pg_secrets audit: "))
+        .filter_map(|line| Some((line, line.split_once("pg_secrets audit: ")?)))
     {
-        let (prefix, json) = line.split_once("pg_secrets audit: ").unwrap();
         assert!(
             is_log_line_prefix(prefix) && serde_json::from_str::<serde_json::Value>(json).is_ok(),
             "each audit line is a line of its own: {line:.120}"

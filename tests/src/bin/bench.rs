@@ -291,20 +291,20 @@ fn set_trail(port: u16, trail: Trail) {
         Trail::On => (true, true),
         Trail::WithoutLogLine => (true, false),
     };
-    for sql in [
-        format!("ALTER SYSTEM SET pg_secrets.audit = {audit}"),
-        format!("ALTER SYSTEM SET pg_secrets.audit_server_log = {server_log}"),
-        "SELECT pg_reload_conf()".to_string(),
-    ] {
-        let mut psql = Command::new("psql");
-        psql.args(["-X", "-q", "-c", &sql]);
-        let output = with_superuser(psql, port).output().unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+    let mut psql = Command::new("psql");
+    psql.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c"])
+        .arg(format!("ALTER SYSTEM SET pg_secrets.audit = {audit}"))
+        .arg("-c")
+        .arg(format!(
+            "ALTER SYSTEM SET pg_secrets.audit_server_log = {server_log}"
+        ))
+        .args(["-c", "SELECT pg_reload_conf()"]);
+    let output = with_superuser(psql, port).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     std::thread::sleep(std::time::Duration::from_millis(300));
 }
 
