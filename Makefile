@@ -17,6 +17,7 @@ setup:
 # scripts of earlier releases (sql/releases/) are installed too, so that an earlier version can
 # still be created, as the upgrade test does.
 install: setup
+	@mkdir -p target
 	@cargo pgrx install --release --pg-config $(PG_CONFIG) $(SUDO_FLAG) --package pg_secrets >target/install.log 2>&1 \
 		|| { tail -50 target/install.log; exit 1; }
 	@$(SUDO) install -m 644 sql/releases/*.sql $(shell $(PG_CONFIG) --sharedir)/extension/
