@@ -27,6 +27,7 @@ mod rotators;
 mod schedule;
 mod settings;
 mod store;
+mod threads;
 mod validate;
 mod worker;
 

@@ -278,6 +278,39 @@ mod tests {
         );
     }
 
+    /// A rotator's threads block every signal, so the server's handlers only ever run on the
+    /// main thread (a reload during a rotation aborted the worker); the spawning thread's
+    /// mask is left as it was.
+    #[test]
+    fn rotator_threads_block_every_signal() {
+        fn blocked(signals: &[i32]) -> Vec<bool> {
+            // SAFETY: reads this thread's mask into an initialised set.
+            unsafe {
+                let mut mask = std::mem::zeroed::<libc::sigset_t>();
+                libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut mask);
+                signals
+                    .iter()
+                    .map(|&signal| libc::sigismember(&mask, signal) == 1)
+                    .collect()
+            }
+        }
+        const SIGNALS: [i32; 6] = [
+            libc::SIGHUP,
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGQUIT,
+            libc::SIGUSR1,
+            libc::SIGURG,
+        ];
+        let before = blocked(&SIGNALS);
+        let in_thread = crate::threads::spawn(|| blocked(&SIGNALS))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(in_thread, vec![true; SIGNALS.len()]);
+        assert_eq!(blocked(&SIGNALS), before);
+    }
+
     /// The SQLSTATE recorded for a call a PostgreSQL error ended, from its packed code.
     #[test]
     fn audit_sqlstate_text() {

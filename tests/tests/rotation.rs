@@ -2068,3 +2068,37 @@ fn a_hanging_target_does_not_hold_up_the_audit_trail() {
         stored == reads
     });
 }
+
+/// Signals that reach the rotation worker while its connection thread waits on a target are
+/// handled by the worker's main thread. The kernel gives a process's signal to any thread that
+/// does not block it; pgrx's SIGHUP handler, run on the connection thread, panicked, which
+/// aborted the worker, and the postmaster then ended every session and restarted the server:
+/// a reload during a rotation did that. Hundreds of reload and wake-up signals now leave the
+/// same worker, and this session, running.
+#[test]
+fn signals_during_a_rotation_are_handled_by_the_worker_not_its_connection_thread() {
+    let store = store_cluster(&["pg_secrets.rotator_timeout = 600"]);
+    let mut db = store.superuser();
+    let _connection = rotation_waiting_on_a_silent_target(&mut db);
+    let worker = rotation_worker_pid(&mut db);
+    let threads = std::fs::read_dir(format!("/proc/{worker}/task"))
+        .unwrap()
+        .count();
+    assert!(threads > 1, "the worker waits in its connection thread");
+    let storm = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "for i in $(seq 300); do kill -HUP $0; kill -USR1 $0; done",
+            &worker.to_string(),
+        ])
+        .status()
+        .unwrap();
+    assert!(storm.success());
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(rotation_worker_pid(&mut db), worker);
+    let log = store.server_log();
+    assert!(
+        !log.contains("panicked") && !log.contains("terminated by signal"),
+        "{log}"
+    );
+}

@@ -145,12 +145,15 @@ pub fn run(program: &str, step: Step, context: &StepContext) -> Result<Zeroizing
     // end when the pipes close, at the latest when the program's group is killed; nothing
     // waits for the feeder.
     let mut stdin = running.0.stdin.take().expect("piped");
-    std::thread::spawn(move || {
+    let no_thread =
+        |error: std::io::Error| failed(format!("cannot start a thread: {}", error.kind()));
+    crate::threads::spawn(move || {
         let _ = stdin.write_all(&input);
-    });
+    })
+    .map_err(no_thread)?;
     let mut stdout = running.0.stdout.take().expect("piped");
     let (output_sender, output_receiver) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    crate::threads::spawn(move || {
         let mut output = Zeroizing::new(Vec::new());
         let read = (&mut stdout)
             .take(MAX_VALUE_BYTES as u64 + 2)
@@ -158,7 +161,8 @@ pub fn run(program: &str, step: Step, context: &StepContext) -> Result<Zeroizing
         // Drain the rest so the program never blocks on a full pipe.
         let _ = std::io::copy(&mut stdout, &mut std::io::sink());
         let _ = output_sender.send(read.map(|_| output));
-    });
+    })
+    .map_err(no_thread)?;
     let timeout = settings::rotator_timeout();
     let deadline = Instant::now() + timeout;
     // Between two looks at the program: the step's time, the server's shutdown and the

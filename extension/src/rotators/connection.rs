@@ -236,9 +236,10 @@ pub fn off_thread<T: Send + 'static>(
     // PostgreSQL error a cancel raises from check_for_interrupts.
     let _given_up = GiveUpOnDrop(wanted.clone());
     let (done, outcome) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    crate::threads::spawn(move || {
         let _ = done.send(work(&wanted));
-    });
+    })
+    .map_err(|error| format!("cannot start the connection's thread: {error}"))?;
     loop {
         match outcome.recv_timeout(std::time::Duration::from_millis(50)) {
             Ok(result) => return result,
