@@ -76,8 +76,20 @@ pub enum Error {
         code: PgSqlErrorCode,
         sqlstate: String,
     },
+    /// A query's column read as another type than it has: a table changed under the library.
+    #[error("the extension's tables are not as this pg_secrets library reads them: {0}")]
+    ColumnType(pgrx::datum::TryFromDatumError),
     #[error("pg_secrets internal SPI failure: {0}")]
-    Spi(#[from] pgrx::spi::SpiError),
+    Spi(pgrx::spi::SpiError),
+}
+
+impl From<pgrx::spi::SpiError> for Error {
+    fn from(error: pgrx::spi::SpiError) -> Error {
+        match error {
+            pgrx::spi::SpiError::DatumError(problem) => Error::ColumnType(problem),
+            other => Error::Spi(other),
+        }
+    }
 }
 
 fn for_secret(name: &Option<String>) -> String {
@@ -96,7 +108,8 @@ impl Error {
             | Error::NotDeleted(_)
             | Error::RequestDecided { .. }
             | Error::PendingOfRotation { .. }
-            | Error::SchemaMismatch { .. } => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "55000"),
+            | Error::SchemaMismatch { .. }
+            | Error::ColumnType(_) => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "55000"),
             Error::NullArgument(_) => (ERRCODE_NULL_VALUE_NOT_ALLOWED, "22004"),
             Error::InvalidParameter(_) => (ERRCODE_INVALID_PARAMETER_VALUE, "22023"),
             Error::LimitExceeded(_) => (ERRCODE_PROGRAM_LIMIT_EXCEEDED, "54000"),

@@ -866,6 +866,25 @@ fn tables_the_library_does_not_recognise() {
         assert_eq!(db.query(read, &[]).unwrap().len(), 1, "{read}");
     }
 
+    // Read by a query rather than the read path, a column of another type is the same
+    // mismatch: 55000, not an internal error.
+    db.batch_execute("ALTER TABLE secrets.version_label ALTER COLUMN label TYPE name")
+        .unwrap();
+    let row = db
+        .query_one(
+            "SELECT sqlstate, error FROM secrets.batch_get_secret_value(ARRAY['app/db'])",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, Option<&str>>(0), Some("55000"));
+    let error: String = row.get(1);
+    assert!(
+        error.starts_with("the extension's tables are not as this pg_secrets library reads them"),
+        "{error}"
+    );
+    db.batch_execute("ALTER TABLE secrets.version_label ALTER COLUMN label TYPE text")
+        .unwrap();
+
     // A NULL where the schema says NOT NULL, written by a superuser who dropped the
     // constraint: an error naming what is wrong, never a panic. The read path names the
     // table and column; a query's row says which of its columns.
