@@ -2,10 +2,24 @@
 # Each target installs what is missing first (scripts/setup.sh), quietly when nothing is.
 
 PG_CONFIG := /usr/lib/postgresql/15/bin/pg_config
+# Where rustup puts cargo: scripts/setup.sh installs Rust there when the machine has none.
+export PATH := $(HOME)/.cargo/bin:$(PATH)
 # cargo pgrx needs sudo to write into PostgreSQL's directories unless we are root.
 SUDO_FLAG := $(if $(filter 0,$(shell id -u)),,--sudo)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PGRX_TEST_DATA := $(CURDIR)/target/pgrx-test-data
+# pgrx's test server runs as this user through sudo (initdb refuses root); naming one also
+# makes pgrx install the test build with sudo, which an ordinary user needs.
+TEST_SERVER_USER := $(if $(filter 0,$(shell id -u)),postgres,$(shell id -un))
+
+# One step at a time even under make -j: the unit tests install a test build of the library,
+# which the end-to-end tests must not meet.
+.NOTPARALLEL:
+
+# cargo pgrx copies the library over the installed file in place, and a running server (the
+# make run cluster) that has the old one mapped would crash; removed first, the old file lives
+# on for that server, which demo.sh restarts on the new one.
+REMOVE_INSTALLED_LIBRARY = libdir="$$($(PG_CONFIG) --pkglibdir)" && $(SUDO) rm -f "$$libdir/pg_secrets.so"
 
 .PHONY: setup install run stop test unit-test e2e-test bench lint
 
@@ -18,6 +32,7 @@ setup:
 # still be created, as the upgrade test does.
 install: setup
 	@mkdir -p target
+	@$(REMOVE_INSTALLED_LIBRARY)
 	@cargo pgrx install --release --pg-config $(PG_CONFIG) $(SUDO_FLAG) --package pg_secrets >target/install.log 2>&1 \
 		|| { tail -50 target/install.log; exit 1; }
 	@$(SUDO) install -m 644 sql/releases/*.sql $(shell $(PG_CONFIG) --sharedir)/extension/
@@ -35,9 +50,9 @@ test: unit-test e2e-test
 # pgrx's own harness: #[test] and #[pg_test] functions in extension/src/tests.rs.
 unit-test: setup
 	@mkdir -p $(PGRX_TEST_DATA)
-	@if [ "$$(id -u)" -eq 0 ]; then chown postgres: $(PGRX_TEST_DATA); \
-		cargo pgrx test pg15 --package pg_secrets --runas postgres --pgdata $(PGRX_TEST_DATA); \
-	else cargo pgrx test pg15 --package pg_secrets; fi
+	@if [ "$$(id -u)" -eq 0 ]; then chown postgres: $(PGRX_TEST_DATA); fi
+	@$(REMOVE_INSTALLED_LIBRARY)
+	@cargo pgrx test pg15 --package pg_secrets --runas $(TEST_SERVER_USER) --pgdata $(PGRX_TEST_DATA)
 
 # The proxy's own unit tests, the proxy binary (one end-to-end test runs it as its own process
 # to send it signals), then real clusters and real clients. Runs after unit-test has replaced the installed library with

@@ -24,15 +24,25 @@ psql_demo() {
 }
 
 stop_proxy() {
-    if [ -f "$PROXY_PID" ] && kill "$(cat "$PROXY_PID")" 2>/dev/null; then
+    # After a reboot the recorded pid may belong to another program: only a secrets-proxy is
+    # stopped.
+    local pid
+    pid="$(cat "$PROXY_PID" 2>/dev/null || true)"
+    if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = secrets-proxy ] \
+        && kill "$pid" 2>/dev/null; then
         echo "stopped secrets-proxy"
     fi
     rm -f "$PROXY_PID"
 }
 
+server_running() {
+    as_server_user "$PG_BIN/pg_ctl" status -D "$DATA" >/dev/null 2>&1
+}
+
 stop() {
     stop_proxy
-    if [ -f "$DATA/postmaster.pid" ]; then
+    # pg_ctl status, not the pid file: a crash or a reboot leaves the file behind.
+    if server_running; then
         as_server_user "$PG_BIN/pg_ctl" stop -D "$DATA" -m fast -s -w
         echo "stopped the pg_secrets demo cluster"
     else
@@ -78,6 +88,7 @@ TOML
         echo "secrets-proxy did not start (set SECRETS_PROXY_PORT to use another port than $PROXY_PORT):" >&2
         tail -5 "$ROOT/proxy.log" >&2
         rm -f "$PROXY_PID"
+        return 1
     fi
 }
 
@@ -103,8 +114,17 @@ CONF
         # as the database superuser need no password in the demo.
         sed -i 's/^local\(\s\+\)all\(\s\+\)all\(\s\+\)peer/local\1all\2all\3trust/' "$DATA/pg_hba.conf"
     fi
-    if ! as_server_user "$PG_BIN/pg_ctl" status -D "$DATA" >/dev/null 2>&1; then
+    # A server that started with another build of the library goes on running that one: it
+    # is restarted, so that ALTER EXTENSION UPDATE below meets the library it belongs with.
+    local library
+    library="$(sha256sum "$("$PG_BIN/pg_config" --pkglibdir)/pg_secrets.so" | cut -d' ' -f1)"
+    if server_running && [ "$(cat "$ROOT/library.sha256" 2>/dev/null)" != "$library" ]; then
+        echo "restarting the demo cluster: it runs another build of pg_secrets than the one installed"
+        as_server_user "$PG_BIN/pg_ctl" stop -D "$DATA" -m fast -s -w
+    fi
+    if ! server_running; then
         as_server_user "$PG_BIN/pg_ctl" start -D "$DATA" -l "$ROOT/server.log" -s -w -t 60
+        echo "$library" >"$ROOT/library.sha256"
     fi
     # A login role `app` whose password only pg_secrets knows, and the role the proxy reads
     # credentials as (over the Unix socket, no password).
