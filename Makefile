@@ -4,13 +4,15 @@
 PG_CONFIG := /usr/lib/postgresql/15/bin/pg_config
 # Where rustup puts cargo: scripts/setup.sh installs Rust there when the machine has none.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
+# Non-empty when make runs as root.
+AS_ROOT := $(filter 0,$(shell id -u))
 # cargo pgrx needs sudo to write into PostgreSQL's directories unless we are root.
-SUDO_FLAG := $(if $(filter 0,$(shell id -u)),,--sudo)
-SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+SUDO_FLAG := $(if $(AS_ROOT),,--sudo)
+SUDO := $(if $(AS_ROOT),,sudo)
 PGRX_TEST_DATA := $(CURDIR)/target/pgrx-test-data
 # pgrx's test server runs as this user through sudo (initdb refuses root); naming one also
 # makes pgrx install the test build with sudo, which an ordinary user needs.
-TEST_SERVER_USER := $(if $(filter 0,$(shell id -u)),postgres,$(shell id -un))
+TEST_SERVER_USER := $(if $(AS_ROOT),postgres,$(shell id -un))
 
 # One step at a time even under make -j: the unit tests install a test build of the library,
 # which the end-to-end tests must not meet.
@@ -50,7 +52,7 @@ test: unit-test e2e-test
 # pgrx's own harness: #[test] and #[pg_test] functions in extension/src/tests.rs.
 unit-test: setup
 	@mkdir -p $(PGRX_TEST_DATA)
-	@if [ "$$(id -u)" -eq 0 ]; then chown postgres: $(PGRX_TEST_DATA); fi
+	@$(if $(AS_ROOT),chown postgres: $(PGRX_TEST_DATA))
 	@$(REMOVE_INSTALLED_LIBRARY)
 	@cargo pgrx test pg15 --package pg_secrets --runas $(TEST_SERVER_USER) --pgdata $(PGRX_TEST_DATA)
 

@@ -21,6 +21,7 @@ where
     T: Send + 'static,
 {
     let _restore = BlockAllSignals::new();
+    #[allow(clippy::disallowed_methods)] // the one place threads are started
     std::thread::Builder::new().spawn(work)
 }
 
