@@ -93,6 +93,13 @@ TOML
 }
 
 start() {
+    # The server's socket is in $ROOT, and a Unix socket's path holds at most 107 bytes: a
+    # deeper folder would fail only inside the server log.
+    local socket="$ROOT/.s.PGSQL.$PORT"
+    if [ "$(printf %s "$socket" | wc -c)" -gt 107 ]; then
+        echo "the demo cluster's socket $socket would be longer than a Unix socket path may be (107 bytes); set PG_SECRETS_DEMO_DIR to a shorter folder" >&2
+        exit 1
+    fi
     mkdir -p "$ROOT"
     if [ ! -f "$KEY_FILE" ]; then
         (umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' | sed 's/^/demo:/' >"$KEY_FILE"; echo >>"$KEY_FILE")

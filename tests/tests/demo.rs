@@ -17,15 +17,20 @@ struct Demo {
 }
 
 impl Demo {
-    fn script(&self, action: &str) -> Output {
+    /// `demo.sh action`, whatever its outcome.
+    fn run(&self, action: &str) -> Output {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/demo.sh");
-        let output = Command::new(script)
+        Command::new(script)
             .arg(action)
             .env("PG_SECRETS_DEMO_DIR", &self.root)
             .env("PG_SECRETS_PORT", self.port.to_string())
             .env("SECRETS_PROXY_PORT", self.proxy_port.to_string())
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    fn script(&self, action: &str) -> Output {
+        let output = self.run(action);
         assert!(
             output.status.success(),
             "demo.sh {action}: {}{}",
@@ -157,4 +162,26 @@ fn make_run_starts_the_product_and_a_second_run_reuses_it() {
         NoTls
     )
     .is_err());
+}
+
+#[test]
+fn a_folder_too_deep_for_the_servers_socket_is_refused_before_anything_is_made() {
+    let dir = server_temp_dir("pg_secrets-demo-");
+    // The socket would be this folder, "/.s.PGSQL.", and the port: past 107 bytes.
+    let root = dir.path().join("d".repeat(100));
+    let demo = Demo {
+        root,
+        _dir: dir,
+        port: free_port(),
+        proxy_port: free_port(),
+    };
+    let output = demo.run("start");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("longer than a Unix socket path may be (107 bytes)")
+            && stderr.contains("PG_SECRETS_DEMO_DIR"),
+        "{stderr}"
+    );
+    assert!(!demo.root.exists(), "nothing was created");
 }
