@@ -380,23 +380,29 @@ fn default_dbname() -> String {
     "postgres".into()
 }
 
-/// A TOML error without the text of the file: the parser's own message quotes the offending
-/// line, and its value, which on `password = ...` is the store's password. A value on such a
-/// line is not described at all.
+/// A TOML error with where it is, never with the store's password. The parser's syntax errors
+/// quote nothing of the file, but its type errors quote the value (``invalid type: integer
+/// `12345` ``), which for `[store] password` is the password, however its key is spelled
+/// (a section, an inline table, a dotted or a quoted key).
 fn parse_error(text: &str, error: &toml::de::Error) -> String {
+    let store_password_not_text = toml::from_str::<toml::Table>(text).is_ok_and(|table| {
+        table
+            .get("store")
+            .and_then(|store| store.get("password"))
+            .is_some_and(|password| !password.is_str())
+    });
+    let message = if store_password_not_text {
+        "[store] password must be a quoted string"
+    } else {
+        error.message()
+    };
     let Some(span) = error.span() else {
-        return error.message().to_string();
+        return message.to_string();
     };
     let before = &text[..span.start.min(text.len())];
     let line_number = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
     let column = before[line_start..].chars().count() + 1;
-    let line = text[line_start..].lines().next().unwrap_or_default();
-    let message = if line.trim_start().starts_with("password") {
-        "the value of password must be a quoted string"
-    } else {
-        error.message()
-    };
     format!("line {line_number}, column {column}: {message}")
 }
 
@@ -572,19 +578,38 @@ mod tests {
 
     #[test]
     fn parse_errors_never_quote_the_store_password() {
-        for bad in [
-            "password = hunter2",
-            "password = 12345",
-            "password = \"hunt\\qer2\"",
+        let listen = "[listen]\ntcp = \"127.0.0.1:6432\"\n";
+        // Every spelling of the key, with values of every type that is not a string, and
+        // values that are not TOML at all.
+        for store in [
+            "[store]\npassword = 12345",
+            "[store]\npassword = 12345.5",
+            "[store]\npassword = +inf",
+            "[store]\npassword = true",
+            "[store]\n\"password\" = 12345",
+            "store.password = 12345",
+            "store = { host = \"h\", password = 12345 }",
+            "store = {\n  host = \"h\",\n  password = 12345,\n}",
+            "[store]\npassword = [\"hunter2\", 1]",
+            "[store]\npassword = { a = \"hunter2\" }",
+            "[store]\npassword = hunter2",
+            "[store]\npassword = \"hunt\\qer2\"",
+            "[store]\npassword = \"hunter2\" hunter3",
+            "[store]\npassword = 'hunter2",
         ] {
-            let error = with(bad).unwrap_err();
+            let error = Config::parse(&format!("{listen}{store}")).unwrap_err();
             assert!(
-                !error.contains("hunt") && !error.contains("12345"),
-                "{error}"
+                !error.contains("hunt") && !error.contains("12345") && !error.contains("inf"),
+                "{store}: {error}"
             );
-            assert!(error.contains("password"), "{error}");
+            assert!(error.starts_with("line "), "{store}: {error}");
         }
-        // Other lines keep the parser's message, with where it is.
+        let error = with("password = 12345").unwrap_err();
+        assert!(
+            error.contains("[store] password must be a quoted string"),
+            "{error}"
+        );
+        // Other values keep the parser's message, with where it is.
         let error = with("port = \"x\"").unwrap_err();
         assert!(error.starts_with("line "), "{error}");
         assert!(error.contains("invalid type"), "{error}");
