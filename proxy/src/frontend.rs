@@ -162,13 +162,14 @@ fn parse_startup(length: i32, body: &[u8]) -> Result<BTreeMap<String, String>, P
     if major != 3 {
         return Err(ProxyError::UnsupportedProtocol { major, minor });
     }
+    check_layout(&body[4..])?;
     let mut packet = BytesMut::with_capacity(length as usize);
     packet.put_i32(length);
     packet.extend_from_slice(body);
     let startup = Startup::decode(&mut packet, &DecodeContext::default())
         .map_err(|e| ProxyError::Protocol(e.to_string()))?
         .ok_or_else(|| ProxyError::Protocol("incomplete startup packet".into()))?;
-    if !startup.parameters.contains_key("user") {
+    if startup.parameters.get("user").is_none_or(String::is_empty) {
         return Err(ProxyError::Protocol("no user in the startup packet".into()));
     }
     if startup.parameters.contains_key("replication") {
@@ -178,6 +179,35 @@ fn parse_startup(length: i32, body: &[u8]) -> Result<BTreeMap<String, String>, P
     }
     crate::startup_settings::check(&startup.parameters)?;
     Ok(startup.parameters)
+}
+
+/// The parameters' layout as PostgreSQL requires it (`ProcessStartupPacket`): names and values,
+/// each ending with a NUL, then one more NUL as the packet's last byte, all UTF-8 here since
+/// names pick routes. pgwire's decoder takes what it can of anything else: a missing last NUL,
+/// bytes after it, a name without a value, bytes that are not UTF-8 made into U+FFFD.
+fn check_layout(parameters: &[u8]) -> Result<(), ProxyError> {
+    let invalid =
+        |what: &str| ProxyError::Protocol(format!("invalid startup packet layout: {what}"));
+    let unterminated =
+        || invalid("the parameters must end with one more NUL, and nothing may follow it");
+    let listed = parameters.strip_suffix(&[0]).ok_or_else(unterminated)?;
+    if listed.is_empty() {
+        return Ok(());
+    }
+    let listed = listed.strip_suffix(&[0]).ok_or_else(unterminated)?;
+    let strings: Vec<&[u8]> = listed.split(|&byte| byte == 0).collect();
+    if strings.len() % 2 != 0 || strings.iter().step_by(2).any(|name| name.is_empty()) {
+        return Err(invalid(
+            "a parameter without a value, or bytes after the terminating NUL",
+        ));
+    }
+    if strings
+        .iter()
+        .any(|string| std::str::from_utf8(string).is_err())
+    {
+        return Err(invalid("a parameter that is not UTF-8"));
+    }
+    Ok(())
 }
 
 /// Sends a FATAL ErrorResponse. Messages name routes and identities, never a credential.
@@ -266,6 +296,50 @@ mod tests {
             check_length(-1).is_err() && check_length(7).is_err() && check_length(10_001).is_err()
         );
         assert_eq!(check_length(10_000).unwrap(), 10_000);
+    }
+
+    #[test]
+    fn parameters_laid_out_otherwise_than_postgresql_requires_are_refused() {
+        let well_formed = startup(3 << 16, &[("user", "u"), ("database", "d")]);
+        let version_and =
+            |parameters: &[u8]| [&(3i32 << 16).to_be_bytes()[..], parameters].concat();
+        for (what, body, words) in [
+            (
+                "no last NUL",
+                well_formed[..well_formed.len() - 1].to_vec(),
+                "one more NUL",
+            ),
+            ("nothing but the version", version_and(b""), "one more NUL"),
+            (
+                "bytes after the end",
+                [&well_formed[..], b"x\0"].concat(),
+                "nothing may follow",
+            ),
+            (
+                "a name without a value",
+                version_and(b"user\0u\0database\0\0"),
+                "without a value",
+            ),
+            (
+                "an empty name",
+                version_and(b"user\0u\0\0d\0\0"),
+                "without a value",
+            ),
+            ("not UTF-8", version_and(b"user\0\xff\0\0"), "UTF-8"),
+            (
+                "an empty user",
+                version_and(b"user\0\0database\0d\0\0"),
+                "no user",
+            ),
+        ] {
+            let error = parse_packet(&body).unwrap_err();
+            assert_eq!(error.sqlstate(), "08P01", "{what}: {error}");
+            assert!(error.to_string().contains(words), "{what}: {error}");
+        }
+        assert!(parse_packet(&well_formed).is_ok());
+        // No parameters at all is a layout PostgreSQL takes; the user is what is missing.
+        let error = parse_packet(&version_and(b"\0")).unwrap_err();
+        assert!(error.to_string().contains("no user"), "{error}");
     }
 
     /// The fuzz target's property, run on a fixed seed in every `make test`: no input panics.

@@ -902,6 +902,11 @@ fn raw_exchange(fixture: &Fixture, bytes: &[u8]) -> Vec<u8> {
     answer
 }
 
+/// `body` as a packet: its length (itself included) first.
+fn length_prefixed(body: &[u8]) -> Vec<u8> {
+    [&((body.len() + 4) as i32).to_be_bytes()[..], body].concat()
+}
+
 fn error_code(answer: &[u8]) -> String {
     assert_eq!(
         answer.first(),
@@ -926,6 +931,33 @@ fn bad_clients_get_a_clear_error_and_everyone_else_is_served() {
         ),
         ("negative length", (-5i32).to_be_bytes().to_vec(), "08P01"),
         ("garbage", b"GET / HTTP/1.1\r\n\r\n".to_vec(), "08P01"),
+        (
+            "parameters without their last NUL",
+            length_prefixed(
+                &[
+                    &(3i32 << 16).to_be_bytes()[..],
+                    b"user\0u\0database\0appdb\0",
+                ]
+                .concat(),
+            ),
+            "08P01",
+        ),
+        (
+            "a user name that is not UTF-8",
+            length_prefixed(
+                &[
+                    &(3i32 << 16).to_be_bytes()[..],
+                    b"user\0\xffu\0database\0appdb\0\0",
+                ]
+                .concat(),
+            ),
+            "08P01",
+        ),
+        (
+            "nothing but the protocol version",
+            length_prefixed(&(3i32 << 16).to_be_bytes()),
+            "08P01",
+        ),
         (
             "unknown protocol",
             startup_packet(2 << 16, &[("user", "u")]),
