@@ -22,8 +22,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsConnector;
 
-/// Login-phase messages from the server are small; anything bigger is not PostgreSQL.
-const MAX_LOGIN_MESSAGE: usize = 1 << 20;
+/// Authentication messages from the server are small (a SASL message, an error); anything
+/// bigger is not PostgreSQL. Every login in flight may hold one.
+const MAX_AUTHENTICATION_MESSAGE: usize = 64 * 1024;
 
 /// Where to log in: resolved from the route, the credential and the store's address.
 pub struct Target {
@@ -139,13 +140,22 @@ pub struct BackendSession {
     pub address: ServerAddress,
 }
 
-/// One message: type byte, then the body without the length word.
-async fn read_message(stream: &mut ServerStream) -> Result<(u8, BytesMut), ProxyError> {
+/// One message of at most `max` bytes (its type byte and length word included): type byte,
+/// then the body without the length word. A longer one is refused with `too_long`'s message
+/// before anything is allocated for it.
+async fn read_message(
+    stream: &mut ServerStream,
+    max: usize,
+    too_long: impl FnOnce(i32) -> String,
+) -> Result<(u8, BytesMut), ProxyError> {
     let gone = |e: std::io::Error| ProxyError::Backend(format!("connection lost: {e}"));
     let tag = stream.read_u8().await.map_err(gone)?;
     let length = stream.read_i32().await.map_err(gone)?;
-    if !(4..=MAX_LOGIN_MESSAGE as i32).contains(&length) {
+    if length < 4 {
         return Err(ProxyError::Backend(format!("message length {length}")));
+    }
+    if length as usize + 1 > max {
+        return Err(ProxyError::Backend(too_long(length)));
     }
     let mut body = BytesMut::zeroed(length as usize - 4);
     stream.read_exact(&mut body).await.map_err(gone)?;
@@ -315,7 +325,13 @@ async fn log_in(
     // Whether the server asked for any authentication: AuthenticationOk after none is `none`.
     let mut asked = false;
     loop {
-        let (tag, mut body) = read_message(&mut stream).await?;
+        let (tag, mut body) = read_message(&mut stream, MAX_AUTHENTICATION_MESSAGE, |length| {
+            format!(
+                "a login message of {} bytes, more than {MAX_AUTHENTICATION_MESSAGE}",
+                length as i64 + 1
+            )
+        })
+        .await?;
         match tag {
             b'R' => {
                 if body.len() < 4 {
@@ -354,8 +370,13 @@ async fn log_in(
                 match code {
                     0 => break,
                     3 => frontend::password_message(password, &mut out),
-                    5 if body.len() >= 4 => {
-                        let salt = [body[0], body[1], body[2], body[3]];
+                    5 => {
+                        let Some(&[a, b, c, d]) = body.get(..4) else {
+                            return Err(ProxyError::Backend(
+                                "an md5 request without its 4-byte salt".into(),
+                            ));
+                        };
+                        let salt = [a, b, c, d];
                         let hash = md5_hash(credential.username.as_bytes(), password, salt);
                         frontend::password_message(hash.as_bytes(), &mut out)
                     }
@@ -433,13 +454,11 @@ async fn log_in(
                 "more than {MAX_GREETING_MESSAGES} messages before ReadyForQuery"
             )));
         }
-        let (tag, body) = read_message(&mut stream).await?;
+        let (tag, body) = read_message(&mut stream, MAX_GREETING_BYTES - greeting_bytes, |_| {
+            format!("more than {MAX_GREETING_BYTES} bytes before ReadyForQuery")
+        })
+        .await?;
         greeting_bytes += body.len() + 5;
-        if greeting_bytes > MAX_GREETING_BYTES {
-            return Err(ProxyError::Backend(format!(
-                "more than {MAX_GREETING_BYTES} bytes before ReadyForQuery"
-            )));
-        }
         match tag {
             b'E' => return Err(refused(target, body)),
             b'K' if body.len() == 8 => {

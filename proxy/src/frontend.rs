@@ -196,7 +196,7 @@ fn check_layout(parameters: &[u8]) -> Result<(), ProxyError> {
     }
     let listed = listed.strip_suffix(&[0]).ok_or_else(unterminated)?;
     let strings: Vec<&[u8]> = listed.split(|&byte| byte == 0).collect();
-    if strings.len() % 2 != 0 || strings.iter().step_by(2).any(|name| name.is_empty()) {
+    if !strings.len().is_multiple_of(2) || strings.iter().step_by(2).any(|name| name.is_empty()) {
         return Err(invalid(
             "a parameter without a value, or bytes after the terminating NUL",
         ));

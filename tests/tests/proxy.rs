@@ -2301,14 +2301,16 @@ fn authentication(code: i32, data: &[u8]) -> Vec<u8> {
 /// A server that floods the proxy before its ReadyForQuery (over a thousand messages, a few
 /// large ones past 256 KiB, or one that says it is over 1 MiB long) is not believed: the client
 /// gets `08P01` naming the limit, and the proxy keeps nothing of it (nor allocates the 1 MiB).
+/// Messages before AuthenticationOk may be 64 KiB at most
+/// (`a_server_straying_from_the_login_protocol_is_refused`).
 #[test]
 fn a_server_flooding_its_greeting_is_refused() {
     let fixture = fixture(r#""trust""#);
     for (messages, value_bytes, limit) in [
         (1001, 10, "more than 1000 messages before ReadyForQuery"),
         (5, 60_000, "more than 262144 bytes before ReadyForQuery"),
-        // A header alone, its length 1 MiB and a byte.
-        (0, 0, "message length 1048577"),
+        // A header alone, its length 1 MiB and a byte: refused before anything is allocated.
+        (0, 0, "more than 262144 bytes before ReadyForQuery"),
     ] {
         let parameter = [&b"flood\0"[..], &vec![b'x'; value_bytes], b"\0"].concat();
         let mut greeting = authentication(0, b"");
@@ -2359,6 +2361,14 @@ fn a_server_straying_from_the_login_protocol_is_refused() {
         (
             vec![authentication(7, b"")],
             "unsupported authentication request 7",
+        ),
+        (
+            vec![authentication(5, b"sa")],
+            "an md5 request without its 4-byte salt",
+        ),
+        (
+            vec![[&b"N"[..], &(64i32 * 1024).to_be_bytes()].concat()],
+            "a login message of 65537 bytes, more than 65536",
         ),
         (
             vec![protocol_message(b'R', &[0, 0])],
