@@ -166,7 +166,7 @@ pub const MAX_THREADS: usize = 256;
 
 /// The PostgreSQL server where pg_secrets lives, and the role the proxy reads credentials as
 /// (it needs `get` on the route secrets).
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Store {
     pub host: String,

@@ -641,6 +641,9 @@ async fn reload_on_sighup(path: PathBuf, shared: Arc<Shared>) {
                 tracing::warn!("[listen] takes effect at the next start, not on reload");
             }
             new.listen = running.listen.clone();
+            if new.store != running.store {
+                tracing::warn!("[store] takes effect at the next start, not on reload");
+            }
             new.store = running.store.clone();
             let at_restart = new.limits.keep_startup_only(&running.limits);
             if !at_restart.is_empty() {

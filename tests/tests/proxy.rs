@@ -1017,14 +1017,18 @@ fn bad_clients_get_a_clear_error_and_everyone_else_is_served() {
     let answer = raw_exchange(&fixture, &gss_ssl_then_route);
     assert_eq!(&answer[..2], b"NN");
     assert_eq!(error_code(&answer[2..]), "3D000");
-    for (requests, declined) in [
-        ([ssl.clone(), gss.clone(), ssl.clone()], 2),
-        ([gss.clone(), gss, ssl], 1),
+    for (requests, declined, code) in [
+        ([ssl.clone(), gss.clone(), ssl.clone()], 2, "1234.5679"),
+        ([gss.clone(), gss, ssl], 1, "1234.5680"),
     ] {
         let answer = raw_exchange(&fixture, &requests.concat());
         assert_eq!(&answer[..declined], &b"NN"[..declined]);
         assert_eq!(error_code(&answer[declined..]), "0A000");
-        assert!(String::from_utf8_lossy(&answer).contains("unsupported frontend protocol 1234.56"));
+        let message = String::from_utf8_lossy(&answer);
+        assert!(
+            message.contains(&format!("unsupported frontend protocol {code}")),
+            "{message}"
+        );
     }
     // A client that requires TLS gives up on 'N' with a clear message of its own.
     let error = Client::connect(
@@ -1901,12 +1905,15 @@ fn signals_reload_drain_and_stop_the_proxy_process() {
         "\n[[route]]\ndatabase = \"otherdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n";
 
     // SIGHUP: a route added to the file serves new clients; the connected client stays. The
-    // listeners and their threads stay as they started, and the log says so.
+    // listeners and their threads, and the store's connections, stay as they started, and
+    // the log says so.
     std::fs::write(&config_file, config(60)).unwrap();
     let mut proxy = ProxyProcess::start(&config_file, port);
     let mut connected = proxy.connect("appdb").unwrap();
     assert!(proxy.connect("otherdb").is_err(), "no such route yet");
-    let more_threads = config(60).replace("[listen]", "[listen]\nthreads = 3");
+    let more_threads = config(60)
+        .replace("[listen]", "[listen]\nthreads = 3")
+        .replace("[store]", "[store]\npool_size = 3");
     std::fs::write(&config_file, more_threads + other_route).unwrap();
     proxy.signal("HUP");
     wait_until("the new route", Duration::from_secs(30), || {
@@ -1915,7 +1922,8 @@ fn signals_reload_drain_and_stop_the_proxy_process() {
     assert_eq!(scalar(&mut connected, "SELECT 'still here'"), "still here");
     let log = proxy.log();
     assert!(
-        log.contains("[listen] takes effect at the next start"),
+        log.contains("[listen] takes effect at the next start")
+            && log.contains("[store] takes effect at the next start"),
         "{log}"
     );
 
