@@ -688,6 +688,14 @@ mod tests {
                 format!("{BASE}\n{}user = \"\"", route("\"trust\"")),
                 "user must not be empty",
             ),
+            (
+                format!("{BASE}\n{}host = \"\"", route("\"trust\"")),
+                "host must not be empty",
+            ),
+            (
+                format!("{BASE}\n{}dbname = \"\"", route("\"trust\"")),
+                "dbname must not be empty",
+            ),
             (format!("{BASE}\n{}", route("\"md5\"")), "is not \"trust\""),
             (
                 format!("{BASE}\n{}", route("\"peer:\"")),

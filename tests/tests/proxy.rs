@@ -706,6 +706,104 @@ fn a_credential_is_read_as_the_rotators_read_it_and_a_bad_one_fails_at_once() {
     );
 }
 
+/// What goes wrong past the proxy reaches the client with the SQLSTATE that says what it is,
+/// and never the password: a secret the store does not have ends the login at once (`08006`),
+/// a server that is not listening (perhaps restarting) is `08001` once the retry budget is
+/// spent, and the server's own refusals are passed on as they are, a database it does not have
+/// (`3D000`) at once and a password it does not take (`28P01`) once the retry budget has found
+/// no other. The proxy serves the good route
+/// throughout.
+#[test]
+fn refusals_past_the_proxy_reach_the_client_with_their_own_sqlstates() {
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let route = |database: &str, secret: &str| {
+        format!(
+            "\n[[route]]\ndatabase = \"{database}\"\nsecret = \"{secret}\"\nallow = [\"trust\"]\n"
+        )
+    };
+    let fixture = fixture_with(
+        r#""trust""#,
+        &[],
+        ProxyExtras {
+            route: [
+                route("missing", "db/missing"),
+                route("closed", "db/closed"),
+                route("nodb", "db/nodb"),
+                route("wrongpw", "db/wrongpw"),
+            ]
+            .concat(),
+            ..ProxyExtras::default()
+        },
+    );
+    let port = fixture.cluster.port;
+    let mut db = fixture.cluster.superuser();
+    for (secret, credential) in [
+        (
+            "db/closed",
+            format!(
+                r#"{{"host": "127.0.0.1", "port": {closed_port}, "username": "app", "password": "pw-0"}}"#
+            ),
+        ),
+        (
+            "db/nodb",
+            format!(
+                r#"{{"host": "127.0.0.1", "port": {port}, "dbname": "nosuchdb", "username": "app", "password": "pw-0"}}"#
+            ),
+        ),
+        (
+            "db/wrongpw",
+            format!(
+                r#"{{"host": "127.0.0.1", "port": {port}, "username": "app", "password": "not-pw-0"}}"#
+            ),
+        ),
+    ] {
+        db.execute(
+            "SELECT secrets.create_secret($1, $2)",
+            &[&secret, &credential],
+        )
+        .unwrap();
+    }
+    for (database, sqlstate, words, at_once) in [
+        ("missing", "08006", "db/missing", true),
+        (
+            "closed",
+            "08001",
+            "could not reach the database server",
+            false,
+        ),
+        ("nodb", "3D000", "nosuchdb", true),
+        ("wrongpw", "28P01", "password authentication failed", false),
+    ] {
+        let started = Instant::now();
+        let Err(error) = Client::connect(
+            &format!(
+                "host=127.0.0.1 port={} user=whoever dbname={database}",
+                fixture.port()
+            ),
+            NoTls,
+        ) else {
+            panic!("{database}: logged in");
+        };
+        let waited = started.elapsed();
+        let db_error = error
+            .as_db_error()
+            .unwrap_or_else(|| panic!("{database}: {error}"));
+        assert_eq!(db_error.code().code(), sqlstate, "{database}: {error}");
+        assert!(db_error.message().contains(words), "{database}: {error}");
+        assert!(!db_error.message().contains("pw-0"), "{database}: {error}");
+        if at_once {
+            assert!(
+                waited < Duration::from_secs(4),
+                "{database}: a refusal that cannot change waited {waited:?}, as if for the 5 s budget"
+            );
+        }
+        fixture.connect().query_one("SELECT 1", &[]).unwrap();
+    }
+}
+
 /// A CURRENT value the server refuses while it accepts PREVIOUS (a rotation whose password
 /// change never reached the server) still logs clients in, and the proxy warns, naming the
 /// route and the secret but no value (the next label move would break every login), once a
@@ -1955,6 +2053,29 @@ fn signals_reload_drain_and_stop_the_proxy_process() {
     );
     assert!(proxy.connect("otherdb").is_ok());
 
+    // A file whose TLS certificate cannot be loaded is refused the same way, and changes
+    // nothing: the route it adds does not serve.
+    let missing = cluster.dir().join("missing.pem");
+    let unloadable = format!(
+        "{base}{other_route}\n[[route]]\ndatabase = \"tlsdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n\
+         [tls]\ncert_file = \"{missing}\"\nkey_file = \"{missing}\"\n",
+        base = config(60),
+        missing = missing.display()
+    );
+    std::fs::write(&config_file, unloadable).unwrap();
+    proxy.signal("HUP");
+    wait_until(
+        "the reload refused for its certificate",
+        Duration::from_secs(30),
+        || proxy.log().matches("configuration not reloaded").count() == 2,
+    );
+    assert!(proxy.log().contains("[tls] cert_file"), "{}", proxy.log());
+    assert!(
+        proxy.connect("tlsdb").is_err(),
+        "the refused file changed nothing"
+    );
+    assert!(proxy.connect("otherdb").is_ok());
+
     // SIGTERM: new clients are turned away; the connected one finishes its transaction, and
     // once it leaves the proxy exits, long before the 60 s drain timeout.
     connected.batch_execute("BEGIN").unwrap();
@@ -2050,7 +2171,8 @@ fn trust_is_refused_to_clients_beyond_loopback() {
 
 /// `check-config` answers as a deployment script needs: 0 and "ok" for a file the proxy starts
 /// with; 1 naming the problem for one it would not start with, a TLS file or the store's
-/// password file that cannot be read, a key that is not the certificate's, or a CA file with
+/// password file that cannot be read (the store's CA among them), a key that is not the
+/// certificate's (the proxy's own, or its client certificate for servers), or a CA file with
 /// no certificate included (before, those passed and the start failed), and for a file that is
 /// not there; 2 with the usage for no arguments. `--config` with a bad file exits 1 without listening.
 #[test]
@@ -2123,6 +2245,28 @@ fn check_config_says_whether_the_proxy_would_start() {
             ),
             1,
             "no certificate in the file",
+        ),
+        (
+            "store-ca-missing",
+            good.replace(
+                "user = \"proxy\"",
+                &format!(
+                    "user = \"proxy\"\nsslmode = \"verify-full\"\nca_file = \"{}\"",
+                    missing.display()
+                ),
+            ),
+            1,
+            "[store] ca_file",
+        ),
+        (
+            "server-client-key-of-another-certificate",
+            format!(
+                "{good}\n[server_tls]\nsslmode = \"require\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                pki.client_cert.display(),
+                pki.server_key.display()
+            ),
+            1,
+            "[server_tls] cert_file and key_file",
         ),
         ("config-file-missing", String::new(), 1, "cannot read"),
     ];
