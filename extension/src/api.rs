@@ -486,7 +486,7 @@ fn purge_deleted_secrets() -> Result<i64, ErrorReport> {
     sql(|| {
         audit::audited("delete", "purge_deleted_secrets", None, || {
             crate::access::require_on_every_secret(crate::access::Action::Delete, "delete")?;
-            store::purge_expired("purge_deleted_secrets")
+            store::purge_expired("purge_deleted_secrets", None)
         })
     })
 }

@@ -43,15 +43,10 @@ impl ResultRow for SpiTupleTable<'_> {
 }
 
 /// A column the schema declares NOT NULL, from a row of a query's result. A NULL there means
-/// the table was changed behind the library's back: an integrity error (`XX001`), never a
-/// panic.
+/// the table was changed behind the library's back: `55000`, as the read path says of the
+/// same change, never a panic.
 pub fn required<T: FromDatum + IntoDatum>(row: &impl ResultRow, ordinal: usize) -> Result<T> {
-    row.column(ordinal)?.ok_or_else(|| {
-        Error::Integrity(format!(
-            "a stored row has NULL in column {ordinal} of a pg_secrets query, where its table \
-             does not allow one"
-        ))
-    })
+    row.column(ordinal)?.ok_or(Error::StoredNull { ordinal })
 }
 
 /// Runs `body` with `pg_catalog` as the whole search path, for the queries it makes and the

@@ -79,6 +79,13 @@ pub enum Error {
     /// A query's column read as another type than it has: a table changed under the library.
     #[error("the extension's tables are not as this pg_secrets library reads them: {0}")]
     ColumnType(pgrx::datum::TryFromDatumError),
+    /// A NULL in a query's column whose table declares it NOT NULL: a constraint dropped and a
+    /// row written behind the library's back.
+    #[error(
+        "the extension's tables are not as this pg_secrets library reads them: a stored row \
+         has NULL in column {ordinal} of a pg_secrets query, where its table does not allow one"
+    )]
+    StoredNull { ordinal: usize },
     #[error("pg_secrets internal SPI failure: {0}")]
     Spi(pgrx::spi::SpiError),
 }
@@ -109,7 +116,8 @@ impl Error {
             | Error::RequestDecided { .. }
             | Error::PendingOfRotation { .. }
             | Error::SchemaMismatch { .. }
-            | Error::ColumnType(_) => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "55000"),
+            | Error::ColumnType(_)
+            | Error::StoredNull { .. } => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "55000"),
             Error::NullArgument(_) => (ERRCODE_NULL_VALUE_NOT_ALLOWED, "22004"),
             Error::InvalidParameter(_) => (ERRCODE_INVALID_PARAMETER_VALUE, "22023"),
             Error::LimitExceeded(_) => (ERRCODE_PROGRAM_LIMIT_EXCEEDED, "54000"),
@@ -148,7 +156,7 @@ impl Error {
             Error::AuditQueueFull => "Check that the pg_secrets audit worker runs (pg_stat_activity) in the database named by pg_secrets.database.",
             Error::RotationFailed { .. } => "Nothing changed: the CURRENT version is the one before the rotation.",
             Error::PendingOfRotation { .. } => "Let the rotation finish, or take over from it by labelling your version CURRENT (put_secret_value or update_secret_version_stage).",
-            Error::SchemaMismatch { .. } => "Undo the change to the table; if the library and the extension's tables come from different versions, reinstall the extension.",
+            Error::SchemaMismatch { .. } | Error::ColumnType(_) | Error::StoredNull { .. } => "Undo the change to the table; if the library and the extension's tables come from different versions, reinstall the extension.",
             Error::Integrity(_) => "Restore the secret's rows from a backup; the stored data cannot be trusted.",
             _ => return None,
         })

@@ -117,7 +117,7 @@ pub fn grant_access(
         let (expired, beyond, ends) = client
             .select(
                 "SELECT $1 <= pg_catalog.now(), $1 >= '10000-01-01'::timestamptz, \
-                        CASE WHEN pg_catalog.isfinite($1) \
+                        CASE WHEN pg_catalog.isfinite($1) AND $1 < '10000-01-01'::timestamptz \
                              THEN (pg_catalog.date_part('epoch', $1) * 1000000)::int8 END",
                 None,
                 &[valid_until.into()],

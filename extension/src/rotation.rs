@@ -58,16 +58,18 @@ struct Settings {
 }
 
 fn load_settings(client: &SpiClient<'_>, secret_id: Uuid) -> Result<Settings> {
-    let row = client
-        .select(
-            "SELECT rotator, rotation_schedule, \
-                    pg_catalog.date_part('epoch', rotation_window)::bigint, \
-                    pg_catalog.date_part('epoch', last_rotated_at)::bigint \
-             FROM secrets.secret WHERE id = $1",
-            Some(1),
-            &[secret_id.into()],
-        )?
-        .first();
+    let rows = client.select(
+        "SELECT rotator, rotation_schedule, \
+                pg_catalog.date_part('epoch', rotation_window)::bigint, \
+                pg_catalog.date_part('epoch', last_rotated_at)::bigint \
+         FROM secrets.secret WHERE id = $1",
+        Some(1),
+        &[secret_id.into()],
+    )?;
+    if rows.is_empty() {
+        return Err(Error::NotFound(secret_id.to_string()));
+    }
+    let row = rows.first();
     Ok(Settings {
         rotator: row.get(1)?,
         schedule: row.get(2)?,

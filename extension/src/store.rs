@@ -89,17 +89,20 @@ pub fn find_secret(
 
 /// A secret's row by id, for work that was authorized when it began (a rotation's steps).
 pub fn secret_by_id(client: &SpiClient<'_>, id: Uuid) -> Result<SecretRow> {
-    let row = client
-        .select(
-            "SELECT name, owner_role::oid, key_id, purge_at::text FROM secrets.secret \
-             WHERE id = $1",
-            Some(1),
-            &[id.into()],
-        )?
-        .first();
+    let rows = client.select(
+        "SELECT name, owner_role::oid, key_id, purge_at::text FROM secrets.secret \
+         WHERE id = $1",
+        Some(1),
+        &[id.into()],
+    )?;
+    // Gone since the work began (removed for good, say).
+    if rows.is_empty() {
+        return Err(Error::NotFound(id.to_string()));
+    }
+    let row = rows.first();
     Ok(SecretRow {
         id,
-        name: row.get(1)?.ok_or_else(|| Error::NotFound(id.to_string()))?,
+        name: required(&row, 1)?,
         owner: required(&row, 2)?,
         key_id: required(&row, 3)?,
         purge_at: row.get(4)?,
@@ -410,14 +413,16 @@ fn touch_changed(client: &mut SpiClient<'_>, secret_id: Uuid) -> Result<()> {
 /// `details` naming `purged_by`: the worker, or the function that purged on its way): the
 /// moment a value became unrecoverable is what its managers will ask for. Like every record,
 /// it is written when the call runs: a transaction that rolls back undoes the removal, not
-/// the record.
-pub fn purge_expired(purged_by: &str) -> Result<i64> {
+/// the record. So a call purges on its way only the secret it needs gone (`only`: the name
+/// `create_secret` takes again), once nothing is left that could refuse the call.
+pub fn purge_expired(purged_by: &str, only: Option<&str>) -> Result<i64> {
     Spi::connect_mut(|client| {
         let purged: Vec<(String, Uuid)> = client
             .update(
-                "DELETE FROM secrets.secret WHERE purge_at <= pg_catalog.now() RETURNING name, id",
+                "DELETE FROM secrets.secret WHERE purge_at <= pg_catalog.now() \
+                    AND ($1::text IS NULL OR name = $1) RETURNING name, id",
                 None,
-                &[],
+                &[only.into()],
             )?
             .map(|row| Ok((required(&row, 1)?, required(&row, 2)?)))
             .collect::<Result<_>>()?;
@@ -466,8 +471,9 @@ pub fn create_secret(new: NewSecret<'_>) -> Result<Option<Uuid>> {
         });
     }
     let key = keys::key_for_writing(new.key_id)?;
+    access::within_own_manage(new.name, None, access::HandedOn::Ownership)?;
     // A name whose recovery window has ended is free again, whether the worker came by or not.
-    purge_expired("create_secret")?;
+    purge_expired("create_secret", Some(new.name))?;
     Spi::connect_mut(|client| {
         if let Some(existing) = find_secret(client, new.name, true)? {
             if let Some(purge_at) = existing.purge_at {
@@ -493,7 +499,6 @@ pub fn create_secret(new: NewSecret<'_>) -> Result<Option<Uuid>> {
             }
             return Err(Error::AlreadyExists(new.name.to_string()));
         }
-        access::within_own_manage(new.name, None, access::HandedOn::Ownership)?;
         let secret = SecretRow {
             id: new_uuid(),
             name: new.name.to_string(),
@@ -501,9 +506,11 @@ pub fn create_secret(new: NewSecret<'_>) -> Result<Option<Uuid>> {
             key_id: key.id.clone(),
             purge_at: None,
         };
-        client.update(
+        // A concurrent create of the same name that committed first (its row invisible to the
+        // check above) is the same conflict, not a unique violation.
+        let inserted = client.update(
             "INSERT INTO secrets.secret (id, name, description, tags, owner_role, key_id) \
-             VALUES ($1, $2, $3, $4, $5::oid::regrole, $6)",
+             VALUES ($1, $2, $3, $4, $5::oid::regrole, $6) ON CONFLICT (name) DO NOTHING",
             None,
             &[
                 secret.id.into(),
@@ -514,6 +521,9 @@ pub fn create_secret(new: NewSecret<'_>) -> Result<Option<Uuid>> {
                 secret.key_id.clone().into(),
             ],
         )?;
+        if inserted.is_empty() {
+            return Err(Error::AlreadyExists(new.name.to_string()));
+        }
         let version = match &new.value {
             Some(value) => {
                 let version = insert_version(client, &secret, value, new.token, new_uuid())?;
@@ -1047,7 +1057,6 @@ pub fn untag_secret(name: &str, keys: Vec<String>) -> Result<()> {
 }
 
 pub fn delete_secret(name: &str, window_days: i32, force: bool) -> Result<TimestampWithTimeZone> {
-    purge_expired("delete_secret")?;
     Spi::connect_mut(|client| {
         let secret = authorize(client, name, Action::Delete, OnDeleted::Allow)?;
         let when = if force {

@@ -476,6 +476,12 @@ fn grants_patterns_expiry_and_their_refusals() {
             "22023",
             "before the year 10000",
         ),
+        // Past what microseconds since 1970 fit in a bigint: still this error, not 22003.
+        (
+            "SELECT secrets.grant_access('prod/*', 'payments', '{get}', '294270-01-01')",
+            "22023",
+            "before the year 10000",
+        ),
         (
             "SELECT secrets.grant_access('prod/*', 'nobody', '{get}')",
             "42704",

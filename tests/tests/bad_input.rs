@@ -1,7 +1,8 @@
 //! Every rejected input: a clear error with a deliberate SQLSTATE, and nothing changed.
 
-use pg_secrets_e2e::{assert_sql_error, store_state, Cluster, KeySource};
+use pg_secrets_e2e::{assert_sql_error, store_state, wait_until, Cluster, KeySource};
 use postgres::types::ToSql;
+use std::time::Duration;
 
 /// The id of the version `name`'s CURRENT label is on.
 fn current_version_id(db: &mut postgres::Client, name: &str) -> String {
@@ -720,6 +721,41 @@ fn limits_just_inside_and_just_beyond() {
         );
     }
 
+    // Each limit's own value is accepted (its side beyond is refused in the tests above and
+    // in rotation.rs).
+    db.execute(
+        "SELECT secrets.create_secret('edge/description', 'v', description => $1)",
+        &[&long(2048)],
+    )
+    .unwrap();
+    db.execute(
+        "SELECT secrets.tag_secret('edge/description', jsonb_build_object($1::text, $2::text))",
+        &[&long(128), &long(256)],
+    )
+    .unwrap();
+    let password: String = db
+        .query_one("SELECT secrets.get_random_password(4096)", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(password.len(), 4096);
+    let names: Vec<String> = (0..100).map(|i| format!("edge/missing/{i}")).collect();
+    let rows = db
+        .query(
+            "SELECT * FROM secrets.batch_get_secret_value($1)",
+            &[&names],
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 100);
+    for duration in ["60 seconds", "30 days"] {
+        db.execute(
+            "SELECT secrets.request_access('app/db', '{get}', $1::text::interval, 'edge')",
+            &[&duration],
+        )
+        .unwrap();
+    }
+    db.execute("SELECT secrets.purge_audit_log('36500 days')", &[])
+        .unwrap();
+
     // A resource policy of 20,480 bytes of JSON is stored; one byte more is refused.
     let policy = |bytes: usize| {
         let frame = r#"{"statements":[{"effect":"allow","principals":["secrets_user"],"actions":["get"],"conditions":{"application_name":"PAD"}}]}"#;
@@ -886,8 +922,8 @@ fn tables_the_library_does_not_recognise() {
         .unwrap();
 
     // A NULL where the schema says NOT NULL, written by a superuser who dropped the
-    // constraint: an error naming what is wrong, never a panic. The read path names the
-    // table and column; a query's row says which of its columns.
+    // constraint: 55000 naming what is wrong, never a panic. The read path names the table and
+    // column; a query's row says which of its columns.
     db.batch_execute(
         "ALTER TABLE secrets.secret ALTER COLUMN owner_role DROP NOT NULL;
          UPDATE secrets.secret SET owner_role = NULL WHERE name = 'app/db';",
@@ -907,8 +943,9 @@ fn tables_the_library_does_not_recognise() {
     .unwrap();
     assert_sql_error(
         db.query("SELECT * FROM secrets.list_access_grants()", &[]),
-        "XX001",
-        "a stored row has NULL in column 7 of a pg_secrets query, where its table does not allow one",
+        "55000",
+        "the extension's tables are not as this pg_secrets library reads them: a stored row has \
+         NULL in column 7 of a pg_secrets query, where its table does not allow one",
     );
 }
 
@@ -993,4 +1030,40 @@ fn store_wide_functions_and_requests_that_name_nothing() {
         "22023",
         "stage CURRENT of secret \"app/db\" is not on version 00000000-0000-0000-0000-000000000002",
     );
+}
+
+/// Two sessions creating one name at once: the second, which waits for the first's row,
+/// gets `42710` as if it had come after, not a unique violation (`23505`, which is
+/// `client_request_token`'s code).
+#[test]
+fn a_name_created_by_two_sessions_at_once_is_42710_for_the_second() {
+    let (cluster, mut first) = fixture();
+    first
+        .batch_execute("BEGIN; SELECT secrets.create_secret('race/name', 'one')")
+        .unwrap();
+    let mut second = cluster.superuser();
+    let waiting = std::thread::spawn(move || {
+        second
+            .query_one("SELECT secrets.create_secret('race/name', 'two')", &[])
+            .map(|_| ())
+    });
+    let mut observer = cluster.superuser();
+    wait_until("the second create to wait", Duration::from_secs(30), || {
+        observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%race/name%'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    });
+    first.batch_execute("COMMIT").unwrap();
+    assert_sql_error(waiting.join().unwrap(), "42710", "already exists");
+    let value: String = first
+        .query_one("SELECT secrets.get_secret_value('race/name')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(value, "one");
 }

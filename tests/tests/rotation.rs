@@ -679,6 +679,14 @@ fn schedules_are_checked_and_a_rate_rotates_on_its_own() {
         rotation_field(&mut db, "db/app", &["schedule"]).as_deref(),
         Some("rate(1 minutes)")
     );
+
+    // The limits' own values are accepted: the longest rate, the longest window.
+    db.execute(
+        "SELECT secrets.rotate_secret('db/app', 'postgres-single-user', 'rate(100000 days)', \
+                '24 hours', rotate_immediately => false)",
+        &[],
+    )
+    .unwrap();
 }
 
 #[test]

@@ -397,7 +397,56 @@ fn deletion_recovery_window_restore_and_force() {
         "does not exist",
     );
 
-    // A window that has ended is purged by the next write or by purge_deleted_secrets().
+    // A window that has ended is purged by create_secret of that name, by
+    // purge_deleted_secrets() or by the worker; not on the way by a call that is then refused,
+    // which would leave a record of a removal its rollback undid.
+    db.execute("SELECT secrets.create_secret('old/expired', 'v')", &[])
+        .unwrap();
+    db.execute("SELECT secrets.delete_secret('old/expired', 7)", &[])
+        .unwrap();
+    db.batch_execute(
+        "UPDATE secrets.secret SET purge_at = now() - interval '1 second' WHERE name = 'old/expired'",
+    )
+    .unwrap();
+    db.execute("SELECT secrets.create_secret('old/taken', 'v')", &[])
+        .unwrap();
+    assert_sql_error(
+        db.query_one("SELECT secrets.create_secret('old/taken', 'v2')", &[]),
+        "42710",
+        "already exists",
+    );
+    assert_sql_error(
+        db.query_one("SELECT secrets.delete_secret('old/expired', 7)", &[]),
+        "55000",
+        "scheduled for deletion",
+    );
+    db.execute("SELECT secrets.create_secret('old/expired', 'again')", &[])
+        .unwrap();
+    // Once the last create's record is stored, every record before it is: one removal, by
+    // that create (or by the worker, had it come by first), none by the refused calls.
+    let records = |action: &str| -> Vec<String> {
+        let mut db = cluster.superuser();
+        first_column(
+            &mut db,
+            &format!(
+                "SELECT coalesce(details->>'purged_by', '') FROM secrets.audit_log \
+                 WHERE secret_name = 'old/expired' AND action = '{action}' AND outcome = 'allowed' \
+                 ORDER BY id"
+            ),
+        )
+    };
+    wait_until("the last create's record", Duration::from_secs(30), || {
+        records("create").len() == 2
+    });
+    let purges: Vec<String> = records("delete")
+        .into_iter()
+        .filter(|purged_by| !purged_by.is_empty())
+        .collect();
+    assert!(
+        purges == ["create_secret"] || purges == ["worker"],
+        "{purges:?}"
+    );
+
     db.execute("SELECT secrets.create_secret('old/other', 'v')", &[])
         .unwrap();
     db.execute("SELECT secrets.delete_secret('old/other', 7)", &[])

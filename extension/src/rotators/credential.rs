@@ -26,6 +26,23 @@ impl Credential {
             Ok(Value::Object(fields)) => fields,
             _ => return Err("the value is not a credential JSON object".into()),
         };
+        // A field of another type would otherwise read as absent: `"host": 5` as this
+        // cluster, where the rotation would change another server's password.
+        for field in [
+            "engine",
+            "host",
+            "dbname",
+            "username",
+            "password",
+            "master_secret",
+        ] {
+            if fields
+                .get(field)
+                .is_some_and(|value| !value.is_null() && !value.is_string())
+            {
+                return Err(format!("the credential's \"{field}\" is not a string"));
+            }
+        }
         let credential = Credential { fields };
         match credential.fields.get("engine").and_then(Value::as_str) {
             None | Some("postgres") | Some("postgresql") => {}
@@ -141,10 +158,34 @@ mod tests {
                 br#"{"engine":"mysql","username":"u","password":"hunter2"}"#,
                 "engine",
             ),
+            (
+                br#"{"host":5,"username":"u","password":"hunter2"}"#,
+                "\"host\" is not a string",
+            ),
+            (
+                br#"{"dbname":["x"],"username":"u","password":"hunter2"}"#,
+                "\"dbname\" is not a string",
+            ),
+            (
+                br#"{"master_secret":{},"username":"u","password":"hunter2"}"#,
+                "\"master_secret\" is not a string",
+            ),
+            (
+                br#"{"engine":1,"username":"u","password":"hunter2"}"#,
+                "\"engine\" is not a string",
+            ),
+            (
+                br#"{"username":"u","password":31337}"#,
+                "\"password\" is not a string",
+            ),
         ] {
             let error = Credential::parse(value).err().unwrap();
             assert!(error.contains(words), "{error}");
-            assert!(!error.contains("hunter2"));
+            assert!(!error.contains("hunter2") && !error.contains("31337"));
         }
+        // JSON null is an absent field.
+        let credential =
+            Credential::parse(br#"{"host":null,"username":"u","password":"p"}"#).unwrap();
+        assert!(credential.is_local());
     }
 }
