@@ -1183,6 +1183,17 @@ fn alarm_rules_raise_notifications_and_anomalies() {
         "42501",
         "manage alarm rules",
     );
+    let rules = first_column(&mut db, "SELECT name FROM secrets.alarm_rule ORDER BY name");
+    for sql in [
+        "SELECT secrets.create_alarm_rule('mine', 'first_read')".to_string(),
+        format!("SELECT secrets.drop_alarm_rule('{}')", rules[0]),
+    ] {
+        assert_sql_error(stranger.query(&sql, &[]), "42501", "manage alarm rules");
+    }
+    assert_eq!(
+        first_column(&mut db, "SELECT name FROM secrets.alarm_rule ORDER BY name"),
+        rules
+    );
 }
 
 /// A standby cannot write the audit table and its worker does not run: its records go to its

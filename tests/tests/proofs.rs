@@ -182,6 +182,21 @@ fn wrong_missing_and_unreadable_master_keys_are_named() {
         "not the one",
     );
 
+    // A key file without the key a secret's versions were written under (the old key dropped
+    // too early in a key rotation) names the key and the secret that needs it.
+    let only_a_new_key = "new:ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
+    cluster.configure(KeySource::File(only_a_new_key.into()), &[]);
+    cluster.restart();
+    let error = assert_sql_error(
+        get(&mut cluster.superuser(), "k"),
+        "F0000",
+        "master key \"test\" is not configured (needed by secret \"k\")",
+    );
+    assert!(error
+        .hint()
+        .unwrap_or_default()
+        .contains("pg_secrets.key_file"));
+
     cluster.configure(KeySource::None, &[]);
     cluster.restart();
     let error = assert_sql_error(

@@ -435,6 +435,39 @@ fn a_put_cannot_steer_a_rotation_away_from_its_pinned_target() {
         Some(pinned.as_str())
     );
 
+    // No pinned target (the column cleared by a superuser): the rotation stops at its first
+    // step rather than act on whatever CURRENT names. And a secret without a value has nothing
+    // to pin or rotate.
+    db.batch_execute(
+        "UPDATE secrets.secret SET rotation_target_version_id = NULL WHERE name = 'db/app'",
+    )
+    .unwrap();
+    let before = store_state(&mut db);
+    assert_sql_error(
+        writer.execute("SELECT secrets.rotate_secret('db/app')", &[]),
+        "55000",
+        "no target is pinned for it",
+    );
+    assert_eq!(store_state(&mut db), before);
+    db.execute(
+        "UPDATE secrets.secret SET rotation_target_version_id = $1::text::uuid \
+         WHERE name = 'db/app'",
+        &[&pinned],
+    )
+    .unwrap();
+    db.batch_execute("SELECT secrets.create_secret('db/novalue')")
+        .unwrap();
+    let before = store_state(&mut db);
+    assert_sql_error(
+        db.execute(
+            "SELECT secrets.rotate_secret('db/novalue', 'postgres-single-user')",
+            &[],
+        ),
+        "55000",
+        "failed at step configure: the secret has no CURRENT version to rotate",
+    );
+    assert_eq!(store_state(&mut db), before);
+
     // The pinned version outlives pruning: back on its target (a password set by hand), with
     // more than a hundred deprecated versions over a day old, the rotation proceeds.
     writer
@@ -1280,12 +1313,14 @@ fn a_rotator_programs_background_job_neither_holds_up_nor_outlives_the_step() {
 /// rotation with what happened, and nothing changes; a `pg_secrets.rotator_dir` that does not
 /// exist refuses command rotators when they are configured.
 #[test]
-fn a_rotator_program_that_fails_is_killed_or_hangs_changes_nothing() {
+fn a_rotator_program_that_fails_is_killed_hangs_or_cannot_start_changes_nothing() {
     let dir = rotator_dir();
     for (program, script) in [
         ("fails", "#!/bin/sh\nexit 3\n"),
         ("killed", "#!/bin/sh\nkill -9 $$\n"),
         ("hangs", "#!/bin/sh\nexec sleep 30\n"),
+        // A script for an interpreter this machine does not have.
+        ("uninterpreted", "#!/nonexistent/python\nprint('new-key')\n"),
     ] {
         let path = dir.path().join(program);
         std::fs::write(&path, script).unwrap();
@@ -1298,6 +1333,7 @@ fn a_rotator_program_that_fails_is_killed_or_hangs_changes_nothing() {
         ("fails", "exited with status 3"),
         ("killed", "was killed by a signal"),
         ("hangs", "timed out after 2 s"),
+        ("uninterpreted", "cannot start: entity not found"),
     ] {
         let name = format!("api/{program}");
         create_secret(&mut db, &name, "key-original");
