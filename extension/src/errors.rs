@@ -27,6 +27,12 @@ pub enum Error {
     BeyondOwnAccess { name: String, reason: String },
     #[error("secret \"{0}\" already exists")]
     AlreadyExists(String),
+    /// Something other than a secret that is not there: an alarm rule, a grant, a request.
+    #[error("{0}")]
+    NoSuchObject(String),
+    /// Something other than a secret whose name is taken: an alarm rule.
+    #[error("{0}")]
+    NameTaken(String),
     #[error("secret \"{name}\" is scheduled for deletion at {purge_at}")]
     ScheduledForDeletion { name: String, purge_at: String },
     #[error("secret \"{0}\" is not scheduled for deletion")]
@@ -121,13 +127,13 @@ impl Error {
             Error::NullArgument(_) => (ERRCODE_NULL_VALUE_NOT_ALLOWED, "22004"),
             Error::InvalidParameter(_) => (ERRCODE_INVALID_PARAMETER_VALUE, "22023"),
             Error::LimitExceeded(_) => (ERRCODE_PROGRAM_LIMIT_EXCEEDED, "54000"),
-            Error::NotFound(_) | Error::VersionNotFound { .. } => {
+            Error::NotFound(_) | Error::VersionNotFound { .. } | Error::NoSuchObject(_) => {
                 (ERRCODE_UNDEFINED_OBJECT, "42704")
             }
             Error::AccessDenied { .. } | Error::BeyondOwnAccess { .. } => {
                 (ERRCODE_INSUFFICIENT_PRIVILEGE, "42501")
             }
-            Error::AlreadyExists(_) => (ERRCODE_DUPLICATE_OBJECT, "42710"),
+            Error::AlreadyExists(_) | Error::NameTaken(_) => (ERRCODE_DUPLICATE_OBJECT, "42710"),
             Error::IdempotencyConflict(_) => (ERRCODE_UNIQUE_VIOLATION, "23505"),
             Error::NotString(_) | Error::NotBinary(_) => (ERRCODE_DATATYPE_MISMATCH, "42804"),
             Error::Integrity(_) => (ERRCODE_DATA_CORRUPTED, "XX001"),

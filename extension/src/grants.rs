@@ -203,7 +203,7 @@ pub fn revoke_access(
             &[pattern.into(), grantee.into(), actions.into()],
         )?)?;
         if matched.unwrap_or(0) == 0 {
-            return Err(Error::InvalidParameter(format!(
+            return Err(Error::NoSuchObject(format!(
                 "there is no grant on \"{pattern}\" to {}",
                 access::role_name(grantee)
             )));
@@ -509,7 +509,7 @@ pub fn decide_request(id: Uuid, approve: bool) -> Result<Option<Uuid>> {
             })
             .transpose()?;
         let Some((name, requester, actions, state, seconds)) = request else {
-            return Err(Error::InvalidParameter(format!(
+            return Err(Error::NoSuchObject(format!(
                 "there is no access request {id}"
             )));
         };

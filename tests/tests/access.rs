@@ -494,7 +494,7 @@ fn grants_patterns_expiry_and_their_refusals() {
         ),
         (
             "SELECT secrets.revoke_access('prod/none', 'payments')",
-            "22023",
+            "42704",
             "there is no grant",
         ),
         (

@@ -1103,11 +1103,11 @@ fn alarm_rules_raise_notifications_and_anomalies() {
     for (sql, sqlstate, words) in [
         ("SELECT secrets.create_alarm_rule('x', 'sometimes')", "22023", "unknown alarm kind"),
         ("SELECT secrets.create_alarm_rule('x', 'rate', '{\"factor\": 0}')", "22023", "between 1 and 1000"),
-        ("SELECT secrets.create_alarm_rule('burst', 'first_read')", "22023", "already exists"),
+        ("SELECT secrets.create_alarm_rule('burst', 'first_read')", "42710", "already exists"),
         ("SELECT secrets.create_alarm_rule('x', 'off_hours', '{\"timezone\": \"Mars/Olympus\"}')", "22023", "time zone"),
         ("SELECT secrets.create_alarm_rule('x', 'off_hours', '{\"from\": 8, \"timezone\": 5}')", "22023", "\"from\" must be a string"),
         ("SELECT secrets.create_alarm_rule('x', 'denials', '{\"by\": 1}')", "22023", "\"by\" must be a string"),
-        ("SELECT secrets.drop_alarm_rule('nope')", "22023", "no alarm rule"),
+        ("SELECT secrets.drop_alarm_rule('nope')", "42704", "no alarm rule"),
     ] {
         assert_sql_error(db.query(sql, &[]), sqlstate, words);
     }

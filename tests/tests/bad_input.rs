@@ -999,7 +999,7 @@ fn store_wide_functions_and_requests_that_name_nothing() {
         &mut db,
         "SELECT secrets.approve_access_request('00000000-0000-0000-0000-000000000001')",
         &[],
-        "22023",
+        "42704",
         "there is no access request 00000000-0000-0000-0000-000000000001",
     );
     let mut gone = cluster.connect("gone", "pw");

@@ -163,7 +163,7 @@ pub fn create_rule(name: &str, kind: &str, params: &Value) -> Result<Uuid> {
             ],
         )?;
         if inserted.is_empty() {
-            return Err(invalid(format!(
+            return Err(Error::NameTaken(format!(
                 "an alarm rule named \"{name}\" already exists"
             )));
         }
@@ -182,7 +182,9 @@ pub fn drop_rule(name: &str) -> Result<()> {
             )?
             .is_empty()
         {
-            return Err(invalid(format!("there is no alarm rule named \"{name}\"")));
+            return Err(Error::NoSuchObject(format!(
+                "there is no alarm rule named \"{name}\""
+            )));
         }
         Ok(())
     })
