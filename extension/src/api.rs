@@ -442,6 +442,7 @@ fn untag_secret(
                 .into_iter()
                 .map(|key| required(key, "tag_keys element"))
                 .collect::<StoreResult<Vec<String>>>()?;
+            keys.iter().try_for_each(|key| validate::tag_key(key))?;
             store::untag_secret(name, keys)
         })
     })
@@ -485,7 +486,10 @@ fn restore_secret(name: Option<&str>) -> Result<(), ErrorReport> {
 fn purge_deleted_secrets() -> Result<i64, ErrorReport> {
     sql(|| {
         audit::audited("delete", "purge_deleted_secrets", None, || {
-            crate::access::require_on_every_secret(crate::access::Action::Delete, "delete")?;
+            crate::access::require_on_every_secret(
+                crate::access::Action::Delete,
+                "purging deleted secrets",
+            )?;
             store::purge_expired("purge_deleted_secrets", None)
         })
     })

@@ -25,6 +25,12 @@ pub enum Error {
     AccessDenied { name: String, action: &'static str },
     #[error("permission denied: secret \"{name}\": {reason}")]
     BeyondOwnAccess { name: String, reason: String },
+    /// Work on the whole store or the whole trail, refused to a role without the right for it.
+    #[error("permission denied: {what} is for {who}")]
+    StoreWideDenied {
+        what: &'static str,
+        who: &'static str,
+    },
     #[error("secret \"{0}\" already exists")]
     AlreadyExists(String),
     /// Something other than a secret that is not there: an alarm rule, a grant, a request.
@@ -130,9 +136,9 @@ impl Error {
             Error::NotFound(_) | Error::VersionNotFound { .. } | Error::NoSuchObject(_) => {
                 (ERRCODE_UNDEFINED_OBJECT, "42704")
             }
-            Error::AccessDenied { .. } | Error::BeyondOwnAccess { .. } => {
-                (ERRCODE_INSUFFICIENT_PRIVILEGE, "42501")
-            }
+            Error::AccessDenied { .. }
+            | Error::BeyondOwnAccess { .. }
+            | Error::StoreWideDenied { .. } => (ERRCODE_INSUFFICIENT_PRIVILEGE, "42501"),
             Error::AlreadyExists(_) | Error::NameTaken(_) => (ERRCODE_DUPLICATE_OBJECT, "42710"),
             Error::IdempotencyConflict(_) => (ERRCODE_UNIQUE_VIOLATION, "23505"),
             Error::NotString(_) | Error::NotBinary(_) => (ERRCODE_DATATYPE_MISMATCH, "42804"),
@@ -160,6 +166,7 @@ impl Error {
             Error::IdempotencyConflict(_) => "Use a new client_request_token for a new value.",
             Error::AuditQueueUnavailable => "The server log says why (permissions, disk space); fix it and restart the server.",
             Error::AuditQueueFull => "Check that the pg_secrets audit worker runs (pg_stat_activity) in the database named by pg_secrets.database.",
+            Error::RotationFailed { step: "configure", .. } => "Nothing changed: the secret's rotation settings are as they were.",
             Error::RotationFailed { .. } => "Nothing changed: the CURRENT version is the one before the rotation.",
             Error::PendingOfRotation { .. } => "Let the rotation finish, or take over from it by labelling your version CURRENT (put_secret_value or update_secret_version_stage).",
             Error::SchemaMismatch { .. } | Error::ColumnType(_) | Error::StoredNull { .. } => "Undo the change to the table; if the library and the extension's tables come from different versions, reinstall the extension.",

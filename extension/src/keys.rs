@@ -133,12 +133,7 @@ pub fn parse_keys(text: &str, active: Option<&str>) -> std::result::Result<KeyRi
                 ))
             }
         };
-        if id.is_empty()
-            || id.len() > 64
-            || !id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-        {
+        if !crate::validate::is_key_id(id) {
             return Err(format!(
                 "key line {number}: a key id is 1 to 64 characters of A-Za-z0-9_.-"
             ));

@@ -100,7 +100,7 @@ pub fn rewrap_secret(client: &mut SpiClient<'_>, secret: &SecretRow, key_id: &st
 /// them. Returns (re-wrapped now, still to do).
 pub fn rewrap_keys(batch_size: i32) -> Result<(i64, i64)> {
     // Master-key work spans every secret, so it needs the right on all of them.
-    access::require_on_every_secret(Action::Manage, Action::Manage.as_str())?;
+    access::require_on_every_secret(Action::Manage, "rewrapping data keys")?;
     let active = keys::key_for_writing(None)?;
     Spi::connect_mut(|client| {
         let versions = wrapped_versions(
@@ -140,7 +140,7 @@ pub struct KeyStatus {
 /// versions it wraps and how many secrets write new versions with it. A key may be removed
 /// from the key file once both counts are zero.
 pub fn key_status() -> Result<Vec<KeyStatus>> {
-    access::require_on_every_secret(Action::Describe, Action::Describe.as_str())?;
+    access::require_on_every_secret(Action::Describe, "key_status")?;
     let ring = keys::ring()?;
     let configured: Vec<String> = ring.ids().map(str::to_string).collect();
     Spi::connect(|client| {

@@ -109,12 +109,7 @@ pub fn tags(tags: &JsonB) -> Result<serde_json::Map<String, serde_json::Value>> 
         ));
     };
     for (key, value) in map {
-        let key_chars = key.chars().count();
-        if key_chars == 0 || key_chars > MAX_TAG_KEY_CHARS {
-            return Err(Error::InvalidParameter(format!(
-                "a tag key is 1 to {MAX_TAG_KEY_CHARS} characters, one has {key_chars}"
-            )));
-        }
+        tag_key(key)?;
         let Some(text) = value.as_str() else {
             return Err(Error::InvalidParameter(format!(
                 "tag \"{key}\" must have a string value"
@@ -129,6 +124,17 @@ pub fn tags(tags: &JsonB) -> Result<serde_json::Map<String, serde_json::Value>> 
     }
     tag_count(map.len())?;
     Ok(map.clone())
+}
+
+/// A tag key, set or removed.
+pub fn tag_key(key: &str) -> Result<()> {
+    let key_chars = key.chars().count();
+    if key_chars == 0 || key_chars > MAX_TAG_KEY_CHARS {
+        return Err(Error::InvalidParameter(format!(
+            "a tag key is 1 to {MAX_TAG_KEY_CHARS} characters, one has {key_chars}"
+        )));
+    }
+    Ok(())
 }
 
 pub fn tag_count(count: usize) -> Result<()> {
@@ -191,10 +197,18 @@ pub fn client_request_token(token: Option<&str>) -> Result<()> {
     }
 }
 
+/// What a master key's id may be, in the key file and as an argument.
+pub fn is_key_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
 pub fn key_id(key_id: Option<&str>) -> Result<()> {
     match key_id {
-        Some(id) if id.is_empty() || id.chars().count() > 64 => Err(Error::InvalidParameter(
-            "key_id is 1 to 64 characters".into(),
+        Some(id) if !is_key_id(id) => Err(Error::InvalidParameter(
+            "key_id is 1 to 64 characters of A-Za-z0-9_.-".into(),
         )),
         _ => Ok(()),
     }

@@ -615,7 +615,7 @@ fn limits_just_inside_and_just_beyond() {
         "F0000",
         "not configured",
     );
-    for key_id in [long(65), String::new()] {
+    for key_id in [long(65), String::new(), "a b".into(), "k/1".into()] {
         refused(
             &mut db,
             create_with_key,
@@ -644,6 +644,21 @@ fn limits_just_inside_and_just_beyond() {
         "22023",
         "a tag key is 1 to 128 characters, one has 0",
     );
+    // Removing a tag names it as setting one does.
+    for (key, chars) in [(String::new(), 0), (long(129), 129)] {
+        refused(
+            &mut db,
+            "SELECT secrets.untag_secret('app/db', ARRAY[$1])",
+            &[&key],
+            "22023",
+            &format!("a tag key is 1 to 128 characters, one has {chars}"),
+        );
+    }
+    db.execute(
+        "SELECT secrets.untag_secret('app/db', ARRAY[$1])",
+        &[&long(128)],
+    )
+    .unwrap();
 
     let grant = "SELECT secrets.grant_access($1, 'secrets_user', '{get}')";
     db.execute(grant, &[&long(512)]).unwrap();
@@ -986,13 +1001,26 @@ fn store_wide_functions_and_requests_that_name_nothing() {
     )
     .unwrap();
     let mut plain = cluster.connect("plain_user", "pw");
-    for sql in [
-        "SELECT secrets.purge_deleted_secrets()",
-        "SELECT * FROM secrets.rewrap_keys()",
-        "SELECT * FROM secrets.key_status()",
+    for (sql, words) in [
+        (
+            "SELECT secrets.purge_deleted_secrets()",
+            "purging deleted secrets is for superusers and secrets_admin",
+        ),
+        (
+            "SELECT * FROM secrets.rewrap_keys()",
+            "rewrapping data keys is for superusers and secrets_admin",
+        ),
+        (
+            "SELECT * FROM secrets.key_status()",
+            "key_status is for superusers, secrets_admin and secrets_reader",
+        ),
     ] {
         let before = store_state(&mut db);
-        assert_sql_error(plain.query(sql, &[]), "42501", "permission denied");
+        assert_sql_error(
+            plain.query(sql, &[]),
+            "42501",
+            &format!("permission denied: {words}"),
+        );
         assert_eq!(store_state(&mut db), before, "{sql}");
     }
     refused(

@@ -458,13 +458,17 @@ fn a_put_cannot_steer_a_rotation_away_from_its_pinned_target() {
     db.batch_execute("SELECT secrets.create_secret('db/novalue')")
         .unwrap();
     let before = store_state(&mut db);
-    assert_sql_error(
+    let refusal = assert_sql_error(
         db.execute(
             "SELECT secrets.rotate_secret('db/novalue', 'postgres-single-user')",
             &[],
         ),
         "55000",
         "failed at step configure: the secret has no CURRENT version to rotate",
+    );
+    assert_eq!(
+        refusal.hint(),
+        Some("Nothing changed: the secret's rotation settings are as they were.")
     );
     assert_eq!(store_state(&mut db), before);
 

@@ -528,16 +528,19 @@ pub fn is_member(role: Oid, group: &str) -> Result<bool> {
     Ok(cache::membership(role)?.roles.contains(&group))
 }
 
-/// `may_on_any` for the caller, or the permission error naming `what` was refused.
+/// `may_on_any` for the caller, or the permission error naming `what` was refused and who
+/// may do it.
 pub fn require_on_every_secret(action: Action, what: &'static str) -> Result<()> {
     if may_on_any(caller(), action)? {
-        Ok(())
-    } else {
-        Err(crate::errors::Error::AccessDenied {
-            name: "*".into(),
-            action: what,
-        })
+        return Ok(());
     }
+    Err(crate::errors::Error::StoreWideDenied {
+        what,
+        who: match action {
+            Action::Get | Action::Describe => "superusers, secrets_admin and secrets_reader",
+            _ => "superusers and secrets_admin",
+        },
+    })
 }
 
 /// Rights on every secret, whoever owns it: superusers, `secrets_admin`, and `secrets_reader`

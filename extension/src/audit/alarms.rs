@@ -125,7 +125,7 @@ pub fn normalize(kind: &str, params: &Value) -> Result<Value> {
 
 /// `create_alarm_rule`: starts watching from the newest record, so only new accesses trip it.
 pub fn create_rule(name: &str, kind: &str, params: &Value) -> Result<Uuid> {
-    super::trail::require_auditor("manage alarm rules")?;
+    super::trail::require_auditor("creating alarm rules")?;
     if name.is_empty() || name.chars().count() > 128 {
         return Err(invalid(
             "an alarm rule's name is 1 to 128 characters".into(),
@@ -172,7 +172,7 @@ pub fn create_rule(name: &str, kind: &str, params: &Value) -> Result<Uuid> {
 }
 
 pub fn drop_rule(name: &str) -> Result<()> {
-    super::trail::require_auditor("manage alarm rules")?;
+    super::trail::require_auditor("dropping alarm rules")?;
     Spi::connect_mut(|client| {
         if client
             .update(
@@ -202,7 +202,7 @@ pub type AnomalyRow = (
 
 /// `access_anomalies(since)`: what tripped, newest last.
 pub fn anomalies(since: pgrx::datum::TimestampWithTimeZone) -> Result<Vec<AnomalyRow>> {
-    super::trail::require_auditor("manage alarm rules")?;
+    super::trail::require_auditor("reading access anomalies")?;
     Spi::connect(|client| {
         client
             .select(

@@ -234,7 +234,7 @@ pub fn drain_batch() -> Result<Drained> {
 /// hash it recorded there: the newest records removed, or records changed with every hash
 /// after them computed anew, are found too.
 pub fn verify() -> Result<(bool, i64, Option<i64>)> {
-    require_auditor("verify the audit log")?;
+    require_auditor("verifying the audit log")?;
     let head = super::head::read();
     Spi::connect(|client| {
         let anchor = latest_anchor(client)?;
@@ -359,7 +359,7 @@ pub const MAX_RETENTION_DAYS: i64 = 36_500;
 /// `purge_audit_log(older_than)`: removes the whole prefix of records older than that, keeps
 /// an anchor so the rest still verifies, and returns how many it removed.
 pub fn purge(older_than_seconds: f64) -> Result<i64> {
-    access::require_on_every_secret(Action::Manage, "purge the audit log")?;
+    access::require_on_every_secret(Action::Manage, "purging the audit log")?;
     Spi::connect_mut(|client| {
         // Who read what outlives the records it was read from: offboarding by actual reads
         // looks there and at the records still kept.
@@ -415,9 +415,9 @@ pub fn require_auditor(what: &'static str) -> Result<()> {
     {
         Ok(())
     } else {
-        Err(Error::AccessDenied {
-            name: "*".into(),
-            action: what,
+        Err(Error::StoreWideDenied {
+            what,
+            who: "superusers, secrets_admin and secrets_auditor",
         })
     }
 }
