@@ -325,6 +325,23 @@ fn the_admin_port_answers_what_it_knows_and_bounds_the_rest() {
 fn cancel_requests_reach_the_right_server_session() {
     let fixture = fixture(r#""trust""#);
     cancel_a_sleep(&mut fixture.connect());
+
+    // A key the proxy never gave out is ignored, as PostgreSQL ignores one: the connection
+    // closes without an answer, and a statement running meanwhile goes on.
+    let mut busy = fixture.connect();
+    let sleeping = std::thread::spawn(move || busy.batch_execute("SELECT pg_sleep(1.5)"));
+    std::thread::sleep(Duration::from_millis(500));
+    let unknown = length_prefixed(
+        &[80_877_102i32, 12345, 67890]
+            .iter()
+            .flat_map(|word| word.to_be_bytes())
+            .collect::<Vec<u8>>(),
+    );
+    assert!(raw_exchange(&fixture, &unknown).is_empty());
+    sleeping
+        .join()
+        .unwrap()
+        .expect("a cancel with an unknown key stopped a statement");
 }
 
 /// A long query cancelled through the proxy stops with 57014 and the session goes on.
@@ -707,7 +724,8 @@ fn a_credential_is_read_as_the_rotators_read_it_and_a_bad_one_fails_at_once() {
 }
 
 /// What goes wrong past the proxy reaches the client with the SQLSTATE that says what it is,
-/// and never the password: a secret the store does not have ends the login at once (`08006`),
+/// and never the password: a secret the store does not have, or one holding bytes rather than
+/// a credential, ends the login at once (`08006`),
 /// a server that is not listening (perhaps restarting) is `08001` once the retry budget is
 /// spent, and the server's own refusals are passed on as they are, a database it does not have
 /// (`3D000`) at once and a password it does not take (`28P01`) once the retry budget has found
@@ -733,6 +751,7 @@ fn refusals_past_the_proxy_reach_the_client_with_their_own_sqlstates() {
                 route("closed", "db/closed"),
                 route("nodb", "db/nodb"),
                 route("wrongpw", "db/wrongpw"),
+                route("binary", "db/binary"),
             ]
             .concat(),
             ..ProxyExtras::default()
@@ -766,8 +785,11 @@ fn refusals_past_the_proxy_reach_the_client_with_their_own_sqlstates() {
         )
         .unwrap();
     }
+    db.batch_execute("SELECT secrets.create_secret('db/binary', secret_binary => '\\x7b7d')")
+        .unwrap();
     for (database, sqlstate, words, at_once) in [
         ("missing", "08006", "db/missing", true),
+        ("binary", "08006", "holds a binary value", true),
         (
             "closed",
             "08001",
@@ -1566,6 +1588,25 @@ fn transaction_mode_lends_a_few_server_sessions_to_many_clients() {
 
     // A cancel request reaches whichever session runs the client's statement.
     cancel_a_sleep(&mut others[1]);
+
+    // Between its transactions a client's cancel key points nowhere: it cannot stop another
+    // client's statement on the session it used last. One session held, so the other client
+    // runs on the very session the first one used.
+    holder.batch_execute("BEGIN").unwrap();
+    let last_used = scalar(&mut others[1], "SELECT pg_backend_pid()");
+    let stale = others[1].cancel_token();
+    let mut sleeper = fixture.connect();
+    let sleeping = std::thread::spawn(move || {
+        let pid = scalar(&mut sleeper, "SELECT pg_backend_pid()");
+        let slept = sleeper.batch_execute("SELECT pg_sleep(1.5)");
+        (pid, slept)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    stale.cancel_query(NoTls).unwrap();
+    let (pid, slept) = sleeping.join().unwrap();
+    assert_eq!(pid, last_used, "the sleeper ran on another session");
+    slept.expect("a stale cancel key stopped another client's statement");
+    holder.batch_execute("COMMIT").unwrap();
 
     // A client that leaves inside a transaction takes its session with it: never lent again
     // half done.
