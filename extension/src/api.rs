@@ -490,7 +490,7 @@ fn purge_deleted_secrets() -> Result<i64, ErrorReport> {
                 crate::access::Action::Delete,
                 "purging deleted secrets",
             )?;
-            store::purge_expired("purge_deleted_secrets", None)
+            store::purge_expired("purge_deleted_secrets")
         })
     })
 }

@@ -140,7 +140,7 @@ pub struct KeyStatus {
 /// versions it wraps and how many secrets write new versions with it. A key may be removed
 /// from the key file once both counts are zero.
 pub fn key_status() -> Result<Vec<KeyStatus>> {
-    access::require_on_every_secret(Action::Describe, "key_status")?;
+    access::require_on_every_secret(Action::Describe, "reading key status")?;
     let ring = keys::ring()?;
     let configured: Vec<String> = ring.ids().map(str::to_string).collect();
     Spi::connect(|client| {

@@ -411,29 +411,32 @@ fn touch_changed(client: &mut SpiClient<'_>, secret_id: Uuid) -> Result<()> {
 /// Removes for good the secrets whose recovery window has ended, their versions and wrapped
 /// keys with them. Each removal is an audit record of its own under the secret (`delete`,
 /// `details` naming `purged_by`: the worker, or the function that purged on its way): the
-/// moment a value became unrecoverable is what its managers will ask for. Like every record,
-/// it is written when the call runs: a transaction that rolls back undoes the removal, not
-/// the record. So a call purges on its way only the secret it needs gone (`only`: the name
+/// moment a value became unrecoverable is what its managers will ask for.
+pub fn purge_expired(purged_by: &str) -> Result<i64> {
+    Spi::connect_mut(|client| purge(client, purged_by, None))
+}
+
+/// `purge_expired`, of the secret named `only` when given. Like every record, a removal's is
+/// written when the call runs: a transaction that rolls back undoes the removal, not the
+/// record. So a call purges on its way only the secret it needs gone (the name
 /// `create_secret` takes again), once nothing is left that could refuse the call.
-pub fn purge_expired(purged_by: &str, only: Option<&str>) -> Result<i64> {
-    Spi::connect_mut(|client| {
-        let purged: Vec<(String, Uuid)> = client
-            .update(
-                "DELETE FROM secrets.secret WHERE purge_at <= pg_catalog.now() \
-                    AND ($1::text IS NULL OR name = $1) RETURNING name, id",
-                None,
-                &[only.into()],
-            )?
-            .map(|row| Ok((required(&row, 1)?, required(&row, 2)?)))
-            .collect::<Result<_>>()?;
-        let details = serde_json::json!({"function": "purge", "purged_by": purged_by});
-        for (name, id) in &purged {
-            audit::removed_for_good(name, *id, None, &details)?;
-        }
-        let count = purged.len() as i64;
-        forget_exact_grants(client, purged.into_iter().map(|(name, _)| name).collect())?;
-        Ok(count)
-    })
+fn purge(client: &mut SpiClient<'_>, purged_by: &str, only: Option<&str>) -> Result<i64> {
+    let purged: Vec<(String, Uuid)> = client
+        .update(
+            "DELETE FROM secrets.secret WHERE purge_at <= pg_catalog.now() \
+                AND ($1::text IS NULL OR name = $1) RETURNING name, id",
+            None,
+            &[only.into()],
+        )?
+        .map(|row| Ok((required(&row, 1)?, required(&row, 2)?)))
+        .collect::<Result<_>>()?;
+    let details = serde_json::json!({"function": "purge", "purged_by": purged_by});
+    for (name, id) in &purged {
+        audit::removed_for_good(name, *id, None, &details)?;
+    }
+    let count = purged.len() as i64;
+    forget_exact_grants(client, purged.into_iter().map(|(name, _)| name).collect())?;
+    Ok(count)
 }
 
 /// Grants on the exact names of secrets removed for good go with them: a later secret of the
@@ -471,11 +474,17 @@ pub fn create_secret(new: NewSecret<'_>) -> Result<Option<Uuid>> {
         });
     }
     let key = keys::key_for_writing(new.key_id)?;
-    access::within_own_manage(new.name, None, access::HandedOn::Ownership)?;
-    // A name whose recovery window has ended is free again, whether the worker came by or not.
-    purge_expired("create_secret", Some(new.name))?;
     Spi::connect_mut(|client| {
-        if let Some(existing) = find_secret(client, new.name, true)? {
+        // A secret of this name whose recovery window has ended is gone but for the purge: the
+        // name is free again, whether the worker came by or not.
+        let expired = db::first_value::<bool>(client.select(
+            "SELECT EXISTS (SELECT FROM secrets.secret \
+                            WHERE name = $1 AND purge_at <= pg_catalog.now())",
+            None,
+            &[new.name.into()],
+        )?)?
+        .unwrap_or(false);
+        if let Some(existing) = find_secret(client, new.name, true)?.filter(|_| !expired) {
             if let Some(purge_at) = existing.purge_at {
                 return Err(Error::ScheduledForDeletion {
                     name: existing.name,
@@ -499,6 +508,10 @@ pub fn create_secret(new: NewSecret<'_>) -> Result<Option<Uuid>> {
             }
             return Err(Error::AlreadyExists(new.name.to_string()));
         }
+        access::within_own_manage(new.name, None, access::HandedOn::Ownership)?;
+        if expired {
+            purge(client, "create_secret", Some(new.name))?;
+        }
         let secret = SecretRow {
             id: new_uuid(),
             name: new.name.to_string(),
@@ -507,7 +520,8 @@ pub fn create_secret(new: NewSecret<'_>) -> Result<Option<Uuid>> {
             purge_at: None,
         };
         // A concurrent create of the same name that committed first (its row invisible to the
-        // check above) is the same conflict, not a unique violation.
+        // check above) is the same conflict, not a unique violation: at READ COMMITTED. Under
+        // REPEATABLE READ PostgreSQL makes it a serialization failure (40001), to retry.
         let inserted = client.update(
             "INSERT INTO secrets.secret (id, name, description, tags, owner_role, key_id) \
              VALUES ($1, $2, $3, $4, $5::oid::regrole, $6) ON CONFLICT (name) DO NOTHING",

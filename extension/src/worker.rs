@@ -149,7 +149,7 @@ fn run_round() {
         }
     }
     in_transaction("purging deleted secrets", || {
-        crate::store::purge_expired("worker", None)
+        crate::store::purge_expired("worker")
     });
     in_transaction("pruning deprecated versions", || {
         Spi::connect_mut(|client| crate::labels::prune_deprecated(client, None, "worker"))

@@ -383,20 +383,14 @@ fn default_dbname() -> String {
 /// A TOML error with where it is, never with the store's password. The parser's syntax errors
 /// quote nothing of the file, but its type errors quote the value (``invalid type: integer
 /// `12345` ``), which for `[store] password` is the password, however its key is spelled
-/// (a section, an inline table, a dotted or a quoted key).
+/// (a section, an inline table, a dotted or a quoted key): a password that is not a string is
+/// reported first, at its own place, in words of ours.
 fn parse_error(text: &str, error: &toml::de::Error) -> String {
-    let store_password_not_text = toml::from_str::<toml::Table>(text).is_ok_and(|table| {
-        table
-            .get("store")
-            .and_then(|store| store.get("password"))
-            .is_some_and(|password| !password.is_str())
-    });
-    let message = if store_password_not_text {
-        "[store] password must be a quoted string"
-    } else {
-        error.message()
+    let (span, message) = match store_password_not_text(text) {
+        Some(span) => (Some(span), "[store] password must be a quoted string"),
+        None => (error.span(), error.message()),
     };
-    let Some(span) = error.span() else {
+    let Some(span) = span else {
         return message.to_string();
     };
     let before = &text[..span.start.min(text.len())];
@@ -404,6 +398,21 @@ fn parse_error(text: &str, error: &toml::de::Error) -> String {
     let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
     let column = before[line_start..].chars().count() + 1;
     format!("line {line_number}, column {column}: {message}")
+}
+
+/// Where the store's password is in `text`, when the file gives one that is not a string.
+fn store_password_not_text(text: &str) -> Option<std::ops::Range<usize>> {
+    // Only the password is read; every other key is left to the real parse.
+    #[derive(Deserialize)]
+    struct File {
+        store: Option<StorePassword>,
+    }
+    #[derive(Deserialize)]
+    struct StorePassword {
+        password: Option<toml::Spanned<toml::Value>>,
+    }
+    let password = toml::from_str::<File>(text).ok()?.store?.password?;
+    (!password.get_ref().is_str()).then(|| password.span())
 }
 
 impl Config {
@@ -608,6 +617,15 @@ mod tests {
         assert!(
             error.contains("[store] password must be a quoted string"),
             "{error}"
+        );
+        // At the password's own place, also when another key fails before it.
+        let error = Config::parse(
+            "[listen]\ntcp = 5\n[store]\nhost = \"h\"\nuser = \"u\"\npassword = 12345",
+        )
+        .unwrap_err();
+        assert_eq!(
+            error,
+            "line 6, column 12: [store] password must be a quoted string"
         );
         // Other values keep the parser's message, with where it is.
         let error = with("port = \"x\"").unwrap_err();

@@ -22,8 +22,44 @@ const GSSENC_REQUEST: i32 = 80_877_104;
 const CANCEL_REQUEST: i32 = 80_877_102;
 
 pub enum Opening {
-    Startup(BTreeMap<String, String>),
+    Startup(StartupPacket),
     Cancel { pid: i32, secret: i32 },
+}
+
+/// A startup packet: the client's parameters, and what it asked for of the protocol beyond
+/// 3.0, which the proxy does not speak: a newer minor version, options named `_pq_.*`.
+#[derive(Debug, PartialEq)]
+pub struct StartupPacket {
+    /// Without the protocol options, which are not settings for the server.
+    pub parameters: BTreeMap<String, String>,
+    pub minor_version: u16,
+    pub protocol_options: Vec<String>,
+}
+
+impl StartupPacket {
+    /// NegotiateProtocolVersion, as PostgreSQL answers a client that asked for more than it
+    /// speaks: the newest minor version it supports (0) and the options it does not know. The
+    /// client then goes on with 3.0 and none of them, or gives up.
+    pub fn negotiation(&self) -> Option<BytesMut> {
+        if self.minor_version == 0 && self.protocol_options.is_empty() {
+            return None;
+        }
+        let names: usize = self
+            .protocol_options
+            .iter()
+            .map(|name| name.len() + 1)
+            .sum();
+        let mut message = BytesMut::with_capacity(13 + names);
+        message.put_u8(b'v');
+        message.put_i32((12 + names) as i32);
+        message.put_i32(0);
+        message.put_i32(self.protocol_options.len() as i32);
+        for name in &self.protocol_options {
+            message.put_slice(name.as_bytes());
+            message.put_u8(0);
+        }
+        Some(message)
+    }
 }
 
 fn closed(what: &str) -> ProxyError {
@@ -41,7 +77,7 @@ pub enum Packet {
         pid: i32,
         secret: i32,
     },
-    Startup(BTreeMap<String, String>),
+    Startup(StartupPacket),
 }
 
 /// Checks a packet's length word before anything is allocated for its body.
@@ -147,14 +183,12 @@ pub async fn read_opening(
             (Packet::Cancel { pid, secret }, _) => {
                 return Ok((Opening::Cancel { pid, secret }, transport))
             }
-            (Packet::Startup(parameters), _) => {
-                return Ok((Opening::Startup(parameters), transport))
-            }
+            (Packet::Startup(startup), _) => return Ok((Opening::Startup(startup), transport)),
         }
     }
 }
 
-fn parse_startup(length: i32, body: &[u8]) -> Result<BTreeMap<String, String>, ProxyError> {
+fn parse_startup(length: i32, body: &[u8]) -> Result<StartupPacket, ProxyError> {
     let (major, minor) = (
         u16::from_be_bytes([body[0], body[1]]),
         u16::from_be_bytes([body[2], body[3]]),
@@ -177,8 +211,16 @@ fn parse_startup(length: i32, body: &[u8]) -> Result<BTreeMap<String, String>, P
             "replication connections are not proxied".into(),
         ));
     }
-    crate::startup_settings::check(&startup.parameters)?;
-    Ok(startup.parameters)
+    let (protocol_options, parameters): (BTreeMap<_, _>, BTreeMap<_, _>) = startup
+        .parameters
+        .into_iter()
+        .partition(|(name, _)| name.starts_with("_pq_."));
+    crate::startup_settings::check(&parameters)?;
+    Ok(StartupPacket {
+        parameters,
+        minor_version: minor,
+        protocol_options: protocol_options.into_keys().collect(),
+    })
 }
 
 /// The parameters' layout as PostgreSQL requires it (`ProcessStartupPacket`): names and values,
@@ -196,7 +238,11 @@ fn check_layout(parameters: &[u8]) -> Result<(), ProxyError> {
     }
     let listed = listed.strip_suffix(&[0]).ok_or_else(unterminated)?;
     let strings: Vec<&[u8]> = listed.split(|&byte| byte == 0).collect();
-    if !strings.len().is_multiple_of(2) || strings.iter().step_by(2).any(|name| name.is_empty()) {
+    // Names and values in pairs, no name empty (an empty one would end the list).
+    if strings
+        .chunks(2)
+        .any(|pair| pair.len() != 2 || pair[0].is_empty())
+    {
         return Err(invalid(
             "a parameter without a value, or bytes after the terminating NUL",
         ));
@@ -267,12 +313,38 @@ mod tests {
             parse_packet(&cancel).unwrap(),
             Packet::Cancel { pid: 7, secret: -9 }
         );
-        let Packet::Startup(parameters) =
+        let Packet::Startup(packet) =
             parse_packet(&startup(3 << 16, &[("user", "u"), ("database", "d")])).unwrap()
         else {
             panic!("not a startup packet")
         };
-        assert_eq!(parameters["database"], "d");
+        assert_eq!(packet.parameters["database"], "d");
+        assert_eq!(packet.negotiation(), None);
+    }
+
+    /// A client asking for protocol 3.2 and an option: told 3.0 and that option unknown, the
+    /// option kept out of the parameters the server gets.
+    #[test]
+    fn a_newer_minor_version_or_protocol_options_are_negotiated_down() {
+        let Packet::Startup(packet) = parse_packet(&startup(
+            (3 << 16) | 2,
+            &[("user", "u"), ("_pq_.compression", "on")],
+        ))
+        .unwrap() else {
+            panic!("not a startup packet")
+        };
+        assert!(!packet.parameters.contains_key("_pq_.compression"));
+        assert_eq!(
+            &packet.negotiation().unwrap()[..],
+            &[
+                &b"v"[..],
+                &29i32.to_be_bytes(),
+                &0i32.to_be_bytes(),
+                &1i32.to_be_bytes(),
+                b"_pq_.compression\0"
+            ]
+            .concat()[..]
+        );
     }
 
     #[test]

@@ -381,16 +381,23 @@ async fn session(
         .await
         .map_err(|_| ProxyError::LoginTimeout(login_timeout))??;
     drop(pending);
-    let parameters = match opening {
+    let startup = match opening {
         Opening::Cancel { pid, secret } => {
             shared.cancels.forward(pid, secret).await;
             return Ok(());
         }
-        Opening::Startup(parameters) => parameters,
+        Opening::Startup(startup) => startup,
     };
     if *shutdown.borrow() {
         return Err(ProxyError::ShuttingDown);
     }
+    if let Some(negotiation) = startup.negotiation() {
+        client
+            .write_all(&negotiation)
+            .await
+            .map_err(|_| ProxyError::Protocol("client went away during login".into()))?;
+    }
+    let parameters = startup.parameters;
     let user = parameters.get("user").cloned().unwrap_or_default();
     let database = parameters
         .get("database")

@@ -1012,7 +1012,7 @@ fn store_wide_functions_and_requests_that_name_nothing() {
         ),
         (
             "SELECT * FROM secrets.key_status()",
-            "key_status is for superusers, secrets_admin and secrets_reader",
+            "reading key status is for superusers, secrets_admin and secrets_reader",
         ),
     ] {
         let before = store_state(&mut db);

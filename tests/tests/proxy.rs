@@ -326,22 +326,63 @@ fn cancel_requests_reach_the_right_server_session() {
     let fixture = fixture(r#""trust""#);
     cancel_a_sleep(&mut fixture.connect());
 
-    // A key the proxy never gave out is ignored, as PostgreSQL ignores one: the connection
-    // closes without an answer, and a statement running meanwhile goes on.
-    let mut busy = fixture.connect();
-    let sleeping = std::thread::spawn(move || busy.batch_execute("SELECT pg_sleep(1.5)"));
-    std::thread::sleep(Duration::from_millis(500));
-    let unknown = length_prefixed(
-        &[80_877_102i32, 12345, 67890]
-            .iter()
-            .flat_map(|word| word.to_be_bytes())
-            .collect::<Vec<u8>>(),
-    );
-    assert!(raw_exchange(&fixture, &unknown).is_empty());
-    sleeping
-        .join()
+    // A key the proxy never gave out is ignored, as PostgreSQL ignores one: here the pid of a
+    // key it gave out, with another secret. The connection closes without an answer and the
+    // statement goes on; with the right secret the same request cancels it.
+    let mut stream = TcpStream::connect(fixture.proxy.tcp_address.unwrap()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .write_all(&startup_packet(
+            3 << 16,
+            &[("user", "app"), ("database", "appdb")],
+        ))
+        .unwrap();
+    let greeting = read_until_ready(&mut stream);
+    let key = &greeting.iter().find(|(tag, _)| *tag == b'K').unwrap().1;
+    let word = |at: usize| i32::from_be_bytes(key[at..at + 4].try_into().unwrap());
+    let (pid, secret) = (word(0), word(4));
+    let cancel = |secret: i32| {
+        length_prefixed(
+            &[80_877_102i32, pid, secret]
+                .iter()
+                .flat_map(|word| word.to_be_bytes())
+                .collect::<Vec<u8>>(),
+        )
+    };
+    stream
+        .write_all(&protocol_message(b'Q', b"SELECT pg_sleep(60)\0"))
+        .unwrap();
+    let mut db = fixture.cluster.superuser();
+    let sleeping = |db: &mut Client| {
+        db.query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
+            &[],
+        )
         .unwrap()
-        .expect("a cancel with an unknown key stopped a statement");
+        .get::<_, i64>(0)
+            == 1
+    };
+    wait_until("the sleep to run", Duration::from_secs(30), || {
+        sleeping(&mut db)
+    });
+    assert!(raw_exchange(&fixture, &cancel(secret.wrapping_add(1))).is_empty());
+    // Time for a cancel forwarded by mistake to land.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        sleeping(&mut db),
+        "a cancel with a wrong secret stopped the statement"
+    );
+    assert!(raw_exchange(&fixture, &cancel(secret)).is_empty());
+    let answer = read_until_ready(&mut stream);
+    assert!(
+        answer
+            .iter()
+            .any(|(tag, body)| *tag == b'E' && String::from_utf8_lossy(body).contains("57014")),
+        "{answer:?}"
+    );
 }
 
 /// A long query cancelled through the proxy stops with 57014 and the session goes on.
@@ -1598,10 +1639,20 @@ fn transaction_mode_lends_a_few_server_sessions_to_many_clients() {
     let mut sleeper = fixture.connect();
     let sleeping = std::thread::spawn(move || {
         let pid = scalar(&mut sleeper, "SELECT pg_backend_pid()");
-        let slept = sleeper.batch_execute("SELECT pg_sleep(1.5)");
+        let slept = sleeper.batch_execute("SELECT pg_sleep(2.5)");
         (pid, slept)
     });
-    std::thread::sleep(Duration::from_millis(500));
+    let mut db = fixture.cluster.superuser();
+    wait_until("the sleep to run", Duration::from_secs(30), || {
+        db.query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE query = 'SELECT pg_sleep(2.5)' AND state = 'active'",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            == 1
+    });
     stale.cancel_query(NoTls).unwrap();
     let (pid, slept) = sleeping.join().unwrap();
     assert_eq!(pid, last_used, "the sleeper ran on another session");
@@ -1688,6 +1739,51 @@ fn protocol_message(tag: u8, body: &[u8]) -> Vec<u8> {
     message.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
     message.extend_from_slice(body);
     message
+}
+
+/// A client asking for protocol 3.2 with an option hears first, with NegotiateProtocolVersion,
+/// that the session speaks 3.0 without that option; then the login goes on and queries work.
+#[test]
+fn a_newer_protocol_version_is_negotiated_down_to_3_0() {
+    let fixture = fixture(r#""trust""#);
+    let mut stream = TcpStream::connect(fixture.proxy.tcp_address.unwrap()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(&startup_packet(
+            (3 << 16) | 2,
+            &[
+                ("user", "app"),
+                ("database", "appdb"),
+                ("_pq_.test_option", "1"),
+            ],
+        ))
+        .unwrap();
+    let greeting = read_until_ready(&mut stream);
+    assert_eq!(
+        greeting[0],
+        (
+            b'v',
+            [
+                &0i32.to_be_bytes()[..],
+                &1i32.to_be_bytes(),
+                b"_pq_.test_option\0"
+            ]
+            .concat()
+        )
+    );
+    assert_eq!(greeting[1], (b'R', 0i32.to_be_bytes().to_vec()));
+    stream
+        .write_all(&protocol_message(b'Q', b"SELECT 'in 3.0'\0"))
+        .unwrap();
+    let answer = read_until_ready(&mut stream);
+    assert!(
+        answer
+            .iter()
+            .any(|(tag, body)| *tag == b'D' && String::from_utf8_lossy(body).contains("in 3.0")),
+        "{answer:?}"
+    );
 }
 
 /// Reads messages up to and including the first one tagged `last`.
@@ -2493,7 +2589,8 @@ fn authentication(code: i32, data: &[u8]) -> Vec<u8> {
 
 /// A server that floods the proxy before its ReadyForQuery (over a thousand messages, a few
 /// large ones past 256 KiB, or one that says it is over 1 MiB long) is not believed: the client
-/// gets `08P01` naming the limit, and the proxy keeps nothing of it (nor allocates the 1 MiB).
+/// gets `08P01` naming the limit, and the proxy keeps nothing of it (a message that would pass
+/// 256 KiB is refused before anything is allocated for it).
 /// Messages before AuthenticationOk may be 64 KiB at most
 /// (`a_server_straying_from_the_login_protocol_is_refused`).
 #[test]
