@@ -1947,6 +1947,32 @@ fn idle_server_connections_are_bounded_in_all_whatever_the_keys() {
     assert_eq!(app_sessions(&fixture), 3, "a pooled session served it");
 }
 
+/// Session pooling keeps at most `pool_max_idle` idle server connections per key (route and
+/// startup parameters): five clients at once leave two behind, and the next client with those
+/// parameters is served by one of them.
+#[test]
+fn idle_server_connections_are_bounded_per_key() {
+    let extras = ProxyExtras {
+        limits: "pool_max_idle = 2".into(),
+        ..ProxyExtras::default()
+    };
+    let fixture = fixture_with(r#""trust""#, &[], extras);
+    let mut clients: Vec<Client> = (0..5).map(|_| fixture.connect()).collect();
+    for client in &mut clients {
+        assert_eq!(scalar(client, "SELECT current_user"), "app");
+    }
+    assert_eq!(app_sessions(&fixture), 5);
+    drop(clients);
+    wait_until(
+        "idle server sessions closed down to pool_max_idle",
+        Duration::from_secs(10),
+        || app_sessions(&fixture) == 2,
+    );
+    let mut again = fixture.connect();
+    assert_eq!(scalar(&mut again, "SELECT current_user"), "app");
+    assert_eq!(app_sessions(&fixture), 2, "a pooled session served it");
+}
+
 /// Clients that connect and say nothing are sent away after `client_login_timeout_ms`, so
 /// silent connections cannot hold every one of `max_clients` for good.
 #[test]
