@@ -355,16 +355,7 @@ fn cancel_requests_reach_the_right_server_session() {
         .write_all(&protocol_message(b'Q', b"SELECT pg_sleep(60)\0"))
         .unwrap();
     let mut db = fixture.cluster.superuser();
-    let sleeping = |db: &mut Client| {
-        db.query_one(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
-            &[],
-        )
-        .unwrap()
-        .get::<_, i64>(0)
-            == 1
-    };
+    let sleeping = |db: &mut Client| running(db, "SELECT pg_sleep(60)");
     wait_until("the sleep to run", Duration::from_secs(30), || {
         sleeping(&mut db)
     });
@@ -383,6 +374,17 @@ fn cancel_requests_reach_the_right_server_session() {
             .any(|(tag, body)| *tag == b'E' && String::from_utf8_lossy(body).contains("57014")),
         "{answer:?}"
     );
+}
+
+/// Whether one server session is running `statement` now.
+fn running(db: &mut Client, statement: &str) -> bool {
+    db.query_one(
+        "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'",
+        &[&statement],
+    )
+    .unwrap()
+    .get::<_, i64>(0)
+        == 1
 }
 
 /// A long query cancelled through the proxy stops with 57014 and the session goes on.
@@ -1644,14 +1646,7 @@ fn transaction_mode_lends_a_few_server_sessions_to_many_clients() {
     });
     let mut db = fixture.cluster.superuser();
     wait_until("the sleep to run", Duration::from_secs(30), || {
-        db.query_one(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE query = 'SELECT pg_sleep(2.5)' AND state = 'active'",
-            &[],
-        )
-        .unwrap()
-        .get::<_, i64>(0)
-            == 1
+        running(&mut db, "SELECT pg_sleep(2.5)")
     });
     stale.cancel_query(NoTls).unwrap();
     let (pid, slept) = sleeping.join().unwrap();
