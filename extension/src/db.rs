@@ -10,10 +10,16 @@ use pgrx::{FromDatum, IntoDatum};
 /// The first column of the first row, or `None` when there is no row (pgrx's `get_one`
 /// treats "no row" as an error).
 pub fn first_value<T: FromDatum + IntoDatum>(table: SpiTupleTable<'_>) -> Result<Option<T>> {
-    if table.is_empty() {
-        return Ok(None);
+    match first_row(table) {
+        Some(row) => Ok(row.get_one::<T>()?),
+        None => Ok(None),
     }
-    Ok(table.first().get_one::<T>()?)
+}
+
+/// The table positioned on its first row, or `None` for no row: reading a column of an empty
+/// table is pgrx's "invalid position", an internal error rather than "not found".
+pub fn first_row(table: SpiTupleTable<'_>) -> Option<SpiTupleTable<'_>> {
+    (!table.is_empty()).then(|| table.first())
 }
 
 /// The first column of the first row a read-only query returns, or `None` for no row: what

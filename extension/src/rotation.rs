@@ -58,18 +58,15 @@ struct Settings {
 }
 
 fn load_settings(client: &SpiClient<'_>, secret_id: Uuid) -> Result<Settings> {
-    let rows = client.select(
+    let row = crate::db::first_row(client.select(
         "SELECT rotator, rotation_schedule, \
                 pg_catalog.date_part('epoch', rotation_window)::bigint, \
                 pg_catalog.date_part('epoch', last_rotated_at)::bigint \
          FROM secrets.secret WHERE id = $1",
         Some(1),
         &[secret_id.into()],
-    )?;
-    if rows.is_empty() {
-        return Err(Error::NotFound(secret_id.to_string()));
-    }
-    let row = rows.first();
+    )?)
+    .ok_or_else(|| Error::NotFound(secret_id.to_string()))?;
     Ok(Settings {
         rotator: row.get(1)?,
         schedule: row.get(2)?,

@@ -89,17 +89,14 @@ pub fn find_secret(
 
 /// A secret's row by id, for work that was authorized when it began (a rotation's steps).
 pub fn secret_by_id(client: &SpiClient<'_>, id: Uuid) -> Result<SecretRow> {
-    let rows = client.select(
+    // Gone since the work began (removed for good, say): not found.
+    let row = db::first_row(client.select(
         "SELECT name, owner_role::oid, key_id, purge_at::text FROM secrets.secret \
          WHERE id = $1",
         Some(1),
         &[id.into()],
-    )?;
-    // Gone since the work began (removed for good, say).
-    if rows.is_empty() {
-        return Err(Error::NotFound(id.to_string()));
-    }
-    let row = rows.first();
+    )?)
+    .ok_or_else(|| Error::NotFound(id.to_string()))?;
     Ok(SecretRow {
         id,
         name: required(&row, 1)?,
@@ -475,16 +472,19 @@ pub fn create_secret(new: NewSecret<'_>) -> Result<Option<Uuid>> {
     }
     let key = keys::key_for_writing(new.key_id)?;
     Spi::connect_mut(|client| {
+        let existing = find_secret(client, new.name, true)?;
         // A secret of this name whose recovery window has ended is gone but for the purge: the
-        // name is free again, whether the worker came by or not.
-        let expired = db::first_value::<bool>(client.select(
-            "SELECT EXISTS (SELECT FROM secrets.secret \
-                            WHERE name = $1 AND purge_at <= pg_catalog.now())",
-            None,
-            &[new.name.into()],
-        )?)?
-        .unwrap_or(false);
-        if let Some(existing) = find_secret(client, new.name, true)?.filter(|_| !expired) {
+        // name is free again, whether the worker came by or not. Asked only of a deleted one.
+        let expired = match &existing {
+            Some(row) if row.purge_at.is_some() => db::first_value::<bool>(client.select(
+                "SELECT purge_at <= pg_catalog.now() FROM secrets.secret WHERE id = $1",
+                None,
+                &[row.id.into()],
+            )?)?
+            .unwrap_or(false),
+            _ => false,
+        };
+        if let Some(existing) = existing.filter(|_| !expired) {
             if let Some(purge_at) = existing.purge_at {
                 return Err(Error::ScheduledForDeletion {
                     name: existing.name,

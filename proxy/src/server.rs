@@ -392,10 +392,7 @@ async fn session(
         return Err(ProxyError::ShuttingDown);
     }
     if let Some(negotiation) = startup.negotiation() {
-        client
-            .write_all(&negotiation)
-            .await
-            .map_err(|_| ProxyError::Protocol("client went away during login".into()))?;
+        client.write_all(&negotiation).await.map_err(client_gone)?;
     }
     let parameters = startup.parameters;
     let user = parameters.get("user").cloned().unwrap_or_default();
@@ -627,10 +624,14 @@ where
             _ => out.extend_from_slice(message),
         }
     }
-    let gone = |_| ProxyError::Protocol("client went away during login".into());
-    client.write_all(&out).await.map_err(gone)?;
-    client.flush().await.map_err(gone)?;
+    client.write_all(&out).await.map_err(client_gone)?;
+    client.flush().await.map_err(client_gone)?;
     Ok(registration)
+}
+
+/// A write to a client that failed before its session began.
+fn client_gone(_: std::io::Error) -> ProxyError {
+    ProxyError::Protocol("client went away during login".into())
 }
 
 async fn reload_on_sighup(path: PathBuf, shared: Arc<Shared>) {
