@@ -17,6 +17,10 @@ use std::time::{Duration, Instant};
 pub struct LoginSettings<'a> {
     pub budget: Duration,
     pub connect: ConnectSettings<'a>,
+    /// When `connect`'s TLS rules were read: a new session's birth. A reload after it clears
+    /// the pool (`Pool::clear`), and a session born before the clear is not taken back, so
+    /// a login that began under the old rules can never be pooled under the new ones.
+    pub rules_read_at: Instant,
 }
 
 /// Route overrides first, then the credential; a credential without a host means the
@@ -86,9 +90,6 @@ pub async fn connect(
             return Ok((session, key, born));
         }
     }
-    // A session is as old as its login's start: a reload during the login may have changed
-    // the rules it was opened under (`Pool::clear`).
-    let started = Instant::now();
     let (session, key) = login_with_retry(
         route,
         store,
@@ -99,7 +100,7 @@ pub async fn connect(
         metrics,
     )
     .await?;
-    Ok((session, key, started))
+    Ok((session, key, settings.rules_read_at))
 }
 
 async fn login_with_retry(

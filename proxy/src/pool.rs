@@ -136,7 +136,7 @@ impl Pool {
             return;
         }
         let mut idle = self.idle.lock().expect("pool lock poisoned");
-        if idle.cleared_at.is_some_and(|cleared| born < cleared) {
+        if idle.cleared_at.is_some_and(|cleared| born <= cleared) {
             return;
         }
         if idle

@@ -545,6 +545,8 @@ async fn server_session(
     shared: &Shared,
 ) -> Result<(BackendSession, String, std::time::Instant), ProxyError> {
     let config = wanted.config;
+    // Before the TLS rules are read: see `LoginSettings::rules_read_at`.
+    let rules_read_at = std::time::Instant::now();
     let settings = LoginSettings {
         budget: Duration::from_millis(config.limits.login_retry_budget_ms),
         connect: ConnectSettings {
@@ -558,6 +560,7 @@ async fn server_session(
             scram: &shared.scram,
             auth_methods: &config.server_login.methods,
         },
+        rules_read_at,
     };
     login::connect(
         wanted.route,

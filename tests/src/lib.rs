@@ -344,19 +344,25 @@ impl Cluster {
     }
 }
 
+/// The end of a log, for a failing test's output.
+fn print_tail(whose: &str, log: &str) {
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(200)..];
+    eprintln!(
+        "--- the last {} lines of {whose}:\n{}",
+        tail.len(),
+        tail.join("\n")
+    );
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         // A failing test's clusters are deleted with it: what their servers said (a crash,
         // a worker's error) is shown with the failure.
         if std::thread::panicking() {
-            let log = self.server_log();
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(200)..];
-            eprintln!(
-                "--- the last {} lines of the server log of the cluster on port {}:\n{}",
-                tail.len(),
-                self.port,
-                tail.join("\n")
+            print_tail(
+                &format!("the server log of the cluster on port {}", self.port),
+                &self.server_log(),
             );
         }
         if self.running {
@@ -527,6 +533,13 @@ impl ProxyProcess {
 
 impl Drop for ProxyProcess {
     fn drop(&mut self) {
+        // Its log lives in the cluster's directory, deleted with a failing test.
+        if std::thread::panicking() {
+            print_tail(
+                &format!("the log of the proxy on port {}", self.port),
+                &self.log(),
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

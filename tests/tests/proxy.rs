@@ -2486,10 +2486,27 @@ fn a_server_tls_reload_pools_no_session_opened_under_the_old_rules() {
         config + "\n[server_tls]\nsslmode = \"require\"\n",
     )
     .unwrap();
-    proxy.signal("HUP");
-    wait_until("the reload", Duration::from_secs(30), || {
-        proxy.connect("appdb").is_err()
+    // Logins in flight while the reload runs: one that read the old rules must not end up
+    // in the pool, where the clients after the reload would be served by it.
+    let reloaded = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !reloaded.load(Ordering::SeqCst) {
+                let _ = proxy.connect("appdb");
+            }
+        });
+        proxy.signal("HUP");
+        wait_until("the reload", Duration::from_secs(30), || {
+            proxy.connect("appdb").is_err()
+        });
+        reloaded.store(true, Ordering::SeqCst);
     });
+    for _ in 0..5 {
+        assert!(
+            proxy.connect("appdb").is_err(),
+            "a plaintext session after the reload"
+        );
+    }
     assert_eq!(scalar(&mut in_use, "SELECT 'still here'"), "still here");
     drop(in_use);
     wait_until(
