@@ -5,12 +5,14 @@
 //! As root, every server program runs as the `postgres` system user (initdb refuses root);
 //! as anyone else, as that user. The proxy and rotation tests build on the same harness.
 
+use rand::Rng;
+use std::collections::BTreeSet;
 use std::fs;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 pub mod pki;
@@ -74,12 +76,27 @@ fn run(command: &mut Command) -> Output {
     output
 }
 
+/// A TCP port of 127.0.0.1 that nothing listens on, for a server a test is about to start.
+///
+/// Chosen below the kernel's ephemeral range, not by binding port 0: a port of that range can
+/// become the local port of any outgoing connection (pgbench `-C` opens thousands) between
+/// the moment it is chosen and the moment the server binds it, and the server then cannot
+/// start. Each port is handed out once per test process, so two tests never share one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let ephemeral_start = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let below_ephemeral = 10_000..ephemeral_start.max(20_000);
+    let mut handed_out = HANDED_OUT.lock().unwrap();
+    loop {
+        let port = rand::thread_rng().gen_range(below_ephemeral.clone());
+        if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
+            return port;
+        }
+    }
 }
 
 /// One initdb, kept under `target/` and reused by every test process of every run; each
