@@ -480,7 +480,9 @@ impl CredentialCache {
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(100);
             loop {
-                match cache.listen_once().await {
+                let ended = cache.listen_once().await;
+                cache.metrics.store_listening.store(0, Ordering::Relaxed);
+                match ended {
                     Ok(()) => delay = Duration::from_millis(100),
                     Err(error) => tracing::warn!(%error, "listening to pg_secrets_changed failed"),
                 }
@@ -524,10 +526,12 @@ impl CredentialCache {
                     // A change committed after the last clear but before this LISTEN took
                     // effect was announced to nobody.
                     self.invalidate_all();
+                    self.metrics.store_listening.store(1, Ordering::Relaxed);
                 }
                 message = messages.next() => match message {
                     Some(Ok(AsyncMessage::Notification(notification))) => {
                         self.on_notification(notification.payload());
+                        Metrics::count(&self.metrics.store_notifications, 1);
                     }
                     Some(Ok(_)) => {}
                     Some(Err(error)) => return Err(error),

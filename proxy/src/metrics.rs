@@ -67,6 +67,11 @@ pub struct Metrics {
     pub pinned_clients: AtomicU64,
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
+    /// 1 while the store connection listening to `pg_secrets_changed` is up: without it a
+    /// change reaches the cache only when the TTL runs out.
+    pub store_listening: AtomicU64,
+    /// Change notifications received from the store, each acted on (cache entries dropped).
+    pub store_notifications: AtomicU64,
     /// Logins that used a last known credential while the secrets store was away.
     pub stale_credentials: AtomicU64,
     /// SCRAM logins to servers that derived keys with PBKDF2, and those that found them cached.
@@ -132,6 +137,10 @@ impl Metrics {
              # TYPE secrets_proxy_credential_cache_total counter\n\
              secrets_proxy_credential_cache_total{{result=\"hit\"}} {}\n\
              secrets_proxy_credential_cache_total{{result=\"miss\"}} {}\n\
+             # TYPE secrets_proxy_store_listening gauge\n\
+             secrets_proxy_store_listening {}\n\
+             # TYPE secrets_proxy_store_notifications_total counter\n\
+             secrets_proxy_store_notifications_total {}\n\
              # TYPE secrets_proxy_scram_keys_total counter\n\
              secrets_proxy_scram_keys_total{{result=\"derived\"}} {}\n\
              secrets_proxy_scram_keys_total{{result=\"cached\"}} {}\n\
@@ -158,6 +167,8 @@ impl Metrics {
             get(&self.stale_credentials),
             get(&self.cache_hits),
             get(&self.cache_misses),
+            get(&self.store_listening),
+            get(&self.store_notifications),
             get(&self.scram_derivations),
             get(&self.scram_cache_hits),
             get(&self.scram_channel_bound),

@@ -29,6 +29,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -114,7 +115,10 @@ pub struct Proxy {
     tcp: Option<TcpListener>,
     unix: Option<(UnixListener, PathBuf)>,
     admin: Option<TcpListener>,
-    config_path: Option<PathBuf>,
+    /// The configuration file SIGHUP reloads, and the signal's stream: registered before the
+    /// listeners are bound, so that a SIGHUP sent once the proxy answers is never the default
+    /// action, which would end the process.
+    reload: Option<(PathBuf, Signal)>,
 }
 
 impl Proxy {
@@ -131,6 +135,13 @@ impl Proxy {
 
     /// Binds every listener the configuration names; nothing is served until `serve`.
     pub async fn bind(config: Config, config_path: Option<PathBuf>) -> Result<Proxy, String> {
+        let reload = match config_path {
+            Some(path) => Some((
+                path,
+                signal(SignalKind::hangup()).map_err(|e| format!("cannot handle SIGHUP: {e}"))?,
+            )),
+            None => None,
+        };
         let store_password = config.store_password()?;
         let metrics = Arc::new(Metrics::default());
         let credentials = CredentialCache::new(
@@ -193,7 +204,7 @@ impl Proxy {
             tcp,
             unix,
             admin,
-            config_path,
+            reload,
         })
     }
 
@@ -243,9 +254,10 @@ impl Proxy {
                 Arc::clone(&self.shared),
             )));
         }
-        if let Some(path) = self.config_path {
+        if let Some((path, hangups)) = self.reload {
             tasks.push(tokio::spawn(reload_on_sighup(
                 path,
+                hangups,
                 Arc::clone(&self.shared),
             )));
         }
@@ -637,11 +649,7 @@ fn client_gone(_: std::io::Error) -> ProxyError {
     ProxyError::Protocol("client went away during login".into())
 }
 
-async fn reload_on_sighup(path: PathBuf, shared: Arc<Shared>) {
-    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    else {
-        return;
-    };
+async fn reload_on_sighup(path: PathBuf, mut hangups: Signal, shared: Arc<Shared>) {
     while hangups.recv().await.is_some() {
         // Listeners, the store connection and the limits the running parts were built with
         // stay as they are; the rest is checked as it will run (a transaction-mode route

@@ -324,7 +324,7 @@ fn the_admin_port_answers_what_it_knows_and_bounds_the_rest() {
 #[test]
 fn cancel_requests_reach_the_right_server_session() {
     let fixture = fixture(r#""trust""#);
-    cancel_a_sleep(&mut fixture.connect());
+    cancel_a_sleep(&mut fixture.connect(), &fixture.cluster);
 
     // A key the proxy never gave out is ignored, as PostgreSQL ignores one: here the pid of a
     // key it gave out, with another secret. The connection closes without an answer and the
@@ -387,11 +387,16 @@ fn running(db: &mut Client, statement: &str) -> bool {
         == 1
 }
 
-/// A long query cancelled through the proxy stops with 57014 and the session goes on.
-fn cancel_a_sleep(client: &mut Client) {
+/// A long query cancelled through the proxy stops with 57014 and the session goes on. The
+/// cancel is sent once the query runs on `cluster`: PostgreSQL drops one that finds its
+/// session idle, and in transaction mode the client's key points nowhere until then.
+fn cancel_a_sleep(client: &mut Client, cluster: &Cluster) {
     let token = client.cancel_token();
+    let mut db = cluster.superuser();
     let canceller = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(500));
+        wait_until("the sleep to run", Duration::from_secs(30), || {
+            running(&mut db, "SELECT pg_sleep(30)")
+        });
         token.cancel_query(NoTls).unwrap();
     });
     let started = Instant::now();
@@ -448,7 +453,7 @@ fn servers_on_a_unix_socket() {
         row.get::<_, bool>(1),
         "the session should run over the Unix socket"
     );
-    cancel_a_sleep(&mut client);
+    cancel_a_sleep(&mut client, &fixture.cluster);
 }
 
 #[test]
@@ -514,6 +519,29 @@ fn counter(fixture: &Fixture, line: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {line} in {metrics}"))
 }
 
+/// Waits until the proxy listens to the store's change notifications, its cache emptied of
+/// what it fetched before.
+fn wait_until_listening(fixture: &Fixture) {
+    wait_until("the proxy to listen", Duration::from_secs(30), || {
+        counter(fixture, "secrets_proxy_store_listening") == 1
+    });
+}
+
+/// Waits until the proxy has acted on `notifications` change notifications in all.
+fn wait_until_notified(fixture: &Fixture, notifications: u64) {
+    wait_until("the change notification", Duration::from_secs(30), || {
+        counter(fixture, "secrets_proxy_store_notifications_total") >= notifications
+    });
+}
+
+/// Waits until no client is being served: a session whose client left is back in the pool
+/// (reset with DISCARD ALL) or closed.
+fn wait_until_pooled(fixture: &Fixture) {
+    wait_until("the sessions to be pooled", Duration::from_secs(30), || {
+        counter(fixture, "secrets_proxy_active_clients") == 0
+    });
+}
+
 /// What the proxy keeps ages out: a cached credential is fetched again after
 /// `credential_ttl_secs` without any notification, and a pooled server session is not reused
 /// past `server_lifetime_secs`, so a session logged in with a rotated-out password ends.
@@ -529,29 +557,13 @@ fn cached_credentials_and_pooled_sessions_age_out() {
     );
     // Once its LISTEN has begun, the proxy empties its cache (a change may have come before):
     // only what it fetches after that stays cached.
-    let mut db = fixture.cluster.superuser();
-    wait_until("the proxy to listen", Duration::from_secs(10), || {
-        first_column(
-            &mut db,
-            "SELECT state FROM pg_stat_activity WHERE query = 'LISTEN pg_secrets_changed'",
-        ) == ["idle"]
-    });
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until_listening(&fixture);
     let misses = r#"secrets_proxy_credential_cache_total{result="miss"}"#;
     let backend_pid = || scalar(&mut fixture.connect(), "SELECT pg_backend_pid()");
     let first = backend_pid();
     let fetched = counter(&fixture, misses);
     assert!(fetched >= 1);
-    // The session goes back to the pool once DISCARD ALL has answered.
-    wait_until("the session to be pooled", Duration::from_secs(10), || {
-        first_column(
-            &mut db,
-            &format!(
-                "SELECT state FROM pg_stat_activity WHERE pid = {first} AND query = 'DISCARD ALL'"
-            ),
-        ) == ["idle"]
-    });
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until_pooled(&fixture);
     // At once: the same server session, the credential from the cache.
     assert_eq!(backend_pid(), first);
     assert_eq!(counter(&fixture, misses), fetched);
@@ -577,6 +589,10 @@ fn a_rotation_window_costs_one_refused_login_not_one_per_client() {
     fixture.connect().query_one("SELECT 1", &[]).unwrap();
     let refused = r#"secrets_proxy_login_retries_total{reason="refused"}"#;
     assert_eq!(counter(&fixture, refused), 0);
+    // Each change's notification must have been acted on before the logins that follow it: a
+    // late one would end the preference for PENDING in the middle of the window.
+    wait_until_listening(&fixture);
+    let notified = counter(&fixture, "secrets_proxy_store_notifications_total");
 
     let mut db = fixture.cluster.superuser();
     let pending: String = db
@@ -588,6 +604,7 @@ fn a_rotation_window_costs_one_refused_login_not_one_per_client() {
         .get(0);
     db.batch_execute("ALTER ROLE app PASSWORD 'pw-window'")
         .unwrap();
+    wait_until_notified(&fixture, notified + 1);
     for _ in 0..5 {
         fixture.connect().query_one("SELECT 1", &[]).unwrap();
     }
@@ -605,7 +622,7 @@ fn a_rotation_window_costs_one_refused_login_not_one_per_client() {
     let by_pending = r#"secrets_proxy_server_logins_total{stage="PENDING"}"#;
     let pending_logins = counter(&fixture, by_pending);
     assert_eq!(pending_logins, 5, "every login in the window used PENDING");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until_notified(&fixture, notified + 2);
     for _ in 0..3 {
         fixture.connect().query_one("SELECT 1", &[]).unwrap();
     }
@@ -636,6 +653,8 @@ fn a_silent_server_holds_a_login_no_longer_than_the_retry_budget() {
         r#"{{"host": "127.0.0.1", "port": {}, "username": "app", "password": "pw-0"}}"#,
         silent.local_addr().unwrap().port()
     );
+    wait_until_listening(&fixture);
+    let notified = counter(&fixture, "secrets_proxy_store_notifications_total");
     let mut db = fixture.cluster.superuser();
     for stages in ["{CURRENT}", "{CURRENT}", "{PENDING}"] {
         db.execute(
@@ -644,7 +663,7 @@ fn a_silent_server_holds_a_login_no_longer_than_the_retry_budget() {
         )
         .unwrap();
     }
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until_notified(&fixture, notified + 3);
     let started = Instant::now();
     let Err(error) = fixture.try_connect() else {
         panic!("a login to a server that says nothing succeeded");
@@ -726,6 +745,8 @@ fn settings_reach_the_server_but_a_login_delay_is_refused() {
 #[test]
 fn a_credential_is_read_as_the_rotators_read_it_and_a_bad_one_fails_at_once() {
     let fixture = fixture(r#""trust""#);
+    wait_until_listening(&fixture);
+    let notified = counter(&fixture, "secrets_proxy_store_notifications_total");
     let mut db = fixture.cluster.superuser();
     let with_port_text = format!(
         r#"{{"host": "127.0.0.1", "port": "{}", "dbname": "postgres", "username": "app", "password": "pw-0"}}"#,
@@ -736,7 +757,7 @@ fn a_credential_is_read_as_the_rotators_read_it_and_a_bad_one_fails_at_once() {
         &[&with_port_text],
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until_notified(&fixture, notified + 1);
     fixture.connect().query_one("SELECT 1", &[]).unwrap();
 
     // Twice, so that PREVIOUS is no credential either (a bad CURRENT alone falls back to it).
@@ -747,7 +768,7 @@ fn a_credential_is_read_as_the_rotators_read_it_and_a_bad_one_fails_at_once() {
         )
         .unwrap();
     }
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until_notified(&fixture, notified + 3);
     let started = Instant::now();
     let Err(error) = fixture.try_connect() else {
         panic!("logged in with a credential that is not one");
@@ -1012,7 +1033,8 @@ fn pgbench_sees_no_failure_while_the_worker_rotates_the_password() {
         .unwrap()
         .get(0)
     };
-    let rotations = pgbench_while(&fixture, 8, RECONNECTING, || {
+    // Each rotation waits for the worker's next round (1 s), on two cores pgbench keeps busy.
+    let rotations = pgbench_while(&fixture, 12, RECONNECTING, || {
         let before = rotated(&mut db);
         db.execute(
             "SELECT secrets.rotate_secret('db/app', rotator => 'postgres-single-user')",
@@ -1291,7 +1313,7 @@ fn server_connections_are_reused_clean_and_only_when_idle() {
         .batch_execute("SET search_path = nowhere; PREPARE p AS SELECT 1;")
         .unwrap();
     drop(first);
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until_pooled(&fixture);
 
     // The next client gets the same server session, reset: nothing of the first one remains.
     let mut second = fixture.connect();
@@ -1318,7 +1340,7 @@ fn server_connections_are_reused_clean_and_only_when_idle() {
     // A client that leaves inside a transaction takes its server session with it.
     second.batch_execute("BEGIN; SELECT 1").unwrap();
     drop(second);
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until_pooled(&fixture);
     let mut third = fixture.connect();
     assert_ne!(pid_of(&mut third), first_pid);
     let metrics = http_get(fixture.proxy.admin_address.unwrap(), "/metrics");
@@ -1351,7 +1373,7 @@ fn the_last_known_credential_serves_for_a_while_when_the_store_is_down() {
         Config::parse(&format!(
             "[listen]\ntcp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
              [store]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"proxy\"\npassword = \"proxy-pw\"\n\
-             [limits]\nstale_credential_secs = 3\nlogin_retry_budget_ms = 500\npool_max_idle = 0\n\
+             [limits]\nstale_credential_secs = 10\nlogin_retry_budget_ms = 500\npool_max_idle = 0\n\
              [[route]]\ndatabase = \"appdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n",
             store.port
         ))
@@ -1368,6 +1390,8 @@ fn the_last_known_credential_serves_for_a_while_when_the_store_is_down() {
         )
     };
     connect().unwrap().query_one("SELECT 1", &[]).unwrap();
+    // The credential was fetched before this: the bound ends 10 s after it at the latest.
+    let fetched_by = Instant::now();
 
     store.stop("immediate");
     std::thread::sleep(Duration::from_millis(500));
@@ -1380,7 +1404,9 @@ fn the_last_known_credential_serves_for_a_while_when_the_store_is_down() {
     );
 
     // Past the bound, the client is told the store is unreachable.
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(
+        (fetched_by + Duration::from_secs(10)).saturating_duration_since(Instant::now()),
+    );
     let error = connect().err().expect("no credential past the stale bound");
     assert_eq!(
         error.as_db_error().unwrap().code().code(),
@@ -1395,7 +1421,9 @@ fn the_last_known_credential_serves_for_a_while_when_the_store_is_down() {
 #[test]
 fn a_store_that_stops_answering_is_unreachable_and_the_last_credential_serves() {
     let fixture = fixture(r#""trust""#);
+    wait_until_listening(&fixture);
     fixture.connect().query_one("SELECT 1", &[]).unwrap();
+    let notified = counter(&fixture, "secrets_proxy_store_notifications_total");
     let mut db = fixture.cluster.superuser();
     // The proxy's pooled store connections, not the one listening for changes.
     let frozen: Vec<String> = first_column(
@@ -1419,7 +1447,7 @@ fn a_store_that_stops_answering_is_unreachable_and_the_last_credential_serves() 
         &[&credential_json(&fixture.cluster, "pw-0")],
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until_notified(&fixture, notified + 1);
     let port = fixture.port();
     let (done, answer) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -1630,7 +1658,7 @@ fn transaction_mode_lends_a_few_server_sessions_to_many_clients() {
     others[0].batch_execute("COMMIT").unwrap();
 
     // A cancel request reaches whichever session runs the client's statement.
-    cancel_a_sleep(&mut others[1]);
+    cancel_a_sleep(&mut others[1], &fixture.cluster);
 
     // Between its transactions a client's cancel key points nowhere: it cannot stop another
     // client's statement on the session it used last. One session held, so the other client
