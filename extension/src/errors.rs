@@ -19,6 +19,9 @@ pub enum Error {
     LimitExceeded(String),
     #[error("secret \"{0}\" does not exist")]
     NotFound(String),
+    /// A secret that work begun earlier knows by id (a rotation), removed for good since.
+    #[error("the secret with id {0} does not exist any more")]
+    GoneById(pgrx::Uuid),
     #[error("secret \"{name}\" has no version {what}")]
     VersionNotFound { name: String, what: String },
     #[error("permission denied: {action} on secret \"{name}\"")]
@@ -133,9 +136,10 @@ impl Error {
             Error::NullArgument(_) => (ERRCODE_NULL_VALUE_NOT_ALLOWED, "22004"),
             Error::InvalidParameter(_) => (ERRCODE_INVALID_PARAMETER_VALUE, "22023"),
             Error::LimitExceeded(_) => (ERRCODE_PROGRAM_LIMIT_EXCEEDED, "54000"),
-            Error::NotFound(_) | Error::VersionNotFound { .. } | Error::NoSuchObject(_) => {
-                (ERRCODE_UNDEFINED_OBJECT, "42704")
-            }
+            Error::NotFound(_)
+            | Error::GoneById(_)
+            | Error::VersionNotFound { .. }
+            | Error::NoSuchObject(_) => (ERRCODE_UNDEFINED_OBJECT, "42704"),
             Error::AccessDenied { .. }
             | Error::BeyondOwnAccess { .. }
             | Error::StoreWideDenied { .. } => (ERRCODE_INSUFFICIENT_PRIVILEGE, "42501"),

@@ -66,7 +66,7 @@ fn load_settings(client: &SpiClient<'_>, secret_id: Uuid) -> Result<Settings> {
         Some(1),
         &[secret_id.into()],
     )?)
-    .ok_or_else(|| Error::NotFound(secret_id.to_string()))?;
+    .ok_or(Error::GoneById(secret_id))?;
     Ok(Settings {
         rotator: row.get(1)?,
         schedule: row.get(2)?,

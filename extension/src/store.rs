@@ -96,7 +96,7 @@ pub fn secret_by_id(client: &SpiClient<'_>, id: Uuid) -> Result<SecretRow> {
         Some(1),
         &[id.into()],
     )?)
-    .ok_or_else(|| Error::NotFound(id.to_string()))?;
+    .ok_or(Error::GoneById(id))?;
     Ok(SecretRow {
         id,
         name: required(&row, 1)?,

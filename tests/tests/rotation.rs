@@ -172,8 +172,13 @@ fn a_role_of_this_cluster_rotates_in_one_transaction_and_the_password_is_never_l
         .unwrap()
         .get(0);
     assert!(!statements.contains(&new_password));
+    // The logging collector writes its file on its own time.
+    wait_until(
+        "the statement in the server log",
+        Duration::from_secs(30),
+        || cluster.server_log().contains("rotate_secret"),
+    );
     let log = cluster.server_log();
-    assert!(log.contains("rotate_secret"), "log_statement=all is on");
     assert!(
         !log.contains(&new_password),
         "the new password is in the server log"
@@ -678,10 +683,13 @@ fn schedules_are_checked_and_a_rate_rotates_on_its_own() {
 
     // With the minimum lowered, rate(1 minutes) and no window: the worker rotates within
     // about a minute, unasked.
+    let default_minimum = first_column(&mut db, "SHOW pg_secrets.min_rotation_interval");
     db.batch_execute("ALTER SYSTEM SET pg_secrets.min_rotation_interval = 60")
         .unwrap();
     db.batch_execute("SELECT pg_reload_conf()").unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until("the reload", Duration::from_secs(30), || {
+        first_column(&mut db, "SHOW pg_secrets.min_rotation_interval") != default_minimum
+    });
     db.execute(
         "SELECT secrets.rotate_secret('db/app', 'postgres-single-user', 'rate(1 minutes)', \
                 '0 seconds', rotate_immediately => false)",
@@ -748,8 +756,16 @@ fn a_remote_single_user_rotates_through_the_worker() {
     assert!(login(&target, &first).is_err());
     assert_eq!(stage(&mut db, "db/remote", "PREVIOUS"), first);
     // The target saw a verifier, never the password.
+    wait_until(
+        "the target's log of the change",
+        Duration::from_secs(30),
+        || {
+            target
+                .server_log()
+                .contains("ALTER ROLE CURRENT_USER PASSWORD 'SCRAM-SHA-256$4096:")
+        },
+    );
     let log = target.server_log();
-    assert!(log.contains("ALTER ROLE CURRENT_USER PASSWORD 'SCRAM-SHA-256$4096:"));
     assert!(!log.contains(&password_of(&now)));
     assert!(!store.server_log().contains(&password_of(&now)));
 }
@@ -1304,13 +1320,20 @@ fn a_rotator_programs_background_job_neither_holds_up_nor_outlives_the_step() {
         current(&mut db, "api/lingering"),
         "key-from-a-lingering-program"
     );
-    // Every process's command line, from /proc, for the job's own.
-    let jobs_left = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
-        .filter(|command| command == b"sleep\x00301\x00")
-        .count();
-    assert_eq!(jobs_left, 0, "the program's background job outlived it");
+    // Every process's command line, from /proc, for the job's own. A process just killed
+    // keeps its command line until it has exited.
+    let jobs_left = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
+            .filter(|command| command == b"sleep\x00301\x00")
+            .count()
+    };
+    wait_until(
+        "the program's background job to be gone",
+        Duration::from_secs(10),
+        || jobs_left() == 0,
+    );
 }
 
 /// A rotator program that fails, is killed or outlasts `pg_secrets.rotator_timeout` fails the

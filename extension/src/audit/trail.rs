@@ -449,16 +449,20 @@ pub fn secrets_read_by(role: pg_sys::Oid) -> Result<Vec<Uuid>> {
 /// last update. Returns the range of record ids examined, `(after, upto]`. Only the audit
 /// worker calls it.
 pub(super) fn update_readers(client: &mut SpiClient<'_>) -> Result<(i64, i64)> {
-    let range = client
-        .update(
-            "UPDATE secrets.audit_reader_progress p \
+    // Its one row is made with the table; only a superuser can have deleted it.
+    let Some(range) = crate::db::first_row(client.update(
+        "UPDATE secrets.audit_reader_progress p \
              SET through_id = (SELECT coalesce(max(id), 0) FROM secrets.audit_record) \
              FROM (SELECT through_id AS before FROM secrets.audit_reader_progress FOR UPDATE) b \
              RETURNING b.before, p.through_id",
-            None,
-            &[],
-        )?
-        .first();
+        None,
+        &[],
+    )?) else {
+        return Err(Error::SchemaMismatch {
+            table: "secrets.audit_reader_progress".into(),
+            problem: "its one row is missing".into(),
+        });
+    };
     let (after, upto): (i64, i64) = (range.get(1)?.unwrap_or(0), range.get(2)?.unwrap_or(0));
     if upto > after {
         client.update(
