@@ -30,6 +30,14 @@ stop_proxy() {
     pid="$(cat "$PROXY_PID" 2>/dev/null || true)"
     if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = secrets-proxy ] \
         && kill "$pid" 2>/dev/null; then
+        # SIGTERM lets sessions finish; past 10 s SIGINT ends them. Waited for, so that a
+        # proxy started next finds the port free.
+        for _ in $(seq 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -INT "$pid" 2>/dev/null || true
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
         echo "stopped secrets-proxy"
     fi
     rm -f "$PROXY_PID"
@@ -83,7 +91,12 @@ pool_size = 5
 TOML
     target/release/secrets-proxy --config "$ROOT/proxy.toml" >"$ROOT/proxy.log" 2>&1 &
     echo $! >"$PROXY_PID"
-    sleep 0.5
+    # Ready once it accepts connections, or given up on when it has exited.
+    for _ in $(seq 100); do
+        kill -0 "$(cat "$PROXY_PID")" 2>/dev/null || break
+        (exec 3<>"/dev/tcp/127.0.0.1/$PROXY_PORT") 2>/dev/null && break
+        sleep 0.1
+    done
     if ! kill -0 "$(cat "$PROXY_PID")" 2>/dev/null; then
         echo "secrets-proxy did not start (set SECRETS_PROXY_PORT to use another port than $PROXY_PORT):" >&2
         tail -5 "$ROOT/proxy.log" >&2
