@@ -600,6 +600,31 @@ pub fn http_get(address: std::net::SocketAddr, path: &str) -> String {
     response
 }
 
+/// The value of metric `line` (its name and labels) at a proxy's admin `address`.
+pub fn metric(address: std::net::SocketAddr, line: &str) -> u64 {
+    let metrics = http_get(address, "/metrics");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {line} in {metrics}"))
+}
+
+/// Waits until the proxy at admin `address` listens to the store's change notifications, its
+/// cache emptied of what it fetched before.
+pub fn wait_until_listening(address: std::net::SocketAddr) {
+    wait_until("the proxy to listen", Duration::from_secs(30), || {
+        metric(address, "secrets_proxy_store_listening") == 1
+    });
+}
+
+/// Waits until the proxy at admin `address` has acted on `notifications` change
+/// notifications in all.
+pub fn wait_until_notified(address: std::net::SocketAddr, notifications: u64) {
+    wait_until("the change notification", Duration::from_secs(30), || {
+        metric(address, "secrets_proxy_store_notifications_total") >= notifications
+    });
+}
+
 /// A StartupMessage (or, with another version code, what a client sends first).
 pub fn startup_packet(version: i32, parameters: &[(&str, &str)]) -> Vec<u8> {
     let mut body = version.to_be_bytes().to_vec();

@@ -924,8 +924,9 @@ fn a_queue_file_left_by_an_operating_system_crash_is_read_for_what_it_holds() {
         .superuser()
         .batch_execute("SELECT secrets.create_secret('crash/key', 'v')")
         .unwrap();
-    let worker = reads_while_the_worker_is_stopped(&cluster, 10);
-    signal(&worker, "-KILL");
+    // Stopped while its worker is frozen: the postmaster kills it after a few seconds, and
+    // no crash restart (which a killed worker would start) can drain the records first.
+    let _frozen = reads_while_the_worker_is_stopped(&cluster, 10);
     cluster.stop("immediate");
     let queue_file = cluster.data_dir().join("pg_secrets_audit.queue");
     let edit = |change: &dyn Fn(&mut Vec<u8>)| {
@@ -1383,7 +1384,7 @@ fn a_burst_of_denials_trips_its_rule_even_when_evaluated_later() {
          CREATE ROLE group_b IN ROLE secrets_user;
          CREATE ROLE prober LOGIN PASSWORD 'pw' IN ROLE group_a, group_b;
          SELECT secrets.create_secret('burst/db', 'v');
-         SELECT secrets.create_alarm_rule('burst', 'denials', '{\"count\": 3, \"window\": 1}');",
+         SELECT secrets.create_alarm_rule('burst', 'denials', '{\"count\": 3, \"window\": 5}');",
     )
     .unwrap();
     // The worker skips a rule another transaction holds: it is evaluated only after the
@@ -1404,7 +1405,9 @@ fn a_burst_of_denials_trips_its_rule_even_when_evaluated_later() {
         "secret_name = 'burst/db' AND outcome = 'denied'",
         3,
     );
-    std::thread::sleep(Duration::from_millis(2500));
+    // Past the window since the last denial (5 s, wide enough for three calls on a loaded
+    // machine).
+    std::thread::sleep(Duration::from_secs(6));
     holder.batch_execute("COMMIT").unwrap();
     wait_until("the denials alarm", MINUTE, || {
         db.query_one(
@@ -1456,23 +1459,25 @@ fn last_accessed_is_a_utc_date_written_once_a_day() {
         None,
         "a read-only transaction writes nothing"
     );
+    let utc_today = |db: &mut Client| -> String {
+        db.query_one("SELECT ((now() AT TIME ZONE 'UTC')::date)::text", &[])
+            .unwrap()
+            .get(0)
+    };
+    let day = utc_today(&mut db);
     db.query_one("SELECT secrets.get_secret_value('seen/db')", &[])
         .unwrap();
-    let utc_today: String = db
-        .query_one("SELECT ((now() AT TIME ZONE 'UTC')::date)::text", &[])
-        .unwrap()
-        .get(0);
     let (accessed, written_by) = state(&mut db);
-    assert_eq!(accessed.as_deref(), Some(utc_today.as_str()), "in {zone}");
     for _ in 0..3 {
         db.query_one("SELECT secrets.get_secret_value('seen/db')", &[])
             .unwrap();
     }
-    assert_eq!(
-        state(&mut db).1,
-        written_by,
-        "not written again the same day"
-    );
+    let written_by_now = state(&mut db).1;
+    // A run across midnight UTC proves nothing about one day, and is not held against it.
+    if utc_today(&mut db) == day {
+        assert_eq!(accessed.as_deref(), Some(day.as_str()), "in {zone}");
+        assert_eq!(written_by_now, written_by, "not written again the same day");
+    }
 }
 
 /// The chain's end is also kept outside the database: removing the newest records no longer

@@ -4,7 +4,8 @@
 
 use pg_secrets_e2e::{
     cluster_with_app_credential, credential_json, first_column, http_get, startup_packet,
-    wait_until, Cluster, ProxyProcess, SUPERUSER, SUPERUSER_PASSWORD,
+    wait_until, wait_until_listening, wait_until_notified, Cluster, ProxyProcess, SUPERUSER,
+    SUPERUSER_PASSWORD,
 };
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
@@ -94,6 +95,10 @@ fn proxy_process(cluster: &Cluster, name: &str) -> (ProxyProcess, std::path::Pat
 impl Fixture {
     fn port(&self) -> u16 {
         self.proxy.tcp_address.unwrap().port()
+    }
+
+    fn admin(&self) -> std::net::SocketAddr {
+        self.proxy.admin_address.unwrap()
     }
 
     fn connect(&self) -> Client {
@@ -512,26 +517,7 @@ fn logins_ride_through_rotation_and_old_sessions_stay() {
 
 /// The value of counter `line` (its name and labels) in the proxy's metrics.
 fn counter(fixture: &Fixture, line: &str) -> u64 {
-    let metrics = http_get(fixture.proxy.admin_address.unwrap(), "/metrics");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {line} in {metrics}"))
-}
-
-/// Waits until the proxy listens to the store's change notifications, its cache emptied of
-/// what it fetched before.
-fn wait_until_listening(fixture: &Fixture) {
-    wait_until("the proxy to listen", Duration::from_secs(30), || {
-        counter(fixture, "secrets_proxy_store_listening") == 1
-    });
-}
-
-/// Waits until the proxy has acted on `notifications` change notifications in all.
-fn wait_until_notified(fixture: &Fixture, notifications: u64) {
-    wait_until("the change notification", Duration::from_secs(30), || {
-        counter(fixture, "secrets_proxy_store_notifications_total") >= notifications
-    });
+    pg_secrets_e2e::metric(fixture.admin(), line)
 }
 
 /// Waits until no client is being served: a session whose client left is back in the pool
@@ -557,7 +543,7 @@ fn cached_credentials_and_pooled_sessions_age_out() {
     );
     // Once its LISTEN has begun, the proxy empties its cache (a change may have come before):
     // only what it fetches after that stays cached.
-    wait_until_listening(&fixture);
+    wait_until_listening(fixture.admin());
     let misses = r#"secrets_proxy_credential_cache_total{result="miss"}"#;
     let backend_pid = || scalar(&mut fixture.connect(), "SELECT pg_backend_pid()");
     let first = backend_pid();
@@ -591,7 +577,7 @@ fn a_rotation_window_costs_one_refused_login_not_one_per_client() {
     assert_eq!(counter(&fixture, refused), 0);
     // Each change's notification must have been acted on before the logins that follow it: a
     // late one would end the preference for PENDING in the middle of the window.
-    wait_until_listening(&fixture);
+    wait_until_listening(fixture.admin());
     let notified = counter(&fixture, "secrets_proxy_store_notifications_total");
 
     let mut db = fixture.cluster.superuser();
@@ -604,7 +590,7 @@ fn a_rotation_window_costs_one_refused_login_not_one_per_client() {
         .get(0);
     db.batch_execute("ALTER ROLE app PASSWORD 'pw-window'")
         .unwrap();
-    wait_until_notified(&fixture, notified + 1);
+    wait_until_notified(fixture.admin(), notified + 1);
     for _ in 0..5 {
         fixture.connect().query_one("SELECT 1", &[]).unwrap();
     }
@@ -622,7 +608,7 @@ fn a_rotation_window_costs_one_refused_login_not_one_per_client() {
     let by_pending = r#"secrets_proxy_server_logins_total{stage="PENDING"}"#;
     let pending_logins = counter(&fixture, by_pending);
     assert_eq!(pending_logins, 5, "every login in the window used PENDING");
-    wait_until_notified(&fixture, notified + 2);
+    wait_until_notified(fixture.admin(), notified + 2);
     for _ in 0..3 {
         fixture.connect().query_one("SELECT 1", &[]).unwrap();
     }
@@ -653,7 +639,7 @@ fn a_silent_server_holds_a_login_no_longer_than_the_retry_budget() {
         r#"{{"host": "127.0.0.1", "port": {}, "username": "app", "password": "pw-0"}}"#,
         silent.local_addr().unwrap().port()
     );
-    wait_until_listening(&fixture);
+    wait_until_listening(fixture.admin());
     let notified = counter(&fixture, "secrets_proxy_store_notifications_total");
     let mut db = fixture.cluster.superuser();
     for stages in ["{CURRENT}", "{CURRENT}", "{PENDING}"] {
@@ -663,7 +649,7 @@ fn a_silent_server_holds_a_login_no_longer_than_the_retry_budget() {
         )
         .unwrap();
     }
-    wait_until_notified(&fixture, notified + 3);
+    wait_until_notified(fixture.admin(), notified + 3);
     let started = Instant::now();
     let Err(error) = fixture.try_connect() else {
         panic!("a login to a server that says nothing succeeded");
@@ -745,7 +731,7 @@ fn settings_reach_the_server_but_a_login_delay_is_refused() {
 #[test]
 fn a_credential_is_read_as_the_rotators_read_it_and_a_bad_one_fails_at_once() {
     let fixture = fixture(r#""trust""#);
-    wait_until_listening(&fixture);
+    wait_until_listening(fixture.admin());
     let notified = counter(&fixture, "secrets_proxy_store_notifications_total");
     let mut db = fixture.cluster.superuser();
     let with_port_text = format!(
@@ -757,7 +743,7 @@ fn a_credential_is_read_as_the_rotators_read_it_and_a_bad_one_fails_at_once() {
         &[&with_port_text],
     )
     .unwrap();
-    wait_until_notified(&fixture, notified + 1);
+    wait_until_notified(fixture.admin(), notified + 1);
     fixture.connect().query_one("SELECT 1", &[]).unwrap();
 
     // Twice, so that PREVIOUS is no credential either (a bad CURRENT alone falls back to it).
@@ -768,7 +754,7 @@ fn a_credential_is_read_as_the_rotators_read_it_and_a_bad_one_fails_at_once() {
         )
         .unwrap();
     }
-    wait_until_notified(&fixture, notified + 3);
+    wait_until_notified(fixture.admin(), notified + 3);
     let started = Instant::now();
     let Err(error) = fixture.try_connect() else {
         panic!("logged in with a credential that is not one");
@@ -1421,7 +1407,7 @@ fn the_last_known_credential_serves_for_a_while_when_the_store_is_down() {
 #[test]
 fn a_store_that_stops_answering_is_unreachable_and_the_last_credential_serves() {
     let fixture = fixture(r#""trust""#);
-    wait_until_listening(&fixture);
+    wait_until_listening(fixture.admin());
     fixture.connect().query_one("SELECT 1", &[]).unwrap();
     let notified = counter(&fixture, "secrets_proxy_store_notifications_total");
     let mut db = fixture.cluster.superuser();
@@ -1447,7 +1433,7 @@ fn a_store_that_stops_answering_is_unreachable_and_the_last_credential_serves() 
         &[&credential_json(&fixture.cluster, "pw-0")],
     )
     .unwrap();
-    wait_until_notified(&fixture, notified + 1);
+    wait_until_notified(fixture.admin(), notified + 1);
     let port = fixture.port();
     let (done, answer) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -5,8 +5,8 @@
 
 use pg_secrets_e2e::pki::{make_pki, Pki};
 use pg_secrets_e2e::{
-    cluster_with_app_credential, free_port, http_get, wait_until, Cluster, KeySource, ProxyProcess,
-    TEST_KEY,
+    cluster_with_app_credential, free_port, http_get, metric, wait_until, wait_until_listening,
+    wait_until_notified, Cluster, KeySource, ProxyProcess, TEST_KEY,
 };
 use secrets_proxy::{Config, RunningProxy};
 use std::fs;
@@ -255,7 +255,11 @@ fn tls_to_servers_verified_against_the_configured_ca() {
         metrics.contains("secrets_proxy_scram_channel_bound_logins_total 3\n"),
         "{metrics}"
     );
-    // A new password is a new derivation, once.
+    // A new password is a new derivation, once (the proxy told of the change before the next
+    // login, or it would first try the cached password against the new salt).
+    let admin = proxy.admin_address.unwrap();
+    wait_until_listening(admin);
+    let notified = metric(admin, "secrets_proxy_store_notifications_total");
     db.batch_execute("ALTER ROLE app PASSWORD 'pw-1'").unwrap();
     db.execute(
         "SELECT secrets.put_secret_value('db/app', $1)",
@@ -265,6 +269,7 @@ fn tls_to_servers_verified_against_the_configured_ca() {
         )],
     )
     .unwrap();
+    wait_until_notified(admin, notified + 1);
     for _ in 0..2 {
         let (ok, text) = psql(port, "sslmode=disable");
         assert!(ok && text.trim() == "app true", "{text}");
@@ -440,7 +445,14 @@ fn client_certificates_to_the_store_and_to_servers() {
     )
     .unwrap();
     db.batch_execute("SELECT pg_reload_conf()").unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    wait_until(
+        "the new pg_hba.conf",
+        std::time::Duration::from_secs(30),
+        || {
+            postgres::Client::connect(&cluster.connection_string("app", "pw-0"), postgres::NoTls)
+                .is_err()
+        },
+    );
     let certificate = format!(
         "cert_file = \"{}\"\nkey_file = \"{}\"",
         pki.client_cert.display(),

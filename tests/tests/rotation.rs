@@ -819,14 +819,24 @@ fn cancelling_leaves_a_rotation_at_set_to_finish() {
     assert_eq!(current(&mut db, "db/held"), first);
 }
 
-/// The rotation's error once a step has failed.
-fn wait_for_rotation_error(db: &mut Client, name: &str) -> String {
-    let mut error = None;
-    wait_until("the rotation to fail", Duration::from_secs(60), || {
-        error = rotation_field(db, name, &["in_progress", "last_error"]);
-        error.is_some()
-    });
-    error.unwrap()
+/// Waits until a step of the rotation has failed with an error naming every one of `words`. An
+/// earlier attempt may have failed otherwise (the worker had not yet reloaded its settings,
+/// or the target went away after the attempt the test arranged).
+fn wait_for_rotation_error(db: &mut Client, name: &str, words: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let error = rotation_field(db, name, &["in_progress", "last_error"]);
+        if let Some(error) = &error {
+            if words.iter().all(|word| error.contains(word)) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rotation of {name} did not fail naming {words:?}; its last error: {error:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn set_rotator_sslmode(db: &mut Client, mode: &str) {
@@ -921,11 +931,13 @@ fn remote_rotations_use_tls_as_rotator_sslmode_asks() {
         "app_by_ip",
         "first-password",
     );
-    let error = wait_for_rotation_error(&mut db, "db/by-ip");
-    assert!(error.contains("invalid peer certificate"), "{error}");
-    assert!(
-        error.contains("pg_secrets.rotator_sslmode is verify-full"),
-        "{error}"
+    wait_for_rotation_error(
+        &mut db,
+        "db/by-ip",
+        &[
+            "invalid peer certificate",
+            "pg_secrets.rotator_sslmode is verify-full",
+        ],
     );
     assert_eq!(current(&mut db, "db/by-ip"), by_ip);
     let plain = rotate(
@@ -936,9 +948,11 @@ fn remote_rotations_use_tls_as_rotator_sslmode_asks() {
         "app",
         "first-password",
     );
-    let error = wait_for_rotation_error(&mut db, "db/plain");
-    assert!(error.contains("server does not support TLS"), "{error}");
-    assert!(error.contains("must offer TLS"), "{error}");
+    wait_for_rotation_error(
+        &mut db,
+        "db/plain",
+        &["server does not support TLS", "must offer TLS"],
+    );
     assert_eq!(current(&mut db, "db/plain"), plain);
 
     // require: any certificate, SCRAM bound to the session; cleartext is refused before the
@@ -962,8 +976,7 @@ fn remote_rotations_use_tls_as_rotator_sslmode_asks() {
         "clear",
         "clear-password",
     );
-    let error = wait_for_rotation_error(&mut db, "db/clear");
-    assert!(error.contains("channel binding"), "{error}");
+    wait_for_rotation_error(&mut db, "db/clear", &["channel binding"]);
     assert_eq!(current(&mut db, "db/clear"), clear);
     // A server that lets the login in without a password is still refused for that reason.
     rotate(
@@ -974,8 +987,7 @@ fn remote_rotations_use_tls_as_rotator_sslmode_asks() {
         "trusted",
         "trusted-password",
     );
-    let error = wait_for_rotation_error(&mut db, "db/trusted");
-    assert!(error.contains("without asking for its password"), "{error}");
+    wait_for_rotation_error(&mut db, "db/trusted", &["without asking for its password"]);
 
     // Every connection a rotation made was encrypted, and `clear` never got in.
     let log = tls_target.server_log();
@@ -1007,11 +1019,13 @@ fn remote_rotations_use_tls_as_rotator_sslmode_asks() {
         "app",
         "first-password",
     );
-    let error = wait_for_rotation_error(&mut db, "db/no-roots");
-    assert!(
-        error.contains("pg_secrets.rotator_ssl_root_cert")
-            && error.contains("no certificate in the file"),
-        "{error}"
+    wait_for_rotation_error(
+        &mut db,
+        "db/no-roots",
+        &[
+            "pg_secrets.rotator_ssl_root_cert",
+            "no certificate in the file",
+        ],
     );
     assert_eq!(current(&mut db, "db/no-roots"), no_roots);
 
@@ -1635,7 +1649,6 @@ fn an_immediate_stop_between_set_and_finish_resumes_after_restart() {
     let mut db = store.superuser();
     let first = credential("127.0.0.1", target.port, "app", "first-password", "");
     create_secret(&mut db, "db/crash", &first);
-    // Read once, so today's access date is written now and not while the worker holds the row.
     assert_eq!(current(&mut db, "db/crash"), first);
 
     // Hold the CURRENT label row: set and test go through, finish cannot move CURRENT.
@@ -1661,7 +1674,19 @@ fn an_immediate_stop_between_set_and_finish_resumes_after_restart() {
         },
     );
     // The target already has the new password: CURRENT no longer logs in, PENDING does.
-    let pending = stage(&mut db, "db/crash", "PENDING");
+    // Read in a read-only transaction, which never writes the secret's access date: the
+    // worker holds the secret's row while it waits on `hold`, so a write (the first read of a
+    // new day) would wait on it, and the test for good.
+    let pending: String = {
+        let mut read_only = db.build_transaction().read_only(true).start().unwrap();
+        read_only
+            .query_one(
+                "SELECT secrets.get_secret_value('db/crash', version_stage => 'PENDING')",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
     login(&target, &pending).expect("PENDING logs in between set and finish");
     drop(hold);
     drop(holder);
@@ -1711,7 +1736,22 @@ fn two_concurrent_rotate_calls_make_one_rotation() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    let mut observer = cluster.superuser();
+    wait_until(
+        "both calls to wait on the lock",
+        Duration::from_secs(30),
+        || {
+            observer
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%rotate_secret(''db/app'')%'",
+                    &[],
+                )
+                .unwrap()
+                .get::<_, i64>(0)
+                == 2
+        },
+    );
     hold.commit().unwrap();
     let versions: Vec<String> = callers.into_iter().map(|c| c.join().unwrap()).collect();
     assert_eq!(versions[0], versions[1]);
@@ -2063,8 +2103,9 @@ fn rewrapping_ten_thousand_versions_keeps_every_value_readable() {
 
 /// Starts a rotation of `db/silent` against a target that accepts connections and never
 /// answers, and returns once the rotation worker has connected to it: the worker then waits
-/// in that step for as long as the returned connection stays open.
-fn rotation_waiting_on_a_silent_target(db: &mut Client) -> std::net::TcpStream {
+/// in that step for as long as the returned connection stays open. The listener comes back
+/// too: kept, it makes the step's retries meet the same silence rather than a refusal.
+fn rotation_waiting_on_a_silent_target(db: &mut Client) -> (TcpListener, std::net::TcpStream) {
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = silent.local_addr().unwrap().port();
     create_secret(
@@ -2077,7 +2118,8 @@ fn rotation_waiting_on_a_silent_target(db: &mut Client) -> std::net::TcpStream {
         &[],
     )
     .unwrap();
-    silent.accept().unwrap().0
+    let connection = silent.accept().unwrap().0;
+    (silent, connection)
 }
 
 /// A target that accepts connections and never answers fails the step after
@@ -2087,11 +2129,11 @@ fn rotation_waiting_on_a_silent_target(db: &mut Client) -> std::net::TcpStream {
 fn a_silent_target_fails_the_step_after_rotator_timeout() {
     let store = store_cluster(&["pg_secrets.rotator_timeout = 2"]);
     let mut db = store.superuser();
-    let _connection = rotation_waiting_on_a_silent_target(&mut db);
-    let error = wait_for_rotation_error(&mut db, "db/silent");
-    assert!(
-        error.contains("did not answer within pg_secrets.rotator_timeout (2 s)"),
-        "{error}"
+    let _silent = rotation_waiting_on_a_silent_target(&mut db);
+    wait_for_rotation_error(
+        &mut db,
+        "db/silent",
+        &["did not answer within pg_secrets.rotator_timeout (2 s)"],
     );
 }
 
@@ -2101,7 +2143,7 @@ fn a_silent_target_fails_the_step_after_rotator_timeout() {
 fn a_hanging_target_does_not_hold_up_shutdown() {
     let mut store = store_cluster(&["pg_secrets.rotator_timeout = 600"]);
     let mut db = store.superuser();
-    let _connection = rotation_waiting_on_a_silent_target(&mut db);
+    let _silent = rotation_waiting_on_a_silent_target(&mut db);
     drop(db);
     let started = Instant::now();
     store.stop("fast");
@@ -2121,7 +2163,7 @@ fn a_hanging_target_does_not_hold_up_the_audit_trail() {
     let store = store_cluster(&["pg_secrets.rotator_timeout = 600"]);
     let mut db = store.superuser();
     create_secret(&mut db, "api/read-me", "v");
-    let _connection = rotation_waiting_on_a_silent_target(&mut db);
+    let _silent = rotation_waiting_on_a_silent_target(&mut db);
     let reads = 5_000;
     for _ in 0..reads {
         db.query_one("SELECT secrets.get_secret_value('api/read-me')", &[])
@@ -2150,7 +2192,7 @@ fn a_hanging_target_does_not_hold_up_the_audit_trail() {
 fn signals_during_a_rotation_are_handled_by_the_worker_not_its_connection_thread() {
     let store = store_cluster(&["pg_secrets.rotator_timeout = 600"]);
     let mut db = store.superuser();
-    let _connection = rotation_waiting_on_a_silent_target(&mut db);
+    let _silent = rotation_waiting_on_a_silent_target(&mut db);
     let worker = rotation_worker_pid(&mut db);
     let threads = std::fs::read_dir(format!("/proc/{worker}/task"))
         .unwrap()
