@@ -23,6 +23,14 @@ psql_demo() {
     as_server_user "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$ROOT" -p "$PORT" -U postgres -d postgres "$@"
 }
 
+proxy_exits_within_10s() {
+    for _ in $(seq 100); do
+        [ "$(cat "/proc/$1/comm" 2>/dev/null)" = secrets-proxy ] || return 0
+        sleep 0.1
+    done
+    return 1
+}
+
 stop_proxy() {
     # After a reboot the recorded pid may belong to another program: only a secrets-proxy is
     # stopped.
@@ -32,12 +40,10 @@ stop_proxy() {
         && kill "$pid" 2>/dev/null; then
         # SIGTERM lets sessions finish; past 10 s SIGINT ends them. Waited for, so that a
         # proxy started next finds the port free.
-        for _ in $(seq 100); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -INT "$pid" 2>/dev/null || true
-        while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+        proxy_exits_within_10s "$pid" || {
+            kill -INT "$pid" 2>/dev/null || true
+            proxy_exits_within_10s "$pid" || kill -KILL "$pid" 2>/dev/null || true
+        }
         echo "stopped secrets-proxy"
     fi
     rm -f "$PROXY_PID"
@@ -91,10 +97,10 @@ pool_size = 5
 TOML
     target/release/secrets-proxy --config "$ROOT/proxy.toml" >"$ROOT/proxy.log" 2>&1 &
     echo $! >"$PROXY_PID"
-    # Ready once it accepts connections, or given up on when it has exited.
+    # Ready once it says it listens (it has bound its ports), or given up on when it exits.
     for _ in $(seq 100); do
         kill -0 "$(cat "$PROXY_PID")" 2>/dev/null || break
-        (exec 3<>"/dev/tcp/127.0.0.1/$PROXY_PORT") 2>/dev/null && break
+        grep -q "secrets-proxy listening" "$ROOT/proxy.log" && break
         sleep 0.1
     done
     if ! kill -0 "$(cat "$PROXY_PID")" 2>/dev/null; then

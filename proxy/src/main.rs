@@ -89,7 +89,11 @@ fn main() -> ExitCode {
             _ = terminate.recv() => {
                 tracing::info!("SIGTERM: draining");
                 let _ = shutdown.send(true);
-                let _ = serving.await;
+                // SIGINT still stops at once, in the middle of a drain too.
+                tokio::select! {
+                    _ = serving => {}
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping now"),
+                }
             }
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping now"),
         }
