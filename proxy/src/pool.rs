@@ -129,7 +129,7 @@ impl Pool {
 
     /// Keeps a connection for the next client with the same key: the newest of its key are
     /// reused first; past `max_idle_total`, the one idle longest, of any key, makes room.
-    /// `born` is when its login began.
+    /// `born` is when the server TLS rules its login followed were read.
     pub fn checkin(&self, key: String, session: BackendSession, born: Instant) {
         if self.max_idle_per_key == 0 || self.max_idle_total == 0 || born.elapsed() >= self.lifetime
         {

@@ -10,7 +10,7 @@
 
 use crate::backend::{BackendSession, ConnectSettings};
 use crate::cancel::CancelRegistry;
-use crate::config::{Config, PoolMode, Route, ServerSslMode};
+use crate::config::{Config, PoolMode, Route, ServerSslMode, ServerTls};
 use crate::credentials::CredentialCache;
 use crate::error::ProxyError;
 use crate::frontend::{self, ClientStream, Opening};
@@ -91,11 +91,29 @@ impl Identity {
     }
 }
 
+/// What logins to route servers follow from `[server_tls]`. A reload swaps them as one, and a
+/// login reads them as one (see `LoginSettings::rules_read_at`).
+#[derive(Clone)]
+struct ServerTlsRules {
+    /// `None` for plaintext.
+    connector: Option<TlsConnector>,
+    /// `verify-full`.
+    verify_servers: bool,
+}
+
+impl ServerTlsRules {
+    fn new(tls: &ServerTls) -> Result<ServerTlsRules, String> {
+        Ok(ServerTlsRules {
+            connector: crate::tls::server_connector(tls)?,
+            verify_servers: tls.sslmode == ServerSslMode::VerifyFull,
+        })
+    }
+}
+
 pub struct Shared {
     config: RwLock<Arc<Config>>,
     tls: RwLock<Option<TlsAcceptor>>,
-    /// TLS to servers, from `[server_tls]`; `None` for plaintext.
-    server_tls: RwLock<Option<TlsConnector>>,
+    server_tls: RwLock<ServerTlsRules>,
     scram: ScramCache,
     credentials: Arc<CredentialCache>,
     cancels: Arc<CancelRegistry>,
@@ -187,7 +205,7 @@ impl Proxy {
             config.limits.pool_max_idle_total,
         );
         let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
-        let server_tls = crate::tls::server_connector(&config.server_tls)?;
+        let server_tls = ServerTlsRules::new(&config.server_tls)?;
         let shared = Arc::new(Shared {
             tls: RwLock::new(tls),
             server_tls: RwLock::new(server_tls),
@@ -559,16 +577,17 @@ async fn server_session(
     let config = wanted.config;
     // Before the TLS rules are read: see `LoginSettings::rules_read_at`.
     let rules_read_at = std::time::Instant::now();
+    let server_tls = shared
+        .server_tls
+        .read()
+        .expect("server tls lock poisoned")
+        .clone();
     let settings = LoginSettings {
         budget: Duration::from_millis(config.limits.login_retry_budget_ms),
         connect: ConnectSettings {
             timeout: Duration::from_millis(config.limits.backend_connect_timeout_ms),
-            tls: shared
-                .server_tls
-                .read()
-                .expect("server tls lock poisoned")
-                .clone(),
-            verify_servers: config.server_tls.sslmode == ServerSslMode::VerifyFull,
+            tls: server_tls.connector,
+            verify_servers: server_tls.verify_servers,
             scram: &shared.scram,
             auth_methods: &config.server_login.methods,
         },
@@ -678,13 +697,11 @@ async fn reload_on_sighup(path: PathBuf, mut hangups: Signal, shared: Arc<Shared
                     .as_ref()
                     .map(crate::tls::acceptor)
                     .transpose()
-                    .and_then(|acceptor| {
-                        Ok((acceptor, crate::tls::server_connector(&new.server_tls)?))
-                    });
+                    .and_then(|acceptor| Ok((acceptor, ServerTlsRules::new(&new.server_tls)?)));
                 match certificates {
-                    Ok((acceptor, connector)) => {
+                    Ok((acceptor, server_tls)) => {
                         *shared.tls.write().expect("tls lock poisoned") = acceptor;
-                        *shared.server_tls.write().expect("server tls lock poisoned") = connector;
+                        *shared.server_tls.write().expect("server tls lock poisoned") = server_tls;
                         // Idle server connections were opened under the old rules.
                         if new.server_tls != shared.config().server_tls {
                             shared.pool.clear();
