@@ -396,7 +396,14 @@ pub fn evaluate() -> Result<usize> {
                     &[],
                 )?
                 .is_empty();
-            if !free {
+            // No row at all is not a lock: `update_readers` says what is wrong.
+            let held = !free
+                && crate::db::first_value::<bool>(client.select(
+                    "SELECT EXISTS (SELECT FROM secrets.audit_reader_progress)",
+                    None,
+                    &[],
+                )?)? == Some(true);
+            if held {
                 return Ok(0);
             }
             super::trail::update_readers(client)?;

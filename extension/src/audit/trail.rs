@@ -446,8 +446,8 @@ pub fn secrets_read_by(role: pg_sys::Oid) -> Result<Vec<Uuid>> {
 }
 
 /// Adds to `secrets.audit_reader` the (role, secret) pairs of allowed reads stored since the
-/// last update. Returns the range of record ids examined, `(after, upto]`. Only the audit
-/// worker calls it.
+/// last update. Returns the range of record ids examined, `(after, upto]`. The audit worker
+/// calls it, and `purge_audit_log` before removing records.
 pub(super) fn update_readers(client: &mut SpiClient<'_>) -> Result<(i64, i64)> {
     // Its one row is made with the table; only a superuser can have deleted it.
     let Some(range) = crate::db::first_row(client.update(
