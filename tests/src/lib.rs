@@ -78,20 +78,33 @@ fn run(command: &mut Command) -> Output {
 
 /// A TCP port of 127.0.0.1 that nothing listens on, for a server a test is about to start.
 ///
-/// Chosen below the kernel's ephemeral range, not by binding port 0: a port of that range can
-/// become the local port of any outgoing connection (pgbench `-C` opens thousands) between
+/// Chosen outside the kernel's ephemeral range, not by binding port 0: a port of that range
+/// can become the local port of any outgoing connection (pgbench `-C` opens thousands) between
 /// the moment it is chosen and the moment the server binds it, and the server then cannot
-/// start. Each port is handed out once per test process, so two tests never share one.
+/// start. Below the range if there is room (Linux's default starts at 32768), else above it,
+/// else anywhere from 10000. Each port is handed out once per test process, so two tests
+/// never share one.
 pub fn free_port() -> u16 {
     static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-    let ephemeral_start = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let below_ephemeral = 10_000..ephemeral_start.max(20_000);
+    let ephemeral: Vec<u16> = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|port| port.parse().ok())
+        .collect();
+    let (first, last) = match ephemeral[..] {
+        [first, last] => (first, last),
+        _ => (32768, 60999),
+    };
+    let outside = if first >= 12_000 {
+        10_000..first
+    } else if last <= 63_000 {
+        last + 1..u16::MAX
+    } else {
+        10_000..u16::MAX
+    };
     let mut handed_out = HANDED_OUT.lock().unwrap();
     loop {
-        let port = rand::thread_rng().gen_range(below_ephemeral.clone());
+        let port = rand::thread_rng().gen_range(outside.clone());
         if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
             handed_out.insert(port);
             return port;
@@ -347,6 +360,20 @@ impl Cluster {
         .unwrap();
         standby.start_server();
         standby
+    }
+
+    /// Waits until the server log holds every line sent to it before this call: a line logged
+    /// now reaches the logging collector after them, and it writes lines in the order they came.
+    pub fn wait_for_server_log(&self) {
+        let sentinel = format!("log-sentinel-{}", rand::random::<u64>());
+        self.superuser()
+            .batch_execute(&format!("DO $$ BEGIN RAISE LOG '{sentinel}'; END $$"))
+            .unwrap();
+        wait_until(
+            "the server log to catch up",
+            Duration::from_secs(60),
+            || self.server_log().contains(&sentinel),
+        );
     }
 
     /// Everything the server wrote: the pg_ctl log and the collector's log files.

@@ -2,10 +2,9 @@
 //! key is named as such, no plaintext reaches disk, it scales to 10,000 secrets, and a
 //! pg_dump restores into a fresh cluster with the same key.
 
-use pg_secrets_e2e::{assert_sql_error, wait_until, Cluster, KeySource, TEST_KEY};
+use pg_secrets_e2e::{assert_sql_error, Cluster, KeySource, TEST_KEY};
 use std::fs;
 use std::path::Path;
-use std::time::Duration;
 
 fn get(db: &mut postgres::Client, name: &str) -> Result<String, postgres::Error> {
     db.query_one("SELECT secrets.get_secret_value($1)", &[&name])
@@ -319,15 +318,8 @@ fn no_plaintext_reaches_heap_wal_or_logs() {
         .unwrap();
 
     // The scan works: names are not secret, so the name marker is in the heap, WAL and log
-    // (once the logging collector has written it).
-    wait_until(
-        "the statements in the server log",
-        Duration::from_secs(30),
-        || {
-            let log = cluster.server_log();
-            log.contains(name_marker.as_str()) && log.contains("execute")
-        },
-    );
+    // (once the logging collector has written every statement's line).
+    cluster.wait_for_server_log();
     let with_name = files_containing(cluster.dir(), name_marker.as_bytes());
     assert!(
         with_name.iter().any(|f| f.contains("pg_wal")),

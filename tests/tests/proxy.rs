@@ -2300,6 +2300,17 @@ fn signals_reload_drain_and_stop_the_proxy_process() {
     proxy.signal("INT");
     proxy.exits_within(Duration::from_secs(20), "SIGINT to stop the proxy");
     assert!(interrupted.simple_query("SELECT 1").is_err());
+
+    // SIGINT during a drain that a client holds up: stops at once too.
+    let mut proxy = ProxyProcess::start(&config_file, port);
+    let mut draining = proxy.connect("appdb").unwrap();
+    proxy.signal("TERM");
+    wait_until("the drain to begin", Duration::from_secs(30), || {
+        proxy.connect("appdb").is_err()
+    });
+    proxy.signal("INT");
+    proxy.exits_within(Duration::from_secs(20), "SIGINT to stop the drain");
+    assert!(draining.simple_query("SELECT 1").is_err());
 }
 
 /// `trust` holds for loopback clients only: a client reaching the proxy on another address of

@@ -173,12 +173,9 @@ fn a_role_of_this_cluster_rotates_in_one_transaction_and_the_password_is_never_l
         .get(0);
     assert!(!statements.contains(&new_password));
     // The logging collector writes its file on its own time.
-    wait_until(
-        "the statement in the server log",
-        Duration::from_secs(30),
-        || cluster.server_log().contains("rotate_secret"),
-    );
+    cluster.wait_for_server_log();
     let log = cluster.server_log();
+    assert!(log.contains("rotate_secret"), "log_statement=all is on");
     assert!(
         !log.contains(&new_password),
         "the new password is in the server log"
