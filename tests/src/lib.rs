@@ -376,6 +376,26 @@ impl Cluster {
         );
     }
 
+    /// Waits until `sessions` statements whose text contains `fragment` wait on a lock.
+    pub fn wait_for_lock_waiters(&self, fragment: &str, sessions: i64) {
+        let mut observer = self.superuser();
+        wait_until(
+            "statements to wait on a lock",
+            Duration::from_secs(30),
+            || {
+                observer
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity \
+                     WHERE wait_event_type = 'Lock' AND strpos(query, $1) > 0",
+                        &[&fragment],
+                    )
+                    .unwrap()
+                    .get::<_, i64>(0)
+                    == sessions
+            },
+        );
+    }
+
     /// Everything the server wrote: the pg_ctl log and the collector's log files.
     pub fn server_log(&self) -> String {
         let mut log = fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
@@ -637,11 +657,13 @@ pub fn metric(address: std::net::SocketAddr, line: &str) -> u64 {
 }
 
 /// Waits until the proxy at admin `address` listens to the store's change notifications, its
-/// cache emptied of what it fetched before.
-pub fn wait_until_listening(address: std::net::SocketAddr) {
+/// cache emptied of what it fetched before. Returns how many it has acted on so far, what
+/// `wait_until_notified` counts from.
+pub fn wait_until_listening(address: std::net::SocketAddr) -> u64 {
     wait_until("the proxy to listen", Duration::from_secs(30), || {
         metric(address, "secrets_proxy_store_listening") == 1
     });
+    metric(address, "secrets_proxy_store_notifications_total")
 }
 
 /// Waits until the proxy at admin `address` has acted on `notifications` change

@@ -1,8 +1,7 @@
 //! Every rejected input: a clear error with a deliberate SQLSTATE, and nothing changed.
 
-use pg_secrets_e2e::{assert_sql_error, store_state, wait_until, Cluster, KeySource};
+use pg_secrets_e2e::{assert_sql_error, store_state, Cluster, KeySource};
 use postgres::types::ToSql;
-use std::time::Duration;
 
 /// The id of the version `name`'s CURRENT label is on.
 fn current_version_id(db: &mut postgres::Client, name: &str) -> String {
@@ -1075,18 +1074,7 @@ fn a_name_created_by_two_sessions_at_once_is_42710_for_the_second() {
             .query_one("SELECT secrets.create_secret('race/name', 'two')", &[])
             .map(|_| ())
     });
-    let mut observer = cluster.superuser();
-    wait_until("the second create to wait", Duration::from_secs(30), || {
-        observer
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%race/name%'",
-                &[],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-            == 1
-    });
+    cluster.wait_for_lock_waiters("race/name", 1);
     first.batch_execute("COMMIT").unwrap();
     assert_sql_error(waiting.join().unwrap(), "42710", "already exists");
     let value: String = first

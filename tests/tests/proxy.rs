@@ -577,8 +577,7 @@ fn a_rotation_window_costs_one_refused_login_not_one_per_client() {
     assert_eq!(counter(&fixture, refused), 0);
     // Each change's notification must have been acted on before the logins that follow it: a
     // late one would end the preference for PENDING in the middle of the window.
-    wait_until_listening(fixture.admin());
-    let notified = counter(&fixture, "secrets_proxy_store_notifications_total");
+    let notified = wait_until_listening(fixture.admin());
 
     let mut db = fixture.cluster.superuser();
     let pending: String = db
@@ -639,8 +638,7 @@ fn a_silent_server_holds_a_login_no_longer_than_the_retry_budget() {
         r#"{{"host": "127.0.0.1", "port": {}, "username": "app", "password": "pw-0"}}"#,
         silent.local_addr().unwrap().port()
     );
-    wait_until_listening(fixture.admin());
-    let notified = counter(&fixture, "secrets_proxy_store_notifications_total");
+    let notified = wait_until_listening(fixture.admin());
     let mut db = fixture.cluster.superuser();
     for stages in ["{CURRENT}", "{CURRENT}", "{PENDING}"] {
         db.execute(
@@ -731,8 +729,7 @@ fn settings_reach_the_server_but_a_login_delay_is_refused() {
 #[test]
 fn a_credential_is_read_as_the_rotators_read_it_and_a_bad_one_fails_at_once() {
     let fixture = fixture(r#""trust""#);
-    wait_until_listening(fixture.admin());
-    let notified = counter(&fixture, "secrets_proxy_store_notifications_total");
+    let notified = wait_until_listening(fixture.admin());
     let mut db = fixture.cluster.superuser();
     let with_port_text = format!(
         r#"{{"host": "127.0.0.1", "port": "{}", "dbname": "postgres", "username": "app", "password": "pw-0"}}"#,
@@ -1407,9 +1404,8 @@ fn the_last_known_credential_serves_for_a_while_when_the_store_is_down() {
 #[test]
 fn a_store_that_stops_answering_is_unreachable_and_the_last_credential_serves() {
     let fixture = fixture(r#""trust""#);
-    wait_until_listening(fixture.admin());
+    let notified = wait_until_listening(fixture.admin());
     fixture.connect().query_one("SELECT 1", &[]).unwrap();
-    let notified = counter(&fixture, "secrets_proxy_store_notifications_total");
     let mut db = fixture.cluster.superuser();
     // The proxy's pooled store connections, not the one listening for changes.
     let frozen: Vec<String> = first_column(

@@ -5,7 +5,7 @@
 
 use pg_secrets_e2e::pki::{make_pki, Pki};
 use pg_secrets_e2e::{
-    cluster_with_app_credential, free_port, http_get, metric, wait_until, wait_until_listening,
+    cluster_with_app_credential, free_port, http_get, wait_until, wait_until_listening,
     wait_until_notified, Cluster, KeySource, ProxyProcess, TEST_KEY,
 };
 use secrets_proxy::{Config, RunningProxy};
@@ -258,8 +258,7 @@ fn tls_to_servers_verified_against_the_configured_ca() {
     // A new password is a new derivation, once (the proxy told of the change before the next
     // login, or it would first try the cached password against the new salt).
     let admin = proxy.admin_address.unwrap();
-    wait_until_listening(admin);
-    let notified = metric(admin, "secrets_proxy_store_notifications_total");
+    let notified = wait_until_listening(admin);
     db.batch_execute("ALTER ROLE app PASSWORD 'pw-1'").unwrap();
     db.execute(
         "SELECT secrets.put_secret_value('db/app', $1)",

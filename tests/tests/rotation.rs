@@ -1733,22 +1733,7 @@ fn two_concurrent_rotate_calls_make_one_rotation() {
             })
         })
         .collect();
-    let mut observer = cluster.superuser();
-    wait_until(
-        "both calls to wait on the lock",
-        Duration::from_secs(30),
-        || {
-            observer
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%rotate_secret(''db/app'')%'",
-                    &[],
-                )
-                .unwrap()
-                .get::<_, i64>(0)
-                == 2
-        },
-    );
+    cluster.wait_for_lock_waiters("rotate_secret('db/app')", 2);
     hold.commit().unwrap();
     let versions: Vec<String> = callers.into_iter().map(|c| c.join().unwrap()).collect();
     assert_eq!(versions[0], versions[1]);
