@@ -14,6 +14,7 @@ use postgres_protocol::message::frontend;
 use rustls::pki_types::ServerName;
 use secrecy::ExposeSecret;
 use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -63,6 +64,16 @@ impl ServerStream {
                 crate::tls::server_end_point(certificate)
             }
             ServerStream::Plain(_) | ServerStream::Unix(_) => None,
+        }
+    }
+
+    /// The TCP socket underneath when nothing sits between it and the session's bytes (no
+    /// TLS): what the kernel relay can take over. Not a Unix socket: relaying between one and
+    /// a TCP socket through the sockmap stalled the session when tried (kernel 6.18).
+    pub fn plain_tcp_socket(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            ServerStream::Plain(stream) => Some(stream.as_fd()),
+            ServerStream::Tls(_) | ServerStream::Unix(_) => None,
         }
     }
 

@@ -255,6 +255,14 @@ pub struct Limits {
     pub server_lifetime_secs: u64,
     /// In transaction mode, how long a client waits for a free server session of its route.
     pub pool_wait_timeout_ms: u64,
+    /// Hand long-lived plain (not TLS) session-mode sessions to the kernel to relay (eBPF
+    /// sockmap; needs CAP_BPF and CAP_NET_ADMIN, else the proxy says so and relays in user
+    /// space). See `kernel_relay.rs`.
+    pub kernel_relay: bool,
+    /// How long a session is relayed in user space before it is handed to the kernel: its
+    /// server connection then closes with it instead of returning to the pool, so a client
+    /// that connects per transaction must not be handed over.
+    pub kernel_relay_after_ms: u64,
 }
 
 impl Limits {
@@ -293,6 +301,7 @@ impl Limits {
                 &mut self.server_lifetime_secs,
                 running.server_lifetime_secs,
             ),
+            keep("kernel_relay", &mut self.kernel_relay, running.kernel_relay),
             keep(
                 "credential_ttl_secs",
                 &mut self.credential_ttl_secs,
@@ -325,6 +334,8 @@ impl Default for Limits {
             pool_max_idle_total: 200,
             server_lifetime_secs: 3600,
             pool_wait_timeout_ms: 10_000,
+            kernel_relay: true,
+            kernel_relay_after_ms: 1_000,
         }
     }
 }

@@ -8,6 +8,8 @@ pub mod config;
 pub mod credentials;
 pub mod error;
 pub mod frontend;
+pub mod hang_ups;
+pub mod kernel_relay;
 pub mod login;
 pub mod metrics;
 pub mod pending;

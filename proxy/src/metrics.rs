@@ -82,8 +82,16 @@ pub struct Metrics {
     /// Server logins by the staging label of the credential that logged in, in `STAGES`
     /// order: PENDING and PREVIOUS show a rotation under way.
     pub server_logins_by_stage: [AtomicU64; 3],
+    /// Counted as relayed; for sessions the kernel relays, when they end.
     pub bytes_to_server: AtomicU64,
     pub bytes_to_client: AtomicU64,
+    /// 1 when the kernel relay's eBPF program is loaded (`[limits] kernel_relay`).
+    pub kernel_relay_available: AtomicU64,
+    /// Sessions handed over to the kernel relay, and those it relays now.
+    pub kernel_relayed_sessions: AtomicU64,
+    pub kernel_relay_active: AtomicU64,
+    /// Hand-overs called off because bytes arrived while they were made.
+    pub kernel_relay_declined: AtomicU64,
     /// From a client's startup to a server connection ready for it (pool or new login,
     /// retries through rotation included).
     pub login_seconds: Histogram,
@@ -152,7 +160,15 @@ impl Metrics {
              secrets_proxy_server_logins_total{{stage=\"PREVIOUS\"}} {}\n\
              # TYPE secrets_proxy_relay_bytes_total counter\n\
              secrets_proxy_relay_bytes_total{{direction=\"to_server\"}} {}\n\
-             secrets_proxy_relay_bytes_total{{direction=\"to_client\"}} {}\n",
+             secrets_proxy_relay_bytes_total{{direction=\"to_client\"}} {}\n\
+             # TYPE secrets_proxy_kernel_relay_available gauge\n\
+             secrets_proxy_kernel_relay_available {}\n\
+             # TYPE secrets_proxy_kernel_relayed_sessions_total counter\n\
+             secrets_proxy_kernel_relayed_sessions_total {}\n\
+             # TYPE secrets_proxy_kernel_relay_active_sessions gauge\n\
+             secrets_proxy_kernel_relay_active_sessions {}\n\
+             # TYPE secrets_proxy_kernel_relay_declined_total counter\n\
+             secrets_proxy_kernel_relay_declined_total {}\n",
             get(&self.connections),
             get(&self.active),
             get(&self.logins),
@@ -177,6 +193,10 @@ impl Metrics {
             get(&self.server_logins_by_stage[2]),
             get(&self.bytes_to_server),
             get(&self.bytes_to_client),
+            get(&self.kernel_relay_available),
+            get(&self.kernel_relayed_sessions),
+            get(&self.kernel_relay_active),
+            get(&self.kernel_relay_declined),
         ) + &self.login_seconds.render("secrets_proxy_login_seconds")
     }
 }

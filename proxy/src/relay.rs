@@ -7,6 +7,7 @@ use crate::backend::ServerStream;
 use crate::metrics::Metrics;
 use bytes::BytesMut;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Follows message boundaries in a byte stream of `tag, length, body` messages without
@@ -35,6 +36,10 @@ struct Framing {
     copies_with_data: u64,
     /// Server side: COPYs into the server it started (CopyInResponse, or CopyBothResponse).
     copies_started: u64,
+    /// Server side: the session may get notifications, which the server sends whenever it
+    /// likes: it sent one, or completed a command whose tag starts with L (LISTEN, and LOCK,
+    /// LOAD for good measure). Such a session is never handed to the kernel relay.
+    may_notify: bool,
     /// Client side: a Parse named its statement. A named statement lives in one server
     /// session, so in transaction mode the client keeps that session from then on.
     prepared_named_statement: bool,
@@ -129,6 +134,10 @@ impl Framing {
         match self.side {
             Side::Server if self.current_tag == b'Z' => self.round_trips += 1,
             Side::Server if matches!(self.current_tag, b'G' | b'W') => self.copies_started += 1,
+            Side::Server if self.current_tag == b'A' => self.may_notify = true,
+            Side::Server if self.current_tag == b'C' => {
+                self.may_notify |= self.current_first == Some(b'L');
+            }
             Side::Client => {
                 // A Parse's body starts with the statement's name; "" is the unnamed one.
                 self.prepared_named_statement |=
@@ -206,13 +215,18 @@ fn settled(from_client: &Framing, from_server: &Framing) -> bool {
 /// chunks of this size at no measurable cost.
 const RELAY_BUFFER: usize = 16 * 1024;
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
 pub enum Ended {
     /// The client left while the server was settled: the connection can serve another.
     ServerReusable,
     Closed,
     /// Transaction mode: the transaction is over and the server settled; the client stays.
     TransactionDone,
+    /// The session is quiet and may be handed to the kernel relay: the server's last answer,
+    /// `Relay::held`, is read but not yet written to the client, which waits for it.
+    HandOver {
+        held: usize,
+    },
 }
 
 /// How long a relay lasts.
@@ -229,8 +243,9 @@ pub enum Until {
 pub struct Relay {
     client_buffer: Vec<u8>,
     server_buffer: Vec<u8>,
-    /// Bytes at the start of `client_buffer` read while no server was attached.
-    waiting: usize,
+    /// Client bytes read while no server was attached (transaction mode), or while a hand-over
+    /// to the kernel relay was called off.
+    waiting: Vec<u8>,
     /// The client's side of the current (or last) relay.
     from_client: Framing,
 }
@@ -240,7 +255,7 @@ impl Default for Relay {
         Relay {
             client_buffer: vec![0u8; RELAY_BUFFER],
             server_buffer: vec![0u8; RELAY_BUFFER],
-            waiting: 0,
+            waiting: Vec::new(),
             from_client: Framing::client(),
         }
     }
@@ -256,11 +271,21 @@ impl Relay {
         match client.read(&mut self.client_buffer).await {
             // A client between transactions is at a message boundary.
             Ok(read) if read > 0 && self.client_buffer[0] != b'X' => {
-                self.waiting = read;
+                self.waiting.extend_from_slice(&self.client_buffer[..read]);
                 true
             }
             _ => false,
         }
+    }
+
+    /// Client bytes to relay before any read from the client.
+    pub fn relay_first(&mut self, bytes: &[u8]) {
+        self.waiting.extend_from_slice(bytes);
+    }
+
+    /// The server's answer held back by `Ended::HandOver`.
+    pub fn held(&self, held: usize) -> &[u8] {
+        &self.server_buffer[..held]
     }
 
     /// Whether the client prepared a named statement in the last relay: its server session
@@ -271,7 +296,8 @@ impl Relay {
 
     /// Relays, the request `next_request` read first if any, until a side leaves or, with
     /// `Until::TransactionEnds`, until the transaction is over (`Ended::TransactionDone`) and
-    /// the client has prepared no named statement.
+    /// the client has prepared no named statement. With `hand_over_after`, from that instant
+    /// on, at the first quiet point (see `Sides::quiet`): `Ended::HandOver`.
     ///
     /// The two directions run at once. A server busy writing answers reads no requests, so a
     /// relay that stopped reading answers while it waited to hand the server a request would
@@ -282,6 +308,7 @@ impl Relay {
         server: &mut ServerStream,
         metrics: &Metrics,
         until: Until,
+        hand_over_after: Option<Instant>,
     ) -> Ended
     where
         C: AsyncRead + AsyncWrite + Unpin,
@@ -289,17 +316,17 @@ impl Relay {
         let sides = Mutex::new(Sides {
             from_client: Framing::client(),
             from_server: Framing::idle_server(),
+            pipelined: false,
         });
-        let waiting = std::mem::take(&mut self.waiting);
+        let mut waiting = std::mem::take(&mut self.waiting);
         let (client_buffer, server_buffer) = (&mut self.client_buffer, &mut self.server_buffer);
         let (mut client_reader, mut client_writer) = tokio::io::split(client);
         let (mut server_reader, mut server_writer) = tokio::io::split(server);
         let requests = async {
-            if waiting > 0 {
-                let chunk = &client_buffer[..waiting];
-                if let Some(ended) =
-                    to_server(chunk, &sides, &mut server_writer, metrics, until).await
-                {
+            if !waiting.is_empty() {
+                let ended = to_server(&waiting, &sides, &mut server_writer, metrics, until).await;
+                waiting.clear();
+                if let Some(ended) = ended {
                     return ended;
                 }
             }
@@ -331,6 +358,9 @@ impl Relay {
                     _ => return Ended::Closed,
                 };
                 lock(&sides).from_server.feed(&server_buffer[..read], 0);
+                if hand_over_after.is_some_and(|at| Instant::now() >= at) && lock(&sides).quiet() {
+                    return Ended::HandOver { held: read };
+                }
                 if !write_out(&mut client_writer, &server_buffer[..read]).await {
                     return Ended::Closed;
                 }
@@ -348,6 +378,10 @@ impl Relay {
             ended = requests => ended,
             ended = answers => ended,
         };
+        // Keeps the buffer's capacity for the next transaction's first request. Bytes left
+        // unrelayed (the server went away first) are not the next relay's.
+        waiting.clear();
+        self.waiting = waiting;
         self.from_client = sides
             .into_inner()
             .unwrap_or_else(PoisonError::into_inner)
@@ -361,6 +395,8 @@ impl Relay {
 struct Sides {
     from_client: Framing,
     from_server: Framing,
+    /// The client sent bytes while a request of its was still unanswered.
+    pipelined: bool,
 }
 
 impl Sides {
@@ -368,9 +404,22 @@ impl Sides {
         settled(&self.from_client, &self.from_server)
     }
 
+    /// A point where the session can be handed to the kernel relay: settled, with a client
+    /// that waits for each answer before it asks again and a server that sends nothing
+    /// unasked (no notifications), so that once the answer just read is held back neither
+    /// side sends anything.
+    fn quiet(&self) -> bool {
+        self.settled() && !self.pipelined && !self.from_server.may_notify
+    }
+
     /// Follows bytes from the client, knowing what the server has asked for so far (the
     /// server's bytes are fed before they are relayed, so before the client can answer them).
     fn feed_client(&mut self, bytes: &[u8]) -> Option<usize> {
+        self.pipelined |= self
+            .from_client
+            .round_trips
+            .saturating_sub(self.from_client.syncs_ignored_in_copy)
+            > self.from_server.round_trips;
         self.from_client.copies_started_by_server = self.from_server.copies_started;
         self.from_client.feed(bytes, 0)
     }
@@ -513,6 +562,7 @@ mod tests {
         Sides {
             from_client: Framing::client(),
             from_server: Framing::idle_server(),
+            pipelined: false,
         }
     }
 
@@ -739,6 +789,36 @@ mod tests {
         let mut sides = pair();
         sides.feed_client(&message(b'y', b""));
         assert!(!sides.settled());
+    }
+
+    #[test]
+    fn a_session_is_quiet_for_the_kernel_relay_only_when_nothing_can_arrive_unasked() {
+        let mut sides = pair();
+        sides.feed_client(&message(b'Q', b"SELECT 1\0"));
+        assert!(!sides.quiet(), "asked, not yet answered");
+        sides.from_server.feed(&ready(b'I'), 0);
+        assert!(sides.quiet());
+        sides.feed_client(&message(b'Q', b"BEGIN\0"));
+        sides.from_server.feed(&ready(b'T'), 0);
+        assert!(!sides.quiet(), "inside a transaction");
+        sides.feed_client(&message(b'Q', b"COMMIT\0"));
+        sides.from_server.feed(&ready(b'I'), 0);
+        assert!(sides.quiet());
+
+        // A request sent before the last one was answered: a client that pipelines.
+        sides.feed_client(&message(b'Q', b"SELECT 1\0"));
+        sides.feed_client(&message(b'Q', b"SELECT 2\0"));
+        sides.from_server.feed(&ready(b'I'), 0);
+        sides.from_server.feed(&ready(b'I'), 0);
+        assert!(sides.settled() && !sides.quiet(), "pipelined");
+
+        for (tag, body) in [(b'C', &b"LISTEN\0"[..]), (b'A', &b"\0\0\0\x01c\0p\0"[..])] {
+            let mut sides = pair();
+            sides.feed_client(&message(b'Q', b"LISTEN c\0"));
+            sides.from_server.feed(&message(tag, body), 0);
+            sides.from_server.feed(&ready(b'I'), 0);
+            assert!(sides.settled() && !sides.quiet(), "may get notifications");
+        }
     }
 
     #[test]

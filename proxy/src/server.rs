@@ -14,6 +14,7 @@ use crate::config::{Config, PoolMode, Route, ServerSslMode, ServerTls};
 use crate::credentials::CredentialCache;
 use crate::error::ProxyError;
 use crate::frontend::{self, ClientStream, Opening};
+use crate::kernel_relay::{Handover, KernelRelay};
 use crate::login::{self, LoginSettings};
 use crate::metrics::Metrics;
 use crate::pending::PendingLogins;
@@ -119,6 +120,8 @@ pub struct Shared {
     cancels: Arc<CancelRegistry>,
     pool: Pool,
     pending_logins: PendingLogins,
+    /// Loaded at start when `[limits] kernel_relay` is on and the kernel lets the proxy.
+    kernel_relay: Option<KernelRelay>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -206,6 +209,10 @@ impl Proxy {
         );
         let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
         let server_tls = ServerTlsRules::new(&config.server_tls)?;
+        let kernel_relay = config.limits.kernel_relay.then(load_kernel_relay).flatten();
+        metrics
+            .kernel_relay_available
+            .store(kernel_relay.is_some().into(), Ordering::Relaxed);
         let shared = Arc::new(Shared {
             tls: RwLock::new(tls),
             server_tls: RwLock::new(server_tls),
@@ -215,6 +222,7 @@ impl Proxy {
             credentials,
             cancels: Arc::new(CancelRegistry::default()),
             pending_logins: PendingLogins::default(),
+            kernel_relay,
             metrics,
         });
         Ok(Proxy {
@@ -294,6 +302,19 @@ impl Proxy {
             .is_err()
         {
             tracing::warn!("drain timeout reached; closing the remaining sessions");
+        }
+    }
+}
+
+fn load_kernel_relay() -> Option<KernelRelay> {
+    match KernelRelay::load() {
+        Ok(kernel_relay) => {
+            tracing::info!("long-lived sessions will be relayed in the kernel");
+            Some(kernel_relay)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "the kernel relay is unavailable; every session is relayed in user space");
+            None
         }
     }
 }
@@ -479,28 +500,25 @@ async fn session(
         .observe(login_started.elapsed());
     let registration = greet(client, &mut server, shared).await?;
     tracing::debug!(%identity, route = %route.database, mode = ?route.pool_mode, "session started");
-    let mut relay = Relay::default();
     let Some(slots) = slots else {
-        // A session ends when either side closes; SIGTERM's drain waits for that.
-        let ended = relay
-            .run(
-                client,
-                &mut server.stream,
-                &shared.metrics,
-                Until::EitherSideLeaves,
-            )
-            .await;
+        let end = relay_session(client, server, shared).await;
+        if let SessionEnd::RelayedInKernel = end {
+            return Ok(());
+        }
         // Before the session can serve anyone else: a cancel request on its way for this
         // client must not reach the next one.
         if let Some(registration) = &registration {
             registration.retarget(None).await;
         }
         drop(registration);
-        if ended == Ended::ServerReusable && relay::reset(&mut server.stream).await {
-            shared.pool.checkin(pool_key, server, born);
+        if let SessionEnd::ServerReusable(mut server) = end {
+            if relay::reset(&mut server.stream).await {
+                shared.pool.checkin(pool_key, server, born);
+            }
         }
         return Ok(());
     };
+    let mut relay = Relay::default();
     // Transaction mode: the session the login opened waits in the pool, like every other,
     // until a transaction needs it.
     if let Some(registration) = &registration {
@@ -509,6 +527,93 @@ async fn session(
     shared.pool.checkin(pool_key, server, born);
     drop(login_slot);
     lend_per_transaction(client, &mut relay, &slots, &wanted, registration, shared).await
+}
+
+/// How a session-mode session ended, for its server connection.
+enum SessionEnd {
+    /// The client left with the server settled: reset it and pool it.
+    ServerReusable(BackendSession),
+    ServerClosed,
+    /// The kernel relayed the session; its server connection closed with it.
+    RelayedInKernel,
+}
+
+/// Hand-overs to the kernel relay tried per session: each one called off (bytes arrived while
+/// it was made) costs a few system calls, so a client that keeps sending at the wrong moment
+/// is left to the proxy.
+const HAND_OVER_ATTEMPTS: u32 = 8;
+
+/// Session mode: relays until either side leaves (SIGTERM's drain waits for that), and hands
+/// the session to the kernel relay once it has lasted `[limits] kernel_relay_after_ms`, if
+/// it can.
+async fn relay_session(
+    client: &mut Box<dyn ClientStream>,
+    mut server: BackendSession,
+    shared: &Shared,
+) -> SessionEnd {
+    let metrics = &shared.metrics;
+    let mut relay = Relay::default();
+    let after = Duration::from_millis(shared.config().limits.kernel_relay_after_ms);
+    let mut hand_over_after = shared
+        .kernel_relay
+        .as_ref()
+        .filter(|_| client.plain_tcp_socket().is_some())
+        .filter(|_| server.stream.plain_tcp_socket().is_some())
+        .map(|_| std::time::Instant::now() + after);
+    let (mut attempts, mut paired) = (0, false);
+    loop {
+        let ended = relay
+            .run(
+                client,
+                &mut server.stream,
+                metrics,
+                Until::EitherSideLeaves,
+                hand_over_after,
+            )
+            .await;
+        let (Ended::HandOver { held }, Some(kernel_relay)) = (ended, &shared.kernel_relay) else {
+            // A server socket paired for the kernel relay stays paired: not for anyone else.
+            return if ended == Ended::ServerReusable && !paired {
+                SessionEnd::ServerReusable(server)
+            } else {
+                SessionEnd::ServerClosed
+            };
+        };
+        let held = relay.held(held);
+        match kernel_relay
+            .hand_over(client, &server.stream, paired, held, metrics)
+            .await
+        {
+            Ok(Handover::Relayed(session)) => {
+                // The kernel relay holds duplicates of both sockets: the streams go, and with
+                // them the runtime's interest in bytes it will no longer read.
+                *client = Box::new(tokio::io::empty());
+                drop(server);
+                kernel_relay.wait(session, metrics).await;
+                return SessionEnd::RelayedInKernel;
+            }
+            Ok(Handover::Declined {
+                from_client,
+                paired: now_paired,
+                try_again,
+            }) => {
+                relay.relay_first(&from_client);
+                paired |= now_paired;
+                attempts += 1;
+                if !try_again || attempts == HAND_OVER_ATTEMPTS {
+                    hand_over_after = None;
+                }
+            }
+            Ok(Handover::Broken) => {
+                tracing::warn!("a session was closed: bytes arrived on both sides of its hand-over to the kernel relay, whose order could not be kept");
+                return SessionEnd::ServerClosed;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "a session was closed: its hand-over to the kernel relay failed");
+                return SessionEnd::ServerClosed;
+            }
+        }
+    }
 }
 
 /// Transaction mode: for each transaction the client starts, a server session from the pool
@@ -538,6 +643,7 @@ async fn lend_per_transaction(
                 &mut server.stream,
                 &shared.metrics,
                 Until::TransactionEnds,
+                None,
             )
             .await;
         // Before the session can be lent to anyone else: a cancel request on its way for this
@@ -554,7 +660,8 @@ async fn lend_per_transaction(
                 }
                 break;
             }
-            Ended::Closed => break,
+            // A transaction-mode relay is never handed over.
+            Ended::Closed | Ended::HandOver { .. } => break,
         }
     }
     Ok(())

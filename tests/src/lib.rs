@@ -25,7 +25,7 @@ pub const SUPERUSER_PASSWORD: &str = "harness-superuser";
 /// The key every cluster starts with unless a test asks for another.
 pub const TEST_KEY: &str = "test:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
-fn running_as_root() -> bool {
+pub fn running_as_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc_geteuid() == 0 }
 }

@@ -188,28 +188,8 @@ fn clients_connect_without_a_password_and_everything_relays() {
         .get(0);
     assert_eq!(user, "app");
 
-    // Extended protocol with parameters, and a prepared statement reused.
-    let statement = client.prepare("SELECT $1::int + 1").unwrap();
-    for i in 0..3 {
-        let n: i32 = client.query_one(&statement, &[&i]).unwrap().get(0);
-        assert_eq!(n, i + 1);
-    }
-    // COPY both ways, and a large result.
-    client
-        .batch_execute("CREATE TABLE t (id int, note text)")
-        .unwrap();
-    let mut writer = client.copy_in("COPY t FROM STDIN").unwrap();
-    for i in 0..10_000 {
-        writeln!(writer, "{i}\tnote {i}").unwrap();
-    }
-    writer.finish().unwrap();
-    let mut out = String::new();
-    client
-        .copy_out("COPY t TO STDOUT")
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    assert_eq!(out.lines().count(), 10_000);
+    prepared_statements_and_copy_both_ways(&mut client);
+    // A large result.
     let big: i64 = client
         .query_one("SELECT sum(length(repeat('x', 1000) || id)) FROM t", &[])
         .unwrap()
@@ -218,15 +198,7 @@ fn clients_connect_without_a_password_and_everything_relays() {
 
     // LISTEN/NOTIFY across two proxied sessions.
     let mut listener = fixture.connect();
-    listener.batch_execute("LISTEN proxied").unwrap();
-    client.batch_execute("NOTIFY proxied, 'hello'").unwrap();
-    let notification = listener
-        .notifications()
-        .timeout_iter(Duration::from_secs(5))
-        .next()
-        .unwrap()
-        .expect("a notification");
-    assert_eq!(notification.payload(), "hello");
+    notification_arrives(&mut listener, &mut client);
 
     // psql, as a person would.
     let output = std::process::Command::new("psql")
@@ -274,6 +246,44 @@ fn clients_connect_without_a_password_and_everything_relays() {
         assert!(!metrics.contains(counter), "{metrics}");
     }
     assert!(http_get(fixture.proxy.admin_address.unwrap(), "/health").ends_with("ok\n"));
+}
+
+/// The extended protocol with a prepared statement reused, then 10,000 rows copied into a new
+/// table `t` and back out: what every relay must carry unchanged.
+fn prepared_statements_and_copy_both_ways(client: &mut Client) {
+    let statement = client.prepare("SELECT $1::int + 1").unwrap();
+    for i in 0..100 {
+        let n: i32 = client.query_one(&statement, &[&i]).unwrap().get(0);
+        assert_eq!(n, i + 1);
+    }
+    client
+        .batch_execute("CREATE TABLE t (id int, note text)")
+        .unwrap();
+    let mut writer = client.copy_in("COPY t FROM STDIN").unwrap();
+    for i in 0..10_000 {
+        writeln!(writer, "{i}\tnote {i}").unwrap();
+    }
+    writer.finish().unwrap();
+    let mut out = String::new();
+    client
+        .copy_out("COPY t TO STDOUT")
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert_eq!(out.lines().count(), 10_000);
+}
+
+/// `listener` listens, `notifier` notifies, and the notification arrives.
+fn notification_arrives(listener: &mut Client, notifier: &mut Client) {
+    listener.batch_execute("LISTEN proxied").unwrap();
+    notifier.batch_execute("NOTIFY proxied, 'hello'").unwrap();
+    let notification = listener
+        .notifications()
+        .timeout_iter(Duration::from_secs(5))
+        .next()
+        .unwrap()
+        .expect("a notification");
+    assert_eq!(notification.payload(), "hello");
 }
 
 /// The admin port answers `/metrics` and `/health`, and 404 to anything else. It reads at most
@@ -416,7 +426,8 @@ fn cancel_a_sleep(client: &mut Client, cluster: &Cluster) {
 }
 
 /// The store reached over its Unix socket, and a credential without a host: the route's
-/// server is the store's, over the same socket, cancel requests included.
+/// server is the store's, over the same socket, cancel requests included. The kernel relay
+/// leaves such sessions to the proxy.
 #[test]
 fn servers_on_a_unix_socket() {
     let fixture = fixture(r#""trust""#);
@@ -430,8 +441,9 @@ fn servers_on_a_unix_socket() {
         .unwrap();
     let proxy = RunningProxy::start(
         Config::parse(&format!(
-            "[listen]\ntcp = \"127.0.0.1:0\"\n\
+            "[listen]\ntcp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
              [store]\nhost = \"{}\"\nport = {}\nuser = \"proxy\"\npassword = \"proxy-pw\"\n\
+             [limits]\nkernel_relay_after_ms = 0\n\
              [[route]]\ndatabase = \"appdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n",
             fixture.cluster.socket_dir().display(),
             fixture.cluster.port
@@ -457,6 +469,14 @@ fn servers_on_a_unix_socket() {
     assert!(
         row.get::<_, bool>(1),
         "the session should run over the Unix socket"
+    );
+    // The kernel relay takes TCP sockets only (see `ServerStream::plain_tcp_socket`).
+    assert_eq!(
+        pg_secrets_e2e::metric(
+            proxy.admin_address.unwrap(),
+            "secrets_proxy_kernel_relay_active_sessions"
+        ),
+        0
     );
     cancel_a_sleep(&mut client, &fixture.cluster);
 }
@@ -971,6 +991,16 @@ fn pgbench_while(
     rotations
 }
 
+/// `pgbench_while`, with the password rotated every 100 ms or so.
+fn pgbench_while_rotating(fixture: &Fixture, seconds: u64, clients: &[&str]) -> u32 {
+    let mut count = 0;
+    pgbench_while(fixture, seconds, clients, || {
+        count += 1;
+        fixture.rotate(&format!("pw-rotated-{count}"));
+        std::thread::sleep(Duration::from_millis(100));
+    })
+}
+
 #[test]
 fn pgbench_sees_no_failure_while_the_password_rotates_over_and_over() {
     // The single-threaded runtime, where every other test has a thread per core: the logins
@@ -983,12 +1013,7 @@ fn pgbench_sees_no_failure_while_the_password_rotates_over_and_over() {
             ..ProxyExtras::default()
         },
     );
-    let mut count = 0;
-    let rotations = pgbench_while(&fixture, 5, RECONNECTING, || {
-        count += 1;
-        fixture.rotate(&format!("pw-rotated-{count}"));
-        std::thread::sleep(Duration::from_millis(100));
-    });
+    let rotations = pgbench_while_rotating(&fixture, 5, RECONNECTING);
     assert!(rotations >= 5, "only {rotations} rotations");
 }
 
@@ -2739,4 +2764,207 @@ fn a_server_straying_from_the_login_protocol_is_refused() {
     let heard = String::from_utf8_lossy(&heard);
     assert!(heard.contains("user\0app\0"), "{heard}");
     assert!(!heard.contains("pw-0"), "{heard}");
+}
+
+/// `fixture` for trusted clients, with sessions handed to the kernel relay after `after_ms`.
+fn kernel_relay_fixture(after_ms: u64) -> Fixture {
+    fixture_with(
+        r#""trust""#,
+        &[],
+        ProxyExtras {
+            limits: format!("kernel_relay_after_ms = {after_ms}"),
+            ..ProxyExtras::default()
+        },
+    )
+}
+
+/// Whether this process may load eBPF programs, as the kernel relay must (CAP_BPF and
+/// CAP_NET_ADMIN; root here).
+fn may_load_ebpf() -> bool {
+    pg_secrets_e2e::running_as_root()
+}
+
+/// Sessions that last are handed to the kernel relay at a quiet point (here at once), and
+/// from then on everything a client does still works: both protocols, COPY both ways, large
+/// results, errors, transactions, cancel. A session that listens for notifications is never
+/// handed over, and still gets them. When a relayed client leaves, its server session closes
+/// and the bytes the kernel relayed are counted. Where eBPF cannot be loaded (not root), the
+/// proxy says so and relays everything in user space.
+#[test]
+fn long_sessions_are_relayed_in_the_kernel_and_everything_still_works() {
+    let fixture = kernel_relay_fixture(0);
+    let kernel = may_load_ebpf();
+    assert_eq!(
+        counter(&fixture, "secrets_proxy_kernel_relay_available"),
+        u64::from(kernel)
+    );
+    let mut client = fixture.connect();
+    assert_eq!(scalar(&mut client, "SELECT current_user::text"), "app");
+    let relayed =
+        |fixture: &Fixture| counter(fixture, "secrets_proxy_kernel_relay_active_sessions");
+    // The gauge goes up once the held answer is written, a moment after the client read it.
+    wait_until(
+        "the session to be handed over",
+        Duration::from_secs(10),
+        || relayed(&fixture) == u64::from(kernel),
+    );
+
+    prepared_statements_and_copy_both_ways(&mut client);
+    let rows = client
+        .query("SELECT repeat('x', 1000) || id FROM t", &[])
+        .unwrap();
+    assert_eq!(rows.len(), 10_000);
+    let error = client.batch_execute("SELECT 1/0").unwrap_err();
+    assert_eq!(error.as_db_error().unwrap().code().code(), "22012");
+    let mut transaction = client.transaction().unwrap();
+    transaction
+        .batch_execute("INSERT INTO t VALUES (-1, 'rolled back')")
+        .unwrap();
+    transaction.rollback().unwrap();
+    cancel_a_sleep(&mut client, &fixture.cluster);
+    let count: i64 = client
+        .query_one("SELECT count(*) FROM t", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 10_000);
+    let server_pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+
+    // A listening session keeps being relayed by the proxy itself.
+    let mut listener = fixture.connect();
+    notification_arrives(&mut listener, &mut client);
+    assert_eq!(relayed(&fixture), u64::from(kernel));
+
+    drop(client);
+    drop(listener);
+    wait_until_pooled(&fixture);
+    assert_eq!(relayed(&fixture), 0);
+    let handed_over = counter(&fixture, "secrets_proxy_kernel_relayed_sessions_total");
+    assert_eq!(handed_over, u64::from(kernel));
+    if kernel {
+        // The kernel-relayed bytes are counted when the session ends: the COPY out alone is
+        // more than 100 kB.
+        assert!(
+            counter(
+                &fixture,
+                "secrets_proxy_relay_bytes_total{direction=\"to_client\"}"
+            ) > 100_000
+        );
+        assert!(
+            counter(
+                &fixture,
+                "secrets_proxy_relay_bytes_total{direction=\"to_server\"}"
+            ) > 100_000
+        );
+    }
+    // The relayed session's server connection closed with it.
+    if kernel {
+        wait_until(
+            "the relayed server session to end",
+            Duration::from_secs(10),
+            || {
+                !fixture
+                    .cluster
+                    .superuser()
+                    .query_one(
+                        "SELECT $1 IN (SELECT pid FROM pg_stat_activity)",
+                        &[&server_pid],
+                    )
+                    .unwrap()
+                    .get::<_, bool>(0)
+            },
+        );
+    }
+}
+
+/// The promise, for steady clients relayed in the kernel: pgbench's sessions are handed over
+/// while the password rotates over and over, and no transaction fails.
+#[test]
+fn steady_clients_relayed_in_the_kernel_see_no_failure_through_rotation() {
+    let fixture = kernel_relay_fixture(200);
+    pgbench_while_rotating(&fixture, 4, &["-c", "4"]);
+    // Each session is handed over unless eight hand-overs in a row find pgbench's next
+    // request already there.
+    let handed_over = counter(&fixture, "secrets_proxy_kernel_relayed_sessions_total");
+    assert_eq!(
+        handed_over > 0,
+        may_load_ebpf(),
+        "{handed_over} handed over"
+    );
+}
+
+/// A relayed session whose server is terminated: the client gets the server's FATAL error
+/// (57P01), not a bare end of stream, and the session is gone from the gauge.
+#[test]
+fn a_relayed_session_ends_with_the_servers_last_words() {
+    let fixture = kernel_relay_fixture(0);
+    let mut stream = raw_login(&fixture, Duration::from_secs(10));
+    stream
+        .write_all(&protocol_message(b'Q', b"SELECT pg_backend_pid()\0"))
+        .unwrap();
+    let answer = read_until_ready(&mut stream);
+    let (_, row) = answer.iter().find(|(tag, _)| *tag == b'D').unwrap();
+    let pid: i32 = String::from_utf8_lossy(&row[6..]).parse().unwrap();
+    let relayed = || counter(&fixture, "secrets_proxy_kernel_relay_active_sessions");
+    wait_until(
+        "the session to be handed over",
+        Duration::from_secs(10),
+        || relayed() == u64::from(may_load_ebpf()),
+    );
+    fixture
+        .cluster
+        .superuser()
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    let error = read_until(&mut stream, b'E');
+    let (_, fields) = error.last().unwrap();
+    assert!(
+        fields.windows(6).any(|field| field == b"C57P01"),
+        "{}",
+        String::from_utf8_lossy(fields)
+    );
+    wait_until(
+        "the relayed session to end",
+        Duration::from_secs(10),
+        || relayed() == 0,
+    );
+}
+
+/// A client that sends its next request at any moment around a hand-over to the kernel relay
+/// (here: a second request right after the first, at a random delay) gets every answer, in
+/// order, and its session goes on: a hand-over that finds the client's bytes already there
+/// is called off and the proxy relays them, else the kernel relays them.
+#[test]
+fn requests_sent_while_a_session_is_handed_over_are_answered_in_order() {
+    use rand::Rng;
+    let fixture = kernel_relay_fixture(0);
+    let mut rng = rand::thread_rng();
+    let answer_of = |stream: &mut TcpStream| -> String {
+        let answer = read_until_ready(stream);
+        let (_, row) = answer
+            .iter()
+            .find(|(tag, _)| *tag == b'D')
+            .unwrap_or_else(|| panic!("no row in {answer:?}"));
+        // A DataRow: the column count (2 bytes), the value's length (4), the value.
+        String::from_utf8_lossy(&row[6..]).into_owned()
+    };
+    for _ in 0..50 {
+        let mut stream = raw_login(&fixture, Duration::from_secs(10));
+        for round in 0..4 {
+            let (first, second) = (round * 2, round * 2 + 1);
+            let query = |n: i32| protocol_message(b'Q', format!("SELECT {n}\0").as_bytes());
+            stream.write_all(&query(first)).unwrap();
+            std::thread::sleep(Duration::from_micros(rng.gen_range(0..400)));
+            stream.write_all(&query(second)).unwrap();
+            assert_eq!(answer_of(&mut stream), first.to_string());
+            assert_eq!(answer_of(&mut stream), second.to_string());
+        }
+    }
+    wait_until_pooled(&fixture);
+    let handed_over = counter(&fixture, "secrets_proxy_kernel_relayed_sessions_total");
+    let declined = counter(&fixture, "secrets_proxy_kernel_relay_declined_total");
+    eprintln!("{handed_over} sessions handed over, {declined} hand-overs called off");
+    assert_eq!(handed_over > 0, may_load_ebpf());
 }
