@@ -55,12 +55,17 @@ impl HangUps {
         client: &OwnedFd,
         server: &OwnedFd,
     ) -> std::io::Result<oneshot::Receiver<()>> {
-        if !self.running.load(Ordering::Acquire) {
-            return Err(std::io::Error::other("the hang-up watcher has stopped"));
-        }
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
-        self.sessions().insert(token, sender);
+        {
+            let mut sessions = self.sessions();
+            // Checked under the lock `end` clears under: a session added after that would
+            // never be told.
+            if !self.running.load(Ordering::Acquire) {
+                return Err(std::io::Error::other("the hang-up watcher has stopped"));
+            }
+            sessions.insert(token, sender);
+        }
         let interest = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT;
         for socket in [client, server] {
             if let Err(error) = self
@@ -115,7 +120,8 @@ impl HangUps {
     /// Dropping the senders ends every session still watched, rather than leaving it
     /// unwatched for good.
     fn end(&self) {
+        let mut sessions = self.sessions();
         self.running.store(false, Ordering::Release);
-        self.sessions().clear();
+        sessions.clear();
     }
 }

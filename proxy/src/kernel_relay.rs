@@ -18,8 +18,9 @@
 //! answer is written first; then each socket, the server's and then the client's, is armed
 //! (what arrives on it from then on is relayed by the kernel) and checked for bytes that
 //! arrived before. Bytes found call the hand-over off (`Handover::Declined`): the proxy
-//! relays them, and everything after them, itself. Only if the kernel had also relayed bytes
-//! after them, which would then be out of order, is the session closed (`Handover::Broken`).
+//! relays them, and what follows, itself until the next quiet point, where the caller may try
+//! again. Only if the kernel had also relayed bytes after them, which would then be out of
+//! order, is the session closed (`Handover::Broken`).
 
 use crate::backend::ServerStream;
 use crate::frontend::ClientStream;
@@ -64,10 +65,10 @@ pub enum Handover {
     /// session from here, starting with `from_client`.
     Declined {
         from_client: Vec<u8>,
-        /// The sockets are paired in PEERS, where they stay until they close: taking a
-        /// socket out would drop what the kernel queued on it for the proxy, and a socket
-        /// cannot be put in twice. Such a server connection is never pooled, and the next
-        /// hand-over skips the pairing.
+        /// The sockets are (or, after a pairing that failed half way, one may be) paired in
+        /// PEERS, where they stay until they close: taking a socket out would drop what the
+        /// kernel queued on it for the proxy, and a socket cannot be put in twice. Such a
+        /// server connection is never pooled, and the next hand-over skips the pairing.
         paired: bool,
         /// False when trying again would fail again, or after the server sent something
         /// nobody asked for (which the proxy's view of the session may not follow).
@@ -149,29 +150,17 @@ impl KernelRelay {
     ) -> std::io::Result<Handover> {
         write_out(client, held).await?;
         Metrics::count(&metrics.bytes_to_client, held.len() as u64);
-        let sides = self
-            .sides(client.as_ref(), server)
-            .and_then(|(client, server)| {
-                if !paired {
-                    if let Err(error) = self.pair(&client, &server) {
-                        self.release(&client, &server);
-                        return Err(error);
-                    }
-                }
-                Ok((client, server))
-            });
-        let (client_side, server_side) = match sides {
+        let (client_side, server_side) = match self.sides(client.as_ref(), server) {
             Ok(sides) => sides,
-            Err(error) => {
-                tracing::warn!(%error, "a session stays relayed in user space");
-                return Ok(Handover::Declined {
-                    from_client: Vec::new(),
-                    // A pairing that failed half way may have paired one socket.
-                    paired: true,
-                    try_again: false,
-                });
-            }
+            Err(error) => return Ok(stays_in_user_space(&error, false)),
         };
+        if !paired {
+            if let Err(error) = self.pair(&client_side, &server_side) {
+                self.release(&client_side, &server_side);
+                // One of the two sockets may be paired already.
+                return Ok(stays_in_user_space(&error, true));
+            }
+        }
         match self.arm_and_check(&client_side, &server_side) {
             Ok(true) => {}
             Ok(false) => {
@@ -220,6 +209,11 @@ impl KernelRelay {
         let _ = hung_up.await;
         tokio::time::sleep(LAST_BYTES_GRACE).await;
         self.disarm(&client, &server);
+        // Peeking takes each socket's lock: a verdict that found it armed has finished
+        // counting before the slots can go to another session.
+        for side in [&client, &server] {
+            let _ = has_unread_bytes(&side.socket);
+        }
         Metrics::count(&metrics.bytes_to_server, self.relayed_bytes(&client));
         Metrics::count(&metrics.bytes_to_client, self.relayed_bytes(&server));
         self.release(&client, &server);
@@ -291,10 +285,10 @@ impl KernelRelay {
         Ok(true)
     }
 
-    /// Disarms both sockets and reads what reached the proxy: the server's bytes are written
-    /// to the client, the client's returned to be relayed. Unless the kernel relayed anything
-    /// meanwhile: what the proxy holds came first but would go after, and the session is
-    /// `Broken`.
+    /// Disarms both sockets and reads (up to 16 KiB each) what reached the proxy: the
+    /// server's bytes are written to the client, the client's returned to be relayed. Unless
+    /// the kernel relayed anything meanwhile: what the proxy holds came first but would go
+    /// after, and the session is `Broken`.
     async fn call_off(
         &self,
         client_side: Side,
@@ -308,10 +302,11 @@ impl KernelRelay {
         // Reading takes each socket's lock, so every verdict that found the socket armed has
         // finished counting by the time the counts are read. What is not read now stays
         // queued for the proxy, in order, after what is.
-        let from_client = read_available(&client_side.socket)?;
-        let from_server = read_available(&server_side.socket)?;
+        let from_client = read_available(&client_side.socket);
+        let from_server = read_available(&server_side.socket);
         let relayed = self.relayed_bytes(&client_side) + self.relayed_bytes(&server_side);
         self.release(&client_side, &server_side);
+        let (from_client, from_server) = (from_client?, from_server?);
         if relayed > 0 {
             return Ok(Handover::Broken);
         }
@@ -357,6 +352,16 @@ impl KernelRelay {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .extend([client.slot, server.slot]);
+    }
+}
+
+/// A hand-over that could not start, for `reason`.
+fn stays_in_user_space(reason: &dyn std::fmt::Display, paired: bool) -> Handover {
+    tracing::warn!(%reason, "a session stays relayed in user space");
+    Handover::Declined {
+        from_client: Vec::new(),
+        paired,
+        try_again: false,
     }
 }
 

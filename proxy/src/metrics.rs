@@ -90,7 +90,8 @@ pub struct Metrics {
     /// Sessions handed over to the kernel relay, and those it relays now.
     pub kernel_relayed_sessions: AtomicU64,
     pub kernel_relay_active: AtomicU64,
-    /// Hand-overs called off because bytes arrived while they were made.
+    /// Hand-overs called off: bytes arrived while they were made, or a socket could not be
+    /// armed (those that had to close the session included).
     pub kernel_relay_declined: AtomicU64,
     /// From a client's startup to a server connection ready for it (pool or new login,
     /// retries through rotation included).

@@ -395,7 +395,8 @@ impl Relay {
 struct Sides {
     from_client: Framing,
     from_server: Framing,
-    /// The client sent bytes while a request of its was still unanswered.
+    /// The client sent more bytes while a request of its was still unanswered (requests
+    /// sent together in one read are not seen: such a client then waits for their answers).
     pipelined: bool,
 }
 
