@@ -67,13 +67,13 @@ impl ServerStream {
         }
     }
 
-    /// The TCP socket underneath when nothing sits between it and the session's bytes (no
-    /// TLS): what the kernel relay can take over. Not a Unix socket: relaying between one and
-    /// a TCP socket through the sockmap stalled the session when tried (kernel 6.18).
-    pub fn plain_tcp_socket(&self) -> Option<BorrowedFd<'_>> {
+    /// The socket underneath when nothing sits between it and the session's bytes (no TLS):
+    /// what the kernel relay can take over.
+    pub fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
         match self {
             ServerStream::Plain(stream) => Some(stream.as_fd()),
-            ServerStream::Tls(_) | ServerStream::Unix(_) => None,
+            ServerStream::Unix(stream) => Some(stream.as_fd()),
+            ServerStream::Tls(_) => None,
         }
     }
 

@@ -14,19 +14,23 @@ use tokio_rustls::TlsAcceptor;
 
 /// What a client connection is read and written through: TCP, Unix socket, or TLS over TCP.
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
-    /// The TCP socket underneath when nothing sits between it and the session's bytes (no
-    /// TLS): what the kernel relay can take over.
-    fn plain_tcp_socket(&self) -> Option<BorrowedFd<'_>> {
+    /// The socket underneath when nothing sits between it and the session's bytes (no TLS):
+    /// what the kernel relay can take over.
+    fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
         None
     }
 }
 
 impl ClientStream for tokio::net::TcpStream {
-    fn plain_tcp_socket(&self) -> Option<BorrowedFd<'_>> {
+    fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
         Some(self.as_fd())
     }
 }
-impl ClientStream for tokio::net::UnixStream {}
+impl ClientStream for tokio::net::UnixStream {
+    fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
+}
 impl ClientStream for tokio_rustls::server::TlsStream<Box<dyn ClientStream>> {}
 /// The placeholder while a stream is moved out (into TLS, or to the kernel relay).
 impl ClientStream for tokio::io::Empty {}

@@ -23,9 +23,11 @@
 //! order, is the session closed (`Handover::Broken`).
 
 use crate::backend::ServerStream;
+use crate::cookies::incoming_cookie;
 use crate::frontend::ClientStream;
 use crate::hang_ups::HangUps;
 use crate::metrics::Metrics;
+use crate::relay::write_out;
 use aya::maps::{Array, HashMap, MapData, SockHash};
 use aya::programs::SkSkb;
 use aya::Ebpf;
@@ -34,7 +36,6 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 /// After a hang-up, how long the surviving socket stays open: a kernel worker may still be
@@ -82,6 +83,7 @@ pub enum Handover {
 /// One side of a session as the kernel relay holds it.
 struct Side {
     socket: OwnedFd,
+    /// What the eBPF program finds the socket by (`incoming_cookie`).
     cookie: u64,
     slot: u32,
 }
@@ -226,11 +228,11 @@ impl KernelRelay {
         client: &dyn ClientStream,
         server: &ServerStream,
     ) -> std::io::Result<(Side, Side)> {
-        let not_plain = || std::io::Error::other("not a plain TCP socket");
-        let client = client.plain_tcp_socket().ok_or_else(not_plain)?;
-        let server = server.plain_tcp_socket().ok_or_else(not_plain)?;
+        let not_plain = || std::io::Error::other("not a plain socket");
+        let client = client.plain_socket().ok_or_else(not_plain)?;
+        let server = server.plain_socket().ok_or_else(not_plain)?;
         let (client, server) = (client.try_clone_to_owned()?, server.try_clone_to_owned()?);
-        let (client_cookie, server_cookie) = (socket_cookie(&client)?, socket_cookie(&server)?);
+        let (client_cookie, server_cookie) = (incoming_cookie(&client)?, incoming_cookie(&server)?);
         let (client_slot, server_slot) = self
             .take_slots()
             .ok_or_else(|| std::io::Error::other("every kernel relay slot is taken"))?;
@@ -372,14 +374,6 @@ impl Drop for KernelRelay {
     }
 }
 
-async fn write_out<W: AsyncWrite + Unpin + ?Sized>(
-    stream: &mut W,
-    bytes: &[u8],
-) -> std::io::Result<()> {
-    stream.write_all(bytes).await?;
-    stream.flush().await
-}
-
 /// Whether the proxy has bytes to read on a socket (or its end), without taking them.
 fn has_unread_bytes(socket: &OwnedFd) -> std::io::Result<bool> {
     let mut probe = [0u8; 1];
@@ -405,26 +399,5 @@ fn read_available(socket: &OwnedFd) -> std::io::Result<Vec<u8>> {
             Err(nix::errno::Errno::EINTR) => {}
             Err(error) => return Err(error.into()),
         }
-    }
-}
-
-/// The socket's cookie, the identity the eBPF program finds the socket by.
-fn socket_cookie(socket: &OwnedFd) -> std::io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut length = std::mem::size_of::<u64>() as nix::libc::socklen_t;
-    // SAFETY: SO_COOKIE writes one u64 into `cookie`, whose size `length` gives.
-    let result = unsafe {
-        nix::libc::getsockopt(
-            socket.as_raw_fd(),
-            nix::libc::SOL_SOCKET,
-            nix::libc::SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut length,
-        )
-    };
-    if result == 0 {
-        Ok(cookie)
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }

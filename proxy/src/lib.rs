@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod cancel;
 pub mod config;
+pub mod cookies;
 pub mod credentials;
 pub mod error;
 pub mod frontend;

@@ -361,7 +361,10 @@ impl Relay {
                 if hand_over_after.is_some_and(|at| Instant::now() >= at) && lock(&sides).quiet() {
                     return Ended::HandOver { held: read };
                 }
-                if !write_out(&mut client_writer, &server_buffer[..read]).await {
+                if write_out(&mut client_writer, &server_buffer[..read])
+                    .await
+                    .is_err()
+                {
                     return Ended::Closed;
                 }
                 Metrics::count(&metrics.bytes_to_client, read as u64);
@@ -450,7 +453,7 @@ async fn to_server<W: AsyncWrite + Unpin>(
         )
     };
     if let Some(terminate_at) = terminate_at {
-        if !write_out(server, &chunk[..terminate_at]).await {
+        if write_out(server, &chunk[..terminate_at]).await.is_err() {
             return Some(Ended::Closed);
         }
         return Some(
@@ -461,7 +464,7 @@ async fn to_server<W: AsyncWrite + Unpin>(
             },
         );
     }
-    if !write_out(server, chunk).await {
+    if write_out(server, chunk).await.is_err() {
         return Some(Ended::Closed);
     }
     Metrics::count(&metrics.bytes_to_server, chunk.len() as u64);
@@ -472,8 +475,12 @@ async fn to_server<W: AsyncWrite + Unpin>(
 }
 
 /// Writes and flushes: over TLS, written bytes may wait in the session until flushed.
-async fn write_out<W: AsyncWrite + Unpin>(stream: &mut W, bytes: &[u8]) -> bool {
-    stream.write_all(bytes).await.is_ok() && stream.flush().await.is_ok()
+pub(crate) async fn write_out<W: AsyncWrite + Unpin + ?Sized>(
+    stream: &mut W,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
 }
 
 /// `DISCARD ALL`, so the next client starts with a clean session: no temporary tables,
@@ -481,7 +488,7 @@ async fn write_out<W: AsyncWrite + Unpin>(stream: &mut W, bytes: &[u8]) -> bool 
 pub async fn reset(server: &mut ServerStream) -> bool {
     let mut query = BytesMut::new();
     if postgres_protocol::message::frontend::query("DISCARD ALL", &mut query).is_err()
-        || !write_out(server, &query).await
+        || write_out(server, &query).await.is_err()
     {
         return false;
     }

@@ -496,10 +496,27 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
 
 /// The credential JSON of login role `app` on `cluster`, as a pg_secrets secret holds it.
 pub fn credential_json(cluster: &Cluster, password: &str) -> String {
+    credential_json_for("127.0.0.1", cluster.port, password)
+}
+
+/// The same credential for the server at `host` (an address or name, or the directory of its
+/// Unix socket, as in libpq) and `port`.
+pub fn credential_json_for(host: &str, port: u16, password: &str) -> String {
     format!(
-        r#"{{"engine": "postgres", "host": "127.0.0.1", "port": {}, "dbname": "postgres", "username": "app", "password": "{password}"}}"#,
-        cluster.port
+        r#"{{"engine": "postgres", "host": "{host}", "port": {port}, "dbname": "postgres", "username": "app", "password": "{password}"}}"#
     )
+}
+
+/// Points secret `db/app` (see `cluster_with_app_credential`) at the server at `host` and
+/// `port`, password unchanged.
+pub fn set_app_server(cluster: &Cluster, host: &str, port: u16) {
+    cluster
+        .superuser()
+        .execute(
+            "SELECT secrets.put_secret_value('db/app', $1)",
+            &[&credential_json_for(host, port, "pw-0")],
+        )
+        .unwrap();
 }
 
 /// For the proxy tests: a cluster with login role `app` (password `pw-0`, kept in secret

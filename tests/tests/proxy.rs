@@ -37,7 +37,10 @@ struct ProxyExtras {
 }
 
 fn fixture_with(allow: &str, settings: &[&str], extras: ProxyExtras) -> Fixture {
-    let cluster = cluster_with_app_credential(settings);
+    proxy_for(cluster_with_app_credential(settings), allow, extras)
+}
+
+fn proxy_for(cluster: Cluster, allow: &str, extras: ProxyExtras) -> Fixture {
     let config = Config::parse(&proxy_config(&cluster, "127.0.0.1:0", allow, &extras)).unwrap();
     let proxy = RunningProxy::start(config).unwrap();
     Fixture { cluster, proxy }
@@ -426,8 +429,8 @@ fn cancel_a_sleep(client: &mut Client, cluster: &Cluster) {
 }
 
 /// The store reached over its Unix socket, and a credential without a host: the route's
-/// server is the store's, over the same socket, cancel requests included. The kernel relay
-/// leaves such sessions to the proxy.
+/// server is the store's, over the same socket, cancel requests included, also once the kernel
+/// relays the session.
 #[test]
 fn servers_on_a_unix_socket() {
     let fixture = fixture(r#""trust""#);
@@ -470,15 +473,19 @@ fn servers_on_a_unix_socket() {
         row.get::<_, bool>(1),
         "the session should run over the Unix socket"
     );
-    // The kernel relay takes TCP sockets only (see `ServerStream::plain_tcp_socket`).
-    assert_eq!(
-        pg_secrets_e2e::metric(
-            proxy.admin_address.unwrap(),
-            "secrets_proxy_kernel_relay_active_sessions"
-        ),
-        0
+    // The kernel relay takes Unix sockets too.
+    wait_until(
+        "the session to be handed over",
+        Duration::from_secs(10),
+        || {
+            pg_secrets_e2e::metric(
+                proxy.admin_address.unwrap(),
+                "secrets_proxy_kernel_relay_active_sessions",
+            ) == u64::from(may_load_ebpf())
+        },
     );
     cancel_a_sleep(&mut client, &fixture.cluster);
+    prepared_statements_and_copy_both_ways(&mut client);
 }
 
 #[test]
@@ -2767,10 +2774,24 @@ fn a_server_straying_from_the_login_protocol_is_refused() {
 }
 
 /// `fixture` for trusted clients, with sessions handed to the kernel relay after `after_ms`.
-fn kernel_relay_fixture(after_ms: u64) -> Fixture {
-    fixture_with(
-        r#""trust""#,
-        &[],
+/// How the proxy reaches the server: the host in the route's credential.
+#[derive(Clone, Copy, Debug)]
+enum ServerSocket {
+    Tcp,
+    /// A host that is a directory, as in libpq.
+    Unix,
+}
+
+fn kernel_relay_fixture(after_ms: u64, server: ServerSocket) -> Fixture {
+    let cluster = cluster_with_app_credential(&[]);
+    if let ServerSocket::Unix = server {
+        let socket_dir = cluster.socket_dir().display().to_string();
+        pg_secrets_e2e::set_app_server(&cluster, &socket_dir, cluster.port);
+    }
+    // Loopback TCP clients trusted, Unix-socket clients run by this OS user.
+    proxy_for(
+        cluster,
+        &format!(r#""trust", "peer:{}""#, os_user()),
         ProxyExtras {
             limits: format!("kernel_relay_after_ms = {after_ms}"),
             ..ProxyExtras::default()
@@ -2789,16 +2810,35 @@ fn may_load_ebpf() -> bool {
 /// results, errors, transactions, cancel. A session that listens for notifications is never
 /// handed over, and still gets them. When a relayed client leaves, its server session closes
 /// and the bytes the kernel relayed are counted. Where eBPF cannot be loaded (not root), the
-/// proxy says so and relays everything in user space.
+/// proxy says so and relays everything in user space. Sockets of either kind: TCP (a client
+/// over TCP, the server over TCP) and Unix (a client on the proxy's Unix socket, the server on
+/// its own).
 #[test]
 fn long_sessions_are_relayed_in_the_kernel_and_everything_still_works() {
-    let fixture = kernel_relay_fixture(0);
+    for sockets in [ServerSocket::Tcp, ServerSocket::Unix] {
+        everything_works_relayed_in_the_kernel(sockets);
+    }
+}
+
+fn everything_works_relayed_in_the_kernel(sockets: ServerSocket) {
+    let fixture = kernel_relay_fixture(0, sockets);
     let kernel = may_load_ebpf();
     assert_eq!(
         counter(&fixture, "secrets_proxy_kernel_relay_available"),
         u64::from(kernel)
     );
-    let mut client = fixture.connect();
+    let mut client = match sockets {
+        ServerSocket::Tcp => fixture.connect(),
+        ServerSocket::Unix => Client::connect(
+            &format!(
+                "host={} port={} user=whoever dbname=appdb",
+                socket_dir(&fixture),
+                fixture.port()
+            ),
+            NoTls,
+        )
+        .unwrap(),
+    };
     assert_eq!(scalar(&mut client, "SELECT current_user::text"), "app");
     let relayed =
         |fixture: &Fixture| counter(fixture, "secrets_proxy_kernel_relay_active_sessions");
@@ -2883,7 +2923,7 @@ fn long_sessions_are_relayed_in_the_kernel_and_everything_still_works() {
 /// while the password rotates over and over, and no transaction fails.
 #[test]
 fn steady_clients_relayed_in_the_kernel_see_no_failure_through_rotation() {
-    let fixture = kernel_relay_fixture(200);
+    let fixture = kernel_relay_fixture(200, ServerSocket::Tcp);
     pgbench_while_rotating(&fixture, 4, &["-c", "4"]);
     // Each session is handed over unless eight hand-overs in a row find pgbench's next
     // request already there.
@@ -2896,10 +2936,17 @@ fn steady_clients_relayed_in_the_kernel_see_no_failure_through_rotation() {
 }
 
 /// A relayed session whose server is terminated: the client gets the server's FATAL error
-/// (57P01), not a bare end of stream, and the session is gone from the gauge.
+/// (57P01), not a bare end of stream, and the session is gone from the gauge. The server over
+/// TCP, and over its Unix socket.
 #[test]
 fn a_relayed_session_ends_with_the_servers_last_words() {
-    let fixture = kernel_relay_fixture(0);
+    for server in [ServerSocket::Tcp, ServerSocket::Unix] {
+        a_relayed_session_ends_with_the_servers_last_words_over(server);
+    }
+}
+
+fn a_relayed_session_ends_with_the_servers_last_words_over(server: ServerSocket) {
+    let fixture = kernel_relay_fixture(0, server);
     let mut stream = raw_login(&fixture, Duration::from_secs(10));
     stream
         .write_all(&protocol_message(b'Q', b"SELECT pg_backend_pid()\0"))
@@ -2939,7 +2986,7 @@ fn a_relayed_session_ends_with_the_servers_last_words() {
 #[test]
 fn requests_sent_while_a_session_is_handed_over_are_answered_in_order() {
     use rand::Rng;
-    let fixture = kernel_relay_fixture(0);
+    let fixture = kernel_relay_fixture(0, ServerSocket::Tcp);
     let mut rng = rand::thread_rng();
     let answer_of = |stream: &mut TcpStream| -> String {
         let answer = read_until_ready(stream);

@@ -5,8 +5,8 @@
 
 use pg_secrets_e2e::pki::{make_pki, Pki};
 use pg_secrets_e2e::{
-    cluster_with_app_credential, free_port, http_get, wait_until, wait_until_listening,
-    wait_until_notified, Cluster, KeySource, ProxyProcess, TEST_KEY,
+    cluster_with_app_credential, free_port, http_get, set_app_server, wait_until,
+    wait_until_listening, wait_until_notified, Cluster, KeySource, ProxyProcess, TEST_KEY,
 };
 use secrets_proxy::{Config, RunningProxy};
 use std::fs;
@@ -191,19 +191,6 @@ fn proxy_with_tls(cluster: &Cluster, store: &str, server_tls: &str) -> RunningPr
     .unwrap()
 }
 
-fn set_server_host(cluster: &Cluster, host: &str, port: u16) {
-    let credential = format!(
-        r#"{{"engine": "postgres", "host": "{host}", "port": {port}, "dbname": "postgres", "username": "app", "password": "pw-0"}}"#
-    );
-    cluster
-        .superuser()
-        .execute(
-            "SELECT secrets.put_secret_value('db/app', $1)",
-            &[&credential],
-        )
-        .unwrap();
-}
-
 /// A cluster serving TLS with a certificate for `localhost` signed by its own CA, a login
 /// role `app` whose credential is secret `db/app` (server: this cluster, at localhost), and
 /// the proxy's store role `proxy`.
@@ -225,7 +212,7 @@ fn tls_cluster() -> (Cluster, Pki, postgres::Client) {
         &[&"{\"username\": \"app\", \"password\": \"pw-0\"}"],
     )
     .unwrap();
-    set_server_host(&cluster, "localhost", cluster.port);
+    set_app_server(&cluster, "localhost", cluster.port);
     (cluster, pki, db)
 }
 
@@ -279,11 +266,11 @@ fn tls_to_servers_verified_against_the_configured_ca() {
         "{metrics}"
     );
     db.batch_execute("ALTER ROLE app PASSWORD 'pw-0'").unwrap();
-    set_server_host(&cluster, "localhost", cluster.port);
+    set_app_server(&cluster, "localhost", cluster.port);
     drop(proxy);
 
     // The certificate does not name 127.0.0.1: verify-full refuses, with a clear error.
-    set_server_host(&cluster, "127.0.0.1", cluster.port);
+    set_app_server(&cluster, "127.0.0.1", cluster.port);
     let proxy = proxy_with_server_tls(&cluster, &verify_full);
     let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
     assert!(
@@ -294,7 +281,7 @@ fn tls_to_servers_verified_against_the_configured_ca() {
     drop(proxy);
 
     // A Unix socket cannot prove who listens on it: refused under verify-full.
-    set_server_host(
+    set_app_server(
         &cluster,
         &cluster.socket_dir().display().to_string(),
         cluster.port,
@@ -306,7 +293,7 @@ fn tls_to_servers_verified_against_the_configured_ca() {
         "{text}"
     );
     drop(proxy);
-    set_server_host(&cluster, "127.0.0.1", cluster.port);
+    set_app_server(&cluster, "127.0.0.1", cluster.port);
 
     // require: encrypted, the certificate not checked, so the address form is fine; the
     // login is still bound to the session, so it could not be relayed through another.
@@ -332,7 +319,7 @@ fn tls_to_servers_verified_against_the_configured_ca() {
     drop(proxy);
 
     // A CA that did not sign the server's certificate.
-    set_server_host(&cluster, "localhost", cluster.port);
+    set_app_server(&cluster, "localhost", cluster.port);
     let other = tempfile::tempdir().unwrap();
     let other_pki = make_pki(other.path());
     let proxy = proxy_with_server_tls(
@@ -362,7 +349,7 @@ fn tls_to_servers_verified_against_the_configured_ca() {
             }
         }
     });
-    set_server_host(&cluster, "localhost", declining_port);
+    set_app_server(&cluster, "localhost", declining_port);
     let proxy = proxy_with_server_tls(&cluster, "sslmode = \"require\"");
     let (ok, text) = psql(proxy.tcp_address.unwrap().port(), "sslmode=disable");
     assert!(!ok && text.contains("does not accept TLS"), "{text}");
