@@ -68,7 +68,8 @@ impl ServerStream {
     }
 
     /// The socket underneath when nothing sits between it and the session's bytes (no TLS):
-    /// what the kernel relay can take over.
+    /// what the kernel relay can take over, TCP or Unix (see `ClientStream` for
+    /// `tokio::net::UnixStream` for why a client's Unix socket is not).
     pub fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
         match self {
             ServerStream::Plain(stream) => Some(stream.as_fd()),

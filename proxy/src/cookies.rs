@@ -16,9 +16,6 @@ use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
-/// sock_diag's "do not check the cookie" value: the request names the socket by inode only.
-const ANY_COOKIE: [u8; 8] = [0xff; 8];
-
 /// The cookie the eBPF program sees on bytes arriving at `socket`, and so finds the socket
 /// by: its own for TCP, its peer's for a Unix socket.
 pub fn incoming_cookie(socket: impl AsFd) -> io::Result<u64> {
@@ -54,37 +51,65 @@ fn socket_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
 /// The cookie of the socket at the other end of the connected Unix socket `socket`. Fails
 /// when the peer is closed, or lives in another network namespace (a server in a container
 /// whose socket directory is shared), where sock_diag does not see it.
+///
+/// Inode numbers wrap, so each answer is checked: the first names our socket by its own
+/// cookie too (a socket with our inode but another cookie is refused by the kernel), and the
+/// second must name our socket as its peer.
 fn unix_peer_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
     let inode = nix::sys::stat::fstat(socket.as_raw_fd())?.st_ino;
     let inode = u32::try_from(inode).map_err(io::Error::other)?;
     let mut diag = Socket::new(NETLINK_SOCK_DIAG)?;
     diag.bind_auto()?;
     diag.connect(&SocketAddr::new(0, 0))?;
-    let peer = describe(&diag, inode, ShowFlags::PEER)?
-        .nlas
-        .iter()
-        .find_map(|nla| match nla {
-            Nla::Peer(peer) => Some(*peer),
-            _ => None,
-        })
+    let own_cookie = cookie_words(socket_cookie(socket)?);
+    let ours = describe(&diag, inode, own_cookie)?;
+    // A peer that closed is reported as inode 0.
+    let peer = peer_inode(&ours)
+        .filter(|&peer| peer != 0)
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "the socket has no peer"))?;
-    let cookie = describe(&diag, peer, ShowFlags::empty())?.header.cookie;
-    // The kernel writes the 64-bit cookie as two 32-bit words, the low one first.
-    let word = |at: usize| {
-        u32::from_ne_bytes([cookie[at], cookie[at + 1], cookie[at + 2], cookie[at + 3]])
-    };
-    Ok(u64::from(word(0)) | u64::from(word(4)) << 32)
+    let theirs = describe(&diag, peer, ANY_COOKIE)?;
+    if theirs.header.inode != peer || peer_inode(&theirs) != Some(inode) {
+        return Err(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "the socket's peer changed while it was looked up",
+        ));
+    }
+    Ok(cookie_from_words(theirs.header.cookie))
 }
 
-/// sock_diag's answer about the Unix socket with inode `inode`.
-fn describe(diag: &Socket, inode: u32, show_flags: ShowFlags) -> io::Result<UnixResponse> {
+/// sock_diag's "do not check the cookie" value: the request names the socket by inode only.
+const ANY_COOKIE: [u8; 8] = [0xff; 8];
+
+/// A cookie as sock_diag writes and reads it: two 32-bit words, the low one first.
+fn cookie_words(cookie: u64) -> [u8; 8] {
+    let mut words = [0; 8];
+    words[..4].copy_from_slice(&(cookie as u32).to_ne_bytes());
+    words[4..].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
+    words
+}
+
+fn cookie_from_words(words: [u8; 8]) -> u64 {
+    let [a, b, c, d, e, f, g, h] = words;
+    u64::from(u32::from_ne_bytes([a, b, c, d])) | u64::from(u32::from_ne_bytes([e, f, g, h])) << 32
+}
+
+fn peer_inode(response: &UnixResponse) -> Option<u32> {
+    response.nlas.iter().find_map(|nla| match nla {
+        Nla::Peer(peer) => Some(*peer),
+        _ => None,
+    })
+}
+
+/// sock_diag's answer about the Unix socket with inode `inode` and cookie `cookie`, with its
+/// peer's inode.
+fn describe(diag: &Socket, inode: u32, cookie: [u8; 8]) -> io::Result<UnixResponse> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST;
     let request = SockDiagMessage::UnixRequest(UnixRequest {
         state_flags: StateFlags::all(),
         inode,
-        show_flags,
-        cookie: ANY_COOKIE,
+        show_flags: ShowFlags::PEER,
+        cookie,
     });
     let mut request = NetlinkMessage::new(header, request.into());
     request.finalize();
@@ -92,8 +117,9 @@ fn describe(diag: &Socket, inode: u32, show_flags: ShowFlags) -> io::Result<Unix
     request.serialize(&mut bytes);
     diag.send(&bytes, 0)?;
 
+    // The kernel answers within `send`: the answer is there to read, without waiting.
     let mut answer = Vec::with_capacity(8192);
-    diag.recv(&mut answer, 0)?;
+    diag.recv(&mut answer, nix::libc::MSG_DONTWAIT)?;
     let answer = NetlinkMessage::<SockDiagMessage>::deserialize(&answer)
         .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error.to_string()))?;
     match answer.payload {
@@ -128,6 +154,8 @@ mod tests {
             incoming_cookie(&client).unwrap(),
             socket_cookie(client.as_fd()).unwrap()
         );
+        let cookie = 0x0123_4567_89ab_cdef;
+        assert_eq!(cookie_from_words(cookie_words(cookie)), cookie);
         // A peer gone: no cookie, and the hand-over leaves the session to the proxy.
         drop(other);
         assert!(incoming_cookie(&one).is_err());

@@ -14,23 +14,23 @@ use tokio_rustls::TlsAcceptor;
 
 /// What a client connection is read and written through: TCP, Unix socket, or TLS over TCP.
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
-    /// The socket underneath when nothing sits between it and the session's bytes (no TLS):
-    /// what the kernel relay can take over.
-    fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
+    /// The TCP socket underneath when nothing sits between it and the session's bytes (no
+    /// TLS): what the kernel relay can take over.
+    fn plain_tcp_socket(&self) -> Option<BorrowedFd<'_>> {
         None
     }
 }
 
 impl ClientStream for tokio::net::TcpStream {
-    fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
+    fn plain_tcp_socket(&self) -> Option<BorrowedFd<'_>> {
         Some(self.as_fd())
     }
 }
-impl ClientStream for tokio::net::UnixStream {
-    fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
-        Some(self.as_fd())
-    }
-}
+/// Not for the kernel relay: bytes arriving on a Unix socket meet its verdict program outside
+/// the socket's lock, so a request sent just as the socket is armed could reach the proxy's
+/// queue after the hand-over checked it, and wait there unread. A client may send at any
+/// moment; an idle server sends nothing, so a server's Unix socket is taken.
+impl ClientStream for tokio::net::UnixStream {}
 impl ClientStream for tokio_rustls::server::TlsStream<Box<dyn ClientStream>> {}
 /// The placeholder while a stream is moved out (into TLS, or to the kernel relay).
 impl ClientStream for tokio::io::Empty {}

@@ -32,6 +32,7 @@ use aya::maps::{Array, HashMap, MapData, SockHash};
 use aya::programs::SkSkb;
 use aya::Ebpf;
 use nix::sys::socket::{recv, MsgFlags};
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -45,8 +46,10 @@ const LAST_BYTES_GRACE: Duration = Duration::from_millis(20);
 
 pub struct KernelRelay {
     maps: Mutex<Maps>,
-    /// Free indexes into `REDIRECTED`.
-    free_slots: Mutex<Vec<u32>>,
+    /// Free indexes into `REDIRECTED`, the longest free first. A slot released goes to the
+    /// back: on a server's Unix socket the verdict runs outside the socket's lock, so one
+    /// still counting when its session ends must not count into the next session's bytes.
+    free_slots: Mutex<VecDeque<u32>>,
     hang_ups: Arc<HangUps>,
     /// Keeps the program loaded and attached to `PEERS`.
     _ebpf: Ebpf,
@@ -132,7 +135,7 @@ impl KernelRelay {
                 armed,
                 redirected,
             }),
-            free_slots: Mutex::new((0..slots).rev().collect()),
+            free_slots: Mutex::new((0..slots).collect()),
             hang_ups: HangUps::start()?,
             _ebpf: ebpf,
         })
@@ -211,8 +214,8 @@ impl KernelRelay {
         let _ = hung_up.await;
         tokio::time::sleep(LAST_BYTES_GRACE).await;
         self.disarm(&client, &server);
-        // Peeking takes each socket's lock: a verdict that found it armed has finished
-        // counting before the slots can go to another session.
+        // Peeking takes each socket's lock: a verdict on a TCP socket that found it armed has
+        // finished counting before the slots go back (see `free_slots` for Unix sockets).
         for side in [&client, &server] {
             let _ = has_unread_bytes(&side.socket);
         }
@@ -229,7 +232,7 @@ impl KernelRelay {
         server: &ServerStream,
     ) -> std::io::Result<(Side, Side)> {
         let not_plain = || std::io::Error::other("not a plain socket");
-        let client = client.plain_socket().ok_or_else(not_plain)?;
+        let client = client.plain_tcp_socket().ok_or_else(not_plain)?;
         let server = server.plain_socket().ok_or_else(not_plain)?;
         let (client, server) = (client.try_clone_to_owned()?, server.try_clone_to_owned()?);
         let (client_cookie, server_cookie) = (incoming_cookie(&client)?, incoming_cookie(&server)?);
@@ -274,6 +277,11 @@ impl KernelRelay {
 
     /// Arms the server's socket, then the client's, each checked right after for bytes that
     /// reached the proxy before it was armed. True when both are armed and none had.
+    ///
+    /// Peeking takes the socket's lock, so on a TCP socket a verdict that found it unarmed has
+    /// queued its bytes for the proxy by then. A Unix socket's verdict runs outside that lock:
+    /// that is why only a server's Unix socket is taken, since an idle server sends nothing
+    /// while it is armed (and client bytes reach it only after it is).
     fn arm_and_check(&self, client: &Side, server: &Side) -> std::io::Result<bool> {
         for side in [server, client] {
             self.maps()
@@ -301,9 +309,11 @@ impl KernelRelay {
     ) -> std::io::Result<Handover> {
         Metrics::count(&metrics.kernel_relay_declined, 1);
         self.disarm(&client_side, &server_side);
-        // Reading takes each socket's lock, so every verdict that found the socket armed has
-        // finished counting by the time the counts are read. What is not read now stays
-        // queued for the proxy, in order, after what is.
+        // Reading takes each socket's lock, so every verdict that found a TCP socket armed has
+        // finished counting by the time the counts are read. (A server's Unix socket may
+        // still be counting, but a server answers only what the client's TCP socket, counted
+        // exactly, relayed.) What is not read now stays queued for the proxy, in order, after
+        // what is.
         let from_client = read_available(&client_side.socket);
         let from_server = read_available(&server_side.socket);
         let relayed = self.relayed_bytes(&client_side) + self.relayed_bytes(&server_side);
@@ -333,7 +343,7 @@ impl KernelRelay {
         if free.len() < 2 {
             return None;
         }
-        Some((free.pop()?, free.pop()?))
+        Some((free.pop_front()?, free.pop_front()?))
     }
 
     /// Disarms both sockets: what arrives from then on is the proxy's to read.

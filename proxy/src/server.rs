@@ -557,7 +557,7 @@ async fn relay_session(
     let mut hand_over_after = shared
         .kernel_relay
         .as_ref()
-        .filter(|_| client.plain_socket().is_some())
+        .filter(|_| client.plain_tcp_socket().is_some())
         .filter(|_| server.stream.plain_socket().is_some())
         .map(|_| std::time::Instant::now() + after);
     let (mut attempts, mut paired) = (0, false);

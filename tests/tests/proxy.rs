@@ -2810,35 +2810,32 @@ fn may_load_ebpf() -> bool {
 /// results, errors, transactions, cancel. A session that listens for notifications is never
 /// handed over, and still gets them. When a relayed client leaves, its server session closes
 /// and the bytes the kernel relayed are counted. Where eBPF cannot be loaded (not root), the
-/// proxy says so and relays everything in user space. Sockets of either kind: TCP (a client
-/// over TCP, the server over TCP) and Unix (a client on the proxy's Unix socket, the server on
-/// its own).
+/// proxy says so and relays everything in user space. The server over TCP, and over its Unix
+/// socket; a client on the proxy's own Unix socket is relayed by the proxy.
 #[test]
 fn long_sessions_are_relayed_in_the_kernel_and_everything_still_works() {
-    for sockets in [ServerSocket::Tcp, ServerSocket::Unix] {
-        everything_works_relayed_in_the_kernel(sockets);
+    for server in [ServerSocket::Tcp, ServerSocket::Unix] {
+        everything_works_relayed_in_the_kernel(server);
     }
 }
 
-fn everything_works_relayed_in_the_kernel(sockets: ServerSocket) {
-    let fixture = kernel_relay_fixture(0, sockets);
+fn everything_works_relayed_in_the_kernel(server: ServerSocket) {
+    let fixture = kernel_relay_fixture(0, server);
     let kernel = may_load_ebpf();
     assert_eq!(
         counter(&fixture, "secrets_proxy_kernel_relay_available"),
         u64::from(kernel)
     );
-    let mut client = match sockets {
-        ServerSocket::Tcp => fixture.connect(),
-        ServerSocket::Unix => Client::connect(
-            &format!(
-                "host={} port={} user=whoever dbname=appdb",
-                socket_dir(&fixture),
-                fixture.port()
-            ),
-            NoTls,
-        )
-        .unwrap(),
-    };
+    let mut unix_client = Client::connect(
+        &format!(
+            "host={} port={} user=whoever dbname=appdb",
+            socket_dir(&fixture),
+            fixture.port()
+        ),
+        NoTls,
+    )
+    .unwrap();
+    let mut client = fixture.connect();
     assert_eq!(scalar(&mut client, "SELECT current_user::text"), "app");
     let relayed =
         |fixture: &Fixture| counter(fixture, "secrets_proxy_kernel_relay_active_sessions");
@@ -2872,13 +2869,18 @@ fn everything_works_relayed_in_the_kernel(sockets: ServerSocket) {
         .unwrap()
         .get(0);
 
-    // A listening session keeps being relayed by the proxy itself.
+    // A listening session keeps being relayed by the proxy itself, and so does a client on
+    // the proxy's Unix socket (see `ClientStream::plain_tcp_socket`).
     let mut listener = fixture.connect();
     notification_arrives(&mut listener, &mut client);
+    for _ in 0..3 {
+        assert_eq!(scalar(&mut unix_client, "SELECT current_user::text"), "app");
+    }
     assert_eq!(relayed(&fixture), u64::from(kernel));
 
     drop(client);
     drop(listener);
+    drop(unix_client);
     wait_until_pooled(&fixture);
     assert_eq!(relayed(&fixture), 0);
     let handed_over = counter(&fixture, "secrets_proxy_kernel_relayed_sessions_total");
@@ -2985,8 +2987,14 @@ fn a_relayed_session_ends_with_the_servers_last_words_over(server: ServerSocket)
 /// is called off and the proxy relays them, else the kernel relays them.
 #[test]
 fn requests_sent_while_a_session_is_handed_over_are_answered_in_order() {
+    for server in [ServerSocket::Tcp, ServerSocket::Unix] {
+        requests_sent_while_handed_over_are_answered_in_order(server);
+    }
+}
+
+fn requests_sent_while_handed_over_are_answered_in_order(server: ServerSocket) {
     use rand::Rng;
-    let fixture = kernel_relay_fixture(0, ServerSocket::Tcp);
+    let fixture = kernel_relay_fixture(0, server);
     let mut rng = rand::thread_rng();
     let answer_of = |stream: &mut TcpStream| -> String {
         let answer = read_until_ready(stream);
@@ -3012,6 +3020,6 @@ fn requests_sent_while_a_session_is_handed_over_are_answered_in_order() {
     wait_until_pooled(&fixture);
     let handed_over = counter(&fixture, "secrets_proxy_kernel_relayed_sessions_total");
     let declined = counter(&fixture, "secrets_proxy_kernel_relay_declined_total");
-    eprintln!("{handed_over} sessions handed over, {declined} hand-overs called off");
+    eprintln!("{server:?}: {handed_over} sessions handed over, {declined} hand-overs called off");
     assert_eq!(handed_over > 0, may_load_ebpf());
 }
