@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::relay::write_out;
 use aya::maps::{Array, HashMap, MapData, SockHash};
 use aya::programs::SkSkb;
-use aya::Ebpf;
+use aya::{Ebpf, EbpfLoader};
 use nix::sys::socket::{recv, MsgFlags};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -102,11 +102,15 @@ impl KernelRelay {
     /// Loads the eBPF program and its maps. Fails without the privileges to do so (CAP_BPF
     /// and CAP_NET_ADMIN) or on a kernel without sockmap verdict programs.
     pub fn load() -> Result<KernelRelay, String> {
-        let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(
-            env!("OUT_DIR"),
-            "/kernel_relay.bpf.o"
-        )))
-        .map_err(|error| format!("loading the eBPF maps: {error}"))?;
+        // Without the kernel's BTF type information, which the program does not use and
+        // which would cost the proxy 15 MB of memory to parse.
+        let mut ebpf = EbpfLoader::new()
+            .btf(None)
+            .load(aya::include_bytes_aligned!(concat!(
+                env!("OUT_DIR"),
+                "/kernel_relay.bpf.o"
+            )))
+            .map_err(|error| format!("loading the eBPF maps: {error}"))?;
         let map = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| format!("the eBPF object has no map {name}"))
