@@ -2773,7 +2773,6 @@ fn a_server_straying_from_the_login_protocol_is_refused() {
     assert!(!heard.contains("pw-0"), "{heard}");
 }
 
-/// `fixture` for trusted clients, with sessions handed to the kernel relay after `after_ms`.
 /// How the proxy reaches the server: the host in the route's credential.
 #[derive(Clone, Copy, Debug)]
 enum ServerSocket {
@@ -2782,6 +2781,8 @@ enum ServerSocket {
     Unix,
 }
 
+/// `fixture` for trusted clients, with sessions handed to the kernel relay after `after_ms`,
+/// and the server reached over `server`.
 fn kernel_relay_fixture(after_ms: u64, server: ServerSocket) -> Fixture {
     let cluster = cluster_with_app_credential(&[]);
     if let ServerSocket::Unix = server {
@@ -2870,7 +2871,7 @@ fn everything_works_relayed_in_the_kernel(server: ServerSocket) {
         .get(0);
 
     // A listening session keeps being relayed by the proxy itself, and so does a client on
-    // the proxy's Unix socket (see `ClientStream::plain_tcp_socket`).
+    // the proxy's Unix socket (see `ClientStream` for `tokio::net::UnixStream`).
     let mut listener = fixture.connect();
     notification_arrives(&mut listener, &mut client);
     for _ in 0..3 {
