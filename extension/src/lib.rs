@@ -19,6 +19,7 @@ mod grants;
 mod index_read;
 mod keys;
 mod labels;
+mod parameter_logging;
 mod password;
 mod regrole;
 mod rewrap;
@@ -48,7 +49,7 @@ pub extern "C-unwind" fn _PG_init() {
         errors::Error::NotPreloaded.report();
     }
     settings::init();
-    settings::hide_statement_parameters_if_asked();
+    parameter_logging::hide_if_asked();
     keys::load_at_startup();
     access::register_invalidation_callbacks();
     index_read::register_invalidation_callbacks();

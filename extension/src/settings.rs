@@ -274,25 +274,6 @@ pub fn rotator_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(ROTATOR_TIMEOUT.get() as u64)
 }
 
-/// With `log_statement = all`, PostgreSQL logs each bind parameter of an extended-protocol
-/// statement before the statement runs, which would put secret values in the server log.
-/// Forcing the parameter-logging limits to 0 at the highest priority source means no
-/// `SET`, `ALTER SYSTEM` or reload can turn that back on while pg_secrets is loaded.
-pub fn hide_statement_parameters_if_asked() {
-    if !HIDE_STATEMENT_PARAMETERS.get() {
-        return;
-    }
-    for name in [
-        c"log_parameter_max_length",
-        c"log_parameter_max_length_on_error",
-    ] {
-        unsafe {
-            pg_sys::SetConfigOption(
-                name.as_ptr(),
-                c"0".as_ptr(),
-                pg_sys::GucContext::PGC_POSTMASTER,
-                pg_sys::GucSource::PGC_S_OVERRIDE,
-            )
-        };
-    }
+pub fn hide_statement_parameters() -> bool {
+    HIDE_STATEMENT_PARAMETERS.get()
 }

@@ -294,21 +294,64 @@ fn no_plaintext_reaches_heap_wal_or_logs() {
     )
     .unwrap();
     assert_eq!(get(&mut db, &name_marker).unwrap(), format!("{marker}-2"));
-    // Neither postgresql.conf nor ALTER SYSTEM brings parameter logging back (only a
-    // superuser's own session-level SET can, as documented), and a failing statement does
-    // not log its parameters either.
+    // Neither postgresql.conf, ALTER SYSTEM nor ALTER ROLE brings parameter logging back: the
+    // values are accepted and have no effect.
     for statement in [
         "ALTER SYSTEM SET log_parameter_max_length = -1",
         "ALTER SYSTEM SET log_parameter_max_length_on_error = -1",
+        "CREATE ROLE app LOGIN PASSWORD 'pw-app' IN ROLE secrets_admin",
+        "ALTER ROLE app SET log_parameter_max_length_on_error = -1",
         "SELECT pg_reload_conf(), pg_sleep(0.5)",
     ] {
         db.batch_execute(statement).unwrap();
     }
+    let mut app = cluster.connect("app", "pw-app");
+    // A session's SET outranks them, and any role may set the limit on error: refused, for
+    // a superuser too, however it is set; 0 is still accepted.
+    for (as_superuser, statement) in [
+        (false, "SET log_parameter_max_length_on_error = 100"),
+        (
+            false,
+            "SELECT set_config('log_parameter_max_length_on_error', '-1', true)",
+        ),
+        (true, "SET log_parameter_max_length = -1"),
+        (true, "SET log_parameter_max_length_on_error = -1"),
+    ] {
+        let client = if as_superuser { &mut db } else { &mut app };
+        let refused = assert_sql_error(
+            client.batch_execute(statement),
+            "42501",
+            "bind parameters are kept out of the server log",
+        );
+        assert!(
+            refused
+                .hint()
+                .is_some_and(|hint| hint.contains("pg_secrets.hide_statement_parameters")),
+            "{refused:?}"
+        );
+    }
+    app.batch_execute("SET log_parameter_max_length_on_error = 0")
+        .unwrap();
+    for client in [&mut app, &mut db] {
+        for limit in [
+            "log_parameter_max_length",
+            "log_parameter_max_length_on_error",
+        ] {
+            let shown: String = client
+                .query_one(&format!("SHOW {limit}"), &[])
+                .unwrap()
+                .get(0);
+            assert_eq!(shown, "0", "{limit}");
+        }
+    }
+    // A failing statement does not log its parameters either: not in a CONTEXT line.
+    for client in [&mut app, &mut db] {
+        let _ = client.execute(
+            "SELECT secrets.create_secret($1, $2)",
+            &[&name_marker, &marker],
+        );
+    }
     let mut db = cluster.superuser();
-    let _ = db.execute(
-        "SELECT secrets.create_secret($1, $2)",
-        &[&name_marker, &marker],
-    );
     db.execute(
         "SELECT secrets.put_secret_value($1, $2)",
         &[&name_marker, &format!("{marker}-3")],
