@@ -465,6 +465,11 @@ pub fn request_access(
         )));
     }
     Spi::connect_mut(|client| {
+        // The request's record names an existing secret by id too, so its managers, who
+        // decide the request, see it in the trail.
+        if let Some(secret) = store::find_secret(client, name, false)? {
+            crate::audit::found_secret(secret.id, name);
+        }
         let id = store::new_uuid();
         client.update(
             "INSERT INTO secrets.access_request \

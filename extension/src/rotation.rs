@@ -682,7 +682,7 @@ pub fn work_on(id: Uuid) -> Result<Outcome> {
                     secret_id: Some(secret_id),
                     version_id: pending_version,
                     version_stage: Some(CURRENT.to_string()).filter(|_| error.is_none()),
-                    notes: Default::default(),
+                    ..Default::default()
                 },
                 outcome,
                 error.map(|error| error.sqlstate().1),

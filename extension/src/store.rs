@@ -119,7 +119,7 @@ pub fn authorize(
     // Named in the record before the decision: a denied attempt is then visible to the
     // secret's managers in the trail (never to the caller, who may not manage it).
     if let Some(row) = &row {
-        audit::touched(row.id, None, None);
+        audit::found_secret(row.id, name);
     }
     check_access(caller, name, action, row.as_ref().map(SecretRow::subject))?;
     let row = row.expect("check_access refuses a missing secret");
@@ -384,7 +384,7 @@ pub fn read_current_as(role: pg_sys::Oid, name: &str) -> Result<Zeroizing<Vec<u8
                 secret_id: secret.as_ref().map(|secret| secret.id),
                 version_id,
                 version_stage: version_id.map(|_| CURRENT.to_string()),
-                notes: Default::default(),
+                ..Default::default()
             },
             outcome,
             sqlstate,

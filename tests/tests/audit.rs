@@ -560,6 +560,45 @@ fn a_role_sees_the_records_of_what_it_manages_and_auditors_see_all() {
         "the manager sees the denied attempt"
     );
     assert_eq!(denied(&mut team_b), 0);
+    // A request names the secret and its decision names the request: both are records of
+    // a/key, with its name and id, for its managers, who decide the requests.
+    let request = |client: &mut Client| -> String {
+        client
+            .query_one(
+                "SELECT secrets.request_access('a/key', '{get}', '1 hour', 'on call')::text",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let (approved, refused) = (request(&mut team_b), request(&mut team_b));
+    for (decision, request) in [("approve", &approved), ("deny", &refused)] {
+        team_a
+            .execute(
+                &format!("SELECT secrets.{decision}_access_request($1::text::uuid)"),
+                &[request],
+            )
+            .unwrap();
+    }
+    let requests = "details->>'function' \
+                    IN ('request_access', 'approve_access_request', 'deny_access_request')";
+    wait_for_records(&mut db, requests, 4);
+    let seen = first_column(
+        &mut team_a,
+        &format!(
+            "SELECT details->>'function' FROM secrets.audit_log \
+             WHERE {requests} AND secret_name = 'a/key' AND secret_id IS NOT NULL ORDER BY id"
+        ),
+    );
+    assert_eq!(
+        seen,
+        [
+            "request_access",
+            "request_access",
+            "approve_access_request",
+            "deny_access_request"
+        ]
+    );
     let mut auditor = cluster.connect("auditor", "pw");
     assert_eq!(names(&mut auditor), vec!["a/key", "b/key"]);
     assert!(verify(&mut auditor).0);

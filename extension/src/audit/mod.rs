@@ -101,6 +101,8 @@ fn uuid_text(id: Uuid) -> String {
 #[derive(Default)]
 pub struct Touched {
     pub secret_id: Option<Uuid>,
+    /// The secret's name, for a call that named it otherwise (an access request's id).
+    pub secret_name: Option<String>,
     pub version_id: Option<Uuid>,
     pub version_stage: Option<String>,
     /// More for the record's details (never a value).
@@ -121,6 +123,17 @@ pub fn touched(secret_id: Uuid, version_id: Option<Uuid>, version_stage: Option<
             touched.version_id = version_id;
             touched.version_stage = version_stage.map(str::to_string);
         }
+    });
+}
+
+/// Called by the store once it has found the secret a call is about: its record then names
+/// the secret by id and name, which is what lets the secret's managers see it, also for a
+/// call that named it otherwise (deciding an access request names the request).
+pub fn found_secret(secret_id: Uuid, secret_name: &str) {
+    TOUCHED.with(|touched| {
+        let mut touched = touched.borrow_mut();
+        touched.secret_id = Some(secret_id);
+        touched.secret_name = Some(secret_name.to_string());
     });
 }
 
@@ -362,7 +375,9 @@ impl Caller {
             session_user: self.session_user.as_str().into(),
             current_user: self.current_user.as_str().into(),
             action: action.into(),
-            secret_name: secret_name.map(Cow::from),
+            secret_name: secret_name
+                .map(Cow::from)
+                .or_else(|| touched.secret_name.map(Cow::from)),
             secret_id: touched.secret_id.map(|id| uuid_text(id).into()),
             version_id: touched.version_id.map(|id| uuid_text(id).into()),
             version_stage: touched.version_stage.map(Cow::from),
