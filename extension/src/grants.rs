@@ -291,6 +291,7 @@ pub fn validate_policy(document: &serde_json::Value) -> Vec<(i32, String)> {
     let mut findings = Vec::new();
     if let Err(fatal) = policy::parse(document, &mut resolve, &mut findings) {
         findings.push(fatal);
+        findings.sort_by_key(|finding| finding.statement);
     }
     findings
         .into_iter()

@@ -701,11 +701,18 @@ fn resource_policies_are_validated_and_deny_beats_every_allow() {
             ),
         ]
     );
-    let bad_action: Vec<String> = first_column(
+    // Every malformed statement is reported, in order, not only the first.
+    let malformed: Vec<String> = first_column(
         &mut db,
-        r#"SELECT problem FROM secrets.validate_resource_policy('{"statements": [{"effect": "allow", "principals": "*", "actions": ["read"]}]}')"#,
+        r#"SELECT statement || ': ' || problem FROM secrets.validate_resource_policy('{"statements": [
+             {"effect": "allow", "principals": "*", "actions": ["read"]},
+             {"effect": "allow", "principals": ["ghost"], "actions": ["get"]},
+             {"effect": "maybe", "principals": "*", "actions": ["get"]}]}')"#,
     );
-    assert!(bad_action[0].contains("unknown action \"read\""));
+    assert_eq!(malformed.len(), 3, "{malformed:?}");
+    assert!(malformed[0].starts_with("1: unknown action \"read\""));
+    assert_eq!(malformed[1], "2: unknown role \"ghost\"");
+    assert_eq!(malformed[2], "3: effect must be \"allow\" or \"deny\"");
     // put refuses whatever validate reports, naming the statement, and stores nothing.
     for (policy, words) in [
         (

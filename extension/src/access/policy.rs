@@ -213,9 +213,10 @@ fn parse_conditions(value: Option<&Value>) -> Result<Conditions, String> {
     Ok(conditions)
 }
 
-/// Parses a policy. Problems that make a statement meaningless (a bad shape, an unknown action
-/// or condition) are errors; an unknown role is reported through `findings` and the role is
-/// left out, and so is a statement that lets everyone `get`.
+/// Parses a policy. A problem that makes a statement meaningless (a bad shape, an unknown
+/// action or condition) is an error: the first statement's with one is returned, and those of
+/// later statements go to `findings`. An unknown role is reported through `findings` and the
+/// role is left out, and so is a statement that lets everyone `get`.
 pub fn parse<R>(
     document: &Value,
     resolve_role: &mut dyn FnMut(&str) -> Option<R>,
@@ -232,76 +233,96 @@ pub fn parse<R>(
         .and_then(Value::as_array)
         .ok_or_else(|| document_error("a policy is {\"statements\": [...]} and nothing else"))?;
     let mut parsed = Vec::with_capacity(statements.len());
+    let mut first_fatal = None;
     for (index, statement) in statements.iter().enumerate() {
-        let number = index as i32 + 1;
-        let fail = |problem: String| Finding {
-            statement: number,
-            problem,
-        };
-        let fields = statement
-            .as_object()
-            .ok_or_else(|| fail("a statement must be an object".into()))?;
-        if let Some(key) = fields
-            .keys()
-            .find(|key| !["effect", "principals", "actions", "conditions"].contains(&key.as_str()))
-        {
-            return Err(fail(format!("unknown field \"{key}\"")));
+        // Every malformed statement is reported, not only the first, so that a policy can be
+        // fixed in one go.
+        match parse_statement(index as i32 + 1, statement, resolve_role, findings) {
+            Ok(statement) => parsed.push(statement),
+            Err(fatal) if first_fatal.is_none() => first_fatal = Some(fatal),
+            Err(fatal) => findings.push(fatal),
         }
-        let effect = match fields.get("effect").and_then(Value::as_str) {
-            Some("allow") => Effect::Allow,
-            Some("deny") => Effect::Deny,
-            _ => return Err(fail("effect must be \"allow\" or \"deny\"".into())),
-        };
-        let principals = match fields.get("principals") {
-            Some(Value::String(star)) if star == "*" => Principals::Everyone,
-            Some(value @ Value::Array(_)) => {
-                let mut roles = Vec::new();
-                for name in strings(value, "principals").map_err(fail)? {
-                    if name == "*" {
-                        return Err(fail("write \"principals\": \"*\" for everyone".into()));
-                    }
-                    match resolve_role(&name) {
-                        Some(role) => roles.push(role),
-                        None => findings.push(Finding {
-                            statement: number,
-                            problem: format!("unknown role \"{name}\""),
-                        }),
-                    }
+    }
+    match first_fatal {
+        Some(fatal) => Err(fatal),
+        None => Ok(Policy { statements: parsed }),
+    }
+}
+
+/// One statement (`number`, 1-based): its first problem that makes it meaningless is the
+/// error; what `parse` reports through `findings` goes there.
+fn parse_statement<R>(
+    number: i32,
+    statement: &Value,
+    resolve_role: &mut dyn FnMut(&str) -> Option<R>,
+    findings: &mut Vec<Finding>,
+) -> Result<Statement<R>, Finding> {
+    let fail = |problem: String| Finding {
+        statement: number,
+        problem,
+    };
+    let fields = statement
+        .as_object()
+        .ok_or_else(|| fail("a statement must be an object".into()))?;
+    if let Some(key) = fields
+        .keys()
+        .find(|key| !["effect", "principals", "actions", "conditions"].contains(&key.as_str()))
+    {
+        return Err(fail(format!("unknown field \"{key}\"")));
+    }
+    let effect = match fields.get("effect").and_then(Value::as_str) {
+        Some("allow") => Effect::Allow,
+        Some("deny") => Effect::Deny,
+        _ => return Err(fail("effect must be \"allow\" or \"deny\"".into())),
+    };
+    let principals = match fields.get("principals") {
+        Some(Value::String(star)) if star == "*" => Principals::Everyone,
+        Some(value @ Value::Array(_)) => {
+            let mut roles = Vec::new();
+            for name in strings(value, "principals").map_err(fail)? {
+                if name == "*" {
+                    return Err(fail("write \"principals\": \"*\" for everyone".into()));
                 }
-                Principals::Roles(roles)
+                match resolve_role(&name) {
+                    Some(role) => roles.push(role),
+                    None => findings.push(Finding {
+                        statement: number,
+                        problem: format!("unknown role \"{name}\""),
+                    }),
+                }
             }
-            _ => {
-                return Err(fail(
-                    "principals must be \"*\" or an array of role names".into(),
-                ))
-            }
-        };
-        let action_names = fields
-            .get("actions")
-            .map(|value| strings(value, "actions"))
-            .transpose()
-            .map_err(fail)?
-            .filter(|names| !names.is_empty())
-            .ok_or_else(|| fail("actions must name at least one action".into()))?;
-        let actions = Actions::parse(&action_names).map_err(fail)?;
-        let conditions = parse_conditions(fields.get("conditions")).map_err(fail)?;
-        if effect == Effect::Allow
-            && matches!(principals, Principals::Everyone)
-            && actions.contains(super::Action::Get)
-        {
-            findings.push(Finding {
-                statement: number,
-                problem: "grants get to everyone (\"principals\": \"*\")".into(),
-            });
+            Principals::Roles(roles)
         }
-        parsed.push(Statement {
-            effect,
-            principals,
-            actions,
-            conditions,
+        _ => {
+            return Err(fail(
+                "principals must be \"*\" or an array of role names".into(),
+            ))
+        }
+    };
+    let action_names = fields
+        .get("actions")
+        .map(|value| strings(value, "actions"))
+        .transpose()
+        .map_err(fail)?
+        .filter(|names| !names.is_empty())
+        .ok_or_else(|| fail("actions must name at least one action".into()))?;
+    let actions = Actions::parse(&action_names).map_err(fail)?;
+    let conditions = parse_conditions(fields.get("conditions")).map_err(fail)?;
+    if effect == Effect::Allow
+        && matches!(principals, Principals::Everyone)
+        && actions.contains(super::Action::Get)
+    {
+        findings.push(Finding {
+            statement: number,
+            problem: "grants get to everyone (\"principals\": \"*\")".into(),
         });
     }
-    Ok(Policy { statements: parsed })
+    Ok(Statement {
+        effect,
+        principals,
+        actions,
+        conditions,
+    })
 }
 
 #[cfg(test)]
@@ -351,6 +372,38 @@ mod tests {
                     statement: 3,
                     problem: "grants get to everyone (\"principals\": \"*\")".into()
                 },
+            ]
+        );
+    }
+
+    #[test]
+    fn reports_every_malformed_statement() {
+        let mut findings = Vec::new();
+        let first = parse(
+            &json!({"statements": [
+                {"effect": "allow", "principals": "*", "actions": ["get", "fly"]},
+                {"effect": "maybe"},
+                {"effect": "allow", "principals": ["ghost"], "actions": ["get"]}
+            ]}),
+            &mut resolve,
+            &mut findings,
+        )
+        .unwrap_err();
+        assert_eq!(first.statement, 1);
+        assert!(
+            first.problem.starts_with("unknown action \"fly\""),
+            "{}",
+            first.problem
+        );
+        let later: Vec<_> = findings
+            .iter()
+            .map(|finding| (finding.statement, finding.problem.as_str()))
+            .collect();
+        assert_eq!(
+            later,
+            [
+                (2, "effect must be \"allow\" or \"deny\""),
+                (3, "unknown role \"ghost\"")
             ]
         );
     }
