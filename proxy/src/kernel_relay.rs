@@ -36,13 +36,17 @@ use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// After a hang-up, how long the surviving socket stays open: a kernel worker may still be
 /// passing it the last bytes relayed (a server's FATAL error before it closed), which
 /// closing it would drop.
 const LAST_BYTES_GRACE: Duration = Duration::from_millis(20);
+
+/// A hand-over that cannot start is logged at most this often: one cause (every slot taken,
+/// a kernel without sock_diag for Unix sockets) would otherwise log a line for every session.
+const UNAVAILABLE_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 pub struct KernelRelay {
     maps: Mutex<Maps>,
@@ -51,6 +55,9 @@ pub struct KernelRelay {
     /// still counting when its session ends must not count into the next session's bytes.
     free_slots: Mutex<VecDeque<u32>>,
     hang_ups: Arc<HangUps>,
+    /// When a hand-over that could not start was last logged, and how many did not start
+    /// since.
+    unavailable: Mutex<(Option<Instant>, u64)>,
     /// Keeps the program loaded and attached to `PEERS`.
     _ebpf: Ebpf,
 }
@@ -141,6 +148,7 @@ impl KernelRelay {
             }),
             free_slots: Mutex::new((0..slots).collect()),
             hang_ups: HangUps::start()?,
+            unavailable: Mutex::new((None, 0)),
             _ebpf: ebpf,
         })
     }
@@ -161,13 +169,13 @@ impl KernelRelay {
         Metrics::count(&metrics.bytes_to_client, held.len() as u64);
         let (client_side, server_side) = match self.sides(client.as_ref(), server) {
             Ok(sides) => sides,
-            Err(error) => return Ok(stays_in_user_space(&error, false)),
+            Err(error) => return Ok(self.stays_in_user_space(&error, false, metrics)),
         };
         if !paired {
             if let Err(error) = self.pair(&client_side, &server_side) {
                 self.release(&client_side, &server_side);
                 // One of the two sockets may be paired already.
-                return Ok(stays_in_user_space(&error, true));
+                return Ok(self.stays_in_user_space(&error, true, metrics));
             }
         }
         match self.arm_and_check(&client_side, &server_side) {
@@ -299,6 +307,33 @@ impl KernelRelay {
         Ok(true)
     }
 
+    /// A hand-over that cannot start: counted, logged at most once a minute, and the
+    /// session goes on in user space.
+    fn stays_in_user_space(
+        &self,
+        reason: &dyn std::fmt::Display,
+        paired: bool,
+        metrics: &Metrics,
+    ) -> Handover {
+        Metrics::count(&metrics.kernel_relay_declined, 1);
+        let mut unavailable = self
+            .unavailable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (last_warning, since) = &mut *unavailable;
+        if last_warning.is_none_or(|at| at.elapsed() >= UNAVAILABLE_WARNING_INTERVAL) {
+            tracing::warn!(%reason, also_since_last_warning = *since, "a session stays relayed in user space");
+            (*last_warning, *since) = (Some(Instant::now()), 0);
+        } else {
+            *since += 1;
+        }
+        Handover::Declined {
+            from_client: Vec::new(),
+            paired,
+            try_again: false,
+        }
+    }
+
     /// Disarms both sockets and reads (up to 16 KiB each) what reached the proxy: the
     /// server's bytes are written to the client, the client's returned to be relayed. Unless
     /// the kernel relayed anything meanwhile: what the proxy holds came first but would go
@@ -372,15 +407,6 @@ impl KernelRelay {
 }
 
 /// A hand-over that could not start, for `reason`.
-fn stays_in_user_space(reason: &dyn std::fmt::Display, paired: bool) -> Handover {
-    tracing::warn!(%reason, "a session stays relayed in user space");
-    Handover::Declined {
-        from_client: Vec::new(),
-        paired,
-        try_again: false,
-    }
-}
-
 impl Drop for KernelRelay {
     fn drop(&mut self) {
         // The relay goes with the proxy (or the test) that started it; so does its thread.

@@ -91,7 +91,7 @@ pub struct Metrics {
     pub kernel_relayed_sessions: AtomicU64,
     pub kernel_relay_active: AtomicU64,
     /// Hand-overs called off: bytes arrived while they were made, or a socket could not be
-    /// armed (those that had to close the session included).
+    /// armed (those that had to close the session included); and those that could not start.
     pub kernel_relay_declined: AtomicU64,
     /// From a client's startup to a server connection ready for it (pool or new login,
     /// retries through rotation included).
