@@ -148,6 +148,11 @@ pub struct Listen {
     pub unix_dir: Option<PathBuf>,
     /// Port number in the Unix socket's name when there is no TCP listener.
     pub unix_port: Option<u16>,
+    /// Permissions of the Unix socket (who may connect), 0o777 by default as PostgreSQL's
+    /// and PgBouncer's: `peer` identifies each OS user, and a socket that only the proxy's own
+    /// user may open (what the process's umask would leave) serves no one else.
+    #[serde(default = "default_unix_socket_mode")]
+    pub unix_socket_mode: u32,
     /// Allow `trust` routes for clients that are not on a loopback address.
     #[serde(default)]
     pub allow_trust_from_non_loopback: bool,
@@ -158,6 +163,10 @@ pub struct Listen {
     /// shared with the database (no wake-up crosses threads), but served 10 to 14% fewer
     /// transactions to 50 busy clients.
     pub threads: Option<usize>,
+}
+
+fn default_unix_socket_mode() -> u32 {
+    0o777
 }
 
 /// The most `[listen] threads`: far beyond any core count a proxy is given, low enough that a
@@ -449,6 +458,12 @@ impl Config {
         {
             return Err("[listen] unix_dir without tcp needs unix_port".into());
         }
+        if self.listen.unix_socket_mode > 0o777 {
+            return Err(format!(
+                "[listen] unix_socket_mode must be permission bits, 0o000 to 0o777, not 0o{:o}",
+                self.listen.unix_socket_mode
+            ));
+        }
         if self
             .listen
             .threads
@@ -517,6 +532,21 @@ impl Config {
                 if !known {
                     return Err(format!(
                         "{place}: allow entry {entry:?} is not \"trust\", \"peer:<user>\", \"cert:<name>\" or a * form"
+                    ));
+                }
+                // An entry no client could ever match is a mistake the file should not hide.
+                if entry.starts_with("peer:") && self.listen.unix_dir.is_none() {
+                    return Err(format!(
+                        "{place}: allow entry {entry:?} needs [listen] unix_dir: peer identity is the OS user on the Unix socket"
+                    ));
+                }
+                let verifies_certificates = self
+                    .tls
+                    .as_ref()
+                    .is_some_and(|tls| tls.client_ca_file.is_some());
+                if entry.starts_with("cert:") && !verifies_certificates {
+                    return Err(format!(
+                        "{place}: allow entry {entry:?} needs [tls] client_ca_file: without it no client certificate is asked for"
                     ));
                 }
             }
@@ -652,8 +682,9 @@ mod tests {
 
     #[test]
     fn defaults_and_route_matching() {
-        let config = with(
-            r#"
+        let with_a_unix_socket = BASE.replace("[store]", "unix_dir = \"/tmp\"\n[store]");
+        let config = Config::parse(&format!(
+            r#"{with_a_unix_socket}
             [[route]]
             database = "app"
             secret = "db/app"
@@ -663,8 +694,8 @@ mod tests {
             user = "reporting"
             secret = "db/app-ro"
             allow = ["peer:*"]
-            "#,
-        )
+            "#
+        ))
         .unwrap();
         assert_eq!(config.listen.threads, None);
         assert_eq!(config.store.port, 5432);
@@ -731,10 +762,22 @@ mod tests {
                 "is not \"trust\"",
             ),
             (
+                format!("{BASE}\n{}", route("\"trust\", \"peer:app\"")),
+                "needs [listen] unix_dir",
+            ),
+            (
+                format!("{BASE}\n{}", route("\"cert:billing\"")),
+                "needs [tls] client_ca_file",
+            ),
+            (
                 format!("{BASE}\n{}{}", route("\"trust\""), route("\"trust\"")),
                 "same database and user",
             ),
             (format!("{BASE}\nbogus = 1"), "unknown field"),
+            (
+                BASE.replace("[store]", "unix_socket_mode = 0o1777\n[store]"),
+                "unix_socket_mode must be permission bits",
+            ),
             (
                 format!("{BASE}\npool_size = 0"),
                 "pool_size must be at least 1",

@@ -24,6 +24,7 @@ use crate::scram::ScramCache;
 use bytes::BufMut;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
@@ -190,6 +191,9 @@ impl Proxy {
                 let _ = std::fs::remove_file(&path);
                 let listener = UnixListener::bind(&path)
                     .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+                let mode = config.listen.unix_socket_mode;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
                 Some((listener, path))
             }
             None => None,

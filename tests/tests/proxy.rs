@@ -12,6 +12,7 @@ use postgres::{Client, NoTls};
 use secrets_proxy::{Config, RunningProxy};
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1296,6 +1297,24 @@ fn peer_identity_on_the_unix_socket() {
         .unwrap()
         .get(0);
     assert_eq!(user, "app");
+    // Any OS user may open the socket (0o777 by default, as PostgreSQL's): peer identity, not
+    // the process's umask, decides who gets in. As root, the postgres user is refused by the
+    // proxy, not by the file system.
+    let socket = fixture.proxy.unix_path.as_ref().unwrap();
+    let mode = std::fs::metadata(socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o777);
+    if pg_secrets_e2e::running_as_root() {
+        let psql = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", "psql", "-X", "-w", "-c", "SELECT 1"])
+            .arg(format!(
+                "host={dir} port={} user=whoever dbname=appdb",
+                fixture.port()
+            ))
+            .output()
+            .unwrap();
+        let refusal = String::from_utf8_lossy(&psql.stderr);
+        assert!(refusal.contains("\"postgres\""), "{refusal}");
+    }
     // The same route over TCP: a trusted loopback client is not the allowed peer.
     let error = Client::connect(
         &format!("host=127.0.0.1 port={} user=u dbname=appdb", fixture.port()),
