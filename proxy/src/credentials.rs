@@ -138,13 +138,26 @@ enum FetchError {
 /// How long the secrets store may take to give a connection, and then to answer the query.
 const STORE_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// An error followed by its causes: tokio-postgres says "error connecting to server" and keeps
+/// why (connection refused, no such host, a TLS certificate refused) in its source.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        cause = error.source();
+    }
+    text
+}
+
 /// A store error as refused (the store said no: access, login or the secret itself; the last
 /// known credential must not serve) or unreachable (the store could not answer now: a
 /// connection failure, a shutdown, a cancel, a full audit queue; the last known credential
 /// serves for a while).
 fn classify(error: &tokio_postgres::Error) -> FetchError {
     let Some(db) = error.as_db_error() else {
-        return FetchError::Unreachable(error.to_string());
+        return FetchError::Unreachable(with_causes(error));
     };
     let code = db.code().code();
     let described = format!("{} ({code})", db.message());
@@ -427,7 +440,7 @@ impl CredentialCache {
             .map_err(|_| unanswered())?
             .map_err(|e| match e {
                 deadpool_postgres::PoolError::Backend(error) => classify(&error),
-                other => FetchError::Unreachable(other.to_string()),
+                other => FetchError::Unreachable(with_causes(&other)),
             })?;
         let parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&secret, &stage];
         let query = client.query_one(
