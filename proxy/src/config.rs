@@ -371,6 +371,17 @@ pub struct Route {
     pub pool_size: usize,
 }
 
+impl Route {
+    /// How messages and logs name the route: its database, and its user when it has one,
+    /// since a database can have a route per user.
+    pub fn name(&self) -> String {
+        match &self.user {
+            Some(user) => format!("{:?} (user {user:?})", self.database),
+            None => format!("{:?}", self.database),
+        }
+    }
+}
+
 /// How long a client holds a server session.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -697,6 +708,12 @@ mod tests {
             "#
         ))
         .unwrap();
+        // A database with a route per user: messages name both.
+        assert_eq!(config.route("app", "anyone").unwrap().name(), r#""app""#);
+        assert_eq!(
+            config.route("app", "reporting").unwrap().name(),
+            r#""app" (user "reporting")"#
+        );
         assert_eq!(config.listen.threads, None);
         assert_eq!(config.store.port, 5432);
         assert_eq!(config.limits.login_retry_budget_ms, 10_000);

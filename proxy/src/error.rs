@@ -23,7 +23,7 @@ pub enum ProxyError {
     #[error("could not reach the database server {address}: {reason}")]
     Unreachable { address: String, reason: String },
     /// The database server refused the login; `sqlstate` and `message` are its own.
-    #[error("the database server refused the login for route \"{route}\": {message}")]
+    #[error("the database server refused the login for route {route}: {message}")]
     LoginRefused {
         route: String,
         sqlstate: String,
@@ -39,7 +39,7 @@ pub enum ProxyError {
     },
     #[error("the database server sent something unexpected during login: {0}")]
     Backend(String),
-    #[error("no server session of route \"{route}\" became free within {waited_ms} ms: its pool_size of {pool_size} are all in use")]
+    #[error("no server session of route {route} became free within {waited_ms} ms: its pool_size of {pool_size} are all in use")]
     PoolTimeout {
         route: String,
         waited_ms: u64,

@@ -39,7 +39,7 @@ fn target(route: &Route, credential: &Credential, store: &Store, client_database
             .clone()
             .or_else(|| credential.dbname.clone())
             .unwrap_or_else(|| client_database.to_string()),
-        route: route.database.clone(),
+        route: route.name(),
     }
 }
 
@@ -129,7 +129,7 @@ async fn login_with_retry(
                 Ok(None) => continue,
                 Err(error @ ProxyError::StoreRefused { .. }) => {
                     // The reason names a field, never a value.
-                    tracing::warn!(route = %route.database, stage, %error, "a stage of the route's secret is not a usable credential");
+                    tracing::warn!(route = %route.name(), stage, %error, "a stage of the route's secret is not a usable credential");
                     last_error.get_or_insert(error);
                     continue;
                 }
@@ -176,8 +176,7 @@ async fn login_with_retry(
                         "PREVIOUS" if current_refused => {
                             if let Some(unwarned) = credentials.previous_accepted(route) {
                                 tracing::warn!(
-                                    route = %route.database,
-                                    user = ?route.user,
+                                    route = %route.name(),
                                     secret = %route.secret,
                                     logins_since_last_warning = unwarned,
                                     "the server refused CURRENT and accepted PREVIOUS: the \
@@ -186,7 +185,7 @@ async fn login_with_retry(
                             }
                         }
                         _ => {
-                            tracing::info!(route = %route.database, stage, "logged in with a non-CURRENT credential")
+                            tracing::info!(route = %route.name(), stage, "logged in with a non-CURRENT credential")
                         }
                     }
                     return Ok((

@@ -503,7 +503,7 @@ async fn session(
         .login_seconds
         .observe(login_started.elapsed());
     let registration = greet(client, &mut server, shared).await?;
-    tracing::debug!(%identity, route = %route.database, mode = ?route.pool_mode, "session started");
+    tracing::debug!(%identity, route = %route.name(), mode = ?route.pool_mode, "session started");
     let Some(slots) = slots else {
         let end = relay_session(client, server, shared).await;
         if let SessionEnd::RelayedInKernel = end {
@@ -737,7 +737,7 @@ async fn take_slot(
     {
         Ok(Ok(permit)) => Ok(permit),
         _ => Err(ProxyError::PoolTimeout {
-            route: wanted.route.database.clone(),
+            route: wanted.route.name(),
             waited_ms,
             pool_size: wanted.route.pool_size,
         }),
