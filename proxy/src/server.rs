@@ -467,12 +467,16 @@ async fn session(
             user: user.clone(),
         })?;
     let certificate = transport.certificate_name.as_deref();
+    // Who the client is, as the log and a refusal name it.
+    let client_named = match certificate {
+        Some(name) => format!("{identity} with certificate {name:?}"),
+        None => identity.to_string(),
+    };
     if !identity.allowed_on(certificate, route) {
-        let identity = match certificate {
-            Some(name) => format!("{identity} with certificate {name:?}"),
-            None => identity.to_string(),
-        };
-        return Err(ProxyError::NotAllowed { identity, database });
+        return Err(ProxyError::NotAllowed {
+            identity: client_named,
+            database,
+        });
     }
     let shared_parameters;
     let parameters = match route.pool_mode {
@@ -503,7 +507,9 @@ async fn session(
         .login_seconds
         .observe(login_started.elapsed());
     let registration = greet(client, &mut server, shared).await?;
-    tracing::debug!(%identity, route = %route.name(), mode = ?route.pool_mode, "session started");
+    // One line per session, as PgBouncer logs its connections: with the trail of the
+    // proxy's own reads in the store, it says who used a route's credential, and when.
+    tracing::info!(client = %client_named, route = %route.name(), mode = ?route.pool_mode, "session started");
     let Some(slots) = slots else {
         let end = relay_session(client, server, shared).await;
         if let SessionEnd::RelayedInKernel = end {

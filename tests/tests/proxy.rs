@@ -939,6 +939,13 @@ fn a_login_with_previous_is_warned_about_once_a_minute() {
         warnings[0]
     );
     assert!(!log.contains("never-set-on-the-server") && !log.contains("pw-0"));
+    // Each session is logged at INFO with who connected and through which route.
+    let sessions = log
+        .lines()
+        .filter(|line| line.contains("INFO") && line.contains("session started"))
+        .filter(|line| line.contains("trusted client 127.0.0.1:") && line.contains("\"appdb\""))
+        .count();
+    assert_eq!(sessions, 3, "{log}");
 }
 
 /// A new connection per transaction, for four clients.
