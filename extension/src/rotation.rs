@@ -89,7 +89,13 @@ fn next_rotation(
     schedule.next_after(now, last_rotated, offset)
 }
 
-fn check_schedule(text: &str, window_seconds: Option<i64>) -> Result<Schedule> {
+/// `window_stored`: the window is the one the secret has, not one given with this call,
+/// which the error then says.
+fn check_schedule(
+    text: &str,
+    window_seconds: Option<i64>,
+    window_stored: bool,
+) -> Result<Schedule> {
     let schedule = Schedule::parse(text)?;
     let shortest = schedule.shortest_interval(now_seconds())?;
     let minimum = settings::min_rotation_interval();
@@ -101,9 +107,17 @@ fn check_schedule(text: &str, window_seconds: Option<i64>) -> Result<Schedule> {
     }
     if let Some(window) = window_seconds {
         if !(0..=schedule::MAX_WINDOW_SECONDS).contains(&window) || window >= shortest {
+            let stored = if window_stored {
+                format!(
+                    " (the secret's rotation_window of {window} s, set before: pass a shorter \
+                     one with the schedule)"
+                )
+            } else {
+                String::new()
+            };
             return Err(Error::InvalidParameter(format!(
                 "rotation_window must be between 0 and 24 hours and shorter than the \
-                 schedule's interval ({shortest} s)"
+                 schedule's interval ({shortest} s){stored}"
             )));
         }
     }
@@ -166,7 +180,7 @@ pub fn rotate_secret(name: &str, request: Request) -> Result<Option<Uuid>> {
         };
         let window_seconds = request.window_seconds.or(stored.window_seconds);
         let schedule = schedule_text
-            .map(|text| check_schedule(text, window_seconds))
+            .map(|text| check_schedule(text, window_seconds, request.window_seconds.is_none()))
             .transpose()?;
         let last_rotated = if request.immediately {
             Some(now_seconds())

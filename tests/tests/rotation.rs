@@ -729,6 +729,17 @@ fn schedules_are_checked_and_a_rate_rotates_on_its_own() {
         &[],
     )
     .unwrap();
+    // A new schedule alone keeps the stored window; one the window does not fit in is
+    // refused, saying the window is the stored one.
+    assert_sql_error(
+        db.execute(
+            "SELECT secrets.rotate_secret('db/app', schedule => 'rate(2 hours)', \
+                    rotate_immediately => false)",
+            &[],
+        ),
+        "22023",
+        "the secret's rotation_window of 86400 s, set before",
+    );
 }
 
 #[test]
