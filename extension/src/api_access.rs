@@ -1,7 +1,7 @@
 //! The SQL functions of access control: grants, resource policies, requests with approval and
 //! the policy simulator, plus the predicate the row-level security policy calls. Like those in
-//! `api.rs`, each is SECURITY DEFINER with a fixed search_path; patterns and names only ever
-//! travel as bind parameters.
+//! `api.rs`, each acts as the extension's owner on behalf of its caller with a fixed
+//! search_path; patterns and names only ever travel as bind parameters.
 
 #![allow(clippy::result_large_err)]
 #![allow(clippy::type_complexity)]

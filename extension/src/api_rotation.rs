@@ -1,6 +1,6 @@
-//! The SQL functions of rotation and master-key rotation. Like those in `api.rs`, each is
-//! SECURITY DEFINER with a fixed search_path, checks its arguments, and leaves the work to
-//! `rotation.rs` and `rewrap.rs`.
+//! The SQL functions of rotation and master-key rotation. Like those in `api.rs`, each acts as
+//! the extension's owner on behalf of its caller with a fixed search_path, checks its
+//! arguments, and leaves the work to `rotation.rs` and `rewrap.rs`.
 
 #![allow(clippy::result_large_err)]
 #![allow(clippy::type_complexity)]

@@ -1,37 +1,39 @@
 //! Keeps bind parameters (secret values passed as `$1`) out of the server log while
 //! `pg_secrets.hide_statement_parameters` is on.
 //!
-//! PostgreSQL logs a statement's parameters in two places: with its statement
-//! (`log_parameter_max_length`, when `log_statement` or `log_min_duration_statement` log it)
-//! and in the CONTEXT line of any error the statement raises
-//! (`log_parameter_max_length_on_error`). Both limits are forced to 0 at server start at the
-//! override priority, which `postgresql.conf`, `ALTER SYSTEM`, `ALTER ROLE/DATABASE … SET`
-//! and a client's startup options rank below. A session's `SET` ranks above it, and
-//! `log_parameter_max_length_on_error` may be set by any role; so each limit also gets a check
-//! hook that refuses a session's non-zero value. The hook is installed in the postmaster, in
-//! the settings' own records, so every backend inherits it.
+//! PostgreSQL logs a statement's parameters in three places: with its statement
+//! (`log_parameter_max_length`, when `log_statement` or `log_min_duration_statement` log it),
+//! in the CONTEXT line of any error the statement raises (`log_parameter_max_length_on_error`),
+//! and in its plan (`debug_print_plan`: a custom plan holds the bound values as constants).
+//! Each is forced off at server start at the override priority, which `postgresql.conf`,
+//! `ALTER SYSTEM`, `ALTER ROLE/DATABASE … SET` and a client's startup options rank below. A
+//! session's `SET` ranks above it, and any role may set the last two; so each setting also
+//! gets a check hook that refuses a session's value other than off. The hooks are installed in
+//! the postmaster, in the settings' own records, so every backend inherits them.
 
 use crate::settings;
 use pgrx::pg_guard;
 use pgrx::pg_sys::{self, GucSource};
 use std::ffi::{c_int, c_void, CStr};
 
-const LIMITS: [&CStr; 2] = [
-    c"log_parameter_max_length",
-    c"log_parameter_max_length_on_error",
+/// The settings, with the value that keeps parameters out of the log.
+const GUARDED: [(&CStr, &CStr); 3] = [
+    (c"log_parameter_max_length", c"0"),
+    (c"log_parameter_max_length_on_error", c"0"),
+    (c"debug_print_plan", c"off"),
 ];
 
-/// Forces both limits to 0 and guards them, if the setting asks for it. Runs in `_PG_init`.
+/// Forces the settings off and guards them, if the setting asks for it. Runs in `_PG_init`.
 pub fn hide_if_asked() {
     if !settings::hide_statement_parameters() {
         return;
     }
-    for name in LIMITS {
+    for (name, off) in GUARDED {
         // SAFETY: the postmaster loading its preloaded libraries, before any backend exists.
         unsafe {
             pg_sys::SetConfigOption(
                 name.as_ptr(),
-                c"0".as_ptr(),
+                off.as_ptr(),
                 pg_sys::GucContext::PGC_POSTMASTER,
                 GucSource::PGC_S_OVERRIDE,
             );
@@ -40,7 +42,7 @@ pub fn hide_if_asked() {
     }
 }
 
-/// Installs `refuse_session_value` as the check hook of the integer setting `name`.
+/// Installs the check hook of its type on the setting `name`.
 ///
 /// # Safety
 /// In the postmaster, while no other code reads the settings' records.
@@ -53,43 +55,72 @@ unsafe fn guard(name: &CStr) {
         )
     };
     for &variable in variables {
-        // SAFETY: each entry is a valid record, and an integer setting's record is a
-        // `config_int` that starts with its `config_generic`.
-        unsafe {
-            if CStr::from_ptr((*variable).name) != name
-                || (*variable).vartype != pg_sys::config_type::PGC_INT
-            {
+        // SAFETY: each entry is a valid record, and a record of an integer (a boolean)
+        // setting is a `config_int` (a `config_bool`) that starts with its `config_generic`.
+        // PostgreSQL 15 gives these settings no check hook of their own; should a later version
+        // add one, replacing it would drop its checks, so the override alone stays.
+        let hooked = unsafe {
+            if CStr::from_ptr((*variable).name) != name {
                 continue;
             }
-            let record = variable.cast::<pg_sys::config_int>();
-            // PostgreSQL 15 gives these settings no check hook of their own; should a later
-            // version add one, replacing it would drop its checks, so the override alone stays.
-            if (*record).check_hook.is_none() {
-                (*record).check_hook = Some(refuse_session_value);
-            } else {
-                pgrx::warning!(
-                    "{} has a check hook of its own; a session's SET can still change it",
-                    name.to_string_lossy()
-                );
+            match (*variable).vartype {
+                pg_sys::config_type::PGC_INT => {
+                    let record = variable.cast::<pg_sys::config_int>();
+                    (*record).check_hook.is_none() && {
+                        (*record).check_hook = Some(refuse_session_limit);
+                        true
+                    }
+                }
+                pg_sys::config_type::PGC_BOOL => {
+                    let record = variable.cast::<pg_sys::config_bool>();
+                    (*record).check_hook.is_none() && {
+                        (*record).check_hook = Some(refuse_session_switch);
+                        true
+                    }
+                }
+                _ => false,
             }
+        };
+        if !hooked {
+            pgrx::warning!(
+                "{} has a check hook of its own or an unexpected type; a session's SET can still change it",
+                name.to_string_lossy()
+            );
         }
     }
 }
 
-/// A session's `SET` (also `SET LOCAL` and a function's `SET` clause) is the one source that
-/// outranks the override, so it is the one refused. Values from lower sources are accepted as
-/// before: the override keeps them from taking effect.
+/// The check hook of the two limits: a session may set 0 only.
 #[pg_guard]
-unsafe extern "C-unwind" fn refuse_session_value(
+unsafe extern "C-unwind" fn refuse_session_limit(
     new_value: *mut c_int,
     _extra: *mut *mut c_void,
     source: GucSource::Type,
 ) -> bool {
     // SAFETY: PostgreSQL passes the value being checked.
-    if source != GucSource::PGC_S_SESSION || unsafe { *new_value } == 0 {
+    allowed(source, unsafe { *new_value } == 0)
+}
+
+/// The check hook of `debug_print_plan`: a session may turn it off only.
+#[pg_guard]
+unsafe extern "C-unwind" fn refuse_session_switch(
+    new_value: *mut bool,
+    _extra: *mut *mut c_void,
+    source: GucSource::Type,
+) -> bool {
+    // SAFETY: PostgreSQL passes the value being checked.
+    allowed(source, unsafe { !*new_value })
+}
+
+/// A session's `SET` (also `SET LOCAL`, `set_config` and a function's `SET` clause) is the one
+/// source that outranks the override, so it is the one refused. Values from lower sources are
+/// accepted as before: the override keeps them from taking effect.
+fn allowed(source: GucSource::Type, off: bool) -> bool {
+    if source != GucSource::PGC_S_SESSION || off {
         return true;
     }
-    // SAFETY: PostgreSQL reads these right after the hook returns, and frees nothing of them.
+    // SAFETY: PostgreSQL formats these with "%s" right after the hook returns, and frees
+    // nothing of them.
     unsafe {
         pg_sys::GUC_check_errcode(pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as c_int);
         pg_sys::GUC_check_errmsg_string =
@@ -97,7 +128,7 @@ unsafe extern "C-unwind" fn refuse_session_value(
                 .as_ptr()
                 .cast_mut();
         pg_sys::GUC_check_errdetail_string =
-            c"pg_secrets.hide_statement_parameters holds log_parameter_max_length and log_parameter_max_length_on_error at 0."
+            c"pg_secrets.hide_statement_parameters holds log_parameter_max_length and log_parameter_max_length_on_error at 0 and debug_print_plan off."
                 .as_ptr()
                 .cast_mut();
         pg_sys::GUC_check_errhint_string =

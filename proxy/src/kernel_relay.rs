@@ -406,7 +406,6 @@ impl KernelRelay {
     }
 }
 
-/// A hand-over that could not start, for `reason`.
 impl Drop for KernelRelay {
     fn drop(&mut self) {
         // The relay goes with the proxy (or the test) that started it; so does its thread.

@@ -467,10 +467,14 @@ async fn session(
             user: user.clone(),
         })?;
     let certificate = transport.certificate_name.as_deref();
-    // Who the client is, as the log and a refusal name it.
-    let client_named = match certificate {
-        Some(name) => format!("{identity} with certificate {name:?}"),
-        None => identity.to_string(),
+    // Who the client is, as the log and a refusal name it. A verified certificate names a
+    // TCP client from elsewhere, which is no longer unauthenticated then.
+    let client_named = match (certificate, &identity) {
+        (Some(name), Identity::Unknown(address)) => {
+            format!("client {address} with certificate {name:?}")
+        }
+        (Some(name), _) => format!("{identity} with certificate {name:?}"),
+        (None, _) => identity.to_string(),
     };
     if !identity.allowed_on(certificate, route) {
         return Err(ProxyError::NotAllowed {

@@ -299,6 +299,7 @@ fn no_plaintext_reaches_heap_wal_or_logs() {
     for statement in [
         "ALTER SYSTEM SET log_parameter_max_length = -1",
         "ALTER SYSTEM SET log_parameter_max_length_on_error = -1",
+        "ALTER SYSTEM SET debug_print_plan = on",
         "CREATE ROLE app LOGIN PASSWORD 'pw-app' IN ROLE secrets_admin",
         "ALTER ROLE app SET log_parameter_max_length_on_error = -1",
         "SELECT pg_reload_conf(), pg_sleep(0.5)",
@@ -314,6 +315,8 @@ fn no_plaintext_reaches_heap_wal_or_logs() {
             false,
             "SELECT set_config('log_parameter_max_length_on_error', '-1', true)",
         ),
+        // A custom plan holds the bound values as constants.
+        (false, "SET debug_print_plan = on"),
         (true, "SET log_parameter_max_length = -1"),
         (true, "SET log_parameter_max_length_on_error = -1"),
     ] {
@@ -330,18 +333,19 @@ fn no_plaintext_reaches_heap_wal_or_logs() {
             "{refused:?}"
         );
     }
-    app.batch_execute("SET log_parameter_max_length_on_error = 0")
+    app.batch_execute("SET log_parameter_max_length_on_error = 0; SET debug_print_plan = off")
         .unwrap();
     for client in [&mut app, &mut db] {
-        for limit in [
-            "log_parameter_max_length",
-            "log_parameter_max_length_on_error",
+        for (setting, off) in [
+            ("log_parameter_max_length", "0"),
+            ("log_parameter_max_length_on_error", "0"),
+            ("debug_print_plan", "off"),
         ] {
             let shown: String = client
-                .query_one(&format!("SHOW {limit}"), &[])
+                .query_one(&format!("SHOW {setting}"), &[])
                 .unwrap()
                 .get(0);
-            assert_eq!(shown, "0", "{limit}");
+            assert_eq!(shown, off, "{setting}");
         }
     }
     // A failing statement does not log its parameters either: not in a CONTEXT line.
