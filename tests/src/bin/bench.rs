@@ -446,7 +446,8 @@ fn with_superuser(mut command: Command, port: u16) -> Command {
     command
 }
 
-/// PgBouncer from Debian, session mode, trusting loopback clients like the proxy does, reaching
+/// PgBouncer from Debian, session mode, trusting loopback clients like the proxy does, logging
+/// no line per connection (the proxy runs in this process, where nothing is logged), reaching
 /// the server at `server_host` (an address, or the directory of its Unix socket); as root it
 /// runs as the postgres system user, since it refuses to run as root.
 fn start_pgbouncer(cluster: &Cluster, port: u16, server_host: &str) -> PgBouncer {
@@ -460,6 +461,7 @@ fn start_pgbouncer(cluster: &Cluster, port: u16, server_host: &str) -> PgBouncer
              [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
              auth_type = trust\nauth_file = {}/userlist.txt\npool_mode = session\n\
              max_client_conn = 2500\ndefault_pool_size = 60\nlogfile = {}/pgbouncer.log\n\
+             log_connections = 0\nlog_disconnections = 0\n\
              pidfile = {}/pgbouncer.pid\n",
             cluster.port,
             dir.display(),
