@@ -5,11 +5,14 @@
 //! (`log_parameter_max_length`, when `log_statement` or `log_min_duration_statement` log it),
 //! in the CONTEXT line of any error the statement raises (`log_parameter_max_length_on_error`),
 //! and in its plan (`debug_print_plan`: a custom plan holds the bound values as constants).
+//! The parse and rewritten trees (`debug_print_parse`, `debug_print_rewritten`) hold no bound
+//! value, but every literal of the query text: guarded too, since behind a transaction-pooling
+//! proxy one client's `SET` would log the next clients' statements.
 //! Each is forced off at server start at the override priority, which `postgresql.conf`,
 //! `ALTER SYSTEM`, `ALTER ROLE/DATABASE … SET` and a client's startup options rank below. A
-//! session's `SET` ranks above it, and any role may set the last two; so each setting also
-//! gets a check hook that refuses a session's value other than off. The hooks are installed in
-//! the postmaster, in the settings' own records, so every backend inherits them.
+//! session's `SET` ranks above it, and any role may set all but the first; so each setting
+//! also gets a check hook that refuses a session's value other than off. The hooks are
+//! installed in the postmaster, in the settings' own records, so every backend inherits them.
 
 use crate::settings;
 use pgrx::pg_guard;
@@ -17,10 +20,12 @@ use pgrx::pg_sys::{self, GucSource};
 use std::ffi::{c_int, c_void, CStr};
 
 /// The settings, with the value that keeps parameters out of the log.
-const GUARDED: [(&CStr, &CStr); 3] = [
+const GUARDED: [(&CStr, &CStr); 5] = [
     (c"log_parameter_max_length", c"0"),
     (c"log_parameter_max_length_on_error", c"0"),
     (c"debug_print_plan", c"off"),
+    (c"debug_print_parse", c"off"),
+    (c"debug_print_rewritten", c"off"),
 ];
 
 /// Forces the settings off and guards them, if the setting asks for it. Runs in `_PG_init`.
@@ -101,7 +106,7 @@ unsafe extern "C-unwind" fn refuse_session_limit(
     allowed(source, unsafe { *new_value } == 0)
 }
 
-/// The check hook of `debug_print_plan`: a session may turn it off only.
+/// The check hook of the `debug_print_*` switches: a session may turn them off only.
 #[pg_guard]
 unsafe extern "C-unwind" fn refuse_session_switch(
     new_value: *mut bool,
@@ -128,7 +133,7 @@ fn allowed(source: GucSource::Type, off: bool) -> bool {
                 .as_ptr()
                 .cast_mut();
         pg_sys::GUC_check_errdetail_string =
-            c"pg_secrets.hide_statement_parameters holds log_parameter_max_length and log_parameter_max_length_on_error at 0 and debug_print_plan off."
+            c"pg_secrets.hide_statement_parameters holds log_parameter_max_length and log_parameter_max_length_on_error at 0 and debug_print_parse, debug_print_rewritten and debug_print_plan off."
                 .as_ptr()
                 .cast_mut();
         pg_sys::GUC_check_errhint_string =

@@ -317,6 +317,8 @@ fn no_plaintext_reaches_heap_wal_or_logs() {
         ),
         // A custom plan holds the bound values as constants.
         (false, "SET debug_print_plan = on"),
+        (false, "SET debug_print_parse = on"),
+        (true, "SET debug_print_rewritten = on"),
         (true, "SET log_parameter_max_length = -1"),
         (true, "SET log_parameter_max_length_on_error = -1"),
     ] {
@@ -340,6 +342,8 @@ fn no_plaintext_reaches_heap_wal_or_logs() {
             ("log_parameter_max_length", "0"),
             ("log_parameter_max_length_on_error", "0"),
             ("debug_print_plan", "off"),
+            ("debug_print_parse", "off"),
+            ("debug_print_rewritten", "off"),
         ] {
             let shown: String = client
                 .query_one(&format!("SHOW {setting}"), &[])
