@@ -70,18 +70,12 @@ unsafe fn guard(name: &CStr) {
             }
             match (*variable).vartype {
                 pg_sys::config_type::PGC_INT => {
-                    let record = variable.cast::<pg_sys::config_int>();
-                    (*record).check_hook.is_none() && {
-                        (*record).check_hook = Some(refuse_session_limit);
-                        true
-                    }
+                    let hook = &mut (*variable.cast::<pg_sys::config_int>()).check_hook;
+                    hook.is_none() && hook.replace(refuse_session_limit).is_none()
                 }
                 pg_sys::config_type::PGC_BOOL => {
-                    let record = variable.cast::<pg_sys::config_bool>();
-                    (*record).check_hook.is_none() && {
-                        (*record).check_hook = Some(refuse_session_switch);
-                        true
-                    }
+                    let hook = &mut (*variable.cast::<pg_sys::config_bool>()).check_hook;
+                    hook.is_none() && hook.replace(refuse_session_switch).is_none()
                 }
                 _ => false,
             }
