@@ -77,6 +77,16 @@ pub enum Error {
     AuditQueueUnavailable,
     #[error("table {table} is not as this pg_secrets library writes it: {problem}")]
     SchemaMismatch { table: String, problem: String },
+    /// A stored resource policy this library cannot parse: what it denies cannot be told, so
+    /// no role but a superuser gets past it.
+    #[error(
+        "the resource policy of the secret with id {secret_id} cannot be read ({problem}); \
+         access to the secret is refused until it is replaced"
+    )]
+    UnreadablePolicy {
+        secret_id: pgrx::Uuid,
+        problem: String,
+    },
     #[error("access request {id} is already {state}")]
     RequestDecided { id: String, state: String },
     #[error(
@@ -131,6 +141,7 @@ impl Error {
             | Error::RequestDecided { .. }
             | Error::PendingOfRotation { .. }
             | Error::SchemaMismatch { .. }
+            | Error::UnreadablePolicy { .. }
             | Error::ColumnType(_)
             | Error::StoredNull { .. } => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "55000"),
             Error::NullArgument(_) => (ERRCODE_NULL_VALUE_NOT_ALLOWED, "22004"),
@@ -174,6 +185,7 @@ impl Error {
             Error::RotationFailed { .. } => "Nothing changed: the CURRENT version is the one before the rotation.",
             Error::PendingOfRotation { .. } => "Let the rotation finish, or take over from it by labelling your version CURRENT (put_secret_value or update_secret_version_stage).",
             Error::SchemaMismatch { .. } | Error::ColumnType(_) | Error::StoredNull { .. } => "Undo the change to the table; if the library and the extension's tables come from different versions, reinstall the extension.",
+            Error::UnreadablePolicy { .. } => "A superuser can read it with secrets.get_resource_policy(name), and replace it (secrets.put_resource_policy) or remove it (secrets.delete_resource_policy).",
             Error::Integrity(_) => "Restore the secret's rows from a backup; the stored data cannot be trusted.",
             _ => return None,
         })

@@ -658,12 +658,11 @@ pub fn list_requests(state: Option<&str>) -> Result<Vec<RequestRow>> {
 
 /// For the row-level security policy: may the caller describe this secret?
 pub fn may_describe(id: Uuid, name: &str, owner: pg_sys::Oid) -> Result<bool> {
-    Ok(access::decide(
+    access::shown(
         access::caller(),
         Action::Describe,
         name,
-        Some(Secret { id, owner }),
+        Secret { id, owner },
         Context::Session,
-    )?
-    .allows())
+    )
 }

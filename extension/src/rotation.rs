@@ -898,30 +898,21 @@ pub fn rotate_accessible_by(
             continue;
         }
         // Could the role read it from anywhere: conditions of the policy count as met.
-        let could_read = access::decide(
-            role,
-            Action::Get,
-            &name,
-            Some(access::Secret { id, owner }),
-            access::Context::Anywhere,
-        )?;
-        if !could_read.allows() {
+        let secret = access::Secret { id, owner };
+        if !access::shown(role, Action::Get, &name, secret, access::Context::Anywhere)? {
             continue;
         }
         // Only the secrets the caller may manage are listed: which roles can read what is for
         // those who decide it (as `check_access` about another role is), and a list of names it
         // may not see would be a probe. `only_accessed` (who read what, an audit fact) needs
         // the same: the caller may read those secrets' audit records.
-        let secret = Some(access::Secret { id, owner });
-        let may_manage = access::decide(
+        if !access::shown(
             caller,
             Action::Manage,
             &name,
             secret,
             access::Context::Session,
-        )?
-        .allows();
-        if !may_manage {
+        )? {
             continue;
         }
         let status = if !has_rotator {

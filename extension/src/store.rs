@@ -136,14 +136,13 @@ pub fn authorize(
 /// locking anything: for listings.
 pub fn may(client: &mut SpiClient<'_>, name: &str, action: Action) -> Result<bool> {
     Ok(match find_secret(client, name, false)? {
-        Some(secret) => access::decide(
+        Some(secret) => access::shown(
             access::caller(),
             action,
             name,
-            Some(secret.subject()),
+            secret.subject(),
             Context::Session,
-        )?
-        .allows(),
+        )?,
         None => false,
     })
 }
@@ -981,15 +980,7 @@ pub fn list_secrets(
             let id: Uuid = required(&row, 2)?;
             let owner: pg_sys::Oid = required(&row, 11)?;
             let secret = access::Secret { id, owner };
-            if !access::decide(
-                caller,
-                Action::Describe,
-                &name,
-                Some(secret),
-                Context::Session,
-            )?
-            .allows()
-            {
+            if !access::shown(caller, Action::Describe, &name, secret, Context::Session)? {
                 continue;
             }
             listed.push(Listed {

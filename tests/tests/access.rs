@@ -2,7 +2,8 @@
 //! holding) access, `check_access` agreeing with what happened, row-level security on the list
 //! view, the approval flow, policy validation and security-definer hygiene.
 
-use pg_secrets_e2e::{assert_sql_error, first_column, store_state, Client, Cluster};
+use pg_secrets_e2e::{assert_sql_error, first_column, store_state, wait_until, Client, Cluster};
+use std::time::Duration;
 
 const ACTIONS: [&str; 6] = ["get", "describe", "put", "rotate", "delete", "manage"];
 
@@ -1461,4 +1462,110 @@ fn a_manager_cannot_lift_a_deny_that_binds_it() {
         .unwrap()
         .get(0);
     assert_eq!(value, "v1", "without the policy, ops's grant applies");
+}
+
+/// A stored policy this library cannot parse (edited in the table, or written by another
+/// version) fails closed: what it denies cannot be told, so acting on its secret is refused,
+/// with the reason, to every role but a superuser, `secrets_admin` included. Listings leave
+/// the secret out rather than failing, and a superuser replaces the policy.
+#[test]
+fn a_stored_policy_that_does_not_parse_fails_closed() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE intern LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         CREATE ROLE boss LOGIN PASSWORD 'pw' IN ROLE secrets_admin;
+         CREATE ROLE outsider;
+         SELECT secrets.create_secret('svc/broken', 'b');
+         SELECT secrets.create_secret('svc/fine', 'f');
+         SELECT secrets.grant_access('svc/broken', 'intern', '{get,describe,manage}');
+         SELECT secrets.grant_access('svc/fine', 'intern', '{get,describe,manage}');
+         SELECT secrets.grant_access('svc/broken', 'outsider', '{describe}');
+         SELECT secrets.grant_access('svc/fine', 'outsider', '{describe}');
+         SELECT secrets.put_resource_policy('svc/broken', '{\"statements\": [{\"effect\": \"deny\",
+           \"principals\": [\"intern\"], \"actions\": [\"get\"]}]}');
+         UPDATE secrets.resource_policy SET policy = '{\"statements\": [{\"effect\": \"deny\",
+           \"principals\": [\"intern\"], \"actions\": [\"get\"], \"unless\": \"weekend\"}]}';",
+    )
+    .unwrap();
+    let refusal = "the resource policy of the secret with id";
+    for role in ["intern", "boss"] {
+        let mut client = cluster.connect(role, "pw");
+        for action in ["get", "describe", "manage"] {
+            let error = client
+                .query_one(statement(action), &[&"svc/broken"])
+                .expect_err("refused");
+            let db_error = error.as_db_error().expect("a server error");
+            assert_eq!(
+                db_error.code().code(),
+                "55000",
+                "{role} {action}: {db_error:?}"
+            );
+            assert!(
+                db_error.message().contains(refusal)
+                    && db_error
+                        .message()
+                        .contains("statement 1: unknown field \"unless\""),
+                "{}",
+                db_error.message()
+            );
+            assert!(db_error.hint().unwrap_or_default().contains("superuser"));
+        }
+        client
+            .query_one(statement("get"), &[&"svc/fine"])
+            .unwrap_or_else(|e| panic!("{role} reads the other secret: {e}"));
+        assert_eq!(
+            first_column(
+                &mut client,
+                "SELECT name FROM secrets.secret_list ORDER BY name"
+            ),
+            ["svc/fine"],
+            "{role} lists the other secret only"
+        );
+        // secrets_admin sees every grant; a manager, the grants on what it may manage.
+        let others_grants = first_column(
+            &mut client,
+            "SELECT name_pattern FROM secrets.list_access_grants() WHERE grantee = 'outsider' \
+             ORDER BY 1",
+        );
+        let expected: &[&str] = match role {
+            "boss" => &["svc/broken", "svc/fine"],
+            _ => &["svc/fine"],
+        };
+        assert_eq!(others_grants, expected, "{role} lists grants");
+    }
+    // The refused calls were recorded; a manager's view of the trail leaves them out without
+    // failing, a superuser's shows them.
+    let records = "secret_name = 'svc/broken' AND sqlstate = '55000'";
+    wait_until("the refusals recorded", Duration::from_secs(60), || {
+        first_column(
+            &mut db,
+            &format!("SELECT count(*)::text FROM secrets.audit_log WHERE {records}"),
+        ) == ["6"]
+    });
+    let mut boss = cluster.connect("boss", "pw");
+    assert_eq!(
+        first_column(
+            &mut boss,
+            &format!("SELECT count(*)::text FROM secrets.audit_log WHERE {records}")
+        ),
+        ["0"]
+    );
+
+    let stored: String = db
+        .query_one(
+            "SELECT secrets.get_resource_policy('svc/broken')::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(stored.contains("unless"), "a superuser reads it: {stored}");
+    db.batch_execute("SELECT secrets.delete_resource_policy('svc/broken')")
+        .unwrap();
+    let mut intern = cluster.connect("intern", "pw");
+    let value: String = intern
+        .query_one(statement("get"), &[&"svc/broken"])
+        .unwrap()
+        .get(0);
+    assert_eq!(value, "b", "without the policy, the grant applies");
 }

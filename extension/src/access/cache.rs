@@ -11,7 +11,7 @@
 use super::policy::{self, Policy, Source};
 use super::Actions;
 use crate::db::required;
-use crate::errors::Result;
+use crate::errors::{Error, Result};
 use crate::index_read::relation_oid;
 use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
@@ -80,7 +80,8 @@ pub struct SessionInfo {
     pub port: Option<i32>,
 }
 
-type Policies = HashMap<Uuid, Rc<Policy<Oid>>>;
+/// Each secret's resource policy, or why the stored document does not parse.
+type Policies = HashMap<Uuid, std::result::Result<Rc<Policy<Oid>>, String>>;
 
 /// A cache entry and how long it may be used. It is loaded under a snapshot taken at the load
 /// (`with_latest_snapshot`), so it saw every commit whose invalidation this backend has
@@ -236,17 +237,31 @@ fn load_policies() -> Result<Policies> {
             let id: Uuid = required(&row, 1)?;
             let document: pgrx::JsonB = required(&row, 2)?;
             // Stored policies were validated; a role dropped since then simply matches no one.
-            if let Ok(policy) = policy::parse(&document.0, &mut resolve_role, &mut Vec::new()) {
-                policies.insert(id, Rc::new(policy));
-            }
+            // One that does not parse (edited in the table, or stored by another version) is
+            // kept as its problem: its denials cannot be told, so access fails closed.
+            let parsed = policy::parse(&document.0, &mut resolve_role, &mut Vec::new())
+                .map(Rc::new)
+                .map_err(|finding| match finding.statement {
+                    0 => finding.problem,
+                    n => format!("statement {n}: {}", finding.problem),
+                });
+            policies.insert(id, parsed);
         }
         Ok(())
     })?;
     Ok(policies)
 }
 
+/// The secret's resource policy; an error if its stored document does not parse.
 pub fn policy_of(secret_id: Uuid) -> Result<Option<Rc<Policy<Oid>>>> {
-    Ok(all_policies()?.get(&secret_id).cloned())
+    match all_policies()?.get(&secret_id) {
+        None => Ok(None),
+        Some(Ok(policy)) => Ok(Some(Rc::clone(policy))),
+        Some(Err(problem)) => Err(Error::UnreadablePolicy {
+            secret_id,
+            problem: problem.clone(),
+        }),
+    }
 }
 
 pub fn resolve_role(name: &str) -> Option<Oid> {

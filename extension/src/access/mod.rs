@@ -25,7 +25,7 @@ pub use cache::{
     register_invalidation_callbacks, session, SessionInfo, POSTGRES_EPOCH_OFFSET_MICROS,
 };
 
-use crate::errors::Result;
+use crate::errors::{Error, Result};
 use pgrx::pg_sys::{self, Oid};
 use pgrx::Uuid;
 use std::rc::Rc;
@@ -304,6 +304,23 @@ pub fn decide(
         return Ok(Basis::Role("secrets_reader"));
     }
     Ok(Basis::Nothing)
+}
+
+/// `decide` for a listing (of secrets, grants, requests, audit records): whether `role` may do
+/// `action` on `secret`. A secret whose stored policy cannot be read is left out rather than
+/// failing the whole listing; acting on it still fails with the reason.
+pub fn shown(
+    role: Oid,
+    action: Action,
+    name: &str,
+    secret: Secret,
+    context: Context,
+) -> Result<bool> {
+    match decide(role, action, name, Some(secret), context) {
+        Ok(basis) => Ok(basis.allows()),
+        Err(Error::UnreadablePolicy { .. }) => Ok(false),
+        Err(other) => Err(other),
+    }
 }
 
 /// Whom a deny statement binds when deciding for a role: every role it belongs to, and for

@@ -505,5 +505,5 @@ pub fn may_read(secret_id: Option<Uuid>, secret_name: Option<&str>) -> Result<bo
         id: secret_id,
         owner,
     };
-    Ok(access::decide(caller, Action::Manage, name, Some(secret), Context::Session)?.allows())
+    access::shown(caller, Action::Manage, name, secret, Context::Session)
 }
