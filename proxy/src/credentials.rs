@@ -360,6 +360,15 @@ impl CredentialCache {
         }
     }
 
+    /// Whether logins for `secret` can go on while the store is unreachable: the store gave its
+    /// CURRENT credential less than the stale limit ago.
+    pub fn has_fallback(&self, secret: &str) -> bool {
+        let last_known = self.last_known.lock().expect("cache lock poisoned");
+        last_known
+            .get(&(secret.to_string(), STAGES[0]))
+            .is_some_and(|(_, at)| at.elapsed() < self.stale_limit)
+    }
+
     /// The last credential the store gave, if it is younger than the stale limit.
     fn stale(&self, key: &Key) -> Option<Arc<Credential>> {
         let last_known = self.last_known.lock().expect("cache lock poisoned");
@@ -581,7 +590,13 @@ fn store_config(store: &Store, password: Option<&str>, tls: bool) -> tokio_postg
         .dbname(&store.dbname)
         .user(&store.user)
         .application_name("secrets-proxy")
-        .connect_timeout(Duration::from_secs(5));
+        .connect_timeout(Duration::from_secs(5))
+        // The listening connection is idle between changes: a store host that goes away
+        // without a word (powered off, a network partition) is noticed within about 25 s
+        // rather than the kernel's two hours, so `/ready` and the metric tell it.
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3);
     if let Some(password) = password {
         config.password(password);
         // Over TLS, SCRAM binds the login to the TLS session (tls-server-end-point): someone

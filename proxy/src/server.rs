@@ -896,6 +896,7 @@ async fn answer_admin_request(mut stream: TcpStream, shared: &Shared) {
         match get_path(request) {
             Some("/metrics") => ("200 OK", shared.metrics.render()),
             Some("/health") => ("200 OK", "ok\n".to_string()),
+            Some("/ready") => readiness(shared),
             _ => ("404 Not Found", "not found\n".to_string()),
         }
     };
@@ -912,6 +913,39 @@ async fn answer_admin_request(mut stream: TcpStream, shared: &Shared) {
         while matches!(stream.read(&mut rest).await, Ok(read) if read > 0) {}
     })
     .await;
+}
+
+/// `/ready`: whether new clients can log in, for a load balancer or an orchestrator to send
+/// them elsewhere when not. Ready while the store answers on the listening connection; while it
+/// does not (and before it first did), only if every route's credential came from the store
+/// within `stale_credential_secs`, since those routes go on logging in on it.
+fn readiness(shared: &Shared) -> (&'static str, String) {
+    if shared.metrics.store_listening.load(Ordering::Relaxed) == 1 {
+        return ("200 OK", "ready\n".to_string());
+    }
+    let config = shared.config();
+    let unserved: Vec<String> = config
+        .routes
+        .iter()
+        .filter(|route| !shared.credentials.has_fallback(&route.secret))
+        .map(Route::name)
+        .collect();
+    if unserved.is_empty() {
+        return (
+            "200 OK",
+            "ready: the secrets store is unreachable; every route logs in on its last known \
+             credential\n"
+                .to_string(),
+        );
+    }
+    (
+        "503 Service Unavailable",
+        format!(
+            "not ready: the secrets store is unreachable, and no last known credential serves \
+             route {}\n",
+            unserved.join(", route ")
+        ),
+    )
 }
 
 /// The path of a `GET` request line, without its query string.

@@ -1404,38 +1404,59 @@ fn the_last_known_credential_serves_for_a_while_when_the_store_is_down() {
     let mut db = store.superuser();
     db.batch_execute("CREATE ROLE proxy LOGIN PASSWORD 'proxy-pw' IN ROLE secrets_reader")
         .unwrap();
-    db.execute(
-        "SELECT secrets.create_secret('db/app', $1)",
-        &[&credential_json(&database, "pw-0")],
-    )
-    .unwrap();
+    for secret in ["db/app", "db/other"] {
+        db.execute(
+            "SELECT secrets.create_secret($1, $2)",
+            &[&secret, &credential_json(&database, "pw-0")],
+        )
+        .unwrap();
+    }
     drop(db);
     let proxy = RunningProxy::start(
         Config::parse(&format!(
             "[listen]\ntcp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
              [store]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"proxy\"\npassword = \"proxy-pw\"\n\
              [limits]\nstale_credential_secs = 10\nlogin_retry_budget_ms = 500\npool_max_idle = 0\n\
-             [[route]]\ndatabase = \"appdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n",
+             [[route]]\ndatabase = \"appdb\"\nsecret = \"db/app\"\nallow = [\"trust\"]\n\
+             [[route]]\ndatabase = \"otherdb\"\nsecret = \"db/other\"\nallow = [\"trust\"]\n",
             store.port
         ))
         .unwrap(),
     )
     .unwrap();
-    let connect = || {
+    let admin = proxy.admin_address.unwrap();
+    let connect_to = |database: &str| {
         Client::connect(
             &format!(
-                "host=127.0.0.1 port={} user=u dbname=appdb",
+                "host=127.0.0.1 port={} user=u dbname={database}",
                 proxy.tcp_address.unwrap().port()
             ),
             NoTls,
         )
     };
+    let connect = || connect_to("appdb");
+    wait_until_listening(admin);
+    assert!(http_get(admin, "/ready").starts_with("HTTP/1.1 200 OK"));
+    assert!(http_get(admin, "/ready").ends_with("\r\n\r\nready\n"));
     connect().unwrap().query_one("SELECT 1", &[]).unwrap();
     // The credential was fetched before this: the bound ends 10 s after it at the latest.
     let fetched_by = Instant::now();
 
+    // Ready while the store is down only if every route has a credential to go on with.
     store.stop("immediate");
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until(
+        "the proxy to notice the store is down",
+        Duration::from_secs(60),
+        || http_get(admin, "/ready").starts_with("HTTP/1.1 503"),
+    );
+    let not_ready = http_get(admin, "/ready");
+    assert!(
+        not_ready.ends_with(
+            "not ready: the secrets store is unreachable, and no last known credential serves \
+             route \"otherdb\"\n"
+        ),
+        "{not_ready}"
+    );
     let mut during = connect().expect("the last known credential still logs in");
     during.query_one("SELECT 1", &[]).unwrap();
     let metrics = http_get(proxy.admin_address.unwrap(), "/metrics");
@@ -1451,6 +1472,7 @@ fn the_last_known_credential_serves_for_a_while_when_the_store_is_down() {
     let error = connect().err().expect("no credential past the stale bound");
     let refused = error.as_db_error().unwrap();
     assert_eq!(refused.code().code(), "08006", "{error}");
+    assert!(http_get(admin, "/ready").contains("serves route \"appdb\", route \"otherdb\"\n"));
     // It says why: the connection to the store was refused (the server is down), not only
     // that connecting failed.
     assert!(
