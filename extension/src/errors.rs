@@ -198,6 +198,19 @@ impl Error {
     }
 }
 
+/// pgrx attaches a Rust backtrace to the DETAIL of every error that passes through Rust code
+/// (a PostgreSQL error raised under an SPI call included) when `RUST_BACKTRACE` or
+/// `RUST_LIB_BACKTRACE` is set where the server was started, as it often is in a developer's
+/// shell. Any role could then have thirty frames of the extension's internals printed to it
+/// and to the server log at will (a statement timeout is enough). Removed from the
+/// postmaster's environment at load, before anything could capture a backtrace, so that no
+/// server process inherits them.
+pub fn keep_backtraces_out_of_reports() {
+    // The postmaster is single-threaded while it loads preloaded libraries.
+    std::env::remove_var("RUST_BACKTRACE");
+    std::env::remove_var("RUST_LIB_BACKTRACE");
+}
+
 impl From<Error> for ErrorReport {
     fn from(error: Error) -> Self {
         let (code, _) = error.sqlstate();

@@ -48,6 +48,7 @@ pub extern "C-unwind" fn _PG_init() {
     if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         errors::Error::NotPreloaded.report();
     }
+    errors::keep_backtraces_out_of_reports();
     settings::init();
     parameter_logging::hide_if_asked();
     keys::load_at_startup();

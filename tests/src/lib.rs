@@ -250,6 +250,9 @@ impl Cluster {
 
     fn start_server(&mut self) {
         run(server_command("pg_ctl")
+            // As a developer's shell often has it: the extension keeps Rust backtraces out of
+            // error reports all the same (a test checks).
+            .env("RUST_BACKTRACE", "1")
             .args(["start", "-w", "-t", "60", "-s", "-D"])
             .arg(self.data_dir())
             .arg("-l")

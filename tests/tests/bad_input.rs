@@ -1083,3 +1083,28 @@ fn a_name_created_by_two_sessions_at_once_is_42710_for_the_second() {
         .get(0);
     assert_eq!(value, "one");
 }
+
+/// A PostgreSQL error raised under the extension's Rust code (here a write refused in a
+/// read-only transaction, raised inside an SPI call) reaches the client as PostgreSQL raised
+/// it: no Rust backtrace in its DETAIL, although the harness starts every server with
+/// `RUST_BACKTRACE=1`, as a developer's shell often has it.
+#[test]
+fn errors_raised_through_rust_carry_no_backtrace() {
+    let (_cluster, mut db) = fixture();
+    db.batch_execute("SELECT secrets.create_secret('ro/db', 'v1')")
+        .unwrap();
+    let before = store_state(&mut db);
+    let mut tx = db.build_transaction().read_only(true).start().unwrap();
+    let error = tx
+        .query_one("SELECT secrets.put_secret_value('ro/db', 'v2')::text", &[])
+        .expect_err("a write in a read-only transaction");
+    let error = error.as_db_error().expect("a server error");
+    assert_eq!(error.code().code(), "25006", "{error:?}");
+    assert!(
+        error.detail().is_none_or(|detail| !detail.contains("pgrx")),
+        "{:?}",
+        error.detail()
+    );
+    drop(tx);
+    assert_eq!(store_state(&mut db), before);
+}
