@@ -59,6 +59,13 @@ pub fn validate_actions(actions: &[Option<String>]) -> Result<Vec<String>> {
 fn authorize_grant(client: &mut SpiClient<'_>, pattern: &str) -> Result<Option<Secret>> {
     let caller = access::caller();
     if access::may_on_any(caller, Action::Manage)? {
+        // A grant on one secret is recorded with its id, as any other role's is, so that the
+        // secret's owner and managers see in the trail who handed out access to it.
+        if !access::pattern::has_wildcard(pattern) {
+            if let Some(secret) = store::find_secret(client, pattern, false)? {
+                crate::audit::found_secret(secret.id, pattern);
+            }
+        }
         return Ok(None);
     }
     if access::pattern::has_wildcard(pattern) {

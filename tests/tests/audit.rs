@@ -599,6 +599,28 @@ fn a_role_sees_the_records_of_what_it_manages_and_auditors_see_all() {
             "deny_access_request"
         ]
     );
+    // secrets_admin's grant on a/key is a record of a/key: its managers see who handed out
+    // access to it. Records of no secret (grants on a pattern) are for secrets_admin.
+    let mut boss = cluster.login_role("boss", "IN ROLE secrets_admin");
+    boss.batch_execute("SELECT secrets.grant_access('a/key', 'team_b', '{describe}')")
+        .unwrap();
+    let grants = "details->>'function' = 'grant_access'";
+    wait_for_records(&mut db, grants, 3);
+    let grant_records = |client: &mut Client, with_id: bool| {
+        first_column(
+            client,
+            &format!(
+                "SELECT secret_name || ' by ' || \"session_user\" FROM secrets.audit_log \
+                 WHERE {grants} AND (secret_id IS NOT NULL) = {with_id} ORDER BY 1"
+            ),
+        )
+    };
+    assert_eq!(grant_records(&mut team_a, true), ["a/key by boss"]);
+    assert!(grant_records(&mut team_a, false).is_empty());
+    assert_eq!(
+        grant_records(&mut boss, false),
+        ["a/* by postgres", "b/* by postgres"]
+    );
     let mut auditor = cluster.connect("auditor", "pw");
     assert_eq!(names(&mut auditor), vec!["a/key", "b/key"]);
     assert!(verify(&mut auditor).0);
