@@ -48,6 +48,10 @@ pub enum Error {
     NotDeleted(String),
     #[error("client_request_token was already used for a different value of secret \"{0}\"")]
     IdempotencyConflict(String),
+    /// A reused token from a role that may not read the secret, which is not told whether its
+    /// value is the stored one.
+    #[error("client_request_token was already used for secret \"{0}\"")]
+    TokenTaken(String),
     #[error("secret \"{0}\" holds a binary value, not a string")]
     NotString(String),
     #[error("secret \"{0}\" holds a string value, not a binary one")]
@@ -155,7 +159,9 @@ impl Error {
             | Error::BeyondOwnAccess { .. }
             | Error::StoreWideDenied { .. } => (ERRCODE_INSUFFICIENT_PRIVILEGE, "42501"),
             Error::AlreadyExists(_) | Error::NameTaken(_) => (ERRCODE_DUPLICATE_OBJECT, "42710"),
-            Error::IdempotencyConflict(_) => (ERRCODE_UNIQUE_VIOLATION, "23505"),
+            Error::IdempotencyConflict(_) | Error::TokenTaken(_) => {
+                (ERRCODE_UNIQUE_VIOLATION, "23505")
+            }
             Error::NotString(_) | Error::NotBinary(_) => (ERRCODE_DATATYPE_MISMATCH, "42804"),
             Error::Integrity(_) => (ERRCODE_DATA_CORRUPTED, "XX001"),
             Error::NoMasterKey(_) | Error::WrongMasterKey(_) | Error::UnknownMasterKey { .. } => {
@@ -179,6 +185,7 @@ impl Error {
             Error::NotString(_) => "Read it with secrets.get_secret_binary(name).",
             Error::NotBinary(_) => "Read it with secrets.get_secret_value(name).",
             Error::IdempotencyConflict(_) => "Use a new client_request_token for a new value.",
+            Error::TokenTaken(_) => "A retry is compared with the stored value only for a role that may get the secret; use a new client_request_token for a new value.",
             Error::AuditQueueUnavailable => "The server log says why (permissions, disk space); fix it and restart the server.",
             Error::AuditQueueFull => "Check that the pg_secrets audit worker runs (pg_stat_activity) in the database named by pg_secrets.database.",
             Error::RotationFailed { step: "configure", .. } => "Nothing changed: the secret's rotation settings are as they were.",

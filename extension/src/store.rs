@@ -230,6 +230,20 @@ fn version_for_token(
     let Some(stored) = stored_version(client, version_id)? else {
         return Ok(None);
     };
+    // Whether a retry carries the stored value is an answer about the value: a role that may
+    // write but not read could test guesses (a PIN) with a known token. It gets the same
+    // refusal for the same value and for another.
+    let may_get = access::decide(
+        access::caller(),
+        Action::Get,
+        &secret.name,
+        Some(secret.subject()),
+        Context::Session,
+    )?
+    .allows();
+    if !may_get {
+        return Err(Error::TokenTaken(secret.name.clone()));
+    }
     let kind = stored.kind;
     let plaintext = stored.open(secret.id, &secret.name)?;
     let same =

@@ -1569,3 +1569,48 @@ fn a_stored_policy_that_does_not_parse_fails_closed() {
         .get(0);
     assert_eq!(value, "b", "without the policy, the grant applies");
 }
+
+/// A retry with a used `client_request_token` is answered by comparing the value with the
+/// stored one, which tells whether a guess is right: a role that may `put` but not `get` gets
+/// the same refusal for the stored value and for any other, and nothing is written. A role
+/// that may `get` has its retry answered.
+#[test]
+fn a_writer_that_may_not_read_cannot_test_guesses_through_a_token() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE writer LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         CREATE ROLE deployer LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         SELECT secrets.create_secret('svc/pin', 'PIN-4817', client_request_token => 'deploy-1');
+         SELECT secrets.grant_access('svc/pin', 'writer', '{put}');
+         SELECT secrets.grant_access('svc/pin', 'deployer', '{put,get}');",
+    )
+    .unwrap();
+    let first: String = db
+        .query_one(
+            "SELECT version_id::text FROM secrets.list_secret_version_ids('svc/pin')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let before = store_state(&mut db);
+    let put =
+        "SELECT secrets.put_secret_value('svc/pin', $1, client_request_token => 'deploy-1')::text";
+    let mut writer = cluster.connect("writer", "pw");
+    for guess in ["PIN-0000", "PIN-4817"] {
+        assert_sql_error(
+            writer.query_one(put, &[&guess]),
+            "23505",
+            "client_request_token was already used for secret \"svc/pin\"",
+        );
+    }
+    assert_eq!(store_state(&mut db), before, "nothing was written");
+    let mut deployer = cluster.connect("deployer", "pw");
+    let retried: String = deployer.query_one(put, &[&"PIN-4817"]).unwrap().get(0);
+    assert_eq!(retried, first, "a reader's retry returns the first version");
+    assert_sql_error(
+        deployer.query_one(put, &[&"PIN-0000"]),
+        "23505",
+        "already used for a different value of secret \"svc/pin\"",
+    );
+}
