@@ -12,6 +12,7 @@ mod api_audit;
 mod api_rotation;
 mod audit;
 mod audit_worker;
+mod channels;
 mod crypto;
 mod db;
 mod errors;
@@ -55,6 +56,7 @@ pub extern "C-unwind" fn _PG_init() {
     access::register_invalidation_callbacks();
     index_read::register_invalidation_callbacks();
     audit::queue::register();
+    channels::register();
     worker::register();
 }
 

@@ -1614,3 +1614,56 @@ fn a_writer_that_may_not_read_cannot_test_guesses_through_a_token() {
         "already used for a different value of secret \"svc/pin\"",
     );
 }
+
+/// PostgreSQL has no privileges on channels: the extension refuses `LISTEN` on its own, whose
+/// payloads name secrets (and, for alarms, roles and addresses), to roles outside the product.
+#[test]
+fn only_the_products_roles_listen_to_its_channels() {
+    let cluster = Cluster::start();
+    let mut db = cluster.superuser();
+    db.batch_execute(
+        "CREATE ROLE stranger LOGIN PASSWORD 'pw';
+         CREATE ROLE member LOGIN PASSWORD 'pw' IN ROLE secrets_user;
+         CREATE ROLE auditor LOGIN PASSWORD 'pw' IN ROLE secrets_auditor;
+         CREATE ROLE admin LOGIN PASSWORD 'pw' IN ROLE secrets_admin;",
+    )
+    .unwrap();
+    let listens = |role: &str, channel: &str| -> Result<(), String> {
+        let mut client = cluster.connect(role, "pw");
+        client
+            .batch_execute(&format!("LISTEN {channel}"))
+            .map_err(|error| {
+                let error = error.as_db_error().expect("a server error");
+                assert_eq!(error.code().code(), "42501", "{error:?}");
+                error.message().to_string()
+            })
+    };
+    let changed =
+        "permission denied: listening to pg_secrets_changed is for members of secrets_user";
+    let alarms =
+        "permission denied: listening to pg_secrets_alarm is for secrets_auditor and secrets_admin";
+    assert_eq!(
+        listens("stranger", "pg_secrets_changed"),
+        Err(changed.into())
+    );
+    assert_eq!(listens("stranger", "pg_secrets_alarm"), Err(alarms.into()));
+    assert_eq!(listens("stranger", "elsewhere"), Ok(()));
+    assert_eq!(listens("member", "pg_secrets_changed"), Ok(()));
+    assert_eq!(listens("member", "pg_secrets_alarm"), Err(alarms.into()));
+    for role in ["auditor", "admin"] {
+        assert_eq!(listens(role, "pg_secrets_alarm"), Ok(()), "{role}");
+        assert_eq!(listens(role, "pg_secrets_changed"), Ok(()), "{role}");
+    }
+    // Nor through a function's dynamic SQL.
+    db.batch_execute(
+        "CREATE FUNCTION public.listen_for(channel text) RETURNS void LANGUAGE plpgsql
+           AS $$ BEGIN EXECUTE pg_catalog.format('LISTEN %I', channel); END $$;",
+    )
+    .unwrap();
+    let mut stranger = cluster.connect("stranger", "pw");
+    assert_sql_error(
+        stranger.query("SELECT public.listen_for('pg_secrets_changed')", &[]),
+        "42501",
+        changed,
+    );
+}

@@ -535,6 +535,11 @@ pub fn existing_role(role: Oid) -> Result<Oid> {
 }
 
 /// Whether `role` has the privileges of the role named `group`.
+/// Whether a role of this name exists.
+pub fn role_exists(name: &str) -> bool {
+    cache::resolve_role(name).is_some()
+}
+
 pub fn is_member(role: Oid, group: &str) -> Result<bool> {
     if unsafe { pg_sys::superuser_arg(role) } {
         return Ok(true);
