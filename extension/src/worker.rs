@@ -66,6 +66,17 @@ pub fn start(name: &'static str) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = settings::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // The workers run as the bootstrap superuser: no object another role can create (in
+    // `public`, where any role may create in a database made before PostgreSQL 15) is found by
+    // their queries' names, operators or casts.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
     log!("{name} started in database \"{database}\"");
 }
 
