@@ -789,28 +789,39 @@ fn client_gone(_: std::io::Error) -> ProxyError {
     ProxyError::Protocol("client went away during login".into())
 }
 
+/// The configuration a reload runs with: the file's, but the listeners, the store connection
+/// and the limits the running parts were built with stay as they are, and the rest is checked
+/// as it will run (a transaction-mode route against the pool the proxy has, not the one the
+/// file asks for).
+fn as_reloaded(mut new: Config, running: &Config) -> Result<Config, String> {
+    let listen_changed = new.listen != running.listen;
+    if listen_changed {
+        tracing::warn!("[listen] takes effect at the next start, not on reload");
+    }
+    new.listen = running.listen.clone();
+    if new.store != running.store {
+        tracing::warn!("[store] takes effect at the next start, not on reload");
+    }
+    new.store = running.store.clone();
+    let at_restart = new.limits.keep_startup_only(&running.limits);
+    if !at_restart.is_empty() {
+        tracing::warn!(limits = ?at_restart, "these [limits] take effect at the next start, not on reload");
+    }
+    // A route the file's own [listen] would allow (a `peer:` entry with a new unix_dir) is
+    // refused against the listeners the proxy has: say why.
+    new.validate().map_err(|error| match listen_changed {
+        true => format!(
+            "{error}, with the listeners the proxy runs: the file's [listen] takes effect at \
+             the next start"
+        ),
+        false => error,
+    })?;
+    Ok(new)
+}
+
 async fn reload_on_sighup(path: PathBuf, mut hangups: Signal, shared: Arc<Shared>) {
     while hangups.recv().await.is_some() {
-        // Listeners, the store connection and the limits the running parts were built with
-        // stay as they are; the rest is checked as it will run (a transaction-mode route
-        // against the pool the proxy has, not the one the file asks for).
-        let merged = Config::from_file(&path).and_then(|mut new| {
-            let running = shared.config();
-            if new.listen != running.listen {
-                tracing::warn!("[listen] takes effect at the next start, not on reload");
-            }
-            new.listen = running.listen.clone();
-            if new.store != running.store {
-                tracing::warn!("[store] takes effect at the next start, not on reload");
-            }
-            new.store = running.store.clone();
-            let at_restart = new.limits.keep_startup_only(&running.limits);
-            if !at_restart.is_empty() {
-                tracing::warn!(limits = ?at_restart, "these [limits] take effect at the next start, not on reload");
-            }
-            new.validate()?;
-            Ok(new)
-        });
+        let merged = Config::from_file(&path).and_then(|new| as_reloaded(new, &shared.config()));
         match merged {
             Ok(new) => {
                 let certificates = new
@@ -960,7 +971,38 @@ fn get_path(request: &[u8]) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
-    use super::{get_path, Identity};
+    use super::{as_reloaded, get_path, Identity};
+    use crate::config::Config;
+
+    #[test]
+    fn a_reload_is_checked_against_the_listeners_the_proxy_runs() {
+        let store = "[store]\nhost = \"h\"\nuser = \"u\"\n";
+        let running = Config::parse(&format!("[listen]\ntcp = \"127.0.0.1:1\"\n{store}")).unwrap();
+        let peer_route = "[[route]]\ndatabase = \"d\"\nsecret = \"s\"\nallow = [\"peer:app\"]\n";
+        let file = Config::parse(&format!(
+            "[listen]\ntcp = \"127.0.0.1:1\"\nunix_dir = \"/tmp\"\n{store}{peer_route}"
+        ))
+        .unwrap();
+        let refusal = as_reloaded(file, &running).unwrap_err();
+        assert!(
+            refusal.ends_with(
+                "needs [listen] unix_dir: peer identity is the OS user on the Unix socket, with \
+                 the listeners the proxy runs: the file's [listen] takes effect at the next start"
+            ),
+            "{refusal}"
+        );
+        let trust_route = peer_route.replace("peer:app", "trust");
+        let file = Config::parse(&format!(
+            "[listen]\ntcp = \"127.0.0.1:1\"\nunix_dir = \"/tmp\"\n{store}{trust_route}"
+        ))
+        .unwrap();
+        let reloaded = as_reloaded(file, &running).unwrap();
+        assert_eq!(
+            reloaded.listen, running.listen,
+            "listeners wait for a restart"
+        );
+        assert_eq!(reloaded.routes.len(), 1);
+    }
 
     #[test]
     fn an_admin_request_is_routed_by_its_exact_path() {
