@@ -288,10 +288,13 @@ impl Relay {
         &self.server_buffer[..held]
     }
 
-    /// Whether the client prepared a named statement in the last relay: its server session
-    /// then holds it, and needs `reset` before it serves anyone else.
-    pub fn prepared_named_statement(&self) -> bool {
-        self.from_client.prepared_named_statement
+    /// Whether the last relay's server session needs `reset`, and its answer alone, before it
+    /// serves anyone else: it holds a named statement of the client's, or it carried COPY data.
+    /// A COPY's Syncs are counted against the answers by rules a client can defeat by timing
+    /// (a COPY the server ends by itself, on a bad row or a timeout, answers a Sync that was
+    /// meant to be ignored), so such a session may look settled while a statement still runs.
+    pub fn needs_reset(&self) -> bool {
+        self.from_client.prepared_named_statement || self.from_client.copies_with_data > 0
     }
 
     /// Relays, the request `next_request` read first if any, until a side leaves or, with

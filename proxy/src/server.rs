@@ -666,13 +666,15 @@ async fn lend_per_transaction(
             registration.retarget(None).await;
         }
         match ended {
-            Ended::TransactionDone => shared.pool.checkin(pool_key, server, born),
-            Ended::ServerReusable => {
-                // Its named statements must not meet the next client.
-                if !relay.prepared_named_statement() || relay::reset(&mut server.stream).await {
+            Ended::TransactionDone | Ended::ServerReusable => {
+                // Named statements must not meet the next client, nor the answer to a
+                // statement a COPY's count missed: DISCARD ALL's answer must come back alone.
+                if !relay.needs_reset() || relay::reset(&mut server.stream).await {
                     shared.pool.checkin(pool_key, server, born);
                 }
-                break;
+                if ended == Ended::ServerReusable {
+                    break;
+                }
             }
             // A transaction-mode relay is never handed over.
             Ended::Closed | Ended::HandOver { .. } => break,

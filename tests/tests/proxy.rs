@@ -1996,6 +1996,53 @@ fn transaction_mode_is_not_fooled_by_copy_data_sent_before_a_copy() {
     another_client_is_not_lent_the_liars_session(&fixture, &mut liar);
 }
 
+/// A COPY the server ends by itself (on a bad row), with a Sync and a statement sent behind
+/// the data: the server answers that Sync, which a count of the client's messages takes for
+/// one the COPY ignored, so the session looks settled while the statement still runs. A
+/// session that carried COPY data serves another client only once DISCARD ALL comes back
+/// alone; here it does not (the statement's rows come first), and the session is closed.
+#[test]
+fn transaction_mode_is_not_fooled_by_a_copy_the_server_ends() {
+    let fixture = transaction_mode(1, "pool_wait_timeout_ms = 5000");
+    fixture
+        .connect()
+        .batch_execute("CREATE TABLE copied (x int)")
+        .unwrap();
+    let mut liar = raw_login(&fixture, Duration::from_secs(10));
+    liar.write_all(&protocol_message(b'Q', b"COPY copied FROM STDIN\0"))
+        .unwrap();
+    read_until(&mut liar, b'G');
+    let rest = [
+        protocol_message(b'd', b"not a number\n"),
+        protocol_message(b'S', b""),
+        protocol_message(b'Q', b"SELECT 'forged' || pg_sleep(1)::text\0"),
+    ]
+    .concat();
+    liar.write_all(&rest).unwrap();
+    let copy_failed = read_until_ready(&mut liar);
+    assert!(
+        copy_failed.iter().any(|(tag, _)| *tag == b'E'),
+        "{copy_failed:?}"
+    );
+    read_until_ready(&mut liar);
+    // Another client with the liar's settings, so that it would be lent the liar's session.
+    let mut other = raw_login(&fixture, Duration::from_secs(10));
+    for mine in ["mine", "mine again"] {
+        other
+            .write_all(&protocol_message(
+                b'Q',
+                format!("SELECT '{mine}'\0").as_bytes(),
+            ))
+            .unwrap();
+        let rows: Vec<String> = read_until_ready(&mut other)
+            .into_iter()
+            .filter(|(tag, _)| *tag == b'D')
+            .map(|(_, body)| String::from_utf8_lossy(&body[6..]).into_owned())
+            .collect();
+        assert_eq!(rows, [mine], "the other client gets its own rows");
+    }
+}
+
 /// Session pooling keeps at most `pool_max_idle_total` idle server connections in all:
 /// clients that each send another `application_name` open a pool key each, and without the
 /// total every key would park its own connection, until the server ran out of
