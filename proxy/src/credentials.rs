@@ -6,7 +6,7 @@
 //! connections; notifications arrive on one dedicated connection outside the pool.
 
 use crate::config::{Route, Store};
-use crate::error::ProxyError;
+use crate::error::{OneLine, ProxyError};
 use crate::metrics::Metrics;
 use futures_util::StreamExt;
 use secrecy::SecretString;
@@ -506,7 +506,9 @@ impl CredentialCache {
                 cache.metrics.store_listening.store(0, Ordering::Relaxed);
                 match ended {
                     Ok(()) => delay = Duration::from_millis(100),
-                    Err(error) => tracing::warn!(%error, "listening to pg_secrets_changed failed"),
+                    Err(error) => {
+                        tracing::warn!(error = %OneLine(&error), "listening to pg_secrets_changed failed")
+                    }
                 }
                 // Whatever was cached may have changed while nobody listened.
                 cache.invalidate_all();

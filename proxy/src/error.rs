@@ -62,6 +62,25 @@ pub enum ProxyError {
     UnsupportedOption(String),
 }
 
+/// A value written to the log on one line: control characters are escaped, so that text the
+/// database server or the store returned (a login refusal quotes the setting value a client
+/// sent, line breaks included) cannot forge a line of the log.
+pub struct OneLine<T>(pub T);
+
+impl<T: std::fmt::Display> std::fmt::Display for OneLine<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        for character in self.0.to_string().chars() {
+            if character.is_control() {
+                write!(f, "{}", character.escape_default())?;
+            } else {
+                f.write_char(character)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ProxyError {
     pub fn sqlstate(&self) -> &str {
         match self {
@@ -98,7 +117,22 @@ impl ProxyError {
 
 #[cfg(test)]
 mod tests {
-    use super::ProxyError;
+    use super::{OneLine, ProxyError};
+
+    #[test]
+    fn text_the_server_chose_is_logged_on_one_line() {
+        let error = ProxyError::LoginRefused {
+            route: "\"demo\"".into(),
+            sqlstate: "22023".into(),
+            message: "invalid value for parameter \"work_mem\": \"1\n2026-11-28 INFO \
+                      session started\r\u{1b}[0m\""
+                .into(),
+        };
+        assert_eq!(
+            OneLine(&error).to_string(),
+            r#"the database server refused the login for route "demo": invalid value for parameter "work_mem": "1\n2026-11-28 INFO session started\r\u{1b}[0m""#
+        );
+    }
 
     #[test]
     fn names_from_clients_cannot_break_a_log_line() {

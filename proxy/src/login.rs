@@ -7,7 +7,7 @@
 use crate::backend::{self, BackendSession, ConnectSettings, Target};
 use crate::config::{Route, Store};
 use crate::credentials::{Credential, CredentialCache, STAGES};
-use crate::error::ProxyError;
+use crate::error::{OneLine, ProxyError};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use std::collections::BTreeMap;
@@ -129,7 +129,7 @@ async fn login_with_retry(
                 Ok(None) => continue,
                 Err(error @ ProxyError::StoreRefused { .. }) => {
                     // The reason names a field, never a value.
-                    tracing::warn!(route = %route.name(), stage, %error, "a stage of the route's secret is not a usable credential");
+                    tracing::warn!(route = %route.name(), stage, error = %OneLine(&error), "a stage of the route's secret is not a usable credential");
                     last_error.get_or_insert(error);
                     continue;
                 }

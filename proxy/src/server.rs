@@ -12,7 +12,7 @@ use crate::backend::{BackendSession, ConnectSettings};
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, PoolMode, Route, ServerSslMode, ServerTls};
 use crate::credentials::CredentialCache;
-use crate::error::ProxyError;
+use crate::error::{OneLine, ProxyError};
 use crate::frontend::{self, ClientStream, Opening};
 use crate::kernel_relay::{Handover, KernelRelay};
 use crate::login::{self, LoginSettings};
@@ -407,7 +407,7 @@ async fn serve_client(
             .metrics
             .rejected_clients
             .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(%identity, %error, sqlstate = error.sqlstate(), "client refused");
+        tracing::info!(%identity, error = %OneLine(&error), sqlstate = error.sqlstate(), "client refused");
         frontend::send_error(&mut client, &error).await;
         // Closing with unread bytes from the client would reset the connection, and a reset
         // can destroy the error message before the client reads it: say goodbye first, then
