@@ -210,6 +210,23 @@ fn settled(from_client: &Framing, from_server: &Framing) -> bool {
         && from_server.server_idle()
 }
 
+/// Whether `bytes`, a request's start, hold its first message whole, or as much of it as one
+/// read takes (a larger message streams to the server as it comes). A length the protocol
+/// does not allow counts as arrived: the relay passes it on, and the server refuses it.
+fn first_message_arrived(bytes: &[u8]) -> bool {
+    if bytes.len() >= RELAY_BUFFER {
+        return true;
+    }
+    let Some(header) = bytes.get(..5) else {
+        return false;
+    };
+    let length = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+    usize::try_from(length)
+        .ok()
+        .filter(|&length| length >= 4)
+        .is_none_or(|length| bytes.len() > length)
+}
+
 /// Bytes read at once in each direction. What a session once touched stays resident while it
 /// lives, so this bounds an idle client's memory; large results and COPY stream through in
 /// chunks of this size at no measurable cost.
@@ -263,18 +280,26 @@ impl Default for Relay {
 
 impl Relay {
     /// Transaction mode, between transactions: waits, without a server, for the client's next
-    /// request. False when the client has left (closed, or said Terminate).
+    /// request, until its first message has arrived whole (or a buffer's worth of it): a client
+    /// that sends part of a message and stops holds no server session of the route's few.
+    /// False when the client has left (closed, or said Terminate).
     pub async fn next_request<C>(&mut self, client: &mut C) -> bool
     where
         C: AsyncRead + Unpin,
     {
-        match client.read(&mut self.client_buffer).await {
-            // A client between transactions is at a message boundary.
-            Ok(read) if read > 0 && self.client_buffer[0] != b'X' => {
-                self.waiting.extend_from_slice(&self.client_buffer[..read]);
-                true
+        loop {
+            match client.read(&mut self.client_buffer).await {
+                // A client between transactions is at a message boundary.
+                Ok(read)
+                    if read > 0 && !(self.waiting.is_empty() && self.client_buffer[0] == b'X') =>
+                {
+                    self.waiting.extend_from_slice(&self.client_buffer[..read]);
+                    if first_message_arrived(&self.waiting) {
+                        return true;
+                    }
+                }
+                _ => return false,
             }
-            _ => false,
         }
     }
 
@@ -555,6 +580,28 @@ mod tests {
         bytes.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
         bytes.extend_from_slice(body);
         bytes
+    }
+
+    #[test]
+    fn a_request_is_taken_once_its_first_message_is_whole() {
+        let query = message(b'Q', b"SELECT 1\0");
+        for part in 0..query.len() {
+            assert!(!first_message_arrived(&query[..part]), "{part} bytes");
+        }
+        assert!(first_message_arrived(&query));
+        assert!(first_message_arrived(
+            &[query.clone(), message(b'S', b"")].concat()
+        ));
+        let large = message(b'Q', &vec![b'x'; 2 * RELAY_BUFFER]);
+        assert!(first_message_arrived(&large[..RELAY_BUFFER]), "streams");
+        assert!(
+            first_message_arrived(&[b'Q', 0, 0, 0, 2]),
+            "a length below 4"
+        );
+        assert!(
+            first_message_arrived(&[b'Q', 255, 255, 255, 255]),
+            "a negative length"
+        );
     }
 
     /// Feeds one message with an empty body per tag.

@@ -1996,6 +1996,37 @@ fn transaction_mode_is_not_fooled_by_copy_data_sent_before_a_copy() {
     another_client_is_not_lent_the_liars_session(&fixture, &mut liar);
 }
 
+/// In transaction mode a client that sends part of a message and stops holds no server
+/// session: with a pool of one, another client is served all the same.
+#[test]
+fn transaction_mode_lends_no_session_for_half_a_message() {
+    let fixture = transaction_mode(1, "pool_wait_timeout_ms = 3000");
+    let mut stalled: Vec<TcpStream> = (0..3)
+        .map(|_| raw_login(&fixture, Duration::from_secs(10)))
+        .collect();
+    for (stream, part) in stalled
+        .iter_mut()
+        .zip([&b"Q"[..], b"Q\0\0\0\x22", b"Q\0\0\0\x22SEL"])
+    {
+        stream.write_all(part).unwrap();
+    }
+    let mut other = fixture.connect();
+    assert_eq!(scalar(&mut other, "SELECT 'served'"), "served");
+    // The stalled clients finish their messages and are answered.
+    let rest = b"ECT 'finished', 1234567890\0";
+    let message = [&b"Q\0\0\0\x22SEL"[..], &rest[..]].concat();
+    assert_eq!(message.len(), 1 + 0x22, "the length the parts announce");
+    for (stream, sent) in stalled.iter_mut().zip([1, 5, 8]) {
+        stream.write_all(&message[sent..]).unwrap();
+        let rows = read_until_ready(stream);
+        assert!(
+            rows.iter()
+                .any(|(tag, body)| *tag == b'D' && body.windows(8).any(|w| w == b"finished")),
+            "{rows:?}"
+        );
+    }
+}
+
 /// A COPY the server ends by itself (on a bad row), with a Sync and a statement sent behind
 /// the data: the server answers that Sync, which a count of the client's messages takes for
 /// one the COPY ignored, so the session looks settled while the statement still runs. A
