@@ -9,6 +9,7 @@ use pgwire::messages::startup::{Authentication, Startup};
 use pgwire::messages::{DecodeContext, Message};
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
 
@@ -137,6 +138,21 @@ pub struct Transport {
 
 /// Reads the client's opening, answering encryption requests on the way: with `tls`, an
 /// SSLRequest upgrades `stream` in place to TLS.
+/// Reads an SSLRequest or GSSENCRequest the client opens with, if one comes within `wait`,
+/// and declines it ('N'): a refusal sent before anything was read would reach a client that
+/// asked for encryption (libpq under `sslmode=prefer`, its default) as a broken exchange, not
+/// as the ErrorResponse it is.
+pub async fn decline_encryption_request(stream: &mut Box<dyn ClientStream>, wait: Duration) {
+    let mut request = [0u8; 8];
+    if let Ok(Ok(_)) = tokio::time::timeout(wait, stream.read_exact(&mut request)).await {
+        let length = i32::from_be_bytes([request[0], request[1], request[2], request[3]]);
+        let code = i32::from_be_bytes([request[4], request[5], request[6], request[7]]);
+        if length == 8 && (code == SSL_REQUEST || code == GSSENC_REQUEST) {
+            let _ = stream.write_all(b"N").await;
+        }
+    }
+}
+
 pub async fn read_opening(
     stream: &mut Box<dyn ClientStream>,
     tls: Option<&TlsAcceptor>,

@@ -427,9 +427,16 @@ async fn session(
 ) -> Result<(), ProxyError> {
     let tls = shared.tls.read().expect("tls lock poisoned").clone();
     let limits = shared.config().limits.clone();
-    let pending = shared
+    let pending = match shared
         .pending_logins
-        .enter(identity.source(), limits.max_pending_logins_per_source)?;
+        .enter(identity.source(), limits.max_pending_logins_per_source)
+    {
+        Ok(pending) => pending,
+        Err(refusal) => {
+            frontend::decline_encryption_request(client, Duration::from_millis(500)).await;
+            return Err(refusal);
+        }
+    };
     let login_timeout = limits.client_login_timeout_ms;
     let opening = frontend::read_opening(client, tls.as_ref());
     let (opening, transport) = tokio::time::timeout(Duration::from_millis(login_timeout), opening)

@@ -2218,6 +2218,22 @@ fn one_source_cannot_hold_every_slot_with_silent_connections() {
     .err()
     .expect("a fourth client from 127.0.0.1 should be refused");
     assert_eq!(error.as_db_error().unwrap().code().code(), "53300");
+    // So is psql, which opens with an SSLRequest (sslmode=prefer): declined first, it shows
+    // the refusal rather than a broken SSL exchange.
+    let psql = std::process::Command::new(format!("{}/psql", pg_secrets_e2e::PG_BIN))
+        .args(["-X", "-w", "-c", "SELECT 1"])
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", fixture.port().to_string())
+        .env("PGUSER", "u")
+        .env("PGDATABASE", "appdb")
+        .env("PGSSLMODE", "prefer")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&psql.stderr);
+    assert!(
+        said.contains("too many connections from 127.0.0.1"),
+        "{said}"
+    );
     // Another source is served.
     let mut local = Client::connect(
         &format!(
