@@ -889,15 +889,19 @@ async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// Time an admin client has to send its request, and again to take the answer.
-const ADMIN_CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time an admin client has to send its request: probes and scrapers send it at once, and a
+/// silent connection holds one of the few slots, in which a liveness probe would wait.
+const ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Time an admin client has to take the answer.
+const ADMIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn answer_admin_request(mut stream: TcpStream, shared: &Shared) {
     // The request line is all that matters; read until the headers end, within the bounds.
     let headers_end = |bytes: &[u8]| bytes.windows(4).any(|w| w == b"\r\n\r\n");
     let mut request = vec![0u8; ADMIN_REQUEST_BYTES];
     let mut received = 0;
-    let _ = tokio::time::timeout(ADMIN_CLIENT_TIMEOUT, async {
+    let _ = tokio::time::timeout(ADMIN_REQUEST_TIMEOUT, async {
         while received < request.len() && !headers_end(&request[..received]) {
             match stream.read(&mut request[received..]).await {
                 Ok(read) if read > 0 => received += read,
@@ -924,12 +928,12 @@ async fn answer_admin_request(mut stream: TcpStream, shared: &Shared) {
         "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = tokio::time::timeout(ADMIN_CLIENT_TIMEOUT, stream.write_all(response.as_bytes())).await;
+    let _ = tokio::time::timeout(ADMIN_ANSWER_TIMEOUT, stream.write_all(response.as_bytes())).await;
     // Closed with unread bytes, the socket would be reset, and the client could lose the
     // answer: end our side, then read what is left (briefly) until the client closes.
     let _ = stream.shutdown().await;
     let mut rest = [0u8; 1024];
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let _ = tokio::time::timeout(Duration::from_millis(200), async {
         while matches!(stream.read(&mut rest).await, Ok(read) if read > 0) {}
     })
     .await;
