@@ -138,19 +138,26 @@ pub struct Transport {
 
 /// Reads the client's opening, answering encryption requests on the way: with `tls`, an
 /// SSLRequest upgrades `stream` in place to TLS.
-/// Reads an SSLRequest or GSSENCRequest the client opens with, if one comes within `wait`,
-/// and declines it ('N'): a refusal sent before anything was read would reach a client that
-/// asked for encryption (libpq under `sslmode=prefer`, its default) as a broken exchange, not
-/// as the ErrorResponse it is.
-pub async fn decline_encryption_request(stream: &mut Box<dyn ClientStream>, wait: Duration) {
-    let mut request = [0u8; 8];
-    if let Ok(Ok(_)) = tokio::time::timeout(wait, stream.read_exact(&mut request)).await {
-        let length = i32::from_be_bytes([request[0], request[1], request[2], request[3]]);
-        let code = i32::from_be_bytes([request[4], request[5], request[6], request[7]]);
-        if length == 8 && (code == SSL_REQUEST || code == GSSENC_REQUEST) {
-            let _ = stream.write_all(b"N").await;
+/// Before a refusal: reads an SSLRequest or GSSENCRequest the client opens with, if one comes
+/// within `wait`, declines it ('N'), and reads the startup packet that follows, as PostgreSQL
+/// does before it says "too many clients". A refusal sent before the client had its answer
+/// would reach a client that asked for encryption (libpq under `sslmode=prefer`, its default)
+/// as a broken exchange, not as the ErrorResponse it is.
+pub async fn read_until_refusable(stream: &mut Box<dyn ClientStream>, wait: Duration) {
+    let exchange = async {
+        // A GSSENCRequest, an SSLRequest, then the startup packet, at most.
+        for _ in 0..3 {
+            let length = check_length(stream.read_i32().await.ok()?).ok()?;
+            let mut body = vec![0u8; length - 4];
+            stream.read_exact(&mut body).await.ok()?;
+            match parse_packet(&body).ok()? {
+                Packet::SslRequest | Packet::GssEncRequest => stream.write_all(b"N").await.ok()?,
+                _ => break,
+            }
         }
-    }
+        Some(())
+    };
+    let _ = tokio::time::timeout(wait, exchange).await;
 }
 
 pub async fn read_opening(

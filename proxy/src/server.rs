@@ -433,7 +433,7 @@ async fn session(
     {
         Ok(pending) => pending,
         Err(refusal) => {
-            frontend::decline_encryption_request(client, Duration::from_millis(500)).await;
+            frontend::read_until_refusable(client, Duration::from_millis(500)).await;
             return Err(refusal);
         }
     };
@@ -547,7 +547,16 @@ async fn session(
     }
     shared.pool.checkin(pool_key, server, born);
     drop(login_slot);
-    lend_per_transaction(client, &mut relay, &slots, &wanted, registration, shared).await
+    lend_per_transaction(
+        client,
+        &mut relay,
+        &slots,
+        &wanted,
+        registration,
+        shared,
+        shutdown,
+    )
+    .await
 }
 
 /// How a session-mode session ended, for its server connection.
@@ -637,8 +646,15 @@ async fn relay_session(
     }
 }
 
+/// How long a transaction-mode client between transactions is given, once a drain has begun,
+/// before it is told the proxy is shutting down.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
 /// Transaction mode: for each transaction the client starts, a server session from the pool
-/// (or a new login), held until the transaction is over.
+/// (or a new login), held until the transaction is over. Once a drain has begun (SIGTERM), a
+/// client between transactions is told so (`57P01`, after `DRAIN_GRACE`, or in answer to its
+/// next request) and let go, rather than served on until the drain timeout cuts it off in the
+/// middle of a transaction.
 async fn lend_per_transaction(
     client: &mut Box<dyn ClientStream>,
     relay: &mut Relay,
@@ -646,8 +662,28 @@ async fn lend_per_transaction(
     wanted: &Wanted<'_>,
     registration: Option<crate::cancel::Registration>,
     shared: &Shared,
+    mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ProxyError> {
-    while relay.next_request(client).await {
+    loop {
+        let draining = async {
+            if shutdown.wait_for(|stop| *stop).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            // Not at once: the answer just relayed (a COMMIT's) is the client's to read first,
+            // and a client library can take a FATAL read with it for that statement's.
+            tokio::time::sleep(DRAIN_GRACE).await;
+        };
+        let asked = tokio::select! {
+            asked = relay.next_request(client) => asked,
+            () = draining => return Err(ProxyError::ShuttingDown),
+        };
+        if !asked {
+            break;
+        }
+        // A request that comes once the drain has begun is refused, not run.
+        if *shutdown.borrow() {
+            return Err(ProxyError::ShuttingDown);
+        }
         let _slot = take_slot(slots, wanted).await?;
         let (mut server, pool_key, born) = server_session(wanted, shared).await?;
         shared

@@ -2675,6 +2675,53 @@ fn check_config_says_whether_the_proxy_would_start() {
     assert!(String::from_utf8_lossy(&usage.stderr).contains("usage: secrets-proxy"));
 }
 
+/// SIGTERM in transaction mode: a client between transactions is told the proxy is shutting
+/// down (57P01) and let go, so the drain ends long before its timeout, rather than serving it
+/// on until the timeout cuts it off in the middle of a transaction. A client inside one
+/// finishes it first, and reads its COMMIT's answer before it is told.
+#[test]
+fn a_drain_lets_transaction_mode_clients_go_between_transactions() {
+    let cluster = cluster_with_app_credential(&[]);
+    let port = pg_secrets_e2e::free_port();
+    let config_file = cluster.dir().join("draining.toml");
+    let extras = ProxyExtras {
+        limits: "drain_timeout_secs = 60".into(),
+        route: "pool_mode = \"transaction\"\npool_size = 2".into(),
+        ..ProxyExtras::default()
+    };
+    let config = proxy_config(
+        &cluster,
+        &format!("127.0.0.1:{port}"),
+        r#""trust""#,
+        &extras,
+    );
+    std::fs::write(&config_file, config).unwrap();
+    let mut proxy = ProxyProcess::start(&config_file, port);
+    let mut idle = proxy.connect("appdb").unwrap();
+    let mut busy = proxy.connect("appdb").unwrap();
+    assert_eq!(scalar(&mut idle, "SELECT 'before'"), "before");
+    busy.batch_execute("BEGIN").unwrap();
+    proxy.signal("TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(scalar(&mut busy, "SELECT 'inside'"), "inside");
+    busy.batch_execute("COMMIT").unwrap();
+    proxy.exits_within(
+        Duration::from_secs(20),
+        "the drain to end with its clients let go",
+    );
+    let error = idle
+        .simple_query("SELECT 'after'")
+        .expect_err("the idle client was let go");
+    if let Some(db_error) = error.as_db_error() {
+        assert_eq!(db_error.code().code(), "57P01", "{error}");
+    }
+    assert!(
+        proxy.log().contains("the proxy is shutting down"),
+        "{}",
+        proxy.log()
+    );
+}
+
 /// A SIGHUP that changes `[server_tls]` drops the idle pooled sessions, and a session in use
 /// at the reload is not pooled when its client leaves: it was opened under the old rules.
 #[test]
