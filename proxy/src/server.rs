@@ -335,7 +335,8 @@ impl ClientListener {
             ClientListener::Tcp(listener) => {
                 let (stream, address) = listener.accept().await?;
                 stream.set_nodelay(true).ok();
-                let trusted = address.ip().is_loopback()
+                // On a dual-stack listener an IPv4 client comes as ::ffff:a.b.c.d.
+                let trusted = address.ip().to_canonical().is_loopback()
                     || shared.config().listen.allow_trust_from_non_loopback;
                 let identity = if trusted {
                     Identity::Trust(address)

@@ -2040,6 +2040,24 @@ fn transaction_mode_lends_no_session_for_half_a_message() {
     }
 }
 
+/// On a dual-stack listener (`[::]`) an IPv4 client on loopback comes as ::ffff:127.0.0.1,
+/// and is on loopback all the same: `trust` lets it in.
+#[test]
+fn trust_knows_loopback_on_a_dual_stack_listener() {
+    let cluster = cluster_with_app_credential(&[]);
+    let config = proxy_config(&cluster, "[::]:0", r#""trust""#, &ProxyExtras::default());
+    let proxy = RunningProxy::start(Config::parse(&config).unwrap()).unwrap();
+    let port = proxy.tcp_address.unwrap().port();
+    for host in ["127.0.0.1", "::1"] {
+        let mut client = Client::connect(
+            &format!("host={host} port={port} user=u dbname=appdb"),
+            NoTls,
+        )
+        .unwrap_or_else(|e| panic!("{host}: {e}"));
+        assert_eq!(scalar(&mut client, "SELECT current_user"), "app");
+    }
+}
+
 /// A COPY the server ends by itself (on a bad row), with a Sync and a statement sent behind
 /// the data: the server answers that Sync, which a count of the client's messages takes for
 /// one the COPY ignored, so the session looks settled while the statement still runs. A
