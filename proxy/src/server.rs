@@ -328,9 +328,39 @@ enum ClientListener {
     Unix(UnixListener),
 }
 
+/// Who a client is, as the accept loop knows it: a Unix-socket client's user name is looked up
+/// afterwards, in the client's own task, since the lookup (NSS: LDAP, sssd) can block, and
+/// in the accept loop it would hold every other client up.
+enum Accepted {
+    Known(Identity),
+    PeerUid(Option<u32>),
+}
+
+impl Accepted {
+    async fn identity(self) -> Identity {
+        let uid = match self {
+            Accepted::Known(identity) => return identity,
+            Accepted::PeerUid(uid) => uid,
+        };
+        let name = match uid {
+            Some(uid) => tokio::task::spawn_blocking(move || {
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                    .ok()
+                    .flatten()
+                    .map(|user| user.name)
+            })
+            .await
+            .ok()
+            .flatten(),
+            None => None,
+        };
+        Identity::Peer(name.unwrap_or_else(|| "?".into()))
+    }
+}
+
 impl ClientListener {
     /// The next client and who it is.
-    async fn accept(&self, shared: &Shared) -> std::io::Result<(Box<dyn ClientStream>, Identity)> {
+    async fn accept(&self, shared: &Shared) -> std::io::Result<(Box<dyn ClientStream>, Accepted)> {
         match self {
             ClientListener::Tcp(listener) => {
                 let (stream, address) = listener.accept().await?;
@@ -343,18 +373,12 @@ impl ClientListener {
                 } else {
                     Identity::Unknown(address)
                 };
-                Ok((Box::new(stream), identity))
+                Ok((Box::new(stream), Accepted::Known(identity)))
             }
             ClientListener::Unix(listener) => {
                 let (stream, _) = listener.accept().await?;
-                let user = stream.peer_cred().ok().and_then(|cred| {
-                    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(cred.uid()))
-                        .ok()
-                        .flatten()
-                });
-                let identity =
-                    Identity::Peer(user.map(|user| user.name).unwrap_or_else(|| "?".into()));
-                Ok((Box::new(stream), identity))
+                let uid = stream.peer_cred().ok().map(|cred| cred.uid());
+                Ok((Box::new(stream), Accepted::PeerUid(uid)))
             }
         }
     }
@@ -377,7 +401,7 @@ async fn accept_clients(
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             return;
         };
-        let (stream, identity) = match listener.accept(&shared).await {
+        let (stream, accepted) = match listener.accept(&shared).await {
             Ok(accepted) => accepted,
             Err(error) => {
                 back_off_after_accept(&error, "clients").await;
@@ -387,6 +411,7 @@ async fn accept_clients(
         let shared = Arc::clone(&shared);
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let identity = accepted.identity().await;
             serve_client(stream, identity, shared, shutdown).await;
             drop(permit);
         });
