@@ -1447,7 +1447,8 @@ fn a_target_that_is_down_fails_cleanly_alarms_and_recovers() {
         .unwrap()
         .expect("an alarm after repeated failures");
     assert!(alarm.payload().contains(r#""alarm":"rotation_failing""#));
-    // The payload names the event, not the secret or the error: anyone may LISTEN.
+    // The payload names the event, not the secret or the error: those are in the event's row,
+    // for the roles that may read it.
     assert!(!alarm.payload().contains("db/down"), "{}", alarm.payload());
     let event: String = db
         .query_one(
