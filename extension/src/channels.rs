@@ -59,7 +59,9 @@ fn check_listen(channel: &CStr) -> Result<()> {
         return Ok(());
     };
     // The roles come with the extension: without them it was never created in this cluster,
-    // and nothing is sent on its channels.
+    // and nothing is sent on its channels. With them, the channels are guarded in every
+    // database of the cluster (roles are cluster-wide), the extension's or not. Membership is
+    // checked when LISTEN runs: a role that loses it later hears on until it disconnects.
     if !guarded
         .groups
         .iter()

@@ -897,25 +897,43 @@ pub fn rotate_accessible_by(
         {
             continue;
         }
-        // Could the role read it from anywhere: conditions of the policy count as met.
+        // Could the role read it from anywhere: conditions of the policy count as met, and so
+        // does a policy that cannot be read: offboarding errs on the side of rotating.
         let secret = access::Secret { id, owner };
-        if !access::shown(role, Action::Get, &name, secret, access::Context::Anywhere)? {
+        let could_read = match access::decide(
+            role,
+            Action::Get,
+            &name,
+            Some(secret),
+            access::Context::Anywhere,
+        ) {
+            Ok(basis) => basis.allows(),
+            Err(Error::UnreadablePolicy { .. }) => true,
+            Err(other) => return Err(other),
+        };
+        if !could_read {
             continue;
         }
         // Only the secrets the caller may manage are listed: which roles can read what is for
         // those who decide it (as `check_access` about another role is), and a list of names it
         // may not see would be a probe. `only_accessed` (who read what, an audit fact) needs
-        // the same: the caller may read those secrets' audit records.
-        if !access::shown(
+        // the same: the caller may read those secrets' audit records. A manager is told of a
+        // secret whose policy stops its rotation.
+        let unreadable_policy = match access::decide(
             caller,
             Action::Manage,
             &name,
-            secret,
+            Some(secret),
             access::Context::Session,
-        )? {
-            continue;
-        }
-        let status = if !has_rotator {
+        ) {
+            Ok(basis) if basis.allows() => None,
+            Ok(_) => continue,
+            Err(unreadable @ Error::UnreadablePolicy { .. }) => Some(unreadable),
+            Err(other) => return Err(other),
+        };
+        let status = if let Some(unreadable) = unreadable_policy {
+            format!("needs a superuser: {unreadable}")
+        } else if !has_rotator {
             "needs manual rotation: no rotator is configured".to_string()
         } else {
             let request = Request {

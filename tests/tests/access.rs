@@ -1465,9 +1465,11 @@ fn a_manager_cannot_lift_a_deny_that_binds_it() {
 }
 
 /// A stored policy this library cannot parse (edited in the table, or written by another
-/// version) fails closed: what it denies cannot be told, so acting on its secret is refused,
-/// with the reason, to every role but a superuser, `secrets_admin` included. Listings leave
-/// the secret out rather than failing, and a superuser replaces the policy.
+/// version) fails closed: what it denies cannot be told, so acting on its secret is refused
+/// to every role but a superuser, `secrets_admin` included, with the reason for a role that
+/// would be allowed but for it, and as any refusal for one that would not. Listings leave the
+/// secret out rather than failing, offboarding counts it as readable, and a superuser replaces
+/// the policy.
 #[test]
 fn a_stored_policy_that_does_not_parse_fails_closed() {
     let cluster = Cluster::start();
@@ -1476,6 +1478,7 @@ fn a_stored_policy_that_does_not_parse_fails_closed() {
         "CREATE ROLE intern LOGIN PASSWORD 'pw' IN ROLE secrets_user;
          CREATE ROLE boss LOGIN PASSWORD 'pw' IN ROLE secrets_admin;
          CREATE ROLE outsider;
+         CREATE ROLE stranger LOGIN PASSWORD 'pw' IN ROLE secrets_user;
          SELECT secrets.create_secret('svc/broken', 'b');
          SELECT secrets.create_secret('svc/fine', 'f');
          SELECT secrets.grant_access('svc/broken', 'intern', '{get,describe,manage}');
@@ -1534,6 +1537,29 @@ fn a_stored_policy_that_does_not_parse_fails_closed() {
         };
         assert_eq!(others_grants, expected, "{role} lists grants");
     }
+    // A role with no right to it is refused as for a secret that does not exist.
+    let mut stranger = cluster.connect("stranger", "pw");
+    for name in ["svc/broken", "svc/none"] {
+        assert_sql_error(
+            stranger.query(statement("get"), &[&name]),
+            "42501",
+            &format!("permission denied: get on secret \"{name}\""),
+        );
+    }
+    // Offboarding intern counts the secret as one it could read; secrets_admin is told that
+    // only a superuser can go on.
+    let mut boss = cluster.connect("boss", "pw");
+    let offboarding = first_column(
+        &mut boss,
+        "SELECT name || ': ' || status FROM secrets.rotate_secrets_accessible_by('intern') \
+         ORDER BY name",
+    );
+    assert_eq!(offboarding.len(), 2, "{offboarding:?}");
+    assert!(
+        offboarding[0].starts_with("svc/broken: needs a superuser: the resource policy"),
+        "{offboarding:?}"
+    );
+    assert!(offboarding[1].starts_with("svc/fine: "), "{offboarding:?}");
     // The refused calls were recorded; a manager's view of the trail leaves them out without
     // failing, a superuser's shows them.
     let records = "secret_name = 'svc/broken' AND sqlstate = '55000'";
@@ -1543,7 +1569,6 @@ fn a_stored_policy_that_does_not_parse_fails_closed() {
             &format!("SELECT count(*)::text FROM secrets.audit_log WHERE {records}"),
         ) == ["6"]
     });
-    let mut boss = cluster.connect("boss", "pw");
     assert_eq!(
         first_column(
             &mut boss,

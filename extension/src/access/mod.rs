@@ -236,12 +236,36 @@ pub fn decide(
     if unsafe { pg_sys::superuser_arg(role) } {
         return Ok(Basis::Superuser);
     }
+    let policy = match secret.map(|secret| cache::policy_of(secret.id)).transpose() {
+        Ok(policy) => policy.flatten(),
+        // What the policy denies cannot be told, so it allows nothing. Only a role the rest
+        // would allow learns why (and that the secret exists); to any other it is the
+        // refusal a missing secret gets too.
+        Err(unreadable @ Error::UnreadablePolicy { .. }) => {
+            let allowed_but_for_it =
+                decide_under(None, role, action, name, secret, context)?.allows();
+            return if allowed_but_for_it {
+                Err(unreadable)
+            } else {
+                Ok(Basis::Nothing)
+            };
+        }
+        Err(other) => return Err(other),
+    };
+    decide_under(policy, role, action, name, secret, context)
+}
+
+/// `decide` for a role that is not a superuser, under the secret's resource policy, if any.
+fn decide_under(
+    policy: Option<Rc<policy::Policy<Oid>>>,
+    role: Oid,
+    action: Action,
+    name: &str,
+    secret: Option<Secret>,
+    context: Context,
+) -> Result<Basis> {
     let deny_reach = DenyReach::of(role, context)?;
     let membership = &deny_reach.membership;
-    let policy = match secret {
-        Some(secret) => cache::policy_of(secret.id)?,
-        None => None,
-    };
     let mut session = None;
     let mut applies =
         |statement: &policy::Statement<Oid>, effect: policy::Effect| -> Result<bool> {
@@ -534,12 +558,12 @@ pub fn existing_role(role: Oid) -> Result<Oid> {
     Ok(role)
 }
 
-/// Whether `role` has the privileges of the role named `group`.
 /// Whether a role of this name exists.
 pub fn role_exists(name: &str) -> bool {
     cache::resolve_role(name).is_some()
 }
 
+/// Whether `role` has the privileges of the role named `group`.
 pub fn is_member(role: Oid, group: &str) -> Result<bool> {
     if unsafe { pg_sys::superuser_arg(role) } {
         return Ok(true);
