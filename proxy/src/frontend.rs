@@ -9,7 +9,6 @@ use pgwire::messages::startup::{Authentication, Startup};
 use pgwire::messages::{DecodeContext, Message};
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
 
@@ -138,28 +137,6 @@ pub struct Transport {
 
 /// Reads the client's opening, answering encryption requests on the way: with `tls`, an
 /// SSLRequest upgrades `stream` in place to TLS.
-/// Before a refusal: reads an SSLRequest or GSSENCRequest the client opens with, if one comes
-/// within `wait`, declines it ('N'), and reads the startup packet that follows, as PostgreSQL
-/// does before it says "too many clients". A refusal sent before the client had its answer
-/// would reach a client that asked for encryption (libpq under `sslmode=prefer`, its default)
-/// as a broken exchange, not as the ErrorResponse it is.
-pub async fn read_until_refusable(stream: &mut Box<dyn ClientStream>, wait: Duration) {
-    let exchange = async {
-        // A GSSENCRequest, an SSLRequest, then the startup packet, at most.
-        for _ in 0..3 {
-            let length = check_length(stream.read_i32().await.ok()?).ok()?;
-            let mut body = vec![0u8; length - 4];
-            stream.read_exact(&mut body).await.ok()?;
-            match parse_packet(&body).ok()? {
-                Packet::SslRequest | Packet::GssEncRequest => stream.write_all(b"N").await.ok()?,
-                _ => break,
-            }
-        }
-        Some(())
-    };
-    let _ = tokio::time::timeout(wait, exchange).await;
-}
-
 pub async fn read_opening(
     stream: &mut Box<dyn ClientStream>,
     tls: Option<&TlsAcceptor>,

@@ -328,6 +328,9 @@ enum ClientListener {
     Unix(UnixListener),
 }
 
+/// How long a Unix-socket client's OS user name is looked up for.
+const PEER_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Who a client is, as the accept loop knows it: a Unix-socket client's user name is looked up
 /// afterwards, in the client's own task, since the lookup (NSS: LDAP, sssd) can block, and
 /// in the accept loop it would hold every other client up.
@@ -342,17 +345,26 @@ impl Accepted {
             Accepted::Known(identity) => return identity,
             Accepted::PeerUid(uid) => uid,
         };
-        let name = match uid {
-            Some(uid) => tokio::task::spawn_blocking(move || {
-                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-                    .ok()
-                    .flatten()
-                    .map(|user| user.name)
-            })
-            .await
-            .ok()
-            .flatten(),
-            None => None,
+        let Some(uid) = uid else {
+            return Identity::Peer("?".into());
+        };
+        let lookup = tokio::task::spawn_blocking(move || {
+            nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                .ok()
+                .flatten()
+                .map(|user| user.name)
+        });
+        // A lookup that hangs (an unreachable directory server) leaves its thread behind,
+        // but not the client: it gets the identity of a uid without a name.
+        let name = match tokio::time::timeout(PEER_LOOKUP_TIMEOUT, lookup).await {
+            Ok(found) => found.ok().flatten(),
+            Err(_) => {
+                tracing::warn!(
+                    uid,
+                    "the OS user name of a Unix-socket client was not found in time"
+                );
+                None
+            }
         };
         Identity::Peer(name.unwrap_or_else(|| "?".into()))
     }
@@ -459,7 +471,11 @@ async fn session(
     {
         Ok(pending) => pending,
         Err(refusal) => {
-            frontend::read_until_refusable(client, Duration::from_millis(500)).await;
+            // As PostgreSQL says "too many clients": once the client has sent its startup
+            // packet, its SSLRequest answered (with TLS, when the proxy has it). Sent before,
+            // the refusal reaches libpq as a broken encryption exchange.
+            let opening = frontend::read_opening(client, tls.as_ref());
+            let _ = tokio::time::timeout(Duration::from_millis(500), opening).await;
             return Err(refusal);
         }
     };
@@ -865,9 +881,20 @@ fn client_gone(_: std::io::Error) -> ProxyError {
 /// as it will run (a transaction-mode route against the pool the proxy has, not the one the
 /// file asks for).
 fn as_reloaded(mut new: Config, running: &Config) -> Result<Config, String> {
-    let listen_changed = new.listen != running.listen;
-    if listen_changed {
+    if new.listen != running.listen {
         tracing::warn!("[listen] takes effect at the next start, not on reload");
+        // A route the file's own [listen] would allow (a `peer:` entry with a new unix_dir)
+        // is refused against the listeners the proxy has: say why.
+        let with_running_listeners = Config {
+            listen: running.listen.clone(),
+            ..new.clone()
+        };
+        with_running_listeners.validate().map_err(|error| {
+            format!(
+                "{error}, with the listeners the proxy runs: the file's [listen] takes effect \
+                 at the next start"
+            )
+        })?;
     }
     new.listen = running.listen.clone();
     if new.store != running.store {
@@ -878,15 +905,7 @@ fn as_reloaded(mut new: Config, running: &Config) -> Result<Config, String> {
     if !at_restart.is_empty() {
         tracing::warn!(limits = ?at_restart, "these [limits] take effect at the next start, not on reload");
     }
-    // A route the file's own [listen] would allow (a `peer:` entry with a new unix_dir) is
-    // refused against the listeners the proxy has: say why.
-    new.validate().map_err(|error| match listen_changed {
-        true => format!(
-            "{error}, with the listeners the proxy runs: the file's [listen] takes effect at \
-             the next start"
-        ),
-        false => error,
-    })?;
+    new.validate()?;
     Ok(new)
 }
 
